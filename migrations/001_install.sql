@@ -1,0 +1,160 @@
+-- undo: objects installed in the source database by `undo init`.
+-- Idempotent: every statement may run again on a database that already has them.
+-- Everything lives in the schema "undo"; triggers are named undo_tag.
+
+CREATE SCHEMA IF NOT EXISTS undo;
+GRANT USAGE ON SCHEMA undo TO PUBLIC;
+
+-- The key that signs tags. Only its owner (the role that ran `undo init`) may read it,
+-- so a role that calls pg_logical_emit_message itself cannot produce a trusted tag.
+CREATE TABLE IF NOT EXISTS undo.secret (
+    single boolean PRIMARY KEY DEFAULT true CHECK (single),
+    key bytea NOT NULL
+);
+REVOKE ALL ON undo.secret FROM PUBLIC;
+INSERT INTO undo.secret (key)
+SELECT pg_catalog.decode(
+    pg_catalog.replace(pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''),
+    'hex')
+ON CONFLICT DO NOTHING;
+
+-- What is audited: schemas whose new tables the event trigger picks up, and the publication.
+CREATE TABLE IF NOT EXISTS undo.config (
+    single boolean PRIMARY KEY DEFAULT true CHECK (single),
+    schemas text[] NOT NULL DEFAULT '{}',
+    publication text
+);
+REVOKE ALL ON undo.config FROM PUBLIC;
+GRANT SELECT ON undo.config TO PUBLIC;
+
+-- Tables prepared by undo, with the replica identity they had before (restored on uninstall).
+CREATE TABLE IF NOT EXISTS undo.audited (
+    relid oid PRIMARY KEY,
+    prior_identity "char" NOT NULL
+);
+REVOKE ALL ON undo.audited FROM PUBLIC;
+GRANT SELECT ON undo.audited TO PUBLIC;
+
+-- Emits the signed tag of the current transaction. SECURITY DEFINER so it can read the key;
+-- a pinned search_path so no caller's object can stand in for a catalog one.
+-- The session part (id, pid, start, user, client) is computed once per session and cached in
+-- the setting undo.session together with a MAC bound to the backend pid, so a caller cannot
+-- plant another session's identity there.
+CREATE OR REPLACE FUNCTION undo.emit_tag() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    k bytea;
+    cached text;
+    frag text;
+    payload text;
+BEGIN
+    SELECT s.key INTO k FROM undo.secret s;
+    cached := current_setting('undo.session', true);
+    IF cached IS NOT NULL AND length(cached) > 64 THEN
+        frag := left(cached, -64);
+        IF right(cached, 64) <> encode(sha256(k || convert_to(frag || ':' || pg_backend_pid(), 'UTF8')), 'hex') THEN
+            frag := NULL;
+        END IF;
+    END IF;
+    IF frag IS NULL THEN
+        SELECT json_build_object(
+                   'session_id', to_hex(trunc(extract(epoch FROM a.backend_start))::bigint) || '.' || to_hex(a.pid),
+                   'pid', a.pid,
+                   'backend_start', a.backend_start,
+                   'user', session_user,
+                   'client_addr', host(a.client_addr),
+                   'client_port', a.client_port)::text
+          INTO frag
+          FROM pg_stat_get_activity(pg_backend_pid()) a;
+        PERFORM set_config('undo.session',
+            frag || encode(sha256(k || convert_to(frag || ':' || pg_backend_pid(), 'UTF8')), 'hex'), false);
+    END IF;
+    payload := '{"v":1,"session":' || frag
+        || ',"application_name":' || to_json(current_setting('application_name'))::text
+        || ',"statement":' || coalesce(to_json(current_query())::text, 'null')
+        || ',"undo":' || coalesce(nullif(current_setting('undo.undoing', true), ''), 'null')
+        || '}';
+    PERFORM pg_logical_emit_message(true, 'undo',
+        encode(sha256(k || sha256(k || convert_to(payload, 'UTF8'))), 'hex') || payload);
+    -- Transaction-local: rolled back with a savepoint that held this tag, so it is emitted again.
+    PERFORM set_config('undo.tagged', '1', true);
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.emit_tag() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION undo.emit_tag() TO PUBLIC;
+
+-- The statement trigger: a guard, then the tag once per transaction.
+-- Runs as the caller, without SECURITY DEFINER, so the common path costs one setting read.
+CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    IF pg_catalog.current_setting('undo.tagged', true) IS DISTINCT FROM '1' THEN
+        PERFORM undo.emit_tag();
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- Prepares one table: REPLICA IDENTITY FULL, the tag trigger (ENABLE ALWAYS, so
+-- session_replication_role = replica does not silence it), and publication membership.
+CREATE OR REPLACE FUNCTION undo.audit_table(rel regclass) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    c record;
+    pub text;
+    changed boolean := false;
+BEGIN
+    SELECT cl.relkind, cl.relreplident, cl.relispartition, n.nspname, cl.relname
+      INTO c FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace WHERE cl.oid = rel;
+    IF c.relkind NOT IN ('r', 'p') THEN
+        RETURN false;
+    END IF;
+    INSERT INTO undo.audited (relid, prior_identity) VALUES (rel, c.relreplident)
+    ON CONFLICT DO NOTHING;
+    IF c.relreplident <> 'f' THEN
+        EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', rel);
+        changed := true;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'undo_tag') THEN
+        EXECUTE format('CREATE TRIGGER undo_tag BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION undo.tag()', rel);
+        changed := true;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'undo_tag' AND tgenabled <> 'A') THEN
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER undo_tag', rel);
+        changed := true;
+    END IF;
+    SELECT publication INTO pub FROM undo.config;
+    IF pub IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                       WHERE p.pubname = pub AND pr.prrelid = rel) THEN
+        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, rel);
+        changed := true;
+    END IF;
+    RETURN changed;
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.audit_table(regclass) FROM PUBLIC;
+
+-- Tables created later in an audited schema are prepared as they are created.
+CREATE OR REPLACE FUNCTION undo.on_create_table() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    obj record;
+BEGIN
+    FOR obj IN
+        SELECT d.objid FROM pg_event_trigger_ddl_commands() d
+         WHERE d.object_type IN ('table') AND d.schema_name = ANY (SELECT unnest(schemas) FROM undo.config)
+    LOOP
+        PERFORM undo.audit_table(obj.objid::regclass);
+    END LOOP;
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.on_create_table() FROM PUBLIC;

@@ -1,0 +1,230 @@
+"""The `undo` command: click only. Options -> Settings -> one library call -> render."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+
+from . import render
+from .config import Settings
+from .errors import UndoError
+from .store import queries
+from .store.schema import open_store
+from .timespec import parse_time
+
+
+class _UserError(click.ClickException):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+class Command(click.Command):
+    """Turns an UndoError into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UndoError as e:
+            raise _UserError(str(e), e.exit_code) from None
+
+
+class Group(click.Group):
+    command_class = Command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UndoError as e:
+            raise _UserError(str(e), e.exit_code) from None
+
+
+Group.group_class = Group
+
+
+@click.group(cls=Group)
+@click.option("--dsn", envvar="UNDO_DSN", show_envvar=True, default="",
+              help="Source database: libpq conninfo or postgresql:// URI.")
+@click.option("--store", envvar="UNDO_STORE", show_envvar=True, default="undo.db",
+              show_default=True, help="The audit store (SQLite file).")
+@click.option("--slot", envvar="UNDO_SLOT", show_envvar=True, default="undo", show_default=True,
+              help="Logical replication slot (and publication, for pgoutput).")
+@click.option("--decoder", envvar="UNDO_DECODER", show_envvar=True,
+              type=click.Choice(["pgoutput", "wal2json"]), default=None,
+              help="Decoder, chosen at init and remembered in the store.  [default: pgoutput]")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+@click.version_option(package_name="undo")
+@click.pass_context
+def cli(ctx: click.Context, dsn: str, store: str, slot: str, decoder: str | None,
+        verbose: bool) -> None:
+    """Audit log and undo for PostgreSQL, built on change-data capture.
+
+    \b
+    undo init                  prepare the source database
+    undo capture               stream changes into the audit store
+    undo sessions --app NAME   find the session that did it
+    undo session ID            print the SQL that reverts it (--apply to run it)
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="undo: %(message)s", stream=sys.stderr)
+    try:
+        ctx.obj = Settings(dsn=dsn, store=store, slot=slot, decoder=decoder)
+    except UndoError as e:
+        raise _UserError(str(e), e.exit_code) from None
+
+
+def json_option(f: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@cli.command("init")
+@click.option("--schema", "schemas", multiple=True, help="Audit every table of this schema.")
+@click.option("--table", "tables", multiple=True, help="Audit this table (schema.table).")
+@click.option("--uninstall", is_flag=True, help="Remove everything init installed.")
+@click.pass_obj
+def init_cmd(settings: Settings, schemas: tuple[str, ...], tables: tuple[str, ...],
+             uninstall: bool) -> None:
+    """Make the source database ready: trigger, replica identity, publication, slot, store.
+
+    Example: undo --dsn postgresql://admin@db/shop init --schema public
+    """
+    from .tagging import init, uninstall as do_uninstall
+
+    if uninstall:
+        done = do_uninstall(settings)
+        click.echo("\n".join(done) if done else "nothing to remove")
+        return
+    report = init(settings, list(schemas), list(tables))
+    for w in report.warnings:
+        _echo_err(f"warning: {w}")
+    if report.nothing_to_do:
+        click.echo("already initialised: nothing changed")
+    else:
+        click.echo("\n".join(report.changed))
+
+
+@cli.command("capture")
+@click.option("--once", is_flag=True, help="Stop after storing what was committed before start.")
+@click.option("--accept-gap", is_flag=True,
+              help="Go on from a slot that is ahead of the store (records the gap).")
+@click.pass_obj
+def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
+    """Stream committed changes from the slot into the store, until SIGINT/SIGTERM.
+
+    Example: undo capture --once
+    """
+    from .stream.capture import capture
+
+    stopping = {"flag": False}
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    report = capture(settings, once=once, accept_gap=accept_gap,
+                     should_stop=lambda: stopping["flag"])
+    _echo_err(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
+
+
+@cli.command("status")
+@json_option
+@click.pass_obj
+def status_cmd(settings: Settings, as_json: bool) -> None:
+    """Slot position, WAL held back, last capture and its lag, store size, unprepared tables.
+
+    Example: undo status --json
+    """
+    from .status import status
+
+    result = status(settings)
+    if as_json:
+        click.echo(render.to_json(result))
+        return
+    for k, v in result.items():
+        click.echo(f"{k}: {v}")
+
+
+@cli.command("sessions")
+@click.option("--since", help="ISO 8601 time or age (90m, 4h, 2d).")
+@click.option("--until", help="ISO 8601 time or age.")
+@click.option("--app", help="application_name.")
+@click.option("--user", help="Role name.")
+@click.option("--table", "tables", multiple=True, help="Touched this table (schema.table).")
+@json_option
+@click.pass_obj
+def sessions_cmd(settings: Settings, since: str | None, until: str | None, app: str | None,
+                 user: str | None, tables: tuple[str, ...], as_json: bool) -> None:
+    """One row per session that wrote, newest first.
+
+    Example: undo sessions --app usage-metrics --since 4h
+    """
+    db = open_store(settings.store)
+    rows = queries.sessions(
+        db, since=parse_time(since) if since else None, until=parse_time(until) if until else None,
+        app=app, user=user, tables=list(tables),
+    )
+    if as_json:
+        click.echo(render.to_json(rows))
+        return
+    click.echo(render.table(rows, ["session_id", "application_name", "user", "client_addr",
+                                   "first_change_at", "last_change_at", "transactions",
+                                   "inserts", "updates", "deletes", "tables"]))
+
+
+@cli.group("show")
+def show_group() -> None:
+    """Show what a session or a transaction changed."""
+
+
+def _print_show(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(render.to_json(result))
+        return
+    click.echo(f"session {result['session_id']}")
+    for t in result["transactions"]:
+        click.echo(f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name']}  "
+                   f"{t['user']}  tag={t['tag']}")
+        click.echo(f"  statement: {t['statement']}")
+        for c in t["changes"]:
+            click.echo(f"  {c['op']:8} {c['table']} key={c['key']}")
+            if c["old"] is not None:
+                click.echo(f"    old: {c['old']}")
+            if c["new"] is not None:
+                click.echo(f"    new: {c['new']}")
+
+
+@show_group.command("session")
+@click.argument("session_id")
+@json_option
+@click.pass_obj
+def show_session(settings: Settings, session_id: str, as_json: bool) -> None:
+    """A session's transactions and row changes.
+
+    Example: undo show session 6b071524.9d7
+    """
+    _print_show(queries.show(open_store(settings.store), session_id=session_id), as_json)
+
+
+@show_group.command("xact")
+@click.argument("xid", type=int)
+@json_option
+@click.pass_obj
+def show_xact(settings: Settings, xid: int, as_json: bool) -> None:
+    """A transaction's row changes.
+
+    Example: undo show xact 7341
+    """
+    _print_show(queries.show(open_store(settings.store), xid=xid), as_json)
+
+
+def main() -> None:
+    cli(prog_name="undo")

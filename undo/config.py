@@ -1,0 +1,50 @@
+"""Settings resolved once by the CLI and passed to the library."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from psycopg import conninfo
+
+DECODERS = ("pgoutput", "wal2json")
+_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the source, the store and the slot are. Frozen: resolved once, then shared."""
+
+    dsn: str = ""
+    store: str = "undo.db"
+    slot: str = "undo"
+    decoder: str | None = None
+
+    def __post_init__(self) -> None:
+        from .errors import BadInput
+
+        if not _SLOT_NAME.match(self.slot):
+            raise BadInput(
+                f"invalid slot name {self.slot!r}: use 1-63 lower-case letters, digits or '_'"
+            )
+        if self.decoder is not None and self.decoder not in DECODERS:
+            raise BadInput(f"unknown decoder {self.decoder!r}: use pgoutput or wal2json")
+
+
+def masked_dsn(dsn: str) -> str:
+    """The DSN as it may be shown: the password replaced by '***'.
+
+    >>> masked_dsn("host=db user=u password=secret")
+    'host=db password=*** user=u'
+    >>> masked_dsn("postgresql://u:secret@db/x")
+    'dbname=x host=db password=*** user=u'
+    """
+    if not dsn:
+        return "(libpq defaults)"
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except Exception:
+        return "(unparsable DSN)"
+    if "password" in params:
+        params["password"] = "***"
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()) if v is not None)

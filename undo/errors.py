@@ -1,0 +1,42 @@
+"""The UndoError tree: every failure a user can meet, each with its exit code.
+
+Exit codes follow SPEC.md: 1 for refused or partly done, 2 for bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+
+class UndoError(Exception):
+    """Base of every error undo reports to a user as one line."""
+
+    exit_code = 1
+
+
+class BadInput(UndoError):
+    """Malformed input: a time, a key, a filter."""
+
+    exit_code = 2
+
+
+class NotFound(BadInput):
+    """Unknown session, xid or table."""
+
+
+class DatabaseUnreachable(BadInput):
+    """The source database cannot be reached."""
+
+
+class StoreUnreadable(BadInput):
+    """The audit store is missing or is not an undo store."""
+
+
+class NotReady(UndoError):
+    """The source database is not ready: wal_level, version, decoder, privileges."""
+
+
+class SlotGap(UndoError):
+    """The slot and the store disagree: changes were lost between them."""
+
+
+class Refused(UndoError):
+    """The undo was refused: conflicts, un-undoable changes, a failed check."""

@@ -1,0 +1,128 @@
+"""Connections to the source database and the checks that it is ready for undo."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .config import masked_dsn
+from .errors import DatabaseUnreachable, NotReady
+
+log = logging.getLogger(__name__)
+
+#: Settings that change the text of values. Pinned on every connection undo opens, so that
+#: role or database defaults (bytea_output=escape, DateStyle='SQL, DMY', ...) change nothing.
+PINNED_SETTINGS = {
+    "DateStyle": "ISO",
+    "TimeZone": "UTC",
+    "IntervalStyle": "postgres",
+    "bytea_output": "hex",
+    "extra_float_digits": "3",
+}
+PINNED_OPTIONS = " ".join(f"-c {k}={v}" for k, v in PINNED_SETTINGS.items())
+
+
+def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    """Open a connection with the pinned settings; an unreachable server is a one-line error."""
+    kwargs.setdefault("options", PINNED_OPTIONS)
+    kwargs.setdefault("autocommit", True)
+    try:
+        return psycopg.connect(dsn, **kwargs)
+    except psycopg.OperationalError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DatabaseUnreachable(
+            f"cannot connect to {masked_dsn(dsn)}: {first} (set --dsn or UNDO_DSN)"
+        ) from None
+
+
+def server_version(conn: psycopg.Connection[Any]) -> int:
+    return int(conn.info.server_version)
+
+
+def check_ready(conn: psycopg.Connection[Any], decoder: str) -> list[str]:
+    """Refuse, with the fix spelled out, what would stop capture; return warnings."""
+    warnings: list[str] = []
+    if server_version(conn) < 140000:
+        raise NotReady(
+            f"PostgreSQL {conn.info.server_version} is too old: undo needs 14 or newer"
+        )
+    row = conn.execute("SHOW wal_level").fetchone()
+    if row is None or row[0] != "logical":
+        raise NotReady(
+            f"wal_level is {row[0] if row else '?'}, not logical: run "
+            "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"
+        )
+    priv = conn.execute(
+        "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if priv is None or not (priv[0] or priv[1]):
+        raise NotReady(
+            "the role may not use replication: run ALTER ROLE "
+            f"{conn.info.user} REPLICATION; (as a superuser)"
+        )
+    if decoder == "wal2json" and not wal2json_numbers_as_strings(conn):
+        warnings.append(
+            "this server's wal2json is older than 2.6: it sends NaN and Infinity of float and "
+            "numeric columns as null, so undo cannot restore those values; use the default "
+            "decoder pgoutput or upgrade wal2json"
+        )
+    return warnings
+
+
+def wal2json_numbers_as_strings(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server's wal2json knows numeric-data-types-as-string (2.6+).
+
+    Probes on a temporary slot; a missing wal2json is refused with the fix.
+    """
+    try:
+        conn.execute("SELECT pg_create_logical_replication_slot('undo_probe', 'wal2json', true)")
+    except psycopg.errors.UndefinedFile:
+        major = server_version(conn) // 10000
+        raise NotReady(
+            "the wal2json decoder is not installed on the server: run "
+            f"apt-get install postgresql-{major}-wal2json (or use --decoder pgoutput)"
+        ) from None
+    try:
+        conn.execute(
+            "SELECT count(*) FROM pg_logical_slot_peek_changes('undo_probe', NULL, 0,"
+            " 'format-version', '2', 'numeric-data-types-as-string', '1')"
+        )
+        return True
+    except psycopg.errors.InvalidParameterValue:
+        return False
+    except psycopg.Error:
+        return False
+    finally:
+        conn.execute("SELECT pg_drop_replication_slot('undo_probe')")
+
+
+def current_lsn(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return lsn_to_int(row[0])
+
+
+def lsn_to_int(text: str) -> int:
+    """'16/B374D848' -> 97500059720.
+
+    >>> lsn_to_int('16/B374D848')
+    97500059720
+    """
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def int_to_lsn(value: int) -> str:
+    """97500059720 -> '16/B374D848'.
+
+    >>> int_to_lsn(97500059720)
+    '16/B374D848'
+    """
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def ident(*parts: str) -> sql.Identifier:
+    return sql.Identifier(*parts)

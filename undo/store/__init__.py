@@ -1,0 +1,1 @@
+"""The audit store: a documented SQLite file (schema.py), its writer and its queries."""

@@ -1,0 +1,158 @@
+"""The audit store's schema, changed only through versioned migrations.
+
+Documented for auditors in the README ("The audit store"). Values are JSON arrays of
+PostgreSQL text forms aligned with the column list of the table version in ``relations``,
+so column names and types are stored once per table version, not once per row.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from ..errors import StoreUnreadable
+
+migrations = Migrations("undo")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT
+        );
+        CREATE TABLE relations (
+            id INTEGER PRIMARY KEY,
+            oid INTEGER,
+            schema_name TEXT NOT NULL,
+            table_name TEXT NOT NULL,
+            columns TEXT NOT NULL,      -- JSON array of column names
+            types TEXT NOT NULL,        -- JSON array of type names (format_type)
+            key_columns TEXT,           -- JSON array of positions in columns; NULL: no key
+            partial INTEGER NOT NULL DEFAULT 0  -- 1: old images incomplete (no FULL identity)
+        );
+        CREATE UNIQUE INDEX relations_version
+            ON relations (oid, schema_name, table_name, columns, types, key_columns, partial);
+        CREATE TABLE transactions (
+            id INTEGER PRIMARY KEY,
+            xid INTEGER NOT NULL,
+            commit_lsn INTEGER NOT NULL,
+            end_lsn INTEGER NOT NULL UNIQUE,
+            commit_time TEXT NOT NULL,  -- UTC, 'YYYY-MM-DDTHH:MM:SS.ffffffZ'
+            session_id TEXT,            -- the %c of log_line_prefix; NULL: untagged
+            application_name TEXT,
+            user_name TEXT,
+            client_addr TEXT,
+            client_port INTEGER,
+            backend_pid INTEGER,
+            backend_start TEXT,
+            statement TEXT,
+            tag TEXT NOT NULL,          -- 'trusted', 'untrusted' or 'none'
+            undo_of TEXT,               -- JSON: what this transaction undid, if it was an undo
+            inserts INTEGER NOT NULL DEFAULT 0,
+            updates INTEGER NOT NULL DEFAULT 0,
+            deletes INTEGER NOT NULL DEFAULT 0,
+            truncates INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX transactions_session ON transactions (session_id);
+        CREATE INDEX transactions_time ON transactions (commit_time);
+        CREATE INDEX transactions_app ON transactions (application_name, commit_time);
+        CREATE INDEX transactions_xid ON transactions (xid);
+        CREATE TABLE changes (
+            id INTEGER PRIMARY KEY,
+            txn INTEGER NOT NULL REFERENCES transactions (id),
+            ord INTEGER NOT NULL,       -- position within the transaction
+            relation INTEGER NOT NULL REFERENCES relations (id),
+            op TEXT NOT NULL,           -- 'I', 'U', 'D' or 'T' (truncate)
+            key TEXT,                   -- JSON array of the key's values (new row; old for 'D')
+            old TEXT,                   -- JSON array, NULL for 'I' or an incomplete old image
+            new TEXT,                   -- JSON array, NULL for 'D'
+            unchanged TEXT              -- JSON array of positions of TOASTed values left unchanged
+        );
+        CREATE UNIQUE INDEX changes_position ON changes (txn, ord);
+        CREATE TABLE gaps (
+            id INTEGER PRIMARY KEY,
+            detected_at TEXT NOT NULL,
+            from_lsn INTEGER,
+            to_lsn INTEGER,
+            reason TEXT NOT NULL
+        );
+        CREATE TABLE undos (
+            id INTEGER PRIMARY KEY,
+            applied_at TEXT NOT NULL,
+            target TEXT NOT NULL,       -- JSON: {"session": ...} or {"xids": [...]} or {"app": ...}
+            selection TEXT NOT NULL,    -- JSON array of the undone transactions' ids
+            undo_xid INTEGER            -- the source transaction that applied it
+        );
+        CREATE VIEW sessions AS
+            SELECT session_id,
+                   max(application_name) AS application_name,
+                   max(user_name) AS user_name,
+                   max(client_addr) AS client_addr,
+                   min(commit_time) AS first_change_at,
+                   max(commit_time) AS last_change_at,
+                   count(*) AS transactions,
+                   sum(inserts) AS inserts,
+                   sum(updates) AS updates,
+                   sum(deletes) AS deletes
+              FROM transactions GROUP BY session_id;
+        CREATE VIEW table_changes AS
+            SELECT r.schema_name, r.table_name,
+                   sum(c.op = 'I') AS inserts, sum(c.op = 'U') AS updates,
+                   sum(c.op = 'D') AS deletes, sum(c.op = 'T') AS truncates
+              FROM changes c JOIN relations r ON r.id = c.relation
+             GROUP BY r.schema_name, r.table_name;
+        CREATE VIEW change_log AS
+            SELECT c.id, t.xid, t.commit_time, t.session_id, t.application_name, t.user_name,
+                   r.schema_name, r.table_name, c.op, c.key, r.columns, c.old, c.new, c.unchanged,
+                   t.statement
+              FROM changes c JOIN transactions t ON t.id = c.txn
+              JOIN relations r ON r.id = c.relation;
+        """
+    )
+
+
+def open_store(path: str, create: bool = False) -> Database:
+    """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
+    p = Path(path)
+    if not p.exists():
+        if not create:
+            raise StoreUnreadable(
+                f"no audit store at {path}: run `undo init` first, or point --store/UNDO_STORE at it"
+            )
+        fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+    try:
+        conn = sqlite3.connect(str(p), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        db = Database(conn)
+        if create:
+            migrations.apply(db)
+        elif not db["meta"].exists():
+            raise StoreUnreadable(f"{path} is not an undo audit store: run `undo init` to create one")
+        else:
+            migrations.apply(db)
+    except sqlite3.DatabaseError as e:
+        raise StoreUnreadable(f"cannot read the audit store {path}: {e}") from None
+    return db
+
+
+def get_meta(db: Database, key: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    return None if row is None else row[0]
+
+
+def set_meta(db: Database, key: str, value: str | None) -> None:
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )

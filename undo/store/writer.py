@@ -1,0 +1,227 @@
+"""Writes captured transactions into the store, in batches, idempotently.
+
+Invariant: ``position`` (meta 'position') is the LSN up to which everything committed on the
+source is in the store, and it is written in the same SQLite transaction as the changes it
+covers. Capture confirms to the server only a position this writer has committed. Each source
+transaction sits in a savepoint, so a stop in the middle of one leaves no part of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlite_utils import Database
+
+from ..stream.protocol import iso
+from ..stream.records import Begin, Change, Commit, Relation
+from .schema import get_meta
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_CHUNK = 5000
+
+_INSERT_CHANGES = (
+    "INSERT INTO changes (id, txn, ord, relation, op, key, old, new, unchanged)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class StoreWriter:
+    """Batches source transactions into SQLite transactions."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.conn: sqlite3.Connection = db.conn
+        self.position = int(get_meta(db, "position") or 0)
+        self.next_txn = (self.conn.execute("SELECT max(id) FROM transactions").fetchone()[0] or 0) + 1
+        self.next_change = (self.conn.execute("SELECT max(id) FROM changes").fetchone()[0] or 0) + 1
+        self.rows: list[tuple[Any, ...]] = []
+        self.batch_open = False
+        self.batch_started = 0.0
+        self.batch_changes = 0
+        self.batch_position = self.position
+        self.txn: dict[str, Any] | None = None
+
+    # -- relations ---------------------------------------------------------------------------
+    def relation_id(self, rel: Relation, key: tuple[int, ...] | None, partial: bool) -> int:
+        """The store's id for this table version, inserting it the first time it is seen."""
+        values = (
+            rel.oid,
+            rel.schema,
+            rel.name,
+            _dumps(list(rel.columns)),
+            _dumps(list(rel.types or ())),
+            None if key is None else _dumps(list(key)),
+            int(partial),
+        )
+        row = self.conn.execute(
+            "SELECT id FROM relations WHERE oid IS ? AND schema_name = ? AND table_name = ?"
+            " AND columns = ? AND types = ? AND key_columns IS ? AND partial = ?",
+            values,
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        self._open_batch()
+        cur = self.conn.execute(
+            "INSERT INTO relations (oid, schema_name, table_name, columns, types, key_columns,"
+            " partial) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            values,
+        )
+        return int(cur.lastrowid or 0)
+
+    # -- transactions ------------------------------------------------------------------------
+    def _open_batch(self) -> None:
+        if not self.batch_open:
+            self.conn.execute("BEGIN")
+            self.batch_open = True
+            self.batch_started = time.monotonic()
+            self.batch_changes = 0
+
+    def already_stored(self, begin: Begin) -> bool:
+        """A transaction whose commit record lies before the stored position is in the store."""
+        return begin.commit_lsn < self.position
+
+    def begin(self, begin: Begin) -> None:
+        self._open_batch()
+        self.conn.execute("SAVEPOINT txn")
+        self.txn = {
+            "id": self.next_txn,
+            "xid": begin.xid,
+            "ord": 0,
+            "counts": {"I": 0, "U": 0, "D": 0, "T": 0},
+            "tag": None,
+        }
+
+    def add(self, ch: Change, rel_id: int, key: list[str | None] | None) -> None:
+        txn = self.txn
+        assert txn is not None
+        txn["ord"] += 1
+        txn["counts"][ch.op] += 1
+        self.rows.append(
+            (
+                self.next_change,
+                txn["id"],
+                txn["ord"],
+                rel_id,
+                ch.op,
+                None if key is None else _dumps(key),
+                None if ch.old is None else _dumps(ch.old),
+                None if ch.new is None else _dumps(ch.new),
+                None if ch.unchanged is None else _dumps(ch.unchanged),
+            )
+        )
+        self.next_change += 1
+        if len(self.rows) >= _CHUNK:
+            self._write_rows()
+
+    def add_truncate(self, rel_id: int) -> None:
+        txn = self.txn
+        assert txn is not None
+        txn["ord"] += 1
+        txn["counts"]["T"] += 1
+        self.rows.append((self.next_change, txn["id"], txn["ord"], rel_id, "T", None, None, None, None))
+        self.next_change += 1
+
+    def set_tag(self, tag: dict[str, Any], trusted: bool) -> None:
+        """Attach the session tag; a trusted tag is never replaced by an untrusted one."""
+        txn = self.txn
+        assert txn is not None
+        current = txn["tag"]
+        if current is not None and current[1] and not trusted:
+            return
+        if current is None or not current[1]:
+            txn["tag"] = (tag, trusted)
+
+    def _write_rows(self) -> None:
+        if self.rows:
+            self.conn.executemany(_INSERT_CHANGES, self.rows)
+            self.batch_changes += len(self.rows)
+            self.rows.clear()
+
+    def commit(self, commit: Commit) -> bool:
+        """Write the transaction row. Returns False (and keeps nothing) if it had no change."""
+        txn = self.txn
+        assert txn is not None
+        self.txn = None
+        self._write_rows()
+        if txn["ord"] == 0:
+            self.conn.execute("RELEASE txn")
+            self.batch_position = max(self.batch_position, commit.end_lsn)
+            return False
+        tag, trusted = txn["tag"] or ({}, None)
+        session = tag.get("session") or {}
+        counts = txn["counts"]
+        self.conn.execute(
+            "INSERT INTO transactions (id, xid, commit_lsn, end_lsn, commit_time, session_id,"
+            " application_name, user_name, client_addr, client_port, backend_pid, backend_start,"
+            " statement, tag, undo_of, inserts, updates, deletes, truncates)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                txn["id"],
+                txn["xid"],
+                commit.commit_lsn,
+                commit.end_lsn,
+                commit.commit_time,
+                session.get("session_id"),
+                tag.get("application_name"),
+                session.get("user"),
+                session.get("client_addr"),
+                session.get("client_port"),
+                session.get("pid"),
+                session.get("backend_start"),
+                tag.get("statement"),
+                "none" if trusted is None else ("trusted" if trusted else "untrusted"),
+                None if tag.get("undo") is None else _dumps(tag["undo"]),
+                counts["I"],
+                counts["U"],
+                counts["D"],
+                counts["T"],
+            ),
+        )
+        self.conn.execute("RELEASE txn")
+        self.next_txn += 1
+        self.batch_position = max(self.batch_position, commit.end_lsn)
+        return True
+
+    def abort(self) -> None:
+        """Forget the transaction in progress (the server sends it again)."""
+        if self.txn is not None:
+            self.rows.clear()
+            self.conn.execute("ROLLBACK TO txn")
+            self.conn.execute("RELEASE txn")
+            self.txn = None
+
+    def advance(self, lsn: int) -> None:
+        """Move the position without a transaction (idle stream, heartbeat)."""
+        if self.txn is None and lsn > self.batch_position:
+            self._open_batch()
+            self.batch_position = lsn
+
+    def flush(self) -> int:
+        """Commit the batch with its position; return the position now durable."""
+        assert self.txn is None, "flush inside a source transaction"
+        if self.batch_open:
+            self._write_rows()
+            if self.batch_position != self.position:
+                self.conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('position', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(self.batch_position),),
+                )
+            self.conn.execute("COMMIT")
+            self.batch_open = False
+            self.position = self.batch_position
+        return self.position
+
+
+
+def record_gap(db: Database, from_lsn: int | None, to_lsn: int | None, reason: str) -> None:
+    """Record a stretch of the source's history that the audit trail does not hold."""
+    with db.atomic():
+        db.execute(
+            "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason) VALUES (?, ?, ?, ?)",
+            (iso(datetime.now(timezone.utc)), from_lsn, to_lsn, reason),
+        )

@@ -1,0 +1,1 @@
+"""The change stream: replication framing, the two decoders, and the capture loop."""

@@ -1,0 +1,411 @@
+"""The capture loop: read the slot, group by transaction, store, then confirm.
+
+Invariant: the position sent to the server (standby status update) is never ahead of what the
+store has committed (``StoreWriter.flush`` returns it). On start, capture asks the server for
+the store's own position, so transactions the server re-sends (PostgreSQL before 17 can move
+``confirmed_flush`` back on a clean restart) are skipped, and checks that the slot is not ahead
+of the store: a slot consumed or advanced elsewhere, dropped and re-created, or invalidated is a
+gap in the audit trail, recorded and refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+
+from .. import pg
+from ..config import Settings
+from ..errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
+from ..store.schema import get_meta, open_store
+from ..store.writer import StoreWriter, record_gap
+from . import pgoutput, wal2json
+from .protocol import parse_keepalive, parse_xlogdata, status_update
+from .records import Begin, Change, Commit, Message, Relation, Truncate
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "undo"
+MARK_PREFIX = "undo.mark"
+BATCH_CHANGES = 50_000
+BATCH_SECONDS = 1.0
+STATUS_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class CaptureReport:
+    transactions: int
+    changes: int
+    position: int
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+def verify_tag(content: bytes, key: bytes | None) -> tuple[dict[str, Any], bool] | None:
+    """Split a tag message into its payload and whether its signature is good.
+
+    The signature is sha256(key || sha256(key || payload)), 64 hex digits before the payload.
+    """
+    if len(content) < 65:
+        return None
+    sig, payload = content[:64], content[64:]
+    try:
+        tag = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(tag, dict):
+        return None
+    trusted = False
+    if key is not None:
+        inner = hashlib.sha256(key + payload).digest()
+        good = hashlib.sha256(key + inner).hexdigest().encode()
+        trusted = hmac.compare_digest(good, sig)
+    return tag, trusted
+
+
+_KEY_QUERY = """
+SELECT i.indkey::int2[], i.indisprimary
+  FROM pg_index i
+ WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+   AND i.indexprs IS NULL AND i.indimmediate
+   AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = i.indrelid
+                    AND a.attnum = ANY (i.indkey) AND NOT a.attnotnull)
+ ORDER BY i.indisprimary DESC, i.indisreplident DESC, i.indnatts, i.indexrelid
+ LIMIT 1
+"""
+
+
+class Catalog:
+    """What capture asks the source's catalog about a relation it meets in the stream."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def resolve(self, rel: Relation) -> tuple[bool, tuple[int, ...] | None, bool]:
+        """Fill in oid and types; return (audited, key positions, old images incomplete)."""
+        if rel.oid is None:
+            row = self.conn.execute(
+                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = %s",
+                (rel.schema, rel.name),
+            ).fetchone()
+            rel.oid = None if row is None else int(row[0])
+        if rel.types is None and rel.type_oids is not None:
+            rows = self.conn.execute(
+                "SELECT format_type(t, NULLIF(m, -1)) FROM unnest(%s::oid[], %s::int[])"
+                " WITH ORDINALITY AS u(t, m, i) ORDER BY i",
+                (list(rel.type_oids), list(rel.type_mods or ())),
+            ).fetchall()
+            rel.types = tuple(r[0] for r in rows)
+        if rel.oid is None:
+            return False, None, True
+        audited = self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM undo.audited WHERE relid = %s)", (rel.oid,)
+        ).fetchone()
+        attrs = self.conn.execute(
+            "SELECT attnum, attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+            " AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            (rel.oid,),
+        ).fetchall()
+        names = {num: name for num, name in attrs}
+        partial = bool(rel.columns) and tuple(name for _, name in attrs) != rel.columns
+        key = None
+        row = self.conn.execute(_KEY_QUERY, {"oid": rel.oid}).fetchone()
+        if row is not None:
+            cols = [names.get(n) for n in row[0]]
+            if all(c in rel.columns for c in cols):
+                key = tuple(rel.columns.index(c) for c in cols if c is not None)
+        return bool(audited and audited[0]), key, partial
+
+
+def _slot_state(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | None:
+    return conn.execute(
+        "SELECT plugin, confirmed_flush_lsn::text, wal_status, active_pid"
+        " FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
+        (slot,),
+    ).fetchone()
+
+
+def check_slot(conn: psycopg.Connection[Any], db: Any, slot: str, position: int,
+               accept_gap: bool) -> int:
+    """Refuse a slot that cannot continue the store's trail; return the start position."""
+    state = _slot_state(conn, slot)
+    if state is None:
+        record_gap(db, position, None, f"slot {slot} missing")
+        raise SlotGap(
+            f"replication slot {slot!r} does not exist: changes since {pg.int_to_lsn(position)}"
+            " are lost to the audit trail; run `undo init` to create a new slot (recorded as a gap)"
+        )
+    plugin, confirmed, wal_status, active_pid = state
+    if wal_status == "lost":
+        record_gap(db, position, None, f"slot {slot} invalidated (wal_status lost)")
+        raise SlotGap(
+            f"replication slot {slot!r} was invalidated (max_slot_wal_keep_size): changes since"
+            f" {pg.int_to_lsn(position)} are lost; run `undo init` to create a new slot"
+        )
+    if active_pid is not None:
+        raise SlotGap(
+            f"replication slot {slot!r} is in use by another process (pid {active_pid}):"
+            " stop the other consumer first"
+        )
+    confirmed_lsn = pg.lsn_to_int(confirmed) if confirmed else 0
+    if confirmed_lsn > position:
+        if accept_gap:
+            record_gap(db, position, confirmed_lsn, f"slot {slot} ahead of the store (accepted)")
+            return confirmed_lsn
+        record_gap(db, position, confirmed_lsn, f"slot {slot} ahead of the store")
+        raise SlotGap(
+            f"replication slot {slot!r} is at {confirmed}, ahead of the store at"
+            f" {pg.int_to_lsn(position)}: it was consumed, advanced or re-created elsewhere, and"
+            " the changes between are lost; run `undo capture --accept-gap` to go on from the slot"
+        )
+    return position
+
+
+def _read_key(conn: psycopg.Connection[Any]) -> bytes:
+    try:
+        row = conn.execute("SELECT key FROM undo.secret").fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        raise NotReady(
+            f"role {conn.info.user} may not read undo.secret, so tags cannot be verified:"
+            f" run GRANT SELECT ON undo.secret TO {conn.info.user}; (as the role that ran init)"
+        ) from None
+    except psycopg.errors.UndefinedTable:
+        raise NotReady("the source database is not prepared: run `undo init`") from None
+    if row is None:
+        raise NotReady("undo.secret is empty: run `undo init` again")
+    return bytes(row[0])
+
+
+class _Session:
+    """One replication connection's worth of capture."""
+
+    def __init__(self, settings: Settings, writer: StoreWriter, decoder_name: str,
+                 options: list[tuple[str, str]], key: bytes, catalog: Catalog,
+                 on_progress: Callable[[int, int], None] | None) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.decoder: Any = (
+            pgoutput.PgOutputDecoder() if decoder_name == "pgoutput" else wal2json.Wal2JsonDecoder()
+        )
+        self.options = options
+        self.key = key
+        self.catalog = catalog
+        self.skipping = False
+        self.transactions = 0
+        self.changes = 0
+        self.last_status = 0.0
+        self.on_progress = on_progress
+
+    def _relation(self, rel: Relation) -> int | None:
+        """Store id of the relation's version, or None if it is not audited (skip it)."""
+        sid = rel.store_id
+        if sid is None:
+            audited, key, partial = self.catalog.resolve(rel)
+            rel.key = key
+            sid = self.writer.relation_id(rel, key, partial) if audited else -1
+            rel.store_id = sid
+            rel.partial = partial
+        return None if sid == -1 else sid
+
+    def _send_status(self, pgconn: pq.abc.PGconn, position: int, reply: bool = False) -> None:
+        pgconn.put_copy_data(status_update(position, reply))
+        pgconn.flush()
+        self.last_status = time.monotonic()
+
+    def _forget_relations(self) -> None:
+        for rel in self.decoder.relations.values():
+            rel.store_id = None
+
+    def run(self, rconn: psycopg.Connection[Any], start: int, mark: bytes | None,
+            should_stop: Callable[[], bool]) -> bool:
+        """Stream until stopped (False) or until the mark message is seen (True)."""
+        pgconn = rconn.pgconn
+        opts = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in self.options
+        )
+        cmd = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
+            sql.Identifier(self.settings.slot), sql.SQL(pg.int_to_lsn(start)), opts
+        )
+        pgconn.send_query(cmd.as_bytes(rconn))
+        res = pgconn.get_result()
+        if res is None or res.status != pq.ExecStatus.COPY_BOTH:
+            msg = (res.error_message.decode(errors="replace").strip() if res else "no answer")
+            raise UndoError(f"START_REPLICATION failed: {msg}")
+        writer = self.writer
+        decode = self.decoder.decode
+        in_txn = False
+        found_mark = False
+        sock = pgconn.socket
+        while True:
+            if should_stop() or found_mark:
+                if in_txn:
+                    writer.abort()
+                    self._forget_relations()
+                self._send_status(pgconn, writer.flush())
+                return found_mark
+            n, data = pgconn.get_copy_data(1)
+            if n == 0:
+                if not in_txn and writer.batch_open:
+                    self._send_status(pgconn, writer.flush())
+                if time.monotonic() - self.last_status > STATUS_SECONDS and not in_txn:
+                    self._send_status(pgconn, writer.flush())
+                ready, _, _ = select.select([sock], [], [], 0.5)
+                if ready:
+                    pgconn.consume_input()
+                continue
+            if n < 0:
+                raise ConnectionLost(pgconn.get_error_message())
+            msg = bytes(data)
+            kind = msg[0]
+            if kind == 0x6B:  # 'k' keepalive
+                wal_end, reply = parse_keepalive(msg)
+                if not in_txn:
+                    writer.advance(wal_end)
+                    self._send_status(pgconn, writer.flush())
+                elif reply:
+                    self._send_status(pgconn, writer.position)
+                continue
+            if kind != 0x77:  # 'w'
+                continue
+            _, _, payload = parse_xlogdata(msg)
+            rec = decode(payload)
+            if rec is None:
+                continue
+            if type(rec) is Change:
+                if self.skipping:
+                    continue
+                rel = rec.rel
+                sid = rel.store_id if rel.store_id is not None else self._relation(rel)
+                if sid is None or sid == -1:
+                    continue
+                if rel.partial and rec.op != "I":
+                    rec.old = None
+                keyidx = rel.key
+                if keyidx is not None:
+                    src = rec.old if rec.op == "D" else rec.new
+                    key = None if src is None else [src[i] for i in keyidx]
+                else:
+                    key = None
+                writer.add(rec, sid, key)
+                self.changes += 1
+            elif type(rec) is Begin:
+                in_txn = True
+                self.skipping = writer.already_stored(rec)
+                if not self.skipping:
+                    writer.begin(rec)
+            elif type(rec) is Commit:
+                in_txn = False
+                if self.skipping:
+                    self.skipping = False
+                    continue
+                if writer.commit(rec):
+                    self.transactions += 1
+                    if self.on_progress:
+                        self.on_progress(self.transactions, self.changes)
+                if (writer.batch_changes + len(writer.rows) >= BATCH_CHANGES
+                        or time.monotonic() - writer.batch_started > BATCH_SECONDS):
+                    self._send_status(pgconn, writer.flush())
+            elif type(rec) is Message:
+                if rec.prefix == TAG_PREFIX and rec.transactional and in_txn and not self.skipping:
+                    verified = verify_tag(rec.content, self.key)
+                    if verified is not None:
+                        writer.set_tag(*verified)
+                elif rec.prefix == MARK_PREFIX and not rec.transactional:
+                    if mark is not None and rec.content == mark and not in_txn:
+                        writer.advance(rec.lsn)
+                        found_mark = True
+            elif type(rec) is Truncate:
+                if self.skipping:
+                    continue
+                for rel in rec.rels:
+                    sid = self._relation(rel)
+                    if sid is not None:
+                        writer.add_truncate(sid)
+                        self.changes += 1
+
+
+def capture(settings: Settings, once: bool = False, accept_gap: bool = False,
+            should_stop: Callable[[], bool] = lambda: False,
+            on_progress: Callable[[int, int], None] | None = None,
+            max_attempts: int | None = None) -> CaptureReport:
+    """Stream committed changes from the slot into the store.
+
+    ``once``: stop after storing everything committed before the call. Otherwise run until
+    ``should_stop()`` says so. Reconnects with backoff when the server goes away.
+    """
+    db = open_store(settings.store)
+    decoder = get_meta(db, "decoder") or "pgoutput"
+    slot = get_meta(db, "slot")
+    if slot is not None and slot != settings.slot:
+        raise UndoError(
+            f"the store belongs to slot {slot!r}, not {settings.slot!r}: use --slot {slot}"
+        )
+    if decoder == "pgoutput":
+        options = pgoutput.plugin_options(get_meta(db, "publication") or settings.slot)
+    else:
+        options = wal2json.plugin_options(get_meta(db, "numbers_as_strings") == "1")
+        options.append(("add-msg-prefixes", f"{TAG_PREFIX},{MARK_PREFIX}"))
+    writer = StoreWriter(db)
+    transactions = changes = 0
+    attempt = 0
+    connected = False
+    if once and max_attempts is None:
+        max_attempts = 5
+    while True:
+        try:
+            with pg.connect(settings.dsn) as conn:
+                key = _read_key(conn)
+                start = check_slot(conn, db, settings.slot, writer.position, accept_gap)
+                accept_gap = False
+                if start > writer.position:
+                    writer.advance(start)
+                    writer.flush()
+                mark = None
+                if once:
+                    mark = secrets.token_hex(8).encode()
+                    conn.execute(
+                        "SELECT pg_logical_emit_message(false, %s, %s)",
+                        (MARK_PREFIX, mark.decode()),
+                    )
+                session = _Session(settings, writer, decoder, options, key, Catalog(conn),
+                                   on_progress)
+                rconn = pg.connect(settings.dsn, replication="database")
+                attempt = 0
+                connected = True
+                try:
+                    session.run(rconn, writer.position, mark, should_stop)
+                finally:
+                    transactions += session.transactions
+                    changes += session.changes
+                    rconn.pgconn.finish()
+                    rconn.close()
+                return CaptureReport(transactions, changes, writer.position)
+        except (ConnectionLost, psycopg.OperationalError, DatabaseUnreachable) as e:
+            if isinstance(e, DatabaseUnreachable) and not connected:
+                raise
+            writer.abort()
+            if writer.batch_open:
+                writer.flush()
+            attempt += 1
+            if should_stop() or (max_attempts is not None and attempt > max_attempts):
+                raise UndoError(f"lost the source database: {str(e).strip()}") from None
+            delay = min(30.0, 0.5 * 2**attempt)
+            log.warning("connection lost (%s); reconnecting in %.1fs (attempt %d)",
+                        str(e).strip().splitlines()[0] if str(e).strip() else "closed",
+                        delay, attempt)
+            end = time.monotonic() + delay
+            while time.monotonic() < end and not should_stop():
+                time.sleep(0.1)

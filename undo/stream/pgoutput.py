@@ -1,0 +1,128 @@
+"""pgoutput, protocol version 1, text values: one message -> one record (or None).
+
+Pure: no I/O. Relation messages are remembered here and referred to by later changes.
+Column values arrive as PostgreSQL's text output; 'u' marks a TOASTed value an UPDATE left
+unchanged. With REPLICA IDENTITY FULL the old tuple ('O') is complete; a key-only ('K') or
+missing old tuple means the change cannot be undone, and ``old`` is None.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .protocol import pg_time_to_iso
+from .records import Begin, Change, Commit, Message, Record, Relation, Truncate
+
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_U32 = struct.Struct(">I")
+_BEGIN = struct.Struct(">QqI")
+_COMMIT = struct.Struct(">BQQq")
+_MSG_HEAD = struct.Struct(">BQ")
+
+
+def plugin_options(publication: str) -> list[tuple[str, str]]:
+    return [("proto_version", "1"), ("publication_names", publication), ("messages", "true")]
+
+
+def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
+    end = buf.index(b"\0", pos)
+    return buf[pos:end].decode(), end + 1
+
+
+def _tuple(buf: bytes, pos: int) -> tuple[list[str | None], list[int] | None, int]:
+    (n,) = _I16.unpack_from(buf, pos)
+    pos += 2
+    values: list[str | None] = []
+    unchanged: list[int] | None = None
+    append = values.append
+    for i in range(n):
+        kind = buf[pos]
+        pos += 1
+        if kind == 0x74:  # 't'
+            (length,) = _I32.unpack_from(buf, pos)
+            pos += 4
+            append(buf[pos : pos + length].decode())
+            pos += length
+        elif kind == 0x6E:  # 'n'
+            append(None)
+        elif kind == 0x75:  # 'u'
+            append(None)
+            if unchanged is None:
+                unchanged = []
+            unchanged.append(i)
+        else:
+            raise ValueError(f"pgoutput: unexpected tuple column kind {chr(kind)!r}")
+    return values, unchanged, pos
+
+
+class PgOutputDecoder:
+    """Decodes one pgoutput message at a time; keeps the relations seen so far."""
+
+    name = "pgoutput"
+
+    def __init__(self) -> None:
+        self.relations: dict[int, Relation] = {}
+
+    def decode(self, buf: bytes) -> Record | None:
+        kind = buf[0]
+        if kind == 0x49:  # 'I'
+            rel = self.relations[_U32.unpack_from(buf, 1)[0]]
+            new, _, _ = _tuple(buf, 6)
+            return Change(rel, "I", None, new)
+        if kind == 0x55:  # 'U'
+            rel = self.relations[_U32.unpack_from(buf, 1)[0]]
+            pos = 5
+            old = None
+            if buf[pos] in (0x4F, 0x4B):  # 'O' full old tuple, 'K' key only
+                full = buf[pos] == 0x4F
+                old_values, _, pos = _tuple(buf, pos + 1)
+                old = old_values if full else None
+            new, unchanged, _ = _tuple(buf, pos + 1)
+            return Change(rel, "U", old, new, unchanged)
+        if kind == 0x44:  # 'D'
+            rel = self.relations[_U32.unpack_from(buf, 1)[0]]
+            full = buf[5] == 0x4F
+            old_values, _, _ = _tuple(buf, 6)
+            return Change(rel, "D", old_values if full else None, None)
+        if kind == 0x42:  # 'B'
+            final_lsn, ts, xid = _BEGIN.unpack_from(buf, 1)
+            return Begin(xid, final_lsn, pg_time_to_iso(ts))
+        if kind == 0x43:  # 'C'
+            _, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(buf, 1)
+            return Commit(commit_lsn, end_lsn, pg_time_to_iso(ts))
+        if kind == 0x52:  # 'R'
+            return self._relation(buf)
+        if kind == 0x4D:  # 'M'
+            flags, lsn = _MSG_HEAD.unpack_from(buf, 1)
+            prefix, pos = _cstring(buf, 10)
+            (length,) = _I32.unpack_from(buf, pos)
+            return Message(bool(flags & 1), prefix, bytes(buf[pos + 4 : pos + 4 + length]), lsn)
+        if kind == 0x54:  # 'T'
+            (count,) = _I32.unpack_from(buf, 1)
+            relids = struct.unpack_from(f">{count}I", buf, 6)
+            return Truncate(tuple(self.relations[r] for r in relids))
+        if kind in (0x59, 0x4F):  # 'Y' type, 'O' origin: nothing to record
+            return None
+        raise ValueError(f"pgoutput: unknown message {chr(kind)!r}")
+
+    def _relation(self, buf: bytes) -> None:
+        (relid,) = _U32.unpack_from(buf, 1)
+        schema, pos = _cstring(buf, 5)
+        name, pos = _cstring(buf, pos)
+        pos += 1  # replica identity setting
+        (natts,) = _I16.unpack_from(buf, pos)
+        pos += 2
+        columns, oids, mods = [], [], []
+        for _ in range(natts):
+            pos += 1  # flags: part of the replica identity (all of them under FULL)
+            col, pos = _cstring(buf, pos)
+            typoid, typmod = struct.unpack_from(">Ii", buf, pos)
+            pos += 8
+            columns.append(col)
+            oids.append(typoid)
+            mods.append(typmod)
+        self.relations[relid] = Relation(
+            relid, schema or "pg_catalog", name, tuple(columns), tuple(oids), tuple(mods)
+        )
+        return None

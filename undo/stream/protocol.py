@@ -1,0 +1,52 @@
+"""Replication framing inside CopyBoth: XLogData, primary keepalive, standby status update.
+
+Pure functions over bytes, so they can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from datetime import datetime, timedelta, timezone
+
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+_PG_EPOCH_UNIX = 946684800
+_XLOG = struct.Struct(">QQQ")
+_KEEPALIVE = struct.Struct(">QQB")
+_STATUS = struct.Struct(">cQQQQB")
+
+
+def parse_xlogdata(msg: bytes) -> tuple[int, int, bytes]:
+    """'w' message -> (data_start, wal_end, payload)."""
+    start, end, _ = _XLOG.unpack_from(msg, 1)
+    return start, end, msg[25:]
+
+
+def parse_keepalive(msg: bytes) -> tuple[int, bool]:
+    """'k' message -> (wal_end, reply_requested)."""
+    end, _, reply = _KEEPALIVE.unpack_from(msg, 1)
+    return end, bool(reply)
+
+
+def status_update(flush_lsn: int, reply: bool = False) -> bytes:
+    """Standby status update: written, flushed and applied all at ``flush_lsn``.
+
+    >>> status_update(0x10, False)[:9]
+    b'r\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x10'
+    """
+    now = int((time.time() - _PG_EPOCH_UNIX) * 1_000_000)
+    return _STATUS.pack(b"r", flush_lsn, flush_lsn, flush_lsn, now, 1 if reply else 0)
+
+
+def pg_time_to_iso(micros: int) -> str:
+    """Microseconds since 2000-01-01 UTC -> the store's time text.
+
+    >>> pg_time_to_iso(0)
+    '2000-01-01T00:00:00.000000Z'
+    """
+    return iso(PG_EPOCH + timedelta(microseconds=micros))
+
+
+def iso(ts: datetime) -> str:
+    """The store's time text: UTC, microseconds, 'Z'; fixed width, so it sorts as text."""
+    return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

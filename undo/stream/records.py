@@ -1,0 +1,71 @@
+"""What a decoder turns one logical-decoding message into: the same records for every decoder.
+
+Values are PostgreSQL's text output (what ``value::text`` prints) or None. A column whose
+TOASTed value an UPDATE left unchanged is None in ``new`` and listed in ``unchanged``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, eq=False)
+class Relation:
+    """One version of a table as the stream describes it.
+
+    ``oid`` is the relation OID (pgoutput sends it; for wal2json capture looks it up by name).
+    ``types`` are type names as ``format_type`` prints them, filled in by capture for pgoutput,
+    which sends type OIDs. ``store_id`` is capture's cache of the store's row for this version.
+    """
+
+    oid: int | None
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    type_oids: tuple[int, ...] | None = None
+    type_mods: tuple[int, ...] | None = None
+    types: tuple[str, ...] | None = None
+    store_id: int | None = field(default=None)
+    key: tuple[int, ...] | None = field(default=None)
+    partial: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    xid: int
+    commit_lsn: int
+    commit_time: str
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    commit_lsn: int
+    end_lsn: int
+    commit_time: str
+
+
+@dataclass(slots=True)
+class Change:
+    """One row change. ``old`` is None when the table lacked full replica identity."""
+
+    rel: Relation
+    op: str  # 'I', 'U', 'D'
+    old: list[str | None] | None
+    new: list[str | None] | None
+    unchanged: list[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    rels: tuple[Relation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    transactional: bool
+    prefix: str
+    content: bytes
+    lsn: int
+
+
+Record = Begin | Commit | Change | Truncate | Message

@@ -1,0 +1,214 @@
+"""`undo init`: make the source database ready, and `undo init --uninstall`.
+
+Installs the SQL in ``migrations/`` (shipped in the package as ``undo.migrations``), prepares
+every table of the audited schemas through ``undo.audit_table`` (the same function the event
+trigger calls for tables created later), creates the publication and the slot, and the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import pg
+from .config import Settings
+from .errors import NotFound, NotReady, UndoError
+from .store.schema import get_meta, open_store, set_meta
+from .store.writer import record_gap
+
+log = logging.getLogger(__name__)
+
+
+def migration_scripts() -> list[tuple[str, str]]:
+    """The source-side SQL files, in order: (name, text)."""
+    files = resources.files("undo.migrations")
+    return sorted(
+        (f.name, f.read_text(encoding="utf-8")) for f in files.iterdir() if f.name.endswith(".sql")
+    )
+
+
+@dataclass
+class InitReport:
+    changed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.changed
+
+
+def _tables(conn: psycopg.Connection[Any], schemas: list[str], tables: list[str]) -> list[int]:
+    oids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = ANY (%s) AND c.relkind IN ('r', 'p') ORDER BY c.oid",
+            (schemas,),
+        ).fetchall()
+    ]
+    for name in tables:
+        schema, _, table = name.rpartition(".")
+        row = conn.execute(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+            (schema or "public", table),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no table {name}: give --table as schema.table")
+        if row[0] not in oids:
+            oids.append(row[0])
+    return oids
+
+
+def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitReport:
+    """Prepare the source database and the store; idempotent."""
+    report = InitReport()
+    db = open_store(settings.store, create=True)
+    decoder = settings.decoder or get_meta(db, "decoder") or "pgoutput"
+    known = get_meta(db, "decoder")
+    if known is not None and known != decoder:
+        raise UndoError(
+            f"the store at {settings.store} was made with decoder {known}: use --decoder {known}"
+            " or a new --store"
+        )
+    if not schemas and not tables:
+        schemas = ["public"]
+    with pg.connect(settings.dsn) as conn:
+        report.warnings += pg.check_ready(conn, decoder)
+        superuser = bool(conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+                         .fetchone()[0])  # type: ignore[index]
+        numbers_as_strings = decoder == "wal2json" and pg.wal2json_numbers_as_strings(conn)
+        installed = conn.execute("SELECT to_regproc('undo.audit_table') IS NOT NULL").fetchone()
+        try:
+            with conn.transaction():
+                for _, text in migration_scripts():
+                    conn.execute(text.encode())
+                if not (installed and installed[0]):
+                    report.changed.append("installed the undo schema and tagging function")
+                prior = conn.execute("SELECT schemas FROM undo.config").fetchone()
+                merged = sorted(set(prior[0] if prior else []) | set(schemas))
+                publication = settings.slot if decoder == "pgoutput" else None
+                conn.execute(
+                    "INSERT INTO undo.config (schemas, publication) VALUES (%s, %s)"
+                    " ON CONFLICT (single) DO UPDATE SET schemas = excluded.schemas,"
+                    " publication = excluded.publication",
+                    (merged, publication),
+                )
+                if publication is not None and conn.execute(
+                    "SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)
+                ).fetchone() is None:
+                    conn.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(publication)))
+                    report.changed.append(f"created publication {publication}")
+                count = 0
+                for oid in _tables(conn, merged, tables):
+                    row = conn.execute("SELECT undo.audit_table(%s::oid::regclass)", (oid,)).fetchone()
+                    count += bool(row and row[0])
+                if count:
+                    report.changed.append(f"prepared {count} table(s): REPLICA IDENTITY FULL, trigger")
+                if superuser:
+                    if conn.execute(
+                        "SELECT 1 FROM pg_event_trigger WHERE evtname = 'undo_create_table'"
+                    ).fetchone() is None:
+                        conn.execute(
+                            "CREATE EVENT TRIGGER undo_create_table ON ddl_command_end"
+                            " WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')"
+                            " EXECUTE FUNCTION undo.on_create_table()"
+                        )
+                        report.changed.append("created the event trigger for new tables")
+                else:
+                    report.warnings.append(
+                        "not a superuser: no event trigger, so run `undo init` again after"
+                        " creating tables"
+                    )
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise NotReady(
+                f"role {conn.info.user} lacks a privilege init needs ({e.diag.message_primary}):"
+                " run init as the owner of the tables or a superuser"
+            ) from None
+        slot = conn.execute(
+            "SELECT plugin, confirmed_flush_lsn::text, wal_status FROM pg_replication_slots"
+            " WHERE slot_name = %s",
+            (settings.slot,),
+        ).fetchone()
+        position = get_meta(db, "position")
+        if slot is not None and slot[2] == "lost":
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot,))
+            slot = None
+        if slot is not None and slot[0] != decoder:
+            raise UndoError(
+                f"slot {settings.slot} exists with plugin {slot[0]}, not {decoder}: choose another"
+                " --slot or drop it"
+            )
+        if slot is None:
+            row = conn.execute(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s)",
+                (settings.slot, decoder),
+            ).fetchone()
+            assert row is not None
+            new_position = pg.lsn_to_int(row[0])
+            if position is not None:
+                record_gap(db, int(position), new_position, f"slot {settings.slot} re-created")
+                report.warnings.append(
+                    f"the slot was missing or lost: changes between {pg.int_to_lsn(int(position))}"
+                    f" and {row[0]} are not in the audit trail (recorded as a gap)"
+                )
+            with db.atomic():
+                set_meta(db, "position", str(new_position))
+            report.changed.append(f"created slot {settings.slot} ({decoder})")
+        with db.atomic():
+            for k, v in {
+                "decoder": decoder,
+                "slot": settings.slot,
+                "publication": settings.slot if decoder == "pgoutput" else None,
+                "numbers_as_strings": "1" if numbers_as_strings else "0",
+                "server_version": conn.info.parameter_status("server_version") or "",
+                "settings": " ".join(f"{k}={v}" for k, v in pg.PINNED_SETTINGS.items()),
+            }.items():
+                set_meta(db, k, v)
+    return report
+
+
+def uninstall(settings: Settings) -> list[str]:
+    """Remove everything init installed: triggers, event trigger, publication, slot, schema."""
+    done: list[str] = []
+    with pg.connect(settings.dsn) as conn:
+        if conn.execute("SELECT to_regclass('undo.audited')").fetchone() == (None,):
+            return done
+        slot = conn.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (settings.slot,)
+        ).fetchone()
+        if slot is not None and slot[0] is not None:
+            raise UndoError(f"slot {settings.slot} is in use (pid {slot[0]}): stop `undo capture`")
+        with conn.transaction():
+            conn.execute("DROP EVENT TRIGGER IF EXISTS undo_create_table")
+            rows = conn.execute(
+                "SELECT n.nspname, c.relname, a.prior_identity, c.relreplident"
+                " FROM undo.audited a JOIN pg_class c ON c.oid = a.relid"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            ).fetchall()
+            identity = {"d": "DEFAULT", "n": "NOTHING", "f": "FULL", "i": "DEFAULT"}
+            for schema, name, prior, current in rows:
+                rel = sql.Identifier(schema, name)
+                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS undo_tag ON {}").format(rel))
+                if prior != current:
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(
+                            rel, sql.SQL(identity[prior])
+                        )
+                    )
+            done.append(f"removed the trigger from {len(rows)} table(s)")
+            pub = conn.execute("SELECT publication FROM undo.config").fetchone()
+            if pub and pub[0]:
+                conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(pub[0])))
+                done.append(f"dropped publication {pub[0]}")
+            conn.execute("DROP SCHEMA undo CASCADE")
+            done.append("dropped schema undo")
+        if slot is not None:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot,))
+            done.append(f"dropped slot {settings.slot}")
+    return done

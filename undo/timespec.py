@@ -1,0 +1,48 @@
+"""Times on the command line: ISO 8601 or a relative age (90m, 4h, 2d)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+
+from .errors import BadInput
+from .stream.protocol import iso
+
+_AGE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time(text: str, now: datetime | None = None) -> str:
+    """A user's time -> the store's UTC text. Naive ISO times are taken as UTC.
+
+    >>> parse_time("2026-01-19T10:25:00Z")
+    '2026-01-19T10:25:00.000000Z'
+    >>> parse_time("90m", now=datetime(2026, 1, 1, 12, tzinfo=timezone.utc))
+    '2026-01-01T10:30:00.000000Z'
+    """
+    text = text.strip()
+    m = _AGE.match(text)
+    if m:
+        now = now or datetime.now(timezone.utc)
+        return iso(now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}))
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        raise BadInput(
+            f"malformed time {text!r}: use ISO 8601 (2026-01-19T10:25:00Z) or an age (90m, 4h, 2d)"
+        ) from None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return iso(ts)
+
+
+def parse_bucket(text: str) -> int:
+    """A bucket width -> seconds.
+
+    >>> parse_bucket("1m"), parse_bucket("1h")
+    (60, 3600)
+    """
+    m = _AGE.match(text.strip())
+    if not m:
+        raise BadInput(f"malformed bucket {text!r}: use a width such as 1m, 15m, 1h or 1d")
+    return int(timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}).total_seconds())
