@@ -226,5 +226,93 @@ def show_xact(settings: Settings, xid: int, as_json: bool) -> None:
     _print_show(queries.show(open_store(settings.store), xid=xid), as_json)
 
 
+def undo_options(f: Any) -> Any:
+    for opt in reversed([
+        click.option("--only", help="Comma-separated: delete,update,insert."),
+        click.option("--table", "tables", multiple=True, help="Only this table (schema.table)."),
+        click.option("--since", help="Only changes committed at or after this time."),
+        click.option("--until", help="Only changes committed before this time."),
+        click.option("--apply", is_flag=True, help="Run it, in one transaction."),
+        click.option("--on-conflict", type=click.Choice(["abort", "skip"]), default="abort",
+                     show_default=True, help="abort: change nothing; skip: undo the rest."),
+        click.option("--fire-triggers", is_flag=True,
+                     help="Let user triggers fire (no session_replication_role = replica)."),
+        click.option("--lock-timeout", default="5s", show_default=True),
+        click.option("--statement-timeout", default="0", show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run_undo(settings: Settings, target_kwargs: dict[str, Any], only: str | None,
+              tables: tuple[str, ...], since: str | None, until: str | None, apply: bool,
+              on_conflict: str, fire_triggers: bool, lock_timeout: str,
+              statement_timeout: str) -> None:
+    from .apply import undo
+    from .plan import Target, parse_only
+
+    target = Target(
+        only=parse_only(only), tables=tables,
+        since=parse_time(since) if since else None, until=parse_time(until) if until else None,
+        **target_kwargs,
+    )
+    shown = {"n": 0}
+
+    def progress(done: int) -> None:
+        if done >= 5000 and sys.stderr.isatty():
+            click.echo(f"\r{done} rows...", err=True, nl=False)
+            shown["n"] = done
+
+    report = undo(settings, target, apply=apply, on_conflict=on_conflict,
+                  fire_triggers=fire_triggers, lock_timeout=lock_timeout,
+                  statement_timeout=statement_timeout, out=sys.stdout, progress=progress)
+    if shown["n"]:
+        click.echo("", err=True)
+    for line in report.summary():
+        _echo_err(line)
+    if apply:
+        _echo_err(f"applied in xid {report.undo_xid}")
+    if report.conflicts or report.not_undoable:
+        sys.exit(1)
+
+
+@cli.command("session")
+@click.argument("session_id")
+@undo_options
+@click.pass_obj
+def undo_session(settings: Settings, session_id: str, **kw: Any) -> None:
+    """Undo what a session did: print the SQL (review it), or --apply it.
+
+    Example: undo session 6b071524.9d7 --apply
+    """
+    _run_undo(settings, {"session": session_id}, **kw)
+
+
+@cli.command("xact")
+@click.argument("xids", nargs=-1, required=True, type=int)
+@undo_options
+@click.pass_obj
+def undo_xact(settings: Settings, xids: tuple[int, ...], **kw: Any) -> None:
+    """Undo transactions by xid.
+
+    Example: undo xact 7341 7342 --apply
+    """
+    _run_undo(settings, {"xids": xids}, **kw)
+
+
+@cli.command("app")
+@click.argument("name")
+@undo_options
+@click.pass_obj
+def undo_app(settings: Settings, name: str, **kw: Any) -> None:
+    """Undo what an application did in a time range (--since is required).
+
+    Example: undo app usage-metrics --since 2026-01-19T10:00:00Z --until 2026-01-19T11:00:00Z
+    """
+    if not kw.get("since"):
+        raise _UserError("undo app needs --since (a time or an age such as 4h)", 2)
+    _run_undo(settings, {"app": name}, **kw)
+
+
 def main() -> None:
     cli(prog_name="undo")

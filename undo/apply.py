@@ -1,0 +1,383 @@
+"""Run an undo: print the inverse as a psql script, or apply it in one transaction.
+
+Both walk the same stream of stored changes, newest first, through the same builders
+(inverse.py). Runs of deleted rows go back with COPY; updates and inserts are reverted one
+row at a time after a row lock and a check that the row is as the undone change left it.
+``--apply`` collects every conflict (abort: roll back, report all; skip: undo the rest);
+the script stops at the first, so psql rolls it back where --apply would refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+import psycopg
+from psycopg import sql
+
+from . import inverse, pg
+from .config import Settings
+from .errors import Refused
+from .inverse import LiveTable, Value
+from .plan import Plan, StoredChange, Target, changes, check_not_undone, later_writer, select
+from .store.schema import open_store
+from .stream.protocol import iso
+
+log = logging.getLogger(__name__)
+COPY_CHUNK = 20_000
+OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
+
+
+@dataclass(frozen=True)
+class Conflict:
+    table: str
+    key: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.table} ({self.key}): {self.detail}"
+
+
+@dataclass
+class UndoReport:
+    """What an undo did (or would do): rows per table and operation undone, what it refused."""
+
+    applied: bool = False
+    rows: Counter[tuple[str, str]] = field(default_factory=Counter)
+    conflicts: list[Conflict] = field(default_factory=list)
+    not_undoable: list[str] = field(default_factory=list)
+    undo_xid: int | None = None
+    untrusted_skipped: int = 0
+
+    def summary(self) -> list[str]:
+        lines = [f"{n} {OP_NAMES[op]}(s) of {table} undone" for (table, op), n in
+                 sorted(self.rows.items())]
+        lines += [f"cannot undo: {x}" for x in self.not_undoable]
+        lines += [f"conflict: {c}" for c in self.conflicts]
+        if self.untrusted_skipped:
+            lines.append(f"left out {self.untrusted_skipped} transaction(s) with an untrusted tag")
+        return lines
+
+
+class _Walker:
+    """Shared walk over the changes; subclasses apply or print each step."""
+
+    def __init__(self, conn: psycopg.Connection[Any], db: Any, report: UndoReport,
+                 progress: Callable[[int], None] | None) -> None:
+        self.conn = conn
+        self.db = db
+        self.report = report
+        self.tables: dict[int, LiveTable] = {}
+        self.touched: set[int] = set()
+        self.progress = progress
+        self.done = 0
+
+    def live(self, ch: StoredChange) -> LiveTable:
+        t = self.tables.get(ch.table.id)
+        if t is None:
+            t = inverse.live_table(self.conn, ch.table)
+            self.tables[ch.table.id] = t
+        if ch.table.oid is not None:
+            self.touched.add(ch.table.oid)
+        return t
+
+    def walk(self, plan: Plan, skip_unundoable: bool) -> None:
+        run: list[StoredChange] = []
+        for ch in changes(self.db, plan):
+            if ch.op == "T" or (ch.op in "UD" and ch.old is None):
+                continue  # reported before the walk
+            if run and (ch.op != "D" or ch.table.id != run[0].table.id or len(run) >= COPY_CHUNK):
+                self._flush(run)
+                run = []
+            if ch.op == "D":
+                run.append(ch)
+                continue
+            t = self.live(ch)
+            if ch.op == "U":
+                self.revert_update(t, ch)
+            else:
+                self.remove_insert(t, ch)
+            self._count(ch)
+        if run:
+            self._flush(run)
+
+    def _flush(self, run: list[StoredChange]) -> None:
+        t = self.live(run[0])
+        self.reinsert(t, run)
+        for ch in run:
+            self._count(ch)
+
+    def _count(self, ch: StoredChange) -> None:
+        self.done += 1
+        if self.progress is not None and self.done % 1000 == 0:
+            self.progress(self.done)
+
+    def conflict(self, ch: StoredChange, image: list[Value] | None, detail: str) -> None:
+        key = inverse.key_values(ch.table, image)
+        who = later_writer(self.db, ch, key)
+        self.report.conflicts.append(
+            Conflict(ch.table.qualified, inverse.describe_key(ch.table, image), f"{detail}; {who}"))
+
+    def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
+        raise NotImplementedError
+
+    def revert_update(self, t: LiveTable, ch: StoredChange) -> None:
+        raise NotImplementedError
+
+    def remove_insert(self, t: LiveTable, ch: StoredChange) -> None:
+        raise NotImplementedError
+
+
+class _Params:
+    """A lit() that turns each value into a placeholder and keeps the parameters."""
+
+    def __init__(self) -> None:
+        self.values: list[Value] = []
+
+    def __call__(self, v: Value) -> sql.Composable:
+        self.values.append(v)
+        return sql.Placeholder()
+
+
+class _Applier(_Walker):
+    def _exists(self, t: LiveTable, image: list[Value]) -> bool:
+        p = _Params()
+        q = inverse.select_for_update(t, image, p)
+        return self.conn.execute(q, p.values).fetchone() is not None
+
+    def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
+        try:
+            with self.conn.transaction(), self.conn.cursor().copy(inverse.copy_statement(t)) as cp:
+                for ch in run:
+                    assert ch.old is not None
+                    cp.write_row([ch.old[i] for i in t.writable])
+            for ch in run:
+                self.report.rows[(ch.table.qualified, "D")] += 1
+            return
+        except psycopg.errors.IntegrityError:
+            pass  # some row is back already: find which, one at a time
+        for ch in run:
+            assert ch.old is not None
+            if t.version.key is not None and self._exists(t, ch.old):
+                self.conflict(ch, ch.old, "a row with this key exists again")
+                continue
+            p = _Params()
+            self.conn.execute(inverse.insert(t, ch.old, p), p.values)
+            self.report.rows[(ch.table.qualified, "D")] += 1
+
+    def _locked_row(self, t: LiveTable, ch: StoredChange) -> tuple[Any, list[Value]] | None:
+        post = inverse.post_image(ch)
+        p = _Params()
+        row = self.conn.execute(inverse.select_for_update(t, post, p), p.values).fetchone()
+        if row is None:
+            self.conflict(ch, post, "the row is gone")
+            return None
+        if list(row[1:]) != post:
+            changed = [c for c, a, b in zip(t.version.columns, row[1:], post, strict=True) if a != b]
+            self.conflict(ch, post, f"the row was changed ({', '.join(changed)})")
+            return None
+        return row[0], post
+
+    def revert_update(self, t: LiveTable, ch: StoredChange) -> None:
+        found = self._locked_row(t, ch)
+        if found is None:
+            return
+        p = _Params()
+        sets = inverse.revert_assignments(t, ch, p)
+        if sets is not None:
+            q = sql.SQL("UPDATE {} SET {} WHERE ctid = {}").format(t.ident, sets, sql.Placeholder())
+            self.conn.execute(q, [*p.values, found[0]])
+        self.report.rows[(ch.table.qualified, "U")] += 1
+
+    def remove_insert(self, t: LiveTable, ch: StoredChange) -> None:
+        found = self._locked_row(t, ch)
+        if found is None:
+            return
+        self.conn.execute(sql.SQL("DELETE FROM {} WHERE ctid = %s").format(t.ident), [found[0]])
+        self.report.rows[(ch.table.qualified, "I")] += 1
+
+
+class _Printer(_Walker):
+    def __init__(self, out: TextIO, *args: Any) -> None:
+        super().__init__(*args)
+        self.out = out
+
+    def lit(self, v: Value) -> sql.Composable:
+        return sql.Literal(v)
+
+    def emit(self, q: sql.Composable) -> None:
+        self.out.write(q.as_string(self.conn) + ";\n")
+
+    def check(self, cte: sql.Composable, message: str) -> None:
+        self.emit(sql.SQL("WITH {} SELECT pg_temp.undo_check(count(*) = 1, {}) FROM done").format(
+            cte, sql.Literal(message)))
+
+    def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
+        self.emit(inverse.copy_statement(t))
+        for ch in run:
+            assert ch.old is not None
+            self.out.write(inverse.copy_line(t, ch.old))
+            self.report.rows[(ch.table.qualified, "D")] += 1
+        self.out.write("\\.\n")
+
+    def _hit(self, t: LiveTable, ch: StoredChange) -> sql.Composed:
+        post = inverse.post_image(ch)
+        cols = sql.SQL(" AND ").join(
+            inverse.same_text(t.version.columns[i], post[i], self.lit)
+            for i in range(len(post)))
+        return sql.SQL("hit AS (SELECT ctid FROM {} WHERE {} AND {} LIMIT 1 FOR UPDATE)").format(
+            t.ident, inverse.locate(t, post, self.lit), cols)
+
+    def _message(self, ch: StoredChange) -> str:
+        return (f"undo conflict: {ch.table.qualified} "
+                f"({inverse.describe_key(ch.table, inverse.post_image(ch))}) changed since xid "
+                f"{ch.xid}")
+
+    def revert_update(self, t: LiveTable, ch: StoredChange) -> None:
+        sets = inverse.revert_assignments(t, ch, self.lit) or sql.SQL("{} = {}").format(
+            sql.Identifier(t.version.columns[0]), sql.Identifier(t.version.columns[0]))
+        cte = sql.SQL("{}, done AS (UPDATE {} AS x SET {} FROM hit WHERE x.ctid = hit.ctid"
+                      " RETURNING 1)").format(self._hit(t, ch), t.ident, sets)
+        self.check(cte, self._message(ch))
+        self.report.rows[(ch.table.qualified, "U")] += 1
+
+    def remove_insert(self, t: LiveTable, ch: StoredChange) -> None:
+        cte = sql.SQL("{}, done AS (DELETE FROM {} AS x USING hit WHERE x.ctid = hit.ctid"
+                      " RETURNING 1)").format(self._hit(t, ch), t.ident)
+        self.check(cte, self._message(ch))
+        self.report.rows[(ch.table.qualified, "I")] += 1
+
+
+_CHECK_FUNCTION = (
+    "CREATE FUNCTION pg_temp.undo_check(ok boolean, message text) RETURNS void"
+    " LANGUAGE plpgsql AS $$ BEGIN IF NOT ok THEN RAISE EXCEPTION '%', message; END IF; END $$"
+)
+
+
+def _unundoable(db: Any, plan: Plan) -> list[str]:
+    ids = plan.txn_ids
+    out: list[str] = []
+    tables = set(plan.target.tables)
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        rows = db.execute(
+            "SELECT DISTINCT t.xid, r.schema_name || '.' || r.table_name, c.op FROM changes c"
+            " JOIN transactions t ON t.id = c.txn JOIN relations r ON r.id = c.relation"
+            f" WHERE c.txn IN ({','.join('?' * len(chunk))})"  # noqa: S608 - placeholders only
+            " AND (c.op = 'T' OR (c.op IN ('U', 'D') AND c.old IS NULL))", chunk).fetchall()
+        for xid, table, op in rows:
+            if tables and table not in tables:
+                continue
+            why = ("TRUNCATE cannot be undone from the change stream" if op == "T"
+                   else "no full old row (the table lacked REPLICA IDENTITY FULL)")
+            out.append(f"{table} in xid {xid}: {why}")
+    return out
+
+
+def undo(settings: Settings, target: Target, *, apply: bool = False, on_conflict: str = "abort",
+         fire_triggers: bool = False, lock_timeout: str = "5s", statement_timeout: str = "0",
+         out: TextIO | None = None, progress: Callable[[int], None] | None = None) -> UndoReport:
+    """Build the inverse of the target's changes; print it to ``out`` or apply it.
+
+    Raises Refused (nothing changed) on conflicts with ``abort`` or on changes that cannot be
+    undone without ``skip``; with ``skip`` returns a report whose conflicts are not empty.
+    """
+    db = open_store(settings.store)
+    plan = select(db, target)
+    report = UndoReport(untrusted_skipped=plan.untrusted if target.xids == () else 0)
+    report.not_undoable = _unundoable(db, plan)
+    if report.not_undoable and on_conflict != "skip":
+        raise Refused("cannot undo: " + "; ".join(report.not_undoable[:5])
+                      + " (use --on-conflict skip to undo the rest)")
+    if apply:
+        check_not_undone(db, plan)
+    conn = pg.connect(settings.dsn, autocommit=False, application_name="undo")
+    try:
+        if apply:
+            report = _apply(conn, db, plan, report, on_conflict, fire_triggers, lock_timeout,
+                            statement_timeout, progress)
+        else:
+            assert out is not None
+            _print(conn, db, plan, report, out, fire_triggers, lock_timeout, statement_timeout)
+    finally:
+        conn.close()
+    return report
+
+
+def _settings(fire_triggers: bool, lock_timeout: str, statement_timeout: str,
+              target: Target) -> list[tuple[str, str]]:
+    out = [("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)]
+    out += [(k, v) for k, v in pg.PINNED_SETTINGS.items()]
+    out.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
+    if not fire_triggers:
+        out.append(("session_replication_role", "replica"))
+    return out
+
+
+def _apply(conn: psycopg.Connection[Any], db: Any, plan: Plan, report: UndoReport,
+           on_conflict: str, fire_triggers: bool, lock_timeout: str, statement_timeout: str,
+           progress: Callable[[int], None] | None) -> UndoReport:
+    try:
+        for name, value in _settings(fire_triggers, lock_timeout, statement_timeout, plan.target):
+            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+    except psycopg.errors.InsufficientPrivilege:
+        conn.rollback()
+        user = conn.info.user
+        raise Refused(
+            f"role {user} may not set session_replication_role, which keeps user triggers quiet"
+            f" during the undo: run GRANT SET ON PARAMETER session_replication_role TO {user};"
+            " (PostgreSQL 15+, as a superuser), or pass --fire-triggers"
+        ) from None
+    walker = _Applier(conn, db, report, progress)
+    try:
+        walker.walk(plan, on_conflict == "skip")
+        if not fire_triggers:
+            for name, q in inverse.foreign_key_checks(conn, walker.touched):
+                row = conn.execute(q).fetchone()
+                if row is not None:
+                    report.conflicts.append(Conflict(name, str(row[0]),
+                                                     "foreign key would be violated"))
+        if report.conflicts and on_conflict != "skip":
+            conn.rollback()
+            raise Refused(
+                f"{len(report.conflicts)} conflict(s), nothing changed:\n  "
+                + "\n  ".join(str(c) for c in report.conflicts))
+        row = conn.execute("SELECT txid_current()").fetchone()
+        report.undo_xid = int(row[0]) if row else None
+        conn.commit()
+    except BaseException:
+        if not conn.closed:
+            conn.rollback()
+        raise
+    report.applied = True
+    with db.atomic():
+        db.execute(
+            "INSERT INTO undos (applied_at, target, selection, undo_xid) VALUES (?, ?, ?, ?)",
+            [iso(datetime.now(timezone.utc)), json.dumps(plan.target.describe()),
+             json.dumps(plan.txn_ids), report.undo_xid])
+    return report
+
+
+def _print(conn: psycopg.Connection[Any], db: Any, plan: Plan, report: UndoReport, out: TextIO,
+           fire_triggers: bool, lock_timeout: str, statement_timeout: str) -> None:
+    out.write(f"-- undo of {json.dumps(plan.target.describe())}: "
+              f"{len(plan.transactions)} transaction(s)\n")
+    out.write("-- run with: psql -v ON_ERROR_STOP=1 -f -\n")
+    out.write("SET application_name = 'undo';\nBEGIN;\n")
+    for name, value in _settings(fire_triggers, lock_timeout, statement_timeout, plan.target):
+        out.write(sql.SQL("SELECT set_config({}, {}, true);\n").format(
+            sql.Literal(name), sql.Literal(value)).as_string(conn))
+    out.write(_CHECK_FUNCTION + ";\n")
+    walker = _Printer(out, conn, db, report, None)
+    walker.walk(plan, True)
+    if not fire_triggers:
+        for name, q in inverse.foreign_key_checks(conn, walker.touched):
+            out.write(sql.SQL("SELECT pg_temp.undo_check(NOT EXISTS ({}), {});\n").format(
+                q, sql.Literal(f"undo: foreign key would be violated: {name}")).as_string(conn))
+    out.write("COMMIT;\n")
+    conn.rollback()
