@@ -77,8 +77,9 @@ def wal2json_numbers_as_strings(conn: psycopg.Connection[Any]) -> bool:
 
     Probes on a temporary slot; a missing wal2json is refused with the fix.
     """
+    probe = f"undo_probe_{conn.info.backend_pid}"
     try:
-        conn.execute("SELECT pg_create_logical_replication_slot('undo_probe', 'wal2json', true)")
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json', true)", (probe,))
     except psycopg.errors.UndefinedFile:
         major = server_version(conn) // 10000
         raise NotReady(
@@ -87,16 +88,19 @@ def wal2json_numbers_as_strings(conn: psycopg.Connection[Any]) -> bool:
         ) from None
     try:
         conn.execute(
-            "SELECT count(*) FROM pg_logical_slot_peek_changes('undo_probe', NULL, 0,"
-            " 'format-version', '2', 'numeric-data-types-as-string', '1')"
+            "SELECT count(*) FROM pg_logical_slot_peek_changes(%s, NULL, 0,"
+            " 'format-version', '2', 'numeric-data-types-as-string', '1')",
+            (probe,),
         )
         return True
-    except psycopg.errors.InvalidParameterValue:
-        return False
     except psycopg.Error:
         return False
     finally:
-        conn.execute("SELECT pg_drop_replication_slot('undo_probe')")
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE slot_name = %s",
+            (probe,),
+        )
 
 
 def current_lsn(conn: psycopg.Connection[Any]) -> int:

@@ -1,0 +1,210 @@
+"""A real PostgreSQL for the tests: UNDO_TEST_DSN, else a throwaway initdb cluster.
+
+The cluster has wal_level=logical, wal2json (when installed), 20 slots and WAL senders, and
+lives in a temp folder owned by the postgres user (initdb refuses to run as root). Each test
+gets a fresh database, slot and store. Without PostgreSQL the tests skip, except under CI=true.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import conninfo, sql
+
+from undo.config import Settings
+
+_counter = itertools.count(1)
+
+
+def _bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(p.split("/")[4]))
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    admin_dsn: str
+    stop: Any = None
+
+    def dsn(self, dbname: str) -> str:
+        params = conninfo.conninfo_to_dict(self.admin_dsn)
+        params["dbname"] = dbname
+        return conninfo.make_conninfo(**params)
+
+
+def _start_cluster() -> Cluster:
+    bindir = _bindir()
+    if bindir is None:
+        raise FileNotFoundError("PostgreSQL server binaries not found (apt-get install postgresql)")
+    root = tempfile.mkdtemp(prefix="undo-test-pg-")
+    os.chmod(root, 0o755)
+    data = os.path.join(root, "data")
+    port = _free_port()
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust",
+                    "-E", "UTF8", "--locale=C.UTF-8"], check=True, capture_output=True)
+    opts = (f"-c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20"
+            f" -c fsync=off -c synchronous_commit=on -c full_page_writes=off"
+            f" -c listen_addresses='' -c unix_socket_directories={root} -c port={port}"
+            f" -c max_prepared_transactions=5 -c wal_sender_timeout=60s")
+    subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l",
+                    os.path.join(root, "log"), "-w", "start"], check=True, capture_output=True)
+
+    def stop() -> None:
+        subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w",
+                        "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    cluster = Cluster(f"host={root} port={port} user=postgres dbname=postgres", stop)
+    cluster.bindir = bindir  # type: ignore[attr-defined]
+    cluster.datadir = data  # type: ignore[attr-defined]
+    cluster.pg_ctl = [*as_postgres, f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l",  # type: ignore[attr-defined]
+                      os.path.join(root, "log")]
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    if os.environ.get("UNDO_TEST_DSN"):
+        yield Cluster(os.environ["UNDO_TEST_DSN"])
+        return
+    try:
+        c = _start_cluster()
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        msg = f"no PostgreSQL for the tests: {e} {detail.decode(errors='replace')[-500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def pytest_report_header(config: Any) -> list[str]:
+    bindir = _bindir()
+    lines = [f"postgresql binaries: {bindir}"]
+    if bindir:
+        lib = subprocess.run([f"{bindir}/pg_config", "--pkglibdir"], capture_output=True,
+                             text=True).stdout.strip() if os.path.exists(f"{bindir}/pg_config") else ""
+        lines.append(f"wal2json: {'yes' if glob.glob(lib + '/wal2json.so') else 'not found'}")
+    return lines
+
+
+@dataclass
+class Source:
+    """One test's database, slot and store, and helpers to drive undo on them."""
+
+    dsn: str
+    dbname: str
+    store: str
+    slot: str
+    decoder: str
+    cluster: Cluster
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(dsn=self.dsn, store=self.store, slot=self.slot, decoder=self.decoder)
+
+    def connect(self, **kw: Any) -> psycopg.Connection[Any]:
+        kw.setdefault("autocommit", True)
+        return psycopg.connect(self.dsn, **kw)
+
+    def sql(self, query: str, params: Any = None, **kw: Any) -> list[tuple[Any, ...]]:
+        with self.connect(**kw) as c:
+            cur = c.execute(query.encode() if params is None else query, params)
+            return cur.fetchall() if cur.description else []
+
+    def init(self, schemas: list[str] | None = None, tables: list[str] | None = None) -> Any:
+        from undo.tagging import init
+        return init(self.settings, schemas or [], tables or [])
+
+    def capture(self, **kw: Any) -> Any:
+        from undo.stream.capture import capture
+        return capture(self.settings, once=True, **kw)
+
+    def snapshot(self, table: str, order: str = "1") -> list[str]:
+        """Every row of a table as its text form, sorted: what a round trip must restore."""
+        with self.connect(options="-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
+                                  " -c bytea_output=hex -c IntervalStyle=postgres") as c:
+            return sorted(r[0] for r in c.execute(
+                sql.SQL("SELECT t::text FROM {} t").format(sql.SQL(table))).fetchall())
+
+    def store_rows(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        import sqlite3
+        with sqlite3.connect(self.store) as c:
+            return c.execute(query, params).fetchall()
+
+    def undo_cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run_cli(self, *args, input=input)
+
+
+def run_cli(src: Source, *args: str, input: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = dict(os.environ, UNDO_DSN=src.dsn, UNDO_STORE=src.store, UNDO_SLOT=src.slot,
+             UNDO_DECODER=src.decoder, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "undo", *args], capture_output=True, text=True,
+                          env=e, input=input, timeout=300)
+
+
+def _make_source(cluster: Cluster, tmp_path: Path, decoder: str) -> Iterator[Source]:
+    n = next(_counter)
+    dbname = f"undo_test_{os.getpid()}_{n}"
+    slot = f"undo_t{os.getpid()}_{n}"
+    with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+    src = Source(cluster.dsn(dbname), dbname, str(tmp_path / "undo.db"), slot, decoder, cluster)
+    try:
+        yield src
+    finally:
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+            for (name,) in c.execute(
+                    "SELECT slot_name FROM pg_replication_slots WHERE database = %s",
+                    (dbname,)).fetchall():
+                c.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                          " WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
+                try:
+                    c.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                except psycopg.Error:
+                    pass
+            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(dbname)))
+
+
+@pytest.fixture(params=["pgoutput", "wal2json"])
+def source(request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path) -> Iterator[Source]:
+    """A fresh database for each decoder."""
+    yield from _make_source(cluster, tmp_path, request.param)
+
+
+@pytest.fixture
+def pgo(cluster: Cluster, tmp_path: Path) -> Iterator[Source]:
+    """A fresh database, pgoutput only (for tests about one decoder's behaviour or the CLI)."""
+    yield from _make_source(cluster, tmp_path, "pgoutput")

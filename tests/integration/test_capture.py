@@ -1,0 +1,329 @@
+"""Capture against a real server, for both decoders: attribution, fidelity, exactly-once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from tests.fixtures import NAN_ROWS, TYPES_ROWS, TYPES_SCHEMA
+
+TYPE_COLUMNS = None
+
+
+def _changes(src, table=None):
+    q = ("SELECT t.session_id, t.application_name, t.tag, c.op, c.old, c.new, c.unchanged,"
+         " r.table_name, t.xid FROM changes c JOIN transactions t ON t.id = c.txn"
+         " JOIN relations r ON r.id = c.relation")
+    if table:
+        q += " WHERE r.table_name = ?"
+    return src.store_rows(q + " ORDER BY t.commit_lsn, c.ord", (table,) if table else ())
+
+
+def _session_id(conn):
+    return conn.execute(
+        "SELECT to_hex(trunc(extract(epoch FROM backend_start))::bigint) || '.' || to_hex(pid)"
+        " FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()[0]
+
+
+def test_interleaved_sessions_are_attributed(source):
+    source.sql("CREATE TABLE items (id int PRIMARY KEY, owner text)")
+    source.init()
+    conns = [source.connect(application_name=f"app{i}") for i in range(3)]
+    sids = [_session_id(c) for c in conns]
+    txs = [c.transaction() for c in conns]
+    for tx in txs:
+        tx.__enter__()
+    for round_ in range(3):
+        for i, c in enumerate(conns):
+            c.execute("INSERT INTO items VALUES (%s, %s)", (round_ * 10 + i, f"app{i}"))
+    for tx in reversed(txs):
+        tx.__exit__(None, None, None)
+    conns[1].execute("SET application_name = 'renamed'")
+    conns[1].execute("UPDATE items SET owner = 'renamed' WHERE id = 1")
+    source.capture()
+    rows = _changes(source)
+    assert len(rows) == 10
+    for sid, app, tag, op, _old, new, _u, _t, _x in rows:
+        owner = json.loads(new)[1]
+        i = int(owner[3]) if owner.startswith("app") else 1
+        assert sid == sids[i]
+        assert app == owner
+        assert tag == "trusted"
+    for c in conns:
+        c.close()
+
+
+def test_rollbacks_leave_nothing_and_savepoints_keep_the_tag(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with source.connect(application_name="sp") as c:
+        sid = _session_id(c)
+        c.autocommit = False
+        c.execute("INSERT INTO t VALUES (1, 'rolled back')")
+        c.rollback()
+        c.execute("SAVEPOINT s")
+        c.execute("INSERT INTO t VALUES (2, 'gone with the savepoint')")
+        c.execute("ROLLBACK TO SAVEPOINT s")
+        c.execute("INSERT INTO t VALUES (3, 'kept')")
+        c.commit()
+    source.capture()
+    rows = _changes(source)
+    assert [(r[0], r[1], r[2], r[3], json.loads(r[5])) for r in rows] == [
+        (sid, "sp", "trusted", "I", ["3", "kept"])]
+
+
+def test_untagged_writes_are_stored_without_session(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    source.init()
+    source.sql("ALTER TABLE t DISABLE TRIGGER undo_tag")
+    source.sql("INSERT INTO t VALUES (1)")
+    source.capture()
+    assert [(r[0], r[2]) for r in _changes(source)] == [(None, "none")]
+
+
+def test_forged_tag_is_not_trusted(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    source.init()
+    role = f"mallory_{source.dbname}"
+    source.sql(f"CREATE ROLE {role} LOGIN; GRANT ALL ON t TO {role}")
+    forged = '0' * 64 + json.dumps({"v": 1, "session": {"session_id": "dead.beef", "user": "boss"},
+                                   "application_name": "cron", "statement": "x"})
+    params = dict(psycopg.conninfo.conninfo_to_dict(source.dsn), user=role)
+    with psycopg.connect(**params) as c:
+        c.execute("SET undo.tagged = '1'")  # silence the real tag
+        c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", (forged,))
+        c.execute("INSERT INTO t VALUES (1)")
+    source.capture()
+    rows = _changes(source)
+    assert [(r[0], r[1], r[2]) for r in rows] == [("dead.beef", "cron", "untrusted")]
+    result = source.undo_cli("session", "dead.beef")
+    assert result.returncode == 1
+    assert "untrusted" in result.stderr
+
+
+def _expected_text(src, ids):
+    """Each column as PostgreSQL's output function prints it (the raw text-format result)."""
+    with src.connect(options="-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
+                             " -c bytea_output=hex -c IntervalStyle=postgres") as c:
+        rows = {}
+        for i in ids:
+            cur = c.execute("SELECT * FROM everything WHERE id = %s", (i,))
+            res = cur.pgresult
+            rows[str(i)] = [None if res.get_value(0, j) is None
+                            else res.get_value(0, j).decode() for j in range(res.nfields)]
+        return rows
+
+
+def _nan_supported(src):
+    if src.decoder == "pgoutput":
+        return True
+    return src.store_rows("SELECT value FROM meta WHERE key = 'numbers_as_strings'") == [("1",)]
+
+
+def test_every_type_is_stored_as_its_text_form(source):
+    source.sql(TYPES_SCHEMA)
+    source.init()
+    rows = TYPES_ROWS + (NAN_ROWS if _nan_supported(source) else [])
+    for stmt in rows:
+        source.sql(stmt)
+    source.capture()
+    expected = _expected_text(source, range(1, len(rows) + 1))
+    stored = {json.loads(r[5])[0]: json.loads(r[5]) for r in _changes(source, "everything")}
+    assert stored.keys() == expected.keys()
+    for k in expected:
+        assert stored[k] == expected[k], k
+
+
+def test_unchanged_toast_is_marked_and_toast_set_null_is_null(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, n int, big text);"
+               "ALTER TABLE t ALTER big SET STORAGE EXTERNAL")
+    source.init()
+    source.sql("INSERT INTO t VALUES (1, 0, repeat('x', 100000)), (2, 0, repeat('y', 100000))")
+    source.sql("UPDATE t SET n = 1 WHERE id = 1")
+    source.sql("UPDATE t SET n = 1, big = NULL WHERE id = 2")
+    source.capture()
+    updates = [r for r in _changes(source) if r[3] == "U"]
+    first, second = updates
+    assert json.loads(first[5]) == ["1", "1", None] and json.loads(first[6]) == [2]
+    assert json.loads(first[4])[2] == "x" * 100000
+    assert json.loads(second[5]) == ["2", "1", None] and second[6] is None
+    assert json.loads(second[4])[2] == "y" * 100000
+
+
+def test_hostile_role_defaults_change_nothing(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, b bytea, d date, tz timestamptz,"
+               " iv interval, f float8)")
+    source.init()
+    source.sql(f"ALTER ROLE postgres IN DATABASE {source.dbname} SET bytea_output = 'escape';"
+               f"ALTER ROLE postgres IN DATABASE {source.dbname} SET DateStyle = 'SQL, DMY';"
+               f"ALTER ROLE postgres IN DATABASE {source.dbname} SET TimeZone = 'Asia/Kolkata';"
+               f"ALTER ROLE postgres IN DATABASE {source.dbname} SET IntervalStyle = 'iso_8601';"
+               f"ALTER ROLE postgres IN DATABASE {source.dbname} SET extra_float_digits = 0")
+    source.sql("INSERT INTO t VALUES (1, '\\x5461706972', '2013-04-02',"
+               " '2013-04-02 10:00:00+00', '1 day 02:00:00', 0.1)")
+    source.capture()
+    (row,) = _changes(source)
+    assert json.loads(row[5]) == ["1", "\\x5461706972", "2013-04-02", "2013-04-02 10:00:00+00",
+                                  "1 day 02:00:00", "0.1"]
+
+
+def test_copy_of_10000_rows_is_stored_whole(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with source.connect() as c, c.cursor().copy("COPY t FROM STDIN") as cp:
+        for i in range(10000):
+            cp.write_row((i, f"v{i}"))
+    source.capture()
+    assert source.store_rows("SELECT count(*), count(DISTINCT key), max(ord) FROM changes") == [
+        (10000, 10000, 10000)]
+
+
+def test_truncate_is_recorded(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    source.init()
+    source.sql("INSERT INTO t VALUES (1)")
+    source.sql("TRUNCATE t")
+    source.capture()
+    assert [(r[3], r[7], r[2]) for r in _changes(source)] == [("I", "t", "trusted"),
+                                                                ("T", "t", "trusted")]
+
+
+def test_tables_created_later_are_audited(source):
+    source.init()
+    source.sql("CREATE TABLE later (id int PRIMARY KEY)")
+    source.sql("INSERT INTO later VALUES (1)")
+    source.capture()
+    assert [(r[3], r[7], r[2]) for r in _changes(source)] == [("I", "later", "trusted")]
+    assert source.sql("SELECT relreplident FROM pg_class WHERE relname = 'later'") == [("f",)]
+
+
+def test_writes_aimed_at_a_partition_are_tagged(source):
+    source.sql("CREATE TABLE p (id int, k int, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);"
+               "CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10);"
+               "CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)")
+    source.init()
+    source.sql("INSERT INTO p VALUES (1, 1)")
+    source.sql("INSERT INTO p2 VALUES (2, 15)")
+    source.sql("UPDATE p SET k = 12 WHERE id = 1")
+    source.capture()
+    rows = [(r[3], r[7], r[2]) for r in _changes(source)]
+    assert rows == [("I", "p1", "trusted"), ("I", "p2", "trusted"), ("D", "p1", "trusted"),
+                    ("I", "p2", "trusted")]
+
+
+def test_init_is_idempotent_and_uninstall_removes_everything(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    first = pgo.undo_cli("init")
+    assert first.returncode == 0, first.stderr
+    second = pgo.undo_cli("init")
+    assert second.returncode == 0 and "nothing changed" in second.stdout
+    gone = pgo.undo_cli("init", "--uninstall")
+    assert gone.returncode == 0, gone.stderr
+    assert pgo.sql("SELECT count(*) FROM pg_trigger WHERE tgname = 'undo_tag'") == [(0,)]
+    assert pgo.sql("SELECT relreplident FROM pg_class WHERE relname = 't'") == [("d",)]
+    assert pgo.sql("SELECT to_regnamespace('undo') IS NULL,"
+                   " (SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s)",
+                   (pgo.slot,)) == [(True, 0)]
+
+
+def _start_capture(src, env=None):
+    e = dict(os.environ, UNDO_DSN=src.dsn, UNDO_STORE=src.store, UNDO_SLOT=src.slot,
+             **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "undo", "capture"], env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_kill_9_mid_stream_then_restart_stores_every_change_once(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    proc = _start_capture(source)
+    try:
+        for batch in range(20):
+            source.sql(f"INSERT INTO t SELECT g, 'v' FROM generate_series({batch * 5000},"
+                       f" {batch * 5000 + 4999}) g")
+            if batch == 10:
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                proc = _start_capture(source)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    source.capture()
+    assert source.store_rows("SELECT count(*), count(DISTINCT key) FROM changes") == [
+        (100000, 100000)]
+    assert source.store_rows("SELECT count(*) FROM transactions") == [(20,)]
+
+
+def test_sigterm_stops_cleanly(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    proc = _start_capture(pgo)
+    pgo.sql("INSERT INTO t VALUES (1)")
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert pgo.store_rows("SELECT count(*) FROM changes") == [(1,)]
+
+
+def test_clean_server_restart_adds_no_duplicates(pgo):
+    if not hasattr(pgo.cluster, "pg_ctl"):
+        pytest.skip("needs the throwaway cluster")
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    for i in range(3):
+        pgo.sql(f"INSERT INTO t VALUES ({i})")
+    pgo.capture()
+    subprocess.run([*pgo.cluster.pg_ctl, "-m", "fast", "-w", "restart"], check=True,
+                   capture_output=True)
+    pgo.sql("INSERT INTO t VALUES (10)")
+    pgo.capture()
+    assert pgo.store_rows("SELECT count(*), count(DISTINCT key) FROM changes") == [(4, 4)]
+
+
+def test_slot_advanced_elsewhere_is_refused_and_recorded(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1)")
+    pgo.sql("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (pgo.slot,))
+    result = pgo.undo_cli("capture", "--once")
+    assert result.returncode == 1
+    assert "ahead of the store" in result.stderr and "Traceback" not in result.stderr
+    assert pgo.store_rows("SELECT reason FROM gaps") == [(f"slot {pgo.slot} ahead of the store",)]
+    again = pgo.undo_cli("capture", "--once", "--accept-gap")
+    assert again.returncode == 0, again.stderr
+
+
+def test_slot_dropped_and_recreated_is_refused(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("SELECT pg_drop_replication_slot(%s)", (pgo.slot,))
+    pgo.sql("INSERT INTO t VALUES (1)")
+    missing = pgo.undo_cli("capture", "--once")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    pgo.sql("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (pgo.slot,))
+    recreated = pgo.undo_cli("capture", "--once")
+    assert recreated.returncode == 1 and "ahead of the store" in recreated.stderr
+
+
+def test_second_consumer_is_refused(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    proc = _start_capture(pgo)
+    try:
+        time.sleep(1.5)
+        second = pgo.undo_cli("capture", "--once")
+        assert second.returncode == 1 and "in use" in second.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
