@@ -155,7 +155,7 @@ class Source:
         with self.connect(options="-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
                                   " -c bytea_output=hex -c IntervalStyle=postgres") as c:
             return sorted(r[0] for r in c.execute(
-                sql.SQL("SELECT t::text FROM {} t").format(sql.SQL(table))).fetchall())
+                sql.SQL("SELECT snapshot_row::text FROM {} snapshot_row").format(sql.SQL(table))).fetchall())
 
     def store_rows(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         import sqlite3

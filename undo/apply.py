@@ -173,11 +173,13 @@ class _Applier(_Walker):
     def _locked_row(self, t: LiveTable, ch: StoredChange) -> tuple[Any, list[Value]] | None:
         post = inverse.post_image(ch)
         p = _Params()
-        row = self.conn.execute(inverse.select_for_update(t, post, p), p.values).fetchone()
-        if row is None:
+        res = self.conn.execute(inverse.select_for_update(t, post, p), p.values).pgresult
+        if res is None or res.ntuples == 0:
             self.conflict(ch, post, "the row is gone")
             return None
-        if list(row[1:]) != post:
+        raw = [res.get_value(0, j) for j in range(res.nfields)]
+        row = [None if v is None else v.decode() for v in raw]
+        if row[1:] != post:
             changed = [c for c, a, b in zip(t.version.columns, row[1:], post, strict=True) if a != b]
             self.conflict(ch, post, f"the row was changed ({', '.join(changed)})")
             return None
@@ -228,7 +230,7 @@ class _Printer(_Walker):
     def _hit(self, t: LiveTable, ch: StoredChange) -> sql.Composed:
         post = inverse.post_image(ch)
         cols = sql.SQL(" AND ").join(
-            inverse.same_text(t.version.columns[i], post[i], self.lit)
+            inverse.same_output(t.version.columns[i], post[i], self.lit)
             for i in range(len(post)))
         return sql.SQL("hit AS (SELECT ctid FROM {} WHERE {} AND {} LIMIT 1 FOR UPDATE)").format(
             t.ident, inverse.locate(t, post, self.lit), cols)

@@ -84,17 +84,25 @@ def locate(t: LiveTable, image: Sequence[Value], lit: Lit) -> sql.Composed:
             for i in tv.key
         ]
     else:
-        parts = [same_text(tv.columns[i], image[i], lit) for i in range(len(tv.columns))]
+        parts = [same_output(tv.columns[i], image[i], lit) for i in range(len(tv.columns))]
     return sql.SQL(" AND ").join(parts)
 
 
-def same_text(column: str, value: Value, lit: Lit) -> sql.Composed:
-    return sql.SQL("{}::text IS NOT DISTINCT FROM {}").format(sql.Identifier(column), lit(value))
+def same_output(column: str, value: Value, lit: Lit) -> sql.Composed:
+    """The column prints as ``value`` (its output function, as capture stored it).
+
+    concat() calls the output function, unlike ::text, which for boolean gives 'true' and for
+    char(n) drops the padding; it also serves types without an equality operator.
+    """
+    if value is None:
+        return sql.SQL("{} IS NULL").format(sql.Identifier(column))
+    return sql.SQL("({0} IS NOT NULL AND concat({0}) = {1})").format(
+        sql.Identifier(column), lit(value))
 
 
 def select_for_update(t: LiveTable, image: Sequence[Value], lit: Lit) -> sql.Composed:
-    cols = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c))
-                              for c in t.version.columns)
+    """Lock the row holding ``image``; its columns come back in text format, as stored."""
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in t.version.columns)
     return sql.SQL("SELECT ctid, {} FROM {} WHERE {} LIMIT 1 FOR UPDATE").format(
         cols, t.ident, locate(t, image, lit))
 

@@ -115,12 +115,15 @@ class Catalog:
             "SELECT EXISTS (SELECT 1 FROM undo.audited WHERE relid = %s)", (rel.oid,)
         ).fetchone()
         attrs = self.conn.execute(
-            "SELECT attnum, attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
-            " AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+            "SELECT attnum, attname, attgenerated <> '' FROM pg_attribute WHERE attrelid = %s"
+            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             (rel.oid,),
         ).fetchall()
-        names = {num: name for num, name in attrs}
-        partial = bool(rel.columns) and tuple(name for _, name in attrs) != rel.columns
+        names = {num: name for num, name, _ in attrs}
+        complete = (tuple(name for _, name, _ in attrs),
+                    tuple(name for _, name, generated in attrs if not generated))
+        # wal2json sends stored generated columns, pgoutput (15) does not: both are complete.
+        partial = bool(rel.columns) and rel.columns not in complete
         key = None
         row = self.conn.execute(_KEY_QUERY, {"oid": rel.oid}).fetchone()
         if row is not None:

@@ -1,0 +1,296 @@
+"""Undo round trips against a real server, for both decoders: exact, atomic, conflict-aware."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import psycopg
+import pytest
+
+from tests.fixtures import HOSTILE_SCHEMA, NAN_ROWS, TYPES_ROWS, TYPES_SCHEMA
+from undo.apply import undo
+from undo.errors import NotFound, Refused
+from undo.plan import Target
+
+
+def _sid(conn):
+    return conn.execute(
+        "SELECT to_hex(trunc(extract(epoch FROM backend_start))::bigint) || '.' || to_hex(pid)"
+        " FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()[0]
+
+
+def _as_session(src, *statements, app="script"):
+    with src.connect(application_name=app) as c:
+        sid = _sid(c)
+        for s in statements:
+            c.execute(s.encode())
+    return sid
+
+
+def _nan_ok(src):
+    return src.decoder == "pgoutput" or src.store_rows(
+        "SELECT value FROM meta WHERE key = 'numbers_as_strings'") == [("1",)]
+
+
+def _apply(src, **target):
+    return undo(src.settings, Target(**target), apply=True)
+
+
+def test_every_type_round_trips_through_delete_update_insert(source):
+    source.sql(TYPES_SCHEMA)
+    source.init()
+    rows = TYPES_ROWS + (NAN_ROWS if _nan_ok(source) else [])
+    for stmt in rows:
+        source.sql(stmt)
+    before = source.snapshot("everything")
+    sid = _as_session(
+        source,
+        "UPDATE everything SET n = n + 1, t = t || '!', jb = '{}', arr = '{9}', big = big"
+        " WHERE id = 1",
+        "UPDATE everything SET b = NOT b, d = d + 1, x = '<y/>', comp = ROW(2, 'q')",
+        "DELETE FROM everything WHERE id IN (2, 3, 4, 5)",
+        "INSERT INTO everything (id, t) VALUES (100, 'new')",
+    )
+    source.capture()
+    report = _apply(source, session=sid)
+    assert report.applied and not report.conflicts
+    assert source.snapshot("everything") == before
+
+
+def test_small_update_beside_a_2mb_toasted_value(source):
+    source.sql("CREATE TABLE docs (id int PRIMARY KEY, title text, body text, meta jsonb);"
+               "ALTER TABLE docs ALTER body SET STORAGE EXTERNAL")
+    source.init()
+    source.sql("INSERT INTO docs SELECT 1, 'a', string_agg(md5(g::text), '') ,"
+               " '{\"k\": 1}' FROM generate_series(1, 65536) g")
+    before = source.snapshot("docs")
+    sid = _as_session(source, "UPDATE docs SET title = 'b'", "UPDATE docs SET meta = '{}'")
+    source.capture()
+    _apply(source, session=sid)
+    assert source.snapshot("docs") == before
+    assert source.sql("SELECT length(body) FROM docs") == [(2097152,)]
+
+
+def test_identity_generated_nokey_uniqueindex_partitioned_hostile(source):
+    source.sql(HOSTILE_SCHEMA)
+    source.sql(
+        "CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text,"
+        " twice int GENERATED ALWAYS AS (length(v) * 2) STORED);"
+        "CREATE TABLE nokey (a int, b text);"
+        "CREATE TABLE uniq (code text NOT NULL UNIQUE, v int);"
+        "CREATE TABLE part (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);"
+        "CREATE TABLE part1 PARTITION OF part FOR VALUES FROM (0) TO (10);"
+        "CREATE TABLE part2 PARTITION OF part FOR VALUES FROM (10) TO (20);"
+        "CREATE SCHEMA other; CREATE TABLE other.t (id int PRIMARY KEY, v text)")
+    source.init(schemas=["public", "Odd Schema", "other"])
+    source.sql(
+        "INSERT INTO ident (v) VALUES ('a'), ('bb'), ('ccc');"
+        "INSERT INTO nokey VALUES (1, 'dup'), (1, 'dup'), (2, 'x');"
+        "INSERT INTO uniq VALUES ('A', 1), ('B', 2);"
+        "INSERT INTO part VALUES (1, 1, 'one'), (2, 15, 'two');"
+        "INSERT INTO other.t VALUES (1, 'o');"
+        "INSERT INTO \"Odd Schema\".\"we\"\"ird.x]\" VALUES (1, 'ü', 'a.b', 'sel', 3)")
+    tables = ["ident", "nokey", "uniq", "part", "other.t", '"Odd Schema"."we""ird.x]"']
+    before = {t: source.snapshot(t) for t in tables}
+    sid = _as_session(
+        source,
+        "DELETE FROM ident WHERE id = 2",
+        "UPDATE ident SET v = 'zzzz' WHERE id = 3",
+        "DELETE FROM nokey WHERE ctid = (SELECT min(ctid) FROM nokey WHERE a = 1)",
+        "UPDATE nokey SET b = 'y' WHERE a = 2",
+        "DELETE FROM uniq WHERE code = 'A'",
+        "UPDATE uniq SET v = 20 WHERE code = 'B'",
+        "UPDATE part SET k = 12 WHERE id = 1",
+        "DELETE FROM part WHERE id = 2",
+        "UPDATE other.t SET v = 'p'",
+        "UPDATE \"Odd Schema\".\"we\"\"ird.x]\" SET \"ü\" = 'ö', \"x]\" = 4",
+        "DELETE FROM \"Odd Schema\".\"we\"\"ird.x]\"",
+    )
+    source.capture()
+    report = _apply(source, session=sid)
+    assert not report.conflicts
+    for t in tables:
+        assert source.snapshot(t) == before[t], t
+
+
+def test_fk_cascade_and_updated_at_trigger(source):
+    source.sql(
+        "CREATE TABLE accounts (id int PRIMARY KEY, name text, updated_at timestamptz);"
+        "CREATE TABLE events (id int PRIMARY KEY, account int REFERENCES accounts"
+        " ON DELETE CASCADE, what text);"
+        "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$BEGIN NEW.updated_at := now(); RETURN NEW; END$$;"
+        "CREATE TRIGGER stamp BEFORE UPDATE ON accounts FOR EACH ROW EXECUTE FUNCTION stamp()")
+    source.init()
+    source.sql("INSERT INTO accounts VALUES (1, 'a', '2020-01-01'), (2, 'b', '2020-01-01');"
+               "INSERT INTO events SELECT g, 1 + g % 2, 'e' FROM generate_series(1, 50) g")
+    before = (source.snapshot("accounts"), source.snapshot("events"))
+    sid = _as_session(source, "UPDATE accounts SET name = 'changed' WHERE id = 2",
+                      "DELETE FROM accounts WHERE id = 1")
+    source.capture()
+    _apply(source, session=sid)
+    assert (source.snapshot("accounts"), source.snapshot("events")) == before
+
+
+def _conflict_setup(src):
+    src.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    src.init()
+    src.sql("INSERT INTO t SELECT g, 'orig' FROM generate_series(1, 5) g")
+    sid = _as_session(src, "UPDATE t SET v = 'bad' WHERE id <= 3", "DELETE FROM t WHERE id = 5")
+    later = _as_session(src, "UPDATE t SET v = 'someone else' WHERE id = 2",
+                        "INSERT INTO t VALUES (5, 'reborn')", app="web")
+    src.capture()
+    return sid, later
+
+
+def test_conflict_abort_changes_nothing_and_names_the_later_session(source):
+    sid, later = _conflict_setup(source)
+    before = source.snapshot("t")
+    with pytest.raises(Refused) as e:
+        _apply(source, session=sid)
+    assert source.snapshot("t") == before
+    assert "2 conflict(s)" in str(e.value) and later in str(e.value)
+    assert "id=2" in str(e.value) and "id=5" in str(e.value)
+
+
+def test_conflict_skip_restores_the_rest(source):
+    sid, _ = _conflict_setup(source)
+    report = undo(source.settings, Target(session=sid), apply=True, on_conflict="skip")
+    assert len(report.conflicts) == 2
+    assert source.sql("SELECT id, v FROM t ORDER BY id") == [
+        (1, "orig"), (2, "someone else"), (3, "orig"), (4, "orig"), (5, "reborn")]
+
+
+def test_printed_script_through_psql_equals_apply(source, tmp_path):
+    source.sql(TYPES_SCHEMA)
+    source.init()
+    for stmt in TYPES_ROWS + (NAN_ROWS if _nan_ok(source) else []):
+        source.sql(stmt)
+    before = source.snapshot("everything")
+    sid = _as_session(source, "UPDATE everything SET t = 'x', arr = '{}' WHERE id = 1",
+                      "DELETE FROM everything WHERE id >= 2",
+                      "INSERT INTO everything (id, jb) VALUES (9, '[]')")
+    source.capture()
+    script = source.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.startswith("-- undo of")
+    psql = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", source.dsn,
+                           "-f", "-"], input=script.stdout, capture_output=True, text=True)
+    assert psql.returncode == 0, psql.stderr
+    assert source.snapshot("everything") == before
+
+
+def test_printed_script_fails_on_conflict(pgo):
+    sid, _ = _conflict_setup(pgo)
+    before = pgo.snapshot("t")
+    script = pgo.undo_cli("session", sid)
+    psql = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pgo.dsn, "-f", "-"],
+                          input=script.stdout, capture_output=True, text=True)
+    assert psql.returncode != 0
+    assert pgo.snapshot("t") == before
+
+
+def test_undo_of_undo_and_double_undo_refused(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    original = source.snapshot("t")
+    sid = _as_session(source, "DELETE FROM t WHERE id = 1", "UPDATE t SET v = 'z'")
+    damaged = source.snapshot("t")
+    source.capture()
+    first = _apply(source, session=sid)
+    assert source.snapshot("t") == original
+    with pytest.raises(Refused, match="already undone"):
+        _apply(source, session=sid)
+    source.capture()
+    undo_txn = source.store_rows(
+        "SELECT application_name, undo_of, tag FROM transactions WHERE xid = ?",
+        (first.undo_xid,))
+    assert undo_txn[0][0] == "undo" and json.loads(undo_txn[0][1]) == {"session": sid}
+    _apply(source, xids=(first.undo_xid,))
+    assert source.snapshot("t") == damaged
+    source.capture()
+    _apply(source, session=sid)
+    assert source.snapshot("t") == original
+
+
+def test_undo_xact_and_app_since(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    before = pgo.snapshot("t")
+    with pgo.connect(application_name="metrics") as c:
+        x1 = c.execute("DELETE FROM t WHERE id = 1 RETURNING txid_current()").fetchone()[0]
+        c.execute("DELETE FROM t WHERE id = 2")
+    pgo.capture()
+    result = pgo.undo_cli("xact", str(x1), "--apply")
+    assert result.returncode == 0, result.stderr
+    assert pgo.sql("SELECT id FROM t ORDER BY id") == [(1,), (3,)]
+    result = pgo.undo_cli("app", "metrics", "--since", "1h", "--apply", "--only", "delete")
+    assert result.returncode == 1 and "already undone" in result.stderr
+    result = pgo.undo_cli("app", "metrics", "--since", "1h", "--until", "2099-01-01T00:00:00Z")
+    assert result.returncode == 0 and "COPY" in result.stdout
+
+
+def test_truncate_refused_unless_skipped(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE u (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1); INSERT INTO u VALUES (1)")
+    sid = _as_session(pgo, "DELETE FROM u", "TRUNCATE t")
+    pgo.capture()
+    with pytest.raises(Refused, match="TRUNCATE") as e:
+        _apply(pgo, session=sid)
+    assert "public.t" in str(e.value)
+    assert pgo.sql("SELECT count(*) FROM u") == [(0,)]
+    report = undo(pgo.settings, Target(session=sid), apply=True, on_conflict="skip")
+    assert report.not_undoable and pgo.sql("SELECT count(*) FROM u") == [(1,)]
+
+
+def test_table_recreated_since_capture_is_refused(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a')")
+    sid = _as_session(pgo, "DELETE FROM t")
+    pgo.capture()
+    pgo.sql("DROP TABLE t; CREATE TABLE t (id int PRIMARY KEY, v text)")
+    with pytest.raises(Refused, match="re-created"):
+        _apply(pgo, session=sid)
+    assert pgo.sql("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_column_changed_since_capture_is_refused(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a')")
+    sid = _as_session(pgo, "DELETE FROM t")
+    pgo.capture()
+    pgo.sql("ALTER TABLE t ALTER v TYPE varchar(3)")
+    with pytest.raises(Refused, match="columns of public.t changed"):
+        _apply(pgo, session=sid)
+
+
+def test_unknown_session_is_bad_input(pgo):
+    pgo.init()
+    with pytest.raises(NotFound):
+        _apply(pgo, session="dead.beef")
+    result = pgo.undo_cli("session", "dead.beef")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+
+
+def test_role_without_replica_role_is_told_the_grant(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    role = f"app_{pgo.dbname}"
+    pgo.sql(f"CREATE ROLE {role} LOGIN; GRANT ALL ON t TO {role}")
+    pgo.sql("INSERT INTO t VALUES (1)")
+    sid = _as_session(pgo, "DELETE FROM t")
+    pgo.capture()
+    params = dict(psycopg.conninfo.conninfo_to_dict(pgo.dsn), user=role)
+    dsn = psycopg.conninfo.make_conninfo(**params)
+    result = pgo.undo_cli("--dsn", dsn, "session", sid, "--apply")
+    assert result.returncode == 1
+    assert "GRANT SET ON PARAMETER session_replication_role" in result.stderr
+    fired = pgo.undo_cli("--dsn", dsn, "session", sid, "--apply", "--fire-triggers")
+    assert fired.returncode == 0, fired.stderr
+    assert pgo.sql("SELECT id FROM t") == [(1,)]
