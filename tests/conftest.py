@@ -7,14 +7,12 @@ gets a fresh database, slot and store. Without PostgreSQL the tests skip, except
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,68 +23,26 @@ import pytest
 from psycopg import conninfo, sql
 
 from undo.config import Settings
+from undo.errors import NotReady
+from undo.tempdb import TempCluster, find_bindir
 
 _counter = itertools.count(1)
-
-
-def _bindir() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(p.split("/")[4]))
-    if found:
-        return os.path.dirname(found[-1])
-    initdb = shutil.which("initdb")
-    return os.path.dirname(initdb) if initdb else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
 class Cluster:
     admin_dsn: str
-    stop: Any = None
+    temp: TempCluster | None = None
 
     def dsn(self, dbname: str) -> str:
         params = conninfo.conninfo_to_dict(self.admin_dsn)
         params["dbname"] = dbname
-        return conninfo.make_conninfo(**params)
+        return conninfo.make_conninfo("", **params)
 
-
-def _start_cluster() -> Cluster:
-    bindir = _bindir()
-    if bindir is None:
-        raise FileNotFoundError("PostgreSQL server binaries not found (apt-get install postgresql)")
-    root = tempfile.mkdtemp(prefix="undo-test-pg-")
-    os.chmod(root, 0o755)
-    data = os.path.join(root, "data")
-    port = _free_port()
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust",
-                    "-E", "UTF8", "--locale=C.UTF-8"], check=True, capture_output=True)
-    opts = (f"-c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20"
-            f" -c fsync=off -c synchronous_commit=on -c full_page_writes=off"
-            f" -c listen_addresses='' -c unix_socket_directories={root} -c port={port}"
-            f" -c max_prepared_transactions=5 -c wal_sender_timeout=60s")
-    subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l",
-                    os.path.join(root, "log"), "-w", "start"], check=True, capture_output=True)
-
-    def stop() -> None:
-        subprocess.run([*as_postgres, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w",
-                        "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-    cluster = Cluster(f"host={root} port={port} user=postgres dbname=postgres", stop)
-    cluster.bindir = bindir  # type: ignore[attr-defined]
-    cluster.datadir = data  # type: ignore[attr-defined]
-    cluster.pg_ctl = [*as_postgres, f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l",  # type: ignore[attr-defined]
-                      os.path.join(root, "log")]
-    return cluster
+    @property
+    def pg_ctl(self) -> list[str]:
+        assert self.temp is not None
+        return self.temp.pg_ctl()
 
 
 @pytest.fixture(scope="session")
@@ -95,25 +51,28 @@ def cluster() -> Iterator[Cluster]:
         yield Cluster(os.environ["UNDO_TEST_DSN"])
         return
     try:
-        c = _start_cluster()
-    except (FileNotFoundError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        msg = f"no PostgreSQL for the tests: {e} {detail.decode(errors='replace')[-500:]}"
+        temp = TempCluster({"wal_sender_timeout": "60s"}).start()
+    except NotReady as e:
         if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+            pytest.fail(f"no PostgreSQL for the tests: {e}")
+        pytest.skip(f"no PostgreSQL for the tests: {e}")
     try:
-        yield c
+        yield Cluster(temp.admin_dsn, temp)
     finally:
-        c.stop()
+        temp.stop()
 
 
 def pytest_report_header(config: Any) -> list[str]:
-    bindir = _bindir()
+    bindir = find_bindir()
     lines = [f"postgresql binaries: {bindir}"]
     if bindir:
-        lib = subprocess.run([f"{bindir}/pg_config", "--pkglibdir"], capture_output=True,
-                             text=True).stdout.strip() if os.path.exists(f"{bindir}/pg_config") else ""
+        lib = (
+            subprocess.run(
+                [f"{bindir}/pg_config", "--pkglibdir"], capture_output=True, text=True
+            ).stdout.strip()
+            if os.path.exists(f"{bindir}/pg_config")
+            else ""
+        )
         lines.append(f"wal2json: {'yes' if glob.glob(lib + '/wal2json.so') else 'not found'}")
     return lines
 
@@ -144,21 +103,30 @@ class Source:
 
     def init(self, schemas: list[str] | None = None, tables: list[str] | None = None) -> Any:
         from undo.tagging import init
+
         return init(self.settings, schemas or [], tables or [])
 
     def capture(self, **kw: Any) -> Any:
         from undo.stream.capture import capture
+
         return capture(self.settings, once=True, **kw)
 
     def snapshot(self, table: str, order: str = "1") -> list[str]:
         """Every row of a table as its text form, sorted: what a round trip must restore."""
-        with self.connect(options="-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
-                                  " -c bytea_output=hex -c IntervalStyle=postgres") as c:
-            return sorted(r[0] for r in c.execute(
-                sql.SQL("SELECT snapshot_row::text FROM {} snapshot_row").format(sql.SQL(table))).fetchall())
+        with self.connect(
+            options="-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
+            " -c bytea_output=hex -c IntervalStyle=postgres"
+        ) as c:
+            return sorted(
+                r[0]
+                for r in c.execute(
+                    sql.SQL("SELECT snapshot_row::text FROM {} snapshot_row").format(sql.SQL(table))
+                ).fetchall()
+            )
 
     def store_rows(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         import sqlite3
+
         with sqlite3.connect(self.store) as c:
             return c.execute(query, params).fetchall()
 
@@ -166,12 +134,25 @@ class Source:
         return run_cli(self, *args, input=input)
 
 
-def run_cli(src: Source, *args: str, input: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    e = dict(os.environ, UNDO_DSN=src.dsn, UNDO_STORE=src.store, UNDO_SLOT=src.slot,
-             UNDO_DECODER=src.decoder, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "undo", *args], capture_output=True, text=True,
-                          env=e, input=input, timeout=300)
+def run_cli(
+    src: Source, *args: str, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    e = dict(
+        os.environ,
+        UNDO_DSN=src.dsn,
+        UNDO_STORE=src.store,
+        UNDO_SLOT=src.slot,
+        UNDO_DECODER=src.decoder,
+        **(env or {}),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "undo", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        input=input,
+        timeout=300,
+    )
 
 
 def _make_source(cluster: Cluster, tmp_path: Path, decoder: str) -> Iterator[Source]:
@@ -186,16 +167,18 @@ def _make_source(cluster: Cluster, tmp_path: Path, decoder: str) -> Iterator[Sou
     finally:
         with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
             for (name,) in c.execute(
-                    "SELECT slot_name FROM pg_replication_slots WHERE database = %s",
-                    (dbname,)).fetchall():
-                c.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-                          " WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
-                try:
+                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (dbname,)
+            ).fetchall():
+                c.execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                    " WHERE slot_name = %s AND active_pid IS NOT NULL",
+                    (name,),
+                )
+                with contextlib.suppress(psycopg.Error):
                     c.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-                except psycopg.Error:
-                    pass
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(dbname)))
+            c.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+            )
 
 
 @pytest.fixture(params=["pgoutput", "wal2json"])

@@ -40,9 +40,13 @@ TYPES_ROWS = [
     + _COMMON.format(n="1.10", f4="'3.4028235e+38'", f8="0.1", en="happy", big="'small'")
     + ")",
     "INSERT INTO everything VALUES (2, "
-    + _COMMON.format(n="'-0.000000000000000000001'", f4="'-1.17549435e-38'",
-                     f8="'1e+308'", en="it''s \"fine\"",
-                     big="repeat('toast me ', 300000)")
+    + _COMMON.format(
+        n="'-0.000000000000000000001'",
+        f4="'-1.17549435e-38'",
+        f8="'1e+308'",
+        en="it''s \"fine\"",
+        big="repeat('toast me ', 300000)",
+    )
     + ")",
     "INSERT INTO everything (id) VALUES (3)",
 ]

@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import psycopg
@@ -55,8 +55,10 @@ class UndoReport:
     untrusted_skipped: int = 0
 
     def summary(self) -> list[str]:
-        lines = [f"{n} {OP_NAMES[op]}(s) of {table} undone" for (table, op), n in
-                 sorted(self.rows.items())]
+        lines = [
+            f"{n} {OP_NAMES[op]}(s) of {table} undone"
+            for (table, op), n in sorted(self.rows.items())
+        ]
         lines += [f"cannot undo: {x}" for x in self.not_undoable]
         lines += [f"conflict: {c}" for c in self.conflicts]
         if self.untrusted_skipped:
@@ -67,8 +69,13 @@ class UndoReport:
 class _Walker:
     """Shared walk over the changes; subclasses apply or print each step."""
 
-    def __init__(self, conn: psycopg.Connection[Any], db: Any, report: UndoReport,
-                 progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        db: Any,
+        report: UndoReport,
+        progress: Callable[[int], None] | None,
+    ) -> None:
         self.conn = conn
         self.db = db
         self.report = report
@@ -121,7 +128,8 @@ class _Walker:
         key = inverse.key_values(ch.table, image)
         who = later_writer(self.db, ch, key)
         self.report.conflicts.append(
-            Conflict(ch.table.qualified, inverse.describe_key(ch.table, image), f"{detail}; {who}"))
+            Conflict(ch.table.qualified, inverse.describe_key(ch.table, image), f"{detail}; {who}")
+        )
 
     def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
         raise NotImplementedError
@@ -180,7 +188,9 @@ class _Applier(_Walker):
         raw = [res.get_value(0, j) for j in range(res.nfields)]
         row = [None if v is None else v.decode() for v in raw]
         if row[1:] != post:
-            changed = [c for c, a, b in zip(t.version.columns, row[1:], post, strict=True) if a != b]
+            changed = [
+                c for c, a, b in zip(t.version.columns, row[1:], post, strict=True) if a != b
+            ]
             self.conflict(ch, post, f"the row was changed ({', '.join(changed)})")
             return None
         return row[0], post
@@ -216,8 +226,11 @@ class _Printer(_Walker):
         self.out.write(q.as_string(self.conn) + ";\n")
 
     def check(self, cte: sql.Composable, message: str) -> None:
-        self.emit(sql.SQL("WITH {} SELECT pg_temp.undo_check(count(*) = 1, {}) FROM done").format(
-            cte, sql.Literal(message)))
+        self.emit(
+            sql.SQL("WITH {} SELECT pg_temp.undo_check(count(*) = 1, {}) FROM done").format(
+                cte, sql.Literal(message)
+            )
+        )
 
     def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
         self.emit(inverse.copy_statement(t))
@@ -230,27 +243,33 @@ class _Printer(_Walker):
     def _hit(self, t: LiveTable, ch: StoredChange) -> sql.Composed:
         post = inverse.post_image(ch)
         cols = sql.SQL(" AND ").join(
-            inverse.same_output(t.version.columns[i], post[i], self.lit)
-            for i in range(len(post)))
+            inverse.same_output(t.version.columns[i], post[i], self.lit) for i in range(len(post))
+        )
         return sql.SQL("hit AS (SELECT ctid FROM {} WHERE {} AND {} LIMIT 1 FOR UPDATE)").format(
-            t.ident, inverse.locate(t, post, self.lit), cols)
+            t.ident, inverse.locate(t, post, self.lit), cols
+        )
 
     def _message(self, ch: StoredChange) -> str:
-        return (f"undo conflict: {ch.table.qualified} "
-                f"({inverse.describe_key(ch.table, inverse.post_image(ch))}) changed since xid "
-                f"{ch.xid}")
+        return (
+            f"undo conflict: {ch.table.qualified} "
+            f"({inverse.describe_key(ch.table, inverse.post_image(ch))}) changed since xid "
+            f"{ch.xid}"
+        )
 
     def revert_update(self, t: LiveTable, ch: StoredChange) -> None:
         sets = inverse.revert_assignments(t, ch, self.lit) or sql.SQL("{} = {}").format(
-            sql.Identifier(t.version.columns[0]), sql.Identifier(t.version.columns[0]))
-        cte = sql.SQL("{}, done AS (UPDATE {} AS x SET {} FROM hit WHERE x.ctid = hit.ctid"
-                      " RETURNING 1)").format(self._hit(t, ch), t.ident, sets)
+            sql.Identifier(t.version.columns[0]), sql.Identifier(t.version.columns[0])
+        )
+        cte = sql.SQL(
+            "{}, done AS (UPDATE {} AS x SET {} FROM hit WHERE x.ctid = hit.ctid RETURNING 1)"
+        ).format(self._hit(t, ch), t.ident, sets)
         self.check(cte, self._message(ch))
         self.report.rows[(ch.table.qualified, "U")] += 1
 
     def remove_insert(self, t: LiveTable, ch: StoredChange) -> None:
-        cte = sql.SQL("{}, done AS (DELETE FROM {} AS x USING hit WHERE x.ctid = hit.ctid"
-                      " RETURNING 1)").format(self._hit(t, ch), t.ident)
+        cte = sql.SQL(
+            "{}, done AS (DELETE FROM {} AS x USING hit WHERE x.ctid = hit.ctid RETURNING 1)"
+        ).format(self._hit(t, ch), t.ident)
         self.check(cte, self._message(ch))
         self.report.rows[(ch.table.qualified, "I")] += 1
 
@@ -266,24 +285,38 @@ def _unundoable(db: Any, plan: Plan) -> list[str]:
     out: list[str] = []
     tables = set(plan.target.tables)
     for i in range(0, len(ids), 500):
-        chunk = ids[i:i + 500]
+        chunk = ids[i : i + 500]
         rows = db.execute(
-            "SELECT DISTINCT t.xid, r.schema_name || '.' || r.table_name, c.op FROM changes c"
+            "SELECT DISTINCT t.xid, r.schema_name || '.' || r.table_name, c.op FROM changes c"  # noqa: S608
             " JOIN transactions t ON t.id = c.txn JOIN relations r ON r.id = c.relation"
-            f" WHERE c.txn IN ({','.join('?' * len(chunk))})"  # noqa: S608 - placeholders only
-            " AND (c.op = 'T' OR (c.op IN ('U', 'D') AND c.old IS NULL))", chunk).fetchall()
+            f" WHERE c.txn IN ({','.join('?' * len(chunk))})"
+            " AND (c.op = 'T' OR (c.op IN ('U', 'D') AND c.old IS NULL))",
+            chunk,
+        ).fetchall()
         for xid, table, op in rows:
             if tables and table not in tables:
                 continue
-            why = ("TRUNCATE cannot be undone from the change stream" if op == "T"
-                   else "no full old row (the table lacked REPLICA IDENTITY FULL)")
+            why = (
+                "TRUNCATE cannot be undone from the change stream"
+                if op == "T"
+                else "no full old row (the table lacked REPLICA IDENTITY FULL)"
+            )
             out.append(f"{table} in xid {xid}: {why}")
     return out
 
 
-def undo(settings: Settings, target: Target, *, apply: bool = False, on_conflict: str = "abort",
-         fire_triggers: bool = False, lock_timeout: str = "5s", statement_timeout: str = "0",
-         out: TextIO | None = None, progress: Callable[[int], None] | None = None) -> UndoReport:
+def undo(
+    settings: Settings,
+    target: Target,
+    *,
+    apply: bool = False,
+    on_conflict: str = "abort",
+    fire_triggers: bool = False,
+    lock_timeout: str = "5s",
+    statement_timeout: str = "0",
+    out: TextIO | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> UndoReport:
     """Build the inverse of the target's changes; print it to ``out`` or apply it.
 
     Raises Refused (nothing changed) on conflicts with ``abort`` or on changes that cannot be
@@ -294,15 +327,27 @@ def undo(settings: Settings, target: Target, *, apply: bool = False, on_conflict
     report = UndoReport(untrusted_skipped=plan.untrusted if target.xids == () else 0)
     report.not_undoable = _unundoable(db, plan)
     if report.not_undoable and on_conflict != "skip":
-        raise Refused("cannot undo: " + "; ".join(report.not_undoable[:5])
-                      + " (use --on-conflict skip to undo the rest)")
+        raise Refused(
+            "cannot undo: "
+            + "; ".join(report.not_undoable[:5])
+            + " (use --on-conflict skip to undo the rest)"
+        )
     if apply:
         check_not_undone(db, plan)
     conn = pg.connect(settings.dsn, autocommit=False, application_name="undo")
     try:
         if apply:
-            report = _apply(conn, db, plan, report, on_conflict, fire_triggers, lock_timeout,
-                            statement_timeout, progress)
+            report = _apply(
+                conn,
+                db,
+                plan,
+                report,
+                on_conflict,
+                fire_triggers,
+                lock_timeout,
+                statement_timeout,
+                progress,
+            )
         else:
             assert out is not None
             _print(conn, db, plan, report, out, fire_triggers, lock_timeout, statement_timeout)
@@ -311,8 +356,9 @@ def undo(settings: Settings, target: Target, *, apply: bool = False, on_conflict
     return report
 
 
-def _settings(fire_triggers: bool, lock_timeout: str, statement_timeout: str,
-              target: Target) -> list[tuple[str, str]]:
+def _settings(
+    fire_triggers: bool, lock_timeout: str, statement_timeout: str, target: Target
+) -> list[tuple[str, str]]:
     out = [("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)]
     out += [(k, v) for k, v in pg.PINNED_SETTINGS.items()]
     out.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
@@ -321,9 +367,17 @@ def _settings(fire_triggers: bool, lock_timeout: str, statement_timeout: str,
     return out
 
 
-def _apply(conn: psycopg.Connection[Any], db: Any, plan: Plan, report: UndoReport,
-           on_conflict: str, fire_triggers: bool, lock_timeout: str, statement_timeout: str,
-           progress: Callable[[int], None] | None) -> UndoReport:
+def _apply(
+    conn: psycopg.Connection[Any],
+    db: Any,
+    plan: Plan,
+    report: UndoReport,
+    on_conflict: str,
+    fire_triggers: bool,
+    lock_timeout: str,
+    statement_timeout: str,
+    progress: Callable[[int], None] | None,
+) -> UndoReport:
     try:
         for name, value in _settings(fire_triggers, lock_timeout, statement_timeout, plan.target):
             conn.execute("SELECT set_config(%s, %s, true)", (name, value))
@@ -342,13 +396,15 @@ def _apply(conn: psycopg.Connection[Any], db: Any, plan: Plan, report: UndoRepor
             for name, q in inverse.foreign_key_checks(conn, walker.touched):
                 row = conn.execute(q).fetchone()
                 if row is not None:
-                    report.conflicts.append(Conflict(name, str(row[0]),
-                                                     "foreign key would be violated"))
+                    report.conflicts.append(
+                        Conflict(name, str(row[0]), "foreign key would be violated")
+                    )
         if report.conflicts and on_conflict != "skip":
             conn.rollback()
             raise Refused(
                 f"{len(report.conflicts)} conflict(s), nothing changed:\n  "
-                + "\n  ".join(str(c) for c in report.conflicts))
+                + "\n  ".join(str(c) for c in report.conflicts)
+            )
         row = conn.execute("SELECT txid_current()").fetchone()
         report.undo_xid = int(row[0]) if row else None
         conn.commit()
@@ -360,26 +416,47 @@ def _apply(conn: psycopg.Connection[Any], db: Any, plan: Plan, report: UndoRepor
     with db.atomic():
         db.execute(
             "INSERT INTO undos (applied_at, target, selection, undo_xid) VALUES (?, ?, ?, ?)",
-            [iso(datetime.now(timezone.utc)), json.dumps(plan.target.describe()),
-             json.dumps(plan.txn_ids), report.undo_xid])
+            [
+                iso(datetime.now(UTC)),
+                json.dumps(plan.target.describe()),
+                json.dumps(plan.txn_ids),
+                report.undo_xid,
+            ],
+        )
     return report
 
 
-def _print(conn: psycopg.Connection[Any], db: Any, plan: Plan, report: UndoReport, out: TextIO,
-           fire_triggers: bool, lock_timeout: str, statement_timeout: str) -> None:
-    out.write(f"-- undo of {json.dumps(plan.target.describe())}: "
-              f"{len(plan.transactions)} transaction(s)\n")
+def _print(
+    conn: psycopg.Connection[Any],
+    db: Any,
+    plan: Plan,
+    report: UndoReport,
+    out: TextIO,
+    fire_triggers: bool,
+    lock_timeout: str,
+    statement_timeout: str,
+) -> None:
+    out.write(
+        f"-- undo of {json.dumps(plan.target.describe())}: "
+        f"{len(plan.transactions)} transaction(s)\n"
+    )
     out.write("-- run with: psql -v ON_ERROR_STOP=1 -f -\n")
     out.write("SET application_name = 'undo';\nBEGIN;\n")
     for name, value in _settings(fire_triggers, lock_timeout, statement_timeout, plan.target):
-        out.write(sql.SQL("SELECT set_config({}, {}, true);\n").format(
-            sql.Literal(name), sql.Literal(value)).as_string(conn))
+        out.write(
+            sql.SQL("SELECT set_config({}, {}, true);\n")
+            .format(sql.Literal(name), sql.Literal(value))
+            .as_string(conn)
+        )
     out.write(_CHECK_FUNCTION + ";\n")
     walker = _Printer(out, conn, db, report, None)
     walker.walk(plan, True)
     if not fire_triggers:
         for name, q in inverse.foreign_key_checks(conn, walker.touched):
-            out.write(sql.SQL("SELECT pg_temp.undo_check(NOT EXISTS ({}), {});\n").format(
-                q, sql.Literal(f"undo: foreign key would be violated: {name}")).as_string(conn))
+            out.write(
+                sql.SQL("SELECT pg_temp.undo_check(NOT EXISTS ({}), {});\n")
+                .format(q, sql.Literal(f"undo: foreign key would be violated: {name}"))
+                .as_string(conn)
+            )
     out.write("COMMIT;\n")
     conn.rollback()

@@ -20,7 +20,7 @@ from .timespec import parse_time
 class _UserError(click.ClickException):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
-        self.exit_code = code
+        self.exit_code = code  # type: ignore[misc]
 
 
 class Command(click.Command):
@@ -47,20 +47,43 @@ Group.group_class = Group
 
 
 @click.group(cls=Group)
-@click.option("--dsn", envvar="UNDO_DSN", show_envvar=True, default="",
-              help="Source database: libpq conninfo or postgresql:// URI.")
-@click.option("--store", envvar="UNDO_STORE", show_envvar=True, default="undo.db",
-              show_default=True, help="The audit store (SQLite file).")
-@click.option("--slot", envvar="UNDO_SLOT", show_envvar=True, default="undo", show_default=True,
-              help="Logical replication slot (and publication, for pgoutput).")
-@click.option("--decoder", envvar="UNDO_DECODER", show_envvar=True,
-              type=click.Choice(["pgoutput", "wal2json"]), default=None,
-              help="Decoder, chosen at init and remembered in the store.  [default: pgoutput]")
+@click.option(
+    "--dsn",
+    envvar="UNDO_DSN",
+    show_envvar=True,
+    default="",
+    help="Source database: libpq conninfo or postgresql:// URI.",
+)
+@click.option(
+    "--store",
+    envvar="UNDO_STORE",
+    show_envvar=True,
+    default="undo.db",
+    show_default=True,
+    help="The audit store (SQLite file).",
+)
+@click.option(
+    "--slot",
+    envvar="UNDO_SLOT",
+    show_envvar=True,
+    default="undo",
+    show_default=True,
+    help="Logical replication slot (and publication, for pgoutput).",
+)
+@click.option(
+    "--decoder",
+    envvar="UNDO_DECODER",
+    show_envvar=True,
+    type=click.Choice(["pgoutput", "wal2json"]),
+    default=None,
+    help="Decoder, chosen at init and remembered in the store.  [default: pgoutput]",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 @click.version_option(package_name="undo")
 @click.pass_context
-def cli(ctx: click.Context, dsn: str, store: str, slot: str, decoder: str | None,
-        verbose: bool) -> None:
+def cli(
+    ctx: click.Context, dsn: str, store: str, slot: str, decoder: str | None, verbose: bool
+) -> None:
     """Audit log and undo for PostgreSQL, built on change-data capture.
 
     \b
@@ -69,8 +92,11 @@ def cli(ctx: click.Context, dsn: str, store: str, slot: str, decoder: str | None
     undo sessions --app NAME   find the session that did it
     undo session ID            print the SQL that reverts it (--apply to run it)
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="undo: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="undo: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         ctx.obj = Settings(dsn=dsn, store=store, slot=slot, decoder=decoder)
     except UndoError as e:
@@ -90,13 +116,15 @@ def _echo_err(message: str) -> None:
 @click.option("--table", "tables", multiple=True, help="Audit this table (schema.table).")
 @click.option("--uninstall", is_flag=True, help="Remove everything init installed.")
 @click.pass_obj
-def init_cmd(settings: Settings, schemas: tuple[str, ...], tables: tuple[str, ...],
-             uninstall: bool) -> None:
+def init_cmd(
+    settings: Settings, schemas: tuple[str, ...], tables: tuple[str, ...], uninstall: bool
+) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
     Example: undo --dsn postgresql://admin@db/shop init --schema public
     """
-    from .tagging import init, uninstall as do_uninstall
+    from .tagging import init
+    from .tagging import uninstall as do_uninstall
 
     if uninstall:
         done = do_uninstall(settings)
@@ -113,8 +141,11 @@ def init_cmd(settings: Settings, schemas: tuple[str, ...], tables: tuple[str, ..
 
 @cli.command("capture")
 @click.option("--once", is_flag=True, help="Stop after storing what was committed before start.")
-@click.option("--accept-gap", is_flag=True,
-              help="Go on from a slot that is ahead of the store (records the gap).")
+@click.option(
+    "--accept-gap",
+    is_flag=True,
+    help="Go on from a slot that is ahead of the store (records the gap).",
+)
 @click.pass_obj
 def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
     """Stream committed changes from the slot into the store, until SIGINT/SIGTERM.
@@ -130,8 +161,9 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    report = capture(settings, once=once, accept_gap=accept_gap,
-                     should_stop=lambda: stopping["flag"])
+    report = capture(
+        settings, once=once, accept_gap=accept_gap, should_stop=lambda: stopping["flag"]
+    )
     _echo_err(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
 
 
@@ -161,23 +193,49 @@ def status_cmd(settings: Settings, as_json: bool) -> None:
 @click.option("--table", "tables", multiple=True, help="Touched this table (schema.table).")
 @json_option
 @click.pass_obj
-def sessions_cmd(settings: Settings, since: str | None, until: str | None, app: str | None,
-                 user: str | None, tables: tuple[str, ...], as_json: bool) -> None:
+def sessions_cmd(
+    settings: Settings,
+    since: str | None,
+    until: str | None,
+    app: str | None,
+    user: str | None,
+    tables: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """One row per session that wrote, newest first.
 
     Example: undo sessions --app usage-metrics --since 4h
     """
     db = open_store(settings.store)
     rows = queries.sessions(
-        db, since=parse_time(since) if since else None, until=parse_time(until) if until else None,
-        app=app, user=user, tables=list(tables),
+        db,
+        since=parse_time(since) if since else None,
+        until=parse_time(until) if until else None,
+        app=app,
+        user=user,
+        tables=list(tables),
     )
     if as_json:
         click.echo(render.to_json(rows))
         return
-    click.echo(render.table(rows, ["session_id", "application_name", "user", "client_addr",
-                                   "first_change_at", "last_change_at", "transactions",
-                                   "inserts", "updates", "deletes", "tables"]))
+    click.echo(
+        render.table(
+            rows,
+            [
+                "session_id",
+                "application_name",
+                "user",
+                "client_addr",
+                "first_change_at",
+                "last_change_at",
+                "transactions",
+                "inserts",
+                "updates",
+                "deletes",
+                "tables",
+            ],
+        )
+    )
 
 
 @cli.group("show")
@@ -191,8 +249,10 @@ def _print_show(result: dict[str, Any], as_json: bool) -> None:
         return
     click.echo(f"session {result['session_id']}")
     for t in result["transactions"]:
-        click.echo(f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name']}  "
-                   f"{t['user']}  tag={t['tag']}")
+        click.echo(
+            f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name']}  "
+            f"{t['user']}  tag={t['tag']}"
+        )
         click.echo(f"  statement: {t['statement']}")
         for c in t["changes"]:
             click.echo(f"  {c['op']:8} {c['table']} key={c['key']}")
@@ -227,33 +287,56 @@ def show_xact(settings: Settings, xid: int, as_json: bool) -> None:
 
 
 def undo_options(f: Any) -> Any:
-    for opt in reversed([
-        click.option("--only", help="Comma-separated: delete,update,insert."),
-        click.option("--table", "tables", multiple=True, help="Only this table (schema.table)."),
-        click.option("--since", help="Only changes committed at or after this time."),
-        click.option("--until", help="Only changes committed before this time."),
-        click.option("--apply", is_flag=True, help="Run it, in one transaction."),
-        click.option("--on-conflict", type=click.Choice(["abort", "skip"]), default="abort",
-                     show_default=True, help="abort: change nothing; skip: undo the rest."),
-        click.option("--fire-triggers", is_flag=True,
-                     help="Let user triggers fire (no session_replication_role = replica)."),
-        click.option("--lock-timeout", default="5s", show_default=True),
-        click.option("--statement-timeout", default="0", show_default=True),
-    ]):
+    for opt in reversed(
+        [
+            click.option("--only", help="Comma-separated: delete,update,insert."),
+            click.option(
+                "--table", "tables", multiple=True, help="Only this table (schema.table)."
+            ),
+            click.option("--since", help="Only changes committed at or after this time."),
+            click.option("--until", help="Only changes committed before this time."),
+            click.option("--apply", is_flag=True, help="Run it, in one transaction."),
+            click.option(
+                "--on-conflict",
+                type=click.Choice(["abort", "skip"]),
+                default="abort",
+                show_default=True,
+                help="abort: change nothing; skip: undo the rest.",
+            ),
+            click.option(
+                "--fire-triggers",
+                is_flag=True,
+                help="Let user triggers fire (no session_replication_role = replica).",
+            ),
+            click.option("--lock-timeout", default="5s", show_default=True),
+            click.option("--statement-timeout", default="0", show_default=True),
+        ]
+    ):
         f = opt(f)
     return f
 
 
-def _run_undo(settings: Settings, target_kwargs: dict[str, Any], only: str | None,
-              tables: tuple[str, ...], since: str | None, until: str | None, apply: bool,
-              on_conflict: str, fire_triggers: bool, lock_timeout: str,
-              statement_timeout: str) -> None:
+def _run_undo(
+    settings: Settings,
+    target_kwargs: dict[str, Any],
+    only: str | None,
+    tables: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    apply: bool,
+    on_conflict: str,
+    fire_triggers: bool,
+    lock_timeout: str,
+    statement_timeout: str,
+) -> None:
     from .apply import undo
     from .plan import Target, parse_only
 
     target = Target(
-        only=parse_only(only), tables=tables,
-        since=parse_time(since) if since else None, until=parse_time(until) if until else None,
+        only=parse_only(only),
+        tables=tables,
+        since=parse_time(since) if since else None,
+        until=parse_time(until) if until else None,
         **target_kwargs,
     )
     shown = {"n": 0}
@@ -263,9 +346,17 @@ def _run_undo(settings: Settings, target_kwargs: dict[str, Any], only: str | Non
             click.echo(f"\r{done} rows...", err=True, nl=False)
             shown["n"] = done
 
-    report = undo(settings, target, apply=apply, on_conflict=on_conflict,
-                  fire_triggers=fire_triggers, lock_timeout=lock_timeout,
-                  statement_timeout=statement_timeout, out=sys.stdout, progress=progress)
+    report = undo(
+        settings,
+        target,
+        apply=apply,
+        on_conflict=on_conflict,
+        fire_triggers=fire_triggers,
+        lock_timeout=lock_timeout,
+        statement_timeout=statement_timeout,
+        out=sys.stdout,
+        progress=progress,
+    )
     if shown["n"]:
         click.echo("", err=True)
     for line in report.summary():
@@ -280,7 +371,7 @@ def _run_undo(settings: Settings, target_kwargs: dict[str, Any], only: str | Non
 @click.argument("session_id")
 @undo_options
 @click.pass_obj
-def undo_session(settings: Settings, session_id: str, **kw: Any) -> None:
+def undo_session(settings: Settings, /, session_id: str, **kw: Any) -> None:
     """Undo what a session did: print the SQL (review it), or --apply it.
 
     Example: undo session 6b071524.9d7 --apply
@@ -292,7 +383,7 @@ def undo_session(settings: Settings, session_id: str, **kw: Any) -> None:
 @click.argument("xids", nargs=-1, required=True, type=int)
 @undo_options
 @click.pass_obj
-def undo_xact(settings: Settings, xids: tuple[int, ...], **kw: Any) -> None:
+def undo_xact(settings: Settings, /, xids: tuple[int, ...], **kw: Any) -> None:
     """Undo transactions by xid.
 
     Example: undo xact 7341 7342 --apply
@@ -304,7 +395,7 @@ def undo_xact(settings: Settings, xids: tuple[int, ...], **kw: Any) -> None:
 @click.argument("name")
 @undo_options
 @click.pass_obj
-def undo_app(settings: Settings, name: str, **kw: Any) -> None:
+def undo_app(settings: Settings, /, name: str, **kw: Any) -> None:
     """Undo what an application did in a time range (--since is required).
 
     Example: undo app usage-metrics --since 2026-01-19T10:00:00Z --until 2026-01-19T11:00:00Z

@@ -38,7 +38,9 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
     if tv.oid is not None:
         row = conn.execute(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
-            " ON n.oid = c.relnamespace WHERE c.oid = %s", (tv.oid,)).fetchone()
+            " ON n.oid = c.relnamespace WHERE c.oid = %s",
+            (tv.oid,),
+        ).fetchone()
     if row is None or (row[0], row[1]) != (tv.schema, tv.name):
         raise Refused(
             f"table {tv.qualified} is not the table captured (OID {tv.oid}): it was dropped,"
@@ -47,13 +49,15 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
     attrs = conn.execute(
         "SELECT attname, format_type(atttypid, atttypmod), attidentity, attgenerated"
         " FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
-        " ORDER BY attnum", (tv.oid,)).fetchall()
+        " ORDER BY attnum",
+        (tv.oid,),
+    ).fetchall()
     live = {name: (typ, ident, gen) for name, typ, ident, gen in attrs}
     recorded = dict(zip(tv.columns, tv.types, strict=True))
     plain = [name for name, _, _, gen in attrs if gen == ""]
-    mismatched = [
-        c for c in tv.columns if c not in live or live[c][0] != recorded[c]
-    ] + [c for c in plain if c not in recorded]
+    mismatched = [c for c in tv.columns if c not in live or live[c][0] != recorded[c]] + [
+        c for c in plain if c not in recorded
+    ]
     if mismatched:
         raise Refused(
             f"the columns of {tv.qualified} changed since capture ({', '.join(mismatched)}):"
@@ -79,8 +83,8 @@ def locate(t: LiveTable, image: Sequence[Value], lit: Lit) -> sql.Composed:
     if tv.key is not None:
         parts = [
             sql.SQL("{} = {}").format(sql.Identifier(tv.columns[i]), lit(image[i]))
-            if image[i] is not None else
-            sql.SQL("{} IS NULL").format(sql.Identifier(tv.columns[i]))
+            if image[i] is not None
+            else sql.SQL("{} IS NULL").format(sql.Identifier(tv.columns[i]))
             for i in tv.key
         ]
     else:
@@ -97,22 +101,26 @@ def same_output(column: str, value: Value, lit: Lit) -> sql.Composed:
     if value is None:
         return sql.SQL("{} IS NULL").format(sql.Identifier(column))
     return sql.SQL("({0} IS NOT NULL AND concat({0}) = {1})").format(
-        sql.Identifier(column), lit(value))
+        sql.Identifier(column), lit(value)
+    )
 
 
 def select_for_update(t: LiveTable, image: Sequence[Value], lit: Lit) -> sql.Composed:
     """Lock the row holding ``image``; its columns come back in text format, as stored."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in t.version.columns)
     return sql.SQL("SELECT ctid, {} FROM {} WHERE {} LIMIT 1 FOR UPDATE").format(
-        cols, t.ident, locate(t, image, lit))
+        cols, t.ident, locate(t, image, lit)
+    )
 
 
 def insert(t: LiveTable, row: Sequence[Value], lit: Lit) -> sql.Composed:
     cols = [sql.Identifier(t.version.columns[i]) for i in t.writable]
     return sql.SQL("INSERT INTO {} ({}){} VALUES ({})").format(
-        t.ident, sql.SQL(", ").join(cols),
+        t.ident,
+        sql.SQL(", ").join(cols),
         sql.SQL(" OVERRIDING SYSTEM VALUE") if t.identity_always else sql.SQL(""),
-        sql.SQL(", ").join(lit(row[i]) for i in t.writable))
+        sql.SQL(", ").join(lit(row[i]) for i in t.writable),
+    )
 
 
 def revert_assignments(t: LiveTable, ch: StoredChange, lit: Lit) -> sql.Composed | None:
@@ -142,10 +150,13 @@ def copy_line(t: LiveTable, row: Sequence[Value]) -> str:
     >>> copy_line(LiveTable(sql.Identifier("t"), tv, (0, 1), False), ["x\\ty", None])
     'x\\\\ty\\t\\\\N\\n'
     """
-    return "\t".join(
-        "\\N" if row[i] is None else row[i].translate(_COPY_ESCAPES)  # type: ignore[union-attr]
-        for i in t.writable
-    ) + "\n"
+    return (
+        "\t".join(
+            "\\N" if row[i] is None else row[i].translate(_COPY_ESCAPES)  # type: ignore[union-attr]
+            for i in t.writable
+        )
+        + "\n"
+    )
 
 
 def describe_key(tv: TableVersion, image: Sequence[Value] | None) -> str:
@@ -161,7 +172,9 @@ def key_values(tv: TableVersion, image: Sequence[Value] | None) -> list[Value] |
     return [image[i] for i in tv.key]
 
 
-def foreign_key_checks(conn: psycopg.Connection[Any], oids: set[int]) -> list[tuple[str, sql.Composed]]:
+def foreign_key_checks(
+    conn: psycopg.Connection[Any], oids: set[int]
+) -> list[tuple[str, sql.Composed]]:
     """One query per foreign key touching these tables, returning a violating row if any.
 
     Needed because with session_replication_role = replica PostgreSQL does not check them.
@@ -182,15 +195,22 @@ def foreign_key_checks(conn: psycopg.Connection[Any], oids: set[int]) -> list[tu
     checks = []
     for name, cs, ct, ps, pt, ccols, pcols in rows:
         not_null = sql.SQL(" AND ").join(
-            sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in ccols)
+            sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in ccols
+        )
         match = sql.SQL(" AND ").join(
             sql.SQL("p.{} = c.{}").format(sql.Identifier(p), sql.Identifier(c))
-            for p, c in zip(pcols, ccols, strict=True))
+            for p, c in zip(pcols, ccols, strict=True)
+        )
         q = sql.SQL(
             "SELECT {} FROM {} c WHERE {} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {}) LIMIT 1"
         ).format(
             sql.SQL(" || ', ' || ").join(
-                sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in ccols),
-            sql.Identifier(cs, ct), not_null, sql.Identifier(ps, pt), match)
+                sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in ccols
+            ),
+            sql.Identifier(cs, ct),
+            not_null,
+            sql.Identifier(ps, pt),
+            match,
+        )
         checks.append((f"{cs}.{ct} -> {ps}.{pt} ({name})", q))
     return checks

@@ -46,9 +46,7 @@ def check_ready(conn: psycopg.Connection[Any], decoder: str) -> list[str]:
     """Refuse, with the fix spelled out, what would stop capture; return warnings."""
     warnings: list[str] = []
     if server_version(conn) < 140000:
-        raise NotReady(
-            f"PostgreSQL {conn.info.server_version} is too old: undo needs 14 or newer"
-        )
+        raise NotReady(f"PostgreSQL {conn.info.server_version} is too old: undo needs 14 or newer")
     row = conn.execute("SHOW wal_level").fetchone()
     if row is None or row[0] != "logical":
         raise NotReady(

@@ -104,7 +104,8 @@ def parse_only(text: str | None) -> frozenset[str]:
 
 def select(db: Database, target: Target) -> Plan:
     """Find the transactions to undo; refuse an empty selection."""
-    where, params = ["1 = 1"], []
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
     if target.session is not None:
         where.append("session_id = ?")
         params.append(target.session)
@@ -121,17 +122,20 @@ def select(db: Database, target: Target) -> Plan:
         where.append("commit_time < ?")
         params.append(target.until)
     cur = db.execute(
-        "SELECT * FROM transactions WHERE " + " AND ".join(where)  # noqa: S608 - fixed text
-        + " ORDER BY commit_lsn DESC",
+        "SELECT * FROM transactions WHERE " + " AND ".join(where) + " ORDER BY commit_lsn DESC",  # noqa: S608
         params,
     )
     names = [d[0] for d in cur.description]
     rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     if not rows:
         if target.session is not None:
-            raise NotFound(f"unknown session {target.session!r}: list sessions with `undo sessions`")
+            raise NotFound(
+                f"unknown session {target.session!r}: list sessions with `undo sessions`"
+            )
         if target.xids:
-            raise NotFound(f"unknown xid(s) {', '.join(map(str, target.xids))}: see `undo sessions`")
+            raise NotFound(
+                f"unknown xid(s) {', '.join(map(str, target.xids))}: see `undo sessions`"
+            )
         raise NotFound(f"no transaction of application {target.app!r} in that time range")
     if target.xids:
         missing = set(target.xids) - {r["xid"] for r in rows}
@@ -152,7 +156,9 @@ def select(db: Database, target: Target) -> Plan:
 def check_not_undone(db: Database, plan: Plan) -> None:
     """Refuse to undo a transaction twice, unless the earlier undo was itself undone."""
     selected = set(plan.txn_ids)
-    ledger = db.execute("SELECT id, applied_at, selection, undo_xid FROM undos ORDER BY id").fetchall()
+    ledger = db.execute(
+        "SELECT id, applied_at, selection, undo_xid FROM undos ORDER BY id"
+    ).fetchall()
     undone_txns: dict[int, set[int]] = {}
     for entry_id, _, selection, _ in ledger:
         undone_txns[entry_id] = set(json.loads(selection))
@@ -160,8 +166,12 @@ def check_not_undone(db: Database, plan: Plan) -> None:
         overlap = selected & set(json.loads(selection))
         if not overlap:
             continue
-        undo_txn_ids = {r[0] for r in db.execute(
-            "SELECT id FROM transactions WHERE xid = ? AND undo_of IS NOT NULL", [undo_xid])}
+        undo_txn_ids = {
+            r[0]
+            for r in db.execute(
+                "SELECT id FROM transactions WHERE xid = ? AND undo_of IS NOT NULL", [undo_xid]
+            )
+        }
         reverted = any(
             undo_txn_ids & txns for other, txns in undone_txns.items() if other > entry_id
         )
@@ -178,9 +188,19 @@ def _table(db: Database, cache: dict[int, TableVersion], rel_id: int) -> TableVe
     if tv is None:
         r = db.execute(
             "SELECT id, oid, schema_name, table_name, columns, types, key_columns, partial"
-            " FROM relations WHERE id = ?", [rel_id]).fetchone()
-        tv = TableVersion(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
-                          None if r[6] is None else tuple(json.loads(r[6])), bool(r[7]))
+            " FROM relations WHERE id = ?",
+            [rel_id],
+        ).fetchone()
+        tv = TableVersion(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            tuple(json.loads(r[4])),
+            tuple(json.loads(r[5])),
+            None if r[6] is None else tuple(json.loads(r[6])),
+            bool(r[7]),
+        )
         cache[rel_id] = tv
     return tv
 
@@ -202,7 +222,11 @@ def changes(db: Database, plan: Plan) -> Iterator[StoredChange]:
             if op != "T" and op not in plan.target.only:
                 continue
             yield StoredChange(
-                txn["id"], txn["xid"], ord_, tv, op,
+                txn["id"],
+                txn["xid"],
+                ord_,
+                tv,
+                op,
                 None if old is None else json.loads(old),
                 None if new is None else json.loads(new),
                 frozenset(json.loads(unchanged)) if unchanged else frozenset(),

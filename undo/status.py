@@ -16,8 +16,7 @@ def status(settings: Settings) -> dict[str, Any]:
     result = queries.status(db)
     result["store_position"] = pg.int_to_lsn(result["store_position"])
     result["store_bytes"] = sum(
-        os.path.getsize(p) for p in (settings.store, settings.store + "-wal")
-        if os.path.exists(p)
+        os.path.getsize(p) for p in (settings.store, settings.store + "-wal") if os.path.exists(p)
     )
     with pg.connect(settings.dsn) as conn:
         slot = conn.execute(
@@ -26,27 +25,41 @@ def status(settings: Settings) -> dict[str, Any]:
             " FROM pg_replication_slots WHERE slot_name = %s",
             (settings.slot,),
         ).fetchone()
-        result["slot"] = None if slot is None else {
-            "name": settings.slot, "confirmed_flush_lsn": slot[0], "wal_status": slot[1],
-            "active_pid": slot[2], "wal_held_bytes": slot[3],
-        }
-        now = conn.execute("SELECT to_char(now() AT TIME ZONE 'UTC',"
-                           " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')").fetchone()
+        result["slot"] = (
+            None
+            if slot is None
+            else {
+                "name": settings.slot,
+                "confirmed_flush_lsn": slot[0],
+                "wal_status": slot[1],
+                "active_pid": slot[2],
+                "wal_held_bytes": slot[3],
+            }
+        )
+        now = conn.execute(
+            "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        ).fetchone()
         result["lag_seconds"] = None
         if result["last_commit_time"] and now:
             from datetime import datetime
+
             a = datetime.fromisoformat(now[0].replace("Z", "+00:00"))
             b = datetime.fromisoformat(result["last_commit_time"].replace("Z", "+00:00"))
             result["lag_seconds"] = round((a - b).total_seconds(), 3)
-        result["unprepared_tables"] = [
-            r[0] for r in conn.execute(
-                "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY ("
-                "   SELECT unnest(schemas) FROM undo.config)"
-                " AND (c.relreplident <> 'f' OR NOT EXISTS (SELECT 1 FROM pg_trigger t"
-                "   WHERE t.tgrelid = c.oid AND t.tgname = 'undo_tag' AND t.tgenabled = 'A'))"
-                " ORDER BY 1"
-            ).fetchall()
-        ] if conn.execute("SELECT to_regclass('undo.config')").fetchone() != (None,) else []
+        result["unprepared_tables"] = (
+            [
+                r[0]
+                for r in conn.execute(
+                    "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY ("
+                    "   SELECT unnest(schemas) FROM undo.config)"
+                    " AND (c.relreplident <> 'f' OR NOT EXISTS (SELECT 1 FROM pg_trigger t"
+                    "   WHERE t.tgrelid = c.oid AND t.tgname = 'undo_tag' AND t.tgenabled = 'A'))"
+                    " ORDER BY 1"
+                ).fetchall()
+            ]
+            if conn.execute("SELECT to_regclass('undo.config')").fetchone() != (None,)
+            else []
+        )
     return result

@@ -80,8 +80,8 @@ def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitRepor
         schemas = ["public"]
     with pg.connect(settings.dsn) as conn:
         report.warnings += pg.check_ready(conn, decoder)
-        superuser = bool(conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
-                         .fetchone()[0])  # type: ignore[index]
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        superuser = bool(row and row[0])
         numbers_as_strings = decoder == "wal2json" and pg.wal2json_numbers_as_strings(conn)
         installed = conn.execute("SELECT to_regproc('undo.audit_table') IS NOT NULL").fetchone()
         try:
@@ -99,21 +99,34 @@ def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitRepor
                     " publication = excluded.publication",
                     (merged, publication),
                 )
-                if publication is not None and conn.execute(
-                    "SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)
-                ).fetchone() is None:
-                    conn.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(publication)))
+                if (
+                    publication is not None
+                    and conn.execute(
+                        "SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)
+                    ).fetchone()
+                    is None
+                ):
+                    conn.execute(
+                        sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(publication))
+                    )
                     report.changed.append(f"created publication {publication}")
                 count = 0
                 for oid in _tables(conn, merged, tables):
-                    row = conn.execute("SELECT undo.audit_table(%s::oid::regclass)", (oid,)).fetchone()
+                    row = conn.execute(
+                        "SELECT undo.audit_table(%s::oid::regclass)", (oid,)
+                    ).fetchone()
                     count += bool(row and row[0])
                 if count:
-                    report.changed.append(f"prepared {count} table(s): REPLICA IDENTITY FULL, trigger")
+                    report.changed.append(
+                        f"prepared {count} table(s): REPLICA IDENTITY FULL, trigger"
+                    )
                 if superuser:
-                    if conn.execute(
-                        "SELECT 1 FROM pg_event_trigger WHERE evtname = 'undo_create_table'"
-                    ).fetchone() is None:
+                    if (
+                        conn.execute(
+                            "SELECT 1 FROM pg_event_trigger WHERE evtname = 'undo_create_table'"
+                        ).fetchone()
+                        is None
+                    ):
                         conn.execute(
                             "CREATE EVENT TRIGGER undo_create_table ON ddl_command_end"
                             " WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')"
@@ -204,7 +217,9 @@ def uninstall(settings: Settings) -> list[str]:
             done.append(f"removed the trigger from {len(rows)} table(s)")
             pub = conn.execute("SELECT publication FROM undo.config").fetchone()
             if pub and pub[0]:
-                conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(pub[0])))
+                conn.execute(
+                    sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(pub[0]))
+                )
                 done.append(f"dropped publication {pub[0]}")
             conn.execute("DROP SCHEMA undo CASCADE")
             done.append("dropped schema undo")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from .errors import BadInput
 from .stream.protocol import iso
@@ -17,13 +17,13 @@ def parse_time(text: str, now: datetime | None = None) -> str:
 
     >>> parse_time("2026-01-19T10:25:00Z")
     '2026-01-19T10:25:00.000000Z'
-    >>> parse_time("90m", now=datetime(2026, 1, 1, 12, tzinfo=timezone.utc))
+    >>> parse_time("90m", now=datetime(2026, 1, 1, 12, tzinfo=UTC))
     '2026-01-01T10:30:00.000000Z'
     """
     text = text.strip()
     m = _AGE.match(text)
     if m:
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         return iso(now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}))
     try:
         ts = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
@@ -32,7 +32,7 @@ def parse_time(text: str, now: datetime | None = None) -> str:
             f"malformed time {text!r}: use ISO 8601 (2026-01-19T10:25:00Z) or an age (90m, 4h, 2d)"
         ) from None
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
+        ts = ts.replace(tzinfo=UTC)
     return iso(ts)
 
 

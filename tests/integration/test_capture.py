@@ -18,9 +18,11 @@ TYPE_COLUMNS = None
 
 
 def _changes(src, table=None):
-    q = ("SELECT t.session_id, t.application_name, t.tag, c.op, c.old, c.new, c.unchanged,"
-         " r.table_name, t.xid FROM changes c JOIN transactions t ON t.id = c.txn"
-         " JOIN relations r ON r.id = c.relation")
+    q = (
+        "SELECT t.session_id, t.application_name, t.tag, c.op, c.old, c.new, c.unchanged,"
+        " r.table_name, t.xid FROM changes c JOIN transactions t ON t.id = c.txn"
+        " JOIN relations r ON r.id = c.relation"
+    )
     if table:
         q += " WHERE r.table_name = ?"
     return src.store_rows(q + " ORDER BY t.commit_lsn, c.ord", (table,) if table else ())
@@ -29,7 +31,8 @@ def _changes(src, table=None):
 def _session_id(conn):
     return conn.execute(
         "SELECT to_hex(trunc(extract(epoch FROM backend_start))::bigint) || '.' || to_hex(pid)"
-        " FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()[0]
+        " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    ).fetchone()[0]
 
 
 def test_interleaved_sessions_are_attributed(source):
@@ -50,7 +53,7 @@ def test_interleaved_sessions_are_attributed(source):
     source.capture()
     rows = _changes(source)
     assert len(rows) == 10
-    for sid, app, tag, op, _old, new, _u, _t, _x in rows:
+    for sid, app, tag, _op, _old, new, _u, _t, _x in rows:
         owner = json.loads(new)[1]
         i = int(owner[3]) if owner.startswith("app") else 1
         assert sid == sids[i]
@@ -76,7 +79,8 @@ def test_rollbacks_leave_nothing_and_savepoints_keep_the_tag(source):
     source.capture()
     rows = _changes(source)
     assert [(r[0], r[1], r[2], r[3], json.loads(r[5])) for r in rows] == [
-        (sid, "sp", "trusted", "I", ["3", "kept"])]
+        (sid, "sp", "trusted", "I", ["3", "kept"])
+    ]
 
 
 def test_untagged_writes_are_stored_without_session(source):
@@ -93,8 +97,14 @@ def test_forged_tag_is_not_trusted(source):
     source.init()
     role = f"mallory_{source.dbname}"
     source.sql(f"CREATE ROLE {role} LOGIN; GRANT ALL ON t TO {role}")
-    forged = '0' * 64 + json.dumps({"v": 1, "session": {"session_id": "dead.beef", "user": "boss"},
-                                   "application_name": "cron", "statement": "x"})
+    forged = "0" * 64 + json.dumps(
+        {
+            "v": 1,
+            "session": {"session_id": "dead.beef", "user": "boss"},
+            "application_name": "cron",
+            "statement": "x",
+        }
+    )
     params = dict(psycopg.conninfo.conninfo_to_dict(source.dsn), user=role)
     with psycopg.connect(**params) as c:
         c.execute("SET undo.tagged = '1'")  # silence the real tag
@@ -110,14 +120,18 @@ def test_forged_tag_is_not_trusted(source):
 
 def _expected_text(src, ids):
     """Each column as PostgreSQL's output function prints it (the raw text-format result)."""
-    with src.connect(options="-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
-                             " -c bytea_output=hex -c IntervalStyle=postgres") as c:
+    with src.connect(
+        options="-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3"
+        " -c bytea_output=hex -c IntervalStyle=postgres"
+    ) as c:
         rows = {}
         for i in ids:
             cur = c.execute("SELECT * FROM everything WHERE id = %s", (i,))
             res = cur.pgresult
-            rows[str(i)] = [None if res.get_value(0, j) is None
-                            else res.get_value(0, j).decode() for j in range(res.nfields)]
+            rows[str(i)] = [
+                None if res.get_value(0, j) is None else res.get_value(0, j).decode()
+                for j in range(res.nfields)
+            ]
         return rows
 
 
@@ -142,8 +156,10 @@ def test_every_type_is_stored_as_its_text_form(source):
 
 
 def test_unchanged_toast_is_marked_and_toast_set_null_is_null(source):
-    source.sql("CREATE TABLE t (id int PRIMARY KEY, n int, big text);"
-               "ALTER TABLE t ALTER big SET STORAGE EXTERNAL")
+    source.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, n int, big text);"
+        "ALTER TABLE t ALTER big SET STORAGE EXTERNAL"
+    )
     source.init()
     source.sql("INSERT INTO t VALUES (1, 0, repeat('x', 100000)), (2, 0, repeat('y', 100000))")
     source.sql("UPDATE t SET n = 1 WHERE id = 1")
@@ -158,20 +174,32 @@ def test_unchanged_toast_is_marked_and_toast_set_null_is_null(source):
 
 
 def test_hostile_role_defaults_change_nothing(source):
-    source.sql("CREATE TABLE t (id int PRIMARY KEY, b bytea, d date, tz timestamptz,"
-               " iv interval, f float8)")
+    source.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, b bytea, d date, tz timestamptz,"
+        " iv interval, f float8)"
+    )
     source.init()
-    source.sql(f"ALTER ROLE postgres IN DATABASE {source.dbname} SET bytea_output = 'escape';"
-               f"ALTER ROLE postgres IN DATABASE {source.dbname} SET DateStyle = 'SQL, DMY';"
-               f"ALTER ROLE postgres IN DATABASE {source.dbname} SET TimeZone = 'Asia/Kolkata';"
-               f"ALTER ROLE postgres IN DATABASE {source.dbname} SET IntervalStyle = 'iso_8601';"
-               f"ALTER ROLE postgres IN DATABASE {source.dbname} SET extra_float_digits = 0")
-    source.sql("INSERT INTO t VALUES (1, '\\x5461706972', '2013-04-02',"
-               " '2013-04-02 10:00:00+00', '1 day 02:00:00', 0.1)")
+    source.sql(
+        f"ALTER ROLE postgres IN DATABASE {source.dbname} SET bytea_output = 'escape';"
+        f"ALTER ROLE postgres IN DATABASE {source.dbname} SET DateStyle = 'SQL, DMY';"
+        f"ALTER ROLE postgres IN DATABASE {source.dbname} SET TimeZone = 'Asia/Kolkata';"
+        f"ALTER ROLE postgres IN DATABASE {source.dbname} SET IntervalStyle = 'iso_8601';"
+        f"ALTER ROLE postgres IN DATABASE {source.dbname} SET extra_float_digits = 0"
+    )
+    source.sql(
+        "INSERT INTO t VALUES (1, '\\x5461706972', '2013-04-02',"
+        " '2013-04-02 10:00:00+00', '1 day 02:00:00', 0.1)"
+    )
     source.capture()
     (row,) = _changes(source)
-    assert json.loads(row[5]) == ["1", "\\x5461706972", "2013-04-02", "2013-04-02 10:00:00+00",
-                                  "1 day 02:00:00", "0.1"]
+    assert json.loads(row[5]) == [
+        "1",
+        "\\x5461706972",
+        "2013-04-02",
+        "2013-04-02 10:00:00+00",
+        "1 day 02:00:00",
+        "0.1",
+    ]
 
 
 def test_copy_of_10000_rows_is_stored_whole(source):
@@ -182,7 +210,8 @@ def test_copy_of_10000_rows_is_stored_whole(source):
             cp.write_row((i, f"v{i}"))
     source.capture()
     assert source.store_rows("SELECT count(*), count(DISTINCT key), max(ord) FROM changes") == [
-        (10000, 10000, 10000)]
+        (10000, 10000, 10000)
+    ]
 
 
 def test_truncate_is_recorded(source):
@@ -191,8 +220,10 @@ def test_truncate_is_recorded(source):
     source.sql("INSERT INTO t VALUES (1)")
     source.sql("TRUNCATE t")
     source.capture()
-    assert [(r[3], r[7], r[2]) for r in _changes(source)] == [("I", "t", "trusted"),
-                                                                ("T", "t", "trusted")]
+    assert [(r[3], r[7], r[2]) for r in _changes(source)] == [
+        ("I", "t", "trusted"),
+        ("T", "t", "trusted"),
+    ]
 
 
 def test_tables_created_later_are_audited(source):
@@ -205,17 +236,23 @@ def test_tables_created_later_are_audited(source):
 
 
 def test_writes_aimed_at_a_partition_are_tagged(source):
-    source.sql("CREATE TABLE p (id int, k int, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);"
-               "CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10);"
-               "CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)")
+    source.sql(
+        "CREATE TABLE p (id int, k int, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);"
+        "CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (10);"
+        "CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (10) TO (20)"
+    )
     source.init()
     source.sql("INSERT INTO p VALUES (1, 1)")
     source.sql("INSERT INTO p2 VALUES (2, 15)")
     source.sql("UPDATE p SET k = 12 WHERE id = 1")
     source.capture()
     rows = [(r[3], r[7], r[2]) for r in _changes(source)]
-    assert rows == [("I", "p1", "trusted"), ("I", "p2", "trusted"), ("D", "p1", "trusted"),
-                    ("I", "p2", "trusted")]
+    assert rows == [
+        ("I", "p1", "trusted"),
+        ("I", "p2", "trusted"),
+        ("D", "p1", "trusted"),
+        ("I", "p2", "trusted"),
+    ]
 
 
 def test_init_is_idempotent_and_uninstall_removes_everything(pgo):
@@ -228,16 +265,21 @@ def test_init_is_idempotent_and_uninstall_removes_everything(pgo):
     assert gone.returncode == 0, gone.stderr
     assert pgo.sql("SELECT count(*) FROM pg_trigger WHERE tgname = 'undo_tag'") == [(0,)]
     assert pgo.sql("SELECT relreplident FROM pg_class WHERE relname = 't'") == [("d",)]
-    assert pgo.sql("SELECT to_regnamespace('undo') IS NULL,"
-                   " (SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s)",
-                   (pgo.slot,)) == [(True, 0)]
+    assert pgo.sql(
+        "SELECT to_regnamespace('undo') IS NULL,"
+        " (SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s)",
+        (pgo.slot,),
+    ) == [(True, 0)]
 
 
 def _start_capture(src, env=None):
-    e = dict(os.environ, UNDO_DSN=src.dsn, UNDO_STORE=src.store, UNDO_SLOT=src.slot,
-             **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "undo", "capture"], env=e,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    e = dict(os.environ, UNDO_DSN=src.dsn, UNDO_STORE=src.store, UNDO_SLOT=src.slot, **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "undo", "capture"],
+        env=e,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_kill_9_mid_stream_then_restart_stores_every_change_once(source):
@@ -246,8 +288,10 @@ def test_kill_9_mid_stream_then_restart_stores_every_change_once(source):
     proc = _start_capture(source)
     try:
         for batch in range(20):
-            source.sql(f"INSERT INTO t SELECT g, 'v' FROM generate_series({batch * 5000},"
-                       f" {batch * 5000 + 4999}) g")
+            source.sql(
+                f"INSERT INTO t SELECT g, 'v' FROM generate_series({batch * 5000},"
+                f" {batch * 5000 + 4999}) g"
+            )
             if batch == 10:
                 time.sleep(0.3)
                 proc.send_signal(signal.SIGKILL)
@@ -261,7 +305,8 @@ def test_kill_9_mid_stream_then_restart_stores_every_change_once(source):
             proc.kill()
     source.capture()
     assert source.store_rows("SELECT count(*), count(DISTINCT key) FROM changes") == [
-        (100000, 100000)]
+        (100000, 100000)
+    ]
     assert source.store_rows("SELECT count(*) FROM transactions") == [(20,)]
 
 
@@ -277,15 +322,16 @@ def test_sigterm_stops_cleanly(pgo):
 
 
 def test_clean_server_restart_adds_no_duplicates(pgo):
-    if not hasattr(pgo.cluster, "pg_ctl"):
+    if pgo.cluster.temp is None:
         pytest.skip("needs the throwaway cluster")
     pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
     pgo.init()
     for i in range(3):
         pgo.sql(f"INSERT INTO t VALUES ({i})")
     pgo.capture()
-    subprocess.run([*pgo.cluster.pg_ctl, "-m", "fast", "-w", "restart"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*pgo.cluster.pg_ctl, "-m", "fast", "-w", "restart"], check=True, capture_output=True
+    )
     pgo.sql("INSERT INTO t VALUES (10)")
     pgo.capture()
     assert pgo.store_rows("SELECT count(*), count(DISTINCT key) FROM changes") == [(4, 4)]

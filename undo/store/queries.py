@@ -16,9 +16,14 @@ def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-def sessions(db: Database, since: str | None = None, until: str | None = None,
-             app: str | None = None, user: str | None = None,
-             tables: list[str] | None = None) -> list[dict[str, Any]]:
+def sessions(
+    db: Database,
+    since: str | None = None,
+    until: str | None = None,
+    app: str | None = None,
+    user: str | None = None,
+    tables: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """One row per session that wrote, newest first; filters apply to its transactions."""
     where = ["1 = 1"]
     params: list[Any] = []
@@ -42,7 +47,7 @@ def sessions(db: Database, since: str | None = None, until: str | None = None,
         )
         params += [schema or "public", table]
     query = (
-        "SELECT t.session_id, max(t.application_name) AS application_name,"
+        "SELECT t.session_id, max(t.application_name) AS application_name,"  # noqa: S608
         " max(t.user_name) AS user, max(t.client_addr) AS client_addr,"
         " min(t.commit_time) AS first_change_at, max(t.commit_time) AS last_change_at,"
         " count(*) AS transactions, sum(t.inserts) AS inserts, sum(t.updates) AS updates,"
@@ -51,8 +56,9 @@ def sessions(db: Database, since: str | None = None, until: str | None = None,
         "    FROM changes c JOIN relations r ON r.id = c.relation"
         "    JOIN transactions t2 ON t2.id = c.txn"
         "   WHERE t2.session_id IS t.session_id) AS tables"
-        " FROM transactions t WHERE " + " AND ".join(where) +  # noqa: S608 - fixed fragments
-        " GROUP BY t.session_id ORDER BY last_change_at DESC"
+        " FROM transactions t WHERE "
+        + " AND ".join(where)
+        + " GROUP BY t.session_id ORDER BY last_change_at DESC"
     )
     rows = _rows(db, query, params)
     for r in rows:
@@ -97,25 +103,31 @@ def changes_of(db: Database, txn_ids: list[int]) -> list[dict[str, Any]]:
             old = json.loads(r["old"]) if r["old"] else None
             new = json.loads(r["new"]) if r["new"] else None
             unchanged = set(json.loads(r["unchanged"])) if r["unchanged"] else set()
-            out.append({
-                "txn": r["txn"],
-                "ord": r["ord"],
-                "table": f"{r['schema_name']}.{r['table_name']}",
-                "op": {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}[r["op"]],
-                "key": json.loads(r["key"]) if r["key"] else None,
-                "old": None if old is None else dict(zip(cols, old, strict=False)),
-                "new": None if new is None else {
-                    c: ("(unchanged)" if i in unchanged else v)
-                    for i, (c, v) in enumerate(zip(cols, new, strict=False))
-                },
-            })
+            out.append(
+                {
+                    "txn": r["txn"],
+                    "ord": r["ord"],
+                    "table": f"{r['schema_name']}.{r['table_name']}",
+                    "op": {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}[r["op"]],
+                    "key": json.loads(r["key"]) if r["key"] else None,
+                    "old": None if old is None else dict(zip(cols, old, strict=False)),
+                    "new": None
+                    if new is None
+                    else {
+                        c: ("(unchanged)" if i in unchanged else v)
+                        for i, (c, v) in enumerate(zip(cols, new, strict=False))
+                    },
+                }
+            )
     return out
 
 
-def show(db: Database, session_id: str | None = None,
-         xid: int | None = None) -> dict[str, Any]:
-    txns = (transactions_of_session(db, session_id) if session_id is not None
-            else transactions_by_xid(db, [xid or 0]))
+def show(db: Database, session_id: str | None = None, xid: int | None = None) -> dict[str, Any]:
+    txns = (
+        transactions_of_session(db, session_id)
+        if session_id is not None
+        else transactions_by_xid(db, [xid or 0])
+    )
     changes = changes_of(db, [t["id"] for t in txns])
     by_txn: dict[int, list[dict[str, Any]]] = {}
     for c in changes:

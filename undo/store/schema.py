@@ -124,7 +124,8 @@ def open_store(path: str, create: bool = False) -> Database:
     if not p.exists():
         if not create:
             raise StoreUnreadable(
-                f"no audit store at {path}: run `undo init` first, or point --store/UNDO_STORE at it"
+                f"no audit store at {path}: run `undo init` first,"
+                " or point --store/UNDO_STORE at it"
             )
         fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
         os.close(fd)
@@ -137,7 +138,9 @@ def open_store(path: str, create: bool = False) -> Database:
         if create:
             migrations.apply(db)
         elif not db["meta"].exists():
-            raise StoreUnreadable(f"{path} is not an undo audit store: run `undo init` to create one")
+            raise StoreUnreadable(
+                f"{path} is not an undo audit store: run `undo init` to create one"
+            )
         else:
             migrations.apply(db)
     except sqlite3.DatabaseError as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlite_utils import Database
@@ -36,7 +36,9 @@ class StoreWriter:
         self.db = db
         self.conn: sqlite3.Connection = db.conn
         self.position = int(get_meta(db, "position") or 0)
-        self.next_txn = (self.conn.execute("SELECT max(id) FROM transactions").fetchone()[0] or 0) + 1
+        self.next_txn = (
+            self.conn.execute("SELECT max(id) FROM transactions").fetchone()[0] or 0
+        ) + 1
         self.next_change = (self.conn.execute("SELECT max(id) FROM changes").fetchone()[0] or 0) + 1
         self.rows: list[tuple[Any, ...]] = []
         self.batch_open = False
@@ -122,7 +124,9 @@ class StoreWriter:
         assert txn is not None
         txn["ord"] += 1
         txn["counts"]["T"] += 1
-        self.rows.append((self.next_change, txn["id"], txn["ord"], rel_id, "T", None, None, None, None))
+        self.rows.append(
+            (self.next_change, txn["id"], txn["ord"], rel_id, "T", None, None, None, None)
+        )
         self.next_change += 1
 
     def set_tag(self, tag: dict[str, Any], trusted: bool) -> None:
@@ -151,8 +155,9 @@ class StoreWriter:
             self.conn.execute("RELEASE txn")
             self.batch_position = max(self.batch_position, commit.end_lsn)
             return False
-        tag, trusted = txn["tag"] or ({}, None)
-        session = tag.get("session") or {}
+        tag: dict[str, Any] = txn["tag"][0] if txn["tag"] else {}
+        trusted: bool | None = txn["tag"][1] if txn["tag"] else None
+        session: dict[str, Any] = tag.get("session") or {}
         counts = txn["counts"]
         self.conn.execute(
             "INSERT INTO transactions (id, xid, commit_lsn, end_lsn, commit_time, session_id,"
@@ -217,11 +222,10 @@ class StoreWriter:
         return self.position
 
 
-
 def record_gap(db: Database, from_lsn: int | None, to_lsn: int | None, reason: str) -> None:
     """Record a stretch of the source's history that the audit trail does not hold."""
     with db.atomic():
         db.execute(
             "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason) VALUES (?, ?, ?, ?)",
-            (iso(datetime.now(timezone.utc)), from_lsn, to_lsn, reason),
+            (iso(datetime.now(UTC)), from_lsn, to_lsn, reason),
         )

@@ -120,8 +120,10 @@ class Catalog:
             (rel.oid,),
         ).fetchall()
         names = {num: name for num, name, _ in attrs}
-        complete = (tuple(name for _, name, _ in attrs),
-                    tuple(name for _, name, generated in attrs if not generated))
+        complete = (
+            tuple(name for _, name, _ in attrs),
+            tuple(name for _, name, generated in attrs if not generated),
+        )
         # wal2json sends stored generated columns, pgoutput (15) does not: both are complete.
         partial = bool(rel.columns) and rel.columns not in complete
         key = None
@@ -135,14 +137,15 @@ class Catalog:
 
 def _slot_state(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | None:
     return conn.execute(
-        "SELECT plugin, confirmed_flush_lsn::text, wal_status, active_pid"
+        "SELECT confirmed_flush_lsn::text, wal_status, active_pid"
         " FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
         (slot,),
     ).fetchone()
 
 
-def check_slot(conn: psycopg.Connection[Any], db: Any, slot: str, position: int,
-               accept_gap: bool) -> int:
+def check_slot(
+    conn: psycopg.Connection[Any], db: Any, slot: str, position: int, accept_gap: bool
+) -> int:
     """Refuse a slot that cannot continue the store's trail; return the start position."""
     state = _slot_state(conn, slot)
     if state is None:
@@ -151,7 +154,7 @@ def check_slot(conn: psycopg.Connection[Any], db: Any, slot: str, position: int,
             f"replication slot {slot!r} does not exist: changes since {pg.int_to_lsn(position)}"
             " are lost to the audit trail; run `undo init` to create a new slot (recorded as a gap)"
         )
-    plugin, confirmed, wal_status, active_pid = state
+    confirmed, wal_status, active_pid = state
     if wal_status == "lost":
         record_gap(db, position, None, f"slot {slot} invalidated (wal_status lost)")
         raise SlotGap(
@@ -195,9 +198,16 @@ def _read_key(conn: psycopg.Connection[Any]) -> bytes:
 class _Session:
     """One replication connection's worth of capture."""
 
-    def __init__(self, settings: Settings, writer: StoreWriter, decoder_name: str,
-                 options: list[tuple[str, str]], key: bytes, catalog: Catalog,
-                 on_progress: Callable[[int, int], None] | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        writer: StoreWriter,
+        decoder_name: str,
+        options: list[tuple[str, str]],
+        key: bytes,
+        catalog: Catalog,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> None:
         self.settings = settings
         self.writer = writer
         self.decoder: Any = (
@@ -232,8 +242,13 @@ class _Session:
         for rel in self.decoder.relations.values():
             rel.store_id = None
 
-    def run(self, rconn: psycopg.Connection[Any], start: int, mark: bytes | None,
-            should_stop: Callable[[], bool]) -> bool:
+    def run(
+        self,
+        rconn: psycopg.Connection[Any],
+        start: int,
+        mark: bytes | None,
+        should_stop: Callable[[], bool],
+    ) -> bool:
         """Stream until stopped (False) or until the mark message is seen (True)."""
         pgconn = rconn.pgconn
         opts = sql.SQL(", ").join(
@@ -245,7 +260,7 @@ class _Session:
         pgconn.send_query(cmd.as_bytes(rconn))
         res = pgconn.get_result()
         if res is None or res.status != pq.ExecStatus.COPY_BOTH:
-            msg = (res.error_message.decode(errors="replace").strip() if res else "no answer")
+            msg = res.error_message.decode(errors="replace").strip() if res else "no answer"
             raise UndoError(f"START_REPLICATION failed: {msg}")
         writer = self.writer
         decode = self.decoder.decode
@@ -271,10 +286,10 @@ class _Session:
                 continue
             if n < 0:
                 raise ConnectionLost(pgconn.get_error_message())
-            msg = bytes(data)
-            kind = msg[0]
+            frame = bytes(data)
+            kind = frame[0]
             if kind == 0x6B:  # 'k' keepalive
-                wal_end, reply = parse_keepalive(msg)
+                wal_end, reply = parse_keepalive(frame)
                 if not in_txn:
                     writer.advance(wal_end)
                     self._send_status(pgconn, writer.flush())
@@ -283,7 +298,7 @@ class _Session:
                 continue
             if kind != 0x77:  # 'w'
                 continue
-            _, _, payload = parse_xlogdata(msg)
+            _, _, payload = parse_xlogdata(frame)
             rec = decode(payload)
             if rec is None:
                 continue
@@ -318,18 +333,25 @@ class _Session:
                     self.transactions += 1
                     if self.on_progress:
                         self.on_progress(self.transactions, self.changes)
-                if (writer.batch_changes + len(writer.rows) >= BATCH_CHANGES
-                        or time.monotonic() - writer.batch_started > BATCH_SECONDS):
+                if (
+                    writer.batch_changes + len(writer.rows) >= BATCH_CHANGES
+                    or time.monotonic() - writer.batch_started > BATCH_SECONDS
+                ):
                     self._send_status(pgconn, writer.flush())
             elif type(rec) is Message:
                 if rec.prefix == TAG_PREFIX and rec.transactional and in_txn and not self.skipping:
                     verified = verify_tag(rec.content, self.key)
                     if verified is not None:
                         writer.set_tag(*verified)
-                elif rec.prefix == MARK_PREFIX and not rec.transactional:
-                    if mark is not None and rec.content == mark and not in_txn:
-                        writer.advance(rec.lsn)
-                        found_mark = True
+                elif (
+                    rec.prefix == MARK_PREFIX
+                    and not rec.transactional
+                    and not in_txn
+                    and mark is not None
+                    and rec.content == mark
+                ):
+                    writer.advance(rec.lsn)
+                    found_mark = True
             elif type(rec) is Truncate:
                 if self.skipping:
                     continue
@@ -340,10 +362,14 @@ class _Session:
                         self.changes += 1
 
 
-def capture(settings: Settings, once: bool = False, accept_gap: bool = False,
-            should_stop: Callable[[], bool] = lambda: False,
-            on_progress: Callable[[int, int], None] | None = None,
-            max_attempts: int | None = None) -> CaptureReport:
+def capture(
+    settings: Settings,
+    once: bool = False,
+    accept_gap: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[int, int], None] | None = None,
+    max_attempts: int | None = None,
+) -> CaptureReport:
     """Stream committed changes from the slot into the store.
 
     ``once``: stop after storing everything committed before the call. Otherwise run until
@@ -383,8 +409,9 @@ def capture(settings: Settings, once: bool = False, accept_gap: bool = False,
                         "SELECT pg_logical_emit_message(false, %s, %s)",
                         (MARK_PREFIX, mark.decode()),
                     )
-                session = _Session(settings, writer, decoder, options, key, Catalog(conn),
-                                   on_progress)
+                session = _Session(
+                    settings, writer, decoder, options, key, Catalog(conn), on_progress
+                )
                 rconn = pg.connect(settings.dsn, replication="database")
                 attempt = 0
                 connected = True
@@ -406,9 +433,12 @@ def capture(settings: Settings, once: bool = False, accept_gap: bool = False,
             if should_stop() or (max_attempts is not None and attempt > max_attempts):
                 raise UndoError(f"lost the source database: {str(e).strip()}") from None
             delay = min(30.0, 0.5 * 2**attempt)
-            log.warning("connection lost (%s); reconnecting in %.1fs (attempt %d)",
-                        str(e).strip().splitlines()[0] if str(e).strip() else "closed",
-                        delay, attempt)
+            log.warning(
+                "connection lost (%s); reconnecting in %.1fs (attempt %d)",
+                str(e).strip().splitlines()[0] if str(e).strip() else "closed",
+                delay,
+                attempt,
+            )
             end = time.monotonic() + delay
             while time.monotonic() < end and not should_stop():
                 time.sleep(0.1)

@@ -92,7 +92,8 @@ class PgOutputDecoder:
             _, commit_lsn, end_lsn, ts = _COMMIT.unpack_from(buf, 1)
             return Commit(commit_lsn, end_lsn, pg_time_to_iso(ts))
         if kind == 0x52:  # 'R'
-            return self._relation(buf)
+            self._relation(buf)
+            return None
         if kind == 0x4D:  # 'M'
             flags, lsn = _MSG_HEAD.unpack_from(buf, 1)
             prefix, pos = _cstring(buf, 10)
@@ -125,4 +126,3 @@ class PgOutputDecoder:
         self.relations[relid] = Relation(
             relid, schema or "pg_catalog", name, tuple(columns), tuple(oids), tuple(mods)
         )
-        return None

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import struct
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _PG_EPOCH_UNIX = 946684800
 _XLOG = struct.Struct(">QQQ")
 _KEEPALIVE = struct.Struct(">QQB")
@@ -49,4 +49,4 @@ def pg_time_to_iso(micros: int) -> str:
 
 def iso(ts: datetime) -> str:
     """The store's time text: UTC, microseconds, 'Z'; fixed width, so it sorts as text."""
-    return ts.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -49,8 +49,8 @@ def _text(value: Any, typ: str) -> str | None:
     if value is False:
         return "f"
     if typ == "bytea":
-        return "\\x" + value
-    return value  # already text: strings as sent, numbers as their exact digits
+        return "\\x" + str(value)
+    return str(value)  # already text: strings as sent, numbers as their exact digits
 
 
 class Wal2JsonDecoder:
@@ -119,9 +119,8 @@ class Wal2JsonDecoder:
                 parse_lsn(doc["lsn"]),
             )
         if action == "T":
-            rel = self.relations.get((doc["schema"], doc["table"], ()))
-            if rel is None:
-                rel = Relation(None, doc["schema"], doc["table"], (), types=())
-                self.relations[(doc["schema"], doc["table"], ())] = rel
-            return Truncate((rel,))
+            key = (doc["schema"], doc["table"], ())
+            if key not in self.relations:
+                self.relations[key] = Relation(None, doc["schema"], doc["table"], (), types=())
+            return Truncate((self.relations[key],))
         return None

@@ -1,0 +1,143 @@
+"""A throwaway PostgreSQL cluster: initdb in a temp folder, a free port, removed afterwards.
+
+Used by `undo demo` and by the test suite. As root, initdb and pg_ctl run as the postgres
+user (initdb refuses root) on a folder that user owns.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from types import TracebackType
+
+from psycopg import conninfo
+
+from .errors import NotReady
+
+SERVER_OPTIONS = {
+    "wal_level": "logical",
+    "max_replication_slots": "20",
+    "max_wal_senders": "20",
+    "fsync": "off",
+    "full_page_writes": "off",
+    "listen_addresses": "''",
+    "max_prepared_transactions": "5",
+}
+
+
+def find_bindir() -> str | None:
+    """The newest PostgreSQL server binaries on this machine."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+    )
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TempCluster:
+    """``with TempCluster() as c: c.dsn("postgres")``; stopped and removed on exit."""
+
+    def __init__(self, extra: dict[str, str] | None = None) -> None:
+        bindir = find_bindir()
+        if bindir is None:
+            raise NotReady(
+                "PostgreSQL server binaries not found: run apt-get install postgresql"
+                " (and postgresql-<major>-wal2json for the wal2json decoder)"
+            )
+        self.bindir = bindir
+        self.root = tempfile.mkdtemp(prefix="undo-pg-")
+        os.chmod(self.root, 0o755)
+        self.data = os.path.join(self.root, "data")
+        self.port = free_port()
+        self.as_postgres: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        opts = dict(
+            SERVER_OPTIONS, unix_socket_directories=self.root, port=str(self.port), **(extra or {})
+        )
+        self.options = " ".join(f"-c {k}={v}" for k, v in opts.items())
+        self.admin_dsn = f"host={self.root} port={self.port} user=postgres dbname=postgres"
+
+    def pg_ctl(self, *args: str) -> list[str]:
+        return [
+            *self.as_postgres,
+            f"{self.bindir}/pg_ctl",
+            "-D",
+            self.data,
+            "-o",
+            self.options,
+            "-l",
+            os.path.join(self.root, "log"),
+            *args,
+        ]
+
+    def start(self) -> TempCluster:
+        try:
+            subprocess.run(
+                [
+                    *self.as_postgres,
+                    f"{self.bindir}/initdb",
+                    "-D",
+                    self.data,
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(self.pg_ctl("-w", "start"), check=True, capture_output=True)
+        except subprocess.CalledProcessError as e:
+            self.stop()
+            raise NotReady(
+                f"could not start a throwaway PostgreSQL: "
+                f"{e.stderr.decode(errors='replace').strip()[-300:]}"
+            ) from None
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(
+            [
+                *self.as_postgres,
+                f"{self.bindir}/pg_ctl",
+                "-D",
+                self.data,
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+            capture_output=True,
+        )
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def dsn(self, dbname: str) -> str:
+        params = conninfo.conninfo_to_dict(self.admin_dsn)
+        params["dbname"] = dbname
+        return conninfo.make_conninfo("", **params)
+
+    def __enter__(self) -> TempCluster:
+        return self.start()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
