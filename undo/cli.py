@@ -405,5 +405,18 @@ def undo_app(settings: Settings, /, name: str, **kw: Any) -> None:
     _run_undo(settings, {"app": name}, **kw)
 
 
+@cli.command("demo")
+@click.option("--keep", is_flag=True, help="Keep the audit store file afterwards.")
+def demo_cmd(keep: bool) -> None:
+    """The incident end to end on a throwaway PostgreSQL it starts itself.
+
+    Example: undo demo
+    """
+    from .demo import run_demo
+
+    if not run_demo(click.echo, keep=keep):
+        sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="undo")
