@@ -405,6 +405,106 @@ def undo_app(settings: Settings, /, name: str, **kw: Any) -> None:
     _run_undo(settings, {"app": name}, **kw)
 
 
+@cli.command("history")
+@click.argument("table")
+@click.argument("key", nargs=-1, required=True)
+@json_option
+@click.pass_obj
+def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: bool) -> None:
+    """Every recorded version of one row, oldest first, with who changed it.
+
+    Example: undo history public.accounts id=42
+    """
+    rows = queries.history(open_store(settings.store), table, queries.parse_key(list(key)))
+    if as_json:
+        click.echo(render.to_json(rows))
+        return
+    for r in rows:
+        click.echo(
+            f"{r['commit_time']}  {r['op']:6}  xid {r['xid']}  session {r['session_id']}"
+            f"  {r['application_name']}  {r['user']}"
+        )
+        click.echo(f"  statement: {r['statement']}")
+        if r["old"] is not None:
+            click.echo(f"  old: {r['old']}")
+        if r["new"] is not None:
+            click.echo(f"  new: {r['new']}")
+
+
+@cli.command("activity")
+@click.option(
+    "--by", type=click.Choice(["app", "session", "table"]), default="app", show_default=True
+)
+@click.option("--since", help="ISO 8601 time or age (90m, 4h, 2d).")
+@click.option("--bucket", default="1m", show_default=True, help="Bucket width: 1m, 15m, 1h, 1d.")
+@json_option
+@click.pass_obj
+def activity_cmd(
+    settings: Settings, by: str, since: str | None, bucket: str, as_json: bool
+) -> None:
+    """Inserts, updates and deletes per time bucket and per script, session or table.
+
+    Example: undo activity --by app --since 1d --bucket 1h
+    """
+    from .timespec import parse_bucket
+
+    rows = queries.activity(
+        open_store(settings.store),
+        by=by,
+        since=parse_time(since) if since else None,
+        bucket_seconds=parse_bucket(bucket),
+    )
+    if as_json:
+        click.echo(render.to_json(rows))
+        return
+    click.echo(render.table(rows, ["bucket", by, "inserts", "updates", "deletes", "truncates"]))
+
+
+@cli.command("prune")
+@click.option("--before", required=True, help="ISO 8601 time or age (30d).")
+@click.pass_obj
+def prune_cmd(settings: Settings, before: str) -> None:
+    """Delete history committed before a time, whole sessions only; keeps the undo ledger.
+
+    Example: undo prune --before 90d
+    """
+    from .store.prune import prune
+
+    r = prune(open_store(settings.store), parse_time(before))
+    click.echo(
+        f"removed {r.transactions} transaction(s), {r.changes} change(s) of"
+        f" {r.sessions} session(s); kept {r.kept_sessions} session(s) that go on after"
+        f" that time; store {r.bytes_before} -> {r.bytes_after} bytes"
+    )
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option(
+    "--token",
+    envvar="UNDO_TOKEN",
+    show_envvar=True,
+    help="Required on any address but loopback; checked on every request.",
+)
+@click.pass_obj
+def serve_cmd(settings: Settings, host: str, port: int, token: str | None) -> None:
+    """The dashboard and Prometheus /metrics (read-only).
+
+    Example: undo serve --port 8080
+    """
+    from .web import serve
+
+    server = serve(settings, host, port, token)
+    _echo_err(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 @cli.command("demo")
 @click.option("--keep", is_flag=True, help="Keep the audit store file afterwards.")
 def demo_cmd(keep: bool) -> None:

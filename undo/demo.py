@@ -99,7 +99,9 @@ def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
         dsn = cluster.dsn("tickets")
         with psycopg.connect(dsn, autocommit=True) as c:
             c.execute(SCHEMA.encode())
-        say("   ticketing schema: 1,000 accounts, 5,000 events, 20,000 tickets, 5,000 registrations")
+        say(
+            "   ticketing schema: 1,000 accounts, 5,000 events, 20,000 tickets, 5,000 registrations"
+        )
         workdir = tempfile.mkdtemp(prefix="undo-demo-")
         settings = Settings(dsn=dsn, store=os.path.join(workdir, "undo.db"), slot="undo")
         say("\n2. undo init: REPLICA IDENTITY FULL, tagging trigger, publication, slot")
@@ -130,10 +132,13 @@ def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
             before = sorted(c.execute(AFFECTED).fetchall())
             c.execute(BUGGY_SCRIPT)
             c.commit()
-        gone = {k: sum(1 for r in before if r[0] == k) for k in ("events", "tickets",
-                                                               "registrations")}
-        say(f"   deleted the {gone['events']} events of 7% of accounts, and by cascade about"
-            f" {gone['tickets']} tickets and {gone['registrations']} registrations")
+        gone = {
+            k: sum(1 for r in before if r[0] == k) for k in ("events", "tickets", "registrations")
+        }
+        say(
+            f"   deleted the {gone['events']} events of 7% of accounts, and by cascade about"
+            f" {gone['tickets']} tickets and {gone['registrations']} registrations"
+        )
         time.sleep(1.0)
         stop_web.set()
         web.join()
@@ -147,8 +152,19 @@ def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
 
         say("\n5. On-call: undo sessions --app usage-metrics")
         rows = queries.sessions(open_store(settings.store), app="usage-metrics")
-        for line in table(rows, ["session_id", "application_name", "user", "transactions",
-                                 "inserts", "updates", "deletes", "tables"]).splitlines():
+        for line in table(
+            rows,
+            [
+                "session_id",
+                "application_name",
+                "user",
+                "transactions",
+                "inserts",
+                "updates",
+                "deletes",
+                "tables",
+            ],
+        ).splitlines():
             say(f"   {line}")
         sid = rows[0]["session_id"]
 
@@ -171,18 +187,21 @@ def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
         say("\n8. Check: every deleted row is back, exactly; the web's writes are intact")
         with psycopg.connect(dsn, autocommit=True) as c:
             after = sorted(c.execute(AFFECTED).fetchall())
-            kept = c.execute("SELECT count(*) FROM registrations WHERE id = ANY (%s)",
-                             (written,)).fetchone()
-            logins_after = c.execute(
-                "SELECT id, last_login FROM accounts ORDER BY id").fetchall()
+            kept = c.execute(
+                "SELECT count(*) FROM registrations WHERE id = ANY (%s)", (written,)
+            ).fetchone()
+            logins_after = c.execute("SELECT id, last_login FROM accounts ORDER BY id").fetchall()
         restored = set(before) <= set(after)
         web_ok = kept is not None and kept[0] == len(written) and logins_after == logins
-        say(f"   deleted rows restored exactly: {'yes' if restored else 'NO'} "
-            f"({len(before)} rows)")
-        say(f"   web writes intact: {'yes' if web_ok else 'NO'} ({len(written)} registrations, "
-            f"{len(logins)} accounts' last_login)")
-        say(f"\nDone in {time.monotonic() - start:.1f}s. The audit store was {settings.store}"
-            + ("" if keep else " (removed)"))
+        say(f"   deleted rows restored exactly: {'yes' if restored else 'NO'} ({len(before)} rows)")
+        say(
+            f"   web writes intact: {'yes' if web_ok else 'NO'} ({len(written)} registrations, "
+            f"{len(logins)} accounts' last_login)"
+        )
+        say(
+            f"\nDone in {time.monotonic() - start:.1f}s. The audit store was {settings.store}"
+            + ("" if keep else " (removed)")
+        )
         if not keep:
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(settings.store + suffix):

@@ -50,7 +50,7 @@ def status(settings: Settings) -> dict[str, Any]:
             [
                 r[0]
                 for r in conn.execute(
-                    "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c"
+                    "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c"
                     " JOIN pg_namespace n ON n.oid = c.relnamespace"
                     " WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY ("
                     "   SELECT unnest(schemas) FROM undo.config)"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlite_utils import Database
 
-from ..errors import NotFound
+from ..errors import BadInput, NotFound
 
 
 def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
@@ -23,8 +24,13 @@ def sessions(
     app: str | None = None,
     user: str | None = None,
     tables: list[str] | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """One row per session that wrote, newest first; filters apply to its transactions."""
+    """One row per session that wrote, newest first; filters apply to its transactions.
+
+    Tables touched come from the activity aggregates, not from scanning the changes.
+    """
     where = ["1 = 1"]
     params: list[Any] = []
     if since:
@@ -42,8 +48,8 @@ def sessions(
     for name in tables or []:
         schema, _, table = name.rpartition(".")
         where.append(
-            "EXISTS (SELECT 1 FROM changes c JOIN relations r ON r.id = c.relation"
-            " WHERE c.txn = t.id AND r.schema_name = ? AND r.table_name = ?)"
+            "coalesce(t.session_id, '') IN (SELECT a.session_id FROM activity a"
+            " JOIN relations r ON r.id = a.relation WHERE r.schema_name = ? AND r.table_name = ?)"
         )
         params += [schema or "public", table]
     query = (
@@ -51,18 +57,27 @@ def sessions(
         " max(t.user_name) AS user, max(t.client_addr) AS client_addr,"
         " min(t.commit_time) AS first_change_at, max(t.commit_time) AS last_change_at,"
         " count(*) AS transactions, sum(t.inserts) AS inserts, sum(t.updates) AS updates,"
-        " sum(t.deletes) AS deletes, min(t.tag) AS tag,"
-        " (SELECT json_group_array(DISTINCT r.schema_name || '.' || r.table_name)"
-        "    FROM changes c JOIN relations r ON r.id = c.relation"
-        "    JOIN transactions t2 ON t2.id = c.txn"
-        "   WHERE t2.session_id IS t.session_id) AS tables"
-        " FROM transactions t WHERE "
-        + " AND ".join(where)
-        + " GROUP BY t.session_id ORDER BY last_change_at DESC"
+        " sum(t.deletes) AS deletes, min(t.tag) AS tag"
+        " FROM transactions t WHERE " + " AND ".join(where) + " GROUP BY t.session_id"
+        " ORDER BY last_change_at DESC"
     )
+    if limit is not None:
+        query += " LIMIT ? OFFSET ?"
+        params += [limit, offset]
     rows = _rows(db, query, params)
+    touched: dict[str, list[str]] = {}
+    ids = [r["session_id"] or "" for r in rows]
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        for sid, table in db.execute(
+            "SELECT DISTINCT a.session_id, r.schema_name || '.' || r.table_name"  # noqa: S608
+            " FROM activity a JOIN relations r ON r.id = a.relation"
+            f" WHERE a.session_id IN ({','.join('?' * len(chunk))})",
+            chunk,
+        ):
+            touched.setdefault(sid, []).append(table)
     for r in rows:
-        r["tables"] = sorted(json.loads(r["tables"] or "[]"))
+        r["tables"] = sorted(touched.get(r["session_id"] or "", []))
     return rows
 
 
@@ -87,38 +102,63 @@ def transactions_by_xid(db: Database, xids: list[int]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["commit_lsn"])
 
 
+def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> list[dict[str, Any]]:
+    """One page of a set of transactions' changes, in commit order."""
+    out: list[dict[str, Any]] = []
+    for r in _rows(
+        db,
+        "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
+        " r.table_name, r.columns, r.key_columns FROM changes c"
+        " JOIN relations r ON r.id = c.relation"
+        " WHERE c.txn IN (SELECT value FROM json_each(?)) ORDER BY c.txn, c.ord"
+        " LIMIT ? OFFSET ?",
+        [json.dumps(txn_ids), limit, offset],
+    ):
+        out.append(_change(r))
+    return out
+
+
+def _change(r: dict[str, Any]) -> dict[str, Any]:
+    cols = json.loads(r["columns"])
+    old = json.loads(r["old"]) if r["old"] else None
+    new = json.loads(r["new"]) if r["new"] else None
+    unchanged = set(json.loads(r["unchanged"])) if r["unchanged"] else set()
+    return {
+        "txn": r["txn"],
+        "ord": r["ord"],
+        "table": f"{r['schema_name']}.{r['table_name']}",
+        "op": {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}[r["op"]],
+        "key": json.loads(r["key"]) if r["key"] else None,
+        "key_columns": [cols[i] for i in json.loads(r["key_columns"])]
+        if r.get("key_columns")
+        else None,
+        "old": None if old is None else dict(zip(cols, old, strict=False)),
+        "new": None
+        if new is None
+        else {
+            c: (old[i] if i in unchanged and old else v)
+            for i, (c, v) in enumerate(zip(cols, new, strict=False))
+        },
+    }
+
+
 def changes_of(db: Database, txn_ids: list[int]) -> list[dict[str, Any]]:
-    """The row changes of these transactions, with their table, old and new values by name."""
+    """The row changes of these transactions, with their table, old and new values by name.
+
+    A TOASTed value an update left unchanged is shown in ``new`` as the old value it kept.
+    """
     out: list[dict[str, Any]] = []
     for txn in txn_ids:
-        for r in _rows(
-            db,
-            "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.oid,"
-            " r.schema_name, r.table_name, r.columns, r.types"
-            " FROM changes c JOIN relations r ON r.id = c.relation"
-            " WHERE c.txn = ? ORDER BY c.ord",
-            [txn],
-        ):
-            cols = json.loads(r["columns"])
-            old = json.loads(r["old"]) if r["old"] else None
-            new = json.loads(r["new"]) if r["new"] else None
-            unchanged = set(json.loads(r["unchanged"])) if r["unchanged"] else set()
-            out.append(
-                {
-                    "txn": r["txn"],
-                    "ord": r["ord"],
-                    "table": f"{r['schema_name']}.{r['table_name']}",
-                    "op": {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}[r["op"]],
-                    "key": json.loads(r["key"]) if r["key"] else None,
-                    "old": None if old is None else dict(zip(cols, old, strict=False)),
-                    "new": None
-                    if new is None
-                    else {
-                        c: ("(unchanged)" if i in unchanged else v)
-                        for i, (c, v) in enumerate(zip(cols, new, strict=False))
-                    },
-                }
+        out += [
+            _change(r)
+            for r in _rows(
+                db,
+                "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
+                " r.table_name, r.columns, r.key_columns FROM changes c"
+                " JOIN relations r ON r.id = c.relation WHERE c.txn = ? ORDER BY c.ord",
+                [txn],
             )
+        ]
     return out
 
 
@@ -168,3 +208,103 @@ def status(db: Database) -> dict[str, Any]:
         "changes": counts[1],
         "gaps": gaps,
     }
+
+
+def parse_key(pairs: list[str]) -> dict[str, str | None]:
+    """['id=42', 'region=eu'] -> {'id': '42', 'region': 'eu'}; 'col=' + NULL spelled \\N."""
+    out: dict[str, str | None] = {}
+    for p in pairs:
+        name, sep, value = p.partition("=")
+        if not sep or not name:
+            raise BadInput(f"malformed key {p!r}: write COLUMN=VALUE, e.g. id=42")
+        out[name] = None if value == "\\N" else value
+    return out
+
+
+def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Every recorded version of one row, oldest first, with who changed it."""
+    schema, _, name = table.rpartition(".")
+    schema = schema or "public"
+    rels = _rows(
+        db,
+        "SELECT id, columns, key_columns FROM relations WHERE schema_name = ? AND table_name = ?",
+        [schema, name],
+    )
+    if not rels:
+        raise NotFound(f"no captured changes of table {schema}.{name}")
+    out: list[dict[str, Any]] = []
+    usable = False
+    for rel in rels:
+        cols = json.loads(rel["columns"])
+        if rel["key_columns"] is None:
+            continue
+        key_cols = [cols[i] for i in json.loads(rel["key_columns"])]
+        if set(key_cols) != set(key):
+            continue
+        usable = True
+        key_json = json.dumps([key[c] for c in key_cols], ensure_ascii=False, separators=(",", ":"))
+        for r in _rows(
+            db,
+            "SELECT c.op, c.old, c.new, c.unchanged, t.xid, t.commit_time, t.session_id,"
+            " t.application_name, t.user_name, t.statement, t.commit_lsn, c.ord"
+            " FROM changes c JOIN transactions t ON t.id = c.txn"
+            " WHERE c.relation = ? AND c.key = ?",
+            [rel["id"], key_json],
+        ):
+            old = json.loads(r["old"]) if r["old"] else None
+            unchanged = set(json.loads(r["unchanged"])) if r["unchanged"] else set()
+            new = json.loads(r["new"]) if r["new"] else None
+            out.append(
+                {
+                    "op": {"I": "insert", "U": "update", "D": "delete"}.get(r["op"], r["op"]),
+                    "xid": r["xid"],
+                    "commit_time": r["commit_time"],
+                    "session_id": r["session_id"],
+                    "application_name": r["application_name"],
+                    "user": r["user_name"],
+                    "statement": r["statement"],
+                    "old": None if old is None else dict(zip(cols, old, strict=False)),
+                    "new": None
+                    if new is None
+                    else {
+                        c: (old[i] if (i in unchanged and old) else v)
+                        for i, (c, v) in enumerate(zip(cols, new, strict=False))
+                    },
+                    "_order": (r["commit_lsn"], r["ord"]),
+                }
+            )
+    if not usable:
+        raise BadInput(f"give the key of {schema}.{name} as COLUMN=VALUE for each key column")
+    out.sort(key=lambda r: r.pop("_order"))
+    return out
+
+
+def activity(
+    db: Database, by: str = "app", since: str | None = None, bucket_seconds: int = 60
+) -> list[dict[str, Any]]:
+    """Inserts, updates and deletes per bucket and per app, session or table.
+
+    Reads the per-minute aggregates capture keeps, never the changes.
+    """
+    group = {
+        "app": "a.application_name",
+        "session": "a.session_id",
+        "table": "r.schema_name || '.' || r.table_name",
+    }.get(by)
+    if group is None:
+        raise BadInput(f"--by takes app, session or table, not {by!r}")
+    since_minute = 0
+    if since:
+        since_minute = int(datetime.fromisoformat(since[:19]).replace(tzinfo=UTC).timestamp())
+    query = (
+        f"SELECT a.minute / ? * ? AS bucket, {group} AS name, sum(a.inserts) AS inserts,"  # noqa: S608
+        " sum(a.updates) AS updates, sum(a.deletes) AS deletes,"
+        " sum(a.truncates) AS truncates"
+        " FROM activity a JOIN relations r ON r.id = a.relation"
+        " WHERE a.minute >= ? GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    rows = _rows(db, query, [bucket_seconds, bucket_seconds, since_minute])
+    for r in rows:
+        r["bucket"] = datetime.fromtimestamp(r["bucket"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        r[by] = r.pop("name") or None
+    return rows

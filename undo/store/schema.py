@@ -118,6 +118,40 @@ def m001_initial(db: Database) -> None:
     )
 
 
+@migrations()
+def m002_activity(db: Database) -> None:
+    """Per-minute write counts kept by capture in the same transaction as the changes, so
+    `undo activity`, the dashboard and /metrics never scan the changes; and an index for a
+    row's history."""
+    db.executescript(
+        """
+        CREATE TABLE activity (
+            minute INTEGER NOT NULL,    -- Unix time of the minute's start (UTC)
+            application_name TEXT NOT NULL,  -- '' when unknown (untagged)
+            session_id TEXT NOT NULL,        -- '' when unknown (untagged)
+            relation INTEGER NOT NULL REFERENCES relations (id),
+            inserts INTEGER NOT NULL DEFAULT 0,
+            updates INTEGER NOT NULL DEFAULT 0,
+            deletes INTEGER NOT NULL DEFAULT 0,
+            truncates INTEGER NOT NULL DEFAULT 0,
+            transactions INTEGER NOT NULL DEFAULT 0  -- counted on a transaction's first table
+        );
+        CREATE UNIQUE INDEX activity_key
+            ON activity (minute, application_name, session_id, relation);
+        CREATE INDEX changes_row ON changes (relation, key);
+        CREATE INDEX activity_session ON activity (session_id);
+        INSERT INTO activity (minute, application_name, session_id, relation, inserts, updates,
+                              deletes, truncates, transactions)
+            SELECT CAST(strftime('%s', substr(t.commit_time, 1, 19)) AS INTEGER) / 60 * 60,
+                   coalesce(t.application_name, ''), coalesce(t.session_id, ''), c.relation,
+                   sum(c.op = 'I'), sum(c.op = 'U'), sum(c.op = 'D'), sum(c.op = 'T'),
+                   count(DISTINCT CASE WHEN c.ord = 1 THEN t.id END)
+              FROM changes c JOIN transactions t ON t.id = c.txn
+             GROUP BY 1, 2, 3, 4;
+        """
+    )
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)

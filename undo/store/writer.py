@@ -29,6 +29,16 @@ _INSERT_CHANGES = (
 )
 
 
+def _minute(iso_time: str) -> int:
+    """'2026-01-19T10:25:31.000000Z' -> Unix time of 10:25:00 UTC.
+
+    >>> _minute("1970-01-01T00:01:59.999999Z")
+    60
+    """
+    ts = datetime.fromisoformat(iso_time[:19]).replace(tzinfo=UTC)
+    return int(ts.timestamp()) // 60 * 60
+
+
 class StoreWriter:
     """Batches source transactions into SQLite transactions."""
 
@@ -94,6 +104,7 @@ class StoreWriter:
             "xid": begin.xid,
             "ord": 0,
             "counts": {"I": 0, "U": 0, "D": 0, "T": 0},
+            "per_table": {},
             "tag": None,
         }
 
@@ -102,6 +113,10 @@ class StoreWriter:
         assert txn is not None
         txn["ord"] += 1
         txn["counts"][ch.op] += 1
+        per = txn["per_table"].get(rel_id)
+        if per is None:
+            per = txn["per_table"][rel_id] = {"I": 0, "U": 0, "D": 0, "T": 0}
+        per[ch.op] += 1
         self.rows.append(
             (
                 self.next_change,
@@ -124,6 +139,7 @@ class StoreWriter:
         assert txn is not None
         txn["ord"] += 1
         txn["counts"]["T"] += 1
+        txn["per_table"].setdefault(rel_id, {"I": 0, "U": 0, "D": 0, "T": 0})["T"] += 1
         self.rows.append(
             (self.next_change, txn["id"], txn["ord"], rel_id, "T", None, None, None, None)
         )
@@ -185,6 +201,30 @@ class StoreWriter:
                 counts["D"],
                 counts["T"],
             ),
+        )
+        minute = _minute(commit.commit_time)
+        self.conn.executemany(
+            "INSERT INTO activity (minute, application_name, session_id, relation, inserts,"
+            " updates, deletes, truncates, transactions)"
+            " VALUES (?, coalesce(?, ''), coalesce(?, ''), ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (minute, application_name, session_id, relation) DO UPDATE SET"
+            " inserts = inserts + excluded.inserts, updates = updates + excluded.updates,"
+            " deletes = deletes + excluded.deletes, truncates = truncates + excluded.truncates,"
+            " transactions = transactions + excluded.transactions",
+            [
+                (
+                    minute,
+                    tag.get("application_name"),
+                    session.get("session_id"),
+                    rel_id,
+                    c["I"],
+                    c["U"],
+                    c["D"],
+                    c["T"],
+                    int(i == 0),
+                )
+                for i, (rel_id, c) in enumerate(txn["per_table"].items())
+            ],
         )
         self.conn.execute("RELEASE txn")
         self.next_txn += 1

@@ -1,0 +1,68 @@
+"""The CLI's wiring: help, exit codes, one-line errors, stdout vs stderr, no passwords."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from undo.cli import cli
+
+COMMANDS = [
+    ["init"],
+    ["capture"],
+    ["status"],
+    ["sessions"],
+    ["show", "session"],
+    ["show", "xact"],
+    ["history"],
+    ["activity"],
+    ["session"],
+    ["xact"],
+    ["app"],
+    ["prune"],
+    ["demo"],
+    ["serve"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_and_is_in_the_readme(command):
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example:" in result.output or command == ["show"]
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"undo {' '.join(command)}" in readme
+
+
+def _run(tmp_path, *args, env=None):
+    return CliRunner().invoke(cli, ["--store", str(tmp_path / "x.db"), *args], env=env or {})
+
+
+def test_missing_store_is_bad_input(tmp_path):
+    result = _run(tmp_path, "sessions")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "undo init" in result.stderr
+    assert result.stdout == ""
+
+
+def test_malformed_time_is_bad_input(tmp_path):
+    result = _run(tmp_path, "app", "x", "--since", "yesterday-ish")
+    assert result.exit_code == 2 and "malformed time" in result.stderr
+
+
+def test_unreachable_database_is_bad_input_and_hides_the_password(tmp_path):
+    dsn = "host=127.0.0.1 port=1 user=u password=hunter2 connect_timeout=2"
+    result = _run(tmp_path, "--dsn", dsn, "init")
+    assert result.exit_code == 2
+    assert "hunter2" not in result.output and "password=***" in result.stderr
+    assert "Traceback" not in result.output
+    for path in tmp_path.iterdir():
+        assert b"hunter2" not in path.read_bytes()
+
+
+def test_bad_slot_name_is_bad_input(tmp_path):
+    result = _run(tmp_path, "--slot", "Bad-Slot", "status")
+    assert result.exit_code == 2 and re.search("invalid slot name", result.stderr)

@@ -1,0 +1,482 @@
+"""The dashboard's pages, server-rendered HTML with inline SVG charts: nothing fetched from
+the network, so it works on closed machines. Read-only: nothing is applied from the web.
+
+Any address other than loopback needs a token, checked on every request (``Authorization:
+Bearer`` or the cookie the login form sets); without it a request sees no data.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from html import escape
+from http.cookies import SimpleCookie
+from socketserver import ThreadingMixIn
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client.exposition import generate_latest
+
+from ..config import Settings
+from ..errors import BadInput, UndoError
+from ..store import queries
+from ..store.schema import open_store
+from ..timespec import parse_time
+from . import metrics
+
+log = logging.getLogger(__name__)
+PAGE = 50
+PREVIEW_LIMIT = 5000
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+header{background:#1d2330;color:#fff;padding:10px 20px}header a{color:#fff;margin-right:18px}
+main{padding:16px 20px}table{border-collapse:collapse;background:#fff;width:100%}
+td,th{border:1px solid #dde;padding:4px 6px;text-align:left;vertical-align:top}
+th{background:#eef}.changed{background:#ffe08a}.del{color:#b00}.ins{color:#070}
+pre{background:#fff;border:1px solid #dde;padding:8px;overflow:auto;max-height:480px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{background:#fff;border:1px solid #dde;
+padding:8px}.muted{color:#667}form.filters input{width:140px}code{font-size:12px}
+"""
+OP_COLORS = {"inserts": "#2a9d3a", "updates": "#e0a000", "deletes": "#d03030"}
+
+
+def _page(title: str, body: str) -> bytes:
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{escape(title)} · undo</title><style>{CSS}</style></head><body>"
+        "<header><a href='/'><b>undo</b></a><a href='/'>Overview</a>"
+        "<a href='/sessions'>Sessions</a><a href='/metrics'>Metrics</a></header>"
+        f"<main><h1>{escape(title)}</h1>{body}</main></body></html>"
+    ).encode()
+
+
+def _table(rows: Iterable[Iterable[str]], head: list[str]) -> str:
+    out = ["<table><tr>", *(f"<th>{escape(h)}</th>" for h in head), "</tr>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _e(v: Any) -> str:
+    return "<span class='muted'>NULL</span>" if v is None else escape(str(v))
+
+
+def chart(points: list[dict[str, Any]], width: int = 420, height: int = 120) -> str:
+    """Inserts, updates and deletes over time as an inline SVG (one polyline each)."""
+    if not points:
+        return "<p class='muted'>no writes in this range</p>"
+    top = max(max(p[k] for k in OP_COLORS) for p in points) or 1
+    n = len(points)
+    parts = [
+        f"<svg class='chart' width='{width}' height='{height + 20}' "
+        f"viewBox='0 0 {width} {height + 20}' role='img'>"
+        f"<rect width='{width}' height='{height}' fill='#fafbff' stroke='#dde'/>"
+    ]
+    for key, color in OP_COLORS.items():
+        coords = " ".join(
+            f"{(i + 0.5) * width / n:.1f},{height - p[key] * (height - 6) / top:.1f}"
+            for i, p in enumerate(points)
+        )
+        parts.append(
+            f"<polyline fill='none' stroke='{color}' stroke-width='2' "
+            f"points='{coords}'><title>{key}</title></polyline>"
+        )
+    parts.append(
+        f"<text x='2' y='{height + 14}' font-size='10'>{escape(points[0]['bucket'])}"
+        f"</text><text x='{width - 2}' y='{height + 14}' font-size='10' "
+        f"text-anchor='end'>max {top}/bucket</text></svg>"
+    )
+    return "".join(parts)
+
+
+class App:
+    def __init__(self, settings: Settings, token: str | None = None) -> None:
+        self.settings = settings
+        self.token = token
+        self.registry = metrics.registry(settings)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def __call__(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        try:
+            if self.token is not None and not self._authorized(environ):
+                if path == "/login" and environ.get("REQUEST_METHOD") == "POST":
+                    return self._login(environ, start_response)
+                return self._respond(
+                    start_response,
+                    "401 Unauthorized",
+                    _page(
+                        "Sign in",
+                        "<form method='post' action='/login'><label>Token "
+                        "<input type='password' name='token'></label> <button>Sign in</button>"
+                        "</form>",
+                    ),
+                )
+            if path == "/metrics":
+                return self._respond(
+                    start_response,
+                    "200 OK",
+                    generate_latest(self.registry),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            if path == "/":
+                body = self.overview(query)
+            elif path == "/sessions":
+                body = self.sessions(query)
+            elif path.startswith("/sessions/"):
+                body = self.session(path[len("/sessions/") :], query)
+            elif path.startswith("/history/"):
+                body = self.history(path[len("/history/") :], query)
+            elif path == "/login":
+                return self._redirect(start_response, "/")
+            else:
+                return self._respond(start_response, "404 Not Found", _page("Not found", ""))
+        except BadInput as e:
+            return self._respond(
+                start_response, "400 Bad Request", _page("Bad request", f"<p>{escape(str(e))}")
+            )
+        except UndoError as e:
+            return self._respond(
+                start_response, "404 Not Found", _page("Not found", f"<p>{escape(str(e))}")
+            )
+        return self._respond(start_response, "200 OK", body)
+
+    def _authorized(self, environ: Environ) -> bool:
+        assert self.token is not None
+        given = ""
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        if auth.startswith("Bearer "):
+            given = auth[7:].strip()
+        else:
+            cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
+            if "undo_token" in cookie:
+                given = cookie["undo_token"].value
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _login(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        form = parse_qs(environ["wsgi.input"].read(min(size, 4096)).decode())
+        given = (form.get("token") or [""])[0]
+        assert self.token is not None
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return self._respond(
+                start_response, "401 Unauthorized", _page("Sign in", "<p>Wrong token.</p>")
+            )
+        start_response(
+            "303 See Other",
+            [
+                ("Location", "/"),
+                ("Set-Cookie", f"undo_token={quote(given)}; HttpOnly; SameSite=Strict; Path=/"),
+            ],
+        )
+        return [b""]
+
+    @staticmethod
+    def _respond(
+        start_response: StartResponse,
+        status: str,
+        body: bytes,
+        ctype: str = "text/html; charset=utf-8",
+    ) -> list[bytes]:
+        start_response(
+            status,
+            [
+                ("Content-Type", ctype),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [body]
+
+    @staticmethod
+    def _redirect(start_response: StartResponse, where: str) -> list[bytes]:
+        start_response("303 See Other", [("Location", where)])
+        return [b""]
+
+    # -- pages ---------------------------------------------------------------------------------
+    def overview(self, q: dict[str, str]) -> bytes:
+        since_text = q.get("since", "24h")
+        since = parse_time(since_text)
+        db = open_store(self.settings.store)
+        try:
+            span = time.time() - _epoch(since)
+            bucket = max(60, int(span / 48) // 60 * 60)
+            rows = queries.activity(db, by="app", since=since, bucket_seconds=bucket)
+            health = queries.status(db)
+        finally:
+            db.conn.close()
+        by_app: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_app.setdefault(r["app"] or "(untagged)", []).append(r)
+        cards = "".join(
+            f"<div class='card'><b><a href='/sessions?{urlencode({'app': app})}'>"
+            f"{escape(app)}</a></b> <span class='muted'>{sum(p['inserts'] for p in pts)} ins · "
+            f"{sum(p['updates'] for p in pts)} upd · {sum(p['deletes'] for p in pts)} del</span>"
+            f"<br>{chart(pts)}</div>"
+            for app, pts in sorted(by_app.items())
+        )
+        lag = ""
+        if health["last_commit_time"]:
+            lag = f"{time.time() - _epoch(health['last_commit_time']):.0f} s ago"
+        gaps = (
+            "".join(
+                f"<li>{escape(g['detected_at'])}: {escape(g['reason'])}</li>"
+                for g in health["gaps"]
+            )
+            or "<li>none</li>"
+        )
+        form = (
+            f"<form><label>Since <input name='since' value='{escape(since_text)}'></label>"
+            " <button>Show</button> <span class='muted'>ISO 8601 or an age: 90m, 4h, 2d"
+            f"</span></form><p class='muted'>bucket {bucket // 60} min; "
+            "<span style='color:#2a9d3a'>inserts</span>, "
+            "<span style='color:#e0a000'>updates</span>, "
+            "<span style='color:#d03030'>deletes</span></p>"
+        )
+        body = (
+            f"<h2>Capture health</h2><ul><li>last captured commit: "
+            f"{_e(health['last_commit_time'])} {escape(lag)}</li>"
+            f"<li>store position: {escape(str(health['store_position']))}</li>"
+            f"<li>{health['transactions']} transactions, {health['changes']} changes stored</li>"
+            f"<li>WAL held by the slot: {self._wal_held()}</li>"
+            f"<li>gaps in the audit trail:<ul>{gaps}</ul></li></ul>"
+            f"<h2>Write activity per application</h2>{form}<div class='cards'>{cards or ''}</div>"
+        )
+        return _page("Overview", body)
+
+    def _wal_held(self) -> str:
+        if not self.settings.dsn:
+            return "<span class='muted'>unknown (no --dsn)</span>"
+        for metric in self.registry.collect():
+            if metric.name == "undo_slot_wal_held_bytes" and metric.samples:
+                return f"{int(metric.samples[0].value):,} bytes"
+        return "<span class='muted'>unknown (source unreachable)</span>"
+
+    def sessions(self, q: dict[str, str]) -> bytes:
+        page = max(1, int(q.get("page", "1") or 1))
+        db = open_store(self.settings.store)
+        try:
+            rows = queries.sessions(
+                db,
+                since=parse_time(q["since"]) if q.get("since") else None,
+                until=parse_time(q["until"]) if q.get("until") else None,
+                app=q.get("app") or None,
+                user=q.get("user") or None,
+                tables=[q["table"]] if q.get("table") else None,
+                limit=PAGE + 1,
+                offset=(page - 1) * PAGE,
+            )
+        finally:
+            db.conn.close()
+        more = len(rows) > PAGE
+        rows = rows[:PAGE]
+        fields = ["app", "user", "table", "since", "until"]
+        form = (
+            "<form class='filters'>"
+            + "".join(
+                f"<label>{f} <input name='{f}' value='{escape(q.get(f, ''))}'></label> "
+                for f in fields
+            )
+            + "<button>Filter</button></form><br>"
+        )
+        table = _table(
+            (
+                [
+                    f"<a href='/sessions/{quote(r['session_id'] or '', safe='')}'>"
+                    f"{_e(r['session_id'])}</a>"
+                    if r["session_id"]
+                    else _e(None),
+                    _e(r["application_name"]),
+                    _e(r["user"]),
+                    _e(r["first_change_at"]),
+                    _e(r["last_change_at"]),
+                    str(r["transactions"]),
+                    str(r["inserts"]),
+                    str(r["updates"]),
+                    str(r["deletes"]),
+                    escape(", ".join(r["tables"])),
+                ]
+                for r in rows
+            ),
+            [
+                "session",
+                "application",
+                "user",
+                "first change",
+                "last change",
+                "transactions",
+                "inserts",
+                "updates",
+                "deletes",
+                "tables",
+            ],
+        )
+        keep = {k: v for k, v in q.items() if k in fields and v}
+        nav = []
+        if page > 1:
+            nav.append(f"<a href='?{urlencode({**keep, 'page': page - 1})}'>← newer</a>")
+        if more:
+            nav.append(f"<a href='?{urlencode({**keep, 'page': page + 1})}'>older →</a>")
+        return _page("Sessions", form + table + f"<p>page {page} " + " ".join(nav) + "</p>")
+
+    def session(self, session_id: str, q: dict[str, str]) -> bytes:
+        from urllib.parse import unquote
+
+        session_id = unquote(session_id)
+        page = max(1, int(q.get("page", "1") or 1))
+        db = open_store(self.settings.store)
+        try:
+            txns = queries.transactions_of_session(db, session_id)
+            total = sum(t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in txns)
+            changes = queries.changes_page(db, [t["id"] for t in txns], PAGE, (page - 1) * PAGE)
+        finally:
+            db.conn.close()
+        xid_of = {t["id"]: t["xid"] for t in txns}
+        tx_table = _table(
+            (
+                [
+                    str(t["xid"]),
+                    _e(t["commit_time"]),
+                    _e(t["application_name"]),
+                    _e(t["user_name"]),
+                    _e(t["tag"]),
+                    f"{t['inserts']}/{t['updates']}/{t['deletes']}",
+                    f"<code>{_e(t['statement'])}</code>",
+                ]
+                for t in txns
+            ),
+            ["xid", "committed", "application", "user", "tag", "ins/upd/del", "statement"],
+        )
+        rows = []
+        for c in changes:
+            cols = list((c["old"] or c["new"] or {}).keys())
+            old, new = c["old"] or {}, c["new"] or {}
+            diff = {k for k in cols if c["op"] == "update" and old.get(k) != new.get(k)}
+            cells_old = _cells(cols, old, diff) if c["old"] else ""
+            cells_new = _cells(cols, new, diff) if c["new"] else ""
+            key = c["key"] or []
+            hist = ""
+            if c["key_columns"]:
+                params = urlencode(dict(zip(c["key_columns"], key, strict=False)))
+                hist = f"<a href='/history/{quote(c['table'], safe='')}?{params}'>history</a>"
+            rows.append(
+                [
+                    str(xid_of[c["txn"]]),
+                    escape(c["table"]),
+                    f"<span class='{c['op'][:3]}'>{c['op']}</span>",
+                    escape(", ".join(map(str, key))) + " " + hist,
+                    cells_old,
+                    cells_new,
+                ]
+            )
+        nav = []
+        if page > 1:
+            nav.append(f"<a href='?page={page - 1}'>← previous</a>")
+        if page * PAGE < total:
+            nav.append(f"<a href='?page={page + 1}'>next →</a>")
+        body = (
+            f"<h2>Transactions</h2>{tx_table}<h2>Row changes ({total})</h2>"
+            + _table(rows, ["xid", "table", "op", "key", "old", "new"])
+            + f"<p>page {page} {' '.join(nav)}</p><h2>Undo preview</h2>"
+            + self._preview(session_id, total)
+        )
+        return _page(f"Session {session_id}", body)
+
+    def _preview(self, session_id: str, total: int) -> str:
+        cmd = f"undo session {session_id}"
+        if total > PREVIEW_LIMIT:
+            return (
+                f"<p>{total} changes: too many to preview here. Run <code>{escape(cmd)}</code>.</p>"
+            )
+        from ..apply import undo
+        from ..plan import Target
+
+        out = io.StringIO()
+        try:
+            report = undo(self.settings, Target(session=session_id), out=out, on_conflict="skip")
+        except UndoError as e:
+            return f"<p>{escape(str(e))}</p>"
+        summary = "".join(f"<li>{escape(x)}</li>" for x in report.summary())
+        return (
+            f"<p>What <code>{escape(cmd)}</code> prints (review it, then run it with "
+            f"<code>--apply</code>):</p><ul>{summary}</ul>"
+            f"<pre class='preview'>{escape(out.getvalue())}</pre>"
+        )
+
+    def history(self, table: str, q: dict[str, str]) -> bytes:
+        from urllib.parse import unquote
+
+        table = unquote(table)
+        db = open_store(self.settings.store)
+        try:
+            rows = queries.history(db, table, dict(q))
+        finally:
+            db.conn.close()
+        body = _table(
+            (
+                [
+                    _e(r["commit_time"]),
+                    _e(r["op"]),
+                    str(r["xid"]),
+                    f"<a href='/sessions/{quote(r['session_id'] or '', safe='')}'>"
+                    f"{_e(r['session_id'])}</a>",
+                    _e(r["application_name"]),
+                    _e(r["user"]),
+                    f"<code>{_e(r['statement'])}</code>",
+                    f"<code>{_e(json.dumps(r['old'], ensure_ascii=False))}</code>",
+                    f"<code>{_e(json.dumps(r['new'], ensure_ascii=False))}</code>",
+                ]
+                for r in rows
+            ),
+            ["committed", "op", "xid", "session", "application", "user", "statement", "old", "new"],
+        )
+        key = ", ".join(f"{k}={v}" for k, v in q.items())
+        return _page(f"History of {table} ({key})", body)
+
+
+def _cells(cols: list[str], values: dict[str, Any], changed: set[str]) -> str:
+    """One image's columns, the ones the update changed highlighted."""
+    return "<br>".join(
+        f"<span class='{'changed' if k in changed else ''}'>{escape(k)}={_e(values.get(k))}</span>"
+        for k in cols
+    )
+
+
+def _epoch(iso_time: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
+
+
+def make_app(settings: Settings, token: str | None = None) -> App:
+    """The WSGI application for these settings."""
+    open_store(settings.store).conn.close()  # fail early on a missing store
+    return App(settings, token)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def serve(settings: Settings, host: str, port: int, token: str | None) -> Any:
+    """A threaded HTTP server for the app; the caller runs ``serve_forever``."""
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        raise BadInput(f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN)")
+    return make_server(
+        host, port, make_app(settings, token), server_class=_Server, handler_class=_QuietHandler
+    )

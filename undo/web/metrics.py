@@ -1,0 +1,89 @@
+"""/metrics: Prometheus text read from the store (and the source) at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .. import pg
+from ..config import Settings
+from ..store.schema import open_store
+
+
+class StoreCollector(Collector):
+    """Reads the aggregates capture keeps; never scans the changes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Any]:
+        db = open_store(self.settings.store)
+        try:
+            changes = CounterMetricFamily(
+                "undo_changes",
+                "Row changes captured, by application, table and operation",
+                labels=["application", "table", "operation"],
+            )
+            for app, table, ins, upd, dele, trunc in db.execute(
+                "SELECT a.application_name, r.schema_name || '.' || r.table_name,"
+                " sum(a.inserts), sum(a.updates), sum(a.deletes), sum(a.truncates)"
+                " FROM activity a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
+            ):
+                for op, n in (
+                    ("insert", ins),
+                    ("update", upd),
+                    ("delete", dele),
+                    ("truncate", trunc),
+                ):
+                    changes.add_metric([app, table, op], n)
+            yield changes
+            txns = CounterMetricFamily(
+                "undo_transactions", "Transactions captured, by application", labels=["application"]
+            )
+            for app, n in db.execute(
+                "SELECT application_name, sum(transactions) FROM activity GROUP BY 1"
+            ):
+                txns.add_metric([app], n)
+            yield txns
+            last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
+            gaps = db.execute("SELECT count(*) FROM gaps").fetchone()[0]
+        finally:
+            db.conn.close()
+        if last:
+            ts = datetime.fromisoformat(last.replace("Z", "+00:00")).timestamp()
+            yield GaugeMetricFamily(
+                "undo_last_commit_timestamp_seconds",
+                "Commit time of the last captured transaction",
+                value=ts,
+            )
+            yield GaugeMetricFamily(
+                "undo_capture_lag_seconds",
+                "Seconds since the last captured commit",
+                value=max(0.0, time.time() - ts),
+            )
+        yield GaugeMetricFamily("undo_gaps", "Gaps recorded in the audit trail", value=gaps)
+        if self.settings.dsn:
+            try:
+                with pg.connect(self.settings.dsn, connect_timeout=2) as conn:
+                    row = conn.execute(
+                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8"
+                        " FROM pg_replication_slots WHERE slot_name = %s",
+                        (self.settings.slot,),
+                    ).fetchone()
+            except Exception:
+                row = None
+            if row is not None and row[0] is not None:
+                yield GaugeMetricFamily(
+                    "undo_slot_wal_held_bytes", "WAL the slot keeps on the source", value=row[0]
+                )
+
+
+def registry(settings: Settings) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StoreCollector(settings))
+    return reg
