@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from html import escape
 from http.cookies import SimpleCookie
 from socketserver import ThreadingMixIn
@@ -23,7 +24,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client.exposition import generate_latest
 
 from ..config import Settings
-from ..errors import BadInput, UndoError
+from ..errors import BadInput, NotFound, UndoError
+from ..pg import int_to_lsn
 from ..store import queries
 from ..store.schema import open_store
 from ..timespec import parse_time
@@ -70,30 +72,45 @@ def _e(v: Any) -> str:
     return "<span class='muted'>NULL</span>" if v is None else escape(str(v))
 
 
-def chart(points: list[dict[str, Any]], width: int = 420, height: int = 120) -> str:
-    """Inserts, updates and deletes over time as an inline SVG (one polyline each)."""
-    if not points:
-        return "<p class='muted'>no writes in this range</p>"
-    top = max(max(p[k] for k in OP_COLORS) for p in points) or 1
-    n = len(points)
+def chart(
+    points: list[dict[str, Any]],
+    start: int,
+    bucket: int,
+    count: int,
+    width: int = 420,
+    height: int = 120,
+) -> str:
+    """Inserts, updates and deletes per bucket as an inline SVG bar chart.
+
+    ``start`` is the first bucket (Unix time), ``count`` buckets of ``bucket`` seconds; buckets
+    without writes are drawn empty, so the time axis is the range asked for.
+    """
+    by_bucket = {int(_epoch(p["bucket"])): p for p in points}
+    top = max([max(p[k] for k in OP_COLORS) for p in points] or [0]) or 1
+    slot = width / count
+    bar = max(1.0, slot / 3 - 0.5)
     parts = [
         f"<svg class='chart' width='{width}' height='{height + 20}' "
         f"viewBox='0 0 {width} {height + 20}' role='img'>"
         f"<rect width='{width}' height='{height}' fill='#fafbff' stroke='#dde'/>"
     ]
-    for key, color in OP_COLORS.items():
-        coords = " ".join(
-            f"{(i + 0.5) * width / n:.1f},{height - p[key] * (height - 6) / top:.1f}"
-            for i, p in enumerate(points)
-        )
-        parts.append(
-            f"<polyline fill='none' stroke='{color}' stroke-width='2' "
-            f"points='{coords}'><title>{key}</title></polyline>"
-        )
+    for i in range(count):
+        p = by_bucket.get(start + i * bucket)
+        if p is None:
+            continue
+        for j, (key, color) in enumerate(OP_COLORS.items()):
+            if p[key]:
+                h = max(1.0, p[key] * (height - 4) / top)
+                parts.append(
+                    f"<rect class='bar' x='{i * slot + j * bar:.1f}' y='{height - h:.1f}' "
+                    f"width='{bar:.1f}' height='{h:.1f}' fill='{color}'>"
+                    f"<title>{escape(p['bucket'])}: {p[key]} {key}</title></rect>"
+                )
+    first = datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d %H:%M")
     parts.append(
-        f"<text x='2' y='{height + 14}' font-size='10'>{escape(points[0]['bucket'])}"
-        f"</text><text x='{width - 2}' y='{height + 14}' font-size='10' "
-        f"text-anchor='end'>max {top}/bucket</text></svg>"
+        f"<text x='2' y='{height + 14}' font-size='10'>{first} UTC</text>"
+        f"<text x='{width - 2}' y='{height + 14}' font-size='10' text-anchor='end'>"
+        f"now · max {top}/bucket</text></svg>"
     )
     return "".join(parts)
 
@@ -141,13 +158,17 @@ class App:
                 return self._redirect(start_response, "/")
             else:
                 return self._respond(start_response, "404 Not Found", _page("Not found", ""))
+        except NotFound as e:
+            return self._respond(
+                start_response, "404 Not Found", _page("Not found", f"<p>{escape(str(e))}")
+            )
         except BadInput as e:
             return self._respond(
                 start_response, "400 Bad Request", _page("Bad request", f"<p>{escape(str(e))}")
             )
         except UndoError as e:
             return self._respond(
-                start_response, "404 Not Found", _page("Not found", f"<p>{escape(str(e))}")
+                start_response, "409 Conflict", _page("Refused", f"<p>{escape(str(e))}")
             )
         return self._respond(start_response, "200 OK", body)
 
@@ -209,8 +230,11 @@ class App:
         since = parse_time(since_text)
         db = open_store(self.settings.store)
         try:
-            span = time.time() - _epoch(since)
+            now = time.time()
+            span = now - _epoch(since)
             bucket = max(60, int(span / 48) // 60 * 60)
+            first = int(_epoch(since)) // bucket * bucket
+            count = int(now - first) // bucket + 1
             rows = queries.activity(db, by="app", since=since, bucket_seconds=bucket)
             health = queries.status(db)
         finally:
@@ -222,7 +246,7 @@ class App:
             f"<div class='card'><b><a href='/sessions?{urlencode({'app': app})}'>"
             f"{escape(app)}</a></b> <span class='muted'>{sum(p['inserts'] for p in pts)} ins · "
             f"{sum(p['updates'] for p in pts)} upd · {sum(p['deletes'] for p in pts)} del</span>"
-            f"<br>{chart(pts)}</div>"
+            f"<br>{chart(pts, first, bucket, count)}</div>"
             for app, pts in sorted(by_app.items())
         )
         lag = ""
@@ -246,7 +270,7 @@ class App:
         body = (
             f"<h2>Capture health</h2><ul><li>last captured commit: "
             f"{_e(health['last_commit_time'])} {escape(lag)}</li>"
-            f"<li>store position: {escape(str(health['store_position']))}</li>"
+            f"<li>store position: {int_to_lsn(health['store_position'])}</li>"
             f"<li>{health['transactions']} transactions, {health['changes']} changes stored</li>"
             f"<li>WAL held by the slot: {self._wal_held()}</li>"
             f"<li>gaps in the audit trail:<ul>{gaps}</ul></li></ul>"
@@ -453,8 +477,6 @@ def _cells(cols: list[str], values: dict[str, Any], changed: set[str]) -> str:
 
 
 def _epoch(iso_time: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
 
 

@@ -1,0 +1,176 @@
+"""The dashboard over real HTTP against a real capture, and once in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from undo.errors import BadInput
+from undo.web import serve
+
+
+def _scenario(src):
+    src.sql("CREATE TABLE accounts (id int PRIMARY KEY, name text, plan text)")
+    src.init()
+    with src.connect(application_name="web") as c:
+        c.execute(
+            "INSERT INTO accounts SELECT g, 'acct ' || g, 'free' FROM generate_series(1, 20) g"
+        )
+        c.execute("UPDATE accounts SET plan = 'pro' WHERE id = 3")
+    with src.connect(application_name="usage-metrics") as c:
+        sid = c.execute(
+            "SELECT to_hex(trunc(extract(epoch FROM backend_start))::bigint) || '.' || to_hex(pid)"
+            " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        ).fetchone()[0]
+        c.execute("DELETE FROM accounts WHERE id % 5 = 0")
+    src.capture()
+    return sid
+
+
+@pytest.fixture
+def site(pgo):
+    sid = _scenario(pgo)
+    servers = []
+
+    def start(token=None):
+        server = serve(pgo.settings, "127.0.0.1", 0, token)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield pgo, sid, start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def _get(url, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+        e.close()
+        return e.code, body
+
+
+def test_every_page_answers(site):
+    _src, sid, start = site
+    base = start()
+    status, body = _get(base + "/")
+    assert status == 200 and "<svg" in body and "usage-metrics" in body
+    assert "last captured commit" in body
+    status, body = _get(base + "/sessions?app=usage-metrics")
+    assert status == 200 and sid in body and "web" not in re.sub(r"<header>.*?</header>", "", body)
+    status, body = _get(base + f"/sessions/{sid}")
+    assert status == 200 and "DELETE FROM accounts WHERE id % 5 = 0" in body
+    assert "Undo preview" in body and "COPY &quot;public&quot;.&quot;accounts&quot;" in body
+    assert "4 delete(s) of public.accounts undone" in body
+    status, body = _get(base + "/history/public.accounts?id=5")
+    assert status == 200 and "usage-metrics" in body and "insert" in body
+    assert _get(base + "/sessions/nope.nope")[0] == 404
+    assert _get(base + "/since?x")[0] == 404
+    assert _get(base + "/?since=yesterday")[0] == 400
+
+
+def _metric(text, name, **labels):
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            got = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if all(got.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+def test_metrics_match_the_store(site):
+    src, _, start = site
+    status, text = _get(start() + "/metrics")
+    assert status == 200
+    table = "public.accounts"
+    assert (
+        _metric(text, "undo_changes_total", application="web", table=table, operation="insert")
+        == 20
+    )
+    assert (
+        _metric(text, "undo_changes_total", application="web", table=table, operation="update") == 1
+    )
+    assert (
+        _metric(
+            text, "undo_changes_total", application="usage-metrics", table=table, operation="delete"
+        )
+        == 4
+    )
+    assert _metric(text, "undo_transactions_total", application="web") == 2
+    assert _metric(text, "undo_transactions_total", application="usage-metrics") == 1
+    assert 0 <= _metric(text, "undo_capture_lag_seconds") < 600
+    assert _metric(text, "undo_slot_wal_held_bytes") > 0
+    (last,) = src.store_rows("SELECT max(commit_time) FROM transactions")[0]
+    assert last is not None and _metric(text, "undo_last_commit_timestamp_seconds") > 0
+
+
+def test_token_is_required_off_loopback_and_checked_on_every_request(site):
+    src, sid, start = site
+    with pytest.raises(BadInput, match="--token"):
+        serve(src.settings, "0.0.0.0", 0, None)
+    base = start(token="s3cret")
+    for path in ("/", "/sessions", f"/sessions/{sid}", "/metrics", "/history/public.accounts?id=5"):
+        status, body = _get(base + path)
+        assert status == 401 and sid not in body and "acct" not in body
+    status, body = _get(base + "/sessions", {"Authorization": "Bearer s3cret"})
+    assert status == 200 and sid in body
+    assert _get(base + "/sessions", {"Authorization": "Bearer wrong"})[0] == 401
+    assert _get(base + "/sessions", {"Cookie": "undo_token=s3cret"})[0] == 200
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_dashboard_in_headless_chromium(site, tmp_path):
+    chromium = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        chromium = None
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium and playwright are needed for the browser test")
+        pytest.skip("chromium or playwright not installed")
+    _src, sid, start = site
+    base = start()
+    shots = Path(os.environ.get("UNDO_SCREENSHOTS", tmp_path))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            assert page.locator("svg.chart").count() >= 2
+            assert page.locator("svg.chart rect.bar").count() == 3  # web: I, U; metrics: D
+            page.screenshot(path=str(shots / "overview.png"), full_page=True)
+            page.click("text=Sessions")
+            page.click(f"text={sid}")
+            assert page.locator("text=Undo preview").count() == 1
+            assert page.locator("span.del").count() == 4
+            assert "COPY" in page.locator("pre.preview").inner_text()
+            page.screenshot(path=str(shots / "session.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (shots / "session.png").stat().st_size > 1000
