@@ -108,7 +108,8 @@ class StoreWriter:
             "tag": None,
         }
 
-    def add(self, ch: Change, rel_id: int, key: list[str | None] | None) -> None:
+    def add(self, ch: Change, rel_id: int, key: str | None) -> None:
+        """Stage one change; images are JSON tokens (records.py), joined here, not re-encoded."""
         txn = self.txn
         assert txn is not None
         txn["ord"] += 1
@@ -124,9 +125,9 @@ class StoreWriter:
                 txn["ord"],
                 rel_id,
                 ch.op,
-                None if key is None else _dumps(key),
-                None if ch.old is None else _dumps(ch.old),
-                None if ch.new is None else _dumps(ch.new),
+                key,
+                None if ch.old is None else "[" + ",".join(ch.old) + "]",
+                None if ch.new is None else "[" + ",".join(ch.new) + "]",
                 None if ch.unchanged is None else _dumps(ch.unchanged),
             )
         )

@@ -314,7 +314,7 @@ class _Session:
                 keyidx = rel.key
                 if keyidx is not None:
                     src = rec.old if rec.op == "D" else rec.new
-                    key = None if src is None else [src[i] for i in keyidx]
+                    key = None if src is None else "[" + ",".join([src[i] for i in keyidx]) + "]"
                 else:
                     key = None
                 writer.add(rec, sid, key)

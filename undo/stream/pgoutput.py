@@ -9,9 +9,10 @@ missing old tuple means the change cannot be undone, and ``old`` is None.
 from __future__ import annotations
 
 import struct
+from json.encoder import encode_basestring as _token
 
 from .protocol import pg_time_to_iso
-from .records import Begin, Change, Commit, Message, Record, Relation, Truncate
+from .records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
 
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
@@ -30,24 +31,27 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos:end].decode(), end + 1
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[list[str | None], list[int] | None, int]:
-    (n,) = _I16.unpack_from(buf, pos)
+def _tuple(buf: bytes, pos: int) -> tuple[list[str], list[int] | None, int]:
+    """TupleData -> (JSON tokens, positions of unchanged TOAST values, next position)."""
+    n = (buf[pos] << 8) | buf[pos + 1]
     pos += 2
-    values: list[str | None] = []
+    values: list[str] = []
     unchanged: list[int] | None = None
     append = values.append
+    unpack = _I32.unpack_from
     for i in range(n):
         kind = buf[pos]
-        pos += 1
         if kind == 0x74:  # 't'
-            (length,) = _I32.unpack_from(buf, pos)
-            pos += 4
-            append(buf[pos : pos + length].decode())
+            (length,) = unpack(buf, pos + 1)
+            pos += 5
+            append(_token(buf[pos : pos + length].decode()))
             pos += length
         elif kind == 0x6E:  # 'n'
-            append(None)
+            pos += 1
+            append(NULL)
         elif kind == 0x75:  # 'u'
-            append(None)
+            pos += 1
+            append(NULL)
             if unchanged is None:
                 unchanged = []
             unchanged.append(i)

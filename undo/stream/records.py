@@ -1,7 +1,10 @@
 """What a decoder turns one logical-decoding message into: the same records for every decoder.
 
-Values are PostgreSQL's text output (what ``value::text`` prints) or None. A column whose
-TOASTed value an UPDATE left unchanged is None in ``new`` and listed in ``unchanged``.
+A row image is a list of JSON tokens, one per column: a JSON string holding PostgreSQL's text
+output of the value (what the type's output function prints), or ``null``. Decoders emit the
+tokens directly, so capture stores ``[tok,tok,...]`` without decoding and re-encoding values:
+JSON encoding was the largest single cost of capture. A column whose TOASTed value an UPDATE
+left unchanged is ``null`` in ``new`` and listed in ``unchanged``.
 """
 
 from __future__ import annotations
@@ -44,14 +47,17 @@ class Commit:
     commit_time: str
 
 
+NULL = "null"
+
+
 @dataclass(slots=True)
 class Change:
-    """One row change. ``old`` is None when the table lacked full replica identity."""
+    """One row change, images as JSON tokens; ``old`` is None without full replica identity."""
 
     rel: Relation
     op: str  # 'I', 'U', 'D'
-    old: list[str | None] | None
-    new: list[str | None] | None
+    old: list[str] | None
+    new: list[str] | None
     unchanged: list[int] | None = None
 
 

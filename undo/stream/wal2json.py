@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from json.encoder import encode_basestring as _token
 from typing import Any
 
 from .protocol import iso
-from .records import Begin, Change, Commit, Message, Record, Relation, Truncate
+from .records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
 
 _loads = json.JSONDecoder(parse_float=str, parse_int=str).decode
 
@@ -41,16 +42,17 @@ def _time(text: str) -> str:
     return iso(datetime.fromisoformat(text))
 
 
-def _text(value: Any, typ: str) -> str | None:
+def _text(value: Any, typ: str) -> str:
+    """One wal2json value -> the JSON token of its PostgreSQL text form."""
     if value is None:
-        return None
+        return NULL
     if value is True:
-        return "t"
+        return '"t"'
     if value is False:
-        return "f"
+        return '"f"'
     if typ == "bytea":
-        return "\\x" + str(value)
-    return str(value)  # already text: strings as sent, numbers as their exact digits
+        return _token("\\x" + str(value))
+    return _token(str(value))  # strings as sent, numbers as their exact digits
 
 
 class Wal2JsonDecoder:
@@ -89,12 +91,12 @@ class Wal2JsonDecoder:
                 return Change(rel, "U", None, new)
             rel = self._relation(doc, ident)
             by_name = {c["name"]: c for c in cols}
-            new_values: list[str | None] = []
+            new_values: list[str] = []
             unchanged: list[int] | None = None
             for i, c in enumerate(ident):
                 n = by_name.get(c["name"])
                 if n is None:
-                    new_values.append(None)
+                    new_values.append(NULL)
                     if unchanged is None:
                         unchanged = []
                     unchanged.append(i)
