@@ -281,17 +281,17 @@ _CHECK_FUNCTION = (
 
 
 def _unundoable(db: Any, plan: Plan) -> list[str]:
-    ids = plan.txn_ids
+    ids = [t["id"] for t in plan.transactions if t["truncates"] or t["updates"] or t["deletes"]]
     out: list[str] = []
     tables = set(plan.target.tables)
     for i in range(0, len(ids), 500):
-        chunk = ids[i : i + 500]
         rows = db.execute(
-            "SELECT DISTINCT t.xid, r.schema_name || '.' || r.table_name, c.op FROM changes c"  # noqa: S608
-            " JOIN transactions t ON t.id = c.txn JOIN relations r ON r.id = c.relation"
-            f" WHERE c.txn IN ({','.join('?' * len(chunk))})"
+            "SELECT DISTINCT t.xid, r.schema_name || '.' || r.table_name, c.op"
+            " FROM transactions t JOIN changes c ON c.id BETWEEN t.first_change AND t.last_change"
+            " JOIN relations r ON r.id = c.relation"
+            " WHERE t.id IN (SELECT value FROM json_each(?))"
             " AND (c.op = 'T' OR (c.op IN ('U', 'D') AND c.old IS NULL))",
-            chunk,
+            [json.dumps(ids[i : i + 500])],
         ).fetchall()
         for xid, table, op in rows:
             if tables and table not in tables:

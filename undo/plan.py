@@ -211,9 +211,9 @@ def changes(db: Database, plan: Plan) -> Iterator[StoredChange]:
     tables = {(t.rpartition(".")[0] or "public", t.rpartition(".")[2]) for t in plan.target.tables}
     for txn in plan.transactions:
         cur = db.execute(
-            "SELECT ord, relation, op, old, new, unchanged FROM changes WHERE txn = ?"
-            " ORDER BY ord DESC",
-            [txn["id"]],
+            "SELECT ord, relation, op, old, new, unchanged FROM changes"
+            " WHERE id BETWEEN ? AND ? ORDER BY id DESC",
+            [txn["first_change"], txn["last_change"]],
         )
         for ord_, rel_id, op, old, new, unchanged in cur:
             tv = _table(db, cache, rel_id)
@@ -239,9 +239,10 @@ def later_writer(db: Database, ch: StoredChange, key: list[str | None] | None) -
         return "changed since by a session the store cannot name"
     row = db.execute(
         "SELECT t.session_id, t.xid, t.application_name FROM changes c"
-        " JOIN transactions t ON t.id = c.txn JOIN relations r ON r.id = c.relation"
-        " WHERE r.oid = ? AND c.key = ? AND t.commit_lsn > (SELECT commit_lsn FROM transactions"
-        " WHERE id = ?) ORDER BY t.commit_lsn DESC LIMIT 1",
+        " JOIN transactions t ON t.id = c.txn"
+        " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND c.key = ?"
+        " AND t.commit_lsn > (SELECT commit_lsn FROM transactions WHERE id = ?)"
+        " ORDER BY t.commit_lsn DESC LIMIT 1",
         [ch.table.oid, json.dumps(key, ensure_ascii=False, separators=(",", ":")), ch.txn],
     ).fetchone()
     if row is None:

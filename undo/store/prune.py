@@ -56,10 +56,13 @@ def prune(db: Database, before: str) -> PruneReport:
     for i in range(0, len(victims), BATCH):
         chunk = json.dumps(victims[i : i + BATCH])
         with db.atomic():
-            cur = db.execute(
-                "DELETE FROM changes WHERE txn IN (SELECT value FROM json_each(?))", [chunk]
-            )
-            changes += cur.rowcount
+            for first, last in db.execute(
+                "SELECT first_change, last_change FROM transactions"
+                " WHERE id IN (SELECT value FROM json_each(?))",
+                [chunk],
+            ).fetchall():
+                cur = db.execute("DELETE FROM changes WHERE id BETWEEN ? AND ?", [first, last])
+                changes += cur.rowcount
             db.execute(
                 "DELETE FROM transactions WHERE id IN (SELECT value FROM json_each(?))", [chunk]
             )

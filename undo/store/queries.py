@@ -110,8 +110,10 @@ def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> l
         "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
         " r.table_name, r.columns, r.key_columns FROM changes c"
         " JOIN relations r ON r.id = c.relation"
-        " WHERE c.txn IN (SELECT value FROM json_each(?)) ORDER BY c.txn, c.ord"
-        " LIMIT ? OFFSET ?",
+        " WHERE c.id IN (SELECT c2.id FROM transactions t JOIN changes c2"
+        "   ON c2.id BETWEEN t.first_change AND t.last_change"
+        "   WHERE t.id IN (SELECT value FROM json_each(?)) ORDER BY c2.id LIMIT ? OFFSET ?)"
+        " ORDER BY c.id",
         [json.dumps(txn_ids), limit, offset],
     ):
         out.append(_change(r))
@@ -155,7 +157,8 @@ def changes_of(db: Database, txn_ids: list[int]) -> list[dict[str, Any]]:
                 db,
                 "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
                 " r.table_name, r.columns, r.key_columns FROM changes c"
-                " JOIN relations r ON r.id = c.relation WHERE c.txn = ? ORDER BY c.ord",
+                " JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = ?"
+                " WHERE c.id BETWEEN t.first_change AND t.last_change ORDER BY c.id",
                 [txn],
             )
         ]

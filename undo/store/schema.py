@@ -152,6 +152,31 @@ def m002_activity(db: Database) -> None:
     )
 
 
+@migrations()
+def m003_change_ranges(db: Database) -> None:
+    """A transaction's changes are one contiguous range of changes.id (capture allocates ids
+    in commit order), kept as first_change/last_change. This replaces the unique index on
+    (txn, ord), which cost about 10% of capture throughput (bench/capture)."""
+    db.executescript(
+        """
+        ALTER TABLE transactions ADD COLUMN first_change INTEGER;
+        ALTER TABLE transactions ADD COLUMN last_change INTEGER;
+        UPDATE transactions SET
+            first_change = (SELECT min(id) FROM changes WHERE txn = transactions.id),
+            last_change = (SELECT max(id) FROM changes WHERE txn = transactions.id);
+        DROP INDEX changes_position;
+        DROP VIEW change_log;
+        CREATE VIEW change_log AS
+            SELECT c.id, t.xid, t.commit_time, t.session_id, t.application_name, t.user_name,
+                   r.schema_name, r.table_name, c.op, c.key, r.columns, c.old, c.new, c.unchanged,
+                   t.statement
+              FROM transactions t
+              JOIN changes c ON c.id BETWEEN t.first_change AND t.last_change
+              JOIN relations r ON r.id = c.relation;
+        """
+    )
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)

@@ -30,7 +30,7 @@ from ..errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
 from ..store.schema import get_meta, open_store
 from ..store.writer import StoreWriter, record_gap
 from . import pgoutput, wal2json
-from .protocol import parse_keepalive, parse_xlogdata, status_update
+from .protocol import parse_keepalive, status_update
 from .records import Begin, Change, Commit, Message, Relation, Truncate
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ MARK_PREFIX = "undo.mark"
 BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
+STOP_CHECK_EVERY = 4096
 
 
 @dataclass(frozen=True)
@@ -267,8 +268,10 @@ class _Session:
         in_txn = False
         found_mark = False
         sock = pgconn.socket
+        countdown = STOP_CHECK_EVERY
+        stopping = False
         while True:
-            if should_stop() or found_mark:
+            if found_mark or stopping or (not in_txn and should_stop()):
                 if in_txn:
                     writer.abort()
                     self._forget_relations()
@@ -286,20 +289,24 @@ class _Session:
                 continue
             if n < 0:
                 raise ConnectionLost(pgconn.get_error_message())
-            frame = bytes(data)
-            kind = frame[0]
+            kind = data[0]
             if kind == 0x6B:  # 'k' keepalive
-                wal_end, reply = parse_keepalive(frame)
+                wal_end, reply = parse_keepalive(bytes(data))
                 if not in_txn:
                     writer.advance(wal_end)
                     self._send_status(pgconn, writer.flush())
                 elif reply:
                     self._send_status(pgconn, writer.position)
                 continue
-            if kind != 0x77:  # 'w'
+            if kind != 0x77:  # 'w': XLogData, the payload after a 25-byte header
                 continue
-            _, _, payload = parse_xlogdata(frame)
-            rec = decode(payload)
+            rec = decode(bytes(data[25:]))
+            countdown -= 1
+            if not countdown:
+                countdown = STOP_CHECK_EVERY
+                if should_stop():  # inside a long transaction: give it up, it is re-sent
+                    stopping = True
+                    continue
             if rec is None:
                 continue
             if type(rec) is Change:
