@@ -373,3 +373,93 @@ def test_second_consumer_is_refused(pgo):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_capture_reconnects_after_a_server_restart(pgo, tmp_path):
+    if pgo.cluster.temp is None:
+        pytest.skip("needs the throwaway cluster")
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    log = tmp_path / "capture.log"
+    e = dict(os.environ, UNDO_DSN=pgo.dsn, UNDO_STORE=pgo.store, UNDO_SLOT=pgo.slot)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "undo", "capture"], env=e, stdout=subprocess.DEVNULL, stderr=err
+        )
+        try:
+            pgo.sql("INSERT INTO t VALUES (1)")
+            time.sleep(1.0)
+            subprocess.run(
+                [*pgo.cluster.pg_ctl, "-m", "fast", "-w", "restart"],
+                check=True,
+                capture_output=True,
+            )
+            pgo.sql("INSERT INTO t VALUES (2)")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if pgo.store_rows("SELECT count(*) FROM changes") == [(2,)]:
+                    break
+                time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert pgo.store_rows("SELECT count(*), count(DISTINCT key) FROM changes") == [(2, 2)]
+    assert "reconnecting" in log.read_text()
+
+
+def test_idle_audited_tables_do_not_hold_wal_back(pgo):
+    pgo.sql(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE SCHEMA busy;"
+        " CREATE TABLE busy.log (id serial, v text)"
+    )
+    pgo.init()
+    pgo.sql("INSERT INTO busy.log (v) SELECT repeat('x', 1000) FROM generate_series(1, 20000)")
+    before = pgo.sql(
+        "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots"
+        " WHERE slot_name = %s",
+        (pgo.slot,),
+    )[0][0]
+    pgo.capture()
+    after = pgo.sql(
+        "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots"
+        " WHERE slot_name = %s",
+        (pgo.slot,),
+    )[0][0]
+    assert before > 10_000_000 and after < 100_000
+    assert pgo.store_rows("SELECT count(*) FROM changes") == [(0,)]
+
+
+def test_invalidated_slot_is_refused_and_recorded(pgo):
+    if pgo.cluster.temp is None:
+        pytest.skip("needs the throwaway cluster")
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    with psycopg.connect(pgo.cluster.admin_dsn, autocommit=True) as c:
+        c.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        c.execute("SELECT pg_reload_conf()")
+    try:
+        for _ in range(6):
+            pgo.sql(
+                "INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series(1, 3000) g"
+                " ON CONFLICT (id) DO UPDATE SET v = excluded.v || '!'"
+            )
+            pgo.sql("SELECT pg_switch_wal()")
+        pgo.sql("CHECKPOINT")
+        status = pgo.sql(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (pgo.slot,)
+        )
+        assert status == [("lost",)]
+        result = pgo.undo_cli("capture", "--once")
+        assert result.returncode == 1 and "invalidated" in result.stderr
+        assert pgo.store_rows("SELECT reason FROM gaps") == [
+            (f"slot {pgo.slot} invalidated (wal_status lost)",)
+        ]
+        again = pgo.undo_cli("init")
+        assert again.returncode == 0 and "gap" in again.stderr
+    finally:
+        with psycopg.connect(pgo.cluster.admin_dsn, autocommit=True) as c:
+            c.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            c.execute("SELECT pg_reload_conf()")
