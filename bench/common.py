@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from collections.abc import Callable
@@ -41,10 +42,22 @@ def median(xs: list[float]) -> float:
 
 
 def run_python(code: str, env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run Python code in a child; return (seconds, peak RSS in MB) of that child."""
+    """Run Python code in a child; return (seconds, peak RSS in MB) of that child.
+
+    The peak is the child's own VmHWM, read by the child at exit: getrusage's ru_maxrss
+    would count the RSS the child inherited from this (larger) process at fork.
+    """
+    fd, hwm_file = tempfile.mkstemp()
+    os.close(fd)
+    wrapped = code + (
+        "\nimport re as _re\n"
+        f"_s = open('/proc/self/status').read()\n"
+        f"open({hwm_file!r}, 'w').write(_re.search(r'VmHWM:\\s+(\\d+)', _s).group(1))\n"
+    )
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, **(env or {})))
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"child failed with status {status}")
-    return time.perf_counter() - t, usage.ru_maxrss // 1024
+    subprocess.run([sys.executable, "-c", wrapped], env=dict(os.environ, **(env or {})), check=True)
+    elapsed = time.perf_counter() - t
+    with open(hwm_file) as f:
+        kb = int(f.read())
+    os.remove(hwm_file)
+    return elapsed, kb // 1024

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -29,7 +30,7 @@ from .store.schema import open_store
 from .stream.protocol import iso
 
 log = logging.getLogger(__name__)
-COPY_CHUNK = 20_000
+COPY_CHUNK = 10_000
 OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
 
 
@@ -84,9 +85,13 @@ class _Walker:
         self.progress = progress
         self.done = 0
 
+    def settle(self) -> None:
+        """Wait for statements in flight before using the connection (see _Applier)."""
+
     def live(self, ch: StoredChange) -> LiveTable:
         t = self.tables.get(ch.table.id)
         if t is None:
+            self.settle()
             t = inverse.live_table(self.conn, ch.table)
             self.tables[ch.table.id] = t
         if ch.table.oid is not None:
@@ -96,7 +101,7 @@ class _Walker:
     def walk(self, plan: Plan, skip_unundoable: bool) -> None:
         run: list[StoredChange] = []
         for ch in changes(self.db, plan):
-            if ch.op == "T" or (ch.op in "UD" and ch.old is None):
+            if ch.op == "T" or (ch.op in "UD" and ch.old_text is None):
                 continue  # reported before the walk
             if run and (ch.op != "D" or ch.table.id != run[0].table.id or len(run) >= COPY_CHUNK):
                 self._flush(run)
@@ -105,23 +110,25 @@ class _Walker:
                 run.append(ch)
                 continue
             t = self.live(ch)
+            self.settle()
             if ch.op == "U":
                 self.revert_update(t, ch)
             else:
                 self.remove_insert(t, ch)
-            self._count(ch)
+            self._count()
         if run:
             self._flush(run)
+        self.settle()
 
     def _flush(self, run: list[StoredChange]) -> None:
         t = self.live(run[0])
         self.reinsert(t, run)
-        for ch in run:
-            self._count(ch)
+        self._count(len(run))
 
-    def _count(self, ch: StoredChange) -> None:
-        self.done += 1
-        if self.progress is not None and self.done % 1000 == 0:
+    def _count(self, n: int = 1) -> None:
+        before = self.done
+        self.done += n
+        if self.progress is not None and self.done // 1000 != before // 1000:
             self.progress(self.done)
 
     def conflict(self, ch: StoredChange, image: list[Value] | None, detail: str) -> None:
@@ -153,22 +160,55 @@ class _Params:
 
 
 class _Applier(_Walker):
+    """Applies on the connection. Runs of re-inserted rows are COPYed by a worker thread, one
+    savepoint per chunk, so the server parses one chunk while the next is read from the store
+    (psycopg releases the GIL on network I/O). Any other statement first settles the chunks in
+    flight; a chunk that hits a row that exists again is redone one row at a time."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="undo-copy")
+        self.inflight: deque[tuple[Future[None], LiveTable, list[StoredChange]]] = deque()
+
     def _exists(self, t: LiveTable, image: list[Value]) -> bool:
         p = _Params()
         q = inverse.select_for_update(t, image, p)
         return self.conn.execute(q, p.values).fetchone() is not None
 
+    def _copy(self, t: LiveTable, texts: list[str]) -> None:
+        with self.conn.transaction(), self.conn.cursor().copy(inverse.copy_statement(t)) as cp:
+            for i in range(0, len(texts), 2000):  # stream, so the server parses meanwhile
+                cp.write(inverse.copy_lines(t, texts[i : i + 2000]))
+
     def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
+        texts = [ch.old_text for ch in run if ch.old_text is not None]
+        self.inflight.append((self.copier.submit(self._copy, t, texts), t, run))
+        while len(self.inflight) > self.IN_FLIGHT:
+            self._settle_one()
+
+    def _settle_one(self) -> None:
+        future, t, run = self.inflight.popleft()
         try:
-            with self.conn.transaction(), self.conn.cursor().copy(inverse.copy_statement(t)) as cp:
-                for ch in run:
-                    assert ch.old is not None
-                    cp.write_row([ch.old[i] for i in t.writable])
-            for ch in run:
-                self.report.rows[(ch.table.qualified, "D")] += 1
-            return
+            future.result()
+            self.report.rows[(t.version.qualified, "D")] += len(run)
         except psycopg.errors.IntegrityError:
-            pass  # some row is back already: find which, one at a time
+            for later, _, _ in self.inflight:
+                later.exception()  # the connection must be idle before we use it here
+            self._reinsert_one_by_one(t, run)
+
+    def settle(self) -> None:
+        while self.inflight:
+            self._settle_one()
+
+    def close(self) -> None:
+        for future, _, _ in self.inflight:
+            future.exception()
+        self.copier.shutdown()
+
+    def _reinsert_one_by_one(self, t: LiveTable, run: list[StoredChange]) -> None:
+        """Some row of the run exists again: find which, one row at a time."""
         for ch in run:
             assert ch.old is not None
             if t.version.key is not None and self._exists(t, ch.old):
@@ -409,9 +449,11 @@ def _apply(
         report.undo_xid = int(row[0]) if row else None
         conn.commit()
     except BaseException:
+        walker.close()
         if not conn.closed:
             conn.rollback()
         raise
+    walker.close()
     report.applied = True
     with db.atomic():
         db.execute(
