@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any

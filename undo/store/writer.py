@@ -23,6 +23,8 @@ from .schema import get_meta
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _CHUNK = 5000
+#: Keep the activity aggregates. Only bench/serve turns this off, to measure what they cost.
+AGGREGATES = True
 
 _INSERT_CHANGES = (
     "INSERT INTO changes (id, txn, ord, relation, op, key, old, new, unchanged)"
@@ -214,6 +216,11 @@ class StoreWriter:
                 self.next_change - 1,
             ),
         )
+        if not AGGREGATES:
+            self.conn.execute("RELEASE txn")
+            self.next_txn += 1
+            self.batch_position = max(self.batch_position, commit.end_lsn)
+            return True
         minute = _minute(commit.commit_time)
         self.conn.executemany(
             "INSERT INTO activity (minute, application_name, session_id, relation, inserts,"

@@ -259,7 +259,7 @@ class _Session:
         cmd = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
             sql.Identifier(self.settings.slot), sql.SQL(pg.int_to_lsn(start)), opts
         )
-        pgconn.send_query(cmd.as_bytes(rconn))
+        pgconn.send_query(cmd.as_bytes(None))
         res = pgconn.get_result()
         if res is None or res.status != pq.ExecStatus.COPY_BOTH:
             msg = res.error_message.decode(errors="replace").strip() if res else "no answer"
