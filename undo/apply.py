@@ -321,19 +321,19 @@ _CHECK_FUNCTION = (
 
 
 def _unundoable(db: Any, plan: Plan) -> list[str]:
-    ids = [t["id"] for t in plan.transactions if t["truncates"] or t["updates"] or t["deletes"]]
     out: list[str] = []
     tables = set(plan.target.tables)
-    for i in range(0, len(ids), 500):
+    for txn in plan.transactions:
+        if not (txn["truncates"] or txn["updates"] or txn["deletes"]):
+            continue
         rows = db.execute(
-            "SELECT DISTINCT t.xid, r.schema_name || '.' || r.table_name, c.op"
-            " FROM transactions t JOIN changes c ON c.id BETWEEN t.first_change AND t.last_change"
-            " JOIN relations r ON r.id = c.relation"
-            " WHERE t.id IN (SELECT value FROM json_each(?))"
+            "SELECT DISTINCT r.schema_name || '.' || r.table_name, c.op FROM changes c"
+            " JOIN relations r ON r.id = c.relation WHERE c.id BETWEEN ? AND ?"
             " AND (c.op = 'T' OR (c.op IN ('U', 'D') AND c.old IS NULL))",
-            [json.dumps(ids[i : i + 500])],
+            [txn["first_change"], txn["last_change"]],
         ).fetchall()
-        for xid, table, op in rows:
+        xid = txn["xid"]
+        for table, op in rows:
             if tables and table not in tables:
                 continue
             why = (
