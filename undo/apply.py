@@ -98,7 +98,7 @@ class _Walker:
             self.touched.add(ch.table.oid)
         return t
 
-    def walk(self, plan: Plan, skip_unundoable: bool) -> None:
+    def walk(self, plan: Plan) -> None:
         run: list[StoredChange] = []
         for ch in changes(self.db, plan):
             if ch.op == "T" or (ch.op in "UD" and ch.old_text is None):
@@ -274,11 +274,9 @@ class _Printer(_Walker):
 
     def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
         self.emit(inverse.copy_statement(t))
-        for ch in run:
-            assert ch.old is not None
-            self.out.write(inverse.copy_line(t, ch.old))
-            self.report.rows[(ch.table.qualified, "D")] += 1
+        self.out.write(inverse.copy_lines(t, [ch.old_text for ch in run if ch.old_text]))
         self.out.write("\\.\n")
+        self.report.rows[(t.version.qualified, "D")] += len(run)
 
     def _hit(self, t: LiveTable, ch: StoredChange) -> sql.Composed:
         post = inverse.post_image(ch)
@@ -431,7 +429,7 @@ def _apply(
         ) from None
     walker = _Applier(conn, db, report, progress)
     try:
-        walker.walk(plan, on_conflict == "skip")
+        walker.walk(plan)
         if not fire_triggers:
             for name, q in inverse.foreign_key_checks(conn, walker.touched):
                 row = conn.execute(q).fetchone()
@@ -492,7 +490,7 @@ def _print(
         )
     out.write(_CHECK_FUNCTION + ";\n")
     walker = _Printer(out, conn, db, report, None)
-    walker.walk(plan, True)
+    walker.walk(plan)
     if not fire_triggers:
         for name, q in inverse.foreign_key_checks(conn, walker.touched):
             out.write(

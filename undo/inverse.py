@@ -142,18 +142,6 @@ def copy_statement(t: LiveTable) -> sql.Composed:
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def copy_line(t: LiveTable, row: Sequence[Value]) -> str:
-    """One row in COPY text format.
-
-    >>> from .plan import TableVersion
-    >>> tv = TableVersion(1, 1, "s", "t", ("a", "b"), ("text", "text"), None, False)
-    >>> copy_line(LiveTable(sql.Identifier("t"), tv, (0, 1), False), ["x\\ty", None])
-    'x\\\\ty\\t\\\\N\\n'
-    """
-    values = row if len(t.writable) == len(row) else [row[i] for i in t.writable]
-    return "\t".join([_copy_escape(v) for v in values]) + "\n"
-
-
 def copy_lines(t: LiveTable, texts: Sequence[str]) -> str:
     r"""Stored images (JSON arrays) -> COPY text lines, without building a value at a time.
 

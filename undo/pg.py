@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from .config import masked_dsn
 from .errors import DatabaseUnreachable, NotReady
@@ -101,12 +100,6 @@ def wal2json_numbers_as_strings(conn: psycopg.Connection[Any]) -> bool:
         )
 
 
-def current_lsn(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-    assert row is not None
-    return lsn_to_int(row[0])
-
-
 def lsn_to_int(text: str) -> int:
     """'16/B374D848' -> 97500059720.
 
@@ -124,7 +117,3 @@ def int_to_lsn(value: int) -> str:
     '16/B374D848'
     """
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
-def ident(*parts: str) -> sql.Identifier:
-    return sql.Identifier(*parts)

@@ -77,6 +77,9 @@ class StoreWriter:
         self.batch_changes = 0
         self.batch_position = self.position
         self.txn: _Txn | None = None
+        # per (minute, application, session, relation): inserts, updates, deletes, truncates,
+        # transactions of the batch, written with it (one upsert per key, not per transaction)
+        self.activity: dict[tuple[int, str, str, int], list[int]] = {}
 
     # -- relations ---------------------------------------------------------------------------
     def relation_id(self, rel: Relation, key: tuple[int, ...] | None, partial: bool) -> int:
@@ -216,35 +219,19 @@ class StoreWriter:
                 self.next_change - 1,
             ),
         )
-        if not AGGREGATES:
-            self.conn.execute("RELEASE txn")
-            self.next_txn += 1
-            self.batch_position = max(self.batch_position, commit.end_lsn)
-            return True
-        minute = _minute(commit.commit_time)
-        self.conn.executemany(
-            "INSERT INTO activity (minute, application_name, session_id, relation, inserts,"
-            " updates, deletes, truncates, transactions)"
-            " VALUES (?, coalesce(?, ''), coalesce(?, ''), ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (minute, application_name, session_id, relation) DO UPDATE SET"
-            " inserts = inserts + excluded.inserts, updates = updates + excluded.updates,"
-            " deletes = deletes + excluded.deletes, truncates = truncates + excluded.truncates,"
-            " transactions = transactions + excluded.transactions",
-            [
-                (
-                    minute,
-                    tag.get("application_name"),
-                    session.get("session_id"),
-                    rel_id,
-                    c["I"],
-                    c["U"],
-                    c["D"],
-                    c["T"],
-                    int(i == 0),
-                )
-                for i, (rel_id, c) in enumerate(per_table.items())
-            ],
-        )
+        if AGGREGATES:
+            minute = _minute(commit.commit_time)
+            app = tag.get("application_name") or ""
+            sid = session.get("session_id") or ""
+            for i, (rel_id, c) in enumerate(per_table.items()):
+                acc = self.activity.get((minute, app, sid, rel_id))
+                if acc is None:
+                    acc = self.activity[minute, app, sid, rel_id] = [0, 0, 0, 0, 0]
+                acc[0] += c["I"]
+                acc[1] += c["U"]
+                acc[2] += c["D"]
+                acc[3] += c["T"]
+                acc[4] += i == 0
         self.conn.execute("RELEASE txn")
         self.next_txn += 1
         self.batch_position = max(self.batch_position, commit.end_lsn)
@@ -264,11 +251,26 @@ class StoreWriter:
             self._open_batch()
             self.batch_position = lsn
 
+    def _write_activity(self) -> None:
+        """Add the batch's per-minute counts to the aggregates, in the batch's transaction."""
+        if self.activity:
+            self.conn.executemany(
+                "INSERT INTO activity (minute, application_name, session_id, relation, inserts,"
+                " updates, deletes, truncates, transactions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (minute, application_name, session_id, relation) DO UPDATE SET"
+                " inserts = inserts + excluded.inserts, updates = updates + excluded.updates,"
+                " deletes = deletes + excluded.deletes, truncates = truncates + excluded.truncates,"
+                " transactions = transactions + excluded.transactions",
+                [(*k, *v) for k, v in self.activity.items()],
+            )
+            self.activity.clear()
+
     def flush(self) -> int:
         """Commit the batch with its position; return the position now durable."""
         assert self.txn is None, "flush inside a source transaction"
         if self.batch_open:
             self._write_rows()
+            self._write_activity()
             if self.batch_position != self.position:
                 self.conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('position', ?)"

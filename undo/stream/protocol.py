@@ -11,15 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _PG_EPOCH_UNIX = 946684800
-_XLOG = struct.Struct(">QQQ")
 _KEEPALIVE = struct.Struct(">QQB")
 _STATUS = struct.Struct(">cQQQQB")
-
-
-def parse_xlogdata(msg: bytes) -> tuple[int, int, bytes]:
-    """'w' message -> (data_start, wal_end, payload)."""
-    start, end, _ = _XLOG.unpack_from(msg, 1)
-    return start, end, msg[25:]
 
 
 def parse_keepalive(msg: bytes) -> tuple[int, bool]:
