@@ -35,65 +35,56 @@ CREATE TABLE IF NOT EXISTS undo.audited (
 REVOKE ALL ON undo.audited FROM PUBLIC;
 GRANT SELECT ON undo.audited TO PUBLIC;
 
--- Emits the signed tag of the current transaction. SECURITY DEFINER so it can read the key;
--- a pinned search_path so no caller's object can stand in for a catalog one.
--- The session part (id, pid, start, user, client) is computed once per session and cached in
--- the setting undo.session together with a MAC bound to the backend pid, so a caller cannot
--- plant another session's identity there.
-CREATE OR REPLACE FUNCTION undo.emit_tag() RETURNS void
+-- The session part of the tag: id (the %c of log_line_prefix), pid, start, user, client, and a
+-- MAC over it bound to the backend pid, made with the key only this function can read.
+-- Computed once per session and cached in the setting undo.session. A caller can write that
+-- setting, but not a MAC that capture accepts for another session: a tag carrying a bad MAC is
+-- stored as untrusted. SECURITY DEFINER to read the key; a pinned search_path so no caller's
+-- object can stand in for a catalog one.
+CREATE OR REPLACE FUNCTION undo.session_tag() RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     k bytea;
-    cached text;
     frag text;
-    payload text;
 BEGIN
     SELECT s.key INTO k FROM undo.secret s;
-    cached := current_setting('undo.session', true);
-    IF cached IS NOT NULL AND length(cached) > 64 THEN
-        frag := left(cached, -64);
-        IF right(cached, 64) <> encode(sha256(k || convert_to(frag || ':' || pg_backend_pid(), 'UTF8')), 'hex') THEN
-            frag := NULL;
-        END IF;
-    END IF;
-    IF frag IS NULL THEN
-        SELECT json_build_object(
-                   'session_id', to_hex(trunc(extract(epoch FROM a.backend_start))::bigint) || '.' || to_hex(a.pid),
-                   'pid', a.pid,
-                   'backend_start', a.backend_start,
-                   'user', session_user,
-                   'client_addr', host(a.client_addr),
-                   'client_port', a.client_port)::text
-          INTO frag
-          FROM pg_stat_get_activity(pg_backend_pid()) a;
-        PERFORM set_config('undo.session',
-            frag || encode(sha256(k || convert_to(frag || ':' || pg_backend_pid(), 'UTF8')), 'hex'), false);
-    END IF;
-    payload := '{"v":1,"session":' || frag
-        || ',"application_name":' || to_json(current_setting('application_name'))::text
-        || ',"statement":' || coalesce(to_json(current_query())::text, 'null')
-        || ',"undo":' || coalesce(nullif(current_setting('undo.undoing', true), ''), 'null')
-        || '}';
-    PERFORM pg_logical_emit_message(true, 'undo',
-        encode(sha256(k || sha256(k || convert_to(payload, 'UTF8'))), 'hex') || payload);
-    -- Transaction-local: rolled back with a savepoint that held this tag, so it is emitted again.
-    PERFORM set_config('undo.tagged', '1', true);
+    SELECT json_build_object(
+               'session_id', to_hex(trunc(extract(epoch FROM a.backend_start))::bigint) || '.' || to_hex(a.pid),
+               'pid', a.pid,
+               'backend_start', a.backend_start,
+               'user', session_user,
+               'client_addr', host(a.client_addr),
+               'client_port', a.client_port)::text
+      INTO frag
+      FROM pg_stat_get_activity(pg_backend_pid()) a;
+    frag := encode(sha256(k || convert_to(frag || ':' || pg_backend_pid(), 'UTF8')), 'hex') || frag;
+    PERFORM set_config('undo.session', frag, false);
+    RETURN frag;
 END
 $fn$;
-REVOKE ALL ON FUNCTION undo.emit_tag() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION undo.emit_tag() TO PUBLIC;
+REVOKE ALL ON FUNCTION undo.session_tag() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION undo.session_tag() TO PUBLIC;
 
--- The statement trigger: a guard, then the tag once per transaction.
--- Runs as the caller, without SECURITY DEFINER, so the common path costs one setting read.
+-- The statement trigger's function: runs once per transaction (the trigger's WHEN skips the
+-- call once the transaction is tagged), as the caller. It emits one transactional message:
+-- the cached session part, a newline, then application_name, the top-level statement and,
+-- for an undo, what it undid. undo.tagged is transaction-local, so it is rolled back with a
+-- savepoint that held the tag, and the tag is emitted again.
 CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
-    IF pg_catalog.current_setting('undo.tagged', true) IS DISTINCT FROM '1' THEN
-        PERFORM undo.emit_tag();
-    END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'undo',
+                coalesce(nullif(pg_catalog.current_setting('undo.session', true), ''),
+                         undo.session_tag())
+                || E'\n{"application_name":'
+                || pg_catalog.to_json(pg_catalog.current_setting('application_name'))::text
+                || ',"statement":' || coalesce(pg_catalog.to_json(pg_catalog.current_query())::text, 'null')
+                || ',"undo":' || coalesce(nullif(pg_catalog.current_setting('undo.undoing', true), ''), 'null')
+                || '}'),
+            pg_catalog.set_config('undo.tagged', '1', true);
     RETURN NULL;
 END
 $fn$;
@@ -122,7 +113,8 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'undo_tag') THEN
         EXECUTE format('CREATE TRIGGER undo_tag BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION undo.tag()', rel);
+                       'FOR EACH STATEMENT WHEN (pg_catalog.current_setting(''undo.tagged'', true) '
+                       'IS DISTINCT FROM ''1'') EXECUTE FUNCTION undo.tag()', rel);
         changed := true;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'undo_tag' AND tgenabled <> 'A') THEN

@@ -92,30 +92,49 @@ def test_untagged_writes_are_stored_without_session(source):
     assert [(r[0], r[2]) for r in _changes(source)] == [(None, "none")]
 
 
-def test_forged_tag_is_not_trusted(source):
+def test_forged_tags_are_not_trusted(source):
     source.sql("CREATE TABLE t (id int PRIMARY KEY)")
     source.init()
     role = f"mallory_{source.dbname}"
     source.sql(f"CREATE ROLE {role} LOGIN; GRANT ALL ON t TO {role}")
-    forged = "0" * 64 + json.dumps(
-        {
-            "v": 1,
-            "session": {"session_id": "dead.beef", "user": "boss"},
-            "application_name": "cron",
-            "statement": "x",
-        }
-    )
+    victim = source.connect(application_name="cron")
+    victim.execute("INSERT INTO t VALUES (0)")  # a real, trusted session to pass as
+    victim_sid = _session_id(victim)
     params = dict(psycopg.conninfo.conninfo_to_dict(source.dsn), user=role)
-    with psycopg.connect(**params) as c:
-        c.execute("SET undo.tagged = '1'")  # silence the real tag
-        c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", (forged,))
-        c.execute("INSERT INTO t VALUES (1)")
+    with psycopg.connect(**params, autocommit=True) as c:
+        c.execute("INSERT INTO t VALUES (1)")  # mallory's own tag: genuine
+        mallory = _session_id(c)
+        own = c.execute("SELECT current_setting('undo.session')").fetchone()[0]
+        mac, fragment = own[:64], json.loads(own[64:])
+        fragment["session_id"] = victim_sid  # keep a valid MAC, change the session
+        for i, head in enumerate(
+            [
+                "0" * 64 + json.dumps({"session_id": victim_sid, "pid": 1}),
+                mac + json.dumps(fragment),
+            ]
+        ):
+            with c.transaction():
+                c.execute("SET LOCAL undo.tagged = '1'")  # silence the real tag
+                c.execute(
+                    "SELECT pg_logical_emit_message(true, 'undo', %s)",
+                    (head + "\n" + json.dumps({"application_name": "cron"}),),
+                )
+                c.execute("INSERT INTO t VALUES (%s)", (10 + i,))
+    victim.close()
     source.capture()
-    rows = _changes(source)
-    assert [(r[0], r[1], r[2]) for r in rows] == [("dead.beef", "cron", "untrusted")]
-    result = source.undo_cli("session", "dead.beef")
-    assert result.returncode == 1
-    assert "untrusted" in result.stderr
+    rows = [(json.loads(r[5])[0], r[0], r[2]) for r in _changes(source)]
+    assert rows == [
+        ("0", victim_sid, "trusted"),
+        ("1", mallory, "trusted"),
+        ("10", victim_sid, "untrusted"),
+        ("11", victim_sid, "untrusted"),
+    ]
+    result = source.undo_cli("session", victim_sid)
+    assert result.returncode == 0 and "left out 2 transaction(s) with an untrusted tag" in (
+        result.stderr
+    )
+    assert "\"id\" = '0'" in result.stdout
+    assert "'10'" not in result.stdout and "'11'" not in result.stdout
 
 
 def _expected_text(src, ids):

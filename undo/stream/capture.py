@@ -56,25 +56,29 @@ class ConnectionLost(Exception):
 
 
 def verify_tag(content: bytes, key: bytes | None) -> tuple[dict[str, Any], bool] | None:
-    """Split a tag message into its payload and whether its signature is good.
+    """Parse a tag message and check its session part's MAC.
 
-    The signature is sha256(key || sha256(key || payload)), 64 hex digits before the payload.
+    The message is ``MAC || session JSON || "\\n" || transaction JSON``, where MAC is
+    sha256(key || session JSON || ':' || pid) in hex, made once per session by
+    undo.session_tag(). Only the session part is signed: it is what attributes a change, and
+    a role can only ever see its own session's MAC.
     """
-    if len(content) < 65:
+    head, sep, rest = content.partition(b"\n")
+    if not sep or len(head) < 66:
         return None
-    sig, payload = content[:64], content[64:]
+    mac, fragment = head[:64], head[64:]
     try:
-        tag = json.loads(payload)
+        session = json.loads(fragment)
+        extra = json.loads(rest)
     except ValueError:
         return None
-    if not isinstance(tag, dict):
+    if not isinstance(session, dict) or not isinstance(extra, dict):
         return None
     trusted = False
     if key is not None:
-        inner = hashlib.sha256(key + payload).digest()
-        good = hashlib.sha256(key + inner).hexdigest().encode()
-        trusted = hmac.compare_digest(good, sig)
-    return tag, trusted
+        good = hashlib.sha256(key + fragment + b":" + str(session.get("pid")).encode())
+        trusted = hmac.compare_digest(good.hexdigest().encode(), mac)
+    return {**extra, "session": session}, trusted
 
 
 _KEY_QUERY = """
