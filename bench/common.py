@@ -20,13 +20,14 @@ ROW = (
 )
 
 
-def cluster() -> TempCluster:
+def cluster(**extra: str) -> TempCluster:
     return TempCluster(
         {
             "max_wal_size": "4GB",
             "checkpoint_timeout": "30min",
             "shared_buffers": "512MB",
             "wal_sender_timeout": "0",
+            **extra,
         }
     ).start()
 
