@@ -243,6 +243,12 @@ def show_group() -> None:
     """Show what a session or a transaction changed."""
 
 
+def _echo_images(change: dict[str, Any], indent: str) -> None:
+    for name in ("old", "new"):
+        if change[name] is not None:
+            click.echo(f"{indent}{name}: {change[name]}")
+
+
 def _print_show(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(render.to_json(result))
@@ -256,10 +262,7 @@ def _print_show(result: dict[str, Any], as_json: bool) -> None:
         click.echo(f"  statement: {t['statement']}")
         for c in t["changes"]:
             click.echo(f"  {c['op']:8} {c['table']} key={c['key']}")
-            if c["old"] is not None:
-                click.echo(f"    old: {c['old']}")
-            if c["new"] is not None:
-                click.echo(f"    new: {c['new']}")
+            _echo_images(c, "    ")
 
 
 @show_group.command("session")
@@ -425,10 +428,7 @@ def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: b
             f"  {r['application_name']}  {r['user']}"
         )
         click.echo(f"  statement: {r['statement']}")
-        if r["old"] is not None:
-            click.echo(f"  old: {r['old']}")
-        if r["new"] is not None:
-            click.echo(f"  new: {r['new']}")
+        _echo_images(r, "  ")
 
 
 @cli.command("activity")
