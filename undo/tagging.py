@@ -8,6 +8,7 @@ trigger calls for tables created later), creates the publication and the slot, a
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -68,9 +69,12 @@ def _tables(conn: psycopg.Connection[Any], schemas: list[str], tables: list[str]
 def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitReport:
     """Prepare the source database and the store; idempotent."""
     report = InitReport()
-    db = open_store(settings.store, create=True)
-    decoder = settings.decoder or get_meta(db, "decoder") or "pgoutput"
-    known = get_meta(db, "decoder")
+    # an existing store remembers its decoder; a new one is created only once the source passed
+    # its checks, so a refused init leaves nothing behind
+    known = (
+        get_meta(open_store(settings.store), "decoder") if os.path.exists(settings.store) else None
+    )
+    decoder = settings.decoder or known or "pgoutput"
     if known is not None and known != decoder:
         raise UndoError(
             f"the store at {settings.store} was made with decoder {known}: use --decoder {known}"
@@ -80,6 +84,7 @@ def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitRepor
         schemas = ["public"]
     with pg.connect(settings.dsn) as conn:
         report.warnings += pg.check_ready(conn, decoder)
+        db = open_store(settings.store, create=True)
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         superuser = bool(row and row[0])
         numbers_as_strings = decoder == "wal2json" and pg.wal2json_numbers_as_strings(conn)
