@@ -42,17 +42,24 @@ def _time(text: str) -> str:
     return iso(datetime.fromisoformat(text))
 
 
-def _text(value: Any, typ: str) -> str:
-    """One wal2json value -> the JSON token of its PostgreSQL text form."""
-    if value is None:
-        return NULL
-    if value is True:
-        return '"t"'
-    if value is False:
-        return '"f"'
-    if typ == "bytea":
-        return _token("\\x" + str(value))
-    return _token(str(value))  # strings as sent, numbers as their exact digits
+def _tokens(cols: list[dict[str, Any]]) -> list[str]:
+    """wal2json columns -> the JSON tokens of their PostgreSQL text forms (one loop, no call
+    per value: this is the decoder's hot path)."""
+    out: list[str] = []
+    append = out.append
+    for c in cols:
+        v = c.get("value")
+        if v is None:
+            append(NULL)
+        elif v is True:
+            append('"t"')
+        elif v is False:
+            append('"f"')
+        elif c["type"] == "bytea":
+            append(_token("\\x" + v))
+        else:
+            append(_token(v))  # strings as sent, numbers as their exact digits (parse_* = str)
+    return out
 
 
 class Wal2JsonDecoder:
@@ -80,15 +87,16 @@ class Wal2JsonDecoder:
         if action == "I":
             cols = doc["columns"]
             rel = self._relation(doc, cols)
-            return Change(rel, "I", None, [_text(c.get("value"), c["type"]) for c in cols])
+            return Change(rel, "I", None, _tokens(cols))
         if action == "U":
             ident = doc.get("identity") or []
             cols = doc["columns"]
-            full = {c["name"] for c in ident} >= {c["name"] for c in cols}
-            if not ident or not full:
-                rel = self._relation(doc, cols)
-                new = [_text(c.get("value"), c["type"]) for c in cols]
-                return Change(rel, "U", None, new)
+            if len(cols) == len(ident):  # the common case: nothing left out of the new tuple
+                rel = self._relation(doc, ident)
+                if all(a["name"] == b["name"] for a, b in zip(cols, ident, strict=True)):
+                    return Change(rel, "U", _tokens(ident), _tokens(cols))
+            if not ident or not {c["name"] for c in ident} >= {c["name"] for c in cols}:
+                return Change(self._relation(doc, cols), "U", None, _tokens(cols))
             rel = self._relation(doc, ident)
             by_name = {c["name"]: c for c in cols}
             new_values: list[str] = []
@@ -101,13 +109,12 @@ class Wal2JsonDecoder:
                         unchanged = []
                     unchanged.append(i)
                 else:
-                    new_values.append(_text(n.get("value"), n["type"]))
-            old = [_text(c.get("value"), c["type"]) for c in ident]
-            return Change(rel, "U", old, new_values, unchanged)
+                    new_values += _tokens([n])
+            return Change(rel, "U", _tokens(ident), new_values, unchanged)
         if action == "D":
             ident = doc.get("identity") or []
             rel = self._relation(doc, ident)
-            return Change(rel, "D", [_text(c.get("value"), c["type"]) for c in ident], None)
+            return Change(rel, "D", _tokens(ident), None)
         if action == "B":
             return Begin(int(doc["xid"]), parse_lsn(doc["lsn"]), _time(doc["timestamp"]))
         if action == "C":
