@@ -34,13 +34,9 @@ class Command(click.Command):
 
 
 class Group(click.Group):
-    command_class = Command
+    """Every command under it, nested groups' included, translates UndoError (Command)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except UndoError as e:
-            raise _UserError(str(e), e.exit_code) from None
+    command_class = Command
 
 
 Group.group_class = Group
@@ -244,9 +240,17 @@ def show_group() -> None:
 
 
 def _echo_images(change: dict[str, Any], indent: str) -> None:
+    """Old and new values; long ones shortened (--json has them whole)."""
     for name in ("old", "new"):
         if change[name] is not None:
-            click.echo(f"{indent}{name}: {change[name]}")
+            shown = {k: _short(v) for k, v in change[name].items()}
+            click.echo(f"{indent}{name}: {shown}")
+
+
+def _short(value: str | None, limit: int = 120) -> str | None:
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value)} characters)"
 
 
 def _print_show(result: dict[str, Any], as_json: bool) -> None:
