@@ -9,6 +9,7 @@ the script stops at the first, so psql rolls it back where --apply would refuse.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import Counter, deque
@@ -119,6 +120,10 @@ class _Walker:
         if run:
             self._flush(run)
         self.settle()
+        self.finish()
+
+    def finish(self) -> None:
+        """The walk is over (see _Applier)."""
 
     def _flush(self, run: list[StoredChange]) -> None:
         t = self.live(run[0])
@@ -171,6 +176,8 @@ class _Applier(_Walker):
         super().__init__(*args)
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="undo-copy")
         self.inflight: deque[tuple[Future[None], LiveTable, list[StoredChange]]] = deque()
+        self.pipeline: Any = None  # psycopg Pipeline while updates and deletes are queued
+        self.pipeline_cm: Any = None
 
     def _exists(self, t: LiveTable, image: list[Value]) -> bool:
         p = _Params()
@@ -182,7 +189,21 @@ class _Applier(_Walker):
             for i in range(0, len(texts), 2000):  # stream, so the server parses meanwhile
                 cp.write(inverse.copy_lines(t, texts[i : i + 2000]))
 
+    def _pipelined(self) -> None:
+        """Updates and deletes are queued in pipeline mode: the next row's SELECT ... FOR
+        UPDATE goes out with them, one round trip per row instead of two. COPY cannot run in
+        pipeline mode, so a run of re-inserts leaves it first."""
+        if self.pipeline is None:
+            self.pipeline_cm = self.conn.pipeline()
+            self.pipeline = self.pipeline_cm.__enter__()
+
+    def finish(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline = None
+            self.pipeline_cm.__exit__(None, None, None)
+
     def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
+        self.finish()
         texts = [ch.old_text for ch in run if ch.old_text is not None]
         self.inflight.append((self.copier.submit(self._copy, t, texts), t, run))
         while len(self.inflight) > self.IN_FLIGHT:
@@ -206,6 +227,10 @@ class _Applier(_Walker):
         for future, _, _ in self.inflight:
             future.exception()
         self.copier.shutdown()
+        if self.pipeline is not None:  # leaving after an error: the caller rolls back
+            self.pipeline = None
+            with contextlib.suppress(psycopg.Error):
+                self.pipeline_cm.__exit__(None, None, None)
 
     def _reinsert_one_by_one(self, t: LiveTable, run: list[StoredChange]) -> None:
         """Some row of the run exists again: find which, one row at a time."""
@@ -221,7 +246,10 @@ class _Applier(_Walker):
     def _locked_row(self, t: LiveTable, ch: StoredChange) -> tuple[Any, list[Value]] | None:
         post = inverse.post_image(ch)
         p = _Params()
-        res = self.conn.execute(inverse.select_for_update(t, post, p), p.values).pgresult
+        cur = self.conn.execute(inverse.select_for_update(t, post, p), p.values)
+        if self.pipeline is not None:
+            self.pipeline.sync()  # send what is queued with this SELECT, wait for all of it
+        res = cur.pgresult  # raw text: values are compared as stored, never converted
         if res is None or res.ntuples == 0:
             self.conflict(ch, post, "the row is gone")
             return None
@@ -236,6 +264,7 @@ class _Applier(_Walker):
         return row[0], post
 
     def revert_update(self, t: LiveTable, ch: StoredChange) -> None:
+        self._pipelined()
         found = self._locked_row(t, ch)
         if found is None:
             return
@@ -247,6 +276,7 @@ class _Applier(_Walker):
         self.report.rows[(ch.table.qualified, "U")] += 1
 
     def remove_insert(self, t: LiveTable, ch: StoredChange) -> None:
+        self._pipelined()
         found = self._locked_row(t, ch)
         if found is None:
             return
