@@ -176,6 +176,7 @@ class _Applier(_Walker):
         super().__init__(*args)
         self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="undo-copy")
         self.inflight: deque[tuple[Future[None], LiveTable, list[StoredChange]]] = deque()
+        self.running = 0  # COPY chunks running in the worker (one at most)
         self.pipeline: Any = None  # psycopg Pipeline while updates and deletes are queued
         self.pipeline_cm: Any = None
 
@@ -185,9 +186,16 @@ class _Applier(_Walker):
         return self.conn.execute(q, p.values).fetchone() is not None
 
     def _copy(self, t: LiveTable, texts: list[str]) -> None:
-        with self.conn.transaction(), self.conn.cursor().copy(inverse.copy_statement(t)) as cp:
-            for i in range(0, len(texts), 2000):  # stream, so the server parses meanwhile
-                cp.write(inverse.copy_lines(t, texts[i : i + 2000]))
+        self.running += 1
+        try:
+            with (
+                self.conn.transaction(),
+                self.conn.cursor().copy(inverse.copy_statement(t)) as cp,
+            ):
+                for i in range(0, len(texts), 2000):  # stream, so the server parses meanwhile
+                    cp.write(inverse.copy_lines(t, texts[i : i + 2000]))
+        finally:
+            self.running -= 1
 
     def _pipelined(self) -> None:
         """Updates and deletes are queued in pipeline mode: the next row's SELECT ... FOR
@@ -222,6 +230,10 @@ class _Applier(_Walker):
     def settle(self) -> None:
         while self.inflight:
             self._settle_one()
+
+    def busy(self) -> bool:
+        """Whether the worker is running a COPY (settled or not)."""
+        return self.running > 0
 
     def close(self) -> None:
         for future, _, _ in self.inflight:
@@ -477,6 +489,11 @@ def _apply(
         report.undo_xid = int(row[0]) if row else None
         conn.commit()
     except BaseException:
+        # Ctrl-C or an error while a COPY chunk may still run (or wait on a lock) in the worker:
+        # cancel it on the server, or waiting for it below would wait for that lock.
+        if walker.busy() and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe(timeout=10)
         walker.close()
         if not conn.closed:
             conn.rollback()

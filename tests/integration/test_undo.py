@@ -327,3 +327,46 @@ def test_role_without_replica_role_is_told_the_grant(pgo):
     fired = pgo.undo_cli("--dsn", dsn, "session", sid, "--apply", "--fire-triggers")
     assert fired.returncode == 0, fired.stderr
     assert pgo.sql("SELECT id FROM t") == [(1,)]
+
+
+def test_ctrl_c_during_apply_rolls_back_everything(pgo):
+    """SIGINT while the undo waits on a lock: nothing stays applied, the process exits."""
+    import os
+    import signal
+    import sys
+    import time
+
+    pgo.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql(
+        "INSERT INTO a SELECT generate_series(1, 1000);"
+        " INSERT INTO b SELECT generate_series(1, 1000)"
+    )
+    sid = _as_session(pgo, "DELETE FROM a", "DELETE FROM b")
+    pgo.capture()
+    blocker = pgo.connect(autocommit=False)
+    blocker.execute("LOCK TABLE a IN ACCESS EXCLUSIVE MODE")  # undo does b first, then waits on a
+    env = dict(os.environ, UNDO_DSN=pgo.dsn, UNDO_STORE=pgo.store, UNDO_SLOT=pgo.slot)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "undo", "session", sid, "--apply", "--lock-timeout", "60s"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not pgo.sql(
+            "SELECT 1 FROM pg_locks WHERE relation = 'a'::regclass AND NOT granted"
+        ):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        blocker.rollback()
+        blocker.close()
+    assert pgo.sql("SELECT count(*) FROM a") == [(0,)]
+    assert pgo.sql("SELECT count(*) FROM b") == [(0,)]
+    assert pgo.store_rows("SELECT count(*) FROM undos") == [(0,)]
