@@ -488,7 +488,7 @@ def _apply(
         row = conn.execute("SELECT txid_current()").fetchone()
         report.undo_xid = int(row[0]) if row else None
         conn.commit()
-    except BaseException:
+    except BaseException as e:
         # Ctrl-C or an error while a COPY chunk may still run (or wait on a lock) in the worker:
         # cancel it on the server, or waiting for it below would wait for that lock.
         if walker.busy() and not conn.closed:
@@ -497,6 +497,12 @@ def _apply(
         walker.close()
         if not conn.closed:
             conn.rollback()
+        if isinstance(e, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+            raise Refused(
+                f"gave up waiting ({e.diag.message_primary}; --lock-timeout {lock_timeout},"
+                f" --statement-timeout {statement_timeout}): nothing changed; retry once the"
+                " other transaction is done, or raise the timeouts"
+            ) from None
         raise
     walker.close()
     report.applied = True

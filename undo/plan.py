@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlite_utils import Database
@@ -123,7 +123,6 @@ class Plan:
     target: Target
     transactions: list[dict[str, Any]]
     untrusted: int = 0
-    unundoable: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def txn_ids(self) -> list[int]:

@@ -9,6 +9,7 @@ from . import pg
 from .config import Settings
 from .store import queries
 from .store.schema import open_store
+from .stream.protocol import epoch
 
 
 def status(settings: Settings) -> dict[str, Any]:
@@ -36,16 +37,11 @@ def status(settings: Settings) -> dict[str, Any]:
                 "wal_held_bytes": slot[3],
             }
         )
-        now = conn.execute(
-            "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-        ).fetchone()
+        # the server's clock, not ours: commit times are the server's
+        now = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()
         result["lag_seconds"] = None
         if result["last_commit_time"] and now:
-            from datetime import datetime
-
-            a = datetime.fromisoformat(now[0].replace("Z", "+00:00"))
-            b = datetime.fromisoformat(result["last_commit_time"].replace("Z", "+00:00"))
-            result["lag_seconds"] = round((a - b).total_seconds(), 3)
+            result["lag_seconds"] = round(now[0] - epoch(result["last_commit_time"]), 3)
         result["unprepared_tables"] = (
             [
                 r[0]

@@ -370,3 +370,22 @@ def test_ctrl_c_during_apply_rolls_back_everything(pgo):
     assert pgo.sql("SELECT count(*) FROM a") == [(0,)]
     assert pgo.sql("SELECT count(*) FROM b") == [(0,)]
     assert pgo.store_rows("SELECT count(*) FROM undos") == [(0,)]
+
+
+def test_lock_timeout_is_refused_in_one_line_and_changes_nothing(pgo):
+    pgo.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)")
+    sid = _as_session(pgo, "DELETE FROM a", "DELETE FROM b")
+    pgo.capture()
+    blocker = pgo.connect(autocommit=False)
+    blocker.execute("LOCK TABLE a IN ACCESS EXCLUSIVE MODE")  # b goes back first, then a waits
+    try:
+        result = pgo.undo_cli("session", sid, "--apply", "--lock-timeout", "1s")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert result.returncode == 1
+    assert "gave up waiting" in result.stderr and "--lock-timeout 1s" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert pgo.sql("SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b)") == [(0, 0)]

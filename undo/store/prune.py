@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlite_utils import Database
+
+from ..stream.protocol import epoch
 
 BATCH = 500
 
@@ -66,7 +67,7 @@ def prune(db: Database, before: str) -> PruneReport:
             db.execute(
                 "DELETE FROM transactions WHERE id IN (SELECT value FROM json_each(?))", [chunk]
             )
-    minute = int(datetime.fromisoformat(before[:19]).replace(tzinfo=UTC).timestamp())
+    minute = int(epoch(before))
     with db.atomic():
         db.execute(
             "DELETE FROM activity WHERE minute + 60 <= ? AND (session_id = '' OR session_id NOT IN"

@@ -9,6 +9,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from ..errors import BadInput, NotFound
+from ..stream.protocol import epoch
 
 
 def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
@@ -298,7 +299,7 @@ def activity(
         raise BadInput(f"--by takes app, session or table, not {by!r}")
     since_minute = 0
     if since:
-        since_minute = int(datetime.fromisoformat(since[:19]).replace(tzinfo=UTC).timestamp())
+        since_minute = int(epoch(since))
     query = (
         f"SELECT a.minute / ? * ? AS bucket, {group} AS name, sum(a.inserts) AS inserts,"  # noqa: S608
         " sum(a.updates) AS updates, sum(a.deletes) AS deletes,"

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from ..stream.protocol import iso
+from ..stream.protocol import epoch, iso
 from ..stream.records import Begin, Change, Commit, Relation
 from .schema import get_meta
 
@@ -38,8 +38,7 @@ def _minute(iso_time: str) -> int:
     >>> _minute("1970-01-01T00:01:59.999999Z")
     60
     """
-    ts = datetime.fromisoformat(iso_time[:19]).replace(tzinfo=UTC)
-    return int(ts.timestamp()) // 60 * 60
+    return int(epoch(iso_time)) // 60 * 60
 
 
 class _Txn:

@@ -448,7 +448,11 @@ def capture(
                     writer.flush()
                 attempt += 1
                 if should_stop() or (max_attempts is not None and attempt > max_attempts):
-                    raise UndoError(f"lost the source database: {str(e).strip()}") from None
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else "closed"
+                    raise DatabaseUnreachable(
+                        f"lost the source database ({first}) after {attempt - 1} reconnect(s):"
+                        " check that it is up, then run `undo capture` again"
+                    ) from None
                 delay = min(30.0, 0.5 * 2**attempt)
                 log.warning(
                     "connection lost (%s); reconnecting in %.1fs (attempt %d)",

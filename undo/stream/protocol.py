@@ -40,6 +40,15 @@ def pg_time_to_iso(micros: int) -> str:
     return iso(PG_EPOCH + timedelta(microseconds=micros))
 
 
+def epoch(text: str) -> float:
+    """The store's time text -> Unix time.
+
+    >>> epoch("1970-01-01T00:01:00.500000Z")
+    60.5
+    """
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def iso(ts: datetime) -> str:
     """The store's time text: UTC, microseconds, 'Z'; fixed width, so it sorts as text."""
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -28,6 +28,7 @@ from ..errors import BadInput, NotFound, UndoError
 from ..pg import int_to_lsn
 from ..store import queries
 from ..store.schema import open_store
+from ..stream.protocol import epoch
 from ..timespec import parse_time
 from . import metrics
 
@@ -85,7 +86,7 @@ def chart(
     ``start`` is the first bucket (Unix time), ``count`` buckets of ``bucket`` seconds; buckets
     without writes are drawn empty, so the time axis is the range asked for.
     """
-    by_bucket = {int(_epoch(p["bucket"])): p for p in points}
+    by_bucket = {int(epoch(p["bucket"])): p for p in points}
     top = max([max(p[k] for k in OP_COLORS) for p in points] or [0]) or 1
     slot = width / count
     bar = max(1.0, slot / 3 - 0.5)
@@ -231,9 +232,9 @@ class App:
         db = open_store(self.settings.store)
         try:
             now = time.time()
-            span = now - _epoch(since)
+            span = now - epoch(since)
             bucket = max(60, int(span / 48) // 60 * 60)
-            first = int(_epoch(since)) // bucket * bucket
+            first = int(epoch(since)) // bucket * bucket
             count = int(now - first) // bucket + 1
             rows = queries.activity(db, by="app", since=since, bucket_seconds=bucket)
             health = queries.status(db)
@@ -251,7 +252,7 @@ class App:
         )
         lag = ""
         if health["last_commit_time"]:
-            lag = f"{time.time() - _epoch(health['last_commit_time']):.0f} s ago"
+            lag = f"{time.time() - epoch(health['last_commit_time']):.0f} s ago"
         gaps = (
             "".join(
                 f"<li>{escape(g['detected_at'])}: {escape(g['reason'])}</li>"
@@ -474,10 +475,6 @@ def _cells(cols: list[str], values: dict[str, Any], changed: set[str]) -> str:
         f"<span class='{'changed' if k in changed else ''}'>{escape(k)}={_e(values.get(k))}</span>"
         for k in cols
     )
-
-
-def _epoch(iso_time: str) -> float:
-    return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
 
 
 def make_app(settings: Settings, token: str | None = None) -> App:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -13,6 +12,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .. import pg
 from ..config import Settings
 from ..store.schema import open_store
+from ..stream.protocol import epoch
 
 
 class StoreCollector(Collector):
@@ -55,7 +55,7 @@ class StoreCollector(Collector):
         finally:
             db.conn.close()
         if last:
-            ts = datetime.fromisoformat(last.replace("Z", "+00:00")).timestamp()
+            ts = epoch(last)
             yield GaugeMetricFamily(
                 "undo_last_commit_timestamp_seconds",
                 "Commit time of the last captured transaction",
