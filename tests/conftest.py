@@ -124,6 +124,21 @@ class Source:
                 ).fetchall()
             )
 
+    def nan_restorable(self) -> bool:
+        """pgoutput always; wal2json only where it can send numbers as strings (2.6+)."""
+        return self.decoder == "pgoutput" or self.store_rows(
+            "SELECT value FROM meta WHERE key = 'numbers_as_strings'"
+        ) == [("1",)]
+
+    def load_types(self) -> int:
+        """Fill `everything` (tests.fixtures) after init; returns how many rows it holds."""
+        from tests.fixtures import NAN_ROWS, TYPES_ROWS
+
+        rows = TYPES_ROWS + (NAN_ROWS if self.nan_restorable() else [])
+        for stmt in rows:
+            self.sql(stmt)
+        return len(rows)
+
     def store_rows(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
         import sqlite3
 

@@ -100,6 +100,16 @@ def wal2json_numbers_as_strings(conn: psycopg.Connection[Any]) -> bool:
         )
 
 
+def session_id(conn: psycopg.Connection[Any]) -> str:
+    """This connection's session id: the %c of log_line_prefix, as the tag records it."""
+    row = conn.execute(
+        "SELECT to_hex(trunc(extract(epoch FROM backend_start))::bigint) || '.' || to_hex(pid)"
+        " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def lsn_to_int(text: str) -> int:
     """'16/B374D848' -> 97500059720.
 

@@ -12,7 +12,8 @@ import time
 import psycopg
 import pytest
 
-from tests.fixtures import NAN_ROWS, TYPES_ROWS, TYPES_SCHEMA
+from tests.fixtures import TYPES_SCHEMA
+from undo.pg import session_id
 
 TYPE_COLUMNS = None
 
@@ -28,18 +29,11 @@ def _changes(src, table=None):
     return src.store_rows(q + " ORDER BY t.commit_lsn, c.ord", (table,) if table else ())
 
 
-def _session_id(conn):
-    return conn.execute(
-        "SELECT to_hex(trunc(extract(epoch FROM backend_start))::bigint) || '.' || to_hex(pid)"
-        " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-    ).fetchone()[0]
-
-
 def test_interleaved_sessions_are_attributed(source):
     source.sql("CREATE TABLE items (id int PRIMARY KEY, owner text)")
     source.init()
     conns = [source.connect(application_name=f"app{i}") for i in range(3)]
-    sids = [_session_id(c) for c in conns]
+    sids = [session_id(c) for c in conns]
     txs = [c.transaction() for c in conns]
     for tx in txs:
         tx.__enter__()
@@ -67,7 +61,7 @@ def test_rollbacks_leave_nothing_and_savepoints_keep_the_tag(source):
     source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     source.init()
     with source.connect(application_name="sp") as c:
-        sid = _session_id(c)
+        sid = session_id(c)
         c.autocommit = False
         c.execute("INSERT INTO t VALUES (1, 'rolled back')")
         c.rollback()
@@ -99,11 +93,11 @@ def test_forged_tags_are_not_trusted(source):
     source.sql(f"CREATE ROLE {role} LOGIN; GRANT ALL ON t TO {role}")
     victim = source.connect(application_name="cron")
     victim.execute("INSERT INTO t VALUES (0)")  # a real, trusted session to pass as
-    victim_sid = _session_id(victim)
+    victim_sid = session_id(victim)
     params = dict(psycopg.conninfo.conninfo_to_dict(source.dsn), user=role)
     with psycopg.connect(**params, autocommit=True) as c:
         c.execute("INSERT INTO t VALUES (1)")  # mallory's own tag: genuine
-        mallory = _session_id(c)
+        mallory = session_id(c)
         own = c.execute("SELECT current_setting('undo.session')").fetchone()[0]
         mac, fragment = own[:64], json.loads(own[64:])
         fragment["session_id"] = victim_sid  # keep a valid MAC, change the session
@@ -154,20 +148,12 @@ def _expected_text(src, ids):
         return rows
 
 
-def _nan_supported(src):
-    if src.decoder == "pgoutput":
-        return True
-    return src.store_rows("SELECT value FROM meta WHERE key = 'numbers_as_strings'") == [("1",)]
-
-
 def test_every_type_is_stored_as_its_text_form(source):
     source.sql(TYPES_SCHEMA)
     source.init()
-    rows = TYPES_ROWS + (NAN_ROWS if _nan_supported(source) else [])
-    for stmt in rows:
-        source.sql(stmt)
+    count = source.load_types()
     source.capture()
-    expected = _expected_text(source, range(1, len(rows) + 1))
+    expected = _expected_text(source, range(1, count + 1))
     stored = {json.loads(r[5])[0]: json.loads(r[5]) for r in _changes(source, "everything")}
     assert stored.keys() == expected.keys()
     for k in expected:
@@ -291,13 +277,10 @@ def test_init_is_idempotent_and_uninstall_removes_everything(pgo):
     ) == [(True, 0)]
 
 
-def _start_capture(src, env=None):
-    e = dict(os.environ, UNDO_DSN=src.dsn, UNDO_STORE=src.store, UNDO_SLOT=src.slot, **(env or {}))
+def _start_capture(src, stderr=subprocess.DEVNULL):
+    e = dict(os.environ, UNDO_DSN=src.dsn, UNDO_STORE=src.store, UNDO_SLOT=src.slot)
     return subprocess.Popen(
-        [sys.executable, "-m", "undo", "capture"],
-        env=e,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "undo", "capture"], env=e, stdout=subprocess.DEVNULL, stderr=stderr
     )
 
 
@@ -400,11 +383,8 @@ def test_capture_reconnects_after_a_server_restart(pgo, tmp_path):
     pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
     pgo.init()
     log = tmp_path / "capture.log"
-    e = dict(os.environ, UNDO_DSN=pgo.dsn, UNDO_STORE=pgo.store, UNDO_SLOT=pgo.slot)
     with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "undo", "capture"], env=e, stdout=subprocess.DEVNULL, stderr=err
-        )
+        proc = _start_capture(pgo, stderr=err)
         try:
             pgo.sql("INSERT INTO t VALUES (1)")
             time.sleep(1.0)

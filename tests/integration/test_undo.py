@@ -8,31 +8,19 @@ import subprocess
 import psycopg
 import pytest
 
-from tests.fixtures import HOSTILE_SCHEMA, NAN_ROWS, TYPES_ROWS, TYPES_SCHEMA
+from tests.fixtures import HOSTILE_SCHEMA, TYPES_SCHEMA
 from undo.apply import undo
 from undo.errors import NotFound, Refused
+from undo.pg import session_id
 from undo.plan import Target
-
-
-def _sid(conn):
-    return conn.execute(
-        "SELECT to_hex(trunc(extract(epoch FROM backend_start))::bigint) || '.' || to_hex(pid)"
-        " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-    ).fetchone()[0]
 
 
 def _as_session(src, *statements, app="script"):
     with src.connect(application_name=app) as c:
-        sid = _sid(c)
+        sid = session_id(c)
         for s in statements:
             c.execute(s.encode())
     return sid
-
-
-def _nan_ok(src):
-    return src.decoder == "pgoutput" or src.store_rows(
-        "SELECT value FROM meta WHERE key = 'numbers_as_strings'"
-    ) == [("1",)]
 
 
 def _apply(src, **target):
@@ -42,9 +30,7 @@ def _apply(src, **target):
 def test_every_type_round_trips_through_delete_update_insert(source):
     source.sql(TYPES_SCHEMA)
     source.init()
-    rows = TYPES_ROWS + (NAN_ROWS if _nan_ok(source) else [])
-    for stmt in rows:
-        source.sql(stmt)
+    source.load_types()
     before = source.snapshot("everything")
     sid = _as_session(
         source,
@@ -188,8 +174,7 @@ def test_conflict_skip_restores_the_rest(source):
 def test_printed_script_through_psql_equals_apply(source, tmp_path):
     source.sql(TYPES_SCHEMA)
     source.init()
-    for stmt in TYPES_ROWS + (NAN_ROWS if _nan_ok(source) else []):
-        source.sql(stmt)
+    source.load_types()
     before = source.snapshot("everything")
     sid = _as_session(
         source,

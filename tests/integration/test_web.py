@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from undo.errors import BadInput
+from undo.pg import session_id
 from undo.web import serve
 
 
@@ -25,10 +26,7 @@ def _scenario(src):
         )
         c.execute("UPDATE accounts SET plan = 'pro' WHERE id = 3")
     with src.connect(application_name="usage-metrics") as c:
-        sid = c.execute(
-            "SELECT to_hex(trunc(extract(epoch FROM backend_start))::bigint) || '.' || to_hex(pid)"
-            " FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-        ).fetchone()[0]
+        sid = session_id(c)
         c.execute("DELETE FROM accounts WHERE id % 5 = 0")
     src.capture()
     return sid
