@@ -100,9 +100,11 @@ DECLARE
     pub text;
     changed boolean := false;
 BEGIN
-    SELECT cl.relkind, cl.relreplident, cl.relispartition, n.nspname, cl.relname
+    SELECT cl.relkind, cl.relreplident, cl.relispartition, cl.relpersistence, n.nspname, cl.relname
       INTO c FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace WHERE cl.oid = rel;
-    IF c.relkind NOT IN ('r', 'p') THEN
+    -- A publication refuses unlogged and temporary tables (and foreign ones): their changes are
+    -- not in the WAL. init warns about them; status lists them.
+    IF c.relkind NOT IN ('r', 'p') OR c.relpersistence <> 'p' THEN
         RETURN false;
     END IF;
     INSERT INTO undo.audited (relid, prior_identity) VALUES (rel, c.relreplident)

@@ -1,22 +1,25 @@
 """Run an undo: print the inverse as a psql script, or apply it in one transaction.
 
-Both walk the same stream of stored changes, newest first, through the same builders
-(inverse.py). Runs of deleted rows go back with COPY; updates and inserts are reverted one
-row at a time after a row lock and a check that the row is as the undone change left it.
-``--apply`` collects every conflict (abort: roll back, report all; skip: undo the rest);
-the script stops at the first, so psql rolls it back where --apply would refuse.
+Both go through the same sequence (``_run``) built by the same builder (inverse.py): record the
+undo in the source's ledger, stage each table's changes with COPY, collapse them, then one
+statement per table and operation (undo inserts children first, then updates, then re-insert
+parents first), then check the foreign keys the undo touched. The applier runs each statement
+in a savepoint and compares the rows written with the rows expected; where they differ it
+rolls the statement back, asks which rows conflict, leaves them out and runs it again
+(``abort`` then rolls everything back and reports every conflict; ``skip`` commits the rest).
+The printer writes the same statements, each followed by the same count check, so psql stops
+at the first conflict and nothing is changed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections import Counter, deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import psycopg
@@ -25,14 +28,14 @@ from psycopg import sql
 from . import inverse, pg
 from .config import Settings
 from .errors import Refused
-from .inverse import LiveTable, Value
-from .plan import Plan, StoredChange, Target, changes, check_not_undone, later_writer, select
+from .inverse import Step, TableUndo
+from .plan import OP_NAMES, Plan, Target, changes, later_writer, load, select
 from .store.schema import open_store
-from .stream.protocol import iso
 
 log = logging.getLogger(__name__)
-COPY_CHUNK = 10_000
-OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
+COPY_CHUNK = 2000  # lines per write to the COPY stream
+MAX_ATTEMPTS = 3  # a statement whose rows keep changing under it is given up after this
+ALREADY_UNDONE = "UN001"  # SQLSTATE raised by undo.record_undo
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Conflict:
 
 @dataclass
 class UndoReport:
-    """What an undo did (or would do): rows per table and operation undone, what it refused."""
+    """What an undo did (or would do): rows per table and operation, what it refused."""
 
     applied: bool = False
     rows: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -57,8 +60,9 @@ class UndoReport:
     untrusted_skipped: int = 0
 
     def summary(self) -> list[str]:
+        verb = "undone" if self.applied else "to undo"
         lines = [
-            f"{n} {OP_NAMES[op]}(s) of {table} undone"
+            f"{n} {OP_NAMES[op]}(s) of {table} {verb}"
             for (table, op), n in sorted(self.rows.items())
         ]
         lines += [f"cannot undo: {x}" for x in self.not_undoable]
@@ -68,321 +72,234 @@ class UndoReport:
         return lines
 
 
-class _Walker:
-    """Shared walk over the changes; subclasses apply or print each step."""
+# -- the two runners ---------------------------------------------------------------------------
 
+
+class _Runner:
+    """What _run needs of a way to run the undo."""
+
+    def statement(self, q: sql.Composable) -> None:
+        raise NotImplementedError
+
+    def copy(self, q: sql.Composable, lines: Iterable[str]) -> None:
+        raise NotImplementedError
+
+    def step(self, step: Step, undo: TableUndo) -> None:
+        raise NotImplementedError
+
+    def fk_check(self, label: str, q: sql.Composable) -> None:
+        raise NotImplementedError
+
+
+class _Applier(_Runner):
     def __init__(
-        self,
-        conn: psycopg.Connection[Any],
-        db: Any,
-        report: UndoReport,
-        progress: Callable[[int], None] | None,
+        self, conn: psycopg.Connection[Any], db: Any, report: UndoReport, progress: Any
     ) -> None:
         self.conn = conn
         self.db = db
         self.report = report
-        self.tables: dict[int, LiveTable] = {}
-        self.touched: set[int] = set()
         self.progress = progress
-        self.done = 0
 
-    def settle(self) -> None:
-        """Wait for statements in flight before using the connection (see _Applier)."""
+    def statement(self, q: sql.Composable) -> None:
+        self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
 
-    def live(self, ch: StoredChange) -> LiveTable:
-        t = self.tables.get(ch.table.id)
-        if t is None:
-            self.settle()
-            t = inverse.live_table(self.conn, ch.table)
-            self.tables[ch.table.id] = t
-        if ch.table.oid is not None:
-            self.touched.add(ch.table.oid)
-        return t
+    def copy(self, q: sql.Composable, lines: Iterable[str]) -> None:
+        with self.conn.cursor().copy(q) as cp:
+            buf: list[str] = []
+            for line in lines:
+                buf.append(line)
+                if len(buf) >= COPY_CHUNK:
+                    cp.write("".join(buf))
+                    buf.clear()
+            if buf:
+                cp.write("".join(buf))
 
-    def walk(self, plan: Plan) -> None:
-        run: list[StoredChange] = []
-        for ch in changes(self.db, plan):
-            if ch.op == "T" or (ch.op in "UD" and ch.old_text is None):
-                continue  # reported before the walk
-            if run and (ch.op != "D" or ch.table.id != run[0].table.id or len(run) >= COPY_CHUNK):
-                self._flush(run)
-                run = []
-            if ch.op == "D":
-                run.append(ch)
-                continue
-            t = self.live(ch)
-            self.settle()
-            if ch.op == "U":
-                self.revert_update(t, ch)
-            else:
-                self.remove_insert(t, ch)
-            self._count()
-        if run:
-            self._flush(run)
-        self.settle()
-        self.finish()
+    def _one(self, q: sql.Composable) -> int:
+        row = self.conn.execute(q).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
-    def finish(self) -> None:
-        """The walk is over (see _Applier)."""
-
-    def _flush(self, run: list[StoredChange]) -> None:
-        t = self.live(run[0])
-        self.reinsert(t, run)
-        self._count(len(run))
-
-    def _count(self, n: int = 1) -> None:
-        before = self.done
-        self.done += n
-        if self.progress is not None and self.done // 1000 != before // 1000:
-            self.progress(self.done)
-
-    def conflict(self, ch: StoredChange, image: list[Value] | None, detail: str) -> None:
-        key = inverse.key_values(ch.table, image)
-        who = later_writer(self.db, ch, key)
-        self.report.conflicts.append(
-            Conflict(ch.table.qualified, inverse.describe_key(ch.table, image), f"{detail}; {who}")
+    def step(self, step: Step, undo: TableUndo) -> None:
+        counted = sql.SQL("WITH w AS ({}) SELECT count(*) FROM w").format(step.write)
+        seen: set[int] = set()
+        for _ in range(MAX_ATTEMPTS):
+            expected = self._one(step.expected)
+            if expected == 0:
+                return
+            self.conn.execute("SAVEPOINT undo_step")
+            written = self._one(counted)
+            if written == expected:
+                self.conn.execute("RELEASE SAVEPOINT undo_step")
+                self.report.rows[step.table.version.qualified, step.kind] += written
+                return
+            self.conn.execute("ROLLBACK TO SAVEPOINT undo_step")
+            found = self.conn.execute(step.diagnose).fetchall()
+            for net_id, change_id, image, reason in found:
+                if net_id not in seen:
+                    seen.add(net_id)
+                    self._conflict(step, int(change_id), image, reason)
+            if found:
+                self.conn.execute(
+                    sql.SQL("DELETE FROM {} n WHERE n.id = ANY ({})").format(
+                        undo.net, sql.Literal([int(r[0]) for r in found])
+                    )
+                )
+        raise Refused(
+            f"rows of {step.table.version.qualified} kept changing while the undo ran:"
+            " nothing changed; run it again"
         )
 
-    def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
-        raise NotImplementedError
+    def _conflict(self, step: Step, change_id: int, image: str, reason: str) -> None:
+        tv = step.table.version
+        values = load(image)
+        who = later_writer(self.db, tv, change_id, inverse.key_text(tv, values))
+        self.report.conflicts.append(
+            Conflict(tv.qualified, inverse.describe_image(tv, values), f"{reason}; {who}")
+        )
 
-    def revert_update(self, t: LiveTable, ch: StoredChange) -> None:
-        raise NotImplementedError
-
-    def remove_insert(self, t: LiveTable, ch: StoredChange) -> None:
-        raise NotImplementedError
-
-
-class _Params:
-    """A lit() that turns each value into a placeholder and keeps the parameters."""
-
-    def __init__(self) -> None:
-        self.values: list[Value] = []
-
-    def __call__(self, v: Value) -> sql.Composable:
-        self.values.append(v)
-        return sql.Placeholder()
+    def fk_check(self, label: str, q: sql.Composable) -> None:
+        row = self.conn.execute(q).fetchone()
+        if row is not None:
+            self.report.conflicts.append(
+                Conflict(label, str(row[0]), "foreign key would be violated")
+            )
 
 
-class _Applier(_Walker):
-    """Applies on the connection. Runs of re-inserted rows are COPYed by a worker thread, one
-    savepoint per chunk, so the server parses one chunk while the next is read from the store
-    (psycopg releases the GIL on network I/O). Any other statement first settles the chunks in
-    flight; a chunk that hits a row that exists again is redone one row at a time."""
-
-    IN_FLIGHT = 2
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="undo-copy")
-        self.inflight: deque[tuple[Future[None], LiveTable, list[StoredChange]]] = deque()
-        self.running = 0  # COPY chunks running in the worker (one at most)
-        self.pipeline: Any = None  # psycopg Pipeline while updates and deletes are queued
-        self.pipeline_cm: Any = None
-
-    def _exists(self, t: LiveTable, image: list[Value]) -> bool:
-        p = _Params()
-        q = inverse.select_for_update(t, image, p)
-        return self.conn.execute(q, p.values).fetchone() is not None
-
-    def _copy(self, t: LiveTable, texts: list[str]) -> None:
-        self.running += 1
-        try:
-            with (
-                self.conn.transaction(),
-                self.conn.cursor().copy(inverse.copy_statement(t)) as cp,
-            ):
-                for i in range(0, len(texts), 2000):  # stream, so the server parses meanwhile
-                    cp.write(inverse.copy_lines(t, texts[i : i + 2000]))
-        finally:
-            self.running -= 1
-
-    def _pipelined(self) -> None:
-        """Updates and deletes are queued in pipeline mode: the next row's SELECT ... FOR
-        UPDATE goes out with them, one round trip per row instead of two. COPY cannot run in
-        pipeline mode, so a run of re-inserts leaves it first."""
-        if self.pipeline is None:
-            self.pipeline_cm = self.conn.pipeline()
-            self.pipeline = self.pipeline_cm.__enter__()
-
-    def finish(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline = None
-            self.pipeline_cm.__exit__(None, None, None)
-
-    def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
-        self.finish()
-        texts = [ch.old_text for ch in run if ch.old_text is not None]
-        self.inflight.append((self.copier.submit(self._copy, t, texts), t, run))
-        while len(self.inflight) > self.IN_FLIGHT:
-            self._settle_one()
-
-    def _settle_one(self) -> None:
-        future, t, run = self.inflight.popleft()
-        try:
-            future.result()
-            self.report.rows[(t.version.qualified, "D")] += len(run)
-        except psycopg.errors.IntegrityError:
-            for later, _, _ in self.inflight:
-                later.exception()  # the connection must be idle before we use it here
-            self._reinsert_one_by_one(t, run)
-
-    def settle(self) -> None:
-        while self.inflight:
-            self._settle_one()
-
-    def busy(self) -> bool:
-        """Whether the worker is running a COPY (settled or not)."""
-        return self.running > 0
-
-    def close(self) -> None:
-        for future, _, _ in self.inflight:
-            future.exception()
-        self.copier.shutdown()
-        if self.pipeline is not None:  # leaving after an error: the caller rolls back
-            self.pipeline = None
-            with contextlib.suppress(psycopg.Error):
-                self.pipeline_cm.__exit__(None, None, None)
-
-    def _reinsert_one_by_one(self, t: LiveTable, run: list[StoredChange]) -> None:
-        """Some row of the run exists again: find which, one row at a time."""
-        for ch in run:
-            assert ch.old is not None
-            if t.version.key is not None and self._exists(t, ch.old):
-                self.conflict(ch, ch.old, "a row with this key exists again")
-                continue
-            p = _Params()
-            self.conn.execute(inverse.insert(t, ch.old, p), p.values)
-            self.report.rows[(ch.table.qualified, "D")] += 1
-
-    def _locked_row(self, t: LiveTable, ch: StoredChange) -> tuple[Any, list[Value]] | None:
-        post = inverse.post_image(ch)
-        p = _Params()
-        cur = self.conn.execute(inverse.select_for_update(t, post, p), p.values)
-        if self.pipeline is not None:
-            self.pipeline.sync()  # send what is queued with this SELECT, wait for all of it
-        res = cur.pgresult  # raw text: values are compared as stored, never converted
-        if res is None or res.ntuples == 0:
-            self.conflict(ch, post, "the row is gone")
-            return None
-        raw = [res.get_value(0, j) for j in range(res.nfields)]
-        row = [None if v is None else v.decode() for v in raw]
-        if row[1:] != post:
-            changed = [
-                c for c, a, b in zip(t.version.columns, row[1:], post, strict=True) if a != b
-            ]
-            self.conflict(ch, post, f"the row was changed ({', '.join(changed)})")
-            return None
-        return row[0], post
-
-    def revert_update(self, t: LiveTable, ch: StoredChange) -> None:
-        self._pipelined()
-        found = self._locked_row(t, ch)
-        if found is None:
-            return
-        p = _Params()
-        sets = inverse.revert_assignments(t, ch, p)
-        if sets is not None:
-            q = sql.SQL("UPDATE {} SET {} WHERE ctid = {}").format(t.ident, sets, sql.Placeholder())
-            self.conn.execute(q, [*p.values, found[0]])
-        self.report.rows[(ch.table.qualified, "U")] += 1
-
-    def remove_insert(self, t: LiveTable, ch: StoredChange) -> None:
-        self._pipelined()
-        found = self._locked_row(t, ch)
-        if found is None:
-            return
-        self.conn.execute(sql.SQL("DELETE FROM {} WHERE ctid = %s").format(t.ident), [found[0]])
-        self.report.rows[(ch.table.qualified, "I")] += 1
-
-
-class _Printer(_Walker):
-    def __init__(self, out: TextIO, *args: Any) -> None:
-        super().__init__(*args)
+class _Printer(_Runner):
+    def __init__(self, out: TextIO, conn: psycopg.Connection[Any], report: UndoReport) -> None:
         self.out = out
+        self.conn = conn
+        self.report = report
 
-    def lit(self, v: Value) -> sql.Composable:
-        return sql.Literal(v)
-
-    def emit(self, q: sql.Composable) -> None:
+    def statement(self, q: sql.Composable) -> None:
         self.out.write(q.as_string(self.conn) + ";\n")
 
-    def check(self, cte: sql.Composable, message: str) -> None:
-        self.emit(
-            sql.SQL("WITH {} SELECT pg_temp.undo_check(count(*) = 1, {}) FROM done").format(
-                cte, sql.Literal(message)
+    def copy(self, q: sql.Composable, lines: Iterable[str]) -> None:
+        self.statement(q)
+        for line in lines:
+            self.out.write(line)
+        self.out.write("\\.\n")
+
+    def step(self, step: Step, undo: TableUndo) -> None:
+        tv = step.table.version
+        idx = tv.key if tv.key is not None else range(min(len(tv.columns), 5))
+        describe = sql.SQL(" || ', ' || ").join(
+            sql.SQL("{} || coalesce(d.img::jsonb ->> {}, 'NULL')").format(
+                sql.Literal(f"{tv.columns[i]}="), sql.Literal(i)
+            )
+            for i in idx
+        )
+        self.statement(
+            sql.SQL(
+                "WITH w AS ({write}) SELECT CASE WHEN (SELECT count(*) FROM w) = ({expected})"
+                " THEN NULL ELSE pg_temp.undo_fail({label} || array_to_string(ARRAY("
+                "SELECT d.reason || ' (' || {describe} || ')' FROM ({diagnose}) AS d(id, seq,"
+                " img, reason) LIMIT 10), '; ')) END"
+            ).format(
+                write=step.write,
+                expected=step.expected,
+                label=sql.Literal(
+                    f"undo conflict, nothing was changed: {tv.qualified}: {OP_NAMES[step.kind]}s"
+                    " cannot be undone: "
+                ),
+                describe=describe,
+                diagnose=step.diagnose,
+            )
+        )
+        self.report.rows[tv.qualified, step.kind] += 0
+
+    def fk_check(self, label: str, q: sql.Composable) -> None:
+        self.statement(
+            sql.SQL("SELECT pg_temp.undo_fail({} || v) FROM ({}) AS x(v)").format(
+                sql.Literal(f"undo: foreign key would be violated: {label}: "), q
             )
         )
 
-    def reinsert(self, t: LiveTable, run: list[StoredChange]) -> None:
-        self.emit(inverse.copy_statement(t))
-        self.out.write(inverse.copy_lines(t, [ch.old_text for ch in run if ch.old_text]))
-        self.out.write("\\.\n")
-        self.report.rows[(t.version.qualified, "D")] += len(run)
 
-    def _hit(self, t: LiveTable, ch: StoredChange) -> sql.Composed:
-        post = inverse.post_image(ch)
-        cols = sql.SQL(" AND ").join(
-            inverse.same_output(t.version.columns[i], post[i], self.lit) for i in range(len(post))
-        )
-        return sql.SQL("hit AS (SELECT ctid FROM {} WHERE {} AND {} LIMIT 1 FOR UPDATE)").format(
-            t.ident, inverse.locate(t, post, self.lit), cols
-        )
-
-    def _message(self, ch: StoredChange) -> str:
-        return (
-            f"undo conflict: {ch.table.qualified} "
-            f"({inverse.describe_key(ch.table, inverse.post_image(ch))}) changed since xid "
-            f"{ch.xid}"
-        )
-
-    def revert_update(self, t: LiveTable, ch: StoredChange) -> None:
-        sets = inverse.revert_assignments(t, ch, self.lit) or sql.SQL("{} = {}").format(
-            sql.Identifier(t.version.columns[0]), sql.Identifier(t.version.columns[0])
-        )
-        cte = sql.SQL(
-            "{}, done AS (UPDATE {} AS x SET {} FROM hit WHERE x.ctid = hit.ctid RETURNING 1)"
-        ).format(self._hit(t, ch), t.ident, sets)
-        self.check(cte, self._message(ch))
-        self.report.rows[(ch.table.qualified, "U")] += 1
-
-    def remove_insert(self, t: LiveTable, ch: StoredChange) -> None:
-        cte = sql.SQL(
-            "{}, done AS (DELETE FROM {} AS x USING hit WHERE x.ctid = hit.ctid RETURNING 1)"
-        ).format(self._hit(t, ch), t.ident)
-        self.check(cte, self._message(ch))
-        self.report.rows[(ch.table.qualified, "I")] += 1
-
-
-_CHECK_FUNCTION = (
-    "CREATE FUNCTION pg_temp.undo_check(ok boolean, message text) RETURNS void"
-    " LANGUAGE plpgsql AS $$ BEGIN IF NOT ok THEN RAISE EXCEPTION '%', message; END IF; END $$"
+_FAIL_FUNCTION = (
+    "CREATE FUNCTION pg_temp.undo_fail(message text) RETURNS void"
+    " LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '%', message; END $$"
 )
 
 
-def _unundoable(db: Any, plan: Plan) -> list[str]:
-    out: list[str] = []
-    tables = set(plan.target.tables)
-    for txn in plan.transactions:
-        if not (txn["truncates"] or txn["updates"] or txn["deletes"]):
-            continue
-        rows = db.execute(
-            "SELECT DISTINCT r.schema_name || '.' || r.table_name, c.op FROM changes c"
-            " JOIN relations r ON r.id = c.relation WHERE c.id BETWEEN ? AND ?"
-            " AND (c.op = 'T' OR (c.op IN ('U', 'D') AND c.old IS NULL))",
-            [txn["first_change"], txn["last_change"]],
-        ).fetchall()
-        xid = txn["xid"]
-        for table, op in rows:
-            if tables and table not in tables:
-                continue
-            why = (
-                "TRUNCATE cannot be undone from the change stream"
-                if op == "T"
-                else "no full old row (the table lacked REPLICA IDENTITY FULL)"
+# -- the sequence both run ---------------------------------------------------------------------
+
+
+def _settings(
+    fire_triggers: bool, lock_timeout: str, statement_timeout: str, target: Target
+) -> list[sql.Composed]:
+    pairs = [("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)]
+    pairs += list(pg.PINNED_SETTINGS.items())
+    pairs.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
+    if not fire_triggers:
+        pairs.append(("session_replication_role", "replica"))
+    return [
+        sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
+        for k, v in pairs
+    ]
+
+
+def _ledger_call(plan: Plan) -> sql.Composed:
+    """undo.record_undo(target, [[commit LSN, table OID, op, xid], ...])."""
+    by_id = {t["id"]: t for t in plan.transactions}
+    entries = sorted(
+        {
+            (
+                pg.int_to_lsn(by_id[txn]["commit_lsn"]),
+                plan.tables[rel].oid,
+                op,
+                by_id[txn]["xid"],
             )
-            out.append(f"{table} in xid {xid}: {why}")
-    return out
+            for (txn, rel, op) in plan.counts
+        },
+        key=lambda e: (pg.lsn_to_int(e[0]), e[1] or 0, e[2]),
+    )
+    return sql.SQL("SELECT undo.record_undo({}::jsonb, {}::jsonb)").format(
+        sql.Literal(json.dumps(plan.target.describe())),
+        sql.Literal(json.dumps([list(e) for e in entries], separators=(",", ":"))),
+    )
+
+
+def _counted(
+    lines: Iterator[str], progress: Callable[[int], None] | None, done: list[int]
+) -> Iterator[str]:
+    """Report progress in images staged (an update has two)."""
+    for line in lines:
+        yield line
+        done[0] += 1
+        if progress is not None and done[0] % 10_000 == 0:
+            progress(done[0])
+
+
+def _run(
+    runner: _Runner,
+    conn: psycopg.Connection[Any],
+    db: Any,
+    plan: Plan,
+    tables: dict[int, inverse.LiveTable],
+    fire_triggers: bool,
+    progress: Callable[[int], None] | None,
+) -> None:
+    runner.statement(_ledger_call(plan))
+    oids = {tables[r].version.oid: r for r in tables}
+    order = [oids[o] for o in inverse.fk_order(conn, [o for o in oids if o is not None])]
+    undos: dict[int, TableUndo] = {}
+    done = [0]
+    for n, rel in enumerate(order, 1):
+        u = undos[rel] = TableUndo(tables[rel], n)
+        runner.statement(u.create_stage())
+        runner.copy(u.copy_stage(), _counted(u.lines(changes(db, plan, rel)), progress, done))
+        runner.statement(u.analyze())
+        runner.statement(u.build_net())
+    steps = {rel: u.steps() for rel, u in undos.items()}
+    for kind, sequence in (("I", reversed(order)), ("U", order), ("D", order)):
+        for rel in sequence:
+            if kind in steps[rel]:
+                runner.step(steps[rel][kind], undos[rel])
+    if not fire_triggers:
+        for label, q in inverse.foreign_key_checks(
+            conn, {u.t.version.oid: u for u in undos.values() if u.t.version.oid is not None}
+        ):
+            runner.fk_check(label, q)
 
 
 def undo(
@@ -399,29 +316,32 @@ def undo(
 ) -> UndoReport:
     """Build the inverse of the target's changes; print it to ``out`` or apply it.
 
-    Raises Refused (nothing changed) on conflicts with ``abort`` or on changes that cannot be
-    undone without ``skip``; with ``skip`` returns a report whose conflicts are not empty.
+    Raises Refused (nothing changed, nothing printed) on conflicts with ``abort``, on changes
+    already undone, or on changes that cannot be undone without ``skip``; with ``skip`` returns
+    a report whose conflicts are not empty.
     """
     db = open_store(settings.store)
     plan = select(db, target)
     report = UndoReport(untrusted_skipped=plan.untrusted if target.xids == () else 0)
-    report.not_undoable = _unundoable(db, plan)
+    report.not_undoable = plan.not_undoable
     if report.not_undoable and on_conflict != "skip":
         raise Refused(
             "cannot undo: "
             + "; ".join(report.not_undoable[:5])
             + " (use --on-conflict skip to undo the rest)"
         )
-    if apply:
-        check_not_undone(db, plan)
     conn = pg.connect(settings.dsn, autocommit=False, application_name="undo")
     try:
+        tables = {rel: inverse.live_table(conn, tv) for rel, tv in plan.tables.items()}
+        settings_sql = _settings(fire_triggers, lock_timeout, statement_timeout, plan.target)
         if apply:
-            report = _apply(
+            _apply(
                 conn,
                 db,
                 plan,
+                tables,
                 report,
+                settings_sql,
                 on_conflict,
                 fire_triggers,
                 lock_timeout,
@@ -430,37 +350,32 @@ def undo(
             )
         else:
             assert out is not None
-            _print(conn, db, plan, report, out, fire_triggers, lock_timeout, statement_timeout)
+            # spooled, so that a failure half-way leaves nothing on ``out`` that psql could run
+            with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+                _print(conn, db, plan, tables, report, settings_sql, spool, fire_triggers)
+                spool.seek(0)
+                shutil.copyfileobj(spool, out, 1 << 20)
     finally:
         conn.close()
     return report
-
-
-def _settings(
-    fire_triggers: bool, lock_timeout: str, statement_timeout: str, target: Target
-) -> list[tuple[str, str]]:
-    out = [("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)]
-    out += [(k, v) for k, v in pg.PINNED_SETTINGS.items()]
-    out.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
-    if not fire_triggers:
-        out.append(("session_replication_role", "replica"))
-    return out
 
 
 def _apply(
     conn: psycopg.Connection[Any],
     db: Any,
     plan: Plan,
+    tables: dict[int, inverse.LiveTable],
     report: UndoReport,
+    settings_sql: list[sql.Composed],
     on_conflict: str,
     fire_triggers: bool,
     lock_timeout: str,
     statement_timeout: str,
     progress: Callable[[int], None] | None,
-) -> UndoReport:
+) -> None:
     try:
-        for name, value in _settings(fire_triggers, lock_timeout, statement_timeout, plan.target):
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        for q in settings_sql:
+            conn.execute(q)
     except psycopg.errors.InsufficientPrivilege:
         conn.rollback()
         user = conn.info.user
@@ -469,18 +384,11 @@ def _apply(
             f" during the undo: run GRANT SET ON PARAMETER session_replication_role TO {user};"
             " (PostgreSQL 15+, as a superuser), or pass --fire-triggers"
         ) from None
-    walker = _Applier(conn, db, report, progress)
     try:
-        walker.walk(plan)
-        if not fire_triggers:
-            for name, q in inverse.foreign_key_checks(conn, walker.touched):
-                row = conn.execute(q).fetchone()
-                if row is not None:
-                    report.conflicts.append(
-                        Conflict(name, str(row[0]), "foreign key would be violated")
-                    )
+        _run(_Applier(conn, db, report, progress), conn, db, plan, tables, fire_triggers, progress)
         if report.conflicts and on_conflict != "skip":
             conn.rollback()
+            report.rows.clear()
             raise Refused(
                 f"{len(report.conflicts)} conflict(s), nothing changed:\n  "
                 + "\n  ".join(str(c) for c in report.conflicts)
@@ -489,14 +397,18 @@ def _apply(
         report.undo_xid = int(row[0]) if row else None
         conn.commit()
     except BaseException as e:
-        # Ctrl-C or an error while a COPY chunk may still run (or wait on a lock) in the worker:
-        # cancel it on the server, or waiting for it below would wait for that lock.
-        if walker.busy() and not conn.closed:
-            with contextlib.suppress(psycopg.Error):
-                conn.cancel_safe(timeout=10)
-        walker.close()
         if not conn.closed:
             conn.rollback()
+        if isinstance(e, psycopg.Error) and e.sqlstate == ALREADY_UNDONE:
+            raise Refused(e.diag.message_primary or str(e)) from None
+        if isinstance(e, psycopg.errors.UndefinedFunction) and "record_undo" in str(e):
+            raise Refused(
+                "the source database has no undo ledger yet: run `undo init` again to add it"
+            ) from None
+        if isinstance(e, psycopg.errors.UniqueViolation) and "ledger_live" in str(e):
+            raise Refused(
+                "another undo of these changes committed meanwhile: nothing changed"
+            ) from None
         if isinstance(e, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
             raise Refused(
                 f"gave up waiting ({e.diag.message_primary}; --lock-timeout {lock_timeout},"
@@ -504,52 +416,34 @@ def _apply(
                 " other transaction is done, or raise the timeouts"
             ) from None
         raise
-    walker.close()
     report.applied = True
-    with db.atomic():
-        db.execute(
-            "INSERT INTO undos (applied_at, target, selection, undo_xid) VALUES (?, ?, ?, ?)",
-            [
-                iso(datetime.now(UTC)),
-                json.dumps(plan.target.describe()),
-                json.dumps(plan.txn_ids),
-                report.undo_xid,
-            ],
-        )
-    return report
 
 
 def _print(
     conn: psycopg.Connection[Any],
     db: Any,
     plan: Plan,
+    tables: dict[int, inverse.LiveTable],
     report: UndoReport,
+    settings_sql: list[sql.Composed],
     out: TextIO,
     fire_triggers: bool,
-    lock_timeout: str,
-    statement_timeout: str,
 ) -> None:
+    """Write the script. Everything that can refuse before the script runs (selection,
+    un-undoable changes, tables changed since capture) has been checked by now, so a refusal
+    never leaves a partial script on stdout; conflicts and an earlier undo stop it in psql."""
     out.write(
         f"-- undo of {json.dumps(plan.target.describe())}: "
         f"{len(plan.transactions)} transaction(s)\n"
+        "-- run with: psql -v ON_ERROR_STOP=1 -f -\n"
+        "\\set ON_ERROR_STOP on\n"
+        "SET application_name = 'undo';\nBEGIN;\n"
     )
-    out.write("-- run with: psql -v ON_ERROR_STOP=1 -f -\n")
-    out.write("SET application_name = 'undo';\nBEGIN;\n")
-    for name, value in _settings(fire_triggers, lock_timeout, statement_timeout, plan.target):
-        out.write(
-            sql.SQL("SELECT set_config({}, {}, true);\n")
-            .format(sql.Literal(name), sql.Literal(value))
-            .as_string(conn)
-        )
-    out.write(_CHECK_FUNCTION + ";\n")
-    walker = _Printer(out, conn, db, report, None)
-    walker.walk(plan)
-    if not fire_triggers:
-        for name, q in inverse.foreign_key_checks(conn, walker.touched):
-            out.write(
-                sql.SQL("SELECT pg_temp.undo_check(NOT EXISTS ({}), {});\n")
-                .format(q, sql.Literal(f"undo: foreign key would be violated: {name}"))
-                .as_string(conn)
-            )
+    printer = _Printer(out, conn, report)
+    for q in settings_sql:
+        printer.statement(q)
+    printer.statement(sql.SQL(_FAIL_FUNCTION))
+    _run(printer, conn, db, plan, tables, fire_triggers, None)
     out.write("COMMIT;\n")
+    report.rows = plan.rows()
     conn.rollback()

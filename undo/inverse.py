@@ -1,35 +1,74 @@
-"""Pure builders of the inverse of stored changes: SQL composed with psycopg.sql, never pasted.
+"""The inverse of a table's changes, set-based: one builder for the printed script and --apply.
 
-A value goes to PostgreSQL as an untyped literal or parameter, so the column's own input
-function parses the exact text capture stored. Rows are found by their key (primary key or a
-unique not-null index recorded at capture), else by the text of every column, one physical row
-at a time; the text form also serves types without an equality operator (json, xml, point).
+For each captured table version the selected changes are staged with COPY into a temporary
+table, one row per image (old image: side 0, new image: side 1), oldest first. PostgreSQL then
+collapses each row's chain (first old image, last new image) into a net table, and the undo is
+one statement per table and operation:
+
+- keyed tables (primary key, or a unique not-null index recorded at capture): net rows per key;
+  a key-changing update counts as a delete of the old key and an insert of the new one, so no
+  two net rows touch the same key.
+- keyless tables: rows are interchangeable, so the net is a multiset: per distinct image, how
+  many more (delete that many) or fewer (insert that many) the selection left.
+
+Every statement addresses exactly the relation captured (``ONLY``; rows named by key, or by
+``ctid`` inside that one relation) and folds its conflict check into the write: a row is
+touched only if it is as the undone change left it (every column's output text equal to the
+stored image), and the count of rows written is compared with the count expected. Values go
+in as stored text through each column's input function (COPY into columns of the column's own
+base type); nothing is pasted: identifiers and values are composed with psycopg.sql, and no
+query that holds an identifier is ever sent with parameters (so a ``%`` in a name is just a
+character).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _token
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from .errors import Refused
-from .plan import StoredChange, TableVersion, _scan
+from .plan import StoredChange, TableVersion, load
 
 Value = str | None
-Lit = Callable[[Value], sql.Composable]
+#: jsonb_build_array is variadic, and a function takes at most 100 arguments
+_MAX_ARGS = 100
 
 
 @dataclass(frozen=True)
 class LiveTable:
     """A recorded table version checked against the live catalog."""
 
-    ident: sql.Identifier
     version: TableVersion
+    ident: sql.Identifier
+    partitioned: bool  # relkind 'p': a foreign key to it covers its partitions
     writable: tuple[int, ...]  # positions written back (generated columns left out)
-    identity_always: bool
+    identity_always: frozenset[int]  # GENERATED ALWAYS AS IDENTITY positions
+    stage_types: tuple[sql.Composable, ...]  # per position: base type (and collation)
+    types: tuple[str, ...]  # per position: format_type of the live column
+
+
+_COLUMNS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attidentity, a.attgenerated,
+       (WITH RECURSIVE d(t, m) AS (
+            SELECT a.atttypid, a.atttypmod
+            UNION ALL
+            SELECT y.typbasetype, y.typtypmod FROM pg_type y JOIN d ON y.oid = d.t
+             WHERE y.typtype = 'd')
+        SELECT format_type(d.t, d.m) FROM d JOIN pg_type y ON y.oid = d.t
+         WHERE y.typtype <> 'd'),
+       cn.nspname, co.collname, a.attcollation <> ty.typcollation AND a.attcollation <> 0
+  FROM pg_attribute a
+  JOIN pg_type ty ON ty.oid = a.atttypid
+  LEFT JOIN pg_collation co ON co.oid = a.attcollation
+  LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
+ WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum
+"""
 
 
 def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
@@ -37,7 +76,7 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
     row = None
     if tv.oid is not None:
         row = conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+            "SELECT n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n"
             " ON n.oid = c.relnamespace WHERE c.oid = %s",
             (tv.oid,),
         ).fetchone()
@@ -46,16 +85,11 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
             f"table {tv.qualified} is not the table captured (OID {tv.oid}): it was dropped,"
             " re-created or renamed since; undo will not write to it"
         )
-    attrs = conn.execute(
-        "SELECT attname, format_type(atttypid, atttypmod), attidentity, attgenerated"
-        " FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
-        " ORDER BY attnum",
-        (tv.oid,),
-    ).fetchall()
-    live = {name: (typ, ident, gen) for name, typ, ident, gen in attrs}
+    attrs = conn.execute(_COLUMNS, (tv.oid,)).fetchall()
+    live = {a[0]: a for a in attrs}
     recorded = dict(zip(tv.columns, tv.types, strict=True))
-    plain = [name for name, _, _, gen in attrs if gen == ""]
-    mismatched = [c for c in tv.columns if c not in live or live[c][0] != recorded[c]] + [
+    plain = [a[0] for a in attrs if a[3] == ""]
+    mismatched = [c for c in tv.columns if c not in live or live[c][1] != recorded[c]] + [
         c for c in plain if c not in recorded
     ]
     if mismatched:
@@ -63,115 +97,36 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
             f"the columns of {tv.qualified} changed since capture ({', '.join(mismatched)}):"
             " undo will not write to it"
         )
-    writable = tuple(i for i, c in enumerate(tv.columns) if live[c][2] == "")
-    always = any(live[tv.columns[i]][1] == "a" for i in writable)
-    return LiveTable(sql.Identifier(tv.schema, tv.name), tv, writable, always)
-
-
-def post_image(ch: StoredChange) -> list[Value]:
-    """The row as the change left it (unchanged TOAST values taken from the old image)."""
-    if ch.op == "I":
-        assert ch.new is not None
-        return ch.new
-    assert ch.new is not None and ch.old is not None
-    return [ch.old[i] if i in ch.unchanged else v for i, v in enumerate(ch.new)]
-
-
-def locate(t: LiveTable, image: Sequence[Value], lit: Lit) -> sql.Composed:
-    """WHERE clause finding the row that holds ``image``."""
-    tv = t.version
-    if tv.key is not None:
-        parts = [
-            sql.SQL("{} = {}").format(sql.Identifier(tv.columns[i]), lit(image[i]))
-            if image[i] is not None
-            else sql.SQL("{} IS NULL").format(sql.Identifier(tv.columns[i]))
-            for i in tv.key
-        ]
-    else:
-        parts = [same_output(tv.columns[i], image[i], lit) for i in range(len(tv.columns))]
-    return sql.SQL(" AND ").join(parts)
-
-
-def same_output(column: str, value: Value, lit: Lit) -> sql.Composed:
-    """The column prints as ``value`` (its output function, as capture stored it).
-
-    concat() calls the output function, unlike ::text, which for boolean gives 'true' and for
-    char(n) drops the padding; it also serves types without an equality operator.
-    """
-    if value is None:
-        return sql.SQL("{} IS NULL").format(sql.Identifier(column))
-    return sql.SQL("({0} IS NOT NULL AND concat({0}) = {1})").format(
-        sql.Identifier(column), lit(value)
+    stage: list[sql.Composable] = []
+    for c in tv.columns:
+        _, _, _, _, base, coll_schema, coll_name, own_collation = live[c]
+        t: sql.Composable = sql.SQL(base)  # format_type's own, quoted text
+        if own_collation:
+            t = sql.SQL("{} COLLATE {}").format(t, sql.Identifier(coll_schema, coll_name))
+        stage.append(t)
+    return LiveTable(
+        version=tv,
+        ident=sql.Identifier(tv.schema, tv.name),
+        partitioned=row[2] == "p",
+        writable=tuple(i for i, c in enumerate(tv.columns) if live[c][3] == ""),
+        identity_always=frozenset(i for i, c in enumerate(tv.columns) if live[c][2] == "a"),
+        stage_types=tuple(stage),
+        types=tuple(live[c][1] for c in tv.columns),
     )
 
 
-def select_for_update(t: LiveTable, image: Sequence[Value], lit: Lit) -> sql.Composed:
-    """Lock the row holding ``image``; its columns come back in text format, as stored."""
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in t.version.columns)
-    return sql.SQL("SELECT ctid, {} FROM {} WHERE {} LIMIT 1 FOR UPDATE").format(
-        cols, t.ident, locate(t, image, lit)
-    )
+# -- COPY text ---------------------------------------------------------------------------------
 
-
-def insert(t: LiveTable, row: Sequence[Value], lit: Lit) -> sql.Composed:
-    cols = [sql.Identifier(t.version.columns[i]) for i in t.writable]
-    return sql.SQL("INSERT INTO {} ({}){} VALUES ({})").format(
-        t.ident,
-        sql.SQL(", ").join(cols),
-        sql.SQL(" OVERRIDING SYSTEM VALUE") if t.identity_always else sql.SQL(""),
-        sql.SQL(", ").join(lit(row[i]) for i in t.writable),
-    )
-
-
-def revert_assignments(t: LiveTable, ch: StoredChange, lit: Lit) -> sql.Composed | None:
-    """SET list putting back the old values of the columns the update changed."""
-    assert ch.old is not None and ch.new is not None
-    sets = [
-        sql.SQL("{} = {}").format(sql.Identifier(t.version.columns[i]), lit(ch.old[i]))
-        for i in t.writable
-        if i not in ch.unchanged and ch.old[i] != ch.new[i]
-    ]
-    return sql.SQL(", ").join(sets) if sets else None
-
-
-def copy_statement(t: LiveTable) -> sql.Composed:
-    cols = sql.SQL(", ").join(sql.Identifier(t.version.columns[i]) for i in t.writable)
-    return sql.SQL("COPY {} ({}) FROM STDIN").format(t.ident, cols)
-
+_DIAGNOSE_POST = (
+    "SELECT n.id, n.post_seq, n.post_img::text, CASE WHEN EXISTS (SELECT 1 FROM ONLY {t} t"
+    " WHERE {kj}) THEN 'the row was changed since' ELSE 'the row is gone' END"
+    " FROM {net} n WHERE {cond} AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {m})"
+)
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def copy_lines(t: LiveTable, texts: Sequence[str]) -> str:
-    r"""Stored images (JSON arrays) -> COPY text lines, without building a value at a time.
-
-    JSON escapes every backslash, tab, newline and carriage return, so an image whose text has
-    no backslash holds none of the characters COPY must escape, and its values join as they are.
-
-    >>> from .plan import TableVersion
-    >>> tv = TableVersion(1, 1, "s", "t", ("a", "b"), ("text", "text"), None, False)
-    >>> t = LiveTable(sql.Identifier("t"), tv, (0, 1), False)
-    >>> copy_lines(t, ['["x",null]', '["a\\tb","c"]'])
-    'x\t\\N\na\\tb\tc\n'
-    """
-    scan = _scan
-    everything = len(t.writable) == len(t.version.columns)
-    out = []
-    for text in texts:
-        values = scan(text, 0)[0]
-        if not everything:
-            values = [values[i] for i in t.writable]
-        if "\\" in text:
-            out.append("\t".join([_copy_escape(v) for v in values]))
-        elif None in values:
-            out.append("\t".join(["\\N" if v is None else v for v in values]))
-        else:
-            out.append("\t".join(values))
-    out.append("")
-    return "\n".join(out)
-
-
-def _copy_escape(v: Value) -> str:
+def _copy_value(v: Value) -> str:
     """A value in COPY text format; most values need no escape, and `in` is cheap."""
     if v is None:
         return "\\N"
@@ -180,58 +135,443 @@ def _copy_escape(v: Value) -> str:
     return v
 
 
-def describe_key(tv: TableVersion, image: Sequence[Value] | None) -> str:
-    if image is None:
-        return "(no image)"
-    idx = tv.key if tv.key is not None else range(len(tv.columns))
-    return ", ".join(f"{tv.columns[i]}={image[i]}" for i in idx)[:200]
+def merged_new(old: list[Value], new: list[Value], unchanged: Iterable[int]) -> list[Value]:
+    """The row as an update left it: TOASTed values it left unchanged come from the old image.
+
+    >>> merged_new(["1", "big"], ["2", None], [1])
+    ['2', 'big']
+    """
+    out = list(new)
+    for i in unchanged:
+        out[i] = old[i]
+    return out
 
 
-def key_values(tv: TableVersion, image: Sequence[Value] | None) -> list[Value] | None:
-    if image is None or tv.key is None:
-        return None
-    return [image[i] for i in tv.key]
+def image_text(values: Sequence[Value]) -> str:
+    """An image as the store writes it: a JSON array of text forms (capture's own tokens).
+
+    >>> image_text(["a\\tb", None])
+    '["a\\\\tb",null]'
+    """
+    return "[" + ",".join("null" if v is None else _token(v) for v in values) + "]"
+
+
+# -- the builder -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One write of the undo: a statement, what it must write, and how to find what it could
+    not (conflicts). ``write`` returns one row per row written; ``diagnose`` returns
+    (net id, change id, image text, reason) per conflicting net row, as seen before the write."""
+
+    table: LiveTable
+    kind: str  # 'I' (undo of inserts: delete), 'U', 'D' (undo of deletes: re-insert)
+    write: sql.Composed
+    expected: sql.Composed
+    diagnose: sql.Composed
+
+
+class TableUndo:
+    """Staging, collapse and inverse statements for one table version (number ``n`` names its
+    temporary tables: pg_temp.undo_s<n> for the images, pg_temp.undo_n<n> for the net)."""
+
+    def __init__(self, table: LiveTable, n: int) -> None:
+        self.t = table
+        tv = table.version
+        self.keyed = tv.key is not None
+        self.key = tv.key or ()
+        self.stage = sql.Identifier("pg_temp", f"undo_s{n}")
+        self.net = sql.Identifier("pg_temp", f"undo_n{n}")
+        self.changed: set[int] = set()  # positions some update of the selection changed
+        self.ops: set[str] = set()
+        self._set_names: dict[str, sql.Composable] = {}  # the SET list's pieces (_assignments)
+
+    # staging ----------------------------------------------------------------------------------
+    def create_stage(self) -> sql.Composed:
+        cols = [sql.SQL("seq bigint"), sql.SQL("side smallint")]
+        cols += [
+            sql.SQL("{} {}").format(sql.Identifier(f"k{i}"), self.t.stage_types[i])
+            for i in self.key
+        ]
+        cols.append(sql.SQL("img jsonb"))
+        cols += [
+            sql.SQL("{} {}").format(sql.Identifier(f"c{i}"), self.t.stage_types[i])
+            for i in self.t.writable
+        ]
+        return sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(
+            self.stage, sql.SQL(", ").join(cols)
+        )
+
+    def copy_stage(self) -> sql.Composed:
+        return sql.SQL("COPY {} FROM STDIN").format(self.stage)
+
+    def lines(self, changes: Iterable[StoredChange]) -> Iterator[str]:
+        """COPY text for the changes, oldest first: one line per image."""
+        key, writable = self.key, self.t.writable
+        nulls = "\t".join(["\\N"] * len(writable))
+        changed, ops = self.changed, self.ops
+        for ch in changes:
+            ops.add(ch.op)
+            old = new = None
+            if ch.old is not None:
+                old = load(ch.old)
+                values = [_copy_value(old[i]) for i in writable]
+                keys = [_copy_value(old[i]) for i in key]
+                img = ch.old if "\\" not in ch.old else ch.old.replace("\\", "\\\\")
+                yield "\t".join([str(ch.id), "0", *keys, img, *values]) + "\n"
+            if ch.new is not None:
+                new = load(ch.new)
+                text = ch.new
+                if ch.unchanged and old is not None:
+                    new = merged_new(old, new, load(ch.unchanged))
+                    text = image_text(new)
+                keys = [_copy_value(new[i]) for i in key]
+                img = text if "\\" not in text else text.replace("\\", "\\\\")
+                yield "\t".join([str(ch.id), "1", *keys, img, nulls]) + "\n"
+            if old is not None and new is not None:
+                changed.update(i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b)
+
+    def analyze(self) -> sql.Composed:
+        return sql.SQL("ANALYZE {}").format(self.stage)
+
+    # collapse ---------------------------------------------------------------------------------
+    def build_net(self) -> sql.Composed:
+        """The net change per row: first old image, last new image (keyed), or per image how
+        many copies the selection added or removed (keyless)."""
+        cs = sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in self.t.writable)
+        if not self.keyed:
+            return sql.SQL(
+                "CREATE TEMP TABLE {net} ON COMMIT DROP AS"
+                " SELECT row_number() OVER () AS id, g.img, g.delta, g.seq, {o_cs}"
+                " FROM (SELECT img, sum(CASE WHEN side = 1 THEN 1 ELSE -1 END) AS delta,"
+                " max(seq) AS seq FROM {stage} GROUP BY img) g"
+                " LEFT JOIN (SELECT DISTINCT ON (img) img, {cs} FROM {stage} WHERE side = 0"
+                " ORDER BY img) o ON o.img = g.img WHERE g.delta <> 0"
+            ).format(
+                net=self.net,
+                stage=self.stage,
+                cs=cs,
+                o_cs=sql.SQL(", ").join(
+                    sql.SQL("o.{}").format(sql.Identifier(f"c{i}")) for i in self.t.writable
+                ),
+            )
+        ks = sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in self.key)
+        return sql.SQL(
+            "CREATE TEMP TABLE {net} ON COMMIT DROP AS"
+            " SELECT row_number() OVER () AS id, {a_ks}, a.seq AS pre_seq, a.side = 0 AS has_pre,"
+            " a.img AS pre_img, {a_cs}, b.seq AS post_seq, b.side = 1 AS has_post,"
+            " b.img AS post_img"
+            " FROM (SELECT DISTINCT ON ({ks}) * FROM {stage} ORDER BY {ks}, seq, side) a"
+            " JOIN (SELECT DISTINCT ON ({ks}) {ks}, seq, side, img FROM {stage}"
+            " ORDER BY {ks}, seq DESC, side DESC) b ON {ab}"
+            " WHERE (a.side = 0 OR b.side = 1)"
+            " AND NOT (a.side = 0 AND b.side = 1 AND a.img = b.img)"
+        ).format(
+            net=self.net,
+            stage=self.stage,
+            ks=ks,
+            a_ks=sql.SQL(", ").join(
+                sql.SQL("a.{0} AS {0}").format(sql.Identifier(f"k{i}")) for i in self.key
+            ),
+            a_cs=sql.SQL(", ").join(
+                sql.SQL("a.{}").format(sql.Identifier(f"c{i}")) for i in self.t.writable
+            )
+            if self.t.writable
+            else sql.SQL("NULL AS c_none"),
+            ab=self._key_join("a", "b"),
+        )
+
+    # pieces of statements ---------------------------------------------------------------------
+    def _key_join(self, left: str, right: str) -> sql.Composed:
+        return sql.SQL(" AND ").join(
+            sql.SQL("{}.{} = {}.{}").format(
+                sql.Identifier(left),
+                sql.Identifier(self.t.version.columns[i] if left == "t" else f"k{i}"),
+                sql.Identifier(right),
+                sql.Identifier(f"k{i}"),
+            )
+            for i in self.key
+        )
+
+    def fingerprint(self, alias: str) -> sql.Composed:
+        """The live row as a jsonb array of its columns' output texts (NULL as null): equal to
+        a stored image exactly when every column prints as captured. concat() calls the output
+        function, unlike ::text (boolean 'true', char(n) without padding, inet with a mask)."""
+        cols = [
+            sql.SQL("CASE WHEN {0}.{1} IS NULL THEN NULL ELSE concat({0}.{1}) END").format(
+                sql.Identifier(alias), sql.Identifier(c)
+            )
+            for c in self.t.version.columns
+        ]
+        parts = [
+            sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(cols[i : i + _MAX_ARGS]))
+            for i in range(0, len(cols), _MAX_ARGS)
+        ] or [sql.SQL("'[]'::jsonb")]
+        return sql.SQL(" || ").join(parts)
+
+    def _args(self, cond: str) -> dict[str, sql.Composable]:
+        """Every piece a statement template may name; each template is formatted once."""
+        w = self.t.writable
+        kj = self._key_join("t", "n") if self.keyed else sql.SQL("false")
+        fp = self.fingerprint("t")
+        return {
+            **self._set_names,
+            "t": self.t.ident,
+            "net": self.net,
+            "cond": sql.SQL(cond),
+            "kj": kj,
+            "fp": fp,
+            "m": sql.SQL("{} AND {} = n.post_img").format(kj, fp),
+            "cols": sql.SQL(", ").join(sql.Identifier(self.t.version.columns[i]) for i in w),
+            "vals": sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(f"c{i}")) for i in w),
+            "over": sql.SQL(" OVERRIDING SYSTEM VALUE")
+            if self.t.identity_always & set(w)
+            else sql.SQL(""),
+        }
+
+    def _step(self, kind: str, cond: str, write: str, expected: str, diagnose: str) -> Step:
+        a = self._args(cond)
+        return Step(
+            self.t,
+            kind,
+            sql.SQL(write).format(**a),
+            sql.SQL(expected).format(**a),
+            sql.SQL(diagnose).format(**a),
+        )
+
+    # the steps --------------------------------------------------------------------------------
+    def steps(self) -> dict[str, Step]:
+        """The inverse statements by kind: 'I' deletes what the selection inserted, 'U' sets
+        back what it updated, 'D' re-inserts what it deleted."""
+        if not self.keyed:
+            return self._keyless_steps()
+        return {
+            "I": self._step(
+                "I",
+                "n.has_post AND NOT n.has_pre",
+                "DELETE FROM ONLY {t} t USING {net} n WHERE {cond} AND {m} RETURNING 1",
+                "SELECT count(*) FROM {net} n WHERE {cond}",
+                _DIAGNOSE_POST,
+            ),
+            "U": self._step(
+                "U",
+                "n.has_pre AND n.has_post",
+                "UPDATE ONLY {t} t SET "  # noqa: S608 (a template: placeholders only)
+                + self._assignments()
+                + " FROM {net} n WHERE {cond} AND {m} RETURNING 1",
+                "SELECT count(*) FROM {net} n WHERE {cond}",
+                _DIAGNOSE_POST,
+            ),
+            "D": self._step(
+                "D",
+                "n.has_pre AND NOT n.has_post",
+                "INSERT INTO {t} ({cols}){over} SELECT {vals} FROM {net} n WHERE {cond}"
+                " AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {kj}) RETURNING 1",
+                "SELECT count(*) FROM {net} n WHERE {cond}",
+                "SELECT n.id, n.pre_seq, n.pre_img::text, 'a row with this key exists again'"
+                " FROM {net} n WHERE {cond} AND EXISTS (SELECT 1 FROM ONLY {t} t WHERE {kj})",
+            ),
+        }
+
+    def _assignments(self) -> str:
+        """SET list (a template) of an update's undo: every writable, non-key column that some
+        change of the selection changed (all of them where a delete and an insert of one key
+        merged into an update)."""
+        positions = set(self.t.writable) - set(self.key) - self.t.identity_always
+        if not ({"I", "D"} <= self.ops):
+            positions &= self.changed
+        if not positions:  # nothing but generated columns changed: a harmless assignment
+            positions = {self.key[0]}
+        self._set_names = {
+            f"s{i}": sql.SQL("{} = n.{}").format(
+                sql.Identifier(self.t.version.columns[i]),
+                sql.Identifier(f"k{i}" if i in self.key else f"c{i}"),
+            )
+            for i in sorted(positions)
+        }
+        return ", ".join("{" + k + "}" for k in self._set_names)
+
+    def _keyless_steps(self) -> dict[str, Step]:
+        return {
+            "I": self._step(
+                "I",
+                "n.delta > 0",
+                "DELETE FROM ONLY {t} t USING (SELECT x.tid FROM (SELECT t.ctid AS tid,"
+                " n.delta, row_number() OVER (PARTITION BY n.id ORDER BY t.ctid) AS rn"
+                " FROM ONLY {t} t JOIN {net} n ON {cond} AND {fp} = n.img) x"
+                " WHERE x.rn <= x.delta) d WHERE t.ctid = d.tid RETURNING 1",
+                "SELECT coalesce(sum(n.delta), 0) FROM {net} n WHERE {cond}",
+                "SELECT n.id, n.seq, n.img::text, 'fewer identical rows are left than the"
+                " undone changes made' FROM {net} n LEFT JOIN (SELECT {fp} AS img,"
+                " count(*) AS found FROM ONLY {t} t GROUP BY 1) x ON x.img = n.img"
+                " WHERE {cond} AND coalesce(x.found, 0) < n.delta",
+            ),
+            "D": self._step(
+                "D",
+                "n.delta < 0",
+                "INSERT INTO {t} ({cols}){over} SELECT {vals} FROM {net} n"
+                " CROSS JOIN LATERAL generate_series(1, -n.delta) WHERE {cond} RETURNING 1",
+                "SELECT coalesce(-sum(n.delta), 0) FROM {net} n WHERE {cond}",
+                "SELECT n.id, n.seq, n.img::text, '' FROM {net} n WHERE false",
+            ),
+        }
+
+    # foreign keys ------------------------------------------------------------------------------
+    def written(self) -> str:
+        """Net rows whose old image the undo writes back."""
+        return "n.has_pre" if self.keyed else "n.delta < 0"
+
+    def removed(self) -> tuple[str, str]:
+        """Net rows whose new image the undo takes away, and the column holding that image."""
+        return ("n.has_post", "post_img") if self.keyed else ("n.delta > 0", "img")
 
 
 def foreign_key_checks(
-    conn: psycopg.Connection[Any], oids: set[int]
+    conn: psycopg.Connection[Any], undos: dict[int, TableUndo]
 ) -> list[tuple[str, sql.Composed]]:
-    """One query per foreign key touching these tables, returning a violating row if any.
-
-    Needed because with session_replication_role = replica PostgreSQL does not check them.
-    """
+    """Per foreign key touching the undone tables, a query over the staged rows only that
+    returns a violating value, if any. Needed because with session_replication_role = replica
+    PostgreSQL does not check them; the rows the undo wrote must have their parents, and the
+    rows it took away must not be referenced any more."""
+    oids = list(undos)
     rows = conn.execute(
-        "SELECT c.conname, cn.nspname, cc.relname, pn.nspname, pc.relname,"
+        "SELECT c.conname, c.conrelid, c.confrelid, cc.relkind, pc.relkind,"
         " (SELECT array_agg(a.attname ORDER BY k.i) FROM unnest(c.conkey) WITH ORDINALITY k(n, i)"
         "   JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n),"
         " (SELECT array_agg(a.attname ORDER BY k.i) FROM unnest(c.confkey) WITH ORDINALITY k(n, i)"
-        "   JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n)"
-        " FROM pg_constraint c"
-        " JOIN pg_class cc ON cc.oid = c.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace"
-        " JOIN pg_class pc ON pc.oid = c.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace"
-        " WHERE c.contype = 'f' AND (c.conrelid = ANY (%s) OR c.confrelid = ANY (%s))"
-        " AND cc.relkind = 'r'",
-        (list(oids), list(oids)),
+        "   JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n),"
+        " (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.i)"
+        "   FROM unnest(c.confkey) WITH ORDINALITY k(n, i)"
+        "   JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n),"
+        " c.conrelid::regclass::text, c.confrelid::regclass::text"
+        " FROM pg_constraint c JOIN pg_class cc ON cc.oid = c.conrelid"
+        " JOIN pg_class pc ON pc.oid = c.confrelid"
+        " WHERE c.contype = 'f' AND (c.conrelid = ANY (%s) OR c.confrelid = ANY (%s))",
+        (oids, oids),
     ).fetchall()
     checks = []
-    for name, cs, ct, ps, pt, ccols, pcols in rows:
-        not_null = sql.SQL(" AND ").join(
-            sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in ccols
+    for name, child, parent, ckind, pkind, ccols, pcols, ptypes, cname, pname in rows:
+        c_from = sql.SQL("{}{}").format(
+            sql.SQL("") if ckind == "p" else sql.SQL("ONLY "), sql.Identifier(*_qual(conn, child))
         )
-        match = sql.SQL(" AND ").join(
-            sql.SQL("p.{} = c.{}").format(sql.Identifier(p), sql.Identifier(c))
-            for p, c in zip(pcols, ccols, strict=True)
+        p_from = sql.SQL("{}{}").format(
+            sql.SQL("") if pkind == "p" else sql.SQL("ONLY "), sql.Identifier(*_qual(conn, parent))
         )
-        q = sql.SQL(
-            "SELECT {} FROM {} c WHERE {} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {}) LIMIT 1"
-        ).format(
-            sql.SQL(" || ', ' || ").join(
-                sql.SQL("c.{}::text").format(sql.Identifier(c)) for c in ccols
-            ),
-            sql.Identifier(cs, ct),
-            not_null,
-            sql.Identifier(ps, pt),
-            match,
-        )
-        checks.append((f"{cs}.{ct} -> {ps}.{pt} ({name})", q))
+        label = f"{cname} -> {pname} ({name})"
+        cu = undos.get(child)
+        if cu is not None and all(c in cu.t.version.columns for c in ccols):
+            pos = [cu.t.version.columns.index(c) for c in ccols]
+            if all(p in cu.t.writable for p in pos):
+                vals = [sql.SQL("n.{}").format(sql.Identifier(f"c{p}")) for p in pos]
+                checks.append(
+                    (
+                        label,
+                        sql.SQL(
+                            "SELECT concat_ws(', ', {vals}) FROM {net} n WHERE {cond} AND {nn}"
+                            " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {match}) LIMIT 1"
+                        ).format(
+                            vals=sql.SQL(", ").join(vals),
+                            net=cu.net,
+                            cond=sql.SQL(cu.written()),
+                            nn=sql.SQL(" AND ").join(
+                                sql.SQL("{} IS NOT NULL").format(v) for v in vals
+                            ),
+                            p=p_from,
+                            match=sql.SQL(" AND ").join(
+                                sql.SQL("p.{} = {}").format(sql.Identifier(c), v)
+                                for c, v in zip(pcols, vals, strict=True)
+                            ),
+                        ),
+                    )
+                )
+        pu = undos.get(parent)
+        if pu is not None and all(c in pu.t.version.columns for c in pcols):
+            cond, img = pu.removed()
+            vals = [
+                sql.SQL("(n.{} ->> {})::{}").format(
+                    sql.Identifier(img), sql.Literal(pu.t.version.columns.index(c)), sql.SQL(t)
+                )
+                for c, t in zip(pcols, ptypes, strict=True)
+            ]
+            checks.append(
+                (
+                    label,
+                    sql.SQL(
+                        "SELECT concat_ws(', ', {vals}) FROM {net} n WHERE {cond}"
+                        " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {pmatch})"
+                        " AND EXISTS (SELECT 1 FROM {c} c WHERE {cmatch}) LIMIT 1"
+                    ).format(
+                        vals=sql.SQL(", ").join(vals),
+                        net=pu.net,
+                        cond=sql.SQL(cond),
+                        p=p_from,
+                        pmatch=sql.SQL(" AND ").join(
+                            sql.SQL("p.{} = {}").format(sql.Identifier(c), v)
+                            for c, v in zip(pcols, vals, strict=True)
+                        ),
+                        c=c_from,
+                        cmatch=sql.SQL(" AND ").join(
+                            sql.SQL("c.{} = {}").format(sql.Identifier(c), v)
+                            for c, v in zip(ccols, vals, strict=True)
+                        ),
+                    ),
+                )
+            )
     return checks
+
+
+def _qual(conn: psycopg.Connection[Any], oid: int) -> tuple[str, str]:
+    row = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+        " ON n.oid = c.relnamespace WHERE c.oid = %s",
+        (oid,),
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def fk_order(conn: psycopg.Connection[Any], oids: Sequence[int]) -> list[int]:
+    """The tables, parents before children (foreign keys among them; cycles broken anywhere)."""
+    edges = conn.execute(
+        "SELECT conrelid, confrelid FROM pg_constraint WHERE contype = 'f'"
+        " AND conrelid = ANY (%s) AND confrelid = ANY (%s) AND conrelid <> confrelid",
+        (list(oids), list(oids)),
+    ).fetchall()
+    parents: dict[int, set[int]] = {o: set() for o in oids}
+    for child, parent in edges:
+        parents[child].add(parent)
+    out: list[int] = []
+    seen: set[int] = set()
+
+    def visit(o: int) -> None:
+        if o in seen:
+            return
+        seen.add(o)
+        for p in sorted(parents[o]):
+            visit(p)
+        out.append(o)
+
+    for o in oids:
+        visit(o)
+    return out
+
+
+def describe_image(tv: TableVersion, image: Sequence[Value]) -> str:
+    """The row a conflict is about: its key (or, keyless, its first columns) as col=value.
+
+    >>> tv = TableVersion(1, 1, "s", "t", ("id", "v"), ("int", "text"), (0,), False)
+    >>> describe_image(tv, ["7", None])
+    'id=7'
+    """
+    idx = tv.key if tv.key is not None else range(len(tv.columns))
+    return ", ".join(f"{tv.columns[i]}={'NULL' if image[i] is None else image[i]}" for i in idx)[
+        :200
+    ]
+
+
+def key_text(tv: TableVersion, image: Sequence[Value]) -> str | None:
+    """The key as capture stores it in changes.key, to find later writers."""
+    if tv.key is None:
+        return None
+    return image_text([image[i] for i in tv.key])

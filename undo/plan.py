@@ -1,21 +1,25 @@
-"""What an undo will revert: the selected transactions and their changes, newest first.
+"""What an undo will revert: the selected transactions, their tables and changes.
 
-Reads the store only. Changes are streamed (one transaction at a time, newest first), so a
-session of millions of rows does not need memory in proportion.
+Reads the store only. The changes themselves are streamed one table at a time, oldest first
+(``changes``), so a session of millions of rows does not need memory in proportion; collapsing
+each row's chain happens in PostgreSQL (inverse.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlite_utils import Database
 
+from . import names
 from .errors import BadInput, NotFound, Refused
 
 OPS = {"delete": "D", "update": "U", "insert": "I"}
+OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
 
 
 @dataclass(frozen=True)
@@ -33,59 +37,7 @@ class TableVersion:
 
     @property
     def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-
-class StoredChange:
-    """One change read back from the store. Images are parsed on first use: a run of deleted
-    rows goes back through COPY straight from the stored text (inverse.copy_lines)."""
-
-    __slots__ = (
-        "_new",
-        "_old",
-        "new_text",
-        "old_text",
-        "op",
-        "ord",
-        "table",
-        "txn",
-        "unchanged",
-        "xid",
-    )
-
-    def __init__(
-        self,
-        txn: int,
-        xid: int,
-        ord: int,
-        table: TableVersion,
-        op: str,
-        old_text: str | None,
-        new_text: str | None,
-        unchanged: frozenset[int],
-    ) -> None:
-        self.txn = txn
-        self.xid = xid
-        self.ord = ord
-        self.table = table
-        self.op = op
-        self.old_text = old_text
-        self.new_text = new_text
-        self.unchanged = unchanged
-        self._old: list[str | None] | None = None
-        self._new: list[str | None] | None = None
-
-    @property
-    def old(self) -> list[str | None] | None:
-        if self._old is None and self.old_text is not None:
-            self._old = _load(self.old_text)
-        return self._old
-
-    @property
-    def new(self) -> list[str | None] | None:
-        if self._new is None and self.new_text is not None:
-            self._new = _load(self.new_text)
-        return self._new
+        return names.quote(self.schema, self.name)
 
 
 @dataclass(frozen=True)
@@ -120,13 +72,23 @@ class Target:
 
 @dataclass
 class Plan:
+    """The selection: transactions (newest first), the table versions they touched that pass the
+    filters, and how many changes of each (table version, operation) each transaction holds."""
+
     target: Target
     transactions: list[dict[str, Any]]
     untrusted: int = 0
+    tables: dict[int, TableVersion] = field(default_factory=dict)
+    #: (transaction id, relation id, op) -> number of changes selected
+    counts: Counter[tuple[int, int, str]] = field(default_factory=Counter)
+    not_undoable: list[str] = field(default_factory=list)
 
-    @property
-    def txn_ids(self) -> list[int]:
-        return [t["id"] for t in self.transactions]
+    def rows(self) -> Counter[tuple[str, str]]:
+        """Changes to undo per (table, op)."""
+        out: Counter[tuple[str, str]] = Counter()
+        for (_, rel, op), n in self.counts.items():
+            out[self.tables[rel].qualified, op] += n
+        return out
 
 
 def parse_only(text: str | None) -> frozenset[str]:
@@ -142,7 +104,13 @@ def parse_only(text: str | None) -> frozenset[str]:
 
 
 def select(db: Database, target: Target) -> Plan:
-    """Find the transactions to undo; refuse an empty selection."""
+    """Find the transactions, tables and changes to undo; refuse an empty selection.
+
+    Table filters are resolved against the store first (unknown or ambiguous: bad input), and
+    what cannot be undone (TRUNCATE, changes without a full old row) is found on the same
+    filtered selection, so no filter can hide it.
+    """
+    wanted = _resolve_tables(db, target.tables)
     where: list[str] = ["1 = 1"]
     params: list[Any] = []
     if target.session is not None:
@@ -164,8 +132,8 @@ def select(db: Database, target: Target) -> Plan:
         "SELECT * FROM transactions WHERE " + " AND ".join(where) + " ORDER BY commit_lsn DESC",  # noqa: S608
         params,
     )
-    names = [d[0] for d in cur.description]
-    rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    cols = [d[0] for d in cur.description]
+    rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
     if not rows:
         if target.session is not None:
             raise NotFound(
@@ -183,46 +151,57 @@ def select(db: Database, target: Target) -> Plan:
     untrusted = [r for r in rows if r["tag"] == "untrusted"]
     if target.session is not None or target.app is not None:
         rows = [r for r in rows if r["tag"] == "trusted"]
-    plan = Plan(target, rows, untrusted=len(untrusted))
     if not rows:
         raise Refused(
             "every matching transaction carries an untrusted tag (forged or unsigned): "
             "undo them by xid with `undo xact` if you are sure"
         )
+    plan = Plan(target, rows, untrusted=len(untrusted))
+    _inventory(db, plan, wanted)
+    if not plan.counts and not plan.not_undoable:
+        raise NotFound("the selection holds no change to undo (check --table and --only)")
     return plan
 
 
-def check_not_undone(db: Database, plan: Plan) -> None:
-    """Refuse to undo a transaction twice, unless the earlier undo was itself undone."""
-    selected = set(plan.txn_ids)
-    ledger = db.execute(
-        "SELECT id, applied_at, selection, undo_xid FROM undos ORDER BY id"
-    ).fetchall()
-    undone_txns: dict[int, set[int]] = {}
-    for entry_id, _, selection, _ in ledger:
-        undone_txns[entry_id] = set(json.loads(selection))
-    for entry_id, applied_at, selection, undo_xid in ledger:
-        overlap = selected & set(json.loads(selection))
-        if not overlap:
-            continue
-        undo_txn_ids = {
-            r[0]
-            for r in db.execute(
-                "SELECT id FROM transactions WHERE xid = ? AND undo_of IS NOT NULL", [undo_xid]
-            )
-        }
-        reverted = any(
-            undo_txn_ids & txns for other, txns in undone_txns.items() if other > entry_id
-        )
-        if not reverted:
-            xids = sorted(t["xid"] for t in plan.transactions if t["id"] in overlap)
-            raise Refused(
-                f"already undone at {applied_at} (undo xid {undo_xid}): transaction(s) "
-                f"{', '.join(map(str, xids[:10]))}; undo that undo first (undo xact {undo_xid})"
-            )
+def _resolve_tables(db: Database, tables: tuple[str, ...]) -> set[tuple[str, str]] | None:
+    if not tables:
+        return None
+    known = [(r[0], r[1]) for r in db.execute("SELECT schema_name, table_name FROM relations")]
+    return {names.resolve(t, known) for t in tables}
 
 
-def _table(db: Database, cache: dict[int, TableVersion], rel_id: int) -> TableVersion:
+def _inventory(db: Database, plan: Plan, wanted: set[tuple[str, str]] | None) -> None:
+    """Count the selected changes per transaction, table version and operation, and list
+    what cannot be undone among them."""
+    cache: dict[int, TableVersion] = {}
+    for txn in plan.transactions:
+        for rel_id, op, n, no_old in db.execute(
+            "SELECT relation, op, count(*), sum(old IS NULL) FROM changes"
+            " WHERE id BETWEEN ? AND ? GROUP BY relation, op",
+            [txn["first_change"], txn["last_change"]],
+        ):
+            tv = table_version(db, cache, rel_id)
+            if wanted is not None and (tv.schema, tv.name) not in wanted:
+                continue
+            if op == "T":  # a truncate empties the table whatever --only says
+                plan.not_undoable.append(
+                    f"{tv.qualified} in xid {txn['xid']}: TRUNCATE cannot be undone from the"
+                    " change stream"
+                )
+                continue
+            if op not in plan.target.only:
+                continue
+            if op in "UD" and no_old:
+                plan.not_undoable.append(
+                    f"{tv.qualified} in xid {txn['xid']}: {no_old} {OP_NAMES[op]}(s) without a"
+                    " full old row (the table lacked REPLICA IDENTITY FULL)"
+                )
+                continue
+            plan.tables[rel_id] = tv
+            plan.counts[txn["id"], rel_id, op] += n
+
+
+def table_version(db: Database, cache: dict[int, TableVersion], rel_id: int) -> TableVersion:
     tv = cache.get(rel_id)
     if tv is None:
         r = db.execute(
@@ -249,50 +228,57 @@ def _table(db: Database, cache: dict[int, TableVersion], rel_id: int) -> TableVe
 _scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
-def _load(text: str) -> Any:
+def load(text: str) -> Any:
     return _scan(text, 0)[0]
 
 
-def changes(db: Database, plan: Plan) -> Iterator[StoredChange]:
-    """The selected changes, newest first across the whole selection, lazily."""
-    cache: dict[int, TableVersion] = {}
-    empty: frozenset[int] = frozenset()
-    tables = {(t.rpartition(".")[0] or "public", t.rpartition(".")[2]) for t in plan.target.tables}
-    for txn in plan.transactions:
-        cur = db.execute(
-            "SELECT ord, relation, op, old, new, unchanged FROM changes"
-            " WHERE id BETWEEN ? AND ? ORDER BY id DESC",
-            [txn["first_change"], txn["last_change"]],
-        )
-        for ord_, rel_id, op, old, new, unchanged in cur:
-            tv = _table(db, cache, rel_id)
-            if tables and (tv.schema, tv.name) not in tables:
-                continue
-            if op != "T" and op not in plan.target.only:
-                continue
-            yield StoredChange(
-                txn["id"],
-                txn["xid"],
-                ord_,
-                tv,
-                op,
-                old,
-                new,
-                frozenset(_load(unchanged)) if unchanged else empty,
-            )
+@dataclass(frozen=True, slots=True)
+class StoredChange:
+    """One change as the store holds it: images are JSON arrays of text forms."""
+
+    id: int
+    op: str
+    old: str | None
+    new: str | None
+    unchanged: str | None
 
 
-def later_writer(db: Database, ch: StoredChange, key: list[str | None] | None) -> str:
+def changes(db: Database, plan: Plan, rel_id: int) -> Iterator[StoredChange]:
+    """The selected changes of one table version, oldest first across the whole selection."""
+    wanted = plan.target.only
+    for txn in reversed(plan.transactions):
+        if not any(plan.counts.get((txn["id"], rel_id, op)) for op in wanted):
+            continue
+        for row in db.execute(
+            "SELECT id, op, old, new, unchanged FROM changes"
+            " WHERE id BETWEEN ? AND ? AND relation = ? ORDER BY id",
+            [txn["first_change"], txn["last_change"], rel_id],
+        ):
+            if row[1] in wanted:
+                yield StoredChange(*row)
+
+
+def describe_change(db: Database, change_id: int) -> tuple[int, str, str]:
+    """(xid, session id, application) of the transaction holding a change."""
+    row = db.execute(
+        "SELECT xid, coalesce(session_id, '?'), coalesce(application_name, '?')"
+        " FROM transactions WHERE ? BETWEEN first_change AND last_change"
+        " ORDER BY first_change DESC LIMIT 1",
+        [change_id],
+    ).fetchone()
+    return (row[0], row[1], row[2]) if row else (0, "?", "?")
+
+
+def later_writer(db: Database, tv: TableVersion, change_id: int, key: str | None) -> str:
     """Who changed this row after the undone change, as far as the store knows."""
-    if key is None or ch.table.oid is None:
+    if key is None or tv.oid is None:
         return "changed since by a session the store cannot name"
     row = db.execute(
         "SELECT t.session_id, t.xid, t.application_name FROM changes c"
         " JOIN transactions t ON t.id = c.txn"
         " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND c.key = ?"
-        " AND t.commit_lsn > (SELECT commit_lsn FROM transactions WHERE id = ?)"
-        " ORDER BY t.commit_lsn DESC LIMIT 1",
-        [ch.table.oid, json.dumps(key, ensure_ascii=False, separators=(",", ":")), ch.txn],
+        " AND c.id > ? ORDER BY c.id DESC LIMIT 1",
+        [tv.oid, key, change_id],
     ).fetchone()
     if row is None:
         return "changed since (not in the audit store yet: run `undo capture`)"

@@ -10,6 +10,7 @@ from .config import Settings
 from .store import queries
 from .store.schema import open_store
 from .stream.protocol import epoch
+from .tagging import unpublishable
 
 
 def status(settings: Settings) -> dict[str, Any]:
@@ -42,20 +43,25 @@ def status(settings: Settings) -> dict[str, Any]:
         result["lag_seconds"] = None
         if result["last_commit_time"] and now:
             result["lag_seconds"] = round(now[0] - epoch(result["last_commit_time"]), 3)
-        result["unprepared_tables"] = (
-            [
-                r[0]
-                for r in conn.execute(
-                    "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c"
-                    " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY ("
-                    "   SELECT unnest(schemas) FROM undo.config)"
-                    " AND (c.relreplident <> 'f' OR NOT EXISTS (SELECT 1 FROM pg_trigger t"
-                    "   WHERE t.tgrelid = c.oid AND t.tgname = 'undo_tag' AND t.tgenabled = 'A'))"
-                    " ORDER BY 1"
-                ).fetchall()
-            ]
-            if conn.execute("SELECT to_regclass('undo.config')").fetchone() != (None,)
-            else []
-        )
+        installed = conn.execute("SELECT to_regclass('undo.config')").fetchone() != (None,)
+        schemas: list[str] = []
+        if installed:
+            row = conn.execute("SELECT schemas FROM undo.config").fetchone()
+            schemas = list(row[0]) if row else []
+        result["unprepared_tables"] = [
+            r[0]
+            for r in conn.execute(
+                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'"
+                " AND n.nspname = ANY (%s)"
+                " AND (c.relreplident <> 'f' OR NOT EXISTS (SELECT 1 FROM pg_trigger t"
+                "   WHERE t.tgrelid = c.oid AND t.tgname = 'undo_tag' AND t.tgenabled = 'A'))"
+                " ORDER BY 1",
+                (schemas,),
+            ).fetchall()
+        ]
+        result["unpublishable_tables"] = [
+            {"table": t, "reason": why} for t, why in unpublishable(conn, schemas)
+        ]
     return result

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import pg
+from . import names, pg
 from .config import Settings
 from .errors import NotFound, NotReady, UndoError
 from .store.schema import get_meta, open_store, set_meta
@@ -43,24 +43,50 @@ class InitReport:
         return not self.changed
 
 
+#: Tables of the audited schemas that no publication can hold: their changes are not in the WAL.
+UNPUBLISHABLE = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
+       CASE WHEN c.relkind = 'f' THEN 'a foreign table: its rows live elsewhere, audit them there'
+            ELSE 'unlogged: its changes are not in the WAL; run ALTER TABLE '
+                 || quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+                 || ' SET LOGGED, then undo init again' END
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = ANY (%s) AND (c.relkind = 'f' OR (c.relkind IN ('r', 'p')
+       AND c.relpersistence = 'u'))
+ ORDER BY 1
+"""
+
+
+def unpublishable(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tuple[str, str]]:
+    """(table, why and the fix) for each table of these schemas that cannot be audited."""
+    return [(r[0], r[1]) for r in conn.execute(UNPUBLISHABLE, (schemas,)).fetchall()]
+
+
 def _tables(conn: psycopg.Connection[Any], schemas: list[str], tables: list[str]) -> list[int]:
     oids = [
         r[0]
         for r in conn.execute(
             "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = ANY (%s) AND c.relkind IN ('r', 'p') ORDER BY c.oid",
+            " WHERE n.nspname = ANY (%s) AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p'"
+            " ORDER BY c.oid",
             (schemas,),
         ).fetchall()
     ]
     for name in tables:
-        schema, _, table = name.rpartition(".")
+        schema, table = names.parse(name)
         row = conn.execute(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+            "SELECT c.oid, c.relpersistence FROM pg_class c JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+            " AND c.relkind IN ('r', 'p')",
             (schema or "public", table),
         ).fetchone()
         if row is None:
             raise NotFound(f"no table {name}: give --table as schema.table")
+        if row[1] != "p":
+            raise NotReady(
+                f"table {name} is unlogged or temporary: its changes are not in the WAL, so"
+                " it cannot be audited; run ALTER TABLE ... SET LOGGED first"
+            )
         if row[0] not in oids:
             oids.append(row[0])
     return oids
@@ -115,6 +141,8 @@ def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitRepor
                         sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(publication))
                     )
                     report.changed.append(f"created publication {publication}")
+                for table, why in unpublishable(conn, merged):
+                    report.warnings.append(f"not audited: {table} is {why}")
                 count = 0
                 for oid in _tables(conn, merged, tables):
                     row = conn.execute(

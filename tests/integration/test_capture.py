@@ -127,8 +127,8 @@ def test_forged_tags_are_not_trusted(source):
     assert result.returncode == 0 and "left out 2 transaction(s) with an untrusted tag" in (
         result.stderr
     )
-    assert "\"id\" = '0'" in result.stdout
-    assert "'10'" not in result.stdout and "'11'" not in result.stdout
+    assert '\t["0"]\t' in result.stdout  # the staged image of the row to delete
+    assert '["10"]' not in result.stdout and '["11"]' not in result.stdout
 
 
 def _expected_text(src, ids):

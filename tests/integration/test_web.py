@@ -70,8 +70,8 @@ def test_every_page_answers(site):
     assert status == 200 and sid in body and "web" not in re.sub(r"<header>.*?</header>", "", body)
     status, body = _get(base + f"/sessions/{sid}")
     assert status == 200 and "DELETE FROM accounts WHERE id % 5 = 0" in body
-    assert "Undo preview" in body and "COPY &quot;public&quot;.&quot;accounts&quot;" in body
-    assert "4 delete(s) of public.accounts undone" in body
+    assert "Undo preview" in body and "INSERT INTO &quot;public&quot;.&quot;accounts&quot;" in body
+    assert "4 delete(s) of public.accounts to undo" in body
     status, body = _get(base + "/history/public.accounts?id=5")
     assert status == 200 and "usage-metrics" in body and "insert" in body
     assert _get(base + "/sessions/nope.nope")[0] == 404

@@ -177,6 +177,13 @@ def m003_change_ranges(db: Database) -> None:
     )
 
 
+@migrations()
+def m004_undo_entries(db: Database) -> None:
+    """undos mirrors the source's ledger (undo.ledger) from the stream: entries lists what each
+    undo undid as [commit LSN, schema, table, op, xid] of the undone transactions."""
+    db.executescript("ALTER TABLE undos ADD COLUMN entries TEXT;")
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)

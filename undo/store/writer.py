@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from ..pg import lsn_to_int
 from ..stream.protocol import epoch, iso
 from ..stream.records import Begin, Change, Commit, Relation
 from .schema import get_meta
@@ -44,7 +45,7 @@ def _minute(iso_time: str) -> int:
 class _Txn:
     """The source transaction being written."""
 
-    __slots__ = ("counts", "first_change", "id", "ord", "tag", "trusted", "xid")
+    __slots__ = ("counts", "first_change", "id", "ledger", "ord", "tag", "trusted", "xid")
 
     def __init__(self, txn_id: int, xid: int, first_change: int) -> None:
         self.id = txn_id
@@ -54,6 +55,7 @@ class _Txn:
         self.counts: defaultdict[tuple[int, str], int] = defaultdict(int)
         self.tag: dict[str, Any] | None = None
         self.trusted: bool | None = None
+        self.ledger: bytes | None = None
 
 
 class StoreWriter:
@@ -165,6 +167,44 @@ class StoreWriter:
         if txn.tag is None or not txn.trusted:
             txn.tag, txn.trusted = tag, trusted
 
+    def set_ledger(self, content: bytes) -> None:
+        """The transaction is an undo: its entries in the source's ledger (undo.record_undo)."""
+        txn = self.txn
+        assert txn is not None
+        txn.ledger = content
+
+    def _write_ledger(self, txn: _Txn, commit: Commit) -> None:
+        """Mirror an undo's ledger entries in undos: what it undid, by store transaction."""
+        assert txn.ledger is not None
+        try:
+            doc = json.loads(txn.ledger)
+        except ValueError:
+            return
+        entries = doc.get("entries") or []
+        lsns = sorted({lsn_to_int(e[0]) for e in entries})
+        ids = []
+        for i in range(0, len(lsns), 500):
+            chunk = lsns[i : i + 500]
+            ids += [
+                r[0]
+                for r in self.conn.execute(
+                    "SELECT id FROM transactions WHERE commit_lsn IN"  # noqa: S608
+                    f" ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+            ]
+        self.conn.execute(
+            "INSERT INTO undos (applied_at, target, selection, undo_xid, entries)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (
+                commit.commit_time,
+                _dumps(doc.get("target")),
+                _dumps(sorted(ids)),
+                txn.xid,
+                _dumps(entries),
+            ),
+        )
+
     def _write_rows(self) -> None:
         if self.rows:
             self.conn.executemany(_INSERT_CHANGES, self.rows)
@@ -177,6 +217,8 @@ class StoreWriter:
         assert txn is not None
         self.txn = None
         self._write_rows()
+        if txn.ledger is not None:
+            self._write_ledger(txn, commit)
         if txn.ord == 0:
             self.conn.execute("RELEASE txn")
             self.batch_position = max(self.batch_position, commit.end_lsn)

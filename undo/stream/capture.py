@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "undo"
 MARK_PREFIX = "undo.mark"
+LEDGER_PREFIX = "undo.ledger"  # undo.record_undo: an undo's ledger entries, mirrored in undos
 BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
@@ -108,6 +109,21 @@ class Catalog:
                 (rel.schema, rel.name),
             ).fetchone()
             rel.oid = None if row is None else int(row[0])
+        if rel.types is None and rel.type_oids is not None and rel.type_mods is None:
+            # wal2json sends type OIDs but no typmods: take them from the catalog where the
+            # column still has that type (else the typmod is lost, and undo sees the change)
+            live = {
+                name: (typ, mod)
+                for name, typ, mod in self.conn.execute(
+                    "SELECT attname, atttypid, atttypmod FROM pg_attribute WHERE attrelid = %s"
+                    " AND attnum > 0 AND NOT attisdropped",
+                    (rel.oid,),
+                )
+            }
+            rel.type_mods = tuple(
+                live[c][1] if c in live and live[c][0] == t else -1
+                for c, t in zip(rel.columns, rel.type_oids, strict=True)
+            )
         if rel.types is None and rel.type_oids is not None:
             rows = self.conn.execute(
                 "SELECT format_type(t, NULLIF(m, -1)) FROM unnest(%s::oid[], %s::int[])"
@@ -355,6 +371,9 @@ class _Session:
                     verified = verify_tag(rec.content, self.key)
                     if verified is not None:
                         writer.set_tag(*verified)
+                elif rec.prefix == LEDGER_PREFIX and rec.transactional and in_txn:
+                    if not self.skipping:
+                        writer.set_ledger(rec.content)
                 elif (
                     rec.prefix == MARK_PREFIX
                     and not rec.transactional
@@ -398,7 +417,7 @@ def capture(
         options = pgoutput.plugin_options(get_meta(db, "publication") or settings.slot)
     else:
         options = wal2json.plugin_options(get_meta(db, "numbers_as_strings") == "1")
-        options.append(("add-msg-prefixes", f"{TAG_PREFIX},{MARK_PREFIX}"))
+        options.append(("add-msg-prefixes", f"{TAG_PREFIX},{MARK_PREFIX},{LEDGER_PREFIX}"))
     writer = StoreWriter(db)
     transactions = changes = 0
     attempt = 0

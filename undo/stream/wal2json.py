@@ -27,6 +27,7 @@ def plugin_options(numbers_as_strings: bool) -> list[tuple[str, str]]:
         ("include-lsn", "1"),
         ("include-transaction", "1"),
         ("include-typmod", "1"),
+        ("include-type-oids", "1"),
     ]
     if numbers_as_strings:
         opts.append(("numeric-data-types-as-string", "1"))
@@ -75,9 +76,16 @@ class Wal2JsonDecoder:
         key = (doc["schema"], doc["table"], names)
         rel = self.relations.get(key)
         if rel is None:
-            rel = Relation(
-                None, doc["schema"], doc["table"], names, types=tuple(c["type"] for c in cols)
-            )
+            if cols and "typeoid" in cols[0]:
+                # type OIDs, turned into format_type text by capture as for pgoutput, so both
+                # decoders name a type alike (wal2json's own text says char for "char")
+                rel = Relation(
+                    None, doc["schema"], doc["table"], names, tuple(int(c["typeoid"]) for c in cols)
+                )
+            else:
+                rel = Relation(
+                    None, doc["schema"], doc["table"], names, types=tuple(c["type"] for c in cols)
+                )
             self.relations[key] = rel
         return rel
 

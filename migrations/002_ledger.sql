@@ -1,0 +1,74 @@
+-- undo: the ledger of undos, in the source database, written in the undo's own transaction.
+-- Both ways of running an undo (--apply, and the printed script run by psql) call
+-- undo.record_undo, so an undo of changes already undone is refused whichever way it runs, even
+-- before capture has caught up. Idempotent, like 001.
+
+-- One row per (undone source transaction, table, operation): undoing table A of a transaction
+-- does not block undoing its table B later. An entry is live until an undo of that undo
+-- reverts it (reverted_by).
+CREATE TABLE IF NOT EXISTS undo.ledger (
+    id bigserial PRIMARY KEY,
+    undone_at timestamptz NOT NULL DEFAULT pg_catalog.statement_timestamp(),
+    undone_by name NOT NULL DEFAULT session_user,
+    undo_xid bigint NOT NULL,           -- the undoing transaction, as the change stream names it
+    target jsonb NOT NULL,              -- what was asked: {"session": ...}, {"xids": [...]}, ...
+    commit_lsn pg_lsn NOT NULL,         -- the undone source transaction
+    relid oid NOT NULL,                 -- the table whose changes were undone
+    op "char" NOT NULL,                 -- and which of them: 'I', 'U' or 'D'
+    reverted_by bigint                  -- the undo that undid this undo
+);
+-- The backstop against two undos of the same changes running at once: the second waits for
+-- the first, then fails.
+CREATE UNIQUE INDEX IF NOT EXISTS ledger_live ON undo.ledger (commit_lsn, relid, op)
+    WHERE reverted_by IS NULL;
+CREATE INDEX IF NOT EXISTS ledger_undo_xid ON undo.ledger (undo_xid);
+REVOKE ALL ON undo.ledger FROM PUBLIC;
+GRANT SELECT ON undo.ledger TO PUBLIC;
+
+-- Records an undo: entries is a JSON array of [commit LSN, table OID, op, xid] of the changes it
+-- undoes (xid: the undone transaction's). Reverts the entries of any undo it undoes, refuses
+-- (SQLSTATE UN001) changes already undone, and emits the entry to the change stream (prefix
+-- undo.ledger) so the audit store mirrors the ledger. SECURITY DEFINER: the ledger is written
+-- only through here; search_path pinned.
+CREATE OR REPLACE FUNCTION undo.record_undo(target jsonb, entries jsonb) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    me bigint := (pg_current_xact_id()::text::bigint % 4294967296);
+    hit record;
+BEGIN
+    UPDATE undo.ledger l SET reverted_by = me
+      FROM jsonb_array_elements(entries) e
+     WHERE l.reverted_by IS NULL AND l.undo_xid = (e->>3)::bigint AND l.relid = (e->>1)::oid
+       AND l.op = CASE e->>2 WHEN 'I' THEN 'D' WHEN 'D' THEN 'I' ELSE 'U' END::"char";
+    SELECT l.undone_at, l.undone_by, l.undo_xid, (e->>3) AS xid,
+           l.relid::regclass::text AS rel, count(*) OVER () AS n
+      INTO hit
+      FROM jsonb_array_elements(entries) e
+      JOIN undo.ledger l ON l.commit_lsn = (e->>0)::pg_lsn AND l.relid = (e->>1)::oid
+                        AND l.op = (e->>2)::"char"
+     WHERE l.reverted_by IS NULL
+     ORDER BY l.id LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'UN001',
+            MESSAGE = format('already undone: %s change(s) of %s in xid %s were undone at %s'
+                             ' by %s in xid %s; undo that undo first (undo xact %s)',
+                             CASE WHEN hit.n > 1 THEN 'these and other' ELSE 'the' END,
+                             hit.rel, hit.xid, to_char(hit.undone_at AT TIME ZONE 'UTC',
+                             'YYYY-MM-DD"T"HH24:MI:SS"Z"'), hit.undone_by, hit.undo_xid,
+                             hit.undo_xid);
+    END IF;
+    INSERT INTO undo.ledger (undo_xid, target, commit_lsn, relid, op)
+    SELECT me, target, (e->>0)::pg_lsn, (e->>1)::oid, (e->>2)::"char"
+      FROM jsonb_array_elements(entries) e;
+    PERFORM pg_logical_emit_message(true, 'undo.ledger', json_build_object(
+        'undo_xid', me, 'target', target,
+        'entries', (SELECT json_agg(json_build_array(e->>0, n.nspname, c.relname, e->>2, e->>3))
+                      FROM jsonb_array_elements(entries) e
+                      JOIN pg_class c ON c.oid = (e->>1)::oid
+                      JOIN pg_namespace n ON n.oid = c.relnamespace))::text);
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.record_undo(jsonb, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION undo.record_undo(jsonb, jsonb) TO PUBLIC;

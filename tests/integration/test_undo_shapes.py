@@ -1,0 +1,312 @@
+"""The undo on the schema shapes a trial on a third-party schema broke: inheritance, partitions,
+keyless duplicates, filters, hostile names, and an undo run two ways. Both decoders where the
+decoder matters."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from undo.apply import undo
+from undo.errors import BadInput, NotFound, Refused
+from undo.pg import session_id
+from undo.plan import Target
+
+
+def _as_session(src, *statements, app="script"):
+    with src.connect(application_name=app) as c:
+        sid = session_id(c)
+        for s in statements:
+            c.execute(s.encode())
+    return sid
+
+
+def _apply(src, **kw):
+    on_conflict = kw.pop("on_conflict", "abort")
+    return undo(src.settings, Target(**kw), apply=True, on_conflict=on_conflict)
+
+
+def _psql(src, script):
+    return subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", src.dsn, "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_update_only_parent_leaves_child_rows_alone(source):
+    """A ctid is unique only inside one relation: the child's identical row must stay."""
+    source.sql(
+        "CREATE TABLE p (a int, b text); CREATE TABLE c () INHERITS (p);"
+        "CREATE TABLE g () INHERITS (c)"
+    )
+    source.init()
+    source.sql(
+        "INSERT INTO p VALUES (1, 'parent'); INSERT INTO c VALUES (1, 'parent');"
+        "INSERT INTO g VALUES (1, 'parent'), (1, 'parent')"
+    )
+    before = {t: source.snapshot(f"ONLY {t}") for t in "pcg"}
+    sid = _as_session(
+        source,
+        "UPDATE ONLY p SET b = NULL",
+        "DELETE FROM ONLY c",
+        "UPDATE g SET b = 'grand' WHERE ctid = (SELECT min(ctid) FROM g)",
+    )
+    source.sql("UPDATE ONLY c SET b = 'x'")  # no row left in c: touches nothing
+    source.capture()
+    report = _apply(source, session=sid)
+    assert not report.conflicts
+    assert {t: source.snapshot(f"ONLY {t}") for t in "pcg"} == before
+
+
+def test_inheritance_conflict_is_reported_not_written_to_the_child(source):
+    source.sql("CREATE TABLE p (a int PRIMARY KEY, b text); CREATE TABLE c () INHERITS (p)")
+    source.init()
+    source.sql("INSERT INTO p VALUES (1, 'p'); INSERT INTO c VALUES (1, 'c')")
+    sid = _as_session(source, "UPDATE ONLY p SET b = 'session'")
+    source.sql("UPDATE ONLY p SET b = 'later'")
+    source.capture()
+    with pytest.raises(Refused, match="1 conflict"):
+        _apply(source, session=sid)
+    report = _apply(source, session=sid, on_conflict="skip")
+    assert len(report.conflicts) == 1
+    assert source.sql("SELECT b FROM ONLY c") == [("c",)]
+    assert source.sql("SELECT b FROM ONLY p") == [("later",)]
+
+
+def test_rows_moved_across_partitions_come_back(source):
+    source.sql(
+        "CREATE TABLE m (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);"
+        "CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10);"
+        "CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20)"
+        " PARTITION BY RANGE (k);"
+        "CREATE TABLE m2a PARTITION OF m2 FOR VALUES FROM (10) TO (15);"
+        "CREATE TABLE m2b PARTITION OF m2 FOR VALUES FROM (15) TO (20)"
+    )
+    source.init()
+    source.sql("INSERT INTO m SELECT g, g % 20, 'v' || g FROM generate_series(1, 60) g")
+    before = source.snapshot("m")
+    sid = _as_session(
+        source,
+        "UPDATE m SET k = 19 - k WHERE id % 3 = 0",
+        "UPDATE m SET k = 12 WHERE id % 5 = 0 AND k < 10",
+        "DELETE FROM m WHERE id % 7 = 0",
+        "INSERT INTO m VALUES (100, 1, 'new'), (101, 16, 'new')",
+    )
+    source.capture()
+    report = _apply(source, session=sid)
+    assert not report.conflicts
+    assert source.snapshot("m") == before
+
+
+def test_keyless_duplicates_restored_with_their_multiplicity(source):
+    source.sql("CREATE TABLE d (a int, b text)")
+    source.init()
+    source.sql("INSERT INTO d VALUES (1, 'x'), (1, 'x'), (1, 'x'), (2, NULL), (2, NULL)")
+    before = source.snapshot("d")
+    sid = _as_session(
+        source,
+        "DELETE FROM d WHERE ctid IN (SELECT ctid FROM d WHERE a = 1 LIMIT 2)",
+        "UPDATE d SET b = 'y' WHERE ctid = (SELECT min(ctid) FROM d WHERE a = 2)",
+        "INSERT INTO d VALUES (1, 'x'), (3, 'z')",
+    )
+    later = _as_session(source, "INSERT INTO d VALUES (1, 'x')", app="web")
+    source.capture()
+    _apply(source, session=sid)
+    assert source.snapshot("d") == sorted([*before, "(1,x)"])
+    # the later session's duplicate is its own: undoing it removes exactly one row
+    _apply(source, session=later)
+    assert source.snapshot("d") == before
+
+
+def test_keyless_row_gone_since_is_a_conflict(pgo):
+    pgo.sql("CREATE TABLE d (a int, b text)")
+    pgo.init()
+    pgo.sql("INSERT INTO d VALUES (1, 'x')")
+    sid = _as_session(pgo, "INSERT INTO d VALUES (1, 'x'), (1, 'x')")
+    pgo.sql("DELETE FROM d WHERE ctid IN (SELECT ctid FROM d LIMIT 2)")
+    pgo.capture()
+    with pytest.raises(Refused, match="fewer identical rows"):
+        _apply(pgo, session=sid)
+    assert pgo.sql("SELECT count(*) FROM d") == [(1,)]
+
+
+def test_key_changing_updates_and_reused_keys(source):
+    source.sql("CREATE TABLE k (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO k VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    before = source.snapshot("k")
+    sid = _as_session(
+        source,
+        "UPDATE k SET id = 10 WHERE id = 1",
+        "INSERT INTO k VALUES (1, 'reused')",
+        "UPDATE k SET id = 4 WHERE id = 2",
+        "UPDATE k SET id = 2 WHERE id = 3",
+        "DELETE FROM k WHERE id = 10",
+        "UPDATE k SET v = 'twice' WHERE id = 1",
+    )
+    source.capture()
+    _apply(source, session=sid)
+    assert source.snapshot("k") == before
+
+
+def test_table_filter_parses_quotes_and_keeps_refusals(pgo):
+    pgo.sql(
+        'CREATE SCHEMA "Odd.S"; CREATE TABLE "Odd.S"."T.x" (id int PRIMARY KEY);'
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE u (id int PRIMARY KEY)"
+    )
+    pgo.init(schemas=["public", "Odd.S"])
+    pgo.sql(
+        'INSERT INTO t VALUES (1); INSERT INTO u VALUES (1); INSERT INTO "Odd.S"."T.x" VALUES (1)'
+    )
+    sid = _as_session(pgo, "DELETE FROM u", 'DELETE FROM "Odd.S"."T.x"', "TRUNCATE t")
+    pgo.capture()
+    for name in ("t", "public.t", "PUBLIC.T"):
+        with pytest.raises(Refused, match="TRUNCATE"):
+            _apply(pgo, session=sid, tables=(name,))
+        result = pgo.undo_cli("session", sid, "--table", name)
+        assert result.returncode == 1 and result.stdout == "", name
+    report = _apply(pgo, session=sid, tables=('"Odd.S"."T.x"', "u"))
+    assert report.rows == {('"Odd.S"."T.x"', "D"): 1, ("public.u", "D"): 1}
+    with pytest.raises(NotFound):
+        _apply(pgo, session=sid, tables=("nosuch",))
+    with pytest.raises(BadInput):
+        _apply(pgo, session=sid, tables=('"unterminated',))
+    assert pgo.undo_cli("session", sid, "--table", "nosuch").returncode == 2
+
+
+def test_script_then_apply_is_refused_by_the_source_ledger(source):
+    """The psql script records the undo in the source: --apply refuses it, before capture."""
+    source.sql("CREATE TABLE n (a int, b text)")
+    source.init()
+    source.sql("INSERT INTO n VALUES (1, 'x'), (1, 'x')")
+    sid = _as_session(source, "DELETE FROM n")
+    source.capture()
+    script = source.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    assert _psql(source, script.stdout).returncode == 0
+    with pytest.raises(Refused, match="already undone"):
+        _apply(source, session=sid)
+    again = _psql(source, script.stdout)
+    assert again.returncode != 0 and "already undone" in again.stderr
+    assert source.sql("SELECT count(*) FROM n") == [(2,)]
+    source.capture()
+    undos = source.store_rows("SELECT target, entries FROM undos")
+    assert len(undos) == 1 and sid in undos[0][0] and '"n"' in undos[0][1]
+
+
+def test_undoing_table_a_does_not_block_table_b(pgo):
+    pgo.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)")
+    sid = _as_session(pgo, "DELETE FROM a; DELETE FROM b")
+    pgo.capture()
+    _apply(pgo, session=sid, tables=("a",))
+    with pytest.raises(Refused, match="already undone"):
+        _apply(pgo, session=sid, tables=("a",))
+    _apply(pgo, session=sid, tables=("b",))
+    assert pgo.sql("SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b)") == [(1, 1)]
+
+
+def test_refused_undo_prints_no_script(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a')")
+    sid = _as_session(pgo, "DELETE FROM t", "TRUNCATE t")
+    pgo.capture()
+    result = pgo.undo_cli("session", sid)
+    assert result.returncode == 1 and result.stdout == ""
+    pgo.sql("ALTER TABLE t ADD COLUMN w int")
+    result = pgo.undo_cli("session", sid, "--on-conflict", "skip")
+    assert (
+        result.returncode == 1 and result.stdout == "" and "changed since capture" in result.stderr
+    )
+
+
+def test_script_conflict_stops_psql_even_without_on_error_stop(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    sid = _as_session(pgo, "UPDATE t SET v = 'bad'")
+    pgo.sql("UPDATE t SET v = 'later' WHERE id = 2")
+    pgo.capture()
+    script = pgo.undo_cli("session", sid).stdout
+    run = subprocess.run(
+        ["psql", "-X", "-q", "-d", pgo.dsn, "-f", "-"], input=script, capture_output=True, text=True
+    )
+    assert run.returncode != 0 and "id=2" in run.stderr and "changed since" in run.stderr
+    assert pgo.sql("SELECT id, v FROM t ORDER BY id") == [(1, "bad"), (2, "later")]
+
+
+HOSTILE = "it's %s {0} $1 ?"
+
+
+def test_column_names_with_placeholders_on_every_path(source):
+    source.sql(
+        f'CREATE TABLE "we%s ird" (id int PRIMARY KEY, "{HOSTILE.replace(chr(34), 2 * chr(34))}"'
+        ' text, "{x}" int); CREATE TABLE "kl%%s" ("%s" int, "$1" text)'
+    )
+    source.init()
+    source.sql(
+        "INSERT INTO \"we%s ird\" VALUES (1, 'a', 1), (2, 'b', 2);"
+        " INSERT INTO \"kl%%s\" VALUES (1, '?')"
+    )
+    before = (source.snapshot('"we%s ird"'), source.snapshot('"kl%%s"'))
+    statements = (
+        "INSERT INTO \"we%s ird\" VALUES (3, '%s', 3)",
+        'UPDATE "we%s ird" SET "{x}" = 9 WHERE id = 1',
+        'DELETE FROM "we%s ird" WHERE id = 2',
+        'INSERT INTO "kl%%s" VALUES (2, \'%s\'); UPDATE "kl%%s" SET "$1" = \'$2\' WHERE "%s" = 1',
+    )
+    sid = _as_session(source, *statements)
+    source.capture()
+    script = source.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    assert _psql(source, script.stdout).returncode == 0
+    assert (source.snapshot('"we%s ird"'), source.snapshot('"kl%%s"')) == before
+    again = _as_session(source, *statements)
+    source.capture()
+    _apply(source, session=again)
+    assert (source.snapshot('"we%s ird"'), source.snapshot('"kl%%s"')) == before
+
+
+def test_char_type_name_is_the_same_from_both_decoders(source):
+    source.sql(
+        'CREATE DOMAIN onechar AS "char"; CREATE TABLE ch (id int PRIMARY KEY, c "char",'
+        ' ca "char"[], cd onechar, v varchar(7), n numeric(9, 3), t timestamp(2) with time zone)'
+    )
+    source.init()
+    source.sql("INSERT INTO ch VALUES (1, 'x', '{a,b}', 'd', 'vv', 1.5, now())")
+    before = source.snapshot("ch")
+    sid = _as_session(source, "UPDATE ch SET c = 'y', ca = '{c}', cd = 'e'", "DELETE FROM ch")
+    source.capture()
+    types = source.store_rows("SELECT types FROM relations WHERE table_name = 'ch'")
+    assert types == [
+        (
+            '["integer","\\"char\\"","\\"char\\"[]","onechar","character varying(7)",'
+            '"numeric(9,3)","timestamp(2) with time zone"]',
+        )
+    ]
+    _apply(source, session=sid)
+    assert source.snapshot("ch") == before
+
+
+def test_init_skips_unlogged_tables_with_a_warning(pgo):
+    pgo.sql(
+        "CREATE TABLE t (id int PRIMARY KEY); CREATE UNLOGGED TABLE scratch (id int);"
+        "CREATE TEMP TABLE tmp (id int)"
+    )
+    report = pgo.init()
+    assert any("scratch" in w and "SET LOGGED" in w for w in report.warnings)
+    assert pgo.sql("SELECT relid::regclass::text FROM undo.audited ORDER BY 1") == [("t",)]
+    status = pgo.undo_cli("status", "--json")
+    assert status.returncode == 0 and "scratch" in status.stdout
+
+
+def test_refused_init_leaves_no_store(pgo, tmp_path):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    result = pgo.undo_cli("--store", str(tmp_path / "new.db"), "--decoder", "nosuch", "init")
+    assert result.returncode == 2
+    assert not (tmp_path / "new.db").exists()
