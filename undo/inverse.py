@@ -216,9 +216,14 @@ class TableUndo:
             old = new = None
             if ch.old is not None:
                 old = load(ch.old)
-                values = [_copy_value(old[i]) for i in writable]
-                keys = [_copy_value(old[i]) for i in key]
-                img = ch.old if "\\" not in ch.old else ch.old.replace("\\", "\\\\")
+                if "\\" in ch.old:
+                    values = [_copy_value(old[i]) for i in writable]
+                    keys = [_copy_value(old[i]) for i in key]
+                    img = ch.old.replace("\\", "\\\\")
+                else:  # JSON escapes every character COPY must: none is in these values
+                    values = ["\\N" if old[i] is None else old[i] for i in writable]
+                    keys = [old[i] for i in key]
+                    img = ch.old
                 yield "\t".join([str(ch.id), "0", *keys, img, *values]) + "\n"
             if ch.new is not None:
                 new = load(ch.new)
@@ -238,8 +243,33 @@ class TableUndo:
     # collapse ---------------------------------------------------------------------------------
     def build_net(self) -> sql.Composed:
         """The net change per row: first old image, last new image (keyed), or per image how
-        many copies the selection added or removed (keyless)."""
+        many copies the selection added or removed (keyless).
+
+        A keyed table whose selected changes are all deletes (or all inserts) has no chain to
+        collapse: a key is deleted (inserted) once. Its net is then a view over the staged
+        images, which saves sorting them."""
         cs = sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in self.t.writable)
+        if self.keyed and self.ops in ({"D"}, {"I"}):
+            pre = self.ops == {"D"}
+            a_cs = [sql.SQL("s.{}").format(sql.Identifier(f"c{i}")) for i in self.t.writable]
+            return sql.SQL(
+                "CREATE TEMP VIEW {net} AS SELECT s.seq AS id, {ks}, {pre_seq} AS pre_seq,"
+                " {pre} AS has_pre, {pre_img} AS pre_img, {cs}, {post_seq} AS post_seq,"
+                " {post} AS has_post, {post_img} AS post_img FROM {stage} s"
+            ).format(
+                net=self.net,
+                stage=self.stage,
+                ks=sql.SQL(", ").join(
+                    sql.SQL("s.{0} AS {0}").format(sql.Identifier(f"k{i}")) for i in self.key
+                ),
+                pre_seq=sql.SQL("s.seq" if pre else "NULL::bigint"),
+                pre=sql.SQL("true" if pre else "false"),
+                pre_img=sql.SQL("s.img" if pre else "NULL::jsonb"),
+                cs=sql.SQL(", ").join(a_cs) if a_cs else sql.SQL("NULL AS c_none"),
+                post_seq=sql.SQL("NULL::bigint" if pre else "s.seq"),
+                post=sql.SQL("false" if pre else "true"),
+                post_img=sql.SQL("NULL::jsonb" if pre else "s.img"),
+            )
         if not self.keyed:
             return sql.SQL(
                 "CREATE TEMP TABLE {net} ON COMMIT DROP AS"

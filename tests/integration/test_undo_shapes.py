@@ -310,3 +310,23 @@ def test_refused_init_leaves_no_store(pgo, tmp_path):
     result = pgo.undo_cli("--store", str(tmp_path / "new.db"), "--decoder", "nosuch", "init")
     assert result.returncode == 2
     assert not (tmp_path / "new.db").exists()
+
+
+def test_pure_delete_session_skips_a_reinserted_key(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5) g")
+    sid = _as_session(source, "DELETE FROM t")
+    source.sql("INSERT INTO t VALUES (3, 'reborn')")
+    source.capture()
+    with pytest.raises(Refused, match="id=3"):
+        _apply(source, session=sid)
+    report = _apply(source, session=sid, on_conflict="skip")
+    assert [str(c).split(":")[0] for c in report.conflicts] == ["public.t (id=3)"]
+    assert source.sql("SELECT id, v FROM t ORDER BY id") == [
+        (1, "v1"),
+        (2, "v2"),
+        (3, "reborn"),
+        (4, "v4"),
+        (5, "v5"),
+    ]
