@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 COPY_CHUNK = 2000  # lines per write to the COPY stream
 MAX_ATTEMPTS = 3  # a statement whose rows keep changing under it is given up after this
 ALREADY_UNDONE = "UN001"  # SQLSTATE raised by undo.record_undo
+Query = sql.SQL | sql.Composed
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,16 @@ class UndoReport:
 class _Runner:
     """What _run needs of a way to run the undo."""
 
-    def statement(self, q: sql.Composable) -> None:
+    def statement(self, q: Query) -> None:
         raise NotImplementedError
 
-    def copy(self, q: sql.Composable, lines: Iterable[str]) -> None:
+    def copy(self, q: Query, lines: Iterable[str]) -> None:
         raise NotImplementedError
 
     def step(self, step: Step, undo: TableUndo) -> None:
         raise NotImplementedError
 
-    def fk_check(self, label: str, q: sql.Composable) -> None:
+    def fk_check(self, label: str, q: Query) -> None:
         raise NotImplementedError
 
 
@@ -100,10 +101,10 @@ class _Applier(_Runner):
         self.report = report
         self.progress = progress
 
-    def statement(self, q: sql.Composable) -> None:
+    def statement(self, q: Query) -> None:
         self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
 
-    def copy(self, q: sql.Composable, lines: Iterable[str]) -> None:
+    def copy(self, q: Query, lines: Iterable[str]) -> None:
         with self.conn.cursor().copy(q) as cp:
             buf: list[str] = []
             for line in lines:
@@ -114,7 +115,7 @@ class _Applier(_Runner):
             if buf:
                 cp.write("".join(buf))
 
-    def _one(self, q: sql.Composable) -> int:
+    def _one(self, q: Query) -> int:
         row = self.conn.execute(q).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
@@ -156,7 +157,7 @@ class _Applier(_Runner):
             Conflict(tv.qualified, inverse.describe_image(tv, values), f"{reason}; {who}")
         )
 
-    def fk_check(self, label: str, q: sql.Composable) -> None:
+    def fk_check(self, label: str, q: Query) -> None:
         row = self.conn.execute(q).fetchone()
         if row is not None:
             self.report.conflicts.append(
@@ -170,10 +171,10 @@ class _Printer(_Runner):
         self.conn = conn
         self.report = report
 
-    def statement(self, q: sql.Composable) -> None:
+    def statement(self, q: Query) -> None:
         self.out.write(q.as_string(self.conn) + ";\n")
 
-    def copy(self, q: sql.Composable, lines: Iterable[str]) -> None:
+    def copy(self, q: Query, lines: Iterable[str]) -> None:
         self.statement(q)
         for line in lines:
             self.out.write(line)
@@ -207,7 +208,7 @@ class _Printer(_Runner):
         )
         self.report.rows[tv.qualified, step.kind] += 0
 
-    def fk_check(self, label: str, q: sql.Composable) -> None:
+    def fk_check(self, label: str, q: Query) -> None:
         self.statement(
             sql.SQL("SELECT pg_temp.undo_fail({} || v) FROM ({}) AS x(v)").format(
                 sql.Literal(f"undo: foreign key would be violated: {label}: "), q

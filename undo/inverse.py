@@ -189,7 +189,7 @@ class TableUndo:
 
     # staging ----------------------------------------------------------------------------------
     def create_stage(self) -> sql.Composed:
-        cols = [sql.SQL("seq bigint"), sql.SQL("side smallint")]
+        cols: list[sql.Composable] = [sql.SQL("seq bigint"), sql.SQL("side smallint")]
         cols += [
             sql.SQL("{} {}").format(sql.Identifier(f"k{i}"), self.t.stage_types[i])
             for i in self.key
@@ -334,7 +334,7 @@ class TableUndo:
             )
             for c in self.t.version.columns
         ]
-        parts = [
+        parts: list[sql.Composable] = [
             sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(cols[i : i + _MAX_ARGS]))
             for i in range(0, len(cols), _MAX_ARGS)
         ] or [sql.SQL("'[]'::jsonb")]
