@@ -8,18 +8,10 @@ import subprocess
 
 import pytest
 
+from tests.integration.test_undo import _as_session
 from undo.apply import undo
 from undo.errors import BadInput, NotFound, Refused
-from undo.pg import session_id
 from undo.plan import Target
-
-
-def _as_session(src, *statements, app="script"):
-    with src.connect(application_name=app) as c:
-        sid = session_id(c)
-        for s in statements:
-            c.execute(s.encode())
-    return sid
 
 
 def _apply(src, **kw):
