@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import names
 from .errors import Refused
 from .plan import StoredChange, TableVersion, load
 
@@ -118,8 +119,10 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
 # -- COPY text ---------------------------------------------------------------------------------
 
 _DIAGNOSE_POST = (
-    "SELECT n.id, n.post_seq, n.post_img::text, CASE WHEN EXISTS (SELECT 1 FROM ONLY {t} t"
-    " WHERE {kj}) THEN 'the row was changed since' ELSE 'the row is gone' END"
+    "SELECT n.id, n.post_seq, n.post_img::text, CASE WHEN n.broken"
+    " THEN 'another transaction changed the row between the undone changes'"
+    " WHEN EXISTS (SELECT 1 FROM ONLY {t} t WHERE {kj}) THEN 'the row was changed since'"
+    " ELSE 'the row is gone' END"
     " FROM {net} n WHERE {cond} AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {m})"
 )
 
@@ -241,75 +244,70 @@ class TableUndo:
         return sql.SQL("ANALYZE {}").format(self.stage)
 
     # collapse ---------------------------------------------------------------------------------
-    def build_net(self) -> sql.Composed:
-        """The net change per row: first old image, last new image (keyed), or per image how
-        many copies the selection added or removed (keyless).
+    def _cols(self, alias: str) -> sql.Composable:
+        """The staged typed columns, as alias.c<i> (a placeholder column for a table with no
+        writable one)."""
+        cols = [
+            sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(f"c{i}"))
+            for i in self.t.writable
+        ]
+        return sql.SQL(", ").join(cols) if cols else sql.SQL("NULL AS c_none")
 
-        A keyed table whose selected changes are all deletes (or all inserts) has no chain to
-        collapse: a key is deleted (inserted) once. Its net is then a view over the staged
-        images, which saves sorting them."""
-        cs = sql.SQL(", ").join(sql.Identifier(f"c{i}") for i in self.t.writable)
-        if self.keyed and self.ops in ({"D"}, {"I"}):
-            pre = self.ops == {"D"}
-            a_cs = [sql.SQL("s.{}").format(sql.Identifier(f"c{i}")) for i in self.t.writable]
-            return sql.SQL(
-                "CREATE TEMP VIEW {net} AS SELECT s.seq AS id, {ks}, {pre_seq} AS pre_seq,"
-                " {pre} AS has_pre, {pre_img} AS pre_img, {cs}, {post_seq} AS post_seq,"
-                " {post} AS has_post, {post_img} AS post_img FROM {stage} s"
-            ).format(
-                net=self.net,
-                stage=self.stage,
-                ks=sql.SQL(", ").join(
-                    sql.SQL("s.{0} AS {0}").format(sql.Identifier(f"k{i}")) for i in self.key
-                ),
-                pre_seq=sql.SQL("s.seq" if pre else "NULL::bigint"),
-                pre=sql.SQL("true" if pre else "false"),
-                pre_img=sql.SQL("s.img" if pre else "NULL::jsonb"),
-                cs=sql.SQL(", ").join(a_cs) if a_cs else sql.SQL("NULL AS c_none"),
-                post_seq=sql.SQL("NULL::bigint" if pre else "s.seq"),
-                post=sql.SQL("false" if pre else "true"),
-                post_img=sql.SQL("NULL::jsonb" if pre else "s.img"),
-            )
+    def build_net(self) -> sql.Composed:
+        """The net change per row.
+
+        Keyed: per key, the first old image and the last new image. The chain must be whole:
+        each old image the one the selection's previous change of that key left, and no key
+        inserted or deleted twice in a row. Where it is not, another transaction changed the row
+        between two undone changes; undone newest first, the older change would meet that
+        write, so the key is a conflict: ``broken``, and no statement touches it.
+
+        Keyless: per distinct image, how many copies the selection added or removed."""
         if not self.keyed:
             return sql.SQL(
                 "CREATE TEMP TABLE {net} ON COMMIT DROP AS"
                 " SELECT row_number() OVER () AS id, g.img, g.delta, g.seq, {o_cs}"
                 " FROM (SELECT img, sum(CASE WHEN side = 1 THEN 1 ELSE -1 END) AS delta,"
                 " max(seq) AS seq FROM {stage} GROUP BY img) g"
-                " LEFT JOIN (SELECT DISTINCT ON (img) img, {cs} FROM {stage} WHERE side = 0"
+                " LEFT JOIN (SELECT DISTINCT ON (img) * FROM {stage} WHERE side = 0"
                 " ORDER BY img) o ON o.img = g.img WHERE g.delta <> 0"
-            ).format(
-                net=self.net,
-                stage=self.stage,
-                cs=cs,
-                o_cs=sql.SQL(", ").join(
-                    sql.SQL("o.{}").format(sql.Identifier(f"c{i}")) for i in self.t.writable
-                ),
-            )
+            ).format(net=self.net, stage=self.stage, o_cs=self._cols("o"))
         ks = sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in self.key)
+        # g: per key its first and last change (a hash aggregate over narrow columns); only keys
+        # changed more than once need the chain check (a window over their rows alone); pre and
+        # post images are then found by (change, side, key): one row each at most.
         return sql.SQL(
             "CREATE TEMP TABLE {net} ON COMMIT DROP AS"
-            " SELECT row_number() OVER () AS id, {a_ks}, a.seq AS pre_seq, a.side = 0 AS has_pre,"
-            " a.img AS pre_img, {a_cs}, b.seq AS post_seq, b.side = 1 AS has_post,"
-            " b.img AS post_img"
-            " FROM (SELECT DISTINCT ON ({ks}) * FROM {stage} ORDER BY {ks}, seq, side) a"
-            " JOIN (SELECT DISTINCT ON ({ks}) {ks}, seq, side, img FROM {stage}"
-            " ORDER BY {ks}, seq DESC, side DESC) b ON {ab}"
-            " WHERE (a.side = 0 OR b.side = 1)"
-            " AND NOT (a.side = 0 AND b.side = 1 AND a.img = b.img)"
+            " WITH g AS (SELECT {ks}, min(seq) AS f, max(seq) AS l FROM {stage} GROUP BY {ks}),"
+            " c AS (SELECT {ks}, bool_or(gap) AS broken, (array_agg(img))[1] AS img"
+            " FROM (SELECT s.*, CASE WHEN lag(s.side) OVER w IS NULL THEN false"
+            " WHEN s.side = 0 THEN lag(s.side) OVER w <> 1 OR lag(s.img) OVER w <> s.img"
+            " ELSE lag(s.side) OVER w = 1 END AS gap"
+            " FROM {stage} s JOIN g USING ({ks}) WHERE g.f <> g.l"
+            " WINDOW w AS (PARTITION BY {s_ks} ORDER BY s.seq, s.side)) x GROUP BY {ks})"
+            " SELECT row_number() OVER () AS id, {g_ks}, a.seq AS pre_seq,"
+            " a.seq IS NOT NULL AS has_pre, a.img AS pre_img, {a_cs}, g.l AS post_seq,"
+            " b.seq IS NOT NULL OR coalesce(c.broken, false) AS has_post,"
+            " coalesce(b.img, c.img) AS post_img, coalesce(c.broken, false) AS broken"
+            " FROM g LEFT JOIN {stage} a ON a.seq = g.f AND a.side = 0 AND {ga}"
+            " LEFT JOIN {stage} b ON b.seq = g.l AND b.side = 1 AND {gb}"
+            " LEFT JOIN c ON {gc}"
+            " WHERE coalesce(c.broken, false) OR ((a.seq IS NOT NULL OR b.seq IS NOT NULL)"
+            " AND NOT (a.seq IS NOT NULL AND b.seq IS NOT NULL AND a.img = b.img))"
         ).format(
             net=self.net,
             stage=self.stage,
             ks=ks,
-            a_ks=sql.SQL(", ").join(
-                sql.SQL("a.{0} AS {0}").format(sql.Identifier(f"k{i}")) for i in self.key
+            s_ks=sql.SQL(", ").join(
+                sql.SQL("s.{}").format(sql.Identifier(f"k{i}")) for i in self.key
             ),
-            a_cs=sql.SQL(", ").join(
-                sql.SQL("a.{}").format(sql.Identifier(f"c{i}")) for i in self.t.writable
-            )
-            if self.t.writable
-            else sql.SQL("NULL AS c_none"),
-            ab=self._key_join("a", "b"),
+            g_ks=sql.SQL(", ").join(
+                sql.SQL("g.{0} AS {0}").format(sql.Identifier(f"k{i}")) for i in self.key
+            ),
+            a_cs=self._cols("a"),
+            ga=self._key_join("g", "a"),
+            gb=self._key_join("g", "b"),
+            gc=self._key_join("g", "c"),
         )
 
     # pieces of statements ---------------------------------------------------------------------
@@ -352,7 +350,7 @@ class TableUndo:
             "cond": sql.SQL(cond),
             "kj": kj,
             "fp": fp,
-            "m": sql.SQL("{} AND {} = n.post_img").format(kj, fp),
+            "m": sql.SQL("NOT n.broken AND {} AND {} = n.post_img").format(kj, fp),
             "cols": sql.SQL(", ").join(sql.Identifier(self.t.version.columns[i]) for i in w),
             "vals": sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(f"c{i}")) for i in w),
             "over": sql.SQL(" OVERRIDING SYSTEM VALUE")
@@ -474,21 +472,23 @@ def foreign_key_checks(
         " (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.i)"
         "   FROM unnest(c.confkey) WITH ORDINALITY k(n, i)"
         "   JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n),"
-        " c.conrelid::regclass::text, c.confrelid::regclass::text"
+        " cn.nspname, cc.relname, pn.nspname, pc.relname"
         " FROM pg_constraint c JOIN pg_class cc ON cc.oid = c.conrelid"
-        " JOIN pg_class pc ON pc.oid = c.confrelid"
+        " JOIN pg_namespace cn ON cn.oid = cc.relnamespace"
+        " JOIN pg_class pc ON pc.oid = c.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace"
         " WHERE c.contype = 'f' AND (c.conrelid = ANY (%s) OR c.confrelid = ANY (%s))",
         (oids, oids),
     ).fetchall()
     checks = []
-    for name, child, parent, ckind, pkind, ccols, pcols, ptypes, cname, pname in rows:
+    for name, child, parent, ckind, pkind, ccols, pcols, ptypes, cs, ct, ps, pt in rows:
+        # as PostgreSQL's own checks do: ONLY, except for a partitioned table
         c_from = sql.SQL("{}{}").format(
-            sql.SQL("") if ckind == "p" else sql.SQL("ONLY "), sql.Identifier(*_qual(conn, child))
+            sql.SQL("") if ckind == "p" else sql.SQL("ONLY "), sql.Identifier(cs, ct)
         )
         p_from = sql.SQL("{}{}").format(
-            sql.SQL("") if pkind == "p" else sql.SQL("ONLY "), sql.Identifier(*_qual(conn, parent))
+            sql.SQL("") if pkind == "p" else sql.SQL("ONLY "), sql.Identifier(ps, pt)
         )
-        label = f"{cname} -> {pname} ({name})"
+        label = f"{names.quote(cs, ct)} -> {names.quote(ps, pt)} ({name})"
         cu = undos.get(child)
         if cu is not None and all(c in cu.t.version.columns for c in ccols):
             pos = [cu.t.version.columns.index(c) for c in ccols]
@@ -549,16 +549,6 @@ def foreign_key_checks(
                 )
             )
     return checks
-
-
-def _qual(conn: psycopg.Connection[Any], oid: int) -> tuple[str, str]:
-    row = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
-        " ON n.oid = c.relnamespace WHERE c.oid = %s",
-        (oid,),
-    ).fetchone()
-    assert row is not None
-    return row[0], row[1]
 
 
 def fk_order(conn: psycopg.Connection[Any], oids: Sequence[int]) -> list[int]:

@@ -11,6 +11,7 @@ import pytest
 from tests.integration.test_undo import _as_session
 from undo.apply import undo
 from undo.errors import BadInput, NotFound, Refused
+from undo.pg import session_id
 from undo.plan import Target
 
 
@@ -322,3 +323,45 @@ def test_pure_delete_session_skips_a_reinserted_key(source):
         (4, "v4"),
         (5, "v5"),
     ]
+
+
+def test_a_change_between_two_undone_ones_is_a_conflict(source):
+    """Undone newest first, the older change meets the other session's write: a conflict,
+    never a collapse that overwrites it."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO t VALUES (1, 'a'), (2, 'a'), (3, 'a')")
+    with source.connect(application_name="metrics") as metrics:
+        sid = session_id(metrics)
+        metrics.execute("UPDATE t SET v = 'b' WHERE id = 1; DELETE FROM t WHERE id = 2")
+        source.sql("UPDATE t SET v = 'web' WHERE id = 1; INSERT INTO t VALUES (2, 'web')")
+        metrics.execute("UPDATE t SET v = 'd' WHERE id = 1; DELETE FROM t WHERE id = 2")
+        metrics.execute("UPDATE t SET v = 'e' WHERE id = 3")
+    source.capture()
+    with pytest.raises(Refused, match="2 conflict") as e:
+        _apply(source, session=sid)
+    assert "id=1" in str(e.value) and "id=2" in str(e.value)
+    assert "between the undone changes" in str(e.value)
+    report = _apply(source, session=sid, on_conflict="skip")
+    assert len(report.conflicts) == 2
+    assert source.sql("SELECT id, v FROM t ORDER BY id") == [(1, "d"), (3, "a")]
+
+
+def test_foreign_keys_the_undo_would_break_are_refused(pgo):
+    pgo.sql(
+        "CREATE TABLE p (id int PRIMARY KEY); CREATE TABLE c (id int PRIMARY KEY,"
+        " p int REFERENCES p)"
+    )
+    pgo.init()
+    pgo.sql("INSERT INTO p VALUES (1); INSERT INTO c VALUES (10, 1)")
+    sid = _as_session(pgo, "INSERT INTO p VALUES (2)", "DELETE FROM c WHERE id = 10")
+    pgo.sql("INSERT INTO c VALUES (20, 2); DELETE FROM p WHERE id = 1")
+    pgo.capture()
+    with pytest.raises(Refused, match="foreign key would be violated") as e:
+        _apply(pgo, session=sid)
+    assert "public.c -> public.p" in str(e.value) and str(e.value).count("foreign key") == 2
+    script = pgo.undo_cli("session", sid)
+    run = _psql(pgo, script.stdout)
+    assert run.returncode != 0 and "foreign key would be violated" in run.stderr
+    assert pgo.sql("SELECT id FROM p ORDER BY id") == [(2,)]
+    assert pgo.sql("SELECT id FROM c ORDER BY id") == [(20,)]
