@@ -145,6 +145,15 @@ class Source:
         with sqlite3.connect(self.store) as c:
             return c.execute(query, params).fetchall()
 
+    def psql(self, script: str, *options: str) -> subprocess.CompletedProcess[str]:
+        """Run a script through psql, as on-call would run a printed undo."""
+        return subprocess.run(
+            ["psql", "-X", "-q", *options, "-d", self.dsn, "-f", "-"],
+            input=script,
+            capture_output=True,
+            text=True,
+        )
+
     def undo_cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return run_cli(self, *args, input=input)
 

@@ -206,7 +206,6 @@ class _Printer(_Runner):
                 diagnose=step.diagnose,
             )
         )
-        self.report.rows[tv.qualified, step.kind] += 0
 
     def fk_check(self, label: str, q: Query) -> None:
         self.statement(
@@ -409,6 +408,11 @@ def _apply(
         if isinstance(e, psycopg.errors.UniqueViolation) and "ledger_live" in str(e):
             raise Refused(
                 "another undo of these changes committed meanwhile: nothing changed"
+            ) from None
+        if isinstance(e, psycopg.errors.IntegrityError):
+            raise Refused(
+                f"the undo would break a constraint ({e.diag.message_primary}): nothing changed"
+                ' (see "Undo" in the README for the orders undo cannot write in)'
             ) from None
         if isinstance(e, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
             raise Refused(

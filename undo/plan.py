@@ -17,6 +17,7 @@ from sqlite_utils import Database
 
 from . import names
 from .errors import BadInput, NotFound, Refused
+from .store.queries import resolve_table
 
 OPS = {"delete": "D", "update": "U", "insert": "I"}
 OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
@@ -164,10 +165,7 @@ def select(db: Database, target: Target) -> Plan:
 
 
 def _resolve_tables(db: Database, tables: tuple[str, ...]) -> set[tuple[str, str]] | None:
-    if not tables:
-        return None
-    known = [(r[0], r[1]) for r in db.execute("SELECT schema_name, table_name FROM relations")]
-    return {names.resolve(t, known) for t in tables}
+    return {resolve_table(db, t) for t in tables} if tables else None
 
 
 def _inventory(db: Database, plan: Plan, wanted: set[tuple[str, str]] | None) -> None:
@@ -256,17 +254,6 @@ def changes(db: Database, plan: Plan, rel_id: int) -> Iterator[StoredChange]:
         ):
             if row[1] in wanted:
                 yield StoredChange(*row)
-
-
-def describe_change(db: Database, change_id: int) -> tuple[int, str, str]:
-    """(xid, session id, application) of the transaction holding a change."""
-    row = db.execute(
-        "SELECT xid, coalesce(session_id, '?'), coalesce(application_name, '?')"
-        " FROM transactions WHERE ? BETWEEN first_change AND last_change"
-        " ORDER BY first_change DESC LIMIT 1",
-        [change_id],
-    ).fetchone()
-    return (row[0], row[1], row[2]) if row else (0, "?", "?")
 
 
 def later_writer(db: Database, tv: TableVersion, change_id: int, key: str | None) -> str:

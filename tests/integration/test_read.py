@@ -58,7 +58,13 @@ def test_sessions_filters_and_show(pgo):
     assert txn["changes"][0]["old"] == {"id": "42", "name": "Ada L."}
     xact = json.loads(pgo.undo_cli("show", "xact", str(txn["xid"]), "--json").stdout)
     assert xact["transactions"][0]["xid"] == txn["xid"]
-    assert json.loads(pgo.undo_cli("sessions", "--table", "public.nope", "--json").stdout) == []
+    qualified = json.loads(pgo.undo_cli("sessions", "--table", "public.accounts", "--json").stdout)
+    assert row["session_id"] in [r["session_id"] for r in qualified]
+    for name in ("accounts", "PUBLIC.Accounts", '"public"."accounts"'):
+        by_name = json.loads(pgo.undo_cli("sessions", "--table", name, "--json").stdout)
+        assert by_name == qualified, name
+    nope = pgo.undo_cli("sessions", "--table", "public.nope", "--json")
+    assert nope.returncode == 2 and nope.stdout == "" and nope.stderr.count("\n") == 1
     assert (
         json.loads(pgo.undo_cli("sessions", "--since", "2099-01-01T00:00:00Z", "--json").stdout)
         == []

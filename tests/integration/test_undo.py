@@ -186,12 +186,7 @@ def test_printed_script_through_psql_equals_apply(source, tmp_path):
     script = source.undo_cli("session", sid)
     assert script.returncode == 0, script.stderr
     assert script.stdout.startswith("-- undo of")
-    psql = subprocess.run(
-        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", source.dsn, "-f", "-"],
-        input=script.stdout,
-        capture_output=True,
-        text=True,
-    )
+    psql = source.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
     assert psql.returncode == 0, psql.stderr
     assert source.snapshot("everything") == before
 
@@ -200,12 +195,7 @@ def test_printed_script_fails_on_conflict(pgo):
     sid, _ = _conflict_setup(pgo)
     before = pgo.snapshot("t")
     script = pgo.undo_cli("session", sid)
-    psql = subprocess.run(
-        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pgo.dsn, "-f", "-"],
-        input=script.stdout,
-        capture_output=True,
-        text=True,
-    )
+    psql = pgo.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
     assert psql.returncode != 0
     assert pgo.snapshot("t") == before
 

@@ -6,7 +6,6 @@ printed script through psql. The reference is computed here, from a model of the
 from __future__ import annotations
 
 import itertools
-import subprocess
 from collections import Counter
 from decimal import Decimal
 
@@ -238,12 +237,7 @@ def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
     if by_script:
         script = source.undo_cli("session", sids[0])
         assert script.returncode == 0, script.stderr
-        run = subprocess.run(
-            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", source.dsn, "-f", "-"],
-            input=script.stdout,
-            capture_output=True,
-            text=True,
-        )
+        run = source.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
         assert run.returncode == 0, run.stderr
     else:
         undo(source.settings, Target(session=sids[0]), apply=True)

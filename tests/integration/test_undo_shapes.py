@@ -4,8 +4,6 @@ decoder matters."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from tests.integration.test_undo import _as_session
@@ -18,15 +16,6 @@ from undo.plan import Target
 def _apply(src, **kw):
     on_conflict = kw.pop("on_conflict", "abort")
     return undo(src.settings, Target(**kw), apply=True, on_conflict=on_conflict)
-
-
-def _psql(src, script):
-    return subprocess.run(
-        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", src.dsn, "-f", "-"],
-        input=script,
-        capture_output=True,
-        text=True,
-    )
 
 
 def test_update_only_parent_leaves_child_rows_alone(source):
@@ -179,10 +168,10 @@ def test_script_then_apply_is_refused_by_the_source_ledger(source):
     source.capture()
     script = source.undo_cli("session", sid)
     assert script.returncode == 0, script.stderr
-    assert _psql(source, script.stdout).returncode == 0
+    assert source.psql(script.stdout, "-v", "ON_ERROR_STOP=1").returncode == 0
     with pytest.raises(Refused, match="already undone"):
         _apply(source, session=sid)
-    again = _psql(source, script.stdout)
+    again = source.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
     assert again.returncode != 0 and "already undone" in again.stderr
     assert source.sql("SELECT count(*) FROM n") == [(2,)]
     source.capture()
@@ -226,9 +215,7 @@ def test_script_conflict_stops_psql_even_without_on_error_stop(pgo):
     pgo.sql("UPDATE t SET v = 'later' WHERE id = 2")
     pgo.capture()
     script = pgo.undo_cli("session", sid).stdout
-    run = subprocess.run(
-        ["psql", "-X", "-q", "-d", pgo.dsn, "-f", "-"], input=script, capture_output=True, text=True
-    )
+    run = pgo.psql(script)  # no -v ON_ERROR_STOP=1: the script sets it itself
     assert run.returncode != 0 and "id=2" in run.stderr and "changed since" in run.stderr
     assert pgo.sql("SELECT id, v FROM t ORDER BY id") == [(1, "bad"), (2, "later")]
 
@@ -257,7 +244,7 @@ def test_column_names_with_placeholders_on_every_path(source):
     source.capture()
     script = source.undo_cli("session", sid)
     assert script.returncode == 0, script.stderr
-    assert _psql(source, script.stdout).returncode == 0
+    assert source.psql(script.stdout, "-v", "ON_ERROR_STOP=1").returncode == 0
     assert (source.snapshot('"we%s ird"'), source.snapshot('"kl%%s"')) == before
     again = _as_session(source, *statements)
     source.capture()
@@ -361,7 +348,24 @@ def test_foreign_keys_the_undo_would_break_are_refused(pgo):
         _apply(pgo, session=sid)
     assert "public.c -> public.p" in str(e.value) and str(e.value).count("foreign key") == 2
     script = pgo.undo_cli("session", sid)
-    run = _psql(pgo, script.stdout)
+    run = pgo.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
     assert run.returncode != 0 and "foreign key would be violated" in run.stderr
     assert pgo.sql("SELECT id FROM p ORDER BY id") == [(2,)]
     assert pgo.sql("SELECT id FROM c ORDER BY id") == [(20,)]
+
+
+def test_a_constraint_the_undo_would_break_is_one_line_and_changes_nothing(pgo):
+    pgo.sql("CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE)")
+    pgo.init()
+    pgo.sql("INSERT INTO u VALUES (1, 'a'), (2, 'b')")
+    sid = _as_session(
+        pgo,
+        "UPDATE u SET email = 'tmp' WHERE id = 1",
+        "UPDATE u SET email = 'a' WHERE id = 2",
+        "UPDATE u SET email = 'b' WHERE id = 1",
+    )
+    pgo.capture()
+    result = pgo.undo_cli("session", sid, "--apply")
+    assert result.returncode == 1 and "would break a constraint" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert pgo.sql("SELECT id, email FROM u ORDER BY id") == [(1, "b"), (2, "a")]

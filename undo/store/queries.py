@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from .. import names
 from ..errors import BadInput, NotFound
 from ..stream.protocol import epoch
 
@@ -16,6 +17,12 @@ def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
     cur = db.execute(query, params)
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def resolve_table(db: Database, text: str) -> tuple[str, str]:
+    """A table name as the user typed it -> (schema, table) among the tables the store holds."""
+    known = [(r[0], r[1]) for r in db.execute("SELECT schema_name, table_name FROM relations")]
+    return names.resolve(text, known)
 
 
 def sessions(
@@ -47,12 +54,12 @@ def sessions(
         where.append("t.user_name = ?")
         params.append(user)
     for name in tables or []:
-        schema, _, table = name.rpartition(".")
+        schema, table = resolve_table(db, name)
         where.append(
             "coalesce(t.session_id, '') IN (SELECT a.session_id FROM activity a"
             " JOIN relations r ON r.id = a.relation WHERE r.schema_name = ? AND r.table_name = ?)"
         )
-        params += [schema or "public", table]
+        params += [schema, table]
     query = (
         "SELECT t.session_id, max(t.application_name) AS application_name,"  # noqa: S608
         " max(t.user_name) AS user, max(t.client_addr) AS client_addr,"
@@ -227,15 +234,12 @@ def parse_key(pairs: list[str]) -> dict[str, str | None]:
 
 def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[str, Any]]:
     """Every recorded version of one row, oldest first, with who changed it."""
-    schema, _, name = table.rpartition(".")
-    schema = schema or "public"
+    schema, name = resolve_table(db, table)
     rels = _rows(
         db,
         "SELECT id, columns, key_columns FROM relations WHERE schema_name = ? AND table_name = ?",
         [schema, name],
     )
-    if not rels:
-        raise NotFound(f"no captured changes of table {schema}.{name}")
     out: list[dict[str, Any]] = []
     usable = False
     for rel in rels:

@@ -109,17 +109,19 @@ class Catalog:
                 (rel.schema, rel.name),
             ).fetchone()
             rel.oid = None if row is None else int(row[0])
+        attrs = (
+            self.conn.execute(
+                "SELECT attnum, attname, attgenerated <> '', atttypid, atttypmod FROM pg_attribute"
+                " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                (rel.oid,),
+            ).fetchall()
+            if rel.oid is not None
+            else []
+        )
         if rel.types is None and rel.type_oids is not None and rel.type_mods is None:
             # wal2json sends type OIDs but no typmods: take them from the catalog where the
             # column still has that type (else the typmod is lost, and undo sees the change)
-            live = {
-                name: (typ, mod)
-                for name, typ, mod in self.conn.execute(
-                    "SELECT attname, atttypid, atttypmod FROM pg_attribute WHERE attrelid = %s"
-                    " AND attnum > 0 AND NOT attisdropped",
-                    (rel.oid,),
-                )
-            }
+            live = {a[1]: (a[3], a[4]) for a in attrs}
             rel.type_mods = tuple(
                 live[c][1] if c in live and live[c][0] == t else -1
                 for c, t in zip(rel.columns, rel.type_oids, strict=True)
@@ -136,15 +138,10 @@ class Catalog:
         audited = self.conn.execute(
             "SELECT EXISTS (SELECT 1 FROM undo.audited WHERE relid = %s)", (rel.oid,)
         ).fetchone()
-        attrs = self.conn.execute(
-            "SELECT attnum, attname, attgenerated <> '' FROM pg_attribute WHERE attrelid = %s"
-            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            (rel.oid,),
-        ).fetchall()
-        names = {num: name for num, name, _ in attrs}
+        names = {a[0]: a[1] for a in attrs}
         complete = (
-            tuple(name for _, name, _ in attrs),
-            tuple(name for _, name, generated in attrs if not generated),
+            tuple(a[1] for a in attrs),
+            tuple(a[1] for a in attrs if not a[2]),
         )
         # wal2json sends stored generated columns, pgoutput (15) does not: both are complete.
         partial = bool(rel.columns) and rel.columns not in complete

@@ -76,16 +76,11 @@ class Wal2JsonDecoder:
         key = (doc["schema"], doc["table"], names)
         rel = self.relations.get(key)
         if rel is None:
-            if cols and "typeoid" in cols[0]:
-                # type OIDs, turned into format_type text by capture as for pgoutput, so both
-                # decoders name a type alike (wal2json's own text says char for "char")
-                rel = Relation(
-                    None, doc["schema"], doc["table"], names, tuple(int(c["typeoid"]) for c in cols)
-                )
-            else:
-                rel = Relation(
-                    None, doc["schema"], doc["table"], names, types=tuple(c["type"] for c in cols)
-                )
+            # type OIDs (include-type-oids), turned into format_type text by capture as for
+            # pgoutput, so both decoders name a type alike (wal2json's own says char for "char")
+            rel = Relation(
+                None, doc["schema"], doc["table"], names, tuple(int(c["typeoid"]) for c in cols)
+            )
             self.relations[key] = rel
         return rel
 
