@@ -69,8 +69,8 @@ GRANT EXECUTE ON FUNCTION undo.session_tag() TO PUBLIC;
 
 -- The statement trigger's function: runs once per transaction (the trigger's WHEN skips the
 -- call once the transaction is tagged), as the caller. It emits one transactional message:
--- the cached session part, a newline, then application_name, the top-level statement and,
--- for an undo, what it undid. undo.tagged is transaction-local, so it is rolled back with a
+-- the cached session part, a newline, then application_name, the full (64-bit) xid, the
+-- top-level statement and, for an undo, what it undid. undo.tagged is transaction-local, so it is rolled back with a
 -- savepoint that held the tag, and the tag is emitted again.
 CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
 LANGUAGE plpgsql
@@ -81,6 +81,7 @@ BEGIN
                          undo.session_tag())
                 || E'\n{"application_name":'
                 || pg_catalog.to_json(pg_catalog.current_setting('application_name'))::text
+                || ',"xid":' || pg_catalog.pg_current_xact_id()::text
                 || ',"statement":' || coalesce(pg_catalog.to_json(pg_catalog.current_query())::text, 'null')
                 || ',"undo":' || coalesce(nullif(pg_catalog.current_setting('undo.undoing', true), ''), 'null')
                 || '}'),

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 import psycopg
 from psycopg import sql
+from psycopg.copy import QueuedLibpqWriter
 
 from . import inverse, pg
 from .config import Settings
@@ -79,10 +80,22 @@ class UndoReport:
 class _Runner:
     """What _run needs of a way to run the undo."""
 
+    copies_directly = False  # whether copy_directly may be tried
+
     def statement(self, q: Query) -> None:
         raise NotImplementedError
 
-    def copy(self, q: Query, lines: Iterable[str]) -> None:
+    def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
+        """Run ``if_true`` or ``if_false`` as the one-value query ``test`` says."""
+        raise NotImplementedError
+
+    def copy_directly(self, u: TableUndo, rows: Iterable[str]) -> bool:
+        """COPY old rows straight into the table; False (and nothing written) if one is in
+        the way."""
+        raise NotImplementedError
+
+    def copy(self, q: Query, lines: Iterable[str]) -> int:
+        """COPY the lines; the number of rows."""
         raise NotImplementedError
 
     def step(self, step: Step, undo: TableUndo) -> None:
@@ -93,6 +106,8 @@ class _Runner:
 
 
 class _Applier(_Runner):
+    copies_directly = True
+
     def __init__(
         self, conn: psycopg.Connection[Any], db: Any, report: UndoReport, progress: Any
     ) -> None:
@@ -104,16 +119,33 @@ class _Applier(_Runner):
     def statement(self, q: Query) -> None:
         self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
 
-    def copy(self, q: Query, lines: Iterable[str]) -> None:
-        with self.conn.cursor().copy(q) as cp:
-            buf: list[str] = []
-            for line in lines:
-                buf.append(line)
-                if len(buf) >= COPY_CHUNK:
+    def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
+        self.statement(if_true if self._one(test) else if_false)
+
+    def copy(self, q: Query, lines: Iterable[str]) -> int:
+        with self.conn.cursor() as cur:
+            # a writer thread sends while this one reads the store and builds lines
+            with cur.copy(q, writer=QueuedLibpqWriter(cur)) as cp:
+                buf: list[str] = []
+                for line in lines:
+                    buf.append(line)
+                    if len(buf) >= COPY_CHUNK:
+                        cp.write("".join(buf))
+                        buf.clear()
+                if buf:
                     cp.write("".join(buf))
-                    buf.clear()
-            if buf:
-                cp.write("".join(buf))
+            return cur.rowcount
+
+    def copy_directly(self, u: TableUndo, rows: Iterable[str]) -> bool:
+        self.conn.execute("SAVEPOINT undo_copy")
+        try:
+            written = self.copy(u.copy_into_table(), rows)
+        except psycopg.errors.IntegrityError:
+            self.conn.execute("ROLLBACK TO SAVEPOINT undo_copy")
+            return False
+        self.conn.execute("RELEASE SAVEPOINT undo_copy")
+        self.report.rows[u.t.version.qualified, "D"] += written
+        return True
 
     def _one(self, q: Query) -> int:
         row = self.conn.execute(q).fetchone()
@@ -174,11 +206,20 @@ class _Printer(_Runner):
     def statement(self, q: Query) -> None:
         self.out.write(q.as_string(self.conn) + ";\n")
 
-    def copy(self, q: Query, lines: Iterable[str]) -> None:
+    def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
+        self.out.write(f"{test.as_string(self.conn)} AS {name} \\gset\n\\if :{name}\n")
+        self.statement(if_true)
+        self.out.write("\\else\n")
+        self.statement(if_false)
+        self.out.write("\\endif\n")
+
+    def copy(self, q: Query, lines: Iterable[str]) -> int:
         self.statement(q)
-        for line in lines:
+        n = 0
+        for n, line in enumerate(lines, 1):  # noqa: B007 (n is the count)
             self.out.write(line)
         self.out.write("\\.\n")
+        return n
 
     def step(self, step: Step, undo: TableUndo) -> None:
         tv = step.table.version
@@ -270,6 +311,18 @@ def _counted(
             progress(done[0])
 
 
+def _stage(runner: _Runner, u: TableUndo, lines: Iterator[str]) -> None:
+    """Stage a table's changes and make its net (the stage itself when no key repeats)."""
+    runner.statement(u.create_stage())
+    runner.copy(u.copy_stage(), lines)
+    runner.statement(u.analyze())
+    chains = u.chains()
+    if chains is None:
+        runner.statement(u.collapse())
+    else:
+        runner.choose(u.chains_var, chains, u.collapse(), u.stage_as_net())
+
+
 def _run(
     runner: _Runner,
     conn: psycopg.Connection[Any],
@@ -282,24 +335,60 @@ def _run(
     runner.statement(_ledger_call(plan))
     oids = {tables[r].version.oid: r for r in tables}
     order = [oids[o] for o in inverse.fk_order(conn, [o for o in oids if o is not None])]
+    ops = plan.ops()
+    row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
+    by_xmin = plan.by_xmin(int(row[0]) if row else 0)
     undos: dict[int, TableUndo] = {}
+    staged: set[int] = set()
     done = [0]
+
+    def lines(rel: int, u: TableUndo, rows: bool = False) -> Iterator[str]:
+        changed = changes(db, plan, rel, by_xmin)
+        return _counted(u.rows(changed) if rows else u.lines(changed), progress, done)
+
     for n, rel in enumerate(order, 1):
         u = undos[rel] = TableUndo(tables[rel], n)
-        runner.statement(u.create_stage())
-        runner.copy(u.copy_stage(), _counted(u.lines(changes(db, plan, rel)), progress, done))
-        runner.statement(u.analyze())
-        runner.statement(u.build_net())
-    steps = {rel: u.steps() for rel, u in undos.items()}
+        if not (runner.copies_directly and _copyable(u, ops[rel], fire_triggers)):
+            _stage(runner, u, lines(rel, u))
+            staged.add(rel)
     for kind, sequence in (("I", reversed(order)), ("U", order), ("D", order)):
         for rel in sequence:
-            if kind in steps[rel]:
-                runner.step(steps[rel][kind], undos[rel])
+            u = undos[rel]
+            if rel in staged:
+                if kind in u.steps():
+                    runner.step(u.steps()[kind], u)
+            elif kind == "D" and not runner.copy_directly(u, lines(rel, u, rows=True)):
+                # a row is in the way: stage and go the whole way, which names the conflicts (a
+                # key deleted twice, with a write between, is a broken chain, not a 'D')
+                _stage(runner, u, lines(rel, u))
+                staged.add(rel)
+                for step in u.steps().values():
+                    runner.step(step, u)
     if not fire_triggers:
         for label, q in inverse.foreign_key_checks(
-            conn, {u.t.version.oid: u for u in undos.values() if u.t.version.oid is not None}
+            conn,
+            {
+                u.t.version.oid: u
+                for r, u in undos.items()
+                if r in staged and u.t.version.oid is not None
+            },
         ):
             runner.fk_check(label, q)
+
+
+def _copyable(u: TableUndo, ops: set[str], fire_triggers: bool) -> bool:
+    """Whether the table's undo can be a plain COPY of the deleted rows into it: it undoes
+    deletes only; a unique index on the key would refuse a row whose key is back (or deleted
+    twice), where the staged way then names the conflict; no foreign key of its own needs
+    checking; and the rows go in as they would with INSERT (no user trigger or rule fires)."""
+    t = u.t
+    return (
+        ops == {"D"}
+        and not fire_triggers
+        and not t.references
+        and (t.unique_key or t.version.key is None)
+        and bool(t.writable)
+    )
 
 
 def undo(

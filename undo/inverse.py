@@ -23,10 +23,11 @@ character).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _token
-from typing import Any
+from operator import itemgetter
+from typing import Any, cast
 
 import psycopg
 from psycopg import sql
@@ -51,6 +52,8 @@ class LiveTable:
     identity_always: frozenset[int]  # GENERATED ALWAYS AS IDENTITY positions
     stage_types: tuple[sql.Composable, ...]  # per position: base type (and collation)
     types: tuple[str, ...]  # per position: format_type of the live column
+    unique_key: bool  # a unique index (or primary key) the key's columns satisfy, checked at once
+    references: bool  # the table has foreign keys of its own (it is the child of one)
 
 
 _COLUMNS = """
@@ -105,6 +108,14 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
         if own_collation:
             t = sql.SQL("{} COLLATE {}").format(t, sql.Identifier(coll_schema, coll_name))
         stage.append(t)
+    unique_key, references = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = %(t)s AND i.indisunique"
+        " AND i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL"
+        " AND (SELECT array_agg(a.attname) FROM pg_attribute a WHERE a.attrelid = %(t)s"
+        " AND a.attnum = ANY (i.indkey)) <@ %(key)s::name[]),"
+        " EXISTS (SELECT FROM pg_constraint WHERE conrelid = %(t)s AND contype = 'f')",
+        {"t": tv.oid, "key": [tv.columns[i] for i in tv.key or ()]},
+    ).fetchone() or (False, False)
     return LiveTable(
         version=tv,
         ident=sql.Identifier(tv.schema, tv.name),
@@ -113,6 +124,8 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
         identity_always=frozenset(i for i, c in enumerate(tv.columns) if live[c][2] == "a"),
         stage_types=tuple(stage),
         types=tuple(live[c][1] for c in tv.columns),
+        unique_key=bool(unique_key),
+        references=bool(references),
     )
 
 
@@ -136,6 +149,23 @@ def _copy_value(v: Value) -> str:
     if "\\" in v or "\t" in v or "\n" in v or "\r" in v:
         return v.translate(_COPY_ESCAPES)
     return v
+
+
+def _copy_fields(values: list[Value], text: str) -> list[str]:
+    """An image's values as COPY fields, given the image's JSON text: the store's encoder
+    writes a backslash, tab, newline and CR in a value as \\\\, \\t, \\n and \\r, so
+    without those in the text no value holds a character COPY must escape (a \\" for a quote,
+    common in JSON columns, needs none)."""
+    if "\\\\" in text or "\\t" in text or "\\n" in text or "\\r" in text:
+        return [_copy_value(v) for v in values]
+    if None in values:
+        return ["\\N" if v is None else v for v in values]
+    return cast(list[str], values)  # no None in it
+
+
+def _copy_image(text: str) -> str:
+    """An image's JSON text as one COPY field."""
+    return text if "\\" not in text else text.replace("\\", "\\\\")
 
 
 def merged_new(old: list[Value], new: list[Value], unchanged: Iterable[int]) -> list[Value]:
@@ -177,7 +207,15 @@ class Step:
 
 class TableUndo:
     """Staging, collapse and inverse statements for one table version (number ``n`` names its
-    temporary tables: pg_temp.undo_s<n> for the images, pg_temp.undo_n<n> for the net)."""
+    temporary tables: pg_temp.undo_s<n> for the staged changes, pg_temp.undo_n<n> for the net).
+
+    The stage holds one row per change and key: id (line number), the change's id (seq), its
+    transaction's xid where a row version it wrote is known by its xmin (``Plan.by_xmin``), the
+    key (typed), the old image (text, as stored), the old values (typed, for writing back) and
+    the new image (text). An update that changes the key is two rows: the old key losing its
+    row and the new key gaining one. When no key appears twice, which is what one bulk statement
+    leaves, the stage is the net already (a view over it); otherwise each key's chain is
+    collapsed (``collapse``)."""
 
     def __init__(self, table: LiveTable, n: int) -> None:
         self.t = table
@@ -186,22 +224,26 @@ class TableUndo:
         self.key = tv.key or ()
         self.stage = sql.Identifier("pg_temp", f"undo_s{n}")
         self.net = sql.Identifier("pg_temp", f"undo_n{n}")
+        self.chains_var = f"undo_chains_{n}"  # the printed script's psql variable
         self.changed: set[int] = set()  # positions some update of the selection changed
         self.ops: set[str] = set()
+        self.key_moved = False  # some update changed the key
         self._set_names: dict[str, sql.Composable] = {}  # the SET list's pieces (_assignments)
+        self._steps: dict[str, Step] | None = None
 
     # staging ----------------------------------------------------------------------------------
     def create_stage(self) -> sql.Composed:
-        cols: list[sql.Composable] = [sql.SQL("seq bigint"), sql.SQL("side smallint")]
+        cols: list[sql.Composable] = [sql.SQL("id bigint, seq bigint, xid xid")]
         cols += [
             sql.SQL("{} {}").format(sql.Identifier(f"k{i}"), self.t.stage_types[i])
             for i in self.key
         ]
-        cols.append(sql.SQL("img jsonb"))
+        cols.append(sql.SQL("pre_img text"))
         cols += [
             sql.SQL("{} {}").format(sql.Identifier(f"c{i}"), self.t.stage_types[i])
             for i in self.t.writable
         ]
+        cols.append(sql.SQL("post_img text"))
         return sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(
             self.stage, sql.SQL(", ").join(cols)
         )
@@ -210,104 +252,155 @@ class TableUndo:
         return sql.SQL("COPY {} FROM STDIN").format(self.stage)
 
     def lines(self, changes: Iterable[StoredChange]) -> Iterator[str]:
-        """COPY text for the changes, oldest first: one line per image."""
+        """COPY text for the changes, oldest first: one line per change (two for an update
+        that changes the key). Tight: it runs once per change of the selection."""
         key, writable = self.key, self.t.writable
-        nulls = "\t".join(["\\N"] * len(writable))
+        keys_of = self._fields_of(key)
+        values_of = self._fields_of(writable)
+        no_values = "\t\\N" * len(writable)
+        same_key = itemgetter(*key) if key else (lambda _: ())
         changed, ops = self.changed, self.ops
+        unknown = [i for i in writable if i not in changed]  # not yet seen changed
+        pick = itemgetter(*unknown) if unknown else None
+        n = 0
         for ch in changes:
             ops.add(ch.op)
             old = new = None
+            xid = "\\N" if ch.xid is None else ch.xid
             if ch.old is not None:
                 old = load(ch.old)
-                if "\\" in ch.old:
-                    values = [_copy_value(old[i]) for i in writable]
-                    keys = [_copy_value(old[i]) for i in key]
-                    img = ch.old.replace("\\", "\\\\")
-                else:  # JSON escapes every character COPY must: none is in these values
-                    values = ["\\N" if old[i] is None else old[i] for i in writable]
-                    keys = [old[i] for i in key]
-                    img = ch.old
-                yield "\t".join([str(ch.id), "0", *keys, img, *values]) + "\n"
-            if ch.new is not None:
+                f = _copy_fields(old, ch.old)
+                keys, pre, values = keys_of(f), _copy_image(ch.old), values_of(f)
+            if ch.new is None:
+                post = "\\N"
+            else:
                 new = load(ch.new)
                 text = ch.new
                 if ch.unchanged and old is not None:
                     new = merged_new(old, new, load(ch.unchanged))
                     text = image_text(new)
-                keys = [_copy_value(new[i]) for i in key]
-                img = text if "\\" not in text else text.replace("\\", "\\\\")
-                yield "\t".join([str(ch.id), "1", *keys, img, nulls]) + "\n"
-            if old is not None and new is not None:
-                changed.update(i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b)
+                post = _copy_image(text)
+                if old is None or same_key(old) != same_key(new):
+                    if old is not None:  # the key changed: the old key loses its row
+                        self.key_moved = True
+                        n += 1
+                        yield f"{n}\t{ch.id}\t{xid}{keys}\t{pre}{values}\t\\N\n"
+                    keys, pre, values = keys_of(_copy_fields(new, text)), "\\N", no_values
+                elif pick is not None and pick(old) != pick(new):
+                    changed.update(i for i in unknown if old[i] != new[i])
+                    unknown = [i for i in unknown if i not in changed]
+                    pick = itemgetter(*unknown) if unknown else None
+            n += 1
+            yield f"{n}\t{ch.id}\t{xid}{keys}\t{pre}{values}\t{post}\n"
+
+    @staticmethod
+    def _fields_of(positions: Sequence[int]) -> Callable[[list[str]], str]:
+        """Tab-led COPY fields at these positions of an image's fields."""
+        if not positions:
+            return lambda f: ""
+        if len(positions) == 1:
+            (p,) = positions
+            return lambda f: "\t" + f[p]
+        get = itemgetter(*positions)
+        return lambda f: "\t" + "\t".join(get(f))
+
+    def copy_into_table(self) -> sql.Composed:
+        """COPY of old rows straight into the table (``rows``): the fast way to undo deletes."""
+        return sql.SQL("COPY {} ({}) FROM STDIN").format(
+            self.t.ident,
+            sql.SQL(", ").join(sql.Identifier(self.t.version.columns[i]) for i in self.t.writable),
+        )
+
+    def rows(self, changes: Iterable[StoredChange]) -> Iterator[str]:
+        """COPY text of the old rows the changes (deletes) took away."""
+        values_of = self._fields_of(self.t.writable)
+        for ch in changes:
+            assert ch.old is not None
+            yield values_of(_copy_fields(load(ch.old), ch.old))[1:] + "\n"
 
     def analyze(self) -> sql.Composed:
         return sql.SQL("ANALYZE {}").format(self.stage)
 
-    # collapse ---------------------------------------------------------------------------------
-    def _cols(self, alias: str) -> sql.Composable:
-        """The staged typed columns, as alias.c<i> (a placeholder column for a table with no
-        writable one)."""
-        cols = [
-            sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(f"c{i}"))
+    # the net ----------------------------------------------------------------------------------
+    def _cols(self, alias: str | None) -> sql.Composable:
+        """The staged typed columns, each after a comma: ", alias.c<i>"."""
+        return sql.SQL("").join(
+            sql.SQL(", {}").format(sql.Identifier(*filter(None, (alias, f"c{i}"))))
             for i in self.t.writable
-        ]
-        return sql.SQL(", ").join(cols) if cols else sql.SQL("NULL AS c_none")
+        )
 
-    def build_net(self) -> sql.Composed:
+    def _keys(self, alias: str) -> sql.Composable:
+        return sql.SQL(", ").join(
+            sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(f"k{i}"))
+            for i in self.key
+        )
+
+    def chains(self) -> sql.Composed | None:
+        """Whether some key is changed more than once (true: ``collapse``, false:
+        ``stage_as_net``);
+        None for a keyless table, whose net is always a multiset (``collapse``)."""
+        if not self.keyed:
+            return None
+        return sql.SQL("SELECT EXISTS (SELECT FROM {} s GROUP BY {} HAVING count(*) > 1)").format(
+            self.stage, self._keys("s")
+        )
+
+    def stage_as_net(self) -> sql.Composed:
+        """The net when every key is changed once: the stage itself, seen as net rows."""
+        return sql.SQL(
+            "CREATE TEMP VIEW {net} AS SELECT s.id, {ks}, s.seq AS pre_seq,"
+            " s.pre_img IS NOT NULL AS has_pre, s.pre_img{cs}, s.seq AS post_seq,"
+            " s.post_img IS NOT NULL AS has_post, s.post_img, s.xid AS post_xid,"
+            " false AS broken FROM {stage} s"
+            " WHERE s.pre_img IS DISTINCT FROM s.post_img"
+        ).format(net=self.net, stage=self.stage, ks=self._keys("s"), cs=self._cols("s"))
+
+    def collapse(self) -> sql.Composed:
         """The net change per row.
 
         Keyed: per key, the first old image and the last new image. The chain must be whole:
-        each old image the one the selection's previous change of that key left, and no key
-        inserted or deleted twice in a row. Where it is not, another transaction changed the row
-        between two undone changes; undone newest first, the older change would meet that
-        write, so the key is a conflict: ``broken``, and no statement touches it.
+        each old image the one the selection's previous change of that key left (absent after
+        a delete), else another transaction changed the row between two undone changes; undone
+        newest first, the older change would meet that write, so the key is a conflict:
+        ``broken``, and no statement touches it.
 
-        Keyless: per distinct image, how many copies the selection added or removed."""
+        Keyless: per distinct image, how many copies the selection added (delta > 0) or
+        removed (delta < 0)."""
         if not self.keyed:
             return sql.SQL(
                 "CREATE TEMP TABLE {net} ON COMMIT DROP AS"
-                " SELECT row_number() OVER () AS id, g.img, g.delta, g.seq, {o_cs}"
-                " FROM (SELECT img, sum(CASE WHEN side = 1 THEN 1 ELSE -1 END) AS delta,"
-                " max(seq) AS seq FROM {stage} GROUP BY img) g"
-                " LEFT JOIN (SELECT DISTINCT ON (img) * FROM {stage} WHERE side = 0"
-                " ORDER BY img) o ON o.img = g.img WHERE g.delta <> 0"
+                " SELECT row_number() OVER () AS id, g.img, g.delta, g.seq{o_cs}"
+                " FROM (SELECT img, sum(d) AS delta, max(seq) AS seq FROM ("
+                " SELECT pre_img AS img, -1 AS d, seq FROM {stage} WHERE pre_img IS NOT NULL"
+                " UNION ALL"
+                " SELECT post_img, 1, seq FROM {stage} WHERE post_img IS NOT NULL) i"
+                " GROUP BY img) g"
+                " LEFT JOIN (SELECT DISTINCT ON (pre_img) * FROM {stage}"
+                " WHERE pre_img IS NOT NULL ORDER BY pre_img) o ON o.pre_img = g.img"
+                " WHERE g.delta <> 0"
             ).format(net=self.net, stage=self.stage, o_cs=self._cols("o"))
-        ks = sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in self.key)
-        # g: per key its first and last change (a hash aggregate over narrow columns); only keys
-        # changed more than once need the chain check (a window over their rows alone); pre and
-        # post images are then found by (change, side, key): one row each at most.
         return sql.SQL(
             "CREATE TEMP TABLE {net} ON COMMIT DROP AS"
-            " WITH g AS (SELECT {ks}, min(seq) AS f, max(seq) AS l FROM {stage} GROUP BY {ks}),"
-            " c AS (SELECT {ks}, bool_or(gap) AS broken, (array_agg(img))[1] AS img"
-            " FROM (SELECT s.*, CASE WHEN lag(s.side) OVER w IS NULL THEN false"
-            " WHEN s.side = 0 THEN lag(s.side) OVER w <> 1 OR lag(s.img) OVER w <> s.img"
-            " ELSE lag(s.side) OVER w = 1 END AS gap"
-            " FROM {stage} s JOIN g USING ({ks}) WHERE g.f <> g.l"
-            " WINDOW w AS (PARTITION BY {s_ks} ORDER BY s.seq, s.side)) x GROUP BY {ks})"
-            " SELECT row_number() OVER () AS id, {g_ks}, a.seq AS pre_seq,"
-            " a.seq IS NOT NULL AS has_pre, a.img AS pre_img, {a_cs}, g.l AS post_seq,"
-            " b.seq IS NOT NULL OR coalesce(c.broken, false) AS has_post,"
-            " coalesce(b.img, c.img) AS post_img, coalesce(c.broken, false) AS broken"
-            " FROM g LEFT JOIN {stage} a ON a.seq = g.f AND a.side = 0 AND {ga}"
-            " LEFT JOIN {stage} b ON b.seq = g.l AND b.side = 1 AND {gb}"
-            " LEFT JOIN c ON {gc}"
-            " WHERE coalesce(c.broken, false) OR ((a.seq IS NOT NULL OR b.seq IS NOT NULL)"
-            " AND NOT (a.seq IS NOT NULL AND b.seq IS NOT NULL AND a.img = b.img))"
+            " SELECT id, {ks}, pre_seq, has_pre, pre_img{cs}, post_seq,"
+            " post_img IS NOT NULL OR broken AS has_post,"
+            " CASE WHEN broken THEN any_img ELSE post_img END AS post_img, post_xid, broken"
+            " FROM (SELECT y.*, bool_or(gap) OVER (PARTITION BY {ks}) AS broken FROM ("
+            " SELECT s.id, {s_ks}, s.seq AS pre_seq, s.pre_img IS NOT NULL AS has_pre,"
+            " s.pre_img{s_cs}, last_value(s.seq) OVER whole AS post_seq,"
+            " last_value(s.post_img) OVER whole AS post_img,"
+            " last_value(s.xid) OVER whole AS post_xid, row_number() OVER w AS rn,"
+            " coalesce(s.post_img, s.pre_img) AS any_img,"
+            " row_number() OVER w > 1 AND lag(s.post_img) OVER w IS DISTINCT FROM s.pre_img"
+            " AS gap FROM {stage} s WINDOW w AS (PARTITION BY {s_ks} ORDER BY s.seq),"
+            " whole AS (w ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) y) x"
+            " WHERE rn = 1 AND (broken OR pre_img IS DISTINCT FROM post_img)"
         ).format(
             net=self.net,
             stage=self.stage,
-            ks=ks,
-            s_ks=sql.SQL(", ").join(
-                sql.SQL("s.{}").format(sql.Identifier(f"k{i}")) for i in self.key
-            ),
-            g_ks=sql.SQL(", ").join(
-                sql.SQL("g.{0} AS {0}").format(sql.Identifier(f"k{i}")) for i in self.key
-            ),
-            a_cs=self._cols("a"),
-            ga=self._key_join("g", "a"),
-            gb=self._key_join("g", "b"),
-            gc=self._key_join("g", "c"),
+            ks=sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in self.key),
+            s_ks=self._keys("s"),
+            cs=self._cols(None),
+            s_cs=self._cols("s"),
         )
 
     # pieces of statements ---------------------------------------------------------------------
@@ -350,7 +443,11 @@ class TableUndo:
             "cond": sql.SQL(cond),
             "kj": kj,
             "fp": fp,
-            "m": sql.SQL("NOT n.broken AND {} AND {} = n.post_img").format(kj, fp),
+            # the row as the undone change left it: still the version its transaction wrote
+            # (xmin), or else equal to the image, column by column
+            "m": sql.SQL(
+                "NOT n.broken AND {} AND (t.xmin = n.post_xid OR {} = n.post_img::jsonb)"
+            ).format(kj, fp),
             "cols": sql.SQL(", ").join(sql.Identifier(self.t.version.columns[i]) for i in w),
             "vals": sql.SQL(", ").join(sql.SQL("n.{}").format(sql.Identifier(f"c{i}")) for i in w),
             "over": sql.SQL(" OVERRIDING SYSTEM VALUE")
@@ -371,9 +468,18 @@ class TableUndo:
     # the steps --------------------------------------------------------------------------------
     def steps(self) -> dict[str, Step]:
         """The inverse statements by kind: 'I' deletes what the selection inserted, 'U' sets
-        back what it updated, 'D' re-inserts what it deleted."""
-        if not self.keyed:
-            return self._keyless_steps()
+        back what it updated, 'D' re-inserts what it deleted. Built once staging is done (the
+        SET list depends on what the staged updates changed)."""
+        if self._steps is None:
+            if self.keyed:  # only kinds some net row can be (a broken chain is 'I' or 'U')
+                ops = self.ops | ({"I", "D"} if self.key_moved else set())
+                kinds = {"I": "I" in ops, "U": bool({"U", "D"} & ops), "D": "D" in ops}
+                self._steps = {k: s for k, s in self._build_steps().items() if kinds[k]}
+            else:
+                self._steps = self._keyless_steps()
+        return self._steps
+
+    def _build_steps(self) -> dict[str, Step]:
         return {
             "I": self._step(
                 "I",
@@ -427,12 +533,12 @@ class TableUndo:
                 "n.delta > 0",
                 "DELETE FROM ONLY {t} t USING (SELECT x.tid FROM (SELECT t.ctid AS tid,"
                 " n.delta, row_number() OVER (PARTITION BY n.id ORDER BY t.ctid) AS rn"
-                " FROM ONLY {t} t JOIN {net} n ON {cond} AND {fp} = n.img) x"
+                " FROM ONLY {t} t JOIN {net} n ON {cond} AND {fp} = n.img::jsonb) x"
                 " WHERE x.rn <= x.delta) d WHERE t.ctid = d.tid RETURNING 1",
                 "SELECT coalesce(sum(n.delta), 0) FROM {net} n WHERE {cond}",
                 "SELECT n.id, n.seq, n.img::text, 'fewer identical rows are left than the"
                 " undone changes made' FROM {net} n LEFT JOIN (SELECT {fp} AS img,"
-                " count(*) AS found FROM ONLY {t} t GROUP BY 1) x ON x.img = n.img"
+                " count(*) AS found FROM ONLY {t} t GROUP BY 1) x ON x.img = n.img::jsonb"
                 " WHERE {cond} AND coalesce(x.found, 0) < n.delta",
             ),
             "D": self._step(
@@ -519,7 +625,7 @@ def foreign_key_checks(
         if pu is not None and all(c in pu.t.version.columns for c in pcols):
             cond, img = pu.removed()
             vals = [
-                sql.SQL("(n.{} ->> {})::{}").format(
+                sql.SQL("(n.{}::jsonb ->> {})::{}").format(
                     sql.Identifier(img), sql.Literal(pu.t.version.columns.index(c)), sql.SQL(t)
                 )
                 for c, t in zip(pcols, ptypes, strict=True)

@@ -84,6 +84,29 @@ class Plan:
     counts: Counter[tuple[int, int, str]] = field(default_factory=Counter)
     not_undoable: list[str] = field(default_factory=list)
 
+    def by_xmin(self, next_xid: int) -> dict[int, int]:
+        """The transactions (id -> 32-bit xid) whose row versions undo may know by their xmin:
+        a row still carrying the xid of the transaction that last wrote it in the selection is
+        as that transaction left it, so it needs no comparison of values. Only where every
+        change the transaction made to a selected table is selected (no --only: the last
+        change selected is its last), and its 64-bit xid is known and fewer than 2^31
+        transactions old (``next_xid``, the server's next one; a 32-bit xid comes back after
+        2^32)."""
+        if self.target.only != frozenset(OPS.values()):
+            return {}
+        return {
+            t["id"]: t["xid"]
+            for t in self.transactions
+            if t.get("full_xid") is not None and 0 < next_xid - t["full_xid"] < 2**31
+        }
+
+    def ops(self) -> dict[int, set[str]]:
+        """The operations selected per relation id."""
+        out: dict[int, set[str]] = {rel: set() for rel in self.tables}
+        for _, rel, op in self.counts:
+            out[rel].add(op)
+        return out
+
     def rows(self) -> Counter[tuple[str, str]]:
         """Changes to undo per (table, op)."""
         out: Counter[tuple[str, str]] = Counter()
@@ -239,21 +262,27 @@ class StoredChange:
     old: str | None
     new: str | None
     unchanged: str | None
+    xid: int | None = None  # the transaction's xid, where a row version it wrote is known by it
 
 
-def changes(db: Database, plan: Plan, rel_id: int) -> Iterator[StoredChange]:
-    """The selected changes of one table version, oldest first across the whole selection."""
+def changes(
+    db: Database, plan: Plan, rel_id: int, by_xmin: dict[int, int] | None = None
+) -> Iterator[StoredChange]:
+    """The selected changes of one table version, oldest first across the whole selection;
+    those of the transactions in ``by_xmin`` (see ``Plan.by_xmin``) carry their xid."""
     wanted = plan.target.only
+    by_xmin = by_xmin or {}
     for txn in reversed(plan.transactions):
         if not any(plan.counts.get((txn["id"], rel_id, op)) for op in wanted):
             continue
+        xid = by_xmin.get(txn["id"])
         for row in db.execute(
             "SELECT id, op, old, new, unchanged FROM changes"
             " WHERE id BETWEEN ? AND ? AND relation = ? ORDER BY id",
             [txn["first_change"], txn["last_change"], rel_id],
         ):
             if row[1] in wanted:
-                yield StoredChange(*row)
+                yield StoredChange(row[0], row[1], row[2], row[3], row[4], xid)
 
 
 def later_writer(db: Database, tv: TableVersion, change_id: int, key: str | None) -> str:

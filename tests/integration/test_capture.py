@@ -127,7 +127,7 @@ def test_forged_tags_are_not_trusted(source):
     assert result.returncode == 0 and "left out 2 transaction(s) with an untrusted tag" in (
         result.stderr
     )
-    assert '\t["0"]\t' in result.stdout  # the staged image of the row to delete
+    assert '\t["0"]\n' in result.stdout  # the staged new image of the row to delete
     assert '["10"]' not in result.stdout and '["11"]' not in result.stdout
 
 

@@ -6,11 +6,12 @@ printed script through psql. The reference is computed here, from a model of the
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from decimal import Decimal
 
 import psycopg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
@@ -75,6 +76,9 @@ def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
     shape, types, seed, duplicates, ops = case
     if source.sql("SELECT to_regclass('undo.config')") == [(None,)]:
         source.init()
+    if not source.nan_restorable():  # wal2json < 2.6 sends them as null (README, Decoders)
+        values = [v for row in seed for v in row] + [v for op in ops for v in op[3]]
+        assume(not any(isinstance(v, float) and math.isinf(v) for v in values))
     base = f"prop{next(_names)}"
     cols = [f"c{i}" for i in range(len(types))]
     col_defs = ", ".join(f"{c} {t}" for c, t in zip(cols, types, strict=True))

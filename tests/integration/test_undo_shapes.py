@@ -369,3 +369,68 @@ def test_a_constraint_the_undo_would_break_is_one_line_and_changes_nothing(pgo):
     assert result.returncode == 1 and "would break a constraint" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert pgo.sql("SELECT id, email FROM u ORDER BY id") == [(1, "b"), (2, "a")]
+
+
+def test_a_key_deleted_twice_is_a_conflict_not_a_duplicate(pgo):
+    """Delete-only sessions are undone by a COPY into the table; a key the session deleted twice
+    (someone re-inserted it in between) must come out as a conflict, not as a unique-violation
+    or a row restored from the older image."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a'), (2, 'a')")
+    with pgo.connect(application_name="metrics") as metrics:
+        sid = session_id(metrics)
+        metrics.execute("DELETE FROM t WHERE id = 1")
+        pgo.sql("INSERT INTO t VALUES (1, 'web')")
+        metrics.execute("DELETE FROM t")
+    pgo.capture()
+    with pytest.raises(Refused, match=r"public.t \(id=1\): another transaction changed the row"):
+        _apply(pgo, session=sid)
+    assert pgo.sql("SELECT count(*) FROM t") == [(0,)]
+    report = _apply(pgo, session=sid, on_conflict="skip")
+    assert len(report.conflicts) == 1
+    assert pgo.sql("SELECT id, v FROM t") == [(2, "a")]
+
+
+def test_rows_written_inside_a_savepoint_are_undone(source):
+    """A row version written in a subtransaction carries the subtransaction's xid, not the one
+    the stream names: undo must still recognise it as the session left it."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO t VALUES (1, 'a'), (2, 'a'), (3, 'a')")
+    with source.connect(application_name="metrics", autocommit=False) as c:
+        sid = session_id(c)
+        c.execute("UPDATE t SET v = 'top' WHERE id = 1")
+        c.execute("SAVEPOINT s")
+        c.execute("UPDATE t SET v = 'sub' WHERE id = 2")
+        c.execute("INSERT INTO t VALUES (4, 'sub')")
+        c.execute("RELEASE SAVEPOINT s")
+        c.commit()
+    source.capture()
+    report = _apply(source, session=sid)
+    assert report.applied and not report.conflicts
+    assert source.sql("SELECT id, v FROM t ORDER BY id") == [(1, "a"), (2, "a"), (3, "a")]
+
+
+def test_only_one_operation_of_a_transaction_compares_values(pgo):
+    """With --only, the transaction's last write to a row may be left out of the selection: the
+    row then still carries its xid but not the image undone, and that is a conflict."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    sid = _as_session(pgo, "BEGIN; INSERT INTO t VALUES (1, 'new'); UPDATE t SET v = 'x'; COMMIT")
+    pgo.capture()
+    with pytest.raises(Refused, match=r"public.t \(id=1\): the row was changed since"):
+        _apply(pgo, session=sid, only=frozenset("I"))
+    _apply(pgo, session=sid)
+    assert pgo.sql("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_capture_keeps_the_full_xid_of_a_trusted_transaction(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    with pgo.connect(autocommit=False) as c:
+        c.execute("INSERT INTO t VALUES (1)")
+        (full,) = c.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+        c.commit()
+    pgo.capture()
+    assert pgo.store_rows("SELECT xid, full_xid FROM transactions") == [(full % 2**32, full)]

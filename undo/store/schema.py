@@ -184,6 +184,13 @@ def m004_undo_entries(db: Database) -> None:
     db.executescript("ALTER TABLE undos ADD COLUMN entries TEXT;")
 
 
+@migrations()
+def m005_full_xid(db: Database) -> None:
+    """full_xid: the transaction's 64-bit xid from its trusted tag (NULL without one); undo
+    uses it to know a row version by its xmin."""
+    db.executescript("ALTER TABLE transactions ADD COLUMN full_xid INTEGER;")
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)

@@ -235,7 +235,8 @@ class StoreWriter:
             "INSERT INTO transactions (id, xid, commit_lsn, end_lsn, commit_time, session_id,"
             " application_name, user_name, client_addr, client_port, backend_pid, backend_start,"
             " statement, tag, undo_of, inserts, updates, deletes, truncates, first_change,"
-            " last_change) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " last_change, full_xid)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 txn.id,
                 txn.xid,
@@ -258,6 +259,7 @@ class StoreWriter:
                 totals["T"],
                 txn.first_change,
                 self.next_change - 1,
+                _full_xid(tag, txn.xid) if trusted else None,
             ),
         )
         if AGGREGATES:
@@ -331,3 +333,10 @@ def record_gap(db: Database, from_lsn: int | None, to_lsn: int | None, reason: s
             "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason) VALUES (?, ?, ?, ?)",
             (iso(datetime.now(UTC)), from_lsn, to_lsn, reason),
         )
+
+
+def _full_xid(tag: dict[str, Any], xid: int) -> int | None:
+    """The tag's 64-bit xid, if it is this transaction's (its low 32 bits are the xid the
+    stream gave)."""
+    full = tag.get("xid")
+    return full if isinstance(full, int) and full % 2**32 == xid else None
