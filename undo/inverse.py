@@ -195,7 +195,8 @@ def image_text(values: Sequence[Value]) -> str:
 @dataclass(frozen=True)
 class Step:
     """One write of the undo: a statement, what it must write, and how to find what it could
-    not (conflicts). ``write`` returns one row per row written; ``diagnose`` returns
+    not (conflicts). ``write`` has no RETURNING (the applier counts rows by the command's row
+    count, the script adds RETURNING to count them); ``diagnose`` returns
     (net id, change id, image text, reason) per conflicting net row, as seen before the write."""
 
     table: LiveTable
@@ -263,35 +264,34 @@ class TableUndo:
         unknown = [i for i in writable if i not in changed]  # not yet seen changed
         pick = itemgetter(*unknown) if unknown else None
         n = 0
-        for ch in changes:
-            ops.add(ch.op)
+        for seq, op, old_text, new_text, unchanged, txn_xid in changes:
+            ops.add(op)
             old = new = None
-            xid = "\\N" if ch.xid is None else ch.xid
-            if ch.old is not None:
-                old = load(ch.old)
-                f = _copy_fields(old, ch.old)
-                keys, pre, values = keys_of(f), _copy_image(ch.old), values_of(f)
-            if ch.new is None:
+            xid = "\\N" if txn_xid is None else txn_xid
+            if old_text is not None:
+                old = load(old_text)
+                f = _copy_fields(old, old_text)
+                keys, pre, values = keys_of(f), _copy_image(old_text), values_of(f)
+            if new_text is None:
                 post = "\\N"
             else:
-                new = load(ch.new)
-                text = ch.new
-                if ch.unchanged and old is not None:
-                    new = merged_new(old, new, load(ch.unchanged))
-                    text = image_text(new)
-                post = _copy_image(text)
+                new = load(new_text)
+                if unchanged and old is not None:
+                    new = merged_new(old, new, load(unchanged))
+                    new_text = image_text(new)
+                post = _copy_image(new_text)
                 if old is None or same_key(old) != same_key(new):
                     if old is not None:  # the key changed: the old key loses its row
                         self.key_moved = True
                         n += 1
-                        yield f"{n}\t{ch.id}\t{xid}{keys}\t{pre}{values}\t\\N\n"
-                    keys, pre, values = keys_of(_copy_fields(new, text)), "\\N", no_values
+                        yield f"{n}\t{seq}\t{xid}{keys}\t{pre}{values}\t\\N\n"
+                    keys, pre, values = keys_of(_copy_fields(new, new_text)), "\\N", no_values
                 elif pick is not None and pick(old) != pick(new):
                     changed.update(i for i in unknown if old[i] != new[i])
                     unknown = [i for i in unknown if i not in changed]
                     pick = itemgetter(*unknown) if unknown else None
             n += 1
-            yield f"{n}\t{ch.id}\t{xid}{keys}\t{pre}{values}\t{post}\n"
+            yield f"{n}\t{seq}\t{xid}{keys}\t{pre}{values}\t{post}\n"
 
     @staticmethod
     def _fields_of(positions: Sequence[int]) -> Callable[[list[str]], str]:
@@ -317,9 +317,6 @@ class TableUndo:
         for ch in changes:
             assert ch.old is not None
             yield values_of(_copy_fields(load(ch.old), ch.old))[1:] + "\n"
-
-    def analyze(self) -> sql.Composed:
-        return sql.SQL("ANALYZE {}").format(self.stage)
 
     # the net ----------------------------------------------------------------------------------
     def _cols(self, alias: str | None) -> sql.Composable:
@@ -484,7 +481,7 @@ class TableUndo:
             "I": self._step(
                 "I",
                 "n.has_post AND NOT n.has_pre",
-                "DELETE FROM ONLY {t} t USING {net} n WHERE {cond} AND {m} RETURNING 1",
+                "DELETE FROM ONLY {t} t USING {net} n WHERE {cond} AND {m}",
                 "SELECT count(*) FROM {net} n WHERE {cond}",
                 _DIAGNOSE_POST,
             ),
@@ -493,7 +490,7 @@ class TableUndo:
                 "n.has_pre AND n.has_post",
                 "UPDATE ONLY {t} t SET "  # noqa: S608 (a template: placeholders only)
                 + self._assignments()
-                + " FROM {net} n WHERE {cond} AND {m} RETURNING 1",
+                + " FROM {net} n WHERE {cond} AND {m}",
                 "SELECT count(*) FROM {net} n WHERE {cond}",
                 _DIAGNOSE_POST,
             ),
@@ -501,7 +498,7 @@ class TableUndo:
                 "D",
                 "n.has_pre AND NOT n.has_post",
                 "INSERT INTO {t} ({cols}){over} SELECT {vals} FROM {net} n WHERE {cond}"
-                " AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {kj}) RETURNING 1",
+                " AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {kj})",
                 "SELECT count(*) FROM {net} n WHERE {cond}",
                 "SELECT n.id, n.pre_seq, n.pre_img::text, 'a row with this key exists again'"
                 " FROM {net} n WHERE {cond} AND EXISTS (SELECT 1 FROM ONLY {t} t WHERE {kj})",
@@ -534,7 +531,7 @@ class TableUndo:
                 "DELETE FROM ONLY {t} t USING (SELECT x.tid FROM (SELECT t.ctid AS tid,"
                 " n.delta, row_number() OVER (PARTITION BY n.id ORDER BY t.ctid) AS rn"
                 " FROM ONLY {t} t JOIN {net} n ON {cond} AND {fp} = n.img::jsonb) x"
-                " WHERE x.rn <= x.delta) d WHERE t.ctid = d.tid RETURNING 1",
+                " WHERE x.rn <= x.delta) d WHERE t.ctid = d.tid",
                 "SELECT coalesce(sum(n.delta), 0) FROM {net} n WHERE {cond}",
                 "SELECT n.id, n.seq, n.img::text, 'fewer identical rows are left than the"
                 " undone changes made' FROM {net} n LEFT JOIN (SELECT {fp} AS img,"
@@ -545,7 +542,7 @@ class TableUndo:
                 "D",
                 "n.delta < 0",
                 "INSERT INTO {t} ({cols}){over} SELECT {vals} FROM {net} n"
-                " CROSS JOIN LATERAL generate_series(1, -n.delta) WHERE {cond} RETURNING 1",
+                " CROSS JOIN LATERAL generate_series(1, -n.delta) WHERE {cond}",
                 "SELECT coalesce(-sum(n.delta), 0) FROM {net} n WHERE {cond}",
                 "SELECT n.id, n.seq, n.img::text, '' FROM {net} n WHERE false",
             ),

@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlite_utils import Database
 
@@ -197,9 +197,7 @@ def _inventory(db: Database, plan: Plan, wanted: set[tuple[str, str]] | None) ->
     cache: dict[int, TableVersion] = {}
     for txn in plan.transactions:
         for rel_id, op, n, no_old in db.execute(
-            "SELECT relation, op, count(*), sum(old IS NULL) FROM changes"
-            " WHERE id BETWEEN ? AND ? GROUP BY relation, op",
-            [txn["first_change"], txn["last_change"]],
+            "SELECT relation, op, n, without_old FROM txn_changes WHERE txn = ?", [txn["id"]]
         ):
             tv = table_version(db, cache, rel_id)
             if wanted is not None and (tv.schema, tv.name) not in wanted:
@@ -253,9 +251,9 @@ def load(text: str) -> Any:
     return _scan(text, 0)[0]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredChange:
-    """One change as the store holds it: images are JSON arrays of text forms."""
+class StoredChange(NamedTuple):
+    """One change as the store holds it: images are JSON arrays of text forms (a tuple: a
+    session's worth of them is made in a tight loop)."""
 
     id: int
     op: str
@@ -272,17 +270,20 @@ def changes(
     those of the transactions in ``by_xmin`` (see ``Plan.by_xmin``) carry their xid."""
     wanted = plan.target.only
     by_xmin = by_xmin or {}
+    make = StoredChange._make
     for txn in reversed(plan.transactions):
         if not any(plan.counts.get((txn["id"], rel_id, op)) for op in wanted):
             continue
         xid = by_xmin.get(txn["id"])
+        # +relation: scan the transaction's id range; the index on relation would read the
+        # table's changes of all time and sort them
         for row in db.execute(
-            "SELECT id, op, old, new, unchanged FROM changes"
-            " WHERE id BETWEEN ? AND ? AND relation = ? ORDER BY id",
-            [txn["first_change"], txn["last_change"], rel_id],
+            "SELECT id, op, old, new, unchanged, ? FROM changes"
+            " WHERE id BETWEEN ? AND ? AND +relation = ? ORDER BY id",
+            [xid, txn["first_change"], txn["last_change"], rel_id],
         ):
             if row[1] in wanted:
-                yield StoredChange(row[0], row[1], row[2], row[3], row[4], xid)
+                yield make(row)
 
 
 def later_writer(db: Database, tv: TableVersion, change_id: int, key: str | None) -> str:

@@ -65,6 +65,9 @@ def prune(db: Database, before: str) -> PruneReport:
                 cur = db.execute("DELETE FROM changes WHERE id BETWEEN ? AND ?", [first, last])
                 changes += cur.rowcount
             db.execute(
+                "DELETE FROM txn_changes WHERE txn IN (SELECT value FROM json_each(?))", [chunk]
+            )
+            db.execute(
                 "DELETE FROM transactions WHERE id IN (SELECT value FROM json_each(?))", [chunk]
             )
     minute = int(epoch(before))

@@ -191,6 +191,28 @@ def m005_full_xid(db: Database) -> None:
     db.executescript("ALTER TABLE transactions ADD COLUMN full_xid INTEGER;")
 
 
+@migrations()
+def m006_txn_changes(db: Database) -> None:
+    """txn_changes: per transaction, table version and operation, how many changes and how many
+    of its updates and deletes lack a full old row, so an undo sizes its selection without
+    reading the changes. Filled from the changes already stored."""
+    db.executescript(
+        """
+        CREATE TABLE txn_changes (
+            txn INTEGER NOT NULL REFERENCES transactions (id),
+            relation INTEGER NOT NULL REFERENCES relations (id),
+            op TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            without_old INTEGER NOT NULL,
+            PRIMARY KEY (txn, relation, op)
+        ) WITHOUT ROWID;
+        INSERT INTO txn_changes
+        SELECT txn, relation, op, count(*), coalesce(sum(old IS NULL AND op <> 'I'), 0)
+          FROM changes GROUP BY txn, relation, op;
+        """
+    )
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)

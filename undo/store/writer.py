@@ -45,7 +45,17 @@ def _minute(iso_time: str) -> int:
 class _Txn:
     """The source transaction being written."""
 
-    __slots__ = ("counts", "first_change", "id", "ledger", "ord", "tag", "trusted", "xid")
+    __slots__ = (
+        "counts",
+        "first_change",
+        "id",
+        "ledger",
+        "ord",
+        "tag",
+        "trusted",
+        "without_old",
+        "xid",
+    )
 
     def __init__(self, txn_id: int, xid: int, first_change: int) -> None:
         self.id = txn_id
@@ -53,6 +63,8 @@ class _Txn:
         self.xid = xid
         self.ord = 0
         self.counts: defaultdict[tuple[int, str], int] = defaultdict(int)
+        #: updates and deletes that came without a full old row (no REPLICA IDENTITY FULL)
+        self.without_old: defaultdict[tuple[int, str], int] = defaultdict(int)
         self.tag: dict[str, Any] | None = None
         self.trusted: bool | None = None
         self.ledger: bytes | None = None
@@ -135,6 +147,8 @@ class StoreWriter:
         assert txn is not None
         txn.ord += 1
         txn.counts[rel_id, ch.op] += 1
+        if ch.old is None and ch.op != "I":
+            txn.without_old[rel_id, ch.op] += 1
         self.rows.append(
             (
                 self.next_change,
@@ -261,6 +275,13 @@ class StoreWriter:
                 self.next_change - 1,
                 _full_xid(tag, txn.xid) if trusted else None,
             ),
+        )
+        self.conn.executemany(
+            "INSERT INTO txn_changes (txn, relation, op, n, without_old) VALUES (?, ?, ?, ?, ?)",
+            [
+                (txn.id, rel_id, op, n, txn.without_old.get((rel_id, op), 0))
+                for (rel_id, op), n in txn.counts.items()
+            ],
         )
         if AGGREGATES:
             minute = _minute(commit.commit_time)
