@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+import re
 import signal
 import sys
 from typing import Any
@@ -99,6 +102,52 @@ def cli(
         raise _UserError(str(e), e.exit_code) from None
 
 
+#: --dsn, --store, --slot, --decoder also after the command name (`undo init --decoder wal2json`);
+#: there they win over the same option before it, which wins over the environment.
+_AFTER = [
+    click.option("--dsn", default=None, help="Source database (as before the command)."),
+    click.option("--store", default=None, help="The audit store (as before the command)."),
+    click.option("--slot", default=None, help="Slot (as before the command)."),
+    click.option(
+        "--decoder",
+        type=click.Choice(["pgoutput", "wal2json"]),
+        default=None,
+        help="Decoder (as before the command).",
+    ),
+]
+
+
+def pass_settings(f: Any) -> Any:
+    """Like click.pass_obj for the Settings, with the connection options taken after the
+    command name too."""
+
+    @click.pass_context
+    @functools.wraps(f)
+    def wrapper(ctx: click.Context, /, *args: Any, **kw: Any) -> Any:
+        given = {k: kw.pop(k) for k in ("dsn", "store", "slot", "decoder")}
+        settings = dataclasses.replace(ctx.obj, **{k: v for k, v in given.items() if v is not None})
+        return f(settings, *args, **kw)
+
+    for opt in reversed(_AFTER):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+_DURATION = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*$")
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A timeout as PostgreSQL reads one (5s, 500ms, 2min, 0 = none), checked before anything
+    connects."""
+    if not _DURATION.match(value):
+        raise _UserError(
+            f"malformed --{param.name.replace('_', '-') if param.name else 'timeout'}"
+            f" {value!r}: use a PostgreSQL duration such as 5s, 500ms, 2min, or 0 for none",
+            2,
+        )
+    return value.strip()
+
+
 def json_option(f: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
 
@@ -111,7 +160,7 @@ def _echo_err(message: str) -> None:
 @click.option("--schema", "schemas", multiple=True, help="Audit every table of this schema.")
 @click.option("--table", "tables", multiple=True, help="Audit this table (schema.table).")
 @click.option("--uninstall", is_flag=True, help="Remove everything init installed.")
-@click.pass_obj
+@pass_settings
 def init_cmd(
     settings: Settings, schemas: tuple[str, ...], tables: tuple[str, ...], uninstall: bool
 ) -> None:
@@ -142,7 +191,7 @@ def init_cmd(
     is_flag=True,
     help="Go on from a slot that is ahead of the store (records the gap).",
 )
-@click.pass_obj
+@pass_settings
 def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
     """Stream committed changes from the slot into the store, until SIGINT/SIGTERM.
 
@@ -165,7 +214,7 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
 
 @cli.command("status")
 @json_option
-@click.pass_obj
+@pass_settings
 def status_cmd(settings: Settings, as_json: bool) -> None:
     """Slot position, WAL held back, last capture and its lag, store size, unprepared tables.
 
@@ -188,7 +237,7 @@ def status_cmd(settings: Settings, as_json: bool) -> None:
 @click.option("--user", help="Role name.")
 @click.option("--table", "tables", multiple=True, help="Touched this table (schema.table).")
 @json_option
-@click.pass_obj
+@pass_settings
 def sessions_cmd(
     settings: Settings,
     since: str | None,
@@ -272,7 +321,7 @@ def _print_show(result: dict[str, Any], as_json: bool) -> None:
 @show_group.command("session")
 @click.argument("session_id")
 @json_option
-@click.pass_obj
+@pass_settings
 def show_session(settings: Settings, session_id: str, as_json: bool) -> None:
     """A session's transactions and row changes.
 
@@ -284,7 +333,7 @@ def show_session(settings: Settings, session_id: str, as_json: bool) -> None:
 @show_group.command("xact")
 @click.argument("xid", type=int)
 @json_option
-@click.pass_obj
+@pass_settings
 def show_xact(settings: Settings, xid: int, as_json: bool) -> None:
     """A transaction's row changes.
 
@@ -315,8 +364,8 @@ def undo_options(f: Any) -> Any:
                 is_flag=True,
                 help="Let user triggers fire (no session_replication_role = replica).",
             ),
-            click.option("--lock-timeout", default="5s", show_default=True),
-            click.option("--statement-timeout", default="0", show_default=True),
+            click.option("--lock-timeout", default="5s", show_default=True, callback=_duration),
+            click.option("--statement-timeout", default="0", show_default=True, callback=_duration),
         ]
     ):
         f = opt(f)
@@ -377,7 +426,7 @@ def _run_undo(
 @cli.command("session")
 @click.argument("session_id")
 @undo_options
-@click.pass_obj
+@pass_settings
 def undo_session(settings: Settings, /, session_id: str, **kw: Any) -> None:
     """Undo what a session did: print the SQL (review it), or --apply it.
 
@@ -389,7 +438,7 @@ def undo_session(settings: Settings, /, session_id: str, **kw: Any) -> None:
 @cli.command("xact")
 @click.argument("xids", nargs=-1, required=True, type=int)
 @undo_options
-@click.pass_obj
+@pass_settings
 def undo_xact(settings: Settings, /, xids: tuple[int, ...], **kw: Any) -> None:
     """Undo transactions by xid.
 
@@ -401,7 +450,7 @@ def undo_xact(settings: Settings, /, xids: tuple[int, ...], **kw: Any) -> None:
 @cli.command("app")
 @click.argument("name")
 @undo_options
-@click.pass_obj
+@pass_settings
 def undo_app(settings: Settings, /, name: str, **kw: Any) -> None:
     """Undo what an application did in a time range (--since is required).
 
@@ -416,7 +465,7 @@ def undo_app(settings: Settings, /, name: str, **kw: Any) -> None:
 @click.argument("table")
 @click.argument("key", nargs=-1, required=True)
 @json_option
-@click.pass_obj
+@pass_settings
 def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: bool) -> None:
     """Every recorded version of one row, oldest first, with who changed it.
 
@@ -442,7 +491,7 @@ def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: b
 @click.option("--since", help="ISO 8601 time or age (90m, 4h, 2d).")
 @click.option("--bucket", default="1m", show_default=True, help="Bucket width: 1m, 15m, 1h, 1d.")
 @json_option
-@click.pass_obj
+@pass_settings
 def activity_cmd(
     settings: Settings, by: str, since: str | None, bucket: str, as_json: bool
 ) -> None:
@@ -466,7 +515,7 @@ def activity_cmd(
 
 @cli.command("prune")
 @click.option("--before", required=True, help="ISO 8601 time or age (30d).")
-@click.pass_obj
+@pass_settings
 def prune_cmd(settings: Settings, before: str) -> None:
     """Delete history committed before a time, whole sessions only; keeps the undo ledger.
 
@@ -491,7 +540,7 @@ def prune_cmd(settings: Settings, before: str) -> None:
     show_envvar=True,
     help="Required on any address but loopback; checked on every request.",
 )
-@click.pass_obj
+@pass_settings
 def serve_cmd(settings: Settings, host: str, port: int, token: str | None) -> None:
     """The dashboard and Prometheus /metrics (read-only).
 

@@ -29,6 +29,23 @@ class Settings:
             )
         if self.decoder is not None and self.decoder not in DECODERS:
             raise BadInput(f"unknown decoder {self.decoder!r}: use pgoutput or wal2json")
+        if self.dsn:
+            try:
+                conninfo.conninfo_to_dict(self.dsn)
+            except Exception as e:
+                raise BadInput(
+                    f"malformed DSN ({_unquoted(str(e))}): use key=value pairs"
+                    " (host=db dbname=shop) or a postgresql://user@host/dbname URI"
+                ) from None
+
+
+def _unquoted(message: str) -> str:
+    """libpq's complaint about a DSN without the parts it quotes, which may hold the password.
+
+    >>> _unquoted('missing "=" after "user:secret" in connection info string')
+    'missing "..." after "..." in connection info string'
+    """
+    return re.sub(r'"[^"]*"', '"..."', message.strip().splitlines()[0] if message.strip() else "")
 
 
 def masked_dsn(dsn: str) -> str:

@@ -66,3 +66,46 @@ def test_unreachable_database_is_bad_input_and_hides_the_password(tmp_path):
 def test_bad_slot_name_is_bad_input(tmp_path):
     result = _run(tmp_path, "--slot", "Bad-Slot", "status")
     assert result.exit_code == 2 and re.search("invalid slot name", result.stderr)
+
+
+def test_connection_options_work_after_the_command_name(tmp_path):
+    before, after = tmp_path / "before.db", tmp_path / "after.db"
+    result = CliRunner().invoke(cli, ["--store", str(before), "sessions", "--store", str(after)])
+    assert result.exit_code == 2 and str(after) in result.stderr and "before" not in result.stderr
+    result = _run(tmp_path, "status", "--slot", "Bad-Slot")
+    assert result.exit_code == 2 and "invalid slot name" in result.stderr
+    result = _run(tmp_path, "init", "--decoder", "wal2json", "--dsn", "host=127.0.0.1 port=1")
+    assert result.exit_code == 2 and "No such option" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--lock-timeout", "--statement-timeout"])
+@pytest.mark.parametrize("value", ["abc", "5 parsecs", "-1s", ""])
+def test_malformed_timeout_is_one_line_before_anything_connects(tmp_path, option, value):
+    result = _run(tmp_path, "--dsn", "host=127.0.0.1 port=1", "session", "S", option, value)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "PostgreSQL duration" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("value", ["5s", "500ms", "2min", "0", "1.5 s", "250"])
+def test_well_formed_timeouts_pass_the_check(tmp_path, value):
+    result = _run(tmp_path, "session", "S", "--lock-timeout", value)
+    assert result.exit_code == 2 and "no audit store" in result.stderr  # got past the check
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://user:PASSWORD@[bad/db",
+        "host=db password=PASSWORD user",
+        "host='db password=PASSWORD",
+        "postgresql://user:PASSWORD@db/x?nonsense=PASSWORD",
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["init"], ["capture", "--once"], ["sessions"]])
+def test_malformed_dsn_is_one_line_without_the_password(tmp_path, dsn, command):
+    for args in (["--dsn", dsn, *command], [*command, "--dsn", dsn]):
+        result = _run(tmp_path, *args, env={"UNDO_DSN": ""})
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and "malformed DSN" in result.stderr
+        assert "PASSWORD" not in result.output and "Traceback" not in result.output
