@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import re
 import signal
@@ -236,6 +237,11 @@ def status_cmd(settings: Settings, as_json: bool) -> None:
 @click.option("--app", help="application_name.")
 @click.option("--user", help="Role name.")
 @click.option("--table", "tables", multiple=True, help="Touched this table (schema.table).")
+@click.option(
+    "--undone/--not-undone",
+    default=None,
+    help="Only sessions an undo undid (all or part), or only those none did.",
+)
 @json_option
 @pass_settings
 def sessions_cmd(
@@ -245,6 +251,7 @@ def sessions_cmd(
     app: str | None,
     user: str | None,
     tables: tuple[str, ...],
+    undone: bool | None,
     as_json: bool,
 ) -> None:
     """One row per session that wrote, newest first.
@@ -259,10 +266,13 @@ def sessions_cmd(
         app=app,
         user=user,
         tables=list(tables),
+        undone_filter=undone,
     )
     if as_json:
         click.echo(render.to_json(rows))
         return
+    for r in rows:
+        r["undone"] = render.undone(r["undone"])
     click.echo(
         render.table(
             rows,
@@ -278,6 +288,8 @@ def sessions_cmd(
                 "updates",
                 "deletes",
                 "tables",
+                "tag",
+                "undone",
             ],
         )
     )
@@ -307,6 +319,8 @@ def _print_show(result: dict[str, Any], as_json: bool) -> None:
         click.echo(render.to_json(result))
         return
     click.echo(f"session {result['session_id']}")
+    if result.get("undone"):
+        click.echo(f"undone: {render.undone(result['undone'])}")
     for t in result["transactions"]:
         click.echo(
             f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name']}  "
@@ -480,7 +494,10 @@ def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: b
             f"{r['commit_time']}  {r['op']:6}  xid {r['xid']}  session {r['session_id']}"
             f"  {r['application_name']}  {r['user']}"
         )
-        click.echo(f"  statement: {r['statement']}")
+        if r["undo_of"] is not None:  # its statement is only the undo's first one
+            click.echo(f"  undo of: {json.dumps(r['undo_of'], ensure_ascii=False)}")
+        else:
+            click.echo(f"  statement: {r['statement']}")
         _echo_images(r, "  ")
 
 

@@ -40,3 +40,7 @@ class SlotGap(UndoError):
 
 class Refused(UndoError):
     """The undo was refused: conflicts, un-undoable changes, a failed check."""
+
+
+class NotRecorded(UndoError):
+    """A well-formed question the store holds no answer to: a row with no recorded change."""

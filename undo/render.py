@@ -36,3 +36,15 @@ def _cell(v: Any) -> str:
         return ",".join(str(x) for x in v)
     s = str(v)
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+def undone(entry: dict[str, Any] | None) -> str | None:
+    """What undid a session, in a few words.
+
+    >>> undone({"undone_at": "2026-01-19T10:30:00Z", "undo_xid": 812, "all": False})
+    'part, by xid 812 at 2026-01-19T10:30:00Z'
+    """
+    if entry is None:
+        return None
+    how = "all" if entry["all"] else "part"
+    return f"{how}, by xid {entry['undo_xid']} at {entry['undone_at']}"

@@ -129,6 +129,11 @@ def test_forged_tags_are_not_trusted(source):
     )
     assert '\t["0"]\n' in result.stdout  # the staged new image of the row to delete
     assert '["10"]' not in result.stdout and '["11"]' not in result.stdout
+    listed = json.loads(source.undo_cli("sessions", "--app", "cron", "--json").stdout)
+    assert sorted((r["session_id"], r["tag"], r["transactions"]) for r in listed) == [
+        (victim_sid, "trusted", 1),
+        (victim_sid, "untrusted", 2),
+    ]  # the forged transactions are their own row, never counted as the victim's
 
 
 def _expected_text(src, ids):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from undo.pg import session_id
 from undo.store import queries
 from undo.store.prune import prune
 from undo.store.schema import open_store
@@ -111,3 +112,70 @@ def test_prune_keeps_whole_sessions_and_the_ledger(pgo):
     assert db.execute("SELECT count(*) FROM undos").fetchone() == (1,)
     result = pgo.undo_cli("prune", "--before", "2099-01-01T00:00:00Z")
     assert result.returncode == 0 and "removed 1 transaction(s)" in result.stdout
+
+
+def test_sessions_and_show_say_what_undid_them(pgo):
+    pgo.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (1), (2)")
+    with pgo.connect(application_name="usage-metrics") as c:
+        c.execute("DELETE FROM a; DELETE FROM b")
+        sid = session_id(c)
+    pgo.capture()
+
+    def undone(*flags):
+        listed = pgo.undo_cli("sessions", "--app", "usage-metrics", "--json", *flags)
+        return [r["undone"] for r in json.loads(listed.stdout)]
+
+    assert undone() == [None] and undone("--undone") == [] and undone("--not-undone") == [None]
+    assert pgo.undo_cli("session", sid, "--table", "a", "--apply").returncode == 0
+    pgo.capture()
+    (first,) = undone("--undone")
+    assert first["all"] is False and undone("--not-undone") == []
+    assert "undone: part, by xid" in pgo.undo_cli("show", "session", sid).stdout
+    assert pgo.undo_cli("session", sid, "--table", "b", "--apply").returncode == 0
+    pgo.capture()
+    (second,) = undone()
+    assert second["all"] is True and second["undo_xid"] != first["undo_xid"]
+    assert pgo.undo_cli("xact", str(second["undo_xid"]), "--apply").returncode == 0
+    pgo.capture()
+    assert undone() == [first]  # the undo of b was undone: only a's undo stands
+    text = pgo.undo_cli("sessions", "--app", "usage-metrics").stdout
+    assert "part, by xid" in text and "trusted" in text
+
+
+def test_history_of_a_keyless_row_and_of_an_unknown_row(pgo):
+    pgo.sql("CREATE TABLE log (at int, msg text)")
+    pgo.init()
+    with pgo.connect(application_name="app") as c:
+        c.execute("INSERT INTO log VALUES (1, 'a'), (2, 'b')")
+        c.execute("UPDATE log SET msg = 'c' WHERE at = 2")
+    with pgo.connect(application_name="cleanup") as c:
+        c.execute("DELETE FROM log WHERE msg = 'c'")
+    pgo.capture()
+    rows = json.loads(pgo.undo_cli("history", "log", "at=2", "--json").stdout)
+    assert [(r["op"], r["application_name"]) for r in rows] == [
+        ("insert", "app"),
+        ("update", "app"),
+        ("delete", "cleanup"),
+    ]
+    rows = json.loads(pgo.undo_cli("history", "log", "at=2", "msg=b", "--json").stdout)
+    assert [r["op"] for r in rows] == ["insert", "update"]  # the rows holding both values
+    for args in (["log", "at=3"], ["log", "msg=\\N"]):
+        result = pgo.undo_cli("history", *args)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.count("\n") == 1
+        assert "no recorded change of public.log" in result.stderr
+    result = pgo.undo_cli("history", "log", "nope=1")
+    assert result.returncode == 2
+
+
+def test_history_names_the_undo_that_made_a_version(pgo):
+    _setup(pgo)
+    sid = json.loads(pgo.undo_cli("sessions", "--app", "usage-metrics", "--json").stdout)[0]
+    assert pgo.undo_cli("session", sid["session_id"], "--apply").returncode == 0
+    pgo.capture()
+    rows = json.loads(pgo.undo_cli("history", "accounts", "id=42", "--json").stdout)
+    assert rows[-1]["op"] == "insert" and rows[-1]["application_name"] == "undo"
+    assert rows[-1]["undo_of"] == {"session": sid["session_id"]}
+    assert 'undo of: {"session"' in pgo.undo_cli("history", "accounts", "id=42").stdout

@@ -9,7 +9,8 @@ from typing import Any
 from sqlite_utils import Database
 
 from .. import names
-from ..errors import BadInput, NotFound
+from ..errors import BadInput, NotFound, NotRecorded
+from ..pg import lsn_to_int
 from ..stream.protocol import epoch
 
 
@@ -34,8 +35,11 @@ def sessions(
     tables: list[str] | None = None,
     limit: int | None = None,
     offset: int = 0,
+    undone_filter: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per session that wrote, newest first; filters apply to its transactions.
+    """One row per session and tag that wrote, newest first (a forged tag claiming a session is
+    its own row, never merged into the real one); filters apply to its transactions;
+    ``undone_filter`` keeps only sessions some undo undid (True) or none did (False).
 
     Tables touched come from the activity aggregates, not from scanning the changes.
     """
@@ -65,8 +69,8 @@ def sessions(
         " max(t.user_name) AS user, max(t.client_addr) AS client_addr,"
         " min(t.commit_time) AS first_change_at, max(t.commit_time) AS last_change_at,"
         " count(*) AS transactions, sum(t.inserts) AS inserts, sum(t.updates) AS updates,"
-        " sum(t.deletes) AS deletes, min(t.tag) AS tag"
-        " FROM transactions t WHERE " + " AND ".join(where) + " GROUP BY t.session_id"
+        " sum(t.deletes) AS deletes, t.tag AS tag"
+        " FROM transactions t WHERE " + " AND ".join(where) + " GROUP BY t.session_id, t.tag"
         " ORDER BY last_change_at DESC"
     )
     if limit is not None:
@@ -84,9 +88,61 @@ def sessions(
             chunk,
         ):
             touched.setdefault(sid, []).append(table)
+    undone = undone_sessions(db)
     for r in rows:
         r["tables"] = sorted(touched.get(r["session_id"] or "", []))
+        r["undone"] = undone.get((r["session_id"], r["tag"]))
+    if undone_filter is not None:
+        rows = [r for r in rows if (r["undone"] is not None) == undone_filter]
     return rows
+
+
+def live_undos(db: Database) -> list[dict[str, Any]]:
+    """The undos the store knows of that no later undo has undone, newest first: what they
+    undid as (commit LSN, schema, table, op) pieces."""
+    undos = _rows(db, "SELECT applied_at, undo_xid, entries FROM undos ORDER BY id DESC")
+    undone_xids = {int(e[4]) for u in undos for e in json.loads(u["entries"] or "[]") if len(e) > 4}
+    out = []
+    for u in undos:
+        if u["undo_xid"] in undone_xids:
+            continue
+        u["pieces"] = {
+            (lsn_to_int(e[0]), e[1], e[2], e[3]) for e in json.loads(u.pop("entries") or "[]")
+        }
+        out.append(u)
+    return out
+
+
+def undone_sessions(db: Database) -> dict[tuple[str | None, str], dict[str, Any]]:
+    """(session id, tag) -> what undid it: the latest undo that undid any of its changes, and
+    whether every change of it is undone (``all``)."""
+    undos = live_undos(db)
+    covered = {p for u in undos for p in u["pieces"]}
+    lsns = sorted({p[0] for p in covered})
+    out: dict[tuple[str | None, str], dict[str, Any]] = {}
+    for i in range(0, len(lsns), 500):
+        chunk = lsns[i : i + 500]
+        for sid, tag in db.execute(
+            "SELECT DISTINCT session_id, tag FROM transactions"  # noqa: S608
+            f" WHERE commit_lsn IN ({','.join('?' * len(chunk))})",
+            chunk,
+        ).fetchall():
+            pieces = {
+                (lsn, schema, table, op)
+                for lsn, schema, table, op in db.execute(
+                    "SELECT t.commit_lsn, r.schema_name, r.table_name, x.op FROM transactions t"
+                    " JOIN txn_changes x ON x.txn = t.id JOIN relations r ON r.id = x.relation"
+                    " WHERE t.session_id IS ? AND t.tag = ? AND x.op <> 'T'",
+                    [sid, tag],
+                )
+            }
+            latest = next(u for u in undos if u["pieces"] & pieces)
+            out[sid, tag] = {
+                "undone_at": latest["applied_at"],
+                "undo_xid": latest["undo_xid"],
+                "all": pieces <= covered,
+            }
+    return out
 
 
 def transactions_of_session(db: Database, session_id: str) -> list[dict[str, Any]]:
@@ -183,8 +239,11 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
     by_txn: dict[int, list[dict[str, Any]]] = {}
     for c in changes:
         by_txn.setdefault(c.pop("txn"), []).append(c)
+    sid = session_id if session_id is not None else txns[0]["session_id"]
+    undone = undone_sessions(db)
     return {
-        "session_id": session_id if session_id is not None else txns[0]["session_id"],
+        "session_id": sid,
+        "undone": undone.get((sid, "trusted")) or undone.get((sid, txns[0]["tag"])),
         "transactions": [
             {
                 "xid": t["xid"],
@@ -233,7 +292,9 @@ def parse_key(pairs: list[str]) -> dict[str, str | None]:
 
 
 def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[str, Any]]:
-    """Every recorded version of one row, oldest first, with who changed it."""
+    """Every recorded version of one row, oldest first, with who changed it. A table with a key
+    is asked by its whole key; a keyless one by any of its columns, and every change whose old
+    or new row holds all the values given is shown."""
     schema, name = resolve_table(db, table)
     rels = _rows(
         db,
@@ -245,23 +306,38 @@ def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[s
     for rel in rels:
         cols = json.loads(rel["columns"])
         if rel["key_columns"] is None:
-            continue
-        key_cols = [cols[i] for i in json.loads(rel["key_columns"])]
-        if set(key_cols) != set(key):
-            continue
+            if not set(key) <= set(cols):
+                continue
+            where, params = "c.relation = ?", [rel["id"]]
+        else:
+            key_cols = [cols[i] for i in json.loads(rel["key_columns"])]
+            if set(key_cols) != set(key):
+                continue
+            key_json = json.dumps(
+                [key[c] for c in key_cols], ensure_ascii=False, separators=(",", ":")
+            )
+            where, params = "c.relation = ? AND c.key = ?", [rel["id"], key_json]
         usable = True
-        key_json = json.dumps([key[c] for c in key_cols], ensure_ascii=False, separators=(",", ":"))
         for r in _rows(
             db,
-            "SELECT c.op, c.old, c.new, c.unchanged, t.xid, t.commit_time, t.session_id,"
-            " t.application_name, t.user_name, t.statement, t.commit_lsn, c.ord"
-            " FROM changes c JOIN transactions t ON t.id = c.txn"
-            " WHERE c.relation = ? AND c.key = ?",
-            [rel["id"], key_json],
+            "SELECT c.op, c.old, c.new, c.unchanged, t.xid, t.commit_time, t.session_id,"  # noqa: S608
+            " t.application_name, t.user_name, t.statement, t.undo_of, t.tag, t.commit_lsn,"
+            " c.ord FROM changes c JOIN transactions t ON t.id = c.txn WHERE " + where,
+            params,
         ):
-            old = json.loads(r["old"]) if r["old"] else None
+            old = dict(zip(cols, json.loads(r["old"]), strict=False)) if r["old"] else None
             unchanged = set(json.loads(r["unchanged"])) if r["unchanged"] else set()
-            new = json.loads(r["new"]) if r["new"] else None
+            new = None
+            if r["new"]:
+                new = {
+                    c: (old[c] if (i in unchanged and old) else v)
+                    for i, (c, v) in enumerate(zip(cols, json.loads(r["new"]), strict=False))
+                }
+            if rel["key_columns"] is None and not any(
+                image is not None and all(image.get(c) == v for c, v in key.items())
+                for image in (old, new)
+            ):
+                continue
             out.append(
                 {
                     "op": {"I": "insert", "U": "update", "D": "delete"}.get(r["op"], r["op"]),
@@ -270,19 +346,22 @@ def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[s
                     "session_id": r["session_id"],
                     "application_name": r["application_name"],
                     "user": r["user_name"],
+                    "tag": r["tag"],
                     "statement": r["statement"],
-                    "old": None if old is None else dict(zip(cols, old, strict=False)),
-                    "new": None
-                    if new is None
-                    else {
-                        c: (old[i] if (i in unchanged and old) else v)
-                        for i, (c, v) in enumerate(zip(cols, new, strict=False))
-                    },
+                    "undo_of": json.loads(r["undo_of"]) if r["undo_of"] else None,
+                    "old": old,
+                    "new": new,
                     "_order": (r["commit_lsn"], r["ord"]),
                 }
             )
     if not usable:
-        raise BadInput(f"give the key of {schema}.{name} as COLUMN=VALUE for each key column")
+        raise BadInput(
+            f"give the key of {names.quote(schema, name)} as COLUMN=VALUE for each key column"
+            " (for a table without a key: any of its columns)"
+        )
+    if not out:
+        shown = ", ".join(f"{c}={'NULL' if v is None else v}" for c, v in key.items())
+        raise NotRecorded(f"no recorded change of {names.quote(schema, name)} with {shown}")
     out.sort(key=lambda r: r.pop("_order"))
     return out
 

@@ -23,8 +23,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client.exposition import generate_latest
 
+from .. import render
 from ..config import Settings
-from ..errors import BadInput, NotFound, UndoError
+from ..errors import BadInput, NotFound, NotRecorded, UndoError
 from ..pg import int_to_lsn
 from ..store import queries
 from ..store.schema import open_store
@@ -159,7 +160,7 @@ class App:
                 return self._redirect(start_response, "/")
             else:
                 return self._respond(start_response, "404 Not Found", _page("Not found", ""))
-        except NotFound as e:
+        except (NotFound, NotRecorded) as e:
             return self._respond(
                 start_response, "404 Not Found", _page("Not found", f"<p>{escape(str(e))}")
             )
@@ -330,6 +331,8 @@ class App:
                     str(r["updates"]),
                     str(r["deletes"]),
                     escape(", ".join(r["tables"])),
+                    _e(r["tag"]),
+                    _e(render.undone(r["undone"])),
                 ]
                 for r in rows
             ),
@@ -344,6 +347,8 @@ class App:
                 "updates",
                 "deletes",
                 "tables",
+                "tag",
+                "undone",
             ],
         )
         keep = {k: v for k, v in q.items() if k in fields and v}
@@ -362,6 +367,7 @@ class App:
         db = open_store(self.settings.store)
         try:
             txns = queries.transactions_of_session(db, session_id)
+            undone = queries.undone_sessions(db).get((session_id, "trusted"))
             total = sum(t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in txns)
             changes = queries.changes_page(db, [t["id"] for t in txns], PAGE, (page - 1) * PAGE)
         finally:
@@ -410,7 +416,8 @@ class App:
         if page * PAGE < total:
             nav.append(f"<a href='?page={page + 1}'>next →</a>")
         body = (
-            f"<h2>Transactions</h2>{tx_table}<h2>Row changes ({total})</h2>"
+            (f"<p><strong>Undone</strong>: {_e(render.undone(undone))}</p>" if undone else "")
+            + f"<h2>Transactions</h2>{tx_table}<h2>Row changes ({total})</h2>"
             + _table(rows, ["xid", "table", "op", "key", "old", "new"])
             + f"<p>page {page} {' '.join(nav)}</p><h2>Undo preview</h2>"
             + self._preview(session_id, total)
