@@ -2,15 +2,84 @@
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import UTC, datetime
 from typing import Any
+
+import psycopg
+from sqlite_utils import Database
 
 from . import pg
 from .config import Settings
 from .store import queries
-from .store.schema import open_store
-from .stream.protocol import epoch
+from .store.schema import get_meta, open_store
+from .stream.protocol import iso
 from .tagging import unpublishable
+
+PEEK_ROWS = 10_000
+
+
+def lag(
+    conn: psycopg.Connection[Any], db: Database, settings: Settings, active: bool
+) -> dict[str, Any]:
+    """How far the store is behind the source.
+
+    lag_bytes: the server's current WAL position minus the store's position. lag_seconds: the
+    age of the oldest commit not yet stored, 0 when there is none. While a capture holds the
+    slot, from what it last reported (each batch it commits; ``lag_reported_at``); otherwise by
+    peeking at the slot's first pending transaction, which decodes that transaction without
+    consuming it (None where the slot cannot be peeked: missing, just taken, no privilege)."""
+    out: dict[str, Any] = {"lag_bytes": None, "lag_seconds": None}
+    position = pg.int_to_lsn(int(get_meta(db, "position") or 0))
+    row = conn.execute(
+        "SELECT greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn), 0)::bigint",
+        (position,),
+    ).fetchone()
+    out["lag_bytes"] = int(row[0]) if row else None
+    if active:
+        report = json.loads(get_meta(db, "capture_lag") or "null")
+        if report is not None:
+            out["lag_seconds"] = report["lag_seconds"]
+            out["lag_reported_at"] = iso(datetime.fromtimestamp(report["at"], UTC))
+        return out
+    decoder = get_meta(db, "decoder") or "pgoutput"
+    # The first pending transaction that changes a row: a decoder also sends transactions that
+    # change nothing audited (wal2json every one, pgoutput on 14 the empty ones), which capture
+    # reads past without storing. Up to PEEK_ROWS rows are decoded (whole transactions).
+    if decoder == "pgoutput":
+        # a Begin is 'B', the final LSN, then the commit time in microseconds since 2000-01-01
+        query = (
+            "WITH p AS MATERIALIZED (SELECT lsn, xid, data"
+            " FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, 'proto_version', '1',"
+            " 'publication_names', %s))"
+            " SELECT extract(epoch FROM now()) - (946684800 + ('x' || encode("
+            "substr(b.data, 10, 8), 'hex'))::bit(64)::bigint / 1e6) FROM p b"
+            " WHERE get_byte(b.data, 0) = 66 AND EXISTS (SELECT FROM p c WHERE c.xid = b.xid"
+            " AND get_byte(c.data, 0) IN (73, 85, 68, 84)) ORDER BY b.lsn LIMIT 1"
+        )
+        params: tuple[Any, ...] = (
+            settings.slot,
+            PEEK_ROWS,
+            get_meta(db, "publication") or settings.slot,
+        )
+    else:
+        query = (
+            "WITH p AS MATERIALIZED (SELECT lsn, xid, data::json AS d"
+            " FROM pg_logical_slot_peek_changes(%s, NULL, %s, 'format-version', '2',"
+            " 'include-timestamp', '1'))"
+            " SELECT extract(epoch FROM now() - (b.d ->> 'timestamp')::timestamptz) FROM p b"
+            " WHERE b.d ->> 'action' = 'B' AND EXISTS (SELECT FROM p c WHERE c.xid = b.xid"
+            " AND c.d ->> 'action' IN ('I', 'U', 'D', 'T')) ORDER BY b.lsn LIMIT 1"
+        )
+        params = (settings.slot, PEEK_ROWS)
+    try:
+        with conn.transaction():
+            row = conn.execute(query, params).fetchone()
+    except psycopg.Error:
+        return out
+    out["lag_seconds"] = 0.0 if row is None else round(max(0.0, float(row[0])), 3)
+    return out
 
 
 def status(settings: Settings) -> dict[str, Any]:
@@ -38,11 +107,7 @@ def status(settings: Settings) -> dict[str, Any]:
                 "wal_held_bytes": slot[3],
             }
         )
-        # the server's clock, not ours: commit times are the server's
-        now = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone()
-        result["lag_seconds"] = None
-        if result["last_commit_time"] and now:
-            result["lag_seconds"] = round(now[0] - epoch(result["last_commit_time"]), 3)
+        result.update(lag(conn, db, settings, active=slot is not None and slot[2] is not None))
         installed = conn.execute("SELECT to_regclass('undo.config')").fetchone() != (None,)
         schemas: list[str] = []
         if installed:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 from undo.pg import session_id
 from undo.store import queries
 from undo.store.prune import prune
 from undo.store.schema import open_store
+from undo.stream.capture import capture
+from undo.stream.protocol import epoch
 
 
 def _setup(src):
@@ -179,3 +183,41 @@ def test_history_names_the_undo_that_made_a_version(pgo):
     assert rows[-1]["op"] == "insert" and rows[-1]["application_name"] == "undo"
     assert rows[-1]["undo_of"] == {"session": sid["session_id"]}
     assert 'undo of: {"session"' in pgo.undo_cli("history", "accounts", "id=42").stdout
+
+
+def test_lag_is_zero_when_caught_up_and_the_age_of_the_oldest_unstored_commit(source):
+    """A quiet database must not look behind (the age of the last commit is not lag); a
+    backlog's lag is the age of its oldest commit, found by peeking the slot, or while capture
+    holds the slot, what capture last reported."""
+    from undo.status import status
+
+    source.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    source.init()
+    source.sql("INSERT INTO t VALUES (1)")
+    source.capture()
+    time.sleep(1.5)
+    quiet = status(source.settings)
+    assert quiet["lag_seconds"] == 0 and quiet["lag_bytes"] < 1_000_000
+    source.sql("INSERT INTO t VALUES (2)")
+    time.sleep(1.5)
+    source.sql("INSERT INTO t VALUES (3)")
+    behind = status(source.settings)
+    assert 1.5 <= behind["lag_seconds"] < 60 and behind["lag_bytes"] > 0
+    started = time.time()
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=capture, args=(source.settings,), kwargs={"should_stop": stop.is_set}
+    )
+    worker.start()
+    try:
+        for _ in range(100):
+            running = status(source.settings)
+            reported = running.get("lag_reported_at")
+            if running["slot"]["active_pid"] and reported and epoch(reported) >= started:
+                break
+            time.sleep(0.1)
+        assert running["slot"]["active_pid"] and epoch(running["lag_reported_at"]) >= started
+        assert 0 <= running["lag_seconds"] < 60  # the backlog's age when stored, then 0
+    finally:
+        stop.set()
+        worker.join(timeout=30)

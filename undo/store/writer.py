@@ -90,6 +90,8 @@ class StoreWriter:
         self.batch_changes = 0
         self.batch_position = self.position
         self.txn: _Txn | None = None
+        #: commit time of the batch's first transaction: the oldest commit not yet stored
+        self.oldest_unstored: str | None = None
         # per (minute, application, session, relation): inserts, updates, deletes, truncates,
         # transactions of the batch, written with it (one upsert per key, not per transaction)
         self.activity: dict[tuple[int, str, str, int], list[int]] = {}
@@ -231,6 +233,8 @@ class StoreWriter:
         assert txn is not None
         self.txn = None
         self._write_rows()
+        if self.oldest_unstored is None:
+            self.oldest_unstored = commit.commit_time
         if txn.ledger is not None:
             self._write_ledger(txn, commit)
         if txn.ord == 0:
@@ -341,6 +345,16 @@ class StoreWriter:
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (str(self.batch_position),),
                 )
+            # what `status` shows while this capture holds the slot: how old the oldest commit
+            # not yet stored was, until this batch stored it (0: it had nothing waiting)
+            now = time.time()
+            lag = 0.0 if self.oldest_unstored is None else now - epoch(self.oldest_unstored)
+            self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('capture_lag', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (json.dumps({"at": now, "lag_seconds": round(max(0.0, lag), 3)}),),
+            )
+            self.oldest_unstored = None
             self.conn.execute("COMMIT")
             self.batch_open = False
             self.position = self.batch_position

@@ -42,6 +42,7 @@ LEDGER_PREFIX = "undo.ledger"  # undo.record_undo: an undo's ledger entries, mir
 BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
+SLOT_BUSY_SECONDS = 5.0
 STOP_CHECK_EVERY = 4096
 
 
@@ -165,8 +166,15 @@ def _slot_state(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | N
 def check_slot(
     conn: psycopg.Connection[Any], db: Any, slot: str, position: int, accept_gap: bool
 ) -> int:
-    """Refuse a slot that cannot continue the store's trail; return the start position."""
+    """Refuse a slot that cannot continue the store's trail; return the start position.
+
+    A slot another process holds for a moment (`undo status` or a /metrics scrape peeking at
+    it) is waited for, up to SLOT_BUSY_SECONDS."""
     state = _slot_state(conn, slot)
+    deadline = time.monotonic() + SLOT_BUSY_SECONDS
+    while state is not None and state[2] is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = _slot_state(conn, slot)
     if state is None:
         record_gap(db, position, None, f"slot {slot} missing")
         raise SlotGap(
@@ -280,6 +288,8 @@ class _Session:
         res = pgconn.get_result()
         if res is None or res.status != pq.ExecStatus.COPY_BOTH:
             msg = res.error_message.decode(errors="replace").strip() if res else "no answer"
+            if res is not None and res.error_field(pq.DiagnosticField.SQLSTATE) == b"55006":
+                raise ConnectionLost(msg)  # taken since check_slot (a peek): try again
             raise UndoError(f"START_REPLICATION failed: {msg}")
         writer = self.writer
         decode = self.decoder.decode

@@ -275,10 +275,17 @@ class App:
             f"<li>store position: {int_to_lsn(health['store_position'])}</li>"
             f"<li>{health['transactions']} transactions, {health['changes']} changes stored</li>"
             f"<li>WAL held by the slot: {self._wal_held()}</li>"
+            f"<li>capture lag (age of the oldest commit not yet stored): {self._lag()}</li>"
             f"<li>gaps in the audit trail:<ul>{gaps}</ul></li></ul>"
             f"<h2>Write activity per application</h2>{form}<div class='cards'>{cards or ''}</div>"
         )
         return _page("Overview", body)
+
+    def _lag(self) -> str:
+        for metric in self.registry.collect():
+            if metric.name == "undo_capture_lag_seconds" and metric.samples:
+                return f"{metric.samples[0].value:.1f} s"
+        return "<span class='muted'>unknown</span>"
 
     def _wal_held(self) -> str:
         if not self.settings.dsn:

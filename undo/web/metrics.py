@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +10,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import pg
 from ..config import Settings
+from ..status import lag
 from ..store.schema import open_store
 from ..stream.protocol import epoch
 
@@ -52,35 +52,46 @@ class StoreCollector(Collector):
             yield txns
             last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
             gaps = db.execute("SELECT count(*) FROM gaps").fetchone()[0]
+            if last:
+                yield GaugeMetricFamily(
+                    "undo_last_commit_timestamp_seconds",
+                    "Commit time of the last captured transaction",
+                    value=epoch(last),
+                )
+            yield GaugeMetricFamily("undo_gaps", "Gaps recorded in the audit trail", value=gaps)
+            if self.settings.dsn:
+                yield from self._source(db)
         finally:
             db.conn.close()
-        if last:
-            ts = epoch(last)
+
+    def _source(self, db: Any) -> Iterator[Any]:
+        """What needs the source: the WAL the slot holds, and the lag (as `undo status`)."""
+        try:
+            with pg.connect(self.settings.dsn, connect_timeout=2) as conn:
+                row = conn.execute(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8,"
+                    " active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.settings.slot,),
+                ).fetchone()
+                behind = lag(conn, db, self.settings, active=bool(row and row[1]))
+        except Exception:
+            return
+        if row is not None and row[0] is not None:
             yield GaugeMetricFamily(
-                "undo_last_commit_timestamp_seconds",
-                "Commit time of the last captured transaction",
-                value=ts,
+                "undo_slot_wal_held_bytes", "WAL the slot keeps on the source", value=row[0]
             )
+        if behind["lag_bytes"] is not None:
+            yield GaugeMetricFamily(
+                "undo_capture_lag_bytes",
+                "The source's current WAL position minus the store's position",
+                value=behind["lag_bytes"],
+            )
+        if behind["lag_seconds"] is not None:
             yield GaugeMetricFamily(
                 "undo_capture_lag_seconds",
-                "Seconds since the last captured commit",
-                value=max(0.0, time.time() - ts),
+                "Age of the oldest commit not yet stored (0 when caught up)",
+                value=behind["lag_seconds"],
             )
-        yield GaugeMetricFamily("undo_gaps", "Gaps recorded in the audit trail", value=gaps)
-        if self.settings.dsn:
-            try:
-                with pg.connect(self.settings.dsn, connect_timeout=2) as conn:
-                    row = conn.execute(
-                        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8"
-                        " FROM pg_replication_slots WHERE slot_name = %s",
-                        (self.settings.slot,),
-                    ).fetchone()
-            except Exception:
-                row = None
-            if row is not None and row[0] is not None:
-                yield GaugeMetricFamily(
-                    "undo_slot_wal_held_bytes", "WAL the slot keeps on the source", value=row[0]
-                )
 
 
 def registry(settings: Settings) -> CollectorRegistry:
