@@ -227,8 +227,7 @@ def status_cmd(settings: Settings, as_json: bool) -> None:
     if as_json:
         click.echo(render.to_json(result))
         return
-    for k, v in result.items():
-        click.echo(f"{k}: {v}")
+    click.echo(render.fields(result))
 
 
 @cli.command("sessions")
@@ -301,59 +300,87 @@ def show_group() -> None:
 
 
 def _echo_images(change: dict[str, Any], indent: str) -> None:
-    """Old and new values; long ones shortened (--json has them whole)."""
-    for name in ("old", "new"):
-        if change[name] is not None:
-            shown = {k: _short(v) for k, v in change[name].items()}
-            click.echo(f"{indent}{name}: {shown}")
+    """Old and new values as col=value (NULL for null; long values shortened: --json has them
+    whole); for an update, the new row shows only what changed."""
+    old, new = change["old"], change["new"]
+    if old is not None:
+        click.echo(f"{indent}old: {render.pairs(old)}")
+    if new is not None:
+        if old is not None:
+            new = {k: v for k, v in new.items() if old.get(k) != v}
+        click.echo(f"{indent}new: {render.pairs(new) if new else '(no value changed)'}")
 
 
-def _short(value: str | None, limit: int = 120) -> str | None:
-    if value is None or len(value) <= limit:
-        return value
-    return f"{value[:limit]}... ({len(value)} characters)"
-
-
-def _print_show(result: dict[str, Any], as_json: bool) -> None:
+def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> None:
     if as_json:
         click.echo(render.to_json(result))
         return
-    click.echo(f"session {result['session_id']}")
+    txns = result["transactions"]
+    counts: dict[tuple[str, str], int] = {}
+    for t in txns:
+        for c in t["changes"]:
+            counts[c["table"], c["op"]] = counts.get((c["table"], c["op"]), 0) + 1
+    total = sum(counts.values())
+    click.echo(f"session {result['session_id']}: {len(txns)} transaction(s), {total} change(s)")
     if result.get("undone"):
         click.echo(f"undone: {render.undone(result['undone'])}")
-    for t in result["transactions"]:
+    if counts:
+        rows = [{"table": t, "operation": op, "rows": n} for (t, op), n in sorted(counts.items())]
+        click.echo("\n" + render.table(rows, ["table", "operation", "rows"]))
+    shown = 0
+    for t in txns:
+        if limit is not None and shown >= limit:
+            break
         click.echo(
-            f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name']}  "
-            f"{t['user']}  tag={t['tag']}"
+            f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name'] or ''}"
+            f"  {t['user'] or ''}  tag {t['tag']}"
         )
-        click.echo(f"  statement: {t['statement']}")
+        click.echo(f"  statement: {t['statement'] or ''}")
         for c in t["changes"]:
-            click.echo(f"  {c['op']:8} {c['table']} key={c['key']}")
+            if limit is not None and shown >= limit:
+                break
+            shown += 1
+            click.echo(f"  {c['op']:8} {c['table']}  {render.key(c['key_columns'], c['key'])}")
             _echo_images(c, "    ")
+    if shown < total:
+        click.echo(f"\n({total - shown} more change(s): --limit N or --all to see them)")
+
+
+def _show_options(f: Any) -> Any:
+    f = click.option("--all", "show_all", is_flag=True, help="Every change (no --limit).")(f)
+    return click.option(
+        "--limit", default=100, show_default=True, help="Print at most this many changes."
+    )(f)
 
 
 @show_group.command("session")
 @click.argument("session_id")
+@_show_options
 @json_option
 @pass_settings
-def show_session(settings: Settings, session_id: str, as_json: bool) -> None:
+def show_session(
+    settings: Settings, session_id: str, limit: int, show_all: bool, as_json: bool
+) -> None:
     """A session's transactions and row changes.
 
     Example: undo show session 6b071524.9d7
     """
-    _print_show(queries.show(open_store(settings.store), session_id=session_id), as_json)
+    result = queries.show(open_store(settings.store), session_id=session_id)
+    _print_show(result, as_json, None if show_all else limit)
 
 
 @show_group.command("xact")
 @click.argument("xid", type=int)
+@_show_options
 @json_option
 @pass_settings
-def show_xact(settings: Settings, xid: int, as_json: bool) -> None:
+def show_xact(settings: Settings, xid: int, limit: int, show_all: bool, as_json: bool) -> None:
     """A transaction's row changes.
 
     Example: undo show xact 7341
     """
-    _print_show(queries.show(open_store(settings.store), xid=xid), as_json)
+    result = queries.show(open_store(settings.store), xid=xid)
+    _print_show(result, as_json, None if show_all else limit)
 
 
 def undo_options(f: Any) -> Any:
@@ -491,8 +518,9 @@ def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: b
         return
     for r in rows:
         click.echo(
-            f"{r['commit_time']}  {r['op']:6}  xid {r['xid']}  session {r['session_id']}"
-            f"  {r['application_name']}  {r['user']}"
+            f"{r['commit_time']}  {r['op']:6}  xid {r['xid']}"
+            f"  session {r['session_id'] or '(untagged)'}  {r['application_name'] or ''}"
+            f"  {r['user'] or ''}  tag {r['tag']}"
         )
         if r["undo_of"] is not None:  # its statement is only the undo's first one
             click.echo(f"  undo of: {json.dumps(r['undo_of'], ensure_ascii=False)}")

@@ -48,3 +48,70 @@ def undone(entry: dict[str, Any] | None) -> str | None:
         return None
     how = "all" if entry["all"] else "part"
     return f"{how}, by xid {entry['undo_xid']} at {entry['undone_at']}"
+
+
+def value(v: str | None, limit: int = 120) -> str:
+    """A stored value as psql would show it: NULL for null, long ones shortened.
+
+    >>> value(None), value("x" * 130)[-20:]
+    ('NULL', '... (130 characters)')
+    """
+    if v is None:
+        return "NULL"
+    return v if len(v) <= limit else f"{v[:limit]}... ({len(v)} characters)"
+
+
+def pairs(values: dict[str, str | None]) -> str:
+    """Values as col=value.
+
+    >>> pairs({"id": "7", "email": None})
+    'id=7, email=NULL'
+    """
+    return ", ".join(f"{k}={value(v)}" for k, v in values.items())
+
+
+def key(columns: Sequence[str] | None, values: Sequence[str | None] | None) -> str:
+    """A row's key as col=value, or a note for a keyless table.
+
+    >>> key(["id"], ["7"]), key(None, None)
+    ('id=7', '(no key)')
+    """
+    if not columns or values is None:
+        return "(no key)"
+    return pairs(dict(zip(columns, values, strict=False)))
+
+
+def fields(doc: dict[str, Any]) -> str:
+    """A document as aligned `name  value` lines, as psql's expanded display: nested objects
+    as dotted names, lists one item per line, null as NULL.
+
+    >>> print(fields({"slot": {"name": "undo", "active_pid": None}, "gaps": []}))
+    slot.name        undo
+    slot.active_pid  NULL
+    gaps             (none)
+    """
+    flat: list[tuple[str, str]] = []
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else k, x)
+        elif isinstance(v, list):
+            if not v:
+                flat.append((prefix, "(none)"))
+            for i, x in enumerate(v):
+                name = prefix if i == 0 else ""
+                if isinstance(x, dict):
+                    flat.append((name, pairs({k: _text(y) for k, y in x.items()})))
+                else:
+                    flat.append((name, _text(x) or "NULL"))
+        else:
+            flat.append((prefix, "NULL" if v is None else str(v)))
+
+    walk("", doc)
+    width = max((len(k) for k, _ in flat), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in flat)
+
+
+def _text(v: Any) -> str | None:
+    return None if v is None else str(v)

@@ -221,3 +221,24 @@ def test_lag_is_zero_when_caught_up_and_the_age_of_the_oldest_unstored_commit(so
     finally:
         stop.set()
         worker.join(timeout=30)
+
+
+def test_show_reads_like_psql_with_a_summary_and_a_limit(pgo):
+    pgo.sql("CREATE TABLE accounts (id int PRIMARY KEY, name text)")
+    pgo.init()
+    with pgo.connect(application_name="import") as c:
+        sid = session_id(c)
+        c.execute("INSERT INTO accounts SELECT g, NULL FROM generate_series(1, 5) g")
+        c.execute("UPDATE accounts SET name = 'x' WHERE id = 1")
+    pgo.capture()
+    out = pgo.undo_cli("show", "session", sid, "--limit", "2").stdout
+    assert out.startswith(f"session {sid}: 2 transaction(s), 6 change(s)")
+    assert "public.accounts  insert     5" in out and "public.accounts  update     1" in out
+    assert "insert   public.accounts  id=1" in out and "new: id=1, name=NULL" in out
+    assert "(4 more change(s): --limit N or --all to see them)" in out
+    assert "None" not in out and "['" not in out and "{'" not in out
+    every = pgo.undo_cli("show", "session", sid, "--all").stdout
+    assert "more change(s)" not in every and "old: id=1, name=NULL" in every
+    assert "new: name=x" in every  # an update shows what it changed
+    status = pgo.undo_cli("status").stdout
+    assert "slot.confirmed_flush_lsn" in status and "{'" not in status
