@@ -33,6 +33,25 @@ def migration_scripts() -> list[tuple[str, str]]:
     )
 
 
+def _publish_generated(conn: psycopg.Connection[Any], publication: str) -> bool:
+    """PostgreSQL 18 refuses UPDATE and DELETE on a table whose replica identity (FULL, here)
+    holds a stored generated column its publication does not publish: publish them. Returns
+    whether it changed the publication."""
+    if pg.server_version(conn) < 180000:
+        return False
+    row = conn.execute(
+        "SELECT pubgencols FROM pg_publication WHERE pubname = %s", (publication,)
+    ).fetchone()
+    if row is None or row[0] == "s":
+        return False
+    conn.execute(
+        sql.SQL("ALTER PUBLICATION {} SET (publish_generated_columns = stored)").format(
+            sql.Identifier(publication)
+        )
+    )
+    return True
+
+
 @dataclass
 class InitReport:
     changed: list[str] = field(default_factory=list)
@@ -92,8 +111,12 @@ def _tables(conn: psycopg.Connection[Any], schemas: list[str], tables: list[str]
     return oids
 
 
-def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitReport:
-    """Prepare the source database and the store; idempotent."""
+def init(
+    settings: Settings, schemas: list[str], tables: list[str], failover: bool = False
+) -> InitReport:
+    """Prepare the source database and the store; idempotent. ``failover``: a slot that
+    PostgreSQL 17+ keeps in step on standbys (sync_replication_slots), so capture can go on
+    from a promoted standby."""
     report = InitReport()
     # an existing store remembers its decoder; a new one is created only once the source passed
     # its checks, so a refused init leaves nothing behind
@@ -110,6 +133,11 @@ def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitRepor
         schemas = ["public"]
     with pg.connect(settings.dsn) as conn:
         report.warnings += pg.check_ready(conn, decoder)
+        if failover and pg.server_version(conn) < 170000:
+            raise NotReady(
+                f"--failover needs PostgreSQL 17 or newer (failover slots); this server is"
+                f" {conn.info.parameter_status('server_version')}"
+            )
         db = open_store(settings.store, create=True)
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         superuser = bool(row and row[0])
@@ -141,6 +169,8 @@ def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitRepor
                         sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(publication))
                     )
                     report.changed.append(f"created publication {publication}")
+                if publication is not None and _publish_generated(conn, publication):
+                    report.changed.append(f"publication {publication} publishes generated columns")
                 for table, why in unpublishable(conn, merged):
                     report.warnings.append(f"not audited: {table} is {why}")
                 count = 0
@@ -177,8 +207,9 @@ def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitRepor
                 " run init as the owner of the tables or a superuser"
             ) from None
         slot = conn.execute(
-            "SELECT plugin, confirmed_flush_lsn::text, wal_status FROM pg_replication_slots"
-            " WHERE slot_name = %s",
+            "SELECT plugin, confirmed_flush_lsn::text, wal_status,"
+            " (to_jsonb(s) ->> 'failover')::boolean"  # a column of 17+
+            " FROM pg_replication_slots s WHERE slot_name = %s",
             (settings.slot,),
         ).fetchone()
         position = get_meta(db, "position")
@@ -190,9 +221,20 @@ def init(settings: Settings, schemas: list[str], tables: list[str]) -> InitRepor
                 f"slot {settings.slot} exists with plugin {slot[0]}, not {decoder}: choose another"
                 " --slot or drop it"
             )
+        if slot is not None and failover and not slot[3]:
+            with pg.connect(settings.dsn, replication="database") as rconn:
+                rconn.execute(
+                    sql.SQL("ALTER_REPLICATION_SLOT {} (FAILOVER true)").format(
+                        sql.Identifier(settings.slot)
+                    )
+                )
+            report.changed.append(f"slot {settings.slot} now fails over to standbys")
         if slot is None:
             row = conn.execute(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s)",
+                "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s, false, false,"
+                " true)"
+                if failover
+                else "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s)",
                 (settings.slot, decoder),
             ).fetchone()
             assert row is not None
