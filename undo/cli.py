@@ -161,9 +161,18 @@ def _echo_err(message: str) -> None:
 @click.option("--schema", "schemas", multiple=True, help="Audit every table of this schema.")
 @click.option("--table", "tables", multiple=True, help="Audit this table (schema.table).")
 @click.option("--uninstall", is_flag=True, help="Remove everything init installed.")
+@click.option(
+    "--failover",
+    is_flag=True,
+    help="PostgreSQL 17+: a failover slot, kept in step on standbys (see README).",
+)
 @pass_settings
 def init_cmd(
-    settings: Settings, schemas: tuple[str, ...], tables: tuple[str, ...], uninstall: bool
+    settings: Settings,
+    schemas: tuple[str, ...],
+    tables: tuple[str, ...],
+    uninstall: bool,
+    failover: bool,
 ) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
@@ -176,7 +185,7 @@ def init_cmd(
         done = do_uninstall(settings)
         click.echo("\n".join(done) if done else "nothing to remove")
         return
-    report = init(settings, list(schemas), list(tables))
+    report = init(settings, list(schemas), list(tables), failover=failover)
     for w in report.warnings:
         _echo_err(f"warning: {w}")
     if report.nothing_to_do:

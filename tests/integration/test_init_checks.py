@@ -36,3 +36,22 @@ def test_role_without_replication_is_refused_with_the_fix(pgo):
     assert f"ALTER ROLE {role} REPLICATION" in result.stderr
     assert pgo.sql("SELECT to_regnamespace('undo')") == [(None,)]
     assert not os.path.exists(pgo.store)
+
+
+def test_failover_slot_where_the_server_has_them(pgo):
+    """17+: init --failover makes a failover slot (and turns an existing one into one); older
+    servers refuse it in one line, before anything is installed."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    if int(pgo.sql("SHOW server_version_num")[0][0]) < 170000:
+        result = pgo.undo_cli("init", "--failover")
+        assert result.returncode == 1 and "--failover needs PostgreSQL 17" in result.stderr
+        assert result.stderr.count("\n") == 1
+        assert pgo.sql("SELECT to_regnamespace('undo')") == [(None,)]
+        assert not os.path.exists(pgo.store)
+        return
+    assert pgo.undo_cli("init").returncode == 0
+    failover = "SELECT failover FROM pg_replication_slots WHERE slot_name = %s"
+    assert pgo.sql(failover, (pgo.slot,)) == [(False,)]
+    result = pgo.undo_cli("init", "--failover")
+    assert result.returncode == 0 and "fails over" in result.stdout
+    assert pgo.sql(failover, (pgo.slot,)) == [(True,)]
