@@ -30,7 +30,10 @@ SERVER_OPTIONS = {
 
 
 def find_bindir() -> str | None:
-    """The newest PostgreSQL server binaries on this machine."""
+    """The PostgreSQL server binaries to use: UNDO_PG_BINDIR if set, else the newest on this
+    machine."""
+    if os.environ.get("UNDO_PG_BINDIR"):
+        return os.environ["UNDO_PG_BINDIR"]
     found = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"),
         key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,

@@ -76,9 +76,19 @@ def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
     shape, types, seed, duplicates, ops = case
     if source.sql("SELECT to_regclass('undo.config')") == [(None,)]:
         source.init()
+    values = [v for row in seed for v in row] + [v for op in ops for v in op[3]]
     if not source.nan_restorable():  # wal2json < 2.6 sends them as null (README, Decoders)
-        values = [v for row in seed for v in row] + [v for op in ops for v in op[3]]
         assume(not any(isinstance(v, float) and math.isinf(v) for v in values))
+    if '"char"' in types and int(source.sql("SHOW server_version_num")[0][0]) < 150000:
+        # PostgreSQL 14 prints a "char" holding a non-ASCII byte as that raw byte, which is not
+        # UTF-8 (README, Supported PostgreSQL); 15 prints it as an octal escape
+        chars = [
+            r[i]
+            for r in [*seed, *(op[3] for op in ops)]
+            for i, t in enumerate(types)
+            if t == '"char"'
+        ]
+        assume(all(v is None or v.isascii() for v in chars))
     base = f"prop{next(_names)}"
     cols = [f"c{i}" for i in range(len(types))]
     col_defs = ", ".join(f"{c} {t}" for c, t in zip(cols, types, strict=True))
