@@ -299,15 +299,19 @@ def _ledger_call(plan: Plan) -> sql.Composed:
     )
 
 
+#: progress(phase, done, total): "changes" read into COPY, then "statements" run
+Progress = Callable[[str, int, int], None]
+
+
 def _counted(
-    lines: Iterator[str], progress: Callable[[int], None] | None, done: list[int]
+    lines: Iterator[str], progress: Progress | None, done: list[int], total: int
 ) -> Iterator[str]:
-    """Report progress in images staged (an update has two)."""
+    """Report progress in COPY lines sent (one per change; two for an update of a key)."""
     for line in lines:
         yield line
         done[0] += 1
         if progress is not None and done[0] % 10_000 == 0:
-            progress(done[0])
+            progress("changes", done[0], total)
 
 
 def _stage(runner: _Runner, u: TableUndo, lines: Iterator[str]) -> None:
@@ -328,7 +332,7 @@ def _run(
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     fire_triggers: bool,
-    progress: Callable[[int], None] | None,
+    progress: Progress | None,
 ) -> None:
     runner.statement(_ledger_call(plan))
     oids = {tables[r].version.oid: r for r in tables}
@@ -339,29 +343,42 @@ def _run(
     undos: dict[int, TableUndo] = {}
     staged: set[int] = set()
     done = [0]
+    total = sum(plan.counts.values())
 
     def lines(rel: int, u: TableUndo, rows: bool = False) -> Iterator[str]:
         changed = changes(db, plan, rel, by_xmin)
-        return _counted(u.rows(changed) if rows else u.lines(changed), progress, done)
+        return _counted(u.rows(changed) if rows else u.lines(changed), progress, done, total)
 
     for n, rel in enumerate(order, 1):
         u = undos[rel] = TableUndo(tables[rel], n)
         if not (runner.copies_directly and _copyable(u, ops[rel], fire_triggers)):
             _stage(runner, u, lines(rel, u))
             staged.add(rel)
+    writes = sum(len(undos[r].steps()) for r in staged) + len(order) - len(staged)
+    written = 0
+
+    def wrote() -> None:
+        nonlocal written
+        written += 1
+        if progress is not None:
+            progress("statements", written, writes)
+
     for kind, sequence in (("I", reversed(order)), ("U", order), ("D", order)):
         for rel in sequence:
             u = undos[rel]
             if rel in staged:
                 if kind in u.steps():
                     runner.step(u.steps()[kind], u)
-            elif kind == "D" and not runner.copy_directly(u, lines(rel, u, rows=True)):
-                # a row is in the way: stage and go the whole way, which names the conflicts (a
-                # key deleted twice, with a write between, is a broken chain, not a 'D')
-                _stage(runner, u, lines(rel, u))
-                staged.add(rel)
-                for step in u.steps().values():
-                    runner.step(step, u)
+                    wrote()
+            elif kind == "D":
+                if not runner.copy_directly(u, lines(rel, u, rows=True)):
+                    # a row is in the way: stage and go the whole way, which names the conflicts
+                    # (a key deleted twice, with a write between, is a broken chain, not a 'D')
+                    _stage(runner, u, lines(rel, u))
+                    staged.add(rel)
+                    for step in u.steps().values():
+                        runner.step(step, u)
+                wrote()
     if not fire_triggers:
         for label, q in inverse.foreign_key_checks(
             conn,
@@ -399,7 +416,7 @@ def undo(
     lock_timeout: str = "5s",
     statement_timeout: str = "0",
     out: TextIO | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> UndoReport:
     """Build the inverse of the target's changes; print it to ``out`` or apply it.
 
@@ -458,7 +475,7 @@ def _apply(
     fire_triggers: bool,
     lock_timeout: str,
     statement_timeout: str,
-    progress: Callable[[int], None] | None,
+    progress: Progress | None,
 ) -> None:
     try:
         for q in settings_sql:

@@ -78,11 +78,26 @@ Group.group_class = Group
     default=None,
     help="Decoder, chosen at init and remembered in the store.  [default: pgoutput]",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debugging detail too.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress: only warnings and errors.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line on stderr (for capture run as a service).",
+)
 @click.version_option(package_name="undo")
 @click.pass_context
 def cli(
-    ctx: click.Context, dsn: str, store: str, slot: str, decoder: str | None, verbose: bool
+    ctx: click.Context,
+    dsn: str,
+    store: str,
+    slot: str,
+    decoder: str | None,
+    verbose: bool,
+    quiet: bool,
+    log_format: str,
 ) -> None:
     """Audit log and undo for PostgreSQL, built on change-data capture.
 
@@ -92,11 +107,15 @@ def cli(
     undo sessions --app NAME   find the session that did it
     undo session ID            print the SQL that reverts it (--apply to run it)
     """
+    handler = logging.StreamHandler(sys.stderr)
+    text = logging.Formatter("undo: %(message)s")
+    handler.setFormatter(render.JsonLogFormatter() if log_format == "json" else text)
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="undo: %(message)s",
-        stream=sys.stderr,
+        level=logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
+        handlers=[handler],
+        force=True,
     )
+    ctx.meta["undo.progress"] = not quiet and log_format == "text" and sys.stderr.isatty()
     try:
         ctx.obj = Settings(dsn=dsn, store=store, slot=slot, decoder=decoder)
     except UndoError as e:
@@ -422,6 +441,33 @@ def undo_options(f: Any) -> Any:
     return f
 
 
+class _Bars:
+    """Progress bars on stderr (a terminal, not --quiet): done/total, rate and ETA per phase."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.phase = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if phase != self.phase:
+            from tqdm import tqdm
+
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(
+                total=total, desc=f"undo: {phase}", unit="", file=sys.stderr, leave=False
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _run_undo(
     settings: Settings,
     target_kwargs: dict[str, Any],
@@ -445,13 +491,7 @@ def _run_undo(
         until=parse_time(until) if until else None,
         **target_kwargs,
     )
-    shown = {"n": 0}
-
-    def progress(done: int) -> None:
-        if done >= 5000 and sys.stderr.isatty():
-            click.echo(f"\r{done} rows...", err=True, nl=False)
-            shown["n"] = done
-
+    bars = _Bars(click.get_current_context().find_root().meta.get("undo.progress", False))
     report = undo(
         settings,
         target,
@@ -461,10 +501,9 @@ def _run_undo(
         lock_timeout=lock_timeout,
         statement_timeout=statement_timeout,
         out=sys.stdout,
-        progress=progress,
+        progress=bars,
     )
-    if shown["n"]:
-        click.echo("", err=True)
+    bars.close()
     for line in report.summary():
         _echo_err(line)
     if apply:

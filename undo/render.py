@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,3 +117,17 @@ def fields(doc: dict[str, Any]) -> str:
 
 def _text(v: Any) -> str | None:
     return None if v is None else str(v)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, message and the line's structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        doc.update(getattr(record, "fields", {}))
+        return json.dumps(doc, ensure_ascii=False, default=str)

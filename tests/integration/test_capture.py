@@ -411,7 +411,9 @@ def test_capture_reconnects_after_a_server_restart(pgo, tmp_path):
                 proc.kill()
                 proc.wait()
     assert pgo.store_rows("SELECT count(*), count(DISTINCT key) FROM changes") == [(2, 2)]
-    assert "reconnecting" in log.read_text()
+    text = log.read_text()
+    assert "reconnecting" in text and "reconnected after" in text
+    assert text.count("capturing slot") == 2  # at start, and again once reconnected
 
 
 def test_idle_audited_tables_do_not_hold_wal_back(pgo):

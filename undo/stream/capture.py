@@ -31,7 +31,7 @@ from ..errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
 from ..store.schema import get_meta, open_store
 from ..store.writer import StoreWriter, record_gap
 from . import pgoutput, wal2json
-from .protocol import parse_keepalive, status_update
+from .protocol import epoch, parse_keepalive, status_update
 from .records import Begin, Change, Commit, Message, Relation, Truncate
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ LEDGER_PREFIX = "undo.ledger"  # undo.record_undo: an undo's ledger entries, mir
 BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
+REPORT_SECONDS = 30.0  # a progress line in the log while capture works
 SLOT_BUSY_SECONDS = 5.0
 STOP_CHECK_EVERY = 4096
 
@@ -55,6 +56,11 @@ class CaptureReport:
 
 class ConnectionLost(Exception):
     pass
+
+
+def _fields(**kw: Any) -> dict[str, Any]:
+    """Structured fields of a log line (--log-format json shows them)."""
+    return {"fields": kw}
 
 
 def verify_tag(content: bytes, key: bytes | None) -> tuple[dict[str, Any], bool] | None:
@@ -248,6 +254,9 @@ class _Session:
         self.changes = 0
         self.last_status = 0.0
         self.on_progress = on_progress
+        self.wal_end = 0  # the server's WAL end, from its last keepalive
+        self.last_report = time.monotonic()
+        self.reported_changes = 0
 
     def _relation(self, rel: Relation) -> int | None:
         """Store id of the relation's version, or None if it is not audited (skip it)."""
@@ -264,6 +273,30 @@ class _Session:
         pgconn.put_copy_data(status_update(position, reply))
         pgconn.flush()
         self.last_status = time.monotonic()
+
+    def _report(self) -> None:
+        """One line every REPORT_SECONDS while capture runs: its rate and how far behind it is."""
+        now = time.monotonic()
+        if now - self.last_report < REPORT_SECONDS:
+            return
+        rate = (self.changes - self.reported_changes) / (now - self.last_report)
+        self.last_report, self.reported_changes = now, self.changes
+        lag_bytes = max(0, self.wal_end - self.writer.position)
+        oldest = self.writer.oldest_unstored
+        lag_seconds = round(max(0.0, time.time() - epoch(oldest)), 1) if oldest else 0.0
+        log.info(
+            "%s changes stored (%s/s), lag %s bytes, %s s",
+            f"{self.changes:,}",
+            f"{rate:,.0f}",
+            f"{lag_bytes:,}",
+            lag_seconds,
+            extra=_fields(
+                changes=self.changes,
+                changes_per_second=round(rate),
+                lag_bytes=lag_bytes,
+                lag_seconds=lag_seconds,
+            ),
+        )
 
     def _forget_relations(self) -> None:
         for rel in self.decoder.relations.values():
@@ -307,6 +340,7 @@ class _Session:
                 return found_mark
             n, data = pgconn.get_copy_data(1)
             if n == 0:
+                self._report()
                 if not in_txn and writer.batch_open:
                     self._send_status(pgconn, writer.flush())
                 if time.monotonic() - self.last_status > STATUS_SECONDS and not in_txn:
@@ -320,6 +354,7 @@ class _Session:
             kind = data[0]
             if kind == 0x6B:  # 'k' keepalive
                 wal_end, reply = parse_keepalive(bytes(data))
+                self.wal_end = max(self.wal_end, wal_end)
                 if not in_txn:
                     writer.advance(wal_end)
                     self._send_status(pgconn, writer.flush())
@@ -368,6 +403,8 @@ class _Session:
                     self.transactions += 1
                     if self.on_progress:
                         self.on_progress(self.transactions, self.changes)
+                self.wal_end = max(self.wal_end, rec.end_lsn)
+                self._report()
                 if (
                     writer.batch_changes + len(writer.rows) >= BATCH_CHANGES
                     or time.monotonic() - writer.batch_started > BATCH_SECONDS
@@ -456,6 +493,27 @@ def capture(
                         settings, writer, decoder, options, key, Catalog(conn), on_progress
                     )
                     rconn = pg.connect(settings.dsn, replication="database")
+                    row = conn.execute(
+                        "SELECT greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn), 0)"
+                        "::bigint",
+                        (pg.int_to_lsn(writer.position),),
+                    ).fetchone()
+                    behind = int(row[0]) if row else 0
+                    if attempt:
+                        log.info("reconnected after %d attempt(s)", attempt, extra=_fields())
+                    log.info(
+                        "capturing slot %s (%s) from %s; %s bytes of WAL to read",
+                        settings.slot,
+                        decoder,
+                        pg.int_to_lsn(writer.position),
+                        f"{behind:,}",
+                        extra=_fields(
+                            slot=settings.slot,
+                            decoder=decoder,
+                            position=pg.int_to_lsn(writer.position),
+                            lag_bytes=behind,
+                        ),
+                    )
                     attempt = 0
                     connected = True
                     try:
@@ -480,11 +538,13 @@ def capture(
                         " check that it is up, then run `undo capture` again"
                     ) from None
                 delay = min(30.0, 0.5 * 2**attempt)
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else "closed"
                 log.warning(
                     "connection lost (%s); reconnecting in %.1fs (attempt %d)",
-                    str(e).strip().splitlines()[0] if str(e).strip() else "closed",
+                    reason,
                     delay,
                     attempt,
+                    extra=_fields(reason=reason, delay_seconds=delay, attempt=attempt),
                 )
                 end = time.monotonic() + delay
                 while time.monotonic() < end and not should_stop():
