@@ -27,6 +27,19 @@ CREATE TABLE IF NOT EXISTS undo.config (
 REVOKE ALL ON undo.config FROM PUBLIC;
 GRANT SELECT ON undo.config TO PUBLIC;
 
+-- One row per publication (pgoutput slot) made by init, with the schemas it audits: several
+-- slots and stores on one database each keep their own (config.schemas is their union, for
+-- the event trigger). config.publication held the only one before.
+CREATE TABLE IF NOT EXISTS undo.publications (
+    name text PRIMARY KEY,
+    schemas text[] NOT NULL DEFAULT '{}'
+);
+REVOKE ALL ON undo.publications FROM PUBLIC;
+GRANT SELECT ON undo.publications TO PUBLIC;
+INSERT INTO undo.publications (name, schemas)
+SELECT publication, schemas FROM undo.config WHERE publication IS NOT NULL
+ON CONFLICT DO NOTHING;
+
 -- Tables prepared by undo, with the replica identity they had before (restored on uninstall).
 CREATE TABLE IF NOT EXISTS undo.audited (
     relid oid PRIMARY KEY,
@@ -92,13 +105,14 @@ $fn$;
 
 -- Prepares one table: REPLICA IDENTITY FULL, the tag trigger (ENABLE ALWAYS, so
 -- session_replication_role = replica does not silence it), and publication membership.
-CREATE OR REPLACE FUNCTION undo.audit_table(rel regclass) RETURNS boolean
+DROP FUNCTION IF EXISTS undo.audit_table(regclass);  -- before publications had their own schemas
+CREATE OR REPLACE FUNCTION undo.audit_table(rel regclass, pub text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     c record;
-    pub text;
+    target name;
     changed boolean := false;
 BEGIN
     SELECT cl.relkind, cl.relreplident, cl.relispartition, cl.relpersistence, n.nspname, cl.relname
@@ -124,17 +138,21 @@ BEGIN
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER undo_tag', rel);
         changed := true;
     END IF;
-    SELECT publication INTO pub FROM undo.config;
-    IF pub IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-                       WHERE p.pubname = pub AND pr.prrelid = rel) THEN
-        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, rel);
+    -- into the publication named (init), and every publication auditing the table's schema
+    FOR target IN
+        SELECT p.pubname FROM pg_publication p
+         WHERE (p.pubname = pub OR p.pubname IN (SELECT u.name FROM undo.publications u
+                                                  WHERE c.nspname = ANY (u.schemas)))
+           AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr
+                            WHERE pr.prpubid = p.oid AND pr.prrelid = rel)
+    LOOP
+        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', target, rel);
         changed := true;
-    END IF;
+    END LOOP;
     RETURN changed;
 END
 $fn$;
-REVOKE ALL ON FUNCTION undo.audit_table(regclass) FROM PUBLIC;
+REVOKE ALL ON FUNCTION undo.audit_table(regclass, text) FROM PUBLIC;
 
 -- Tables created later in an audited schema are prepared as they are created.
 CREATE OR REPLACE FUNCTION undo.on_create_table() RETURNS event_trigger

@@ -151,13 +151,22 @@ def init(
                     report.changed.append("installed the undo schema and tagging function")
                 prior = conn.execute("SELECT schemas FROM undo.config").fetchone()
                 merged = sorted(set(prior[0] if prior else []) | set(schemas))
-                publication = settings.slot if decoder == "pgoutput" else None
                 conn.execute(
-                    "INSERT INTO undo.config (schemas, publication) VALUES (%s, %s)"
-                    " ON CONFLICT (single) DO UPDATE SET schemas = excluded.schemas,"
-                    " publication = excluded.publication",
-                    (merged, publication),
+                    "INSERT INTO undo.config (schemas) VALUES (%s)"
+                    " ON CONFLICT (single) DO UPDATE SET schemas = excluded.schemas",
+                    (merged,),
                 )
+                publication = settings.slot if decoder == "pgoutput" else None
+                mine = merged  # wal2json reads every table: audit all the schemas
+                if publication is not None:
+                    # this slot's publication keeps its own schemas; another slot's are not its
+                    row = conn.execute(
+                        "INSERT INTO undo.publications AS p (name, schemas) VALUES (%s, %s)"
+                        " ON CONFLICT (name) DO UPDATE SET schemas = ARRAY(SELECT DISTINCT"
+                        " unnest(p.schemas || excluded.schemas) ORDER BY 1) RETURNING schemas",
+                        (publication, sorted(set(schemas))),
+                    ).fetchone()
+                    mine = list(row[0]) if row else sorted(set(schemas))
                 if (
                     publication is not None
                     and conn.execute(
@@ -174,9 +183,9 @@ def init(
                 for table, why in unpublishable(conn, merged):
                     report.warnings.append(f"not audited: {table} is {why}")
                 count = 0
-                for oid in _tables(conn, merged, tables):
+                for oid in _tables(conn, mine, tables):
                     row = conn.execute(
-                        "SELECT undo.audit_table(%s::oid::regclass)", (oid,)
+                        "SELECT undo.audit_table(%s::oid::regclass, %s)", (oid, publication)
                     ).fetchone()
                     count += bool(row and row[0])
                 if count:
@@ -290,12 +299,12 @@ def uninstall(settings: Settings) -> list[str]:
                         )
                     )
             done.append(f"removed the trigger from {len(rows)} table(s)")
-            pub = conn.execute("SELECT publication FROM undo.config").fetchone()
-            if pub and pub[0]:
-                conn.execute(
-                    sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(pub[0]))
-                )
-                done.append(f"dropped publication {pub[0]}")
+            for (pub,) in conn.execute(
+                "SELECT name FROM undo.publications UNION SELECT publication FROM undo.config"
+                " WHERE publication IS NOT NULL"
+            ).fetchall():
+                conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(pub)))
+                done.append(f"dropped publication {pub}")
             conn.execute("DROP SCHEMA undo CASCADE")
             done.append("dropped schema undo")
         if slot is not None:

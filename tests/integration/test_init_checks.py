@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 
 import psycopg
 
@@ -55,3 +56,34 @@ def test_failover_slot_where_the_server_has_them(pgo):
     result = pgo.undo_cli("init", "--failover")
     assert result.returncode == 0 and "fails over" in result.stdout
     assert pgo.sql(failover, (pgo.slot,)) == [(True,)]
+
+
+def test_two_slots_on_one_database_keep_their_own_publications(pgo, tmp_path):
+    """A second init with another --slot used to overwrite the one publication setting: tables
+    created afterwards went only to the new publication, and the first store missed them."""
+    from dataclasses import replace
+
+    from undo.stream.capture import capture
+    from undo.tagging import init
+
+    pgo.sql(
+        "CREATE SCHEMA a; CREATE SCHEMA b; CREATE TABLE a.t (id int PRIMARY KEY);"
+        " CREATE TABLE b.t (id int PRIMARY KEY)"
+    )
+    first = pgo.settings
+    second = replace(first, slot=f"{first.slot}_2", store=str(tmp_path / "second.db"))
+    init(first, ["a"], [])
+    init(second, ["b"], [])
+    init(first, ["a"], [])  # again: changes nothing of the second's
+    pgo.sql("CREATE TABLE a.later (id int PRIMARY KEY); CREATE TABLE b.later (id int PRIMARY KEY)")
+    for schema in ("a", "b"):
+        pgo.sql(f"INSERT INTO {schema}.t VALUES (1); INSERT INTO {schema}.later VALUES (1)")
+    for s in (first, second):
+        capture(s, once=True)
+    stored = (
+        "SELECT DISTINCT r.schema_name || '.' || r.table_name FROM changes c"
+        " JOIN relations r ON r.id = c.relation ORDER BY 1"
+    )
+    assert pgo.store_rows(stored) == [("a.later",), ("a.t",)]
+    with sqlite3.connect(second.store) as c:
+        assert c.execute(stored).fetchall() == [("b.later",), ("b.t",)]
