@@ -17,6 +17,20 @@ SELECT pg_catalog.decode(
     pg_catalog.replace(pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''),
     'hex')
 ON CONFLICT DO NOTHING;
+-- HMAC-SHA256 (RFC 2104) from the built-in sha256: the key, zero-padded to the 64-byte block,
+-- XOR 0x36 (ipad) and XOR 0x5c (opad), computed once.
+ALTER TABLE undo.secret ADD COLUMN IF NOT EXISTS ipad bytea;
+ALTER TABLE undo.secret ADD COLUMN IF NOT EXISTS opad bytea;
+UPDATE undo.secret s
+   SET ipad = x.ipad, opad = x.opad
+  FROM (SELECT pg_catalog.decode(pg_catalog.string_agg(pg_catalog.lpad(pg_catalog.to_hex(
+                   pg_catalog.get_byte(k.b, n) # 54), 2, '0'), '' ORDER BY n), 'hex') AS ipad,
+               pg_catalog.decode(pg_catalog.string_agg(pg_catalog.lpad(pg_catalog.to_hex(
+                   pg_catalog.get_byte(k.b, n) # 92), 2, '0'), '' ORDER BY n), 'hex') AS opad
+          FROM (SELECT key || pg_catalog.decode(pg_catalog.repeat('00', 64 - pg_catalog.length(key)),
+                                                'hex') AS b FROM undo.secret) k,
+               pg_catalog.generate_series(0, 63) n) x
+ WHERE s.ipad IS NULL;
 
 -- What is audited: schemas whose new tables the event trigger picks up, and the publication.
 CREATE TABLE IF NOT EXISTS undo.config (
@@ -80,24 +94,56 @@ $fn$;
 REVOKE ALL ON FUNCTION undo.session_tag() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION undo.session_tag() TO PUBLIC;
 
+-- Each transaction's tag: the session part (verified from the undo.session cache, or computed
+-- anew when the caller changed it or it belongs to another backend), a newline, then the
+-- transaction part: application_name, the full (64-bit) xid, the top-level statement and, for
+-- an undo, what it undid; the whole signed with HMAC-SHA256 under the key only this function
+-- can read. The xid inside binds it to its transaction: capture refuses a tag whose xid is not
+-- the transaction's (replayed). application_name and the statement are, as in PostgreSQL
+-- itself, what the session says they are. SECURITY DEFINER to read the key; search_path pinned.
+CREATE OR REPLACE FUNCTION undo.signed_tag() RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    sec record;
+    s text := current_setting('undo.session', true);
+    u text := nullif(current_setting('undo.undoing', true), '');
+    msg text;
+BEGIN
+    SELECT key, ipad, opad INTO sec FROM undo.secret;
+    IF s IS NULL OR length(s) <= 64 OR substr(s, 1, 64) <> encode(sha256(
+           sec.key || convert_to(substr(s, 65) || ':' || pg_backend_pid(), 'UTF8')), 'hex') THEN
+        s := undo.session_tag();
+    END IF;
+    IF u IS NOT NULL THEN
+        BEGIN
+            u := u::jsonb::text;
+        EXCEPTION WHEN others THEN
+            u := to_json(u)::text;  -- never a tag that does not parse
+        END;
+    END IF;
+    msg := substr(s, 65)
+        || E'\n{"application_name":' || to_json(current_setting('application_name'))::text
+        || ',"xid":' || pg_current_xact_id()::text
+        || ',"statement":' || coalesce(to_json(current_query())::text, 'null')
+        || ',"undo":' || coalesce(u, 'null') || '}';
+    RETURN encode(sha256(sec.opad || sha256(sec.ipad || convert_to(msg, 'UTF8'))), 'hex') || msg;
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.signed_tag() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION undo.signed_tag() TO PUBLIC;
+
 -- The statement trigger's function: runs once per transaction (the trigger's WHEN skips the
--- call once the transaction is tagged), as the caller. It emits one transactional message:
--- the cached session part, a newline, then application_name, the full (64-bit) xid, the
--- top-level statement and, for an undo, what it undid. undo.tagged is transaction-local, so it is rolled back with a
--- savepoint that held the tag, and the tag is emitted again.
+-- call once the transaction is tagged), as the caller, and emits the signed tag as one
+-- transactional message. undo.tagged is transaction-local, so it is rolled back with a
+-- savepoint that held the tag, and the tag is emitted again. A session that sets undo.tagged
+-- itself erases its tag: capture records its writes as untrusted, reason missing.
 CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
-    PERFORM pg_catalog.pg_logical_emit_message(true, 'undo',
-                coalesce(nullif(pg_catalog.current_setting('undo.session', true), ''),
-                         undo.session_tag())
-                || E'\n{"application_name":'
-                || pg_catalog.to_json(pg_catalog.current_setting('application_name'))::text
-                || ',"xid":' || pg_catalog.pg_current_xact_id()::text
-                || ',"statement":' || coalesce(pg_catalog.to_json(pg_catalog.current_query())::text, 'null')
-                || ',"undo":' || coalesce(nullif(pg_catalog.current_setting('undo.undoing', true), ''), 'null')
-                || '}'),
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'undo', undo.signed_tag()),
             pg_catalog.set_config('undo.tagged', '1', true);
     RETURN NULL;
 END

@@ -316,6 +316,7 @@ def sessions_cmd(
                 "deletes",
                 "tables",
                 "tag",
+                "tag_reason",
                 "undone",
             ],
         )
@@ -362,6 +363,7 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
         click.echo(
             f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name'] or ''}"
             f"  {t['user'] or ''}  tag {t['tag']}"
+            + (f" ({t['tag_reason']})" if t.get("tag_reason") else "")
         )
         click.echo(f"  statement: {t['statement'] or ''}")
         for c in t["changes"]:

@@ -131,3 +131,12 @@ class JsonLogFormatter(logging.Formatter):
         }
         doc.update(getattr(record, "fields", {}))
         return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+def tag(tag: str, reason: str | None) -> str:
+    """A transaction's tag and why it is not trusted.
+
+    >>> tag("untrusted", "forged")
+    'untrusted (forged)'
+    """
+    return f"{tag} ({reason})" if reason else tag

@@ -86,7 +86,9 @@ def test_untagged_writes_are_stored_without_session(source):
     assert [(r[0], r[2]) for r in _changes(source)] == [(None, "none")]
 
 
-def test_forged_tags_are_not_trusted(source):
+def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(source):
+    """An unprivileged role that owns nothing of undo tries every way to write under another
+    session's name or under none: each lands as its own untrusted (or untagged) row, with why."""
     source.sql("CREATE TABLE t (id int PRIMARY KEY)")
     source.init()
     role = f"mallory_{source.dbname}"
@@ -98,30 +100,42 @@ def test_forged_tags_are_not_trusted(source):
     with psycopg.connect(**params, autocommit=True) as c:
         c.execute("INSERT INTO t VALUES (1)")  # mallory's own tag: genuine
         mallory = session_id(c)
-        own = c.execute("SELECT current_setting('undo.session')").fetchone()[0]
-        mac, fragment = own[:64], json.loads(own[64:])
-        fragment["session_id"] = victim_sid  # keep a valid MAC, change the session
-        for i, head in enumerate(
-            [
-                "0" * 64 + json.dumps({"session_id": victim_sid, "pid": 1}),
-                mac + json.dumps(fragment),
-            ]
-        ):
+        with c.transaction():
+            genuine = c.execute("SELECT undo.signed_tag()").fetchone()[0]  # for a replay
+        fragment = json.loads(genuine[64:].split("\n")[0])
+        claim = json.dumps({**fragment, "session_id": victim_sid})
+
+        def emitting(value, message):
             with c.transaction():
                 c.execute("SET LOCAL undo.tagged = '1'")  # silence the real tag
-                c.execute(
-                    "SELECT pg_logical_emit_message(true, 'undo', %s)",
-                    (head + "\n" + json.dumps({"application_name": "cron"}),),
-                )
-                c.execute("INSERT INTO t VALUES (%s)", (10 + i,))
+                if message is not None:
+                    c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", (message,))
+                c.execute("INSERT INTO t VALUES (%s)", (value,))
+
+        txn_part = "\n" + json.dumps({"application_name": "cron"})
+        emitting(10, "0" * 64 + claim + txn_part)  # forged: no key, no valid HMAC
+        emitting(11, genuine[:64] + claim + "\n" + genuine[64:].partition("\n")[2])  # edited
+        emitting(12, genuine)  # replayed: a valid HMAC, another transaction's xid
+        c.execute("SELECT set_config('undo.session', %s, false)", ("0" * 64 + claim,))  # poisoned
+        c.execute("INSERT INTO t VALUES (13)")
+        c.execute("RESET undo.session")
+        emitting(14, None)  # erased: no tag at all
+        emitting(15, "not a tag")  # malformed
     victim.close()
     source.capture()
-    rows = [(json.loads(r[5])[0], r[0], r[2]) for r in _changes(source)]
+    rows = source.store_rows(
+        "SELECT json_extract(c.new, '$[0]'), t.session_id, t.tag, t.tag_reason FROM changes c"
+        " JOIN transactions t ON t.id = c.txn ORDER BY t.commit_lsn"
+    )
     assert rows == [
-        ("0", victim_sid, "trusted"),
-        ("1", mallory, "trusted"),
-        ("10", victim_sid, "untrusted"),
-        ("11", victim_sid, "untrusted"),
+        ("0", victim_sid, "trusted", None),
+        ("1", mallory, "trusted", None),
+        ("10", victim_sid, "untrusted", "forged"),
+        ("11", victim_sid, "untrusted", "forged"),
+        ("12", mallory, "untrusted", "replayed"),
+        ("13", mallory, "trusted", None),
+        ("14", None, "none", "missing"),
+        ("15", None, "untrusted", "malformed"),
     ]
     result = source.undo_cli("session", victim_sid)
     assert result.returncode == 0 and "left out 2 transaction(s) with an untrusted tag" in (
@@ -129,11 +143,17 @@ def test_forged_tags_are_not_trusted(source):
     )
     assert '\t["0"]\n' in result.stdout  # the staged new image of the row to delete
     assert '["10"]' not in result.stdout and '["11"]' not in result.stdout
-    listed = json.loads(source.undo_cli("sessions", "--app", "cron", "--json").stdout)
-    assert sorted((r["session_id"], r["tag"], r["transactions"]) for r in listed) == [
-        (victim_sid, "trusted", 1),
-        (victim_sid, "untrusted", 2),
+    listed = json.loads(source.undo_cli("sessions", "--json").stdout)
+    assert sorted(
+        (r["session_id"], r["tag"], r["tag_reason"], r["transactions"])
+        for r in listed
+        if r["session_id"] == victim_sid
+    ) == [
+        (victim_sid, "trusted", None, 1),
+        (victim_sid, "untrusted", "forged", 2),
     ]  # the forged transactions are their own row, never counted as the victim's
+    status = json.loads(source.undo_cli("status", "--json").stdout)
+    assert status["untrusted_writes"] == {"forged": 2, "malformed": 1, "missing": 1, "replayed": 1}
 
 
 def _expected_text(src, ids):

@@ -69,8 +69,9 @@ def sessions(
         " max(t.user_name) AS user, max(t.client_addr) AS client_addr,"
         " min(t.commit_time) AS first_change_at, max(t.commit_time) AS last_change_at,"
         " count(*) AS transactions, sum(t.inserts) AS inserts, sum(t.updates) AS updates,"
-        " sum(t.deletes) AS deletes, t.tag AS tag"
-        " FROM transactions t WHERE " + " AND ".join(where) + " GROUP BY t.session_id, t.tag"
+        " sum(t.deletes) AS deletes, t.tag AS tag, t.tag_reason AS tag_reason"
+        " FROM transactions t WHERE " + " AND ".join(where) + " GROUP BY t.session_id, t.tag,"
+        " t.tag_reason"
         " ORDER BY last_change_at DESC"
     )
     if limit is not None:
@@ -252,6 +253,7 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
                 "user": t["user_name"],
                 "statement": t["statement"],
                 "tag": t["tag"],
+                "tag_reason": t["tag_reason"],
                 "changes": by_txn.get(t["id"], []),
             }
             for t in txns
@@ -269,6 +271,12 @@ def status(db: Database) -> dict[str, Any]:
         " FROM transactions"
     ).fetchone()
     meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    untrusted = dict(
+        db.execute(
+            "SELECT tag_reason, sum(inserts + updates + deletes + truncates) FROM transactions"
+            " WHERE tag <> 'trusted' GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    )
     return {
         "decoder": meta.get("decoder"),
         "slot": meta.get("slot"),
@@ -276,6 +284,9 @@ def status(db: Database) -> dict[str, Any]:
         "last_commit_time": last[0] if last else None,
         "transactions": counts[0],
         "changes": counts[1],
+        # writes on audited tables without a trusted tag, by reason (forged, replayed,
+        # malformed, missing): never counted under the session they claim
+        "untrusted_writes": untrusted,
         "gaps": gaps,
     }
 

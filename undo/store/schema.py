@@ -213,6 +213,17 @@ def m006_txn_changes(db: Database) -> None:
     )
 
 
+@migrations()
+def m007_tag_reason(db: Database) -> None:
+    """tag_reason: why a transaction's tag is not trusted (forged, replayed, malformed; missing
+    when it had none); NULL when trusted."""
+    db.executescript(
+        "ALTER TABLE transactions ADD COLUMN tag_reason TEXT;"
+        " UPDATE transactions SET tag_reason = 'missing' WHERE tag = 'none';"
+        " UPDATE transactions SET tag_reason = 'forged' WHERE tag = 'untrusted';"
+    )
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)

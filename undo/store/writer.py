@@ -51,6 +51,7 @@ class _Txn:
         "id",
         "ledger",
         "ord",
+        "reason",
         "tag",
         "trusted",
         "without_old",
@@ -67,6 +68,7 @@ class _Txn:
         self.without_old: defaultdict[tuple[int, str], int] = defaultdict(int)
         self.tag: dict[str, Any] | None = None
         self.trusted: bool | None = None
+        self.reason: str | None = None  # why the tag is not trusted
         self.ledger: bytes | None = None
 
 
@@ -176,12 +178,18 @@ class StoreWriter:
         self.rows.append((self.next_change, txn.id, txn.ord, rel_id, "T", None, None, None, None))
         self.next_change += 1
 
-    def set_tag(self, tag: dict[str, Any], trusted: bool) -> None:
-        """Attach the session tag; a trusted tag is never replaced by an untrusted one."""
+    @property
+    def txn_xid(self) -> int:
+        assert self.txn is not None
+        return self.txn.xid
+
+    def set_tag(self, tag: dict[str, Any], untrusted: str | None) -> None:
+        """Attach the tag (``untrusted``: why it is not trusted); a trusted tag is never
+        replaced by an untrusted one."""
         txn = self.txn
         assert txn is not None
         if txn.tag is None or not txn.trusted:
-            txn.tag, txn.trusted = tag, trusted
+            txn.tag, txn.trusted, txn.reason = tag, untrusted is None, untrusted
 
     def set_ledger(self, content: bytes) -> None:
         """The transaction is an undo: its entries in the source's ledger (undo.record_undo)."""
@@ -253,8 +261,8 @@ class StoreWriter:
             "INSERT INTO transactions (id, xid, commit_lsn, end_lsn, commit_time, session_id,"
             " application_name, user_name, client_addr, client_port, backend_pid, backend_start,"
             " statement, tag, undo_of, inserts, updates, deletes, truncates, first_change,"
-            " last_change, full_xid)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " last_change, full_xid, tag_reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 txn.id,
                 txn.xid,
@@ -278,6 +286,8 @@ class StoreWriter:
                 txn.first_change,
                 self.next_change - 1,
                 _full_xid(tag, txn.xid) if trusted else None,
+                # writes on audited tables with no tag at all: erased (undo.tagged set by hand)
+                "missing" if trusted is None else txn.reason,
             ),
         )
         self.conn.executemany(

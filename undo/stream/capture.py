@@ -63,30 +63,33 @@ def _fields(**kw: Any) -> dict[str, Any]:
     return {"fields": kw}
 
 
-def verify_tag(content: bytes, key: bytes | None) -> tuple[dict[str, Any], bool] | None:
-    """Parse a tag message and check its session part's MAC.
+def verify_tag(content: bytes, key: bytes | None, xid: int) -> tuple[dict[str, Any], str | None]:
+    """Parse and check a tag message: (tag, None) when trusted, else (what could be read of it,
+    why not: 'forged', 'replayed' or 'malformed').
 
-    The message is ``MAC || session JSON || "\\n" || transaction JSON``, where MAC is
-    sha256(key || session JSON || ':' || pid) in hex, made once per session by
-    undo.session_tag(). Only the session part is signed: it is what attributes a change, and
-    a role can only ever see its own session's MAC.
+    The message is ``HMAC || session JSON || "\\n" || transaction JSON``, the HMAC-SHA256 of the
+    rest under the source's key (undo.signed_tag()). A valid HMAC over another transaction's
+    tag (its xid is not this transaction's) is a replay.
     """
-    head, sep, rest = content.partition(b"\n")
-    if not sep or len(head) < 66:
-        return None
-    mac, fragment = head[:64], head[64:]
+    mac, msg = content[:64], content[64:]
+    head, sep, rest = msg.partition(b"\n")
     try:
-        session = json.loads(fragment)
-        extra = json.loads(rest)
+        session = json.loads(head) if sep else None
+        extra = json.loads(rest) if sep else None
     except ValueError:
-        return None
+        session = extra = None
     if not isinstance(session, dict) or not isinstance(extra, dict):
-        return None
-    trusted = False
-    if key is not None:
-        good = hashlib.sha256(key + fragment + b":" + str(session.get("pid")).encode())
-        trusted = hmac.compare_digest(good.hexdigest().encode(), mac)
-    return {**extra, "session": session}, trusted
+        return {}, "malformed"
+    tag = {**extra, "session": session}
+    if key is None:
+        return tag, "forged"
+    good = hmac.new(key, msg, hashlib.sha256).hexdigest().encode()
+    if not hmac.compare_digest(good, mac):
+        return tag, "forged"
+    full = extra.get("xid")
+    if not isinstance(full, int) or full % 2**32 != xid:
+        return tag, "replayed"
+    return tag, None
 
 
 _KEY_QUERY = """
@@ -412,9 +415,7 @@ class _Session:
                     self._send_status(pgconn, writer.flush())
             elif type(rec) is Message:
                 if rec.prefix == TAG_PREFIX and rec.transactional and in_txn and not self.skipping:
-                    verified = verify_tag(rec.content, self.key)
-                    if verified is not None:
-                        writer.set_tag(*verified)
+                    writer.set_tag(*verify_tag(rec.content, self.key, writer.txn_xid))
                 elif rec.prefix == LEDGER_PREFIX and rec.transactional and in_txn:
                     if not self.skipping:
                         writer.set_ledger(rec.content)

@@ -338,7 +338,7 @@ class App:
                     str(r["updates"]),
                     str(r["deletes"]),
                     escape(", ".join(r["tables"])),
-                    _e(r["tag"]),
+                    _e(render.tag(r["tag"], r["tag_reason"])),
                     _e(render.undone(r["undone"])),
                 ]
                 for r in rows
@@ -387,7 +387,7 @@ class App:
                     _e(t["commit_time"]),
                     _e(t["application_name"]),
                     _e(t["user_name"]),
-                    _e(t["tag"]),
+                    _e(render.tag(t["tag"], t["tag_reason"])),
                     f"{t['inserts']}/{t['updates']}/{t['deletes']}",
                     f"<code>{_e(t['statement'])}</code>",
                 ]

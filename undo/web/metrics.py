@@ -50,6 +50,17 @@ class StoreCollector(Collector):
             ):
                 txns.add_metric([app], n)
             yield txns
+            untrusted = CounterMetricFamily(
+                "undo_untrusted_writes",
+                "Row changes on audited tables without a trusted tag, by reason",
+                labels=["reason"],
+            )
+            for reason, n in db.execute(
+                "SELECT tag_reason, sum(inserts + updates + deletes + truncates) FROM transactions"
+                " WHERE tag <> 'trusted' GROUP BY 1"
+            ):
+                untrusted.add_metric([reason or "unknown"], n)
+            yield untrusted
             last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
             gaps = db.execute("SELECT count(*) FROM gaps").fetchone()[0]
             if last:
