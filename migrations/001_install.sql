@@ -17,20 +17,21 @@ SELECT pg_catalog.decode(
     pg_catalog.replace(pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, '-', ''),
     'hex')
 ON CONFLICT DO NOTHING;
--- HMAC-SHA256 (RFC 2104) from the built-in sha256: the key, zero-padded to the 64-byte block,
--- XOR 0x36 (ipad) and XOR 0x5c (opad), computed once.
+-- HMAC-SHA256 (RFC 2104) from the built-in sha256, no extension: a key zero-padded to the
+-- 64-byte block, XOR 0x36 (inner pad) and XOR 0x5c (outer pad); HMAC(k, m) =
+-- sha256(opad || sha256(ipad || m)). The master key's pads are computed once.
+CREATE OR REPLACE FUNCTION undo.hmac_pad(k bytea, x integer) RETURNS bytea
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT decode(string_agg(lpad(to_hex(get_byte(b, n) # x), 2, '0'), '' ORDER BY n), 'hex')
+      FROM (SELECT k || decode(repeat('00', 64 - length(k)), 'hex') AS b) p,
+           generate_series(0, 63) n
+$fn$;
 ALTER TABLE undo.secret ADD COLUMN IF NOT EXISTS ipad bytea;
 ALTER TABLE undo.secret ADD COLUMN IF NOT EXISTS opad bytea;
-UPDATE undo.secret s
-   SET ipad = x.ipad, opad = x.opad
-  FROM (SELECT pg_catalog.decode(pg_catalog.string_agg(pg_catalog.lpad(pg_catalog.to_hex(
-                   pg_catalog.get_byte(k.b, n) # 54), 2, '0'), '' ORDER BY n), 'hex') AS ipad,
-               pg_catalog.decode(pg_catalog.string_agg(pg_catalog.lpad(pg_catalog.to_hex(
-                   pg_catalog.get_byte(k.b, n) # 92), 2, '0'), '' ORDER BY n), 'hex') AS opad
-          FROM (SELECT key || pg_catalog.decode(pg_catalog.repeat('00', 64 - pg_catalog.length(key)),
-                                                'hex') AS b FROM undo.secret) k,
-               pg_catalog.generate_series(0, 63) n) x
- WHERE s.ipad IS NULL;
+UPDATE undo.secret SET ipad = undo.hmac_pad(key, 54), opad = undo.hmac_pad(key, 92)
+ WHERE ipad IS NULL;
 
 -- What is audited: schemas whose new tables the event trigger picks up, and the publication.
 CREATE TABLE IF NOT EXISTS undo.config (
@@ -62,21 +63,23 @@ CREATE TABLE IF NOT EXISTS undo.audited (
 REVOKE ALL ON undo.audited FROM PUBLIC;
 GRANT SELECT ON undo.audited TO PUBLIC;
 
--- The session part of the tag: id (the %c of log_line_prefix), pid, start, user, client, and a
--- MAC over it bound to the backend pid, made with the key only this function can read.
--- Computed once per session and cached in the setting undo.session. A caller can write that
--- setting, but not a MAC that capture accepts for another session: a tag carrying a bad MAC is
--- stored as untrusted. SECURITY DEFINER to read the key; a pinned search_path so no caller's
--- object can stand in for a catalog one.
+-- The session part of every tag: id (the %c of log_line_prefix), pid, start, user, client, all
+-- read from the server, never from the caller; and the session's own signing key, HMAC(master
+-- key, session part), as its two pads. Computed once per session (SECURITY DEFINER, to read the
+-- master key; search_path pinned) and cached in the setting undo.session as hex(inner pad) ||
+-- hex(outer pad) || session JSON. The session can read and write that setting, so it can sign
+-- tags of its own session only: capture derives the key from the session part it is shown,
+-- and a session part whose key the writer did not have (another session's) fails the HMAC.
 CREATE OR REPLACE FUNCTION undo.session_tag() RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    k bytea;
+    sec record;
     frag text;
+    k bytea;
 BEGIN
-    SELECT s.key INTO k FROM undo.secret s;
+    SELECT s.ipad, s.opad INTO sec FROM undo.secret s;
     SELECT json_build_object(
                'session_id', to_hex(trunc(extract(epoch FROM a.backend_start))::bigint) || '.' || to_hex(a.pid),
                'pid', a.pid,
@@ -86,64 +89,52 @@ BEGIN
                'client_port', a.client_port)::text
       INTO frag
       FROM pg_stat_get_activity(pg_backend_pid()) a;
-    frag := encode(sha256(k || convert_to(frag || ':' || pg_backend_pid(), 'UTF8')), 'hex') || frag;
+    k := sha256(sec.opad || sha256(sec.ipad || convert_to(frag, 'UTF8')));
+    frag := encode(undo.hmac_pad(k, 54), 'hex') || encode(undo.hmac_pad(k, 92), 'hex') || frag;
     PERFORM set_config('undo.session', frag, false);
     RETURN frag;
 END
 $fn$;
 REVOKE ALL ON FUNCTION undo.session_tag() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION undo.session_tag() TO PUBLIC;
+DROP FUNCTION IF EXISTS undo.signed_tag();
 
--- Each transaction's tag: the session part (verified from the undo.session cache, or computed
--- anew when the caller changed it or it belongs to another backend), a newline, then the
--- transaction part: application_name, the full (64-bit) xid, the top-level statement and, for
--- an undo, what it undid; the whole signed with HMAC-SHA256 under the key only this function
--- can read. The xid inside binds it to its transaction: capture refuses a tag whose xid is not
--- the transaction's (replayed). application_name and the statement are, as in PostgreSQL
--- itself, what the session says they are. SECURITY DEFINER to read the key; search_path pinned.
-CREATE OR REPLACE FUNCTION undo.signed_tag() RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+-- The statement trigger's function: runs once per transaction (the trigger's WHEN skips the
+-- call once the transaction is tagged), as the caller, and emits one transactional message:
+-- HMAC || session part || newline || transaction part (application_name, the full 64-bit xid,
+-- the top-level statement and, for an undo, what it undid), the HMAC under the session's key.
+-- The xid binds it to its transaction: capture refuses a tag whose xid is not the
+-- transaction's (replayed). undo.tagged is transaction-local, so it is rolled back with a
+-- savepoint that held the tag, and the tag is emitted again. A session that sets undo.tagged
+-- itself erases its tag: capture records its writes as untrusted, reason missing.
+CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
+LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    sec record;
-    s text := current_setting('undo.session', true);
-    u text := nullif(current_setting('undo.undoing', true), '');
+    s text := pg_catalog.current_setting('undo.session', true);
+    u text := nullif(pg_catalog.current_setting('undo.undoing', true), '');
     msg text;
 BEGIN
-    SELECT key, ipad, opad INTO sec FROM undo.secret;
-    IF s IS NULL OR length(s) <= 64 OR substr(s, 1, 64) <> encode(sha256(
-           sec.key || convert_to(substr(s, 65) || ':' || pg_backend_pid(), 'UTF8')), 'hex') THEN
+    IF s IS NULL OR pg_catalog.substr(s, 257, 1) IS DISTINCT FROM '{' THEN  -- none yet, or older
         s := undo.session_tag();
     END IF;
     IF u IS NOT NULL THEN
         BEGIN
             u := u::jsonb::text;
         EXCEPTION WHEN others THEN
-            u := to_json(u)::text;  -- never a tag that does not parse
+            u := pg_catalog.to_json(u)::text;  -- never a tag that does not parse
         END;
     END IF;
-    msg := substr(s, 65)
-        || E'\n{"application_name":' || to_json(current_setting('application_name'))::text
-        || ',"xid":' || pg_current_xact_id()::text
-        || ',"statement":' || coalesce(to_json(current_query())::text, 'null')
+    msg := pg_catalog.substr(s, 257)
+        || E'\n{"application_name":' || pg_catalog.to_json(pg_catalog.current_setting('application_name'))::text
+        || ',"xid":' || pg_catalog.pg_current_xact_id()::text
+        || ',"statement":' || coalesce(pg_catalog.to_json(pg_catalog.current_query())::text, 'null')
         || ',"undo":' || coalesce(u, 'null') || '}';
-    RETURN encode(sha256(sec.opad || sha256(sec.ipad || convert_to(msg, 'UTF8'))), 'hex') || msg;
-END
-$fn$;
-REVOKE ALL ON FUNCTION undo.signed_tag() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION undo.signed_tag() TO PUBLIC;
-
--- The statement trigger's function: runs once per transaction (the trigger's WHEN skips the
--- call once the transaction is tagged), as the caller, and emits the signed tag as one
--- transactional message. undo.tagged is transaction-local, so it is rolled back with a
--- savepoint that held the tag, and the tag is emitted again. A session that sets undo.tagged
--- itself erases its tag: capture records its writes as untrusted, reason missing.
-CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
-LANGUAGE plpgsql
-AS $fn$
-BEGIN
-    PERFORM pg_catalog.pg_logical_emit_message(true, 'undo', undo.signed_tag()),
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'undo',
+                pg_catalog.encode(pg_catalog.sha256(
+                    pg_catalog.decode(pg_catalog.substr(s, 129, 128), 'hex') || pg_catalog.sha256(
+                        pg_catalog.decode(pg_catalog.substr(s, 1, 128), 'hex')
+                        || pg_catalog.convert_to(msg, 'UTF8'))), 'hex') || msg),
             pg_catalog.set_config('undo.tagged', '1', true);
     RETURN NULL;
 END

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -100,27 +101,38 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
     with psycopg.connect(**params, autocommit=True) as c:
         c.execute("INSERT INTO t VALUES (1)")  # mallory's own tag: genuine
         mallory = session_id(c)
-        with c.transaction():
-            genuine = c.execute("SELECT undo.signed_tag()").fetchone()[0]  # for a replay
-        fragment = json.loads(genuine[64:].split("\n")[0])
-        claim = json.dumps({**fragment, "session_id": victim_sid})
+        # what her session may read: its cached session part with its own key's pads, enough
+        # to sign tags of her own session, never of another
+        cache = c.execute("SELECT current_setting('undo.session')").fetchone()[0]
+        ipad, opad, fragment = (
+            bytes.fromhex(cache[:128]),
+            bytes.fromhex(cache[128:256]),
+            cache[256:],
+        )
+
+        def signed(head, xid):
+            msg = (head + "\n" + json.dumps({"application_name": "cron", "xid": xid})).encode()
+            inner = hashlib.sha256(ipad + msg).digest()
+            return hashlib.sha256(opad + inner).hexdigest() + msg.decode()
+
+        claim = json.dumps({**json.loads(fragment), "session_id": victim_sid})
 
         def emitting(value, message):
             with c.transaction():
                 c.execute("SET LOCAL undo.tagged = '1'")  # silence the real tag
                 if message is not None:
-                    c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", (message,))
+                    xid = c.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
+                    c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", (message(xid),))
                 c.execute("INSERT INTO t VALUES (%s)", (value,))
 
-        txn_part = "\n" + json.dumps({"application_name": "cron"})
-        emitting(10, "0" * 64 + claim + txn_part)  # forged: no key, no valid HMAC
-        emitting(11, genuine[:64] + claim + "\n" + genuine[64:].partition("\n")[2])  # edited
-        emitting(12, genuine)  # replayed: a valid HMAC, another transaction's xid
-        c.execute("SELECT set_config('undo.session', %s, false)", ("0" * 64 + claim,))  # poisoned
-        c.execute("INSERT INTO t VALUES (13)")
+        emitting(10, lambda xid: "0" * 64 + claim + "\n{}")  # forged: a made-up HMAC
+        emitting(11, lambda xid: signed(claim, xid))  # her own key on the victim's session part
+        emitting(12, lambda xid: signed(fragment, xid - 1))  # replayed: another transaction's
+        c.execute("SELECT set_config('undo.session', %s, false)", (cache[:256] + claim,))
+        c.execute("INSERT INTO t VALUES (13)")  # a poisoned session cache
         c.execute("RESET undo.session")
         emitting(14, None)  # erased: no tag at all
-        emitting(15, "not a tag")  # malformed
+        emitting(15, lambda xid: "not a tag")  # malformed
     victim.close()
     source.capture()
     rows = source.store_rows(
@@ -133,12 +145,12 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
         ("10", victim_sid, "untrusted", "forged"),
         ("11", victim_sid, "untrusted", "forged"),
         ("12", mallory, "untrusted", "replayed"),
-        ("13", mallory, "trusted", None),
+        ("13", victim_sid, "untrusted", "forged"),
         ("14", None, "none", "missing"),
         ("15", None, "untrusted", "malformed"),
     ]
     result = source.undo_cli("session", victim_sid)
-    assert result.returncode == 0 and "left out 2 transaction(s) with an untrusted tag" in (
+    assert result.returncode == 0 and "left out 3 transaction(s) with an untrusted tag" in (
         result.stderr
     )
     assert '\t["0"]\n' in result.stdout  # the staged new image of the row to delete
@@ -150,10 +162,10 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
         if r["session_id"] == victim_sid
     ) == [
         (victim_sid, "trusted", None, 1),
-        (victim_sid, "untrusted", "forged", 2),
+        (victim_sid, "untrusted", "forged", 3),
     ]  # the forged transactions are their own row, never counted as the victim's
     status = json.loads(source.undo_cli("status", "--json").stdout)
-    assert status["untrusted_writes"] == {"forged": 2, "malformed": 1, "missing": 1, "replayed": 1}
+    assert status["untrusted_writes"] == {"forged": 3, "malformed": 1, "missing": 1, "replayed": 1}
 
 
 def _expected_text(src, ids):

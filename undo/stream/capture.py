@@ -63,13 +63,16 @@ def _fields(**kw: Any) -> dict[str, Any]:
     return {"fields": kw}
 
 
-def verify_tag(content: bytes, key: bytes | None, xid: int) -> tuple[dict[str, Any], str | None]:
+def verify_tag(
+    content: bytes, key: bytes | None, xid: int, session_keys: dict[bytes, bytes] | None = None
+) -> tuple[dict[str, Any], str | None]:
     """Parse and check a tag message: (tag, None) when trusted, else (what could be read of it,
     why not: 'forged', 'replayed' or 'malformed').
 
-    The message is ``HMAC || session JSON || "\\n" || transaction JSON``, the HMAC-SHA256 of the
-    rest under the source's key (undo.signed_tag()). A valid HMAC over another transaction's
-    tag (its xid is not this transaction's) is a replay.
+    The message is ``HMAC || session JSON || "\\n" || transaction JSON``. The HMAC-SHA256 is
+    under the session's key, which is HMAC-SHA256(master key, session JSON): undo.session_tag()
+    gives a session the key of its own session part only. A valid tag of another transaction
+    (its xid is not this one's) is a replay. ``session_keys`` caches derived keys.
     """
     mac, msg = content[:64], content[64:]
     head, sep, rest = msg.partition(b"\n")
@@ -83,7 +86,14 @@ def verify_tag(content: bytes, key: bytes | None, xid: int) -> tuple[dict[str, A
     tag = {**extra, "session": session}
     if key is None:
         return tag, "forged"
-    good = hmac.new(key, msg, hashlib.sha256).hexdigest().encode()
+    keys = session_keys if session_keys is not None else {}
+    session_key = keys.get(head)
+    if session_key is None:
+        session_key = hmac.new(key, head, hashlib.sha256).digest()
+        if len(keys) > 10_000:
+            keys.clear()
+        keys[head] = session_key
+    good = hmac.new(session_key, msg, hashlib.sha256).hexdigest().encode()
     if not hmac.compare_digest(good, mac):
         return tag, "forged"
     full = extra.get("xid")
@@ -260,6 +270,7 @@ class _Session:
         self.wal_end = 0  # the server's WAL end, from its last keepalive
         self.last_report = time.monotonic()
         self.reported_changes = 0
+        self.session_keys: dict[bytes, bytes] = {}  # session JSON -> its signing key
 
     def _relation(self, rel: Relation) -> int | None:
         """Store id of the relation's version, or None if it is not audited (skip it)."""
@@ -415,7 +426,9 @@ class _Session:
                     self._send_status(pgconn, writer.flush())
             elif type(rec) is Message:
                 if rec.prefix == TAG_PREFIX and rec.transactional and in_txn and not self.skipping:
-                    writer.set_tag(*verify_tag(rec.content, self.key, writer.txn_xid))
+                    writer.set_tag(
+                        *verify_tag(rec.content, self.key, writer.txn_xid, self.session_keys)
+                    )
                 elif rec.prefix == LEDGER_PREFIX and rec.transactional and in_txn:
                     if not self.skipping:
                         writer.set_ledger(rec.content)
