@@ -164,6 +164,11 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
         (victim_sid, "trusted", None, 1),
         (victim_sid, "untrusted", "forged", 3),
     ]  # the forged transactions are their own row, never counted as the victim's
+    by_session = json.loads(source.undo_cli("activity", "--by", "session", "--json").stdout)
+    counted = {}
+    for r in by_session:
+        counted[r["session"]] = counted.get(r["session"], 0) + r["inserts"]
+    assert counted[victim_sid] == 1 and counted[f"untrusted:{victim_sid}"] == 3
     status = json.loads(source.undo_cli("status", "--json").stdout)
     assert status["untrusted_writes"] == {"forged": 3, "malformed": 1, "missing": 1, "replayed": 1}
 

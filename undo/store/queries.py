@@ -26,6 +26,19 @@ def resolve_table(db: Database, text: str) -> tuple[str, str]:
     return names.resolve(text, known)
 
 
+#: how capture files a transaction in activity: untrusted ones never under the session claimed
+_ACTIVITY_SESSION = (
+    "(CASE t.tag WHEN 'trusted' THEN coalesce(t.session_id, '')"
+    " WHEN 'untrusted' THEN 'untrusted:' || coalesce(t.session_id, '') ELSE '' END)"
+)
+
+
+def _activity_session(session_id: str | None, tag: str) -> str:
+    if tag == "trusted":
+        return session_id or ""
+    return f"untrusted:{session_id or ''}" if tag == "untrusted" else ""
+
+
 def sessions(
     db: Database,
     since: str | None = None,
@@ -60,7 +73,7 @@ def sessions(
     for name in tables or []:
         schema, table = resolve_table(db, name)
         where.append(
-            "coalesce(t.session_id, '') IN (SELECT a.session_id FROM activity a"
+            f"{_ACTIVITY_SESSION} IN (SELECT a.session_id FROM activity a"  # noqa: S608 (a constant)
             " JOIN relations r ON r.id = a.relation WHERE r.schema_name = ? AND r.table_name = ?)"
         )
         params += [schema, table]
@@ -79,7 +92,7 @@ def sessions(
         params += [limit, offset]
     rows = _rows(db, query, params)
     touched: dict[str, list[str]] = {}
-    ids = [r["session_id"] or "" for r in rows]
+    ids = [_activity_session(r["session_id"], r["tag"]) for r in rows]
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]
         for sid, table in db.execute(
@@ -91,7 +104,7 @@ def sessions(
             touched.setdefault(sid, []).append(table)
     undone = undone_sessions(db)
     for r in rows:
-        r["tables"] = sorted(touched.get(r["session_id"] or "", []))
+        r["tables"] = sorted(touched.get(_activity_session(r["session_id"], r["tag"]), []))
         r["undone"] = undone.get((r["session_id"], r["tag"]))
     if undone_filter is not None:
         rows = [r for r in rows if (r["undone"] is not None) == undone_filter]

@@ -301,6 +301,8 @@ class StoreWriter:
             minute = _minute(commit.commit_time)
             app = tag.get("application_name") or ""
             sid = session.get("session_id") or ""
+            if trusted is not True:  # never counted under the session it claims
+                sid = f"untrusted:{sid}" if trusted is False else ""
             for i, (rel_id, c) in enumerate(per_table.items()):
                 acc = self.activity.get((minute, app, sid, rel_id))
                 if acc is None:
