@@ -635,15 +635,23 @@ def prune_cmd(settings: Settings, before: str) -> None:
     show_envvar=True,
     help="Required on any address but loopback; checked on every request.",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A host name requests may use besides loopback and the address served (repeatable).",
+)
 @pass_settings
-def serve_cmd(settings: Settings, host: str, port: int, token: str | None) -> None:
+def serve_cmd(
+    settings: Settings, host: str, port: int, token: str | None, allowed_hosts: tuple[str, ...]
+) -> None:
     """The dashboard and Prometheus /metrics (read-only).
 
     Example: undo serve --port 8080
     """
     from .web import serve
 
-    server = serve(settings, host, port, token)
+    server = serve(settings, host, port, token, allowed_hosts)
     _echo_err(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
@@ -172,3 +173,33 @@ def test_dashboard_in_headless_chromium(site, tmp_path):
         finally:
             browser.close()
     assert (shots / "session.png").stat().st_size > 1000
+
+
+def test_the_dashboard_refuses_foreign_hosts_large_bodies_and_bad_pages(site):
+    """DNS rebinding (a name the attacker controls resolving to 127.0.0.1), a login body of
+    unknown size, and a bad page number: each a 400 that reads nothing and shows no data."""
+    _src, sid, start = site
+    base = start(token="s3cret")
+    auth = {"Authorization": "Bearer s3cret"}
+    status, body = _get(base + "/sessions", {**auth, "Host": "rebind.attacker.example"})
+    assert status == 400 and sid not in body
+    status, body = _get(base + "/sessions", {**auth, "Host": "localhost:1234"})
+    assert status == 200 and sid in body
+    assert _get(base + "/sessions?page=abc", auth)[0] == 400
+    assert _get(base + f"/sessions/{sid}?page=-x", auth)[0] == 400
+    req = urllib.request.Request(base + "/sessions", headers=auth)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        headers = r.headers
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert headers["X-Frame-Options"] == "DENY" and headers["X-Content-Type-Options"] == "nosniff"
+    port = int(base.rsplit(":", 1)[1])
+    for length in ("-1", "999999999", "abc"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("POST", "/login")
+        conn.putheader("Content-Length", length)
+        conn.putheader("Content-Type", "application/x-www-form-urlencoded")
+        conn.endheaders()
+        conn.send(b"token=s3cret")  # never the length claimed: a server that waits times out
+        response = conn.getresponse()
+        assert response.status == 400 and response.getheader("Set-Cookie") is None
+        conn.close()

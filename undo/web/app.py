@@ -117,16 +117,48 @@ def chart(
     return "".join(parts)
 
 
+#: on every response: no script, no framing, no type sniffing (the pages are HTML and inline
+#: SVG with inline styles only)
+SECURITY_HEADERS = [
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:;"
+        " form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ("X-Frame-Options", "DENY"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+]
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+MAX_FORM_BYTES = 4096
+
+
 class App:
-    def __init__(self, settings: Settings, token: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, token: str | None = None, allowed_hosts: Iterable[str] = ()
+    ) -> None:
         self.settings = settings
         self.token = token
         self.registry = metrics.registry(settings)
+        # a request naming another host is refused: DNS rebinding reaches a loopback dashboard
+        # through a name the attacker controls
+        self.allowed_hosts = LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}
+
+    def _host_allowed(self, environ: Environ) -> bool:
+        host = environ.get("HTTP_HOST", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return name.strip("[]").lower() in self.allowed_hosts
 
     # -- plumbing ------------------------------------------------------------------------------
     def __call__(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
         query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        if not self._host_allowed(environ):
+            return self._respond(
+                start_response,
+                "400 Bad Request",
+                _page("Bad request", "<p>This host name is not served (see --allowed-host).</p>"),
+            )
         try:
             if self.token is not None and not self._authorized(environ):
                 if path == "/login" and environ.get("REQUEST_METHOD") == "POST":
@@ -187,8 +219,15 @@ class App:
         return hmac.compare_digest(given.encode(), self.token.encode())
 
     def _login(self, environ: Environ, start_response: StartResponse) -> list[bytes]:
-        size = int(environ.get("CONTENT_LENGTH") or 0)
-        form = parse_qs(environ["wsgi.input"].read(min(size, 4096)).decode())
+        try:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            size = -1
+        if not 0 <= size <= MAX_FORM_BYTES:  # never read a body of unknown or large size
+            return self._respond(
+                start_response, "400 Bad Request", _page("Bad request", "<p>Bad form.</p>")
+            )
+        form = parse_qs(environ["wsgi.input"].read(size).decode(errors="replace"))
         given = (form.get("token") or [""])[0]
         assert self.token is not None
         if not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -199,7 +238,12 @@ class App:
             "303 See Other",
             [
                 ("Location", "/"),
-                ("Set-Cookie", f"undo_token={quote(given)}; HttpOnly; SameSite=Strict; Path=/"),
+                (
+                    "Set-Cookie",
+                    f"undo_token={quote(given)}; HttpOnly; SameSite=Strict; Path=/"
+                    + ("; Secure" if _over_tls(environ) else ""),
+                ),
+                *SECURITY_HEADERS,
             ],
         )
         return [b""]
@@ -217,13 +261,14 @@ class App:
                 ("Content-Type", ctype),
                 ("Content-Length", str(len(body))),
                 ("Cache-Control", "no-store"),
+                *SECURITY_HEADERS,
             ],
         )
         return [body]
 
     @staticmethod
     def _redirect(start_response: StartResponse, where: str) -> list[bytes]:
-        start_response("303 See Other", [("Location", where)])
+        start_response("303 See Other", [("Location", where), *SECURITY_HEADERS])
         return [b""]
 
     # -- pages ---------------------------------------------------------------------------------
@@ -296,7 +341,7 @@ class App:
         return "<span class='muted'>unknown (source unreachable)</span>"
 
     def sessions(self, q: dict[str, str]) -> bytes:
-        page = max(1, int(q.get("page", "1") or 1))
+        page = _page_number(q)
         db = open_store(self.settings.store)
         try:
             rows = queries.sessions(
@@ -370,7 +415,7 @@ class App:
         from urllib.parse import unquote
 
         session_id = unquote(session_id)
-        page = max(1, int(q.get("page", "1") or 1))
+        page = _page_number(q)
         db = open_store(self.settings.store)
         try:
             txns = queries.transactions_of_session(db, session_id)
@@ -491,10 +536,26 @@ def _cells(cols: list[str], values: dict[str, Any], changed: set[str]) -> str:
     )
 
 
-def make_app(settings: Settings, token: str | None = None) -> App:
+def _page_number(q: dict[str, str]) -> int:
+    try:
+        return max(1, int(q.get("page") or 1))
+    except ValueError:
+        raise BadInput(f"page must be a number, not {q.get('page')!r}") from None
+
+
+def _over_tls(environ: Environ) -> bool:
+    return (
+        environ.get("wsgi.url_scheme") == "https"
+        or environ.get("HTTP_X_FORWARDED_PROTO", "").lower() == "https"
+    )
+
+
+def make_app(
+    settings: Settings, token: str | None = None, allowed_hosts: Iterable[str] = ()
+) -> App:
     """The WSGI application for these settings."""
     open_store(settings.store).conn.close()  # fail early on a missing store
-    return App(settings, token)
+    return App(settings, token, allowed_hosts)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -506,10 +567,22 @@ class _QuietHandler(WSGIRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
-def serve(settings: Settings, host: str, port: int, token: str | None) -> Any:
-    """A threaded HTTP server for the app; the caller runs ``serve_forever``."""
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    token: str | None,
+    allowed_hosts: Iterable[str] = (),
+) -> Any:
+    """A threaded HTTP server for the app; the caller runs ``serve_forever``. Requests must
+    name a loopback host, the address served (unless a wildcard), or one of allowed_hosts."""
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise BadInput(f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN)")
+    hosts = [*allowed_hosts, *([host] if host not in ("0.0.0.0", "::", "") else [])]
     return make_server(
-        host, port, make_app(settings, token), server_class=_Server, handler_class=_QuietHandler
+        host,
+        port,
+        make_app(settings, token, hosts),
+        server_class=_Server,
+        handler_class=_QuietHandler,
     )
