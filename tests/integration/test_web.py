@@ -203,3 +203,24 @@ def test_the_dashboard_refuses_foreign_hosts_large_bodies_and_bad_pages(site):
         response = conn.getresponse()
         assert response.status == 400 and response.getheader("Set-Cookie") is None
         conn.close()
+
+
+def test_a_session_of_many_transactions_is_paged(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    with pgo.connect(application_name="loop") as c:
+        sid = session_id(c)
+        for i in range(120):  # 120 transactions: three pages of 50
+            c.execute("INSERT INTO t VALUES (%s)", (i,))
+    pgo.capture()
+    server = serve(pgo.settings, "127.0.0.1", 0, None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}/sessions/{sid}"
+        first, last = _get(base)[1], _get(base + "?tpage=3")[1]
+        assert "page 1 of 3" in first and first.count("<code>INSERT INTO t") == 50
+        assert "page 3 of 3" in last and last.count("<code>INSERT INTO t") == 20
+        assert _get(base + "?tpage=x")[0] == 400
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -425,6 +425,8 @@ class App:
         finally:
             db.conn.close()
         xid_of = {t["id"]: t["xid"] for t in txns}
+        tpage = _page_number(q, "tpage")
+        shown = txns[(tpage - 1) * PAGE : tpage * PAGE]  # the list is paged too
         tx_table = _table(
             (
                 [
@@ -436,10 +438,18 @@ class App:
                     f"{t['inserts']}/{t['updates']}/{t['deletes']}",
                     f"<code>{_e(t['statement'])}</code>",
                 ]
-                for t in txns
+                for t in shown
             ),
             ["xid", "committed", "application", "user", "tag", "ins/upd/del", "statement"],
         )
+        tnav = []
+        if tpage > 1:
+            tnav.append(f"<a href='?{urlencode({'tpage': tpage - 1, 'page': page})}'>← earlier</a>")
+        if tpage * PAGE < len(txns):
+            tnav.append(f"<a href='?{urlencode({'tpage': tpage + 1, 'page': page})}'>later →</a>")
+        if tnav:
+            pages = -(-len(txns) // PAGE)
+            tx_table += f"<p>transactions, page {tpage} of {pages} {' '.join(tnav)}</p>"
         rows = []
         for c in changes:
             cols = list((c["old"] or c["new"] or {}).keys())
@@ -536,11 +546,11 @@ def _cells(cols: list[str], values: dict[str, Any], changed: set[str]) -> str:
     )
 
 
-def _page_number(q: dict[str, str]) -> int:
+def _page_number(q: dict[str, str], name: str = "page") -> int:
     try:
-        return max(1, int(q.get("page") or 1))
+        return max(1, int(q.get(name) or 1))
     except ValueError:
-        raise BadInput(f"page must be a number, not {q.get('page')!r}") from None
+        raise BadInput(f"{name} must be a number, not {q.get(name)!r}") from None
 
 
 def _over_tls(environ: Environ) -> bool:
