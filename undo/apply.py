@@ -108,13 +108,10 @@ class _Runner:
 class _Applier(_Runner):
     copies_directly = True
 
-    def __init__(
-        self, conn: psycopg.Connection[Any], db: Any, report: UndoReport, progress: Any
-    ) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], db: Any, report: UndoReport) -> None:
         self.conn = conn
         self.db = db
         self.report = report
-        self.progress = progress
 
     def statement(self, q: Query) -> None:
         self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
@@ -489,7 +486,7 @@ def _apply(
             " (PostgreSQL 15+, as a superuser), or pass --fire-triggers"
         ) from None
     try:
-        _run(_Applier(conn, db, report, progress), conn, db, plan, tables, fire_triggers, progress)
+        _run(_Applier(conn, db, report), conn, db, plan, tables, fire_triggers, progress)
         if report.conflicts and on_conflict != "skip":
             conn.rollback()
             report.rows.clear()

@@ -37,6 +37,15 @@ def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
         ) from None
 
 
+def wal_after(conn: psycopg.Connection[Any], position: int) -> int:
+    """Bytes of WAL the server has written past a position (0 if it is not past it)."""
+    row = conn.execute(
+        "SELECT greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn), 0)::bigint",
+        (int_to_lsn(position),),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def server_version(conn: psycopg.Connection[Any]) -> int:
     return int(conn.info.server_version)
 

@@ -31,12 +31,7 @@ def lag(
     peeking at the slot's first pending transaction, which decodes that transaction without
     consuming it (None where the slot cannot be peeked: missing, just taken, no privilege)."""
     out: dict[str, Any] = {"lag_bytes": None, "lag_seconds": None}
-    position = pg.int_to_lsn(int(get_meta(db, "position") or 0))
-    row = conn.execute(
-        "SELECT greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn), 0)::bigint",
-        (position,),
-    ).fetchone()
-    out["lag_bytes"] = int(row[0]) if row else None
+    out["lag_bytes"] = pg.wal_after(conn, int(get_meta(db, "position") or 0))
     if active:
         report = json.loads(get_meta(db, "capture_lag") or "null")
         if report is not None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import termios
 
-from undo.pg import session_id
+from tests.integration.test_undo import _as_session
 from undo.stream import capture as capture_module
 
 
@@ -50,9 +50,7 @@ def test_undo_shows_a_progress_bar_on_a_terminal_only(pgo):
     pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
     pgo.init()
     pgo.sql("INSERT INTO t SELECT g FROM generate_series(1, 10) g")
-    with pgo.connect(application_name="metrics") as c:
-        sid = session_id(c)
-        c.execute("DELETE FROM t")
+    sid = _as_session(pgo, "DELETE FROM t", app="metrics")
     pgo.capture()
     env = dict(os.environ, UNDO_DSN=pgo.dsn, UNDO_STORE=pgo.store, UNDO_SLOT=pgo.slot)
     main, side = pty.openpty()

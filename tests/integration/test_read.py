@@ -6,7 +6,7 @@ import json
 import threading
 import time
 
-from undo.pg import session_id
+from tests.integration.test_undo import _as_session
 from undo.store import queries
 from undo.store.prune import prune
 from undo.store.schema import open_store
@@ -122,9 +122,7 @@ def test_sessions_and_show_say_what_undid_them(pgo):
     pgo.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
     pgo.init()
     pgo.sql("INSERT INTO a VALUES (1), (2); INSERT INTO b VALUES (1), (2)")
-    with pgo.connect(application_name="usage-metrics") as c:
-        c.execute("DELETE FROM a; DELETE FROM b")
-        sid = session_id(c)
+    sid = _as_session(pgo, "DELETE FROM a; DELETE FROM b", app="usage-metrics")
     pgo.capture()
 
     def undone(*flags):
@@ -226,10 +224,12 @@ def test_lag_is_zero_when_caught_up_and_the_age_of_the_oldest_unstored_commit(so
 def test_show_reads_like_psql_with_a_summary_and_a_limit(pgo):
     pgo.sql("CREATE TABLE accounts (id int PRIMARY KEY, name text)")
     pgo.init()
-    with pgo.connect(application_name="import") as c:
-        sid = session_id(c)
-        c.execute("INSERT INTO accounts SELECT g, NULL FROM generate_series(1, 5) g")
-        c.execute("UPDATE accounts SET name = 'x' WHERE id = 1")
+    sid = _as_session(
+        pgo,
+        "INSERT INTO accounts SELECT g, NULL FROM generate_series(1, 5) g",
+        "UPDATE accounts SET name = 'x' WHERE id = 1",
+        app="import",
+    )
     pgo.capture()
     out = pgo.undo_cli("show", "session", sid, "--limit", "2").stdout
     assert out.startswith(f"session {sid}: 2 transaction(s), 6 change(s)")

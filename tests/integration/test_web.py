@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_undo import _as_session
 from undo.errors import BadInput
 from undo.pg import session_id
 from undo.web import serve
@@ -38,8 +39,8 @@ def site(pgo):
     sid = _scenario(pgo)
     servers = []
 
-    def start(token=None):
-        server = serve(pgo.settings, "127.0.0.1", 0, token)
+    def start(token=None, allowed_hosts=()):
+        server = serve(pgo.settings, "127.0.0.1", 0, token, allowed_hosts)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}"
@@ -179,12 +180,13 @@ def test_the_dashboard_refuses_foreign_hosts_large_bodies_and_bad_pages(site):
     """DNS rebinding (a name the attacker controls resolving to 127.0.0.1), a login body of
     unknown size, and a bad page number: each a 400 that reads nothing and shows no data."""
     _src, sid, start = site
-    base = start(token="s3cret")
+    base = start(token="s3cret", allowed_hosts=["Dash.example"])
     auth = {"Authorization": "Bearer s3cret"}
     status, body = _get(base + "/sessions", {**auth, "Host": "rebind.attacker.example"})
     assert status == 400 and sid not in body
-    status, body = _get(base + "/sessions", {**auth, "Host": "localhost:1234"})
-    assert status == 200 and sid in body
+    for host in ("localhost:1234", "[::1]:80", "dash.example:8080"):
+        status, body = _get(base + "/sessions", {**auth, "Host": host})
+        assert status == 200 and sid in body, host
     assert _get(base + "/sessions?page=abc", auth)[0] == 400
     assert _get(base + f"/sessions/{sid}?page=-x", auth)[0] == 400
     req = urllib.request.Request(base + "/sessions", headers=auth)
@@ -208,10 +210,8 @@ def test_the_dashboard_refuses_foreign_hosts_large_bodies_and_bad_pages(site):
 def test_a_session_of_many_transactions_is_paged(pgo):
     pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
     pgo.init()
-    with pgo.connect(application_name="loop") as c:
-        sid = session_id(c)
-        for i in range(120):  # 120 transactions: three pages of 50
-            c.execute("INSERT INTO t VALUES (%s)", (i,))
+    # 120 transactions: three pages of 50
+    sid = _as_session(pgo, *(f"INSERT INTO t VALUES ({i})" for i in range(120)), app="loop")
     pgo.capture()
     server = serve(pgo.settings, "127.0.0.1", 0, None)
     threading.Thread(target=server.serve_forever, daemon=True).start()

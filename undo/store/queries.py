@@ -12,6 +12,7 @@ from .. import names
 from ..errors import BadInput, NotFound, NotRecorded
 from ..pg import lsn_to_int
 from ..stream.protocol import epoch
+from .writer import ACTIVITY_SESSION_SQL, activity_session
 
 
 def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
@@ -24,19 +25,6 @@ def resolve_table(db: Database, text: str) -> tuple[str, str]:
     """A table name as the user typed it -> (schema, table) among the tables the store holds."""
     known = [(r[0], r[1]) for r in db.execute("SELECT schema_name, table_name FROM relations")]
     return names.resolve(text, known)
-
-
-#: how capture files a transaction in activity: untrusted ones never under the session claimed
-_ACTIVITY_SESSION = (
-    "(CASE t.tag WHEN 'trusted' THEN coalesce(t.session_id, '')"
-    " WHEN 'untrusted' THEN 'untrusted:' || coalesce(t.session_id, '') ELSE '' END)"
-)
-
-
-def _activity_session(session_id: str | None, tag: str) -> str:
-    if tag == "trusted":
-        return session_id or ""
-    return f"untrusted:{session_id or ''}" if tag == "untrusted" else ""
 
 
 def sessions(
@@ -73,7 +61,7 @@ def sessions(
     for name in tables or []:
         schema, table = resolve_table(db, name)
         where.append(
-            f"{_ACTIVITY_SESSION} IN (SELECT a.session_id FROM activity a"  # noqa: S608 (a constant)
+            f"{ACTIVITY_SESSION_SQL} IN (SELECT a.session_id FROM activity a"  # noqa: S608 (a constant)
             " JOIN relations r ON r.id = a.relation WHERE r.schema_name = ? AND r.table_name = ?)"
         )
         params += [schema, table]
@@ -92,7 +80,7 @@ def sessions(
         params += [limit, offset]
     rows = _rows(db, query, params)
     touched: dict[str, list[str]] = {}
-    ids = [_activity_session(r["session_id"], r["tag"]) for r in rows]
+    ids = [activity_session(r["session_id"], r["tag"]) for r in rows]
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]
         for sid, table in db.execute(
@@ -104,7 +92,7 @@ def sessions(
             touched.setdefault(sid, []).append(table)
     undone = undone_sessions(db)
     for r in rows:
-        r["tables"] = sorted(touched.get(_activity_session(r["session_id"], r["tag"]), []))
+        r["tables"] = sorted(touched.get(activity_session(r["session_id"], r["tag"]), []))
         r["undone"] = undone.get((r["session_id"], r["tag"]))
     if undone_filter is not None:
         rows = [r for r in rows if (r["undone"] is not None) == undone_filter]

@@ -251,6 +251,7 @@ class StoreWriter:
             return False
         tag: dict[str, Any] = txn.tag or {}
         trusted = txn.trusted
+        tag_kind = "none" if trusted is None else ("trusted" if trusted else "untrusted")
         session: dict[str, Any] = tag.get("session") or {}
         per_table: dict[int, dict[str, int]] = {}
         totals = {"I": 0, "U": 0, "D": 0, "T": 0}
@@ -277,7 +278,7 @@ class StoreWriter:
                 session.get("pid"),
                 session.get("backend_start"),
                 tag.get("statement"),
-                "none" if trusted is None else ("trusted" if trusted else "untrusted"),
+                tag_kind,
                 None if tag.get("undo") is None else _dumps(tag["undo"]),
                 totals["I"],
                 totals["U"],
@@ -300,9 +301,7 @@ class StoreWriter:
         if AGGREGATES:
             minute = _minute(commit.commit_time)
             app = tag.get("application_name") or ""
-            sid = session.get("session_id") or ""
-            if trusted is not True:  # never counted under the session it claims
-                sid = f"untrusted:{sid}" if trusted is False else ""
+            sid = activity_session(session.get("session_id"), tag_kind)
             for i, (rel_id, c) in enumerate(per_table.items()):
                 acc = self.activity.get((minute, app, sid, rel_id))
                 if acc is None:
@@ -371,6 +370,25 @@ class StoreWriter:
             self.batch_open = False
             self.position = self.batch_position
         return self.position
+
+
+#: how activity files a transaction's session: an untrusted tag never under the session it claims,
+#: an untagged one under ''. ACTIVITY_SESSION_SQL is the same for a transactions row ``t``.
+ACTIVITY_SESSION_SQL = (
+    "(CASE t.tag WHEN 'trusted' THEN coalesce(t.session_id, '')"
+    " WHEN 'untrusted' THEN 'untrusted:' || coalesce(t.session_id, '') ELSE '' END)"
+)
+
+
+def activity_session(session_id: str | None, tag: str) -> str:
+    """The session activity files a transaction under.
+
+    >>> activity_session("6b0.1", "untrusted"), activity_session("6b0.1", "none")
+    ('untrusted:6b0.1', '')
+    """
+    if tag == "trusted":
+        return session_id or ""
+    return f"untrusted:{session_id or ''}" if tag == "untrusted" else ""
 
 
 def record_gap(db: Database, from_lsn: int | None, to_lsn: int | None, reason: str) -> None:

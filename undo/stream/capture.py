@@ -507,12 +507,7 @@ def capture(
                         settings, writer, decoder, options, key, Catalog(conn), on_progress
                     )
                     rconn = pg.connect(settings.dsn, replication="database")
-                    row = conn.execute(
-                        "SELECT greatest(pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn), 0)"
-                        "::bigint",
-                        (pg.int_to_lsn(writer.position),),
-                    ).fetchone()
-                    behind = int(row[0]) if row else 0
+                    behind = pg.wal_after(conn, writer.position)
                     if attempt:
                         log.info("reconnected after %d attempt(s)", attempt, extra=_fields())
                     log.info(

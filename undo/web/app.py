@@ -296,9 +296,9 @@ class App:
             f"<br>{chart(pts, first, bucket, count)}</div>"
             for app, pts in sorted(by_app.items())
         )
-        lag = ""
+        ago = ""
         if health["last_commit_time"]:
-            lag = f"{time.time() - epoch(health['last_commit_time']):.0f} s ago"
+            ago = f"{time.time() - epoch(health['last_commit_time']):.0f} s ago"
         gaps = (
             "".join(
                 f"<li>{escape(g['detected_at'])}: {escape(g['reason'])}</li>"
@@ -314,31 +314,33 @@ class App:
             "<span style='color:#e0a000'>updates</span>, "
             "<span style='color:#d03030'>deletes</span></p>"
         )
+        wal_held, capture_lag = self._source_health()
         body = (
             f"<h2>Capture health</h2><ul><li>last captured commit: "
-            f"{_e(health['last_commit_time'])} {escape(lag)}</li>"
+            f"{_e(health['last_commit_time'])} {escape(ago)}</li>"
             f"<li>store position: {int_to_lsn(health['store_position'])}</li>"
             f"<li>{health['transactions']} transactions, {health['changes']} changes stored</li>"
-            f"<li>WAL held by the slot: {self._wal_held()}</li>"
-            f"<li>capture lag (age of the oldest commit not yet stored): {self._lag()}</li>"
+            f"<li>WAL held by the slot: {wal_held}</li>"
+            f"<li>capture lag (age of the oldest commit not yet stored): {capture_lag}</li>"
             f"<li>gaps in the audit trail:<ul>{gaps}</ul></li></ul>"
             f"<h2>Write activity per application</h2>{form}<div class='cards'>{cards or ''}</div>"
         )
         return _page("Overview", body)
 
-    def _lag(self) -> str:
-        for metric in self.registry.collect():
-            if metric.name == "undo_capture_lag_seconds" and metric.samples:
-                return f"{metric.samples[0].value:.1f} s"
-        return "<span class='muted'>unknown</span>"
-
-    def _wal_held(self) -> str:
+    def _source_health(self) -> tuple[str, str]:
+        """WAL held by the slot and the capture lag, from one collection of the metrics (one
+        connection to the source, one peek at the slot)."""
         if not self.settings.dsn:
-            return "<span class='muted'>unknown (no --dsn)</span>"
-        for metric in self.registry.collect():
-            if metric.name == "undo_slot_wal_held_bytes" and metric.samples:
-                return f"{int(metric.samples[0].value):,} bytes"
-        return "<span class='muted'>unknown (source unreachable)</span>"
+            unknown = "<span class='muted'>unknown (no --dsn)</span>"
+            return unknown, unknown
+        found = {m.name: m.samples[0].value for m in self.registry.collect() if m.samples}
+        unknown = "<span class='muted'>unknown (source unreachable)</span>"
+        held = found.get("undo_slot_wal_held_bytes")
+        lag = found.get("undo_capture_lag_seconds")
+        return (
+            unknown if held is None else f"{int(held):,} bytes",
+            unknown if lag is None else f"{lag:.1f} s",
+        )
 
     def sessions(self, q: dict[str, str]) -> bytes:
         page = _page_number(q)
