@@ -38,6 +38,9 @@ COPY_CHUNK = 2000  # lines per write to the COPY stream
 MAX_ATTEMPTS = 3  # a statement whose rows keep changing under it is given up after this
 ALREADY_UNDONE = "UN001"  # SQLSTATE raised by undo.record_undo
 Query = sql.SQL | sql.Composed
+#: the undo transaction's work_mem: joins of the staged rows with the table fit in memory
+#: (a session of a million rows: 64 batches spilled to disk at the default 4MB)
+WORK_MEM = "128MB"
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,7 @@ def _settings(
 ) -> list[sql.Composed]:
     pairs = [("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)]
     pairs += list(pg.PINNED_SETTINGS.items())
+    pairs.append(("work_mem", WORK_MEM))
     pairs.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
     if not fire_triggers:
         pairs.append(("session_replication_role", "replica"))

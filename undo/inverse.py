@@ -261,8 +261,12 @@ class TableUndo:
         no_values = "\t\\N" * len(writable)
         same_key = itemgetter(*key) if key else (lambda _: ())
         changed, ops = self.changed, self.ops
-        unknown = [i for i in writable if i not in changed]  # not yet seen changed
+        # non-key columns not yet seen changed (a changed key makes two lines instead)
+        unknown = [i for i in writable if i not in changed and i not in key]
         pick = itemgetter(*unknown) if unknown else None
+        # a key that is the image's first value is kept when the new image's text starts with
+        # the old key's token: once every column is known changed, the new image needs no parse
+        fast = key == (0,)
         n = 0
         for seq, op, old_text, new_text, unchanged, txn_xid in changes:
             ops.add(op)
@@ -274,6 +278,16 @@ class TableUndo:
                 keys, pre, values = keys_of(f), _copy_image(old_text), values_of(f)
             if new_text is None:
                 post = "\\N"
+            elif (
+                fast
+                and pick is None
+                and not unchanged
+                and old is not None
+                and old[0] is not None
+                and new_text.startswith(head := "[" + _token(old[0]))
+                and new_text[len(head)] in ",]"
+            ):
+                post = _copy_image(new_text)  # the key is kept; every column known changed
             else:
                 new = load(new_text)
                 if unchanged and old is not None:

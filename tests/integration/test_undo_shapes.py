@@ -134,6 +134,25 @@ def test_key_changing_updates_and_reused_keys(source):
     assert source.snapshot("k") == before
 
 
+def test_key_change_after_every_column_changed(source):
+    """Once every column is known changed, an update is read without parsing its new image
+    unless its key moved: a key change then must still make two rows (1 -> 11, 2 -> 1)."""
+    source.sql("CREATE TABLE k (id int PRIMARY KEY, v text, w int)")
+    source.init()
+    source.sql("INSERT INTO k VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)")
+    before = source.snapshot("k")
+    sid = _as_session(
+        source,
+        "UPDATE k SET v = v || '!', w = w + 1",
+        "UPDATE k SET id = 11 WHERE id = 1",
+        "UPDATE k SET id = 1, v = 'moved' WHERE id = 2",
+        "UPDATE k SET v = 'again' WHERE id = 3",
+    )
+    source.capture()
+    _apply(source, session=sid)
+    assert source.snapshot("k") == before
+
+
 def test_table_filter_parses_quotes_and_keeps_refusals(pgo):
     pgo.sql(
         'CREATE SCHEMA "Odd.S"; CREATE TABLE "Odd.S"."T.x" (id int PRIMARY KEY);'
