@@ -114,9 +114,38 @@ DECLARE
     s text := pg_catalog.current_setting('undo.session', true);
     u text := nullif(pg_catalog.current_setting('undo.undoing', true), '');
     msg text;
+    g record;
 BEGIN
     IF s IS NULL OR pg_catalog.substr(s, 257, 1) IS DISTINCT FROM '{' THEN  -- none yet, or older
         s := undo.session_tag();
+    END IF;
+    -- A guarded application may not write (003_guard.sql): the transaction fails, and the
+    -- attempt is recorded by a non-transactional message (it outlives the rollback), signed
+    -- as a tag is, with the guard and the time.
+    SELECT gd.pattern, gd.reason INTO g FROM undo.guards gd
+     WHERE pg_catalog.current_setting('application_name') LIKE undo.glob_like(gd.pattern)
+     ORDER BY gd.pattern LIMIT 1;
+    IF FOUND THEN
+        msg := pg_catalog.substr(s, 257)
+            || E'\n{"application_name":' || pg_catalog.to_json(pg_catalog.current_setting('application_name'))::text
+            || ',"xid":' || pg_catalog.pg_current_xact_id()::text
+            || ',"statement":' || coalesce(pg_catalog.to_json(pg_catalog.current_query())::text, 'null')
+            || ',"guard":' || pg_catalog.to_json(g.pattern)::text
+            || ',"reason":' || coalesce(pg_catalog.to_json(g.reason)::text, 'null')
+            || ',"at":' || pg_catalog.to_json(pg_catalog.to_char(pg_catalog.clock_timestamp()
+                   AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))::text || '}';
+        PERFORM pg_catalog.pg_logical_emit_message(false, 'undo.guard',
+                    pg_catalog.encode(pg_catalog.sha256(
+                        pg_catalog.decode(pg_catalog.substr(s, 129, 128), 'hex') || pg_catalog.sha256(
+                            pg_catalog.decode(pg_catalog.substr(s, 1, 128), 'hex')
+                            || pg_catalog.convert_to(msg, 'UTF8'))), 'hex') || msg);
+        RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
+            MESSAGE = pg_catalog.format('undo guard %s: application %s may not write to %s%s',
+                          g.pattern, pg_catalog.current_setting('application_name'),
+                          TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
+                          coalesce(' (' || g.reason || ')', '')),
+            HINT = 'nothing this transaction did is kept; if the write is intended, remove the'
+                   ' guard: undo guard remove ' || g.pattern;
     END IF;
     IF u IS NOT NULL THEN
         BEGIN

@@ -314,6 +314,7 @@ def sessions_cmd(
                 "inserts",
                 "updates",
                 "deletes",
+                "guard_refusals",
                 "tables",
                 "tag",
                 "tag_reason",
@@ -353,6 +354,13 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
     click.echo(f"session {result['session_id']}: {len(txns)} transaction(s), {total} change(s)")
     if result.get("undone"):
         click.echo(f"undone: {render.undone(result['undone'])}")
+    for g in result.get("guard_refusals") or []:
+        click.echo(
+            f"refused by guard {g['guard']} at {g['refused_at']}"
+            + (f" ({g['reason']})" if g["reason"] else "")
+            + f": {g['statement'] or ''}"
+            + ("" if g["tag"] == "trusted" else f"  tag {g['tag']} ({g['tag_reason']})")
+        )
     if counts:
         rows = [{"table": t, "operation": op, "rows": n} for (t, op), n in sorted(counts.items())]
         click.echo("\n" + render.table(rows, ["table", "operation", "rows"]))
@@ -552,6 +560,58 @@ def undo_app(settings: Settings, /, name: str, **kw: Any) -> None:
     _run_undo(settings, {"app": name}, **kw)
 
 
+@cli.group("guard")
+def guard_group() -> None:
+    """Read-only guards: applications (glob patterns) that may not write to audited tables.
+
+    A seatbelt against accidents, not a security boundary: a session picks its own
+    application_name.
+    """
+
+
+@guard_group.command("add")
+@click.argument("pattern")
+@click.option("--reason", help="Shown in the error the refused script gets.")
+@pass_settings
+def guard_add(settings: Settings, pattern: str, reason: str | None) -> None:
+    """Make applications matching PATTERN (* and ?) read-only on audited tables.
+
+    Example: undo guard add 'usage-metrics*' --reason "reporting only"
+    """
+    from . import guard
+
+    new = guard.add(settings, pattern, reason)
+    _echo_err(f"guard {pattern} {'added' if new else 'updated'}")
+
+
+@guard_group.command("remove")
+@click.argument("pattern")
+@pass_settings
+def guard_remove(settings: Settings, pattern: str) -> None:
+    """Remove a guard.
+
+    Example: undo guard remove 'usage-metrics*'
+    """
+    from . import guard
+
+    guard.remove(settings, pattern)
+    _echo_err(f"guard {pattern} removed")
+
+
+@guard_group.command("list")
+@json_option
+@pass_settings
+def guard_list(settings: Settings, as_json: bool) -> None:
+    """The guards and how many writes each refused (as far as the store knows)."""
+    from . import guard
+
+    rows = guard.list_guards(settings)
+    if as_json:
+        click.echo(render.to_json(rows))
+        return
+    click.echo(render.table(rows, ["pattern", "reason", "created_at", "created_by", "refusals"]))
+
+
 @cli.command("history")
 @click.argument("table")
 @click.argument("key", nargs=-1, required=True)
@@ -663,14 +723,15 @@ def serve_cmd(
 
 @cli.command("demo")
 @click.option("--keep", is_flag=True, help="Keep the audit store file afterwards.")
-def demo_cmd(keep: bool) -> None:
+@click.option("--guard", is_flag=True, help="Declare the script read-only first: its delete fails.")
+def demo_cmd(keep: bool, guard: bool) -> None:
     """The incident end to end on a throwaway PostgreSQL it starts itself.
 
-    Example: undo demo
+    Example: undo demo --guard
     """
     from .demo import run_demo
 
-    if not run_demo(click.echo, keep=keep):
+    if not run_demo(click.echo, keep=keep, guard=guard):
         sys.exit(1)
 
 

@@ -4,6 +4,9 @@ A ticketing database, a web workload writing all along, and a routine "usage-met
 with a bug: it deletes the events of 7% of accounts (their tickets and registrations go with
 them, ON DELETE CASCADE). Capture records it all; on-call finds the session, reviews the
 script, applies it; every deleted row comes back and the web's writes stay.
+
+With ``guard``, the script is declared read-only first (undo guard): its delete fails, nothing
+is lost, and the refused attempt is in the store and on the dashboard.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import psycopg
 
+from . import guard as guards
 from .apply import undo
 from .config import Settings
 from .plan import Target
@@ -28,6 +32,7 @@ from .store.schema import open_store
 from .stream.capture import capture
 from .tagging import init
 from .tempdb import TempCluster
+from .web.app import make_app
 
 SCHEMA = """
 CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL, email text,
@@ -88,8 +93,9 @@ def _web(dsn: str, stop: threading.Event, written: list[int]) -> None:
             time.sleep(0.005)
 
 
-def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
-    """Play the incident; return True if every row came back and the web writes stayed."""
+def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False) -> bool:
+    """Play the incident; return True if every row came back (with ``guard``: none was lost
+    and the refusal is recorded) and the web writes stayed."""
     start = time.monotonic()
     say("1. Starting a throwaway PostgreSQL (initdb, wal_level=logical) ...")
     with TempCluster() as cluster:
@@ -107,6 +113,9 @@ def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
         say("\n2. undo init: REPLICA IDENTITY FULL, tagging trigger, publication, slot")
         for line in init(settings, ["public"], []).changed:
             say(f"   {line}")
+        if guard:
+            say("   undo guard add 'usage-metrics*' --reason 'reporting only: it must not write'")
+            guards.add(settings, "usage-metrics*", "reporting only: it must not write")
 
         stop_capture = threading.Event()
         captured: dict[str, Any] = {}
@@ -130,8 +139,16 @@ def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
         say("   " + BUGGY_SCRIPT.strip().splitlines()[-1])
         with psycopg.connect(dsn, application_name="usage-metrics") as c:
             before = sorted(c.execute(AFFECTED).fetchall())
-            c.execute(BUGGY_SCRIPT)
-            c.commit()
+            try:
+                c.execute(BUGGY_SCRIPT)
+                c.commit()
+            except psycopg.errors.ReadOnlySqlTransaction as e:
+                c.rollback()
+                say(f"   ERROR: {e.diag.message_primary}")
+        if guard:
+            return _guarded_end(
+                say, settings, dsn, before, stop_web, web, stop_capture, cap, captured, keep, start
+            )
         gone = {
             k: sum(1 for r in before if r[0] == k) for k in ("events", "tickets", "registrations")
         }
@@ -198,13 +215,83 @@ def run_demo(say: Callable[[str], None], keep: bool = False) -> bool:
             f"   web writes intact: {'yes' if web_ok else 'NO'} ({len(written)} registrations, "
             f"{len(logins)} accounts' last_login)"
         )
-        say(
-            f"\nDone in {time.monotonic() - start:.1f}s. The audit store was {settings.store}"
-            + ("" if keep else " (removed)")
-        )
-        if not keep:
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(settings.store + suffix):
-                    os.remove(settings.store + suffix)
-            os.rmdir(workdir)
+        _done(say, settings, keep, start)
         return restored and web_ok
+
+
+def _guarded_end(
+    say: Callable[[str], None],
+    settings: Settings,
+    dsn: str,
+    before: list[Any],
+    stop_web: threading.Event,
+    web: threading.Thread,
+    stop_capture: threading.Event,
+    cap: threading.Thread,
+    captured: dict[str, Any],
+    keep: bool,
+    start: float,
+) -> bool:
+    """The guarded incident after the script ran: nothing lost, the refusal recorded."""
+    time.sleep(0.5)
+    stop_web.set()
+    web.join()
+    stop_capture.set()
+    cap.join()
+    if "error" in captured:
+        raise captured["error"]
+    capture(settings, once=True)
+    say("\n5. On-call: undo sessions --app usage-metrics")
+    db = open_store(settings.store)
+    rows = queries.sessions(db, app="usage-metrics")
+    for line in table(
+        rows,
+        ["session_id", "application_name", "user", "transactions", "deletes", "guard_refusals"],
+    ).splitlines():
+        say(f"   {line}")
+    refusals = queries.guard_refusals(db)
+    say("\n6. The dashboard (undo serve) lists it under 'Writes refused by guards':")
+    page = b"".join(
+        make_app(settings)(
+            {
+                "REQUEST_METHOD": "GET",
+                "PATH_INFO": "/",
+                "QUERY_STRING": "",
+                "HTTP_HOST": "127.0.0.1",
+                "wsgi.url_scheme": "http",
+            },
+            lambda status, headers: None,
+        )
+    )
+    on_dashboard = b"usage-metrics*" in page
+    for r in refusals:
+        statement = " ".join(
+            line for line in (r["statement"] or "").splitlines() if not line.startswith("--")
+        )
+        say(f"   {r['refused_at']}  {r['guard']}  {r['application_name']}:  {statement.strip()}")
+    say("\n7. Check: nothing was lost")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        after = sorted(c.execute(AFFECTED).fetchall())
+    intact = set(before) <= set(after)  # the web kept adding registrations
+    say(
+        f"   the rows the script meant to delete are all there: {'yes' if intact else 'NO'}"
+        f" ({len(before)} rows)"
+    )
+    say(
+        f"   the refusal is stored and on the dashboard: "
+        f"{'yes' if refusals and on_dashboard else 'NO'}"
+    )
+    _done(say, settings, keep, start)
+    return intact and bool(refusals) and on_dashboard
+
+
+def _done(say: Callable[[str], None], settings: Settings, keep: bool, start: float) -> None:
+    say(
+        f"\nDone in {time.monotonic() - start:.1f}s. The audit store was {settings.store}"
+        + ("" if keep else " (removed)")
+    )
+    if not keep:
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(settings.store + suffix):
+                os.remove(settings.store + suffix)
+        os.rmdir(os.path.dirname(settings.store))

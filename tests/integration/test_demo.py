@@ -14,3 +14,12 @@ def test_demo_restores_every_row_and_keeps_the_web_writes(cluster):
     assert "deleted rows restored exactly: yes" in text
     assert "web writes intact: yes" in text
     assert "usage-metrics" in text and "applied atomically" in text
+
+
+def test_guarded_demo_loses_nothing_and_records_the_refusal(cluster):
+    lines: list[str] = []
+    assert run_demo(lines.append, guard=True) is True
+    text = "\n".join(lines)
+    assert "ERROR: undo guard usage-metrics*" in text
+    assert "the rows the script meant to delete are all there: yes" in text
+    assert "the refusal is stored and on the dashboard: yes" in text

@@ -41,40 +41,53 @@ def sessions(
     """One row per session and tag that wrote, newest first (a forged tag claiming a session is
     its own row, never merged into the real one); filters apply to its transactions;
     ``undone_filter`` keeps only sessions some undo undid (True) or none did (False).
+    ``guard_refusals`` counts the session's writes a guard refused; a session whose every
+    write was refused is a row too (no transactions).
 
     Tables touched come from the activity aggregates, not from scanning the changes.
     """
-    where = ["1 = 1"]
-    params: list[Any] = []
-    if since:
-        where.append("t.commit_time >= ?")
-        params.append(since)
-    if until:
-        where.append("t.commit_time < ?")
-        params.append(until)
-    if app is not None:
-        where.append("t.application_name = ?")
-        params.append(app)
-    if user is not None:
-        where.append("t.user_name = ?")
-        params.append(user)
+
+    def filters(time: str, alias: str) -> tuple[str, list[Any]]:
+        where = ["1 = 1"]
+        params: list[Any] = []
+        for cond, value in (
+            (f"{alias}.{time} >= ?", since or None),
+            (f"{alias}.{time} < ?", until or None),
+            (f"{alias}.application_name = ?", app),
+            (f"{alias}.user_name = ?", user),
+        ):
+            if value is not None:
+                where.append(cond)
+                params.append(value)
+        return " AND ".join(where), params
+
+    where, params = filters("commit_time", "t")
     for name in tables or []:
         schema, table = resolve_table(db, name)
-        where.append(
-            f"{ACTIVITY_SESSION_SQL} IN (SELECT a.session_id FROM activity a"  # noqa: S608 (a constant)
+        where += (
+            f" AND {ACTIVITY_SESSION_SQL} IN (SELECT a.session_id FROM activity a"  # noqa: S608 (a constant)
             " JOIN relations r ON r.id = a.relation WHERE r.schema_name = ? AND r.table_name = ?)"
         )
         params += [schema, table]
+    # writes a guard refused count under the session that tried (no table: not with --table)
+    g_where, g_params = filters("refused_at", "g")
+    if tables:
+        g_where = "0"
+        g_params = []
     query = (
-        "SELECT t.session_id, max(t.application_name) AS application_name,"  # noqa: S608
-        " max(t.user_name) AS user, max(t.client_addr) AS client_addr,"
-        " min(t.commit_time) AS first_change_at, max(t.commit_time) AS last_change_at,"
-        " count(*) AS transactions, sum(t.inserts) AS inserts, sum(t.updates) AS updates,"
-        " sum(t.deletes) AS deletes, t.tag AS tag, t.tag_reason AS tag_reason"
-        " FROM transactions t WHERE " + " AND ".join(where) + " GROUP BY t.session_id, t.tag,"
-        " t.tag_reason"
-        " ORDER BY last_change_at DESC"
+        "SELECT session_id, max(application_name) AS application_name,"  # noqa: S608
+        " max(user_name) AS user, max(client_addr) AS client_addr,"
+        " min(at) AS first_change_at, max(at) AS last_change_at,"
+        " sum(txn) AS transactions, sum(inserts) AS inserts, sum(updates) AS updates,"
+        " sum(deletes) AS deletes, sum(1 - txn) AS guard_refusals, tag, tag_reason FROM ("
+        " SELECT t.session_id, t.application_name, t.user_name, t.client_addr,"
+        " t.commit_time AS at, 1 AS txn, t.inserts, t.updates, t.deletes, t.tag, t.tag_reason"
+        " FROM transactions t WHERE " + where + " UNION ALL"
+        " SELECT g.session_id, g.application_name, g.user_name, g.client_addr, g.refused_at,"
+        " 0, 0, 0, 0, g.tag, g.tag_reason FROM guard_refusals g WHERE " + g_where + ")"
+        " GROUP BY session_id, tag, tag_reason ORDER BY last_change_at DESC"
     )
+    params += g_params
     if limit is not None:
         query += " LIMIT ? OFFSET ?"
         params += [limit, offset]
@@ -231,12 +244,29 @@ def changes_of(db: Database, txn_ids: list[int]) -> list[dict[str, Any]]:
     return out
 
 
-def show(db: Database, session_id: str | None = None, xid: int | None = None) -> dict[str, Any]:
-    txns = (
-        transactions_of_session(db, session_id)
-        if session_id is not None
-        else transactions_by_xid(db, [xid or 0])
+def guard_refusals(db: Database, session_id: str | None = None) -> list[dict[str, Any]]:
+    """Writes a guard refused, oldest first (of one session, if given)."""
+    return _rows(
+        db,
+        "SELECT refused_at, guard, reason, session_id, application_name, user_name AS user,"
+        " client_addr, statement, tag, tag_reason FROM guard_refusals"
+        " WHERE ? IS NULL OR session_id = ? ORDER BY lsn",
+        [session_id, session_id],
     )
+
+
+def show(db: Database, session_id: str | None = None, xid: int | None = None) -> dict[str, Any]:
+    refusals = guard_refusals(db, session_id) if session_id is not None else []
+    try:
+        txns = (
+            transactions_of_session(db, session_id)
+            if session_id is not None
+            else transactions_by_xid(db, [xid or 0])
+        )
+    except NotFound:
+        if not refusals:
+            raise
+        txns = []
     changes = changes_of(db, [t["id"] for t in txns])
     by_txn: dict[int, list[dict[str, Any]]] = {}
     for c in changes:
@@ -245,7 +275,8 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
     undone = undone_sessions(db)
     return {
         "session_id": sid,
-        "undone": undone.get((sid, "trusted")) or undone.get((sid, txns[0]["tag"])),
+        "undone": undone.get((sid, "trusted"))
+        or (undone.get((sid, txns[0]["tag"])) if txns else None),
         "transactions": [
             {
                 "xid": t["xid"],
@@ -259,6 +290,7 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
             }
             for t in txns
         ],
+        "guard_refusals": refusals,
     }
 
 

@@ -224,6 +224,33 @@ def m007_tag_reason(db: Database) -> None:
     )
 
 
+@migrations()
+def m008_guard_refusals(db: Database) -> None:
+    """guard_refusals: writes a guard refused (undo guard), one row per refused transaction,
+    from the source's non-transactional message; ``lsn`` makes a message sent twice one row."""
+    db.executescript(
+        """
+        CREATE TABLE guard_refusals (
+            id INTEGER PRIMARY KEY,
+            lsn INTEGER NOT NULL UNIQUE,
+            refused_at TEXT NOT NULL,
+            guard TEXT,
+            reason TEXT,
+            session_id TEXT,
+            application_name TEXT,
+            user_name TEXT,
+            client_addr TEXT,
+            backend_pid INTEGER,
+            statement TEXT,
+            tag TEXT NOT NULL,
+            tag_reason TEXT
+        );
+        CREATE INDEX guard_refusals_time ON guard_refusals (refused_at);
+        CREATE INDEX guard_refusals_session ON guard_refusals (session_id);
+        """
+    )
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)

@@ -197,6 +197,31 @@ class StoreWriter:
         assert txn is not None
         txn.ledger = content
 
+    def add_refusal(self, lsn: int, tag: dict[str, Any], untrusted: str | None) -> None:
+        """A write a guard refused (a non-transactional message, outside any transaction):
+        stored with the batch; sent again after a restart, it is the same row (its LSN)."""
+        self._open_batch()
+        session: dict[str, Any] = tag.get("session") or {}
+        self.conn.execute(
+            "INSERT INTO guard_refusals (lsn, refused_at, guard, reason, session_id,"
+            " application_name, user_name, client_addr, backend_pid, statement, tag, tag_reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (lsn) DO NOTHING",
+            (
+                lsn,
+                tag.get("at") or iso(datetime.now(UTC)),
+                tag.get("guard"),
+                tag.get("reason"),
+                session.get("session_id"),
+                tag.get("application_name"),
+                session.get("user"),
+                session.get("client_addr"),
+                session.get("pid"),
+                tag.get("statement"),
+                "trusted" if untrusted is None else "untrusted",
+                untrusted,
+            ),
+        )
+
     def _write_ledger(self, txn: _Txn, commit: Commit) -> None:
         """Mirror an undo's ledger entries in undos: what it undid, by store transaction."""
         assert txn.ledger is not None

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "undo"
 MARK_PREFIX = "undo.mark"
+GUARD_PREFIX = "undo.guard"  # undo.tag(): a write a guard refused (non-transactional)
 LEDGER_PREFIX = "undo.ledger"  # undo.record_undo: an undo's ledger entries, mirrored in undos
 BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
@@ -64,7 +65,10 @@ def _fields(**kw: Any) -> dict[str, Any]:
 
 
 def verify_tag(
-    content: bytes, key: bytes | None, xid: int, session_keys: dict[bytes, bytes] | None = None
+    content: bytes,
+    key: bytes | None,
+    xid: int | None,
+    session_keys: dict[bytes, bytes] | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """Parse and check a tag message: (tag, None) when trusted, else (what could be read of it,
     why not: 'forged', 'replayed' or 'malformed').
@@ -72,7 +76,8 @@ def verify_tag(
     The message is ``HMAC || session JSON || "\\n" || transaction JSON``. The HMAC-SHA256 is
     under the session's key, which is HMAC-SHA256(master key, session JSON): undo.session_tag()
     gives a session the key of its own session part only. A valid tag of another transaction
-    (its xid is not this one's) is a replay. ``session_keys`` caches derived keys.
+    (its xid is not this one's) is a replay; ``xid`` None skips that check. ``session_keys``
+    caches derived keys.
     """
     mac, msg = content[:64], content[64:]
     head, sep, rest = msg.partition(b"\n")
@@ -97,6 +102,8 @@ def verify_tag(
     if not hmac.compare_digest(good, mac):
         return tag, "forged"
     full = extra.get("xid")
+    if xid is None:  # a message outside any transaction (a guard's refusal): nothing to bind
+        return tag, None
     if not isinstance(full, int) or full % 2**32 != xid:
         return tag, "replayed"
     return tag, None
@@ -432,6 +439,9 @@ class _Session:
                 elif rec.prefix == LEDGER_PREFIX and rec.transactional and in_txn:
                     if not self.skipping:
                         writer.set_ledger(rec.content)
+                elif rec.prefix == GUARD_PREFIX and not rec.transactional and not in_txn:
+                    tag, why = verify_tag(rec.content, self.key, None, self.session_keys)
+                    writer.add_refusal(rec.lsn, tag, why)
                 elif (
                     rec.prefix == MARK_PREFIX
                     and not rec.transactional
@@ -475,7 +485,8 @@ def capture(
         options = pgoutput.plugin_options(get_meta(db, "publication") or settings.slot)
     else:
         options = wal2json.plugin_options(get_meta(db, "numbers_as_strings") == "1")
-        options.append(("add-msg-prefixes", f"{TAG_PREFIX},{MARK_PREFIX},{LEDGER_PREFIX}"))
+        prefixes = (TAG_PREFIX, MARK_PREFIX, LEDGER_PREFIX, GUARD_PREFIX)
+        options.append(("add-msg-prefixes", ",".join(prefixes)))
     writer = StoreWriter(db)
     transactions = changes = 0
     attempt = 0

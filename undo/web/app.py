@@ -284,6 +284,7 @@ class App:
             count = int(now - first) // bucket + 1
             rows = queries.activity(db, by="app", since=since, bucket_seconds=bucket)
             health = queries.status(db)
+            refused = queries.guard_refusals(db)[-20:][::-1]
         finally:
             db.conn.close()
         by_app: dict[str, list[dict[str, Any]]] = {}
@@ -323,6 +324,7 @@ class App:
             f"<li>WAL held by the slot: {wal_held}</li>"
             f"<li>capture lag (age of the oldest commit not yet stored): {capture_lag}</li>"
             f"<li>gaps in the audit trail:<ul>{gaps}</ul></li></ul>"
+            f"<h2>Writes refused by guards</h2>{_refusals(refused, link=True)}"
             f"<h2>Write activity per application</h2>{form}<div class='cards'>{cards or ''}</div>"
         )
         return _page("Overview", body)
@@ -384,6 +386,7 @@ class App:
                     str(r["inserts"]),
                     str(r["updates"]),
                     str(r["deletes"]),
+                    str(r["guard_refusals"]),
                     escape(", ".join(r["tables"])),
                     _e(render.tag(r["tag"], r["tag_reason"])),
                     _e(render.undone(r["undone"])),
@@ -400,6 +403,7 @@ class App:
                 "inserts",
                 "updates",
                 "deletes",
+                "refused",
                 "tables",
                 "tag",
                 "undone",
@@ -420,7 +424,13 @@ class App:
         page = _page_number(q)
         db = open_store(self.settings.store)
         try:
-            txns = queries.transactions_of_session(db, session_id)
+            refused = queries.guard_refusals(db, session_id)
+            try:
+                txns = queries.transactions_of_session(db, session_id)
+            except NotFound:
+                if not refused:
+                    raise
+                txns = []
             undone = queries.undone_sessions(db).get((session_id, "trusted"))
             total = sum(t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in txns)
             changes = queries.changes_page(db, [t["id"] for t in txns], PAGE, (page - 1) * PAGE)
@@ -481,6 +491,7 @@ class App:
             nav.append(f"<a href='?page={page + 1}'>next →</a>")
         body = (
             (f"<p><strong>Undone</strong>: {_e(render.undone(undone))}</p>" if undone else "")
+            + (f"<h2>Writes refused by guards</h2>{_refusals(refused)}" if refused else "")
             + f"<h2>Transactions</h2>{tx_table}<h2>Row changes ({total})</h2>"
             + _table(rows, ["xid", "table", "op", "key", "old", "new"])
             + f"<p>page {page} {' '.join(nav)}</p><h2>Undo preview</h2>"
@@ -545,6 +556,30 @@ def _cells(cols: list[str], values: dict[str, Any], changed: set[str]) -> str:
     return "<br>".join(
         f"<span class='{'changed' if k in changed else ''}'>{escape(k)}={_e(values.get(k))}</span>"
         for k in cols
+    )
+
+
+def _refusals(rows: list[dict[str, Any]], link: bool = False) -> str:
+    """Writes a guard refused, as a table (with links to the sessions on the overview)."""
+    if not rows:
+        return "<p class='muted'>none</p>"
+    return _table(
+        (
+            [
+                _e(r["refused_at"]),
+                _e(r["guard"]),
+                _e(r["reason"]),
+                _e(r["application_name"]),
+                f"<a href='/sessions/{quote(r['session_id'] or '', safe='')}'>"
+                f"{_e(r['session_id'])}</a>"
+                if link and r["session_id"]
+                else _e(r["session_id"]),
+                _e(render.tag(r["tag"], r["tag_reason"])),
+                f"<code>{_e(r['statement'])}</code>",
+            ]
+            for r in rows
+        ),
+        ["refused at", "guard", "reason", "application", "session", "tag", "statement"],
     )
 
 

@@ -61,6 +61,16 @@ class StoreCollector(Collector):
             ):
                 untrusted.add_metric([reason or "unknown"], n)
             yield untrusted
+            refusals = CounterMetricFamily(
+                "undo_guard_refusals",
+                "Transactions a guard refused to let write, by guard and application",
+                labels=["guard", "application"],
+            )
+            for guard, app, n in db.execute(
+                "SELECT guard, application_name, count(*) FROM guard_refusals GROUP BY 1, 2"
+            ):
+                refusals.add_metric([guard or "", app or ""], n)
+            yield refusals
             last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
             gaps = db.execute("SELECT count(*) FROM gaps").fetchone()[0]
             if last:
