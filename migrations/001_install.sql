@@ -123,7 +123,7 @@ BEGIN
     -- attempt is recorded by a non-transactional message (it outlives the rollback), signed
     -- as a tag is, with the guard and the time.
     SELECT gd.pattern, gd.reason INTO g FROM undo.guards gd
-     WHERE pg_catalog.current_setting('application_name') LIKE undo.glob_like(gd.pattern)
+     WHERE pg_catalog.current_setting('application_name') LIKE gd.like_pattern
      ORDER BY gd.pattern LIMIT 1;
     IF FOUND THEN
         msg := pg_catalog.substr(s, 257)

@@ -16,6 +16,7 @@ $fn$;
 CREATE TABLE IF NOT EXISTS undo.guards (
     pattern text PRIMARY KEY,
     reason text,
+    like_pattern text NOT NULL GENERATED ALWAYS AS (undo.glob_like(pattern)) STORED,
     created_at timestamptz NOT NULL DEFAULT pg_catalog.statement_timestamp(),
     created_by name NOT NULL DEFAULT session_user
 );

@@ -63,6 +63,7 @@ class UndoReport:
     not_undoable: list[str] = field(default_factory=list)
     undo_xid: int | None = None
     untrusted_skipped: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> list[str]:
         verb = "undone" if self.applied else "to undo"
@@ -74,7 +75,7 @@ class UndoReport:
         lines += [f"conflict: {c}" for c in self.conflicts]
         if self.untrusted_skipped:
             lines.append(f"left out {self.untrusted_skipped} transaction(s) with an untrusted tag")
-        return lines
+        return lines + self.notes
 
 
 # -- the two runners ---------------------------------------------------------------------------
@@ -334,6 +335,7 @@ def _run(
     tables: dict[int, inverse.LiveTable],
     fire_triggers: bool,
     progress: Progress | None,
+    check_keys: bool = True,
 ) -> None:
     runner.statement(_ledger_call(plan))
     oids = {tables[r].version.oid: r for r in tables}
@@ -380,7 +382,7 @@ def _run(
                     for step in u.steps().values():
                         runner.step(step, u)
                 wrote()
-    if not fire_triggers:
+    if check_keys and not fire_triggers:
         for label, q in inverse.foreign_key_checks(
             conn,
             {
@@ -418,16 +420,23 @@ def undo(
     statement_timeout: str = "0",
     out: TextIO | None = None,
     progress: Progress | None = None,
+    inspect: Callable[[psycopg.Connection[Any]], None] | None = None,
 ) -> UndoReport:
     """Build the inverse of the target's changes; print it to ``out`` or apply it.
 
     Raises Refused (nothing changed, nothing printed) on conflicts with ``abort``, on changes
     already undone, or on changes that cannot be undone without ``skip``; with ``skip`` returns
-    a report whose conflicts are not empty.
+    a report whose conflicts are not empty. With ``inspect`` (and ``apply``), the undo runs,
+    ``inspect`` sees the database as it left it, and everything is rolled back.
     """
     db = open_store(settings.store)
     plan = select(db, target)
-    report = UndoReport(untrusted_skipped=plan.untrusted if target.xids == () else 0)
+    picked = target.session is not None or target.app is not None  # trusted tags only
+    report = UndoReport(untrusted_skipped=plan.untrusted if picked else 0)
+    if target.after is not None and (plan.untrusted or plan.untagged):
+        report.notes.append(
+            f"includes {plan.untagged} untagged and {plan.untrusted} untrusted transaction(s)"
+        )
     report.not_undoable = plan.not_undoable
     if report.not_undoable and on_conflict != "skip":
         raise Refused(
@@ -452,6 +461,7 @@ def undo(
                 lock_timeout,
                 statement_timeout,
                 progress,
+                inspect,
             )
         else:
             assert out is not None
@@ -477,6 +487,7 @@ def _apply(
     lock_timeout: str,
     statement_timeout: str,
     progress: Progress | None,
+    inspect: Callable[[psycopg.Connection[Any]], None] | None,
 ) -> None:
     try:
         for q in settings_sql:
@@ -490,7 +501,17 @@ def _apply(
             " (PostgreSQL 15+, as a superuser), or pass --fire-triggers"
         ) from None
     try:
-        _run(_Applier(conn, db, report), conn, db, plan, tables, fire_triggers, progress)
+        # what inspect reads is rolled back: rows whose parents other tables held may show
+        _run(
+            _Applier(conn, db, report),
+            conn,
+            db,
+            plan,
+            tables,
+            fire_triggers,
+            progress,
+            check_keys=inspect is None,
+        )
         if report.conflicts and on_conflict != "skip":
             conn.rollback()
             report.rows.clear()
@@ -498,6 +519,10 @@ def _apply(
                 f"{len(report.conflicts)} conflict(s), nothing changed:\n  "
                 + "\n  ".join(str(c) for c in report.conflicts)
             )
+        if inspect is not None:
+            inspect(conn)
+            conn.rollback()
+            return
         row = conn.execute("SELECT txid_current()").fetchone()
         report.undo_xid = int(row[0]) if row else None
         conn.commit()

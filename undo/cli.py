@@ -612,6 +612,84 @@ def guard_list(settings: Settings, as_json: bool) -> None:
     click.echo(render.table(rows, ["pattern", "reason", "created_at", "created_by", "refusals"]))
 
 
+@cli.command("table")
+@click.argument("tables", nargs=-1, required=True)
+@click.option("--to", "to", help="Undo every change committed after this time (a rewind).")
+@click.option("--as-of", "as_of", help="Print the rows as they were at this time; change nothing.")
+@click.option("--where", help='With --as-of: an SQL condition on those rows (e.g. "id = 7").')
+@click.option("--apply", is_flag=True, help="With --to: run it, in one transaction.")
+@click.option(
+    "--on-conflict",
+    type=click.Choice(["abort", "skip"]),
+    default="abort",
+    show_default=True,
+    help="abort: change nothing; skip: rewind the rest.",
+)
+@click.option(
+    "--fire-triggers",
+    is_flag=True,
+    help="Let user triggers fire (no session_replication_role = replica).",
+)
+@click.option("--lock-timeout", default="5s", show_default=True, callback=_duration)
+@click.option("--statement-timeout", default="0", show_default=True, callback=_duration)
+@json_option
+@pass_settings
+def table_cmd(
+    settings: Settings,
+    /,
+    tables: tuple[str, ...],
+    to: str | None,
+    as_of: str | None,
+    where: str | None,
+    apply: bool,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Rewind tables to a time (--to), or show a table as it was then (--as-of).
+
+    --to undoes every captured change to the tables committed after the time, whoever made it,
+    with the guarantees of `undo session`: prints the script to review, or --apply.
+
+    \b
+    Examples:
+      undo table public.accounts public.events --to 2026-01-19T10:25:00Z
+      undo table public.accounts --as-of 10:25 --where "id = 7"   (times: ISO 8601 or 90m)
+    """
+    from . import rewind
+
+    if (to is None) == (as_of is None):
+        raise _UserError("undo table needs exactly one of --to TIME and --as-of TIME", 2)
+    if as_of is not None:
+        if len(tables) != 1 or apply:
+            raise _UserError("--as-of takes one table and changes nothing (no --apply)", 2)
+        columns, rows = rewind.as_of(
+            settings,
+            tables[0],
+            parse_time(as_of),
+            where,
+            lock_timeout=options["lock_timeout"],
+            statement_timeout=options["statement_timeout"],
+        )
+        click.echo(render.to_json(rows) if as_json else render.table(rows, columns))
+        return
+    if where is not None:
+        raise _UserError("--where goes with --as-of", 2)
+    assert to is not None
+    bars = _Bars(click.get_current_context().find_root().meta.get("undo.progress", False))
+    report = rewind.rewind(
+        settings, tables, parse_time(to), apply=apply, out=sys.stdout, progress=bars, **options
+    )
+    bars.close()
+    if as_json:
+        click.echo(render.to_json(dataclasses.asdict(report)), err=True)
+    for line in report.summary():
+        _echo_err(line)
+    if apply and report.undo_xid is not None:
+        _echo_err(f"applied in xid {report.undo_xid}")
+    if report.conflicts or report.not_undoable:
+        sys.exit(1)
+
+
 @cli.command("history")
 @click.argument("table")
 @click.argument("key", nargs=-1, required=True)

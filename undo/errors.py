@@ -44,3 +44,7 @@ class Refused(UndoError):
 
 class NotRecorded(UndoError):
     """A well-formed question the store holds no answer to: a row with no recorded change."""
+
+
+class NothingToUndo(NotFound):
+    """A rewind to a time after which the store holds no change of those tables."""

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from sqlite_utils import Database
 
 from . import names
-from .errors import BadInput, NotFound, Refused
+from .errors import BadInput, NotFound, NothingToUndo, Refused
 from .store.queries import resolve_table
 
 OPS = {"delete": "D", "update": "U", "insert": "I"}
@@ -52,9 +52,13 @@ class Target:
     until: str | None = None
     only: frozenset[str] = frozenset(OPS.values())
     tables: tuple[str, ...] = ()
+    #: a rewind (undo table --to): every change committed after this time, whoever made it
+    after: str | None = None
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
+        if self.after is not None:
+            d["to"] = self.after
         if self.session is not None:
             d["session"] = self.session
         if self.xids:
@@ -79,6 +83,7 @@ class Plan:
     target: Target
     transactions: list[dict[str, Any]]
     untrusted: int = 0
+    untagged: int = 0
     tables: dict[int, TableVersion] = field(default_factory=dict)
     #: (transaction id, relation id, op) -> number of changes selected
     counts: Counter[tuple[int, int, str]] = field(default_factory=Counter)
@@ -137,6 +142,17 @@ def select(db: Database, target: Target) -> Plan:
     wanted = _resolve_tables(db, target.tables)
     where: list[str] = ["1 = 1"]
     params: list[Any] = []
+    if wanted is not None:  # only transactions that changed one of the tables
+        where.append(  # placeholders only
+            "id IN (SELECT x.txn FROM txn_changes x JOIN relations r ON r.id = x.relation"  # noqa: S608
+            " WHERE "
+            + " OR ".join(["(r.schema_name = ? AND r.table_name = ?)"] * len(wanted))
+            + ")"
+        )
+        params += [part for pair in sorted(wanted) for part in pair]
+    if target.after:
+        where.append("commit_time > ?")
+        params.append(target.after)
     if target.session is not None:
         where.append("session_id = ?")
         params.append(target.session)
@@ -167,6 +183,10 @@ def select(db: Database, target: Target) -> Plan:
             raise NotFound(
                 f"unknown xid(s) {', '.join(map(str, target.xids))}: see `undo sessions`"
             )
+        if target.after is not None:
+            raise NothingToUndo(
+                f"no change to {', '.join(target.tables)} was captured after {target.after}"
+            )
         raise NotFound(f"no transaction of application {target.app!r} in that time range")
     if target.xids:
         missing = set(target.xids) - {r["xid"] for r in rows}
@@ -180,7 +200,12 @@ def select(db: Database, target: Target) -> Plan:
             "every matching transaction carries an untrusted tag (forged or unsigned): "
             "undo them by xid with `undo xact` if you are sure"
         )
-    plan = Plan(target, rows, untrusted=len(untrusted))
+    plan = Plan(
+        target,
+        rows,
+        untrusted=len(untrusted),
+        untagged=sum(1 for r in rows if r["tag"] == "none"),
+    )
     _inventory(db, plan, wanted)
     if not plan.counts and not plan.not_undoable:
         raise NotFound("the selection holds no change to undo (check --table and --only)")

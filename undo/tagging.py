@@ -256,6 +256,12 @@ def init(
                 )
             with db.atomic():
                 set_meta(db, "position", str(new_position))
+                if position is None:  # the store's history starts here (undo table --to)
+                    now = conn.execute(
+                        "SELECT to_char(now() AT TIME ZONE 'UTC',"
+                        ' \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\')'
+                    ).fetchone()
+                    set_meta(db, "history_from", now[0] if now else None)
             report.changed.append(f"created slot {settings.slot} ({decoder})")
         with db.atomic():
             for k, v in {

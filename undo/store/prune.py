@@ -72,6 +72,12 @@ def prune(db: Database, before: str) -> PruneReport:
             )
     minute = int(epoch(before))
     with db.atomic():
+        # history before this is incomplete now: undo table --to refuses times before it
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('pruned_before', ?) ON CONFLICT (key)"
+            " DO UPDATE SET value = max(value, excluded.value)",
+            [before],
+        )
         db.execute(
             "DELETE FROM activity WHERE minute + 60 <= ? AND (session_id = '' OR session_id NOT IN"
             " (SELECT session_id FROM transactions WHERE session_id IS NOT NULL))",

@@ -227,7 +227,8 @@ def m007_tag_reason(db: Database) -> None:
 @migrations()
 def m008_guard_refusals(db: Database) -> None:
     """guard_refusals: writes a guard refused (undo guard), one row per refused transaction,
-    from the source's non-transactional message; ``lsn`` makes a message sent twice one row."""
+    from the source's non-transactional message; ``lsn`` makes a message sent twice one row.
+    And txn_changes by relation: the transactions that changed a table (undo table)."""
     db.executescript(
         """
         CREATE TABLE guard_refusals (
@@ -247,6 +248,7 @@ def m008_guard_refusals(db: Database) -> None:
         );
         CREATE INDEX guard_refusals_time ON guard_refusals (refused_at);
         CREATE INDEX guard_refusals_session ON guard_refusals (session_id);
+        CREATE INDEX txn_changes_relation ON txn_changes (relation, txn);
         """
     )
 

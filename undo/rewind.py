@@ -1,0 +1,174 @@
+"""`undo table`: put tables back as they were at a time, or show them as they were then.
+
+A rewind is an undo whose selection is every captured change to the tables committed after the
+time, whoever made it (untagged and untrusted transactions included, and counted): the same
+engine, guarantees and ledger as `undo session`. ``as_of`` runs that rewind in a transaction,
+reads the rows, and rolls it all back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import names, pg
+from .apply import UndoReport, undo
+from .config import Settings
+from .errors import NotFound, NothingToUndo, Refused
+from .plan import Target
+from .store.queries import resolve_table
+from .store.schema import get_meta, open_store
+
+
+def earliest(db: Any) -> str | None:
+    """The earliest time a rewind can reach: where the store's history starts (the slot made
+    by init; for stores made before that was recorded, their first commit), or the time
+    history was pruned before, whichever is later."""
+    start = get_meta(db, "history_from")
+    if start is None:
+        start = db.execute("SELECT min(commit_time) FROM transactions").fetchone()[0]
+    return max(filter(None, (start, get_meta(db, "pruned_before"))), default=None)
+
+
+def check_reachable(db: Any, time: str) -> None:
+    """Refuse a time before the store's history, or one a gap in the audit trail follows."""
+    first = earliest(db)
+    if first is not None and time < first:
+        raise Refused(
+            f"{time} is before the audit store's history: the earliest time it can rewind to"
+            f" is {first}"
+        )
+    before = db.execute(
+        "SELECT coalesce(max(end_lsn), 0) FROM transactions WHERE commit_time <= ?", [time]
+    ).fetchone()[0]
+    gap = db.execute(
+        "SELECT detected_at, reason FROM gaps WHERE detected_at > ?"
+        " AND (to_lsn IS NULL OR to_lsn > ?) ORDER BY id LIMIT 1",
+        [time, before],
+    ).fetchone()
+    if gap is not None:
+        raise Refused(
+            f"the audit trail has a gap after {time} ({gap[1]}; detected {gap[0]}): changes in"
+            " it are unknown, so the tables cannot be rewound past it"
+        )
+
+
+def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
+    """(OID, schema, name) of a table of the source that undo audits, named as in SQL."""
+    found = conn.execute(
+        "SELECT c.oid, n.nspname, c.relname FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
+        (table,),
+    ).fetchone()
+    if found is None:
+        raise NotFound(f"no table {table} in the source database")
+    audited = conn.execute(
+        "SELECT to_regclass('undo.audited') IS NOT NULL"
+        " AND EXISTS (SELECT FROM undo.audited WHERE relid = %s)",
+        (found[0],),
+    ).fetchone()
+    if not (audited and audited[0]):
+        raise Refused(
+            f"{names.quote(found[1], found[2])} is not audited by undo: its past is not recorded"
+        )
+    return found[0], found[1], found[2]
+
+
+def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any) -> UndoReport:
+    """Undo every captured change to ``tables`` committed after ``to``; ``options`` as for
+    ``undo`` (apply, on_conflict, out, ...). An audited table the store has no change of is
+    as it was."""
+    db = open_store(settings.store)
+    check_reachable(db, to)
+    recorded, notes = [], []
+    for t in tables:
+        try:
+            resolve_table(db, t)
+            recorded.append(t)
+        except NotFound:
+            with pg.connect(settings.dsn) as conn:
+                _, schema, name = _audited(conn, t)
+            notes.append(f"no change to {names.quote(schema, name)} is recorded: nothing to rewind")
+    try:
+        if not recorded:
+            return UndoReport(notes=notes)
+        report = undo(settings, Target(tables=tuple(recorded), after=to), **options)
+    except NothingToUndo as e:
+        return UndoReport(notes=[*notes, f"{e}: nothing to rewind"])
+    report.notes += notes
+    return report
+
+
+def as_of(
+    settings: Settings, table: str, time: str, where: str | None = None, **options: Any
+) -> tuple[list[str], list[dict[str, str | None]]]:
+    """The rows of ``table`` as they were at ``time`` (filtered by the SQL condition ``where``,
+    evaluated on those rows), as (columns, rows of text values). Changes nothing: the rewind
+    runs in a transaction that is rolled back, so it takes the same row locks an undo does for
+    as long as it runs (``lock_timeout`` bounds the wait for them). Foreign keys are not
+    checked: a row shows as it was even where its parent, in a table not rewound, is gone."""
+    check_reachable(open_store(settings.store), time)
+    with pg.connect(settings.dsn) as conn:
+        oid, schema, name = _audited(conn, table)
+        query = _rows_query(conn, oid, schema, name, where)
+    out: dict[str, Any] = {}
+
+    def read(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SET LOCAL transaction_read_only = on")  # the condition cannot write
+        cur = conn.execute(query)
+        out["columns"] = [d.name for d in cur.description or []]
+        out["rows"] = cur.fetchall()
+
+    try:
+        undo(
+            settings,
+            Target(tables=(names.quote(schema, name),), after=time),
+            apply=True,
+            inspect=read,
+            **options,
+        )
+    except NotFound:  # no change since (or ever): the rows are as they are
+        with pg.connect(settings.dsn, autocommit=False) as conn:
+            read(conn)
+            conn.rollback()
+    return out["columns"], [dict(zip(out["columns"], r, strict=True)) for r in out["rows"]]
+
+
+def _rows_query(
+    conn: psycopg.Connection[Any], oid: int, schema: str, name: str, where: str | None
+) -> sql.Composed:
+    """Every column as its output text (as the store keeps values), ordered by the primary key
+    (else by every column's text: some types have no order)."""
+    cols = [
+        r[0]
+        for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+            " AND NOT attisdropped ORDER BY attnum",
+            (oid,),
+        )
+    ]
+    key = [
+        r[0]
+        for r in conn.execute(
+            "SELECT a.attname FROM pg_index i CROSS JOIN unnest(i.indkey) WITH ORDINALITY k(n, o)"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n"
+            " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.o",
+            (oid,),
+        )
+    ]
+    return sql.SQL("SELECT {} FROM ONLY {} t WHERE {} ORDER BY {}").format(
+        sql.SQL(", ").join(
+            sql.SQL("CASE WHEN t.{0} IS NULL THEN NULL ELSE concat(t.{0}) END AS {0}").format(
+                sql.Identifier(c)
+            )
+            for c in cols
+        ),
+        sql.Identifier(schema, name),
+        sql.SQL(where) if where else sql.SQL("true"),  # the user's own SQL, by design
+        sql.SQL(", ").join(
+            [sql.SQL("t.{}").format(sql.Identifier(c)) for c in key]
+            or [sql.Composed([sql.Literal(i)]) for i in range(1, len(cols) + 1)]  # the texts
+        ),
+    )
