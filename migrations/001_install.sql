@@ -220,20 +220,5 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION undo.audit_table(regclass, text) FROM PUBLIC;
 
--- Tables created later in an audited schema are prepared as they are created.
-CREATE OR REPLACE FUNCTION undo.on_create_table() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-DECLARE
-    obj record;
-BEGIN
-    FOR obj IN
-        SELECT d.objid FROM pg_event_trigger_ddl_commands() d
-         WHERE d.object_type IN ('table') AND d.schema_name = ANY (SELECT unnest(schemas) FROM undo.config)
-    LOOP
-        PERFORM undo.audit_table(obj.objid::regclass);
-    END LOOP;
-END
-$fn$;
-REVOKE ALL ON FUNCTION undo.on_create_table() FROM PUBLIC;
+-- Tables created later in an audited schema are prepared as they are created: undo.on_ddl
+-- (004_ddl.sql).

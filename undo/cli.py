@@ -354,6 +354,12 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
     click.echo(f"session {result['session_id']}: {len(txns)} transaction(s), {total} change(s)")
     if result.get("undone"):
         click.echo(f"undone: {render.undone(result['undone'])}")
+    for d in result.get("ddl") or []:
+        click.echo(
+            f"DDL {d['command']} {d['object'] or ''}  xid {d['xid']}  {d['commit_time']}"
+            f"  statement: {d['statement'] or ''}"
+            + ("" if d["tag"] == "trusted" else f"  tag {d['tag']} ({d['tag_reason']})")
+        )
     for g in result.get("guard_refusals") or []:
         click.echo(
             f"refused by guard {g['guard']} at {g['refused_at']}"
@@ -602,7 +608,10 @@ def guard_remove(settings: Settings, pattern: str) -> None:
 @json_option
 @pass_settings
 def guard_list(settings: Settings, as_json: bool) -> None:
-    """The guards and how many writes each refused (as far as the store knows)."""
+    """The guards and how many writes each refused (as far as the store knows).
+
+    Example: undo guard list --json
+    """
     from . import guard
 
     rows = guard.list_guards(settings)
@@ -650,10 +659,9 @@ def table_cmd(
     --to undoes every captured change to the tables committed after the time, whoever made it,
     with the guarantees of `undo session`: prints the script to review, or --apply.
 
-    \b
-    Examples:
-      undo table public.accounts public.events --to 2026-01-19T10:25:00Z
-      undo table public.accounts --as-of 10:25 --where "id = 7"   (times: ISO 8601 or 90m)
+    Example: undo table public.accounts public.events --to 2026-01-19T10:25:00Z
+
+    Example: undo table public.accounts --as-of 90m --where "id = 7"
     """
     from . import rewind
 

@@ -174,6 +174,9 @@ def select(db: Database, target: Target) -> Plan:
     )
     cols = [d[0] for d in cur.description]
     rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+    blind = _blind_spots(db, target, wanted)
+    if not rows and blind:
+        raise Refused("cannot undo: " + "; ".join(blind))
     if not rows:
         if target.session is not None:
             raise NotFound(
@@ -207,9 +210,34 @@ def select(db: Database, target: Target) -> Plan:
         untagged=sum(1 for r in rows if r["tag"] == "none"),
     )
     _inventory(db, plan, wanted)
+    plan.not_undoable += blind
     if not plan.counts and not plan.not_undoable:
         raise NotFound("the selection holds no change to undo (check --table and --only)")
     return plan
+
+
+def _blind_spots(db: Database, target: Target, wanted: set[tuple[str, str]] | None) -> list[str]:
+    """What the selected session (or transactions) did by DDL that capture could not see
+    (gaps of kind 'table': a rewrite, an unlogged table, the tag trigger off, ...)."""
+    params: list[Any]
+    if target.session is not None:
+        cond, params = "session_id = ?", [target.session]
+    elif target.xids:
+        cond, params = f"xid IN ({','.join('?' * len(target.xids))})", list(target.xids)
+    else:
+        return []
+    quoted = None if wanted is None else {names.quote(s, t) for s, t in wanted}
+    return [
+        f"{table} in xid {xid}: {reason} (DDL of this {'session' if target.session else 'xid'}"
+        ": what capture did not see cannot be undone)"
+        for table, xid, reason in db.execute(
+            "SELECT table_name, xid, reason FROM gaps WHERE kind = 'table' AND "  # noqa: S608
+            + cond
+            + " ORDER BY id",
+            params,
+        )
+        if quoted is None or table in quoted
+    ]
 
 
 def _resolve_tables(db: Database, tables: tuple[str, ...]) -> set[tuple[str, str]] | None:

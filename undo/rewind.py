@@ -8,6 +8,7 @@ reads the rows, and rolls it all back.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg
@@ -32,8 +33,9 @@ def earliest(db: Any) -> str | None:
     return max(filter(None, (start, get_meta(db, "pruned_before"))), default=None)
 
 
-def check_reachable(db: Any, time: str) -> None:
-    """Refuse a time before the store's history, or one a gap in the audit trail follows."""
+def check_reachable(db: Any, time: str, tables: tuple[str, ...] = ()) -> None:
+    """Refuse a time before the store's history, or one a gap in the audit trail follows (a
+    gap of the stream, or of one of ``tables``: DDL that capture could not see through)."""
     first = earliest(db)
     if first is not None and time < first:
         raise Refused(
@@ -43,16 +45,21 @@ def check_reachable(db: Any, time: str) -> None:
     before = db.execute(
         "SELECT coalesce(max(end_lsn), 0) FROM transactions WHERE commit_time <= ?", [time]
     ).fetchone()[0]
-    gap = db.execute(
-        "SELECT detected_at, reason FROM gaps WHERE detected_at > ?"
-        " AND (to_lsn IS NULL OR to_lsn > ?) ORDER BY id LIMIT 1",
+    quoted = set()
+    for t in tables:
+        with contextlib.suppress(NotFound):  # a table with no recorded change has no gap either
+            quoted.add(names.quote(*resolve_table(db, t)))
+    for at, reason, kind, table in db.execute(
+        "SELECT detected_at, reason, kind, table_name FROM gaps WHERE (detected_at > ?"
+        " AND (to_lsn IS NULL OR to_lsn > ?)) OR (kind = 'table' AND to_lsn IS NULL) ORDER BY id",
         [time, before],
-    ).fetchone()
-    if gap is not None:
-        raise Refused(
-            f"the audit trail has a gap after {time} ({gap[1]}; detected {gap[0]}): changes in"
-            " it are unknown, so the tables cannot be rewound past it"
-        )
+    ):
+        if kind == "stream" or table in quoted:
+            where = "the audit trail" if kind == "stream" else table
+            raise Refused(
+                f"{where} has a gap after {time} ({reason}; since {at}): changes in it are"
+                " unknown, so the tables cannot be rewound past it"
+            )
 
 
 def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
@@ -81,7 +88,7 @@ def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any)
     ``undo`` (apply, on_conflict, out, ...). An audited table the store has no change of is
     as it was."""
     db = open_store(settings.store)
-    check_reachable(db, to)
+    check_reachable(db, to, tables)
     recorded, notes = [], []
     for t in tables:
         try:
@@ -109,10 +116,10 @@ def as_of(
     runs in a transaction that is rolled back, so it takes the same row locks an undo does for
     as long as it runs (``lock_timeout`` bounds the wait for them). Foreign keys are not
     checked: a row shows as it was even where its parent, in a table not rewound, is gone."""
-    check_reachable(open_store(settings.store), time)
     with pg.connect(settings.dsn) as conn:
         oid, schema, name = _audited(conn, table)
         query = _rows_query(conn, oid, schema, name, where)
+    check_reachable(open_store(settings.store), time, (names.quote(schema, name),))
     out: dict[str, Any] = {}
 
     def read(conn: psycopg.Connection[Any]) -> None:

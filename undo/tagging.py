@@ -52,6 +52,14 @@ def _publish_generated(conn: psycopg.Connection[Any], publication: str) -> bool:
     return True
 
 
+#: the event triggers init makes (superuser only), all calling undo.on_ddl (004_ddl.sql)
+EVENT_TRIGGERS = {
+    "undo_ddl": "ddl_command_end",
+    "undo_ddl_drop": "sql_drop",
+    "undo_ddl_rewrite": "table_rewrite",
+}
+
+
 @dataclass
 class InitReport:
     changed: list[str] = field(default_factory=list)
@@ -193,18 +201,31 @@ def init(
                         f"prepared {count} table(s): REPLICA IDENTITY FULL, trigger"
                     )
                 if superuser:
-                    if (
-                        conn.execute(
-                            "SELECT 1 FROM pg_event_trigger WHERE evtname = 'undo_create_table'"
-                        ).fetchone()
-                        is None
-                    ):
-                        conn.execute(
-                            "CREATE EVENT TRIGGER undo_create_table ON ddl_command_end"
-                            " WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')"
-                            " EXECUTE FUNCTION undo.on_create_table()"
+                    # before DDL was recorded, one event trigger prepared new tables
+                    conn.execute("DROP EVENT TRIGGER IF EXISTS undo_create_table")
+                    conn.execute("DROP FUNCTION IF EXISTS undo.on_create_table()")
+                    made = False
+                    for name, event in EVENT_TRIGGERS.items():
+                        if (
+                            conn.execute(
+                                "SELECT 1 FROM pg_event_trigger WHERE evtname = %s", (name,)
+                            ).fetchone()
+                            is None
+                        ):
+                            conn.execute(
+                                sql.SQL(
+                                    "CREATE EVENT TRIGGER {} ON {} EXECUTE FUNCTION {}()"
+                                ).format(
+                                    sql.Identifier(name),
+                                    sql.Identifier(event),
+                                    sql.Identifier("undo", "on_ddl"),
+                                )
+                            )
+                            made = True
+                    if made:
+                        report.changed.append(
+                            "created the event triggers: new tables are audited, DDL recorded"
                         )
-                        report.changed.append("created the event trigger for new tables")
                 else:
                     report.warnings.append(
                         "not a superuser: no event trigger, so run `undo init` again after"
@@ -288,7 +309,10 @@ def uninstall(settings: Settings) -> list[str]:
         if slot is not None and slot[0] is not None:
             raise UndoError(f"slot {settings.slot} is in use (pid {slot[0]}): stop `undo capture`")
         with conn.transaction():
-            conn.execute("DROP EVENT TRIGGER IF EXISTS undo_create_table")
+            for name in ("undo_create_table", *EVENT_TRIGGERS):
+                conn.execute(
+                    sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name))
+                )
             rows = conn.execute(
                 "SELECT n.nspname, c.relname, a.prior_identity, c.relreplident"
                 " FROM undo.audited a JOIN pg_class c ON c.oid = a.relid"

@@ -255,8 +255,22 @@ def guard_refusals(db: Database, session_id: str | None = None) -> list[dict[str
     )
 
 
+def ddl_of(
+    db: Database, session_id: str | None = None, xid: int | None = None
+) -> list[dict[str, Any]]:
+    """DDL a session (or a transaction) ran on audited schemas, in order."""
+    return _rows(
+        db,
+        "SELECT commit_time, xid, command, object_type, object, statement, tag, tag_reason"
+        " FROM ddl WHERE (? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?)"
+        " ORDER BY id",
+        [session_id, session_id, xid, xid],
+    )
+
+
 def show(db: Database, session_id: str | None = None, xid: int | None = None) -> dict[str, Any]:
     refusals = guard_refusals(db, session_id) if session_id is not None else []
+    ddl = ddl_of(db, session_id, xid)
     try:
         txns = (
             transactions_of_session(db, session_id)
@@ -264,14 +278,14 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
             else transactions_by_xid(db, [xid or 0])
         )
     except NotFound:
-        if not refusals:
+        if not refusals and not ddl:
             raise
         txns = []
     changes = changes_of(db, [t["id"] for t in txns])
     by_txn: dict[int, list[dict[str, Any]]] = {}
     for c in changes:
         by_txn.setdefault(c.pop("txn"), []).append(c)
-    sid = session_id if session_id is not None else txns[0]["session_id"]
+    sid = session_id if session_id is not None or not txns else txns[0]["session_id"]
     undone = undone_sessions(db)
     return {
         "session_id": sid,
@@ -291,6 +305,7 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
             for t in txns
         ],
         "guard_refusals": refusals,
+        "ddl": ddl,
     }
 
 
@@ -298,7 +313,11 @@ def status(db: Database) -> dict[str, Any]:
     last = db.execute(
         "SELECT commit_time, end_lsn FROM transactions ORDER BY id DESC LIMIT 1"
     ).fetchone()
-    gaps = _rows(db, "SELECT detected_at, from_lsn, to_lsn, reason FROM gaps ORDER BY id")
+    gaps = _rows(
+        db,
+        'SELECT kind, table_name AS "table", session_id, from_lsn, to_lsn,'
+        " detected_at AS at, reason, detected_at FROM gaps ORDER BY id",
+    )
     counts = db.execute(
         "SELECT count(*), coalesce(sum(inserts + updates + deletes + truncates), 0)"
         " FROM transactions"

@@ -253,6 +253,38 @@ def m008_guard_refusals(db: Database) -> None:
     )
 
 
+@migrations()
+def m009_ddl(db: Database) -> None:
+    """ddl: DDL commands on audited schemas, with their transaction's attribution; gaps gain
+    a kind ('stream': the slot; 'table': DDL made capture of a table incomplete), the table,
+    the session and the transaction's xid."""
+    db.executescript(
+        """
+        CREATE TABLE ddl (
+            id INTEGER PRIMARY KEY,
+            commit_lsn INTEGER NOT NULL,
+            commit_time TEXT NOT NULL,
+            xid INTEGER NOT NULL,
+            session_id TEXT,
+            application_name TEXT,
+            user_name TEXT,
+            statement TEXT,
+            command TEXT NOT NULL,
+            object_type TEXT,
+            object TEXT,
+            tag TEXT NOT NULL,
+            tag_reason TEXT
+        );
+        CREATE INDEX ddl_lsn ON ddl (commit_lsn);
+        CREATE INDEX ddl_session ON ddl (session_id);
+        ALTER TABLE gaps ADD COLUMN kind TEXT NOT NULL DEFAULT 'stream';
+        ALTER TABLE gaps ADD COLUMN table_name TEXT;
+        ALTER TABLE gaps ADD COLUMN session_id TEXT;
+        ALTER TABLE gaps ADD COLUMN xid INTEGER;
+        """
+    )
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)

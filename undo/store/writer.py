@@ -47,6 +47,7 @@ class _Txn:
 
     __slots__ = (
         "counts",
+        "ddl",
         "first_change",
         "id",
         "ledger",
@@ -70,6 +71,8 @@ class _Txn:
         self.trusted: bool | None = None
         self.reason: str | None = None  # why the tag is not trusted
         self.ledger: bytes | None = None
+        #: DDL messages (undo.on_ddl): (message, why untrusted or None)
+        self.ddl: list[tuple[dict[str, Any], str | None]] = []
 
 
 class StoreWriter:
@@ -191,6 +194,73 @@ class StoreWriter:
         if txn.tag is None or not txn.trusted:
             txn.tag, txn.trusted, txn.reason = tag, untrusted is None, untrusted
 
+    def add_ddl(self, doc: dict[str, Any], untrusted: str | None) -> None:
+        """DDL the transaction ran on audited schemas (undo.on_ddl's message)."""
+        txn = self.txn
+        assert txn is not None
+        txn.ddl.append((doc, untrusted))
+
+    def _write_ddl(self, txn: _Txn, commit: Commit) -> None:
+        """The transaction's DDL, and the gaps it opened or closed: a table capture is
+        incomplete for (unlogged, replica identity not full, tag trigger off) is an open gap
+        until an ALTER TABLE leaves it with no problem; a rewrite is a gap of its own."""
+        for doc, why in txn.ddl:
+            session: dict[str, Any] = doc.get("session") or {}
+            who = (
+                commit.commit_lsn,
+                commit.commit_time,
+                txn.xid,
+                session.get("session_id"),
+                doc.get("application_name"),
+                session.get("user"),
+                doc.get("statement"),
+            )
+            tag = ("trusted" if why is None else "untrusted", why)
+            for cmd in doc.get("ddl") or []:
+                if isinstance(cmd, dict):
+                    self.conn.execute(
+                        "INSERT INTO ddl (commit_lsn, commit_time, xid, session_id,"
+                        " application_name, user_name, statement, command, object_type, object,"
+                        " tag, tag_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            *who,
+                            cmd.get("command") or "",
+                            cmd.get("object_type"),
+                            cmd.get("object"),
+                            *tag,
+                        ),
+                    )
+            for state in doc.get("state") or []:
+                if not isinstance(state, dict):
+                    continue
+                table, problems = state.get("table"), state.get("problems") or []
+                if not problems:
+                    self.conn.execute(
+                        "UPDATE gaps SET to_lsn = ? WHERE kind = 'table' AND table_name = ?"
+                        " AND to_lsn IS NULL",
+                        (commit.commit_lsn, table),
+                    )
+                for problem in problems:
+                    open_already = self.conn.execute(
+                        "SELECT 1 FROM gaps WHERE kind = 'table' AND table_name = ?"
+                        " AND reason = ? AND to_lsn IS NULL",
+                        (table, problem),
+                    ).fetchone()
+                    if open_already is None:
+                        self.conn.execute(
+                            "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason, kind,"
+                            " table_name, session_id, xid) VALUES (?, ?, ?, ?, 'table', ?, ?, ?)",
+                            (
+                                commit.commit_time,
+                                commit.commit_lsn,
+                                commit.commit_lsn if state.get("rewrite") else None,
+                                problem,
+                                table,
+                                session.get("session_id"),
+                                txn.xid,
+                            ),
+                        )
+
     def set_ledger(self, content: bytes) -> None:
         """The transaction is an undo: its entries in the source's ledger (undo.record_undo)."""
         txn = self.txn
@@ -270,6 +340,8 @@ class StoreWriter:
             self.oldest_unstored = commit.commit_time
         if txn.ledger is not None:
             self._write_ledger(txn, commit)
+        if txn.ddl:
+            self._write_ddl(txn, commit)
         if txn.ord == 0:
             self.conn.execute("RELEASE txn")
             self.batch_position = max(self.batch_position, commit.end_lsn)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "undo"
 MARK_PREFIX = "undo.mark"
+DDL_PREFIX = "undo.ddl"  # undo.on_ddl(): DDL on audited schemas, in its transaction
 GUARD_PREFIX = "undo.guard"  # undo.tag(): a write a guard refused (non-transactional)
 LEDGER_PREFIX = "undo.ledger"  # undo.record_undo: an undo's ledger entries, mirrored in undos
 BATCH_CHANGES = 50_000
@@ -439,6 +440,11 @@ class _Session:
                 elif rec.prefix == LEDGER_PREFIX and rec.transactional and in_txn:
                     if not self.skipping:
                         writer.set_ledger(rec.content)
+                elif rec.prefix == DDL_PREFIX and rec.transactional and in_txn:
+                    if not self.skipping:
+                        writer.add_ddl(
+                            *verify_tag(rec.content, self.key, writer.txn_xid, self.session_keys)
+                        )
                 elif rec.prefix == GUARD_PREFIX and not rec.transactional and not in_txn:
                     tag, why = verify_tag(rec.content, self.key, None, self.session_keys)
                     writer.add_refusal(rec.lsn, tag, why)
@@ -485,7 +491,7 @@ def capture(
         options = pgoutput.plugin_options(get_meta(db, "publication") or settings.slot)
     else:
         options = wal2json.plugin_options(get_meta(db, "numbers_as_strings") == "1")
-        prefixes = (TAG_PREFIX, MARK_PREFIX, LEDGER_PREFIX, GUARD_PREFIX)
+        prefixes = (TAG_PREFIX, MARK_PREFIX, LEDGER_PREFIX, GUARD_PREFIX, DDL_PREFIX)
         options.append(("add-msg-prefixes", ",".join(prefixes)))
     writer = StoreWriter(db)
     transactions = changes = 0

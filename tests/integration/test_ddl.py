@@ -1,0 +1,130 @@
+"""DDL on audited schemas is on the record, and DDL that blinds capture is a gap of its table."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+import pytest
+from prometheus_client.exposition import generate_latest
+
+from undo.pg import session_id
+from undo.web.metrics import registry
+
+
+def _owner(source):
+    """A role that owns the audited table and nothing of undo, connected as itself."""
+    role = f"owner_{source.dbname}"
+    source.sql(
+        f"CREATE ROLE {role} LOGIN; ALTER TABLE t OWNER TO {role};"
+        f" GRANT CREATE ON SCHEMA public TO {role}"
+    )
+    return psycopg.connect(
+        psycopg.conninfo.make_conninfo(source.dsn, user=role),
+        autocommit=True,
+        application_name="migrations",
+    )
+
+
+def _gaps(source):
+    status = source.undo_cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    return json.loads(status.stdout)["gaps"]
+
+
+def test_ddl_is_recorded_with_its_session(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with _owner(source) as c:
+        sid = session_id(c)
+        c.execute("ALTER TABLE t ADD COLUMN w int")
+        c.execute("CREATE TABLE u (id int PRIMARY KEY)")
+        c.execute("INSERT INTO u VALUES (1)")  # a table created later is audited at once
+        c.execute("CREATE TABLE v (id int)")
+        c.execute("ALTER TABLE v RENAME TO v2")
+        c.execute("DROP TABLE v2")
+    source.capture()
+    rows = source.store_rows(
+        "SELECT session_id, application_name, command, object_type, object, statement, tag"
+        " FROM ddl WHERE object_type = 'table' AND session_id = ? ORDER BY id",
+        (sid,),
+    )
+    assert [(r[0], r[1], r[2], r[4], r[6]) for r in rows] == [
+        (sid, "migrations", "ALTER TABLE", "public.t", "trusted"),
+        (sid, "migrations", "CREATE TABLE", "public.u", "trusted"),
+        (sid, "migrations", "CREATE TABLE", "public.v", "trusted"),
+        (sid, "migrations", "ALTER TABLE", "public.v2", "trusted"),
+        (sid, "migrations", "DROP TABLE", "public.v2", "trusted"),
+    ]
+    assert rows[0][5] == "ALTER TABLE t ADD COLUMN w int"
+    assert source.store_rows(
+        "SELECT count(*) FROM changes c JOIN relations r"
+        " ON r.id = c.relation WHERE r.table_name = 'u'"
+    ) == [(1,)]
+    shown = source.undo_cli("show", "session", sid)
+    assert shown.returncode == 0 and "DDL ALTER TABLE public.t" in shown.stdout, shown.stdout
+    assert _gaps(source) == []
+
+
+def test_ddl_that_blinds_capture_is_a_gap_of_its_table(source):
+    source.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE SCHEMA side;"
+        " CREATE TABLE side.m (id int PRIMARY KEY)"
+    )
+    source.init()
+    source.sql("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5) g")
+    with _owner(source) as c:
+        sid = session_id(c)
+        c.execute("DELETE FROM t WHERE id = 5")
+        c.execute("ALTER TABLE t ALTER COLUMN v TYPE text USING 'wiped'")  # every value changed
+        c.execute("ALTER TABLE t DISABLE TRIGGER undo_tag")
+        c.execute("ALTER TABLE t REPLICA IDENTITY DEFAULT")
+    source.capture()
+    gaps = _gaps(source)
+    assert [(g["kind"], g["table"], g["session_id"], g["to_lsn"] is None) for g in gaps] == [
+        ("table", "public.t", sid, False),  # the rewrite: a point in the stream
+        ("table", "public.t", sid, True),  # the trigger: open until it is on again
+        ("table", "public.t", sid, True),  # replica identity: open
+    ]
+    assert "rewritten" in gaps[0]["reason"] and "untagged" in gaps[1]["reason"]
+    assert all(g["at"] for g in gaps)
+    # the session's own undo says what it cannot undo
+    refused = source.undo_cli("session", sid)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "public.t in xid" in refused.stderr and "rewritten" in refused.stderr
+    skipped = source.undo_cli("session", sid, "--on-conflict", "skip", "--apply")
+    assert skipped.returncode == 1  # the rest (the delete) is undone, the rest reported
+    assert source.sql("SELECT v FROM t WHERE id = 5") == [("v5",)]
+
+    # putting it right closes the open gaps
+    source.sql("ALTER TABLE t ENABLE ALWAYS TRIGGER undo_tag; ALTER TABLE t REPLICA IDENTITY FULL")
+    # a table moved into an audited schema is audited from then on
+    source.sql("ALTER TABLE side.m SET SCHEMA public")
+    source.sql("INSERT INTO m VALUES (1)")
+    source.capture()
+    assert all(g["to_lsn"] is not None for g in _gaps(source))
+    assert source.sql(
+        "SELECT c.relreplident, EXISTS (SELECT FROM pg_trigger WHERE tgrelid = c.oid"
+        " AND tgname = 'undo_tag') FROM pg_class c WHERE c.oid = 'public.m'::regclass"
+    ) == [("f", True)]
+    assert source.store_rows(
+        "SELECT t.tag FROM transactions t JOIN changes c ON c.txn = t.id"
+        " JOIN relations r ON r.id = c.relation WHERE r.table_name = 'm'"
+    ) == [("trusted",)]
+    assert "undo_gaps 3.0" in generate_latest(registry(source.settings)).decode()
+
+
+def test_set_unlogged_and_back_is_a_closed_gap_where_allowed(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    source.init()
+    if source.decoder == "pgoutput":  # a published table cannot become unlogged
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            source.sql("ALTER TABLE t SET UNLOGGED")
+        return
+    source.sql("ALTER TABLE t SET UNLOGGED")
+    source.sql("INSERT INTO t VALUES (1)")  # not in the WAL: never captured
+    source.sql("ALTER TABLE t SET LOGGED")
+    source.capture()
+    reasons = [(g["reason"].split(":")[0], g["to_lsn"] is None) for g in _gaps(source)]
+    assert ("unlogged", False) in reasons  # opened by SET UNLOGGED, closed by SET LOGGED
+    assert any(r.startswith("rewritten") for r, _ in reasons)
