@@ -713,6 +713,13 @@ def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: b
         click.echo(render.to_json(rows))
         return
     for r in rows:
+        if r["op"] == "ddl":
+            click.echo(
+                f"{r['commit_time']}  {r['command']}  xid {r['xid']}"
+                f"  session {r['session_id'] or '(untagged)'}  {r['application_name'] or ''}"
+                f"  {r['user'] or ''}  tag {r['tag']}\n  statement: {r['statement']}"
+            )
+            continue
         click.echo(
             f"{r['commit_time']}  {r['op']:6}  xid {r['xid']}"
             f"  session {r['session_id'] or '(untagged)'}  {r['application_name'] or ''}"

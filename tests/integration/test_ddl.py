@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.exposition import generate_latest
 
 from undo.pg import session_id
+from undo.web.app import make_app
 from undo.web.metrics import registry
 
 
@@ -35,6 +36,7 @@ def _gaps(source):
 def test_ddl_is_recorded_with_its_session(source):
     source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     source.init()
+    source.sql("INSERT INTO t VALUES (1, 'a')")
     with _owner(source) as c:
         sid = session_id(c)
         c.execute("ALTER TABLE t ADD COLUMN w int")
@@ -63,6 +65,28 @@ def test_ddl_is_recorded_with_its_session(source):
     ) == [(1,)]
     shown = source.undo_cli("show", "session", sid)
     assert shown.returncode == 0 and "DDL ALTER TABLE public.t" in shown.stdout, shown.stdout
+    history = json.loads(source.undo_cli("history", "public.t", "id=1", "--json").stdout)
+    # the row's versions and the table's DDL in order: the test's OWNER TO, the owner's ALTER
+    assert [(h["op"], h.get("command")) for h in history] == [
+        ("insert", None),
+        ("ddl", "ALTER TABLE"),
+        ("ddl", "ALTER TABLE"),
+    ]
+    assert history[-1]["session_id"] == sid
+    app = make_app(source.settings)
+    page = b"".join(
+        app(
+            {
+                "REQUEST_METHOD": "GET",
+                "PATH_INFO": f"/sessions/{sid}",
+                "QUERY_STRING": "",
+                "HTTP_HOST": "127.0.0.1",
+                "wsgi.url_scheme": "http",
+            },
+            lambda status, headers: None,
+        )
+    ).decode()
+    assert "<h2>DDL</h2>" in page and "ALTER TABLE t ADD COLUMN w int" in page
     assert _gaps(source) == []
 
 

@@ -425,6 +425,30 @@ def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[s
     if not out:
         shown = ", ".join(f"{c}={'NULL' if v is None else v}" for c, v in key.items())
         raise NotRecorded(f"no recorded change of {names.quote(schema, name)} with {shown}")
+    for d in _rows(  # the table's DDL, in order with the row's versions
+        db,
+        "SELECT commit_lsn, commit_time, xid, session_id, application_name, user_name, statement,"
+        " command, tag FROM ddl WHERE object_type = 'table' AND object = ?"
+        " AND commit_lsn >= ?",
+        [names.quote(schema, name), min(r["_order"][0] for r in out)],
+    ):
+        out.append(
+            {
+                "op": "ddl",
+                "command": d["command"],
+                "xid": d["xid"],
+                "commit_time": d["commit_time"],
+                "session_id": d["session_id"],
+                "application_name": d["application_name"],
+                "user": d["user_name"],
+                "tag": d["tag"],
+                "statement": d["statement"],
+                "undo_of": None,
+                "old": None,
+                "new": None,
+                "_order": (d["commit_lsn"], 2**62),  # after the row changes of its transaction
+            }
+        )
     out.sort(key=lambda r: r.pop("_order"))
     return out
 
