@@ -50,6 +50,9 @@ def test_rewind_to_a_time_between_the_webs_writes_and_the_scripts_delete(source)
     tables = ("accounts", "events", "seen")
     at = _now(source)
     then = {t: source.snapshot(t) for t in tables}
+    events_then = source.sql(
+        "SELECT concat(id), concat(account_id), title, concat(details) FROM events ORDER BY id"
+    )
     _web(source, 2)
     with source.connect(application_name="usage-metrics") as c:
         c.execute("DELETE FROM accounts WHERE id % 100 < 7")  # and their events, by cascade
@@ -62,9 +65,7 @@ def test_rewind_to_a_time_between_the_webs_writes_and_the_scripts_delete(source)
     shown = source.undo_cli("table", "public.events", "--as-of", at, "--json")
     assert shown.returncode == 0, shown.stderr
     rows = json.loads(shown.stdout)
-    assert len(rows) == len(then["events"]) and {r["id"] for r in rows} == {
-        str(i) for i in [*range(1, 31), 1001]
-    }
+    assert [(r["id"], r["account_id"], r["title"], r["details"]) for r in rows] == events_then
     some = source.undo_cli("table", "events", "--as-of", at, "--where", "account_id = 2")
     assert some.returncode == 0 and some.stdout.count("event ") == 3, some.stdout
     assert {t: source.snapshot(t) for t in tables} != then  # --as-of changed nothing

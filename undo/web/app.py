@@ -109,7 +109,7 @@ def chart(
     >>> c = chart([{"bucket": "1970-01-01T00:01:00.000000Z", "inserts": 2, "updates": 0,
     ...             "deletes": 1}], 0, 60, 2, width=100, height=10)
     >>> [(b["x"], b["h"], b["color"]) for b in c["bars"]]
-    [('50.0', '6.0', '#2a9d3a'), ('66.2', '3.0', '#d03030')]
+    [('50.0', '6.0', '#2a9d3a'), ('82.3', '3.0', '#d03030')]
     """
     by_bucket = {int(epoch(p["bucket"])): p for p in points}
     top = max([max(p[k] for k in OP_COLORS) for p in points] or [0]) or 1
