@@ -46,6 +46,7 @@ class _Txn:
     """The source transaction being written."""
 
     __slots__ = (
+        "commit_lsn",
         "counts",
         "ddl",
         "first_change",
@@ -59,8 +60,9 @@ class _Txn:
         "xid",
     )
 
-    def __init__(self, txn_id: int, xid: int, first_change: int) -> None:
+    def __init__(self, txn_id: int, xid: int, first_change: int, commit_lsn: int = 0) -> None:
         self.id = txn_id
+        self.commit_lsn = commit_lsn
         self.first_change = first_change
         self.xid = xid
         self.ord = 0
@@ -143,7 +145,7 @@ class StoreWriter:
     def begin(self, begin: Begin) -> None:
         self._open_batch()
         self.conn.execute("SAVEPOINT txn")
-        self.txn = _Txn(self.next_txn, begin.xid, self.next_change)
+        self.txn = _Txn(self.next_txn, begin.xid, self.next_change, begin.commit_lsn)
 
     def add(self, ch: Change, rel_id: int, key: str | None) -> None:
         """Stage one change; images are JSON tokens (records.py), joined here, not re-encoded.
@@ -266,6 +268,16 @@ class StoreWriter:
         txn = self.txn
         assert txn is not None
         txn.ledger = content
+
+    def add_gap(self, table: str, reason: str) -> None:
+        """A gap of one table at the transaction being written (kept or lost with it)."""
+        txn = self.txn
+        assert txn is not None
+        self.conn.execute(
+            "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason, kind, table_name, xid)"
+            " VALUES (?, ?, ?, ?, 'table', ?, ?)",
+            (iso(datetime.now(UTC)), txn.commit_lsn, txn.commit_lsn, reason, table, txn.xid),
+        )
 
     def add_refusal(self, lsn: int, tag: dict[str, Any], untrusted: str | None) -> None:
         """A write a guard refused (a non-transactional message, outside any transaction):

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from .. import pg
+from .. import names, pg
 from ..config import Settings
 from ..errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
 from ..store.schema import get_meta, open_store
@@ -127,6 +127,12 @@ class Catalog:
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
+        row = conn.execute(
+            "SELECT CASE WHEN to_regclass('undo.config') IS NOT NULL"
+            " THEN (SELECT schemas FROM undo.config) END"
+        ).fetchone()
+        #: schemas whose every table is audited: a table of theirs not found was audited
+        self.schemas: frozenset[str] = frozenset(row[0] or ()) if row else frozenset()
 
     def resolve(self, rel: Relation) -> tuple[bool, tuple[int, ...] | None, bool]:
         """Fill in oid and types; return (audited, key positions, old images incomplete)."""
@@ -166,7 +172,7 @@ class Catalog:
         audited = self.conn.execute(
             "SELECT EXISTS (SELECT 1 FROM undo.audited WHERE relid = %s)", (rel.oid,)
         ).fetchone()
-        names = {a[0]: a[1] for a in attrs}
+        attnames = {a[0]: a[1] for a in attrs}
         complete = (
             tuple(a[1] for a in attrs),
             tuple(a[1] for a in attrs if not a[2]),
@@ -176,7 +182,7 @@ class Catalog:
         key = None
         row = self.conn.execute(_KEY_QUERY, {"oid": rel.oid}).fetchone()
         if row is not None:
-            cols = [names.get(n) for n in row[0]]
+            cols = [attnames.get(n) for n in row[0]]
             if all(c in rel.columns for c in cols):
                 key = tuple(rel.columns.index(c) for c in cols if c is not None)
         return bool(audited and audited[0]), key, partial
@@ -285,6 +291,15 @@ class _Session:
         sid = rel.store_id
         if sid is None:
             audited, key, partial = self.catalog.resolve(rel)
+            if rel.oid is None and rel.schema in self.catalog.schemas:
+                # wal2json names a table: one renamed or dropped since these changes were
+                # written is not found, and its changes cannot be stored. Never silently.
+                self.writer.add_gap(
+                    names.quote(rel.schema, rel.name),
+                    f"changes to {names.quote(rel.schema, rel.name)} from here on could not be"
+                    " matched to a table: it was renamed or dropped before capture read them"
+                    " (wal2json sends table names, not OIDs; pgoutput does not lose them)",
+                )
             rel.key = key
             sid = self.writer.relation_id(rel, key, partial) if audited else -1
             rel.store_id = sid
