@@ -83,29 +83,47 @@ def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
     return found[0], found[1], found[2]
 
 
-def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any) -> UndoReport:
-    """Undo every captured change to ``tables`` committed after ``to``; ``options`` as for
-    ``undo`` (apply, on_conflict, out, ...). An audited table the store has no change of is
-    as it was."""
-    db = open_store(settings.store)
-    check_reachable(db, to, tables)
-    recorded, notes = [], []
+def _leaves(conn: psycopg.Connection[Any], oid: int) -> list[str]:
+    """The tables whose rows a table's name covers, as the store names them: a partitioned
+    table's leaf partitions (the stream carries their changes), else the table itself."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = %(t)s AND c.relkind <> 'p'"
+        " UNION ALL SELECT n.nspname, c.relname FROM pg_partition_tree(%(t)s) p"
+        " JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE p.isleaf AND p.relid <> %(t)s::regclass ORDER BY 1, 2",
+        {"t": oid},
+    ).fetchall()
+    return [names.quote(schema, name) for schema, name in rows]
+
+
+def _recorded(db: Any, tables: list[str]) -> list[str]:
+    """Those of the tables the store holds any change of."""
+    out = []
     for t in tables:
-        try:
+        with contextlib.suppress(NotFound):
             resolve_table(db, t)
-            recorded.append(t)
-        except NotFound:
-            with pg.connect(settings.dsn) as conn:
-                _, schema, name = _audited(conn, t)
-            notes.append(f"no change to {names.quote(schema, name)} is recorded: nothing to rewind")
+            out.append(t)
+    return out
+
+
+def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any) -> UndoReport:
+    """Undo every captured change to ``tables`` (a partitioned one: its partitions) committed
+    after ``to``; ``options`` as for ``undo`` (apply, on_conflict, out, ...). An audited table
+    the store has no change of is as it was."""
+    with pg.connect(settings.dsn) as conn:
+        covered = [leaf for t in tables for leaf in _leaves(conn, _audited(conn, t)[0])]
+    db = open_store(settings.store)
+    check_reachable(db, to, tuple(covered))
+    recorded = _recorded(db, covered)
+    if not recorded:
+        return UndoReport(
+            notes=[f"no change to {', '.join(covered)} is recorded: nothing to rewind"]
+        )
     try:
-        if not recorded:
-            return UndoReport(notes=notes)
-        report = undo(settings, Target(tables=tuple(recorded), after=to), **options)
+        return undo(settings, Target(tables=tuple(recorded), after=to), **options)
     except NothingToUndo as e:
-        return UndoReport(notes=[*notes, f"{e}: nothing to rewind"])
-    report.notes += notes
-    return report
+        return UndoReport(notes=[f"{e}: nothing to rewind"])
 
 
 def as_of(
@@ -119,7 +137,10 @@ def as_of(
     with pg.connect(settings.dsn) as conn:
         oid, schema, name = _audited(conn, table)
         query = _rows_query(conn, oid, schema, name, where)
-    check_reachable(open_store(settings.store), time, (names.quote(schema, name),))
+        covered = _leaves(conn, oid)
+    db = open_store(settings.store)
+    check_reachable(db, time, tuple(covered))
+    recorded = _recorded(db, covered)
     out: dict[str, Any] = {}
 
     def read(conn: psycopg.Connection[Any]) -> None:
@@ -129,9 +150,11 @@ def as_of(
         out["rows"] = cur.fetchall()
 
     try:
+        if not recorded:
+            raise NothingToUndo("no change recorded")
         undo(
             settings,
-            Target(tables=(names.quote(schema, name),), after=time),
+            Target(tables=tuple(recorded), after=time),
             apply=True,
             inspect=read,
             **options,
@@ -165,13 +188,16 @@ def _rows_query(
             (oid,),
         )
     ]
-    return sql.SQL("SELECT {} FROM ONLY {} t WHERE {} ORDER BY {}").format(
+    partitioned = conn.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = %s", (oid,))
+    only = sql.SQL("") if (partitioned.fetchone() or (False,))[0] else sql.SQL("ONLY ")
+    return sql.SQL("SELECT {} FROM {}{} t WHERE {} ORDER BY {}").format(
         sql.SQL(", ").join(
             sql.SQL("CASE WHEN t.{0} IS NULL THEN NULL ELSE concat(t.{0}) END AS {0}").format(
                 sql.Identifier(c)
             )
             for c in cols
         ),
+        only,
         sql.Identifier(schema, name),
         sql.SQL(where) if where else sql.SQL("true"),  # the user's own SQL, by design
         sql.SQL(", ").join(
