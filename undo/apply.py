@@ -13,6 +13,7 @@ at the first conflict and nothing is changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -430,6 +431,9 @@ def undo(
     ``inspect`` sees the database as it left it, and everything is rolled back.
     """
     db = open_store(settings.store)
+    if target.tables:  # a partitioned table: its partitions, whose changes the stream carries
+        with pg.connect(settings.dsn) as conn:
+            target = dataclasses.replace(target, tables=pg.with_partitions(conn, target.tables))
     plan = select(db, target)
     picked = target.session is not None or target.app is not None  # trusted tags only
     report = UndoReport(untrusted_skipped=plan.untrusted if picked else 0)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
 
+from . import names
 from .config import masked_dsn
 from .errors import DatabaseUnreachable, NotReady
 
@@ -136,3 +138,21 @@ def int_to_lsn(value: int) -> str:
     '16/B374D848'
     """
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def with_partitions(conn: psycopg.Connection[Any], tables: Iterable[str]) -> tuple[str, ...]:
+    """Table names as the stream knows them: a name of the source's that is a partitioned table
+    becomes its leaf partitions (their changes are what the stream carries), quoted; any other
+    name is kept as given."""
+    out: list[str] = []
+    for t in tables:
+        names.parse(t)  # a malformed name is bad input here, not an error of the server's
+        rows = conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_partition_tree(to_regclass(%s)) p"
+            " JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE p.isleaf AND (SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)) = 'p'"
+            " ORDER BY 1, 2",
+            (t, t),
+        ).fetchall()
+        out += [names.quote(schema, name) for schema, name in rows] or [t]
+    return tuple(out)

@@ -83,21 +83,7 @@ def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
     return found[0], found[1], found[2]
 
 
-def _leaves(conn: psycopg.Connection[Any], oid: int) -> list[str]:
-    """The tables whose rows a table's name covers, as the store names them: a partitioned
-    table's leaf partitions (the stream carries their changes), else the table itself."""
-    rows = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.oid = %(t)s AND c.relkind <> 'p'"
-        " UNION ALL SELECT n.nspname, c.relname FROM pg_partition_tree(%(t)s) p"
-        " JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE p.isleaf AND p.relid <> %(t)s::regclass ORDER BY 1, 2",
-        {"t": oid},
-    ).fetchall()
-    return [names.quote(schema, name) for schema, name in rows]
-
-
-def _recorded(db: Any, tables: list[str]) -> list[str]:
+def _recorded(db: Any, tables: tuple[str, ...]) -> list[str]:
     """Those of the tables the store holds any change of."""
     out = []
     for t in tables:
@@ -112,7 +98,7 @@ def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any)
     after ``to``; ``options`` as for ``undo`` (apply, on_conflict, out, ...). An audited table
     the store has no change of is as it was."""
     with pg.connect(settings.dsn) as conn:
-        covered = [leaf for t in tables for leaf in _leaves(conn, _audited(conn, t)[0])]
+        covered = pg.with_partitions(conn, [names.quote(*_audited(conn, t)[1:]) for t in tables])
     db = open_store(settings.store)
     check_reachable(db, to, tuple(covered))
     recorded = _recorded(db, covered)
@@ -137,7 +123,7 @@ def as_of(
     with pg.connect(settings.dsn) as conn:
         oid, schema, name = _audited(conn, table)
         query = _rows_query(conn, oid, schema, name, where)
-        covered = _leaves(conn, oid)
+        covered = pg.with_partitions(conn, [names.quote(schema, name)])
     db = open_store(settings.store)
     check_reachable(db, time, tuple(covered))
     recorded = _recorded(db, covered)

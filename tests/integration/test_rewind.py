@@ -7,6 +7,7 @@ import time
 
 import psycopg
 
+from tests.integration.test_undo import _as_session
 from undo.stream.capture import capture
 
 SCHEMA = """
@@ -162,4 +163,11 @@ def test_a_partitioned_table_is_rewound_through_its_partitions(source):
     assert len(shown) == 20 and shown[0] == {"id": "1", "month": "2", "amount": "1.5"}
     applied = source.undo_cli("table", "public.pay", "--to", at, "--apply")
     assert applied.returncode == 0, applied.stderr
+    assert source.snapshot("pay") == then
+    # and --table of undo session names it the same way
+    sid = _as_session(source, "DELETE FROM pay WHERE id > 15")
+    source.capture()
+    filtered = source.undo_cli("session", sid, "--table", "pay", "--apply")
+    assert filtered.returncode == 0, filtered.stderr
+    assert "delete(s) of public.pay_1 undone" in filtered.stderr
     assert source.snapshot("pay") == then
