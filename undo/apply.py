@@ -534,7 +534,13 @@ def _apply(
         if not conn.closed:
             conn.rollback()
         if isinstance(e, psycopg.Error) and e.sqlstate == ALREADY_UNDONE:
-            raise Refused(e.diag.message_primary or str(e)) from None
+            hint = (
+                "; if that undo came after the time rewound to, run `undo capture` first so"
+                " that the rewind takes it in"
+                if plan.target.after is not None
+                else ""
+            )
+            raise Refused((e.diag.message_primary or str(e)) + hint) from None
         if isinstance(e, psycopg.errors.UndefinedFunction) and "record_undo" in str(e):
             raise Refused(
                 "the source database has no undo ledger yet: run `undo init` again to add it"
