@@ -66,29 +66,9 @@ def scenario(draw):
     return shape, cols, seed, duplicates, ops
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(case=scenario(), by_script=st.booleans())
-def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
-    shape, types, seed, duplicates, ops = case
-    if source.sql("SELECT to_regclass('undo.config')") == [(None,)]:
-        source.init()
-    values = [v for row in seed for v in row] + [v for op in ops for v in op[3]]
-    if not source.nan_restorable():  # wal2json < 2.6 sends them as null (README, Decoders)
-        assume(not any(isinstance(v, float) and math.isinf(v) for v in values))
-    if '"char"' in types and int(source.sql("SHOW server_version_num")[0][0]) < 150000:
-        # PostgreSQL 14 prints a "char" holding a non-ASCII byte as that raw byte, which is not
-        # UTF-8 (README, Supported PostgreSQL); 15 prints it as an octal escape
-        chars = [
-            r[i]
-            for r in [*seed, *(op[3] for op in ops)]
-            for i, t in enumerate(types)
-            if t == '"char"'
-        ]
-        assume(all(v is None or v.isascii() for v in chars))
+def make_tables(source, shape, types):
+    """The tables of a shape, with columns c0.. of these types: (tables, every column, ONLY or
+    not for reading one relation, keyed)."""
     base = f"prop{next(_names)}"
     cols = [f"c{i}" for i in range(len(types))]
     col_defs = ", ".join(f"{c} {t}" for c, t in zip(cols, types, strict=True))
@@ -119,6 +99,33 @@ def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
         )
     all_cols = ["id", *(["k"] if shape == "partitioned" else []), *cols]
     only = sql.SQL("") if shape == "partitioned" else sql.SQL("ONLY ")
+    return tables, all_cols, only, keyed
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=scenario(), by_script=st.booleans())
+def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
+    shape, types, seed, duplicates, ops = case
+    if source.sql("SELECT to_regclass('undo.config')") == [(None,)]:
+        source.init()
+    values = [v for row in seed for v in row] + [v for op in ops for v in op[3]]
+    if not source.nan_restorable():  # wal2json < 2.6 sends them as null (README, Decoders)
+        assume(not any(isinstance(v, float) and math.isinf(v) for v in values))
+    if '"char"' in types and int(source.sql("SHOW server_version_num")[0][0]) < 150000:
+        # PostgreSQL 14 prints a "char" holding a non-ASCII byte as that raw byte, which is not
+        # UTF-8 (README, Supported PostgreSQL); 15 prints it as an octal escape
+        chars = [
+            r[i]
+            for r in [*seed, *(op[3] for op in ops)]
+            for i, t in enumerate(types)
+            if t == '"char"'
+        ]
+        assume(all(v is None or v.isascii() for v in chars))
+    tables, all_cols, only, keyed = make_tables(source, shape, types)
     col_list = sql.SQL(", ").join(map(sql.Identifier, all_cols))
     ids = itertools.count(1)
 
