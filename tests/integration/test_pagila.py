@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pytest
 
 from tests.integration.test_undo import _as_session
 
-PAGILA = Path(__file__).parents[3] / "shared" / "datasets" / "pagila"
+PAGILA = Path(
+    os.environ.get("UNDO_PAGILA_DIR") or Path(__file__).parents[3] / "shared/datasets/pagila"
+)
 
 
 @pytest.fixture
