@@ -12,6 +12,7 @@ import hmac
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -419,7 +420,8 @@ def make_app(
 
 class Server:
     """waitress serving the app: bounded request bodies and headers, idle connections closed,
-    a pool of threads. ``serve_forever`` runs it; ``shutdown`` and ``server_close`` stop it."""
+    a pool of threads. ``serve_forever`` runs it; ``shutdown`` (from any thread) stops it and
+    waits for ``serve_forever`` to return; ``server_close`` does the same."""
 
     def __init__(self, app: App, host: str, port: int) -> None:
         self._server: Any = waitress.server.create_server(
@@ -434,14 +436,29 @@ class Server:
             ident="undo",
         )
         self.server_port: int = self._server.effective_port
+        self._running = threading.Event()
+        self._done = threading.Event()
 
     def serve_forever(self) -> None:
-        self._server.run()
+        self._running.set()
+        try:
+            self._server.run()  # until every socket is closed (or Ctrl-C)
+        finally:
+            self._done.set()
 
-    def shutdown(self) -> None:
-        self._server.task_dispatcher.shutdown(timeout=5)
+    def _close_all(self) -> None:
         for channel in list(self._server._map.values()):
             channel.close()
+
+    def shutdown(self) -> None:
+        if self._running.is_set() and not self._done.is_set():
+            # sockets are closed by the loop's own thread (woken through its trigger): closed
+            # from another, the loop would poll a closed descriptor
+            self._server.trigger.pull_trigger(self._close_all)
+            self._done.wait(10)
+        else:
+            self._close_all()
+        self._server.task_dispatcher.shutdown(timeout=5)
 
     def server_close(self) -> None:
         self.shutdown()
