@@ -9,7 +9,9 @@
 --   rewrite: the table is rewritten (ALTER COLUMN ... TYPE ... USING, SET LOGGED/UNLOGGED,
 --            ...): values may change without any row change in the stream.
 -- A table moved into an audited schema (ALTER TABLE ... SET SCHEMA) is prepared on the spot,
--- as a created one is. Idempotent, like 001.
+-- as a created one is. Each command carries its object's OID: with wal2json, which names
+-- tables, capture learns from a DROP that a table it looked up by that name was another one.
+-- Idempotent, like 001.
 
 CREATE OR REPLACE FUNCTION undo.emit_ddl(body jsonb) RETURNS void
 LANGUAGE plpgsql
@@ -70,7 +72,8 @@ BEGIN
                   WHERE (d.schema_name = ANY (schemas) OR d.objid IN (SELECT relid FROM undo.audited))
                     AND NOT d.in_extension LOOP
             commands := commands || jsonb_build_object('command', r.command_tag,
-                            'object_type', r.object_type, 'object', r.object_identity);
+                            'object_type', r.object_type, 'object', r.object_identity,
+                            'oid', r.objid);
             IF r.object_type = 'table' THEN
                 IF r.schema_name = ANY (schemas)
                    AND NOT EXISTS (SELECT 1 FROM undo.audited WHERE relid = r.objid) THEN
@@ -87,7 +90,8 @@ BEGIN
         FOR r IN SELECT d.* FROM pg_event_trigger_dropped_objects() d
                   WHERE d.schema_name = ANY (schemas) AND d.original LOOP
             commands := commands || jsonb_build_object('command', tg_tag,
-                            'object_type', r.object_type, 'object', r.object_identity);
+                            'object_type', r.object_type, 'object', r.object_identity,
+                            'oid', r.objid);
         END LOOP;
     ELSIF tg_event = 'table_rewrite' THEN
         FOR r IN SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS ident FROM pg_class c

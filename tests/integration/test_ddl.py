@@ -27,6 +27,13 @@ def _owner(source):
     )
 
 
+def _as_session_sql(source, query):
+    with source.connect() as c:
+        sid = session_id(c)
+        c.execute(query)
+    return sid
+
+
 def _gaps(source):
     status = source.undo_cli("status", "--json")
     assert status.returncode == 0, status.stderr
@@ -170,3 +177,25 @@ def test_rows_of_a_table_renamed_before_capture_are_never_lost_silently(source):
         assert stored == 0
         assert [(g["kind"], g["to_lsn"] is not None) for g in gaps] == [("table", True)]
         assert "renamed or dropped" in gaps[0]["reason"]
+
+
+def test_a_table_dropped_and_made_again_before_capture_is_never_the_old_ones(source):
+    """wal2json names tables: rows of a table dropped and created again under the same name
+    before capture read them must not be taken for the new table's (an undo would then write
+    the old rows into the new table)."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO t VALUES (1, 'old')")
+    old = _as_session_sql(source, "DELETE FROM t WHERE id = 1")
+    source.sql("DROP TABLE t; CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.sql("INSERT INTO t VALUES (2, 'new')")
+    source.capture()
+    # the audit trail keeps the old table's row, under the old table
+    (dropped,) = source.store_rows(
+        "SELECT r.oid FROM changes c JOIN relations r ON r.id = c.relation WHERE c.op = 'D'"
+    )[0]
+    assert source.store_rows("SELECT old FROM changes WHERE op = 'D'") == [('["1","old"]',)]
+    assert source.sql("SELECT 't'::regclass::oid")[0][0] != dropped
+    undone = source.undo_cli("session", old, "--apply")
+    assert undone.returncode == 1 and "is not the table captured" in undone.stderr
+    assert source.sql("SELECT id, v FROM t") == [(2, "new")]

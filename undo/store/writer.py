@@ -269,6 +269,10 @@ class StoreWriter:
         assert txn is not None
         txn.ledger = content
 
+    def relation_oid(self, rel_id: int, oid: int | None) -> None:
+        """Correct the OID a table version was recorded under (capture learned it later)."""
+        self.conn.execute("UPDATE relations SET oid = ? WHERE id = ?", (oid, rel_id))
+
     def add_gap(self, table: str, reason: str) -> None:
         """A gap of one table at the transaction being written (kept or lost with it)."""
         txn = self.txn

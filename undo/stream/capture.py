@@ -179,6 +179,9 @@ class Catalog:
         )
         # wal2json sends stored generated columns, pgoutput (15) does not: both are complete.
         partial = bool(rel.columns) and rel.columns not in complete
+        if not attrs and rel.replident is not None:
+            # the table is gone since: pgoutput says what its replica identity was then
+            partial = rel.replident != "f"
         key = None
         row = self.conn.execute(_KEY_QUERY, {"oid": rel.oid}).fetchone()
         if row is not None:
@@ -335,6 +338,23 @@ class _Session:
             ),
         )
 
+    def _dropped(self, ddl: dict[str, Any]) -> None:
+        """wal2json names tables: a table looked up by name before its DROP came through the
+        stream may have been found as another table made since under that name. Its changes
+        before the DROP are the dropped table's (whose OID the DDL message carries): say so in
+        the store, so that undo refuses to write them into the other one; and look the name
+        up again for what follows."""
+        for cmd in ddl.get("ddl") or []:
+            if not (isinstance(cmd, dict) and cmd.get("command") == "DROP TABLE"):
+                continue
+            dropped, (schema, name) = cmd.get("oid"), names.parse(str(cmd.get("object")))
+            for rel in self.decoder.relations.values():
+                if (rel.schema, rel.name) != (schema, name) or rel.oid is None:
+                    continue
+                if rel.oid != dropped and rel.store_id not in (None, -1):
+                    self.writer.relation_oid(rel.store_id, dropped)
+                rel.oid = rel.store_id = None
+
     def _forget_relations(self) -> None:
         for rel in self.decoder.relations.values():
             rel.store_id = None
@@ -457,9 +477,12 @@ class _Session:
                         writer.set_ledger(rec.content)
                 elif rec.prefix == DDL_PREFIX and rec.transactional and in_txn:
                     if not self.skipping:
-                        writer.add_ddl(
-                            *verify_tag(rec.content, self.key, writer.txn_xid, self.session_keys)
+                        ddl, why = verify_tag(
+                            rec.content, self.key, writer.txn_xid, self.session_keys
                         )
+                        writer.add_ddl(ddl, why)
+                        if why is None and self.decoder.name == "wal2json":
+                            self._dropped(ddl)
                 elif rec.prefix == GUARD_PREFIX and not rec.transactional and not in_txn:
                     tag, why = verify_tag(rec.content, self.key, None, self.session_keys)
                     writer.add_refusal(rec.lsn, tag, why)

@@ -115,7 +115,8 @@ class PgOutputDecoder:
         (relid,) = _U32.unpack_from(buf, 1)
         schema, pos = _cstring(buf, 5)
         name, pos = _cstring(buf, pos)
-        pos += 1  # replica identity setting
+        replident = chr(buf[pos])  # the table's replica identity when the change was made
+        pos += 1
         (natts,) = _I16.unpack_from(buf, pos)
         pos += 2
         columns, oids, mods = [], [], []
@@ -128,5 +129,11 @@ class PgOutputDecoder:
             oids.append(typoid)
             mods.append(typmod)
         self.relations[relid] = Relation(
-            relid, schema or "pg_catalog", name, tuple(columns), tuple(oids), tuple(mods)
+            relid,
+            schema or "pg_catalog",
+            name,
+            tuple(columns),
+            tuple(oids),
+            tuple(mods),
+            replident=replident,
         )

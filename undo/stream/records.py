@@ -31,6 +31,8 @@ class Relation:
     store_id: int | None = field(default=None)
     key: tuple[int, ...] | None = field(default=None)
     partial: bool = False
+    #: pgoutput's replica identity of the table at the change ('f': FULL), None from wal2json
+    replident: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
