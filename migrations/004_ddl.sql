@@ -62,11 +62,16 @@ DECLARE
     commands jsonb := '[]';
     states jsonb := '[]';
     r record;
+    -- marks DDL that undo itself runs from here (audit_table) while it runs: a value no
+    -- session can set on its own to hide its DDL (it needs the key), and only for this
+    -- transaction
+    inside text := encode(sha256((SELECT s.key FROM undo.secret s)
+                                 || convert_to(pg_current_xact_id()::text, 'UTF8')), 'hex');
 BEGIN
-    IF current_setting('undo.in_ddl', true) = '1' THEN
-        RETURN;  -- DDL that undo itself runs from here (audit_table)
+    IF current_setting('undo.in_ddl', true) = inside THEN
+        RETURN;
     END IF;
-    PERFORM set_config('undo.in_ddl', '1', true);
+    PERFORM set_config('undo.in_ddl', inside, true);
     IF tg_event = 'ddl_command_end' THEN
         FOR r IN SELECT d.* FROM pg_event_trigger_ddl_commands() d
                   WHERE (d.schema_name = ANY (schemas) OR d.objid IN (SELECT relid FROM undo.audited))
