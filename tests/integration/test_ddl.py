@@ -16,10 +16,11 @@ from undo.web.metrics import registry
 def _owner(source):
     """A role that owns the audited table and nothing of undo, connected as itself."""
     role = f"owner_{source.dbname}"
-    source.sql(
-        f"CREATE ROLE {role} LOGIN; ALTER TABLE t OWNER TO {role};"
-        f" GRANT CREATE ON SCHEMA public TO {role}"
-    )
+    if not source.sql("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)):
+        source.sql(
+            f"CREATE ROLE {role} LOGIN; ALTER TABLE t OWNER TO {role};"
+            f" GRANT CREATE ON SCHEMA public TO {role}"
+        )
     return psycopg.connect(
         psycopg.conninfo.make_conninfo(source.dsn, user=role),
         autocommit=True,
@@ -128,6 +129,22 @@ def test_ddl_that_blinds_capture_is_a_gap_of_its_table(source):
     assert skipped.returncode == 1  # the rest (the delete) is undone, the rest reported
     assert source.sql("SELECT v FROM t WHERE id = 5") == [("v5",)]
 
+    # a made-up record saying all is well again closes nothing
+    with _owner(source) as c, c.transaction():
+        c.execute(
+            "SELECT pg_logical_emit_message(true, 'undo.ddl', %s)",
+            (
+                "0" * 64
+                + json.dumps({"session_id": sid})
+                + "\n"
+                + json.dumps(
+                    {"xid": 0, "ddl": [], "state": [{"table": "public.t", "problems": []}]}
+                ),
+            ),
+        )
+        c.execute("INSERT INTO t VALUES (6, 'x')")
+    source.capture()
+    assert [g["to_lsn"] is None for g in _gaps(source)] == [False, True, True]
     # putting it right closes the open gaps
     source.sql("ALTER TABLE t ENABLE ALWAYS TRIGGER undo_tag; ALTER TABLE t REPLICA IDENTITY FULL")
     # a table moved into an audited schema is audited from then on
