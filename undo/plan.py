@@ -226,7 +226,6 @@ def _blind_spots(db: Database, target: Target, wanted: set[tuple[str, str]] | No
         cond, params = f"xid IN ({','.join('?' * len(target.xids))})", list(target.xids)
     else:
         return []
-    quoted = None if wanted is None else {names.quote(s, t) for s, t in wanted}
     return [
         f"{table} in xid {xid}: {reason} (DDL of this {'session' if target.session else 'xid'}"
         ": what capture did not see cannot be undone)"
@@ -236,7 +235,7 @@ def _blind_spots(db: Database, target: Target, wanted: set[tuple[str, str]] | No
             + " ORDER BY id",
             params,
         )
-        if quoted is None or table in quoted
+        if wanted is None or names.parse(table) in wanted  # as (schema, table): quoting varies
     ]
 
 

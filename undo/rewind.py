@@ -17,7 +17,7 @@ from psycopg import sql
 from . import names, pg
 from .apply import UndoReport, undo
 from .config import Settings
-from .errors import NotFound, NothingToUndo, Refused
+from .errors import BadInput, NotFound, NothingToUndo, Refused
 from .plan import Target
 from .store.queries import resolve_table
 from .store.schema import get_meta, open_store
@@ -35,7 +35,8 @@ def earliest(db: Any) -> str | None:
 
 def check_reachable(db: Any, time: str, tables: tuple[str, ...] = ()) -> None:
     """Refuse a time before the store's history, or one a gap in the audit trail follows (a
-    gap of the stream, or of one of ``tables``: DDL that capture could not see through)."""
+    gap of the stream, or of one of ``tables``, qualified: DDL that capture could not see
+    through, whether or not the store holds any change of the table)."""
     first = earliest(db)
     if first is not None and time < first:
         raise Refused(
@@ -45,16 +46,14 @@ def check_reachable(db: Any, time: str, tables: tuple[str, ...] = ()) -> None:
     before = db.execute(
         "SELECT coalesce(max(end_lsn), 0) FROM transactions WHERE commit_time <= ?", [time]
     ).fetchone()[0]
-    quoted = set()
-    for t in tables:
-        with contextlib.suppress(NotFound):  # a table with no recorded change has no gap either
-            quoted.add(names.quote(*resolve_table(db, t)))
+    # names compared as (schema, table): gaps name tables the way PostgreSQL quotes them
+    wanted = {names.parse(t) for t in tables}
     for at, reason, kind, table in db.execute(
         "SELECT detected_at, reason, kind, table_name FROM gaps WHERE (detected_at > ?"
         " AND (to_lsn IS NULL OR to_lsn > ?)) OR (kind = 'table' AND to_lsn IS NULL) ORDER BY id",
         [time, before],
     ):
-        if kind == "stream" or table in quoted:
+        if kind == "stream" or names.parse(table) in wanted:
             where = "the audit trail" if kind == "stream" else table
             raise Refused(
                 f"{where} has a gap after {time} ({reason}; since {at}): changes in it are"
@@ -64,6 +63,7 @@ def check_reachable(db: Any, time: str, tables: tuple[str, ...] = ()) -> None:
 
 def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
     """(OID, schema, name) of a table of the source that undo audits, named as in SQL."""
+    names.parse(table)  # a malformed name is bad input, not the server's syntax error
     found = conn.execute(
         "SELECT c.oid, n.nspname, c.relname FROM pg_class c"
         " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
@@ -83,14 +83,14 @@ def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
     return found[0], found[1], found[2]
 
 
-def _recorded(db: Any, tables: tuple[str, ...]) -> list[str]:
+def _recorded(db: Any, tables: tuple[str, ...]) -> tuple[str, ...]:
     """Those of the tables the store holds any change of."""
     out = []
     for t in tables:
         with contextlib.suppress(NotFound):
             resolve_table(db, t)
             out.append(t)
-    return out
+    return tuple(out)
 
 
 def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any) -> UndoReport:
@@ -107,7 +107,7 @@ def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any)
             notes=[f"no change to {', '.join(covered)} is recorded: nothing to rewind"]
         )
     try:
-        return undo(settings, Target(tables=tuple(recorded), after=to), **options)
+        return undo(settings, Target(tables=recorded, after=to), **options)
     except NothingToUndo as e:
         return UndoReport(notes=[f"{e}: nothing to rewind"])
 
@@ -131,21 +131,19 @@ def as_of(
 
     def read(conn: psycopg.Connection[Any]) -> None:
         conn.execute("SET LOCAL transaction_read_only = on")  # the condition cannot write
-        cur = conn.execute(query)
+        try:
+            cur = conn.execute(query)
+        except psycopg.Error as e:
+            raise BadInput(f"--where {where!r}: {e.diag.message_primary or e}") from None
         out["columns"] = [d.name for d in cur.description or []]
         out["rows"] = cur.fetchall()
 
-    try:
-        if not recorded:
-            raise NothingToUndo("no change recorded")
-        undo(
-            settings,
-            Target(tables=tuple(recorded), after=time),
-            apply=True,
-            inspect=read,
-            **options,
-        )
-    except NotFound:  # no change since (or ever): the rows are as they are
+    rewound = False
+    if recorded:
+        with contextlib.suppress(NothingToUndo):  # no change since: read the rows as they are
+            undo(settings, Target(tables=recorded, after=time), apply=True, inspect=read, **options)
+            rewound = True
+    if not rewound:
         with pg.connect(settings.dsn, autocommit=False) as conn:
             read(conn)
             conn.rollback()

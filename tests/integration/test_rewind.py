@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import psycopg
 
@@ -16,16 +15,6 @@ CREATE TABLE events (id int PRIMARY KEY, account_id int REFERENCES accounts ON D
                      title text, details jsonb);
 CREATE TABLE seen (account_id int, at timestamptz);  -- keyless, with duplicates
 """
-
-
-def _now(source) -> str:
-    """A time strictly between what committed before and what commits after (the server's)."""
-    time.sleep(0.01)
-    (t,) = source.sql(
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-    )[0]
-    time.sleep(0.01)
-    return t
 
 
 def _web(source, n: int) -> None:
@@ -49,7 +38,7 @@ def test_rewind_to_a_time_between_the_webs_writes_and_the_scripts_delete(source)
     )
     _web(source, 1)
     tables = ("accounts", "events", "seen")
-    at = _now(source)
+    at = source.now()
     then = {t: source.snapshot(t) for t in tables}
     events_then = source.sql(
         "SELECT concat(id), concat(account_id), title, concat(details) FROM events ORDER BY id"
@@ -84,10 +73,10 @@ def test_rewind_to_a_time_between_the_webs_writes_and_the_scripts_delete(source)
 
 def test_rewind_applies_and_refuses_what_it_cannot_reach(pgo, tmp_path):
     pgo.sql(SCHEMA)
-    early = _now(pgo)
+    early = pgo.now()
     pgo.init()
     pgo.sql("INSERT INTO accounts SELECT g, 'a' || g FROM generate_series(1, 5) g")
-    at = _now(pgo)
+    at = pgo.now()
     then = pgo.snapshot("accounts")
     pgo.sql("UPDATE accounts SET name = 'x'")
     pgo.capture()
@@ -108,7 +97,7 @@ def test_rewind_applies_and_refuses_what_it_cannot_reach(pgo, tmp_path):
     assert nothing.returncode == 0 and "nothing to rewind" in nothing.stderr
 
     # a TRUNCATE after the time cannot be rewound
-    mark = _now(pgo)
+    mark = pgo.now()
     pgo.sql("INSERT INTO seen VALUES (1, now()); TRUNCATE seen")
     pgo.capture()
     refused = pgo.undo_cli("table", "seen", "--to", mark, "--apply")
@@ -119,8 +108,26 @@ def test_rewind_applies_and_refuses_what_it_cannot_reach(pgo, tmp_path):
     unaudited = pgo.undo_cli("table", "other.t", "--as-of", at)
     assert unaudited.returncode == 1 and "not audited" in unaudited.stderr
 
+    # a table rewritten after the time (every value changed, no row change in the stream) is
+    # refused even when the store holds no change of it
+    pgo.sql("CREATE UNLOGGED TABLE quiet (id int PRIMARY KEY, v text)")
+    pgo.sql("INSERT INTO quiet SELECT g, 'v' FROM generate_series(1, 3) g")  # not in the WAL
+    pgo.sql("ALTER TABLE quiet SET LOGGED")  # audited from here on
+    mark = pgo.now()
+    pgo.sql("ALTER TABLE quiet ALTER COLUMN v TYPE text USING 'wiped'")
+    pgo.capture()
+    rewritten = pgo.undo_cli("table", "quiet", "--to", mark)
+    assert rewritten.returncode == 1 and "rewritten" in rewritten.stderr, rewritten.stderr
+    for name in ('"unterminated', "a.b.c", "nosuch"):  # bad names: one line, exit 2
+        for mode in ("--to", "--as-of"):
+            named = pgo.undo_cli("table", name, mode, at)
+            assert named.returncode == 2 and named.stderr.count("\n") == 1, (name, named.stderr)
+    # a condition that does not parse is bad input, one line
+    bad = pgo.undo_cli("table", "accounts", "--as-of", at, "--where", "nosuch = 1")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nosuch" in bad.stderr
+
     # nor across a gap in the audit trail (the slot was lost and made again)
-    mark = _now(pgo)
+    mark = pgo.now()
     pgo.sql("SELECT pg_drop_replication_slot(%s)", (pgo.slot,))
     pgo.sql("UPDATE accounts SET name = 'lost'")
     pgo.init()
@@ -133,10 +140,10 @@ def test_prune_moves_the_earliest_reachable_time(pgo):
     pgo.sql(SCHEMA)
     pgo.init()
     pgo.sql("INSERT INTO accounts VALUES (1, 'a')")
-    at = _now(pgo)
+    at = pgo.now()
     pgo.sql("UPDATE accounts SET name = 'b'")
     pgo.capture()
-    pruned = pgo.undo_cli("prune", "--before", _now(pgo))
+    pruned = pgo.undo_cli("prune", "--before", pgo.now())
     assert pruned.returncode == 0, pruned.stderr
     late = pgo.undo_cli("table", "accounts", "--to", at)
     assert late.returncode == 1 and "earliest" in late.stderr
@@ -155,7 +162,7 @@ def test_a_partitioned_table_is_rewound_through_its_partitions(source):
     )
     source.init()
     source.sql("INSERT INTO pay SELECT g, 1 + g % 2, g * 1.5 FROM generate_series(1, 20) g")
-    at = _now(source)
+    at = source.now()
     then = source.snapshot("pay")
     source.sql("DELETE FROM pay WHERE amount < 10; UPDATE pay SET month = 1 WHERE id = 19")
     source.capture()
