@@ -13,6 +13,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,17 @@ class Source:
         from undo.stream.capture import capture
 
         return capture(self.settings, once=True, **kw)
+
+    def now(self, apart: float = 0.01) -> str:
+        """The server's time as the store writes times, strictly between what committed before
+        and what commits after (``apart`` seconds either side)."""
+        time.sleep(apart)
+        (t,) = self.sql(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC',"
+            ' \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\')'
+        )[0]
+        time.sleep(apart)
+        return str(t)
 
     def snapshot(self, table: str, order: str = "1") -> list[str]:
         """Every row of a table as its text form, sorted: what a round trip must restore."""

@@ -9,7 +9,8 @@ import logging
 import re
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +20,9 @@ from .errors import UndoError
 from .store import queries
 from .store.schema import open_store
 from .timespec import parse_time
+
+if TYPE_CHECKING:
+    from .apply import UndoReport
 
 
 class _UserError(click.ClickException):
@@ -427,7 +431,34 @@ def show_xact(settings: Settings, xid: int, limit: int, show_all: bool, as_json:
     _print_show(result, as_json, None if show_all else limit)
 
 
+_APPLYING = [
+    click.option("--apply", is_flag=True, help="Run it, in one transaction."),
+    click.option(
+        "--on-conflict",
+        type=click.Choice(["abort", "skip"]),
+        default="abort",
+        show_default=True,
+        help="abort: change nothing; skip: undo the rest.",
+    ),
+    click.option(
+        "--fire-triggers",
+        is_flag=True,
+        help="Let user triggers fire (no session_replication_role = replica).",
+    ),
+    click.option("--lock-timeout", default="5s", show_default=True, callback=_duration),
+    click.option("--statement-timeout", default="0", show_default=True, callback=_duration),
+]
+
+
+def applying_options(f: Any) -> Any:
+    """How an undo runs: --apply or print, conflicts, triggers, timeouts."""
+    for opt in reversed(_APPLYING):
+        f = opt(f)
+    return f
+
+
 def undo_options(f: Any) -> Any:
+    """What an undo selects (--only, --table, --since, --until), and how it runs."""
     for opt in reversed(
         [
             click.option("--only", help="Comma-separated: delete,update,insert."),
@@ -436,25 +467,10 @@ def undo_options(f: Any) -> Any:
             ),
             click.option("--since", help="Only changes committed at or after this time."),
             click.option("--until", help="Only changes committed before this time."),
-            click.option("--apply", is_flag=True, help="Run it, in one transaction."),
-            click.option(
-                "--on-conflict",
-                type=click.Choice(["abort", "skip"]),
-                default="abort",
-                show_default=True,
-                help="abort: change nothing; skip: undo the rest.",
-            ),
-            click.option(
-                "--fire-triggers",
-                is_flag=True,
-                help="Let user triggers fire (no session_replication_role = replica).",
-            ),
-            click.option("--lock-timeout", default="5s", show_default=True, callback=_duration),
-            click.option("--statement-timeout", default="0", show_default=True, callback=_duration),
         ]
     ):
         f = opt(f)
-    return f
+    return applying_options(f)
 
 
 class _Bars:
@@ -507,22 +523,30 @@ def _run_undo(
         until=parse_time(until) if until else None,
         **target_kwargs,
     )
-    bars = _Bars(click.get_current_context().find_root().meta.get("undo.progress", False))
-    report = undo(
-        settings,
-        target,
-        apply=apply,
-        on_conflict=on_conflict,
-        fire_triggers=fire_triggers,
-        lock_timeout=lock_timeout,
-        statement_timeout=statement_timeout,
-        out=sys.stdout,
-        progress=bars,
+    _report(
+        lambda progress: undo(
+            settings,
+            target,
+            apply=apply,
+            on_conflict=on_conflict,
+            fire_triggers=fire_triggers,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+            out=sys.stdout,
+            progress=progress,
+        )
     )
+
+
+def _report(run: Callable[[Any], UndoReport]) -> None:
+    """Run an undo with progress bars, then its summary on stderr; exit 1 where it left
+    something undone (conflicts, what cannot be undone)."""
+    bars = _Bars(click.get_current_context().find_root().meta.get("undo.progress", False))
+    report = run(bars)
     bars.close()
     for line in report.summary():
         _echo_err(line)
-    if apply:
+    if report.applied:
         _echo_err(f"applied in xid {report.undo_xid}")
     if report.conflicts or report.not_undoable:
         sys.exit(1)
@@ -626,21 +650,7 @@ def guard_list(settings: Settings, as_json: bool) -> None:
 @click.option("--to", "to", help="Undo every change committed after this time (a rewind).")
 @click.option("--as-of", "as_of", help="Print the rows as they were at this time; change nothing.")
 @click.option("--where", help='With --as-of: an SQL condition on those rows (e.g. "id = 7").')
-@click.option("--apply", is_flag=True, help="With --to: run it, in one transaction.")
-@click.option(
-    "--on-conflict",
-    type=click.Choice(["abort", "skip"]),
-    default="abort",
-    show_default=True,
-    help="abort: change nothing; skip: rewind the rest.",
-)
-@click.option(
-    "--fire-triggers",
-    is_flag=True,
-    help="Let user triggers fire (no session_replication_role = replica).",
-)
-@click.option("--lock-timeout", default="5s", show_default=True, callback=_duration)
-@click.option("--statement-timeout", default="0", show_default=True, callback=_duration)
+@applying_options
 @json_option
 @pass_settings
 def table_cmd(
@@ -650,7 +660,6 @@ def table_cmd(
     to: str | None,
     as_of: str | None,
     where: str | None,
-    apply: bool,
     as_json: bool,
     **options: Any,
 ) -> None:
@@ -668,7 +677,7 @@ def table_cmd(
     if (to is None) == (as_of is None):
         raise _UserError("undo table needs exactly one of --to TIME and --as-of TIME", 2)
     if as_of is not None:
-        if len(tables) != 1 or apply:
+        if len(tables) != 1 or options["apply"]:
             raise _UserError("--as-of takes one table and changes nothing (no --apply)", 2)
         columns, rows = rewind.as_of(
             settings,
@@ -680,22 +689,15 @@ def table_cmd(
         )
         click.echo(render.to_json(rows) if as_json else render.table(rows, columns))
         return
-    if where is not None:
-        raise _UserError("--where goes with --as-of", 2)
+    if where is not None or as_json:
+        raise _UserError("--where and --json go with --as-of", 2)
     assert to is not None
-    bars = _Bars(click.get_current_context().find_root().meta.get("undo.progress", False))
-    report = rewind.rewind(
-        settings, tables, parse_time(to), apply=apply, out=sys.stdout, progress=bars, **options
+    at = parse_time(to)
+    _report(
+        lambda progress: rewind.rewind(
+            settings, tables, at, out=sys.stdout, progress=progress, **options
+        )
     )
-    bars.close()
-    if as_json:
-        click.echo(render.to_json(dataclasses.asdict(report)), err=True)
-    for line in report.summary():
-        _echo_err(line)
-    if apply and report.undo_xid is not None:
-        _echo_err(f"applied in xid {report.undo_xid}")
-    if report.conflicts or report.not_undoable:
-        sys.exit(1)
 
 
 @cli.command("history")

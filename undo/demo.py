@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from werkzeug.test import Client
 
 from . import guard as guards
 from .apply import undo
@@ -93,6 +94,39 @@ def _web(dsn: str, stop: threading.Event, written: list[int]) -> None:
             time.sleep(0.005)
 
 
+class _Background:
+    """What runs all through the incident: capture streaming into the store, and the web app
+    writing. ``stop`` stops both and stores what capture had not yet."""
+
+    def __init__(self, settings: Settings, dsn: str) -> None:
+        self.settings = settings
+        self.written: list[int] = []
+        self._stop_capture = threading.Event()
+        self._stop_web = threading.Event()
+        self._error: list[BaseException] = []
+        self._capture = threading.Thread(target=self._run_capture, daemon=True)
+        self._capture.start()
+        self._web = threading.Thread(
+            target=_web, args=(dsn, self._stop_web, self.written), daemon=True
+        )
+        self._web.start()
+
+    def _run_capture(self) -> None:
+        try:
+            capture(self.settings, should_stop=self._stop_capture.is_set)
+        except Exception as e:  # raised by stop()
+            self._error.append(e)
+
+    def stop(self) -> None:
+        self._stop_web.set()
+        self._web.join()
+        self._stop_capture.set()
+        self._capture.join()
+        if self._error:
+            raise self._error[0]
+        capture(self.settings, once=True)
+
+
 def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False) -> bool:
     """Play the incident; return True if every row came back (with ``guard``: none was lost
     and the refusal is recorded) and the web writes stayed."""
@@ -117,22 +151,8 @@ def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False
             say("   undo guard add 'usage-metrics*' --reason 'reporting only: it must not write'")
             guards.add(settings, "usage-metrics*", "reporting only: it must not write")
 
-        stop_capture = threading.Event()
-        captured: dict[str, Any] = {}
-
-        def run_capture() -> None:
-            try:
-                captured["report"] = capture(settings, should_stop=stop_capture.is_set)
-            except Exception as e:  # surfaced below
-                captured["error"] = e
-
-        cap = threading.Thread(target=run_capture, daemon=True)
-        cap.start()
+        background = _Background(settings, dsn)
         say("\n3. undo capture is streaming; the web app is writing")
-        stop_web = threading.Event()
-        written: list[int] = []
-        web = threading.Thread(target=_web, args=(dsn, stop_web, written), daemon=True)
-        web.start()
         time.sleep(1.0)
 
         say("\n4. 03:12 - the routine usage-metrics script runs, with its bug:")
@@ -146,9 +166,8 @@ def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False
                 c.rollback()
                 say(f"   ERROR: {e.diag.message_primary}")
         if guard:
-            return _guarded_end(
-                say, settings, dsn, before, stop_web, web, stop_capture, cap, captured, keep, start
-            )
+            background.stop()
+            return _guarded_end(say, settings, dsn, before, keep, start)
         gone = {
             k: sum(1 for r in before if r[0] == k) for k in ("events", "tickets", "registrations")
         }
@@ -157,15 +176,9 @@ def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False
             f" {gone['tickets']} tickets and {gone['registrations']} registrations"
         )
         time.sleep(1.0)
-        stop_web.set()
-        web.join()
+        background.stop()
         with psycopg.connect(dsn, autocommit=True) as c:
             logins = c.execute("SELECT id, last_login FROM accounts ORDER BY id").fetchall()
-        stop_capture.set()
-        cap.join()
-        if "error" in captured:
-            raise captured["error"]
-        capture(settings, once=True)
 
         say("\n5. On-call: undo sessions --app usage-metrics")
         rows = queries.sessions(open_store(settings.store), app="usage-metrics")
@@ -205,15 +218,15 @@ def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False
         with psycopg.connect(dsn, autocommit=True) as c:
             after = sorted(c.execute(AFFECTED).fetchall())
             kept = c.execute(
-                "SELECT count(*) FROM registrations WHERE id = ANY (%s)", (written,)
+                "SELECT count(*) FROM registrations WHERE id = ANY (%s)", (background.written,)
             ).fetchone()
             logins_after = c.execute("SELECT id, last_login FROM accounts ORDER BY id").fetchall()
         restored = set(before) <= set(after)
-        web_ok = kept is not None and kept[0] == len(written) and logins_after == logins
+        web_ok = kept is not None and kept[0] == len(background.written) and logins_after == logins
         say(f"   deleted rows restored exactly: {'yes' if restored else 'NO'} ({len(before)} rows)")
         say(
-            f"   web writes intact: {'yes' if web_ok else 'NO'} ({len(written)} registrations, "
-            f"{len(logins)} accounts' last_login)"
+            f"   web writes intact: {'yes' if web_ok else 'NO'}"
+            f" ({len(background.written)} registrations, {len(logins)} accounts' last_login)"
         )
         _done(say, settings, keep, start)
         return restored and web_ok
@@ -224,23 +237,10 @@ def _guarded_end(
     settings: Settings,
     dsn: str,
     before: list[Any],
-    stop_web: threading.Event,
-    web: threading.Thread,
-    stop_capture: threading.Event,
-    cap: threading.Thread,
-    captured: dict[str, Any],
     keep: bool,
     start: float,
 ) -> bool:
     """The guarded incident after the script ran: nothing lost, the refusal recorded."""
-    time.sleep(0.5)
-    stop_web.set()
-    web.join()
-    stop_capture.set()
-    cap.join()
-    if "error" in captured:
-        raise captured["error"]
-    capture(settings, once=True)
     say("\n5. On-call: undo sessions --app usage-metrics")
     db = open_store(settings.store)
     rows = queries.sessions(db, app="usage-metrics")
@@ -251,18 +251,7 @@ def _guarded_end(
         say(f"   {line}")
     refusals = queries.guard_refusals(db)
     say("\n6. The dashboard (undo serve) lists it under 'Writes refused by guards':")
-    page = b"".join(
-        make_app(settings)(
-            {
-                "REQUEST_METHOD": "GET",
-                "PATH_INFO": "/",
-                "QUERY_STRING": "",
-                "HTTP_HOST": "127.0.0.1",
-                "wsgi.url_scheme": "http",
-            },
-            lambda status, headers: None,
-        )
-    )
+    page = Client(make_app(settings)).get("/", headers={"Host": "127.0.0.1"}).get_data()
     on_dashboard = b"usage-metrics*" in page
     for r in refusals:
         statement = " ".join(

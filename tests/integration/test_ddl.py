@@ -7,6 +7,7 @@ import json
 import psycopg
 import pytest
 from prometheus_client.exposition import generate_latest
+from werkzeug.test import Client
 
 from undo.pg import session_id
 from undo.web.app import make_app
@@ -81,19 +82,8 @@ def test_ddl_is_recorded_with_its_session(source):
         ("ddl", "ALTER TABLE"),
     ]
     assert history[-1]["session_id"] == sid
-    app = make_app(source.settings)
-    page = b"".join(
-        app(
-            {
-                "REQUEST_METHOD": "GET",
-                "PATH_INFO": f"/sessions/{sid}",
-                "QUERY_STRING": "",
-                "HTTP_HOST": "127.0.0.1",
-                "wsgi.url_scheme": "http",
-            },
-            lambda status, headers: None,
-        )
-    ).decode()
+    page = Client(make_app(source.settings)).get(f"/sessions/{sid}", headers={"Host": "localhost"})
+    page = page.get_data(as_text=True)
     assert "<h2>DDL</h2>" in page and "ALTER TABLE t ADD COLUMN w int" in page
     assert _gaps(source) == []
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -28,22 +27,13 @@ def pagila(source):
     return source
 
 
-def _at(source) -> str:
-    time.sleep(0.01)
-    (t,) = source.sql(
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-    )[0]
-    time.sleep(0.01)
-    return t
-
-
 def test_the_incident_on_pagila_guarded_undone_and_rewound(pagila):
     src = pagila
     tables = ("payment", "customer", "rental")
     added = src.undo_cli("guard", "add", "report*", "--reason", "reporting only")
     assert added.returncode == 0, added.stderr
     src.sql("UPDATE customer SET email = lower(email) WHERE customer_id < 50")  # the web, before
-    at = _at(src)
+    at = src.now()
     then = {t: src.snapshot(t) for t in tables}
 
     # the guarded script cannot delete; the buggy one (not guarded) can, through partitions

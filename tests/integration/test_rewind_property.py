@@ -5,7 +5,6 @@ several sessions before and after the time; the reference is the tables read at 
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 
 from hypothesis import HealthCheck, assume, given, settings
@@ -81,15 +80,6 @@ def test_rewind_puts_back_the_rows_as_they_were(source, case, cut, by_script):
                 for t in tables
             }
 
-    def now():
-        time.sleep(0.002)  # commits before and after are apart in time
-        (t,) = source.sql(
-            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC',"
-            ' \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\')'
-        )[0]
-        time.sleep(0.002)
-        return t
-
     conns = [source.connect(application_name=f"s{i}") for i in range(3)]
     cut %= len(ops) + 1  # the time: before op number cut (after them all: nothing to rewind)
     try:
@@ -99,7 +89,7 @@ def test_rewind_puts_back_the_rows_as_they_were(source, case, cut, by_script):
             write(conns[1], tables[0], "insert", 0, row, key)
         for i, op in enumerate([*ops, None]):
             if i == cut:
-                at, then = now(), state()
+                at, then = source.now(0.002), state()
             if op is None:
                 break
             sess, kind, pick, row, _change_key, _copy = op
