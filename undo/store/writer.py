@@ -232,8 +232,9 @@ class StoreWriter:
                             *tag,
                         ),
                     )
-            for state in doc.get("state") or [] if why is None else []:
-                # only a trusted record opens or closes a gap: a forged one must not close one
+            if why is not None:
+                continue  # only a trusted record opens or closes a gap: a forged one must not
+            for state in doc.get("state") or []:
                 if not isinstance(state, dict):
                     continue
                 table, problems = state.get("table"), state.get("problems") or []
