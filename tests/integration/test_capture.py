@@ -319,6 +319,40 @@ def test_init_is_idempotent_and_uninstall_removes_everything(pgo):
     ) == [(True, 0)]
 
 
+def test_one_tag_per_transaction_and_an_older_when_trigger_is_replaced(pgo):
+    """The tag trigger has no WHEN clause (PostgreSQL parses one again for every statement);
+    the function itself returns at once after the transaction's first statement. A trigger an
+    earlier version made, with a WHEN clause, is replaced by the next init."""
+    pgo.sql("CREATE TABLE a (id int PRIMARY KEY)")
+    pgo.sql("CREATE TABLE b (id int PRIMARY KEY)")
+    assert pgo.undo_cli("init").returncode == 0
+    pgo.sql(
+        "CREATE OR REPLACE TRIGGER undo_tag BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON a"
+        " FOR EACH STATEMENT WHEN (pg_catalog.current_setting('undo.tagged', true)"
+        " IS DISTINCT FROM '1') EXECUTE FUNCTION undo.tag()"
+    )
+    again = pgo.undo_cli("init")
+    assert again.returncode == 0 and "nothing changed" not in again.stdout, again.stdout
+    assert pgo.sql(
+        "SELECT c.relname, t.tgqual IS NULL, t.tgenabled FROM pg_trigger t"
+        " JOIN pg_class c ON c.oid = t.tgrelid WHERE t.tgname = 'undo_tag' ORDER BY 1"
+    ) == [("a", True, "A"), ("b", True, "A")]
+    with pgo.connect() as c, c.transaction():
+        c.execute("INSERT INTO a VALUES (1)")
+        c.execute("INSERT INTO b VALUES (1)")
+        c.execute("UPDATE a SET id = 2")
+    messages = pgo.sql(
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL,"
+        " 'proto_version', '1', 'publication_names', %s, 'messages', 'true')"
+        " WHERE substr(data, 1, 1) = 'M' AND substr(data, 11, 5) = '\\x756e646f00'::bytea",
+        (pgo.slot, pgo.slot),
+    )
+    assert messages == [(1,)]
+    source_rows = pgo.capture()
+    assert source_rows.changes == 3
+    assert pgo.store_rows("SELECT tag, inserts, updates FROM transactions") == [("trusted", 2, 1)]
+
+
 def _start_capture(src, stderr=subprocess.DEVNULL):
     e = dict(os.environ, UNDO_DSN=src.dsn, UNDO_STORE=src.store, UNDO_SLOT=src.slot)
     return subprocess.Popen(
