@@ -285,10 +285,14 @@ def m009_ddl(db: Database) -> None:
     )
 
 
+PAGE_SIZE = 8192
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)
-    if not p.exists():
+    new = not p.exists()
+    if new:
         if not create:
             raise StoreUnreadable(
                 f"no audit store at {path}: run `undo init` first,"
@@ -298,6 +302,10 @@ def open_store(path: str, create: bool = False) -> Database:
         os.close(fd)
     try:
         conn = sqlite3.connect(str(p), isolation_level=None, check_same_thread=False)
+        if new:
+            # 8 KB pages (before WAL mode, which fixes the size): capture's inserts cost about
+            # 7% less SQLite time than with 4 KB, and the store is about 4% smaller (bench/capture)
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")

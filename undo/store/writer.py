@@ -23,14 +23,19 @@ from ..stream.records import Begin, Change, Commit, Relation
 from .schema import get_meta
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_CHUNK = 5000
 #: Keep the activity aggregates. Only bench/serve turns this off, to measure what they cost.
 AGGREGATES = True
 
+_FIELDS = 9  # values per row of changes, staged flat: one list, not a tuple per change
 _INSERT_CHANGES = (
     "INSERT INTO changes (id, txn, ord, relation, op, key, old, new, unchanged)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: Changes per multi-row INSERT. One statement of 250 rows costs SQLite about 0.6 µs a row less
+#: than executemany of the same rows (2.5 -> 1.9 µs, staging included; bench/capture): one
+#: step instead of a reset, a bind and a step per row. Larger chunks gave no more.
+_CHUNK = 250
+_INSERT_CHUNK = _INSERT_CHANGES + ", (?, ?, ?, ?, ?, ?, ?, ?, ?)" * (_CHUNK - 1)
 
 
 def _minute(iso_time: str) -> int:
@@ -91,7 +96,7 @@ class StoreWriter:
             self.conn.execute("SELECT max(id) FROM transactions").fetchone()[0] or 0
         ) + 1
         self.next_change = (self.conn.execute("SELECT max(id) FROM changes").fetchone()[0] or 0) + 1
-        self.rows: list[tuple[Any, ...]] = []
+        self.rows: list[Any] = []  # staged changes, _FIELDS values each
         self.batch_open = False
         self.batch_started = 0.0
         self.batch_changes = 0
@@ -150,7 +155,7 @@ class StoreWriter:
     def add(self, ch: Change, rel_id: int, key: str | None) -> None:
         """Stage one change; images are JSON tokens (records.py), joined here, not re-encoded.
 
-        The hot path of capture: keep it to a tuple and two counters.
+        The hot path of capture: keep it to nine values on one list and two counters.
         """
         txn = self.txn
         assert txn is not None
@@ -158,21 +163,20 @@ class StoreWriter:
         txn.counts[rel_id, ch.op] += 1
         if ch.old is None and ch.op != "I":
             txn.without_old[rel_id, ch.op] += 1
-        self.rows.append(
-            (
-                self.next_change,
-                txn.id,
-                txn.ord,
-                rel_id,
-                ch.op,
-                key,
-                None if ch.old is None else "[" + ",".join(ch.old) + "]",
-                None if ch.new is None else "[" + ",".join(ch.new) + "]",
-                None if ch.unchanged is None else _dumps(ch.unchanged),
-            )
+        rows = self.rows
+        rows += (
+            self.next_change,
+            txn.id,
+            txn.ord,
+            rel_id,
+            ch.op,
+            key,
+            None if ch.old is None else "[" + ",".join(ch.old) + "]",
+            None if ch.new is None else "[" + ",".join(ch.new) + "]",
+            None if ch.unchanged is None else _dumps(ch.unchanged),
         )
         self.next_change += 1
-        if len(self.rows) >= _CHUNK:
+        if len(rows) == _CHUNK * _FIELDS:
             self._write_rows()
 
     def add_truncate(self, rel_id: int) -> None:
@@ -180,7 +184,7 @@ class StoreWriter:
         assert txn is not None
         txn.ord += 1
         txn.counts[rel_id, "T"] += 1
-        self.rows.append((self.next_change, txn.id, txn.ord, rel_id, "T", None, None, None, None))
+        self.rows += (self.next_change, txn.id, txn.ord, rel_id, "T", None, None, None, None)
         self.next_change += 1
 
     @property
@@ -343,10 +347,13 @@ class StoreWriter:
         )
 
     def _write_rows(self) -> None:
-        if self.rows:
-            self.conn.executemany(_INSERT_CHANGES, self.rows)
-            self.batch_changes += len(self.rows)
-            self.rows.clear()
+        rows = self.rows
+        if len(rows) == _CHUNK * _FIELDS:
+            self.conn.execute(_INSERT_CHUNK, rows)
+        elif rows:
+            self.conn.executemany(_INSERT_CHANGES, zip(*[iter(rows)] * _FIELDS, strict=True))
+        self.batch_changes += len(rows) // _FIELDS
+        rows.clear()
 
     def commit(self, commit: Commit) -> bool:
         """Write the transaction row. Returns False (and keeps nothing) if it had no change."""

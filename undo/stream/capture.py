@@ -463,7 +463,7 @@ class _Session:
                 self.wal_end = max(self.wal_end, rec.end_lsn)
                 self._report()
                 if (
-                    writer.batch_changes + len(writer.rows) >= BATCH_CHANGES
+                    writer.batch_changes >= BATCH_CHANGES
                     or time.monotonic() - writer.batch_started > BATCH_SECONDS
                 ):
                     self._send_status(pgconn, writer.flush())
