@@ -439,11 +439,13 @@ class _Session:
                 if rel.partial and rec.op != "I":
                     rec.old = None
                 keyidx = rel.key
-                if keyidx is not None:
-                    src = rec.old if rec.op == "D" else rec.new
-                    key = None if src is None else "[" + ",".join([src[i] for i in keyidx]) + "]"
-                else:
+                src = rec.old if rec.op == "D" else rec.new
+                if keyidx is None or src is None:
                     key = None
+                elif len(keyidx) == 1:  # most keys: no list and no join per change
+                    key = "[" + src[keyidx[0]] + "]"
+                else:
+                    key = "[" + ",".join([src[i] for i in keyidx]) + "]"
                 writer.add(rec, sid, key)
                 self.changes += 1
             elif type(rec) is Begin:
