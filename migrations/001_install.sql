@@ -55,6 +55,18 @@ INSERT INTO undo.publications (name, schemas)
 SELECT publication, schemas FROM undo.config WHERE publication IS NOT NULL
 ON CONFLICT DO NOTHING;
 
+-- One row per slot made by init (either decoder), so that uninstalling one slot knows whether
+-- another store still needs the triggers, the key and this schema. Before it, a pgoutput slot
+-- was known by its publication (named after the slot).
+CREATE TABLE IF NOT EXISTS undo.slots (
+    name text PRIMARY KEY,
+    decoder text NOT NULL
+);
+REVOKE ALL ON undo.slots FROM PUBLIC;
+GRANT SELECT ON undo.slots TO PUBLIC;
+INSERT INTO undo.slots (name, decoder) SELECT name, 'pgoutput' FROM undo.publications
+ON CONFLICT DO NOTHING;
+
 -- Tables prepared by undo, with the replica identity they had before (restored on uninstall).
 CREATE TABLE IF NOT EXISTS undo.audited (
     relid oid PRIMARY KEY,

@@ -183,7 +183,12 @@ def _echo_err(message: str) -> None:
 @cli.command("init")
 @click.option("--schema", "schemas", multiple=True, help="Audit every table of this schema.")
 @click.option("--table", "tables", multiple=True, help="Audit this table (schema.table).")
-@click.option("--uninstall", is_flag=True, help="Remove everything init installed.")
+@click.option(
+    "--uninstall",
+    is_flag=True,
+    help="Remove this slot and its publication; and everything init installed, once no other"
+    " slot of undo is left.",
+)
 @click.option(
     "--failover",
     is_flag=True,

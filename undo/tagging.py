@@ -284,6 +284,11 @@ def init(
                     ).fetchone()
                     set_meta(db, "history_from", now[0] if now else None)
             report.changed.append(f"created slot {settings.slot} ({decoder})")
+        conn.execute(
+            "INSERT INTO undo.slots (name, decoder) VALUES (%s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET decoder = excluded.decoder",
+            (settings.slot, decoder),
+        )
         with db.atomic():
             for k, v in {
                 "decoder": decoder,
@@ -298,7 +303,9 @@ def init(
 
 
 def uninstall(settings: Settings) -> list[str]:
-    """Remove everything init installed: triggers, event trigger, publication, slot, schema."""
+    """Remove what init installed for this slot: its slot and publication; and, when no other
+    slot of undo is left on the database, the triggers, event triggers, replica identities and
+    the schema undo. Another slot's store still needs those: they are kept, and it says so."""
     done: list[str] = []
     with pg.connect(settings.dsn) as conn:
         if conn.execute("SELECT to_regclass('undo.audited')").fetchone() == (None,):
@@ -308,36 +315,68 @@ def uninstall(settings: Settings) -> list[str]:
         ).fetchone()
         if slot is not None and slot[0] is not None:
             raise UndoError(f"slot {settings.slot} is in use (pid {slot[0]}): stop `undo capture`")
-        with conn.transaction():
-            for name in ("undo_create_table", *EVENT_TRIGGERS):
-                conn.execute(
-                    sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name))
-                )
-            rows = conn.execute(
-                "SELECT n.nspname, c.relname, a.prior_identity, c.relreplident"
-                " FROM undo.audited a JOIN pg_class c ON c.oid = a.relid"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        registry = "SELECT name FROM undo.publications"
+        if conn.execute("SELECT to_regclass('undo.slots')").fetchone() != (None,):
+            registry += " UNION SELECT name FROM undo.slots"
+        others = [
+            name
+            for (name,) in conn.execute(
+                sql.SQL(
+                    "SELECT s.name FROM ({}) s JOIN pg_replication_slots r"
+                    " ON r.slot_name = s.name AND r.database = current_database()"
+                    " WHERE s.name <> %s ORDER BY 1"
+                ).format(sql.SQL(registry)),
+                (settings.slot,),
             ).fetchall()
-            identity = {"d": "DEFAULT", "n": "NOTHING", "f": "FULL", "i": "DEFAULT"}
-            for schema, name, prior, current in rows:
-                rel = sql.Identifier(schema, name)
-                conn.execute(sql.SQL("DROP TRIGGER IF EXISTS undo_tag ON {}").format(rel))
-                if prior != current:
-                    conn.execute(
-                        sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(
-                            rel, sql.SQL(identity[prior])
-                        )
-                    )
-            done.append(f"removed the trigger from {len(rows)} table(s)")
-            for (pub,) in conn.execute(
-                "SELECT name FROM undo.publications UNION SELECT publication FROM undo.config"
-                " WHERE publication IS NOT NULL"
-            ).fetchall():
-                conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(pub)))
-                done.append(f"dropped publication {pub}")
-            conn.execute("DROP SCHEMA undo CASCADE")
-            done.append("dropped schema undo")
+        ]
+        with conn.transaction():
+            if others:
+                _uninstall_slot(conn, settings.slot, done)
+                done.append(
+                    "kept the triggers, REPLICA IDENTITY FULL and the schema undo: slot(s) "
+                    + ", ".join(others)
+                    + " still capture through them (uninstall those too to remove everything)"
+                )
+            else:
+                _uninstall_all(conn, done)
         if slot is not None:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot,))
             done.append(f"dropped slot {settings.slot}")
     return done
+
+
+def _uninstall_slot(conn: psycopg.Connection[Any], slot: str, done: list[str]) -> None:
+    """Forget one slot of several: its publication (named after it) and its registrations."""
+    if conn.execute("SELECT 1 FROM undo.publications WHERE name = %s", (slot,)).fetchone():
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(slot)))
+        done.append(f"dropped publication {slot}")
+    conn.execute("DELETE FROM undo.publications WHERE name = %s", (slot,))
+    if conn.execute("SELECT to_regclass('undo.slots')").fetchone() != (None,):
+        conn.execute("DELETE FROM undo.slots WHERE name = %s", (slot,))
+
+
+def _uninstall_all(conn: psycopg.Connection[Any], done: list[str]) -> None:
+    for name in ("undo_create_table", *EVENT_TRIGGERS):
+        conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name)))
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname, a.prior_identity, c.relreplident"
+        " FROM undo.audited a JOIN pg_class c ON c.oid = a.relid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+    ).fetchall()
+    identity = {"d": "DEFAULT", "n": "NOTHING", "f": "FULL", "i": "DEFAULT"}
+    for schema, name, prior, current in rows:
+        rel = sql.Identifier(schema, name)
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS undo_tag ON {}").format(rel))
+        if prior != current:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} REPLICA IDENTITY {}").format(rel, sql.SQL(identity[prior]))
+            )
+    done.append(f"removed the trigger from {len(rows)} table(s)")
+    for (pub,) in conn.execute(
+        "SELECT name FROM undo.publications UNION SELECT publication FROM undo.config"
+        " WHERE publication IS NOT NULL"
+    ).fetchall():
+        conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(pub)))
+        done.append(f"dropped publication {pub}")
+    conn.execute("DROP SCHEMA undo CASCADE")
+    done.append("dropped schema undo")

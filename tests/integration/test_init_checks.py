@@ -87,3 +87,39 @@ def test_two_slots_on_one_database_keep_their_own_publications(pgo, tmp_path):
     assert pgo.store_rows(stored) == [("a.later",), ("a.t",)]
     with sqlite3.connect(second.store) as c:
         assert c.execute(stored).fetchall() == [("b.later",), ("b.t",)]
+
+
+def test_uninstalling_one_of_two_slots_keeps_what_the_other_captures_through(pgo, tmp_path):
+    """--uninstall of one slot used to drop the triggers, the key, the replica identities and
+    the schema undo that a second slot's store still captured through: its writes went on
+    untagged and its updates and deletes without old rows. Now only the last one removes them."""
+    from dataclasses import replace
+
+    from undo.stream.capture import capture
+    from undo.tagging import init, uninstall
+
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a')")
+    first = pgo.settings
+    second = replace(first, slot=f"{first.slot}_2", store=str(tmp_path / "second.db"))
+    init(first, ["public"], [])
+    init(second, ["public"], [])
+    done = uninstall(first)
+    assert any("kept the triggers" in line and second.slot in line for line in done), done
+    assert pgo.sql(
+        "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+    ) == [(second.slot,)]
+    assert pgo.sql("SELECT pubname FROM pg_publication") == [(second.slot,)]
+    with pgo.connect(application_name="after") as c:
+        c.execute("UPDATE t SET v = 'b'")
+    capture(second, once=True)
+    with sqlite3.connect(second.store) as c:
+        assert c.execute(
+            "SELECT t.tag, t.application_name, ch.old FROM changes ch"
+            " JOIN transactions t ON t.id = ch.txn"
+        ).fetchall() == [("trusted", "after", '["1","a"]')]
+    done = uninstall(second)
+    assert "dropped schema undo" in done, done
+    assert pgo.sql(
+        "SELECT to_regnamespace('undo') IS NULL, (SELECT relreplident FROM pg_class"
+        " WHERE relname = 't'), (SELECT count(*) FROM pg_trigger WHERE tgname = 'undo_tag')"
+    ) == [(True, "d", 0)]
