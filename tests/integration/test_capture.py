@@ -273,6 +273,28 @@ def test_truncate_is_recorded(source):
     ]
 
 
+def test_a_truncate_amid_many_rows_of_one_transaction_keeps_every_change_in_order(source):
+    """Changes are written 250 rows to an INSERT: a TRUNCATE off that rhythm, in the middle of
+    one transaction of many rows, must neither lose nor reorder a change."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with source.connect() as c, c.transaction():
+        c.execute("INSERT INTO t SELECT g, 'a' || g FROM generate_series(1, 249) g")
+        c.execute("TRUNCATE t")
+        c.execute("INSERT INTO t SELECT g, 'b' || g FROM generate_series(1, 600) g")
+        c.execute("DELETE FROM t WHERE id <= 100")
+    source.capture()
+    rows = source.store_rows("SELECT ord, op, coalesce(new, old) FROM changes ORDER BY id")
+    expected = (
+        [("I", f'["{i}","a{i}"]') for i in range(1, 250)]
+        + [("T", None)]
+        + [("I", f'["{i}","b{i}"]') for i in range(1, 601)]
+        + [("D", f'["{i}","b{i}"]') for i in range(1, 101)]
+    )
+    assert [(op, image) for _, op, image in rows] == expected
+    assert [o for o, _, _ in rows] == list(range(1, len(expected) + 1))
+
+
 def test_tables_created_later_are_audited(source):
     source.init()
     source.sql("CREATE TABLE later (id int PRIMARY KEY)")
