@@ -123,3 +123,31 @@ def test_guards_belong_to_the_init_role_and_refusals_cannot_be_forged(pgo):
     assert pgo.store_rows("SELECT application_name, tag, tag_reason FROM guard_refusals") == [
         ("web", "untrusted", "forged")
     ]
+
+
+def test_a_long_lived_session_sees_guards_added_and_removed_and_its_own_renames(source):
+    """A pooled connection that wrote before a guard was added is refused after it, and follows
+    its own application_name and the guard's removal: every writing transaction reads the
+    guards; no session keeps what it found."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 10) g")
+    with source.connect(application_name="report-x", autocommit=True) as s:
+
+        def write(i: int) -> bool:
+            try:
+                s.execute("UPDATE t SET v = v || '!' WHERE id = %s", (i,))
+            except psycopg.errors.ReadOnlySqlTransaction:
+                return False
+            return True
+
+        assert write(1)  # no guard: found, and kept
+        assert source.undo_cli("guard", "add", "report-*").returncode == 0
+        assert not write(2)
+        s.execute("SET application_name = 'web'")
+        assert write(3)
+        s.execute("SET application_name = 'report-y'")
+        assert not write(4)
+        assert source.undo_cli("guard", "remove", "report-*").returncode == 0
+        assert write(5)
+    assert source.sql("SELECT id FROM t WHERE v LIKE '%!' ORDER BY id") == [(1,), (3,), (5,)]
