@@ -83,8 +83,11 @@ def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
     return found[0], found[1], found[2]
 
 
-def _recorded(db: Any, tables: tuple[str, ...]) -> tuple[str, ...]:
-    """Those of the tables the store holds any change of."""
+def _recorded(settings: Settings, time: str, tables: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of the tables the store holds any change of, once the store's history reaches
+    back to ``time`` with no gap after it (check_reachable)."""
+    db = open_store(settings.store)
+    check_reachable(db, time, tables)
     out = []
     for t in tables:
         with contextlib.suppress(NotFound):
@@ -99,9 +102,7 @@ def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any)
     the store has no change of is as it was."""
     with pg.connect(settings.dsn) as conn:
         covered = pg.with_partitions(conn, [names.quote(*_audited(conn, t)[1:]) for t in tables])
-    db = open_store(settings.store)
-    check_reachable(db, to, tuple(covered))
-    recorded = _recorded(db, covered)
+    recorded = _recorded(settings, to, covered)
     if not recorded:
         return UndoReport(
             notes=[f"no change to {', '.join(covered)} is recorded: nothing to rewind"]
@@ -124,9 +125,7 @@ def as_of(
         oid, schema, name = _audited(conn, table)
         query = _rows_query(conn, oid, schema, name, where)
         covered = pg.with_partitions(conn, [names.quote(schema, name)])
-    db = open_store(settings.store)
-    check_reachable(db, time, tuple(covered))
-    recorded = _recorded(db, covered)
+    recorded = _recorded(settings, time, covered)
     out: dict[str, Any] = {}
 
     def read(conn: psycopg.Connection[Any]) -> None:

@@ -315,8 +315,11 @@ def uninstall(settings: Settings) -> list[str]:
         ).fetchone()
         if slot is not None and slot[0] is not None:
             raise UndoError(f"slot {settings.slot} is in use (pid {slot[0]}): stop `undo capture`")
+        # undo.slots is new: an install no init of this version ran again knows its slots by
+        # their publications only
+        registered = conn.execute("SELECT to_regclass('undo.slots')").fetchone() != (None,)
         registry = "SELECT name FROM undo.publications"
-        if conn.execute("SELECT to_regclass('undo.slots')").fetchone() != (None,):
+        if registered:
             registry += " UNION SELECT name FROM undo.slots"
         others = [
             name
@@ -331,7 +334,7 @@ def uninstall(settings: Settings) -> list[str]:
         ]
         with conn.transaction():
             if others:
-                _uninstall_slot(conn, settings.slot, done)
+                _uninstall_slot(conn, settings.slot, registered, done)
                 done.append(
                     "kept the triggers, REPLICA IDENTITY FULL and the schema undo: slot(s) "
                     + ", ".join(others)
@@ -345,13 +348,15 @@ def uninstall(settings: Settings) -> list[str]:
     return done
 
 
-def _uninstall_slot(conn: psycopg.Connection[Any], slot: str, done: list[str]) -> None:
+def _uninstall_slot(
+    conn: psycopg.Connection[Any], slot: str, registered: bool, done: list[str]
+) -> None:
     """Forget one slot of several: its publication (named after it) and its registrations."""
     if conn.execute("SELECT 1 FROM undo.publications WHERE name = %s", (slot,)).fetchone():
         conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(slot)))
         done.append(f"dropped publication {slot}")
     conn.execute("DELETE FROM undo.publications WHERE name = %s", (slot,))
-    if conn.execute("SELECT to_regclass('undo.slots')").fetchone() != (None,):
+    if registered:
         conn.execute("DELETE FROM undo.slots WHERE name = %s", (slot,))
 
 

@@ -237,38 +237,49 @@ class StoreWriter:
                             *tag,
                         ),
                     )
-            if why is not None:
-                continue  # only a trusted record opens or closes a gap: a forged one must not
-            for state in doc.get("state") or []:
-                if not isinstance(state, dict):
-                    continue
-                table, problems = state.get("table"), state.get("problems") or []
-                if not problems:
-                    self.conn.execute(
-                        "UPDATE gaps SET to_lsn = ? WHERE kind = 'table' AND table_name = ?"
-                        " AND to_lsn IS NULL",
-                        (commit.commit_lsn, table),
-                    )
-                for problem in problems:
-                    open_already = self.conn.execute(
-                        "SELECT 1 FROM gaps WHERE kind = 'table' AND table_name = ?"
-                        " AND reason = ? AND to_lsn IS NULL",
-                        (table, problem),
-                    ).fetchone()
-                    if open_already is None:
-                        self.conn.execute(
-                            "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason, kind,"
-                            " table_name, session_id, xid) VALUES (?, ?, ?, ?, 'table', ?, ?, ?)",
-                            (
-                                commit.commit_time,
-                                commit.commit_lsn,
-                                commit.commit_lsn if state.get("rewrite") else None,
-                                problem,
-                                table,
-                                session.get("session_id"),
-                                txn.xid,
-                            ),
-                        )
+            if why is None:  # only a trusted record opens or closes a gap: a forged one must not
+                for state in doc.get("state") or []:
+                    if isinstance(state, dict):
+                        self._table_state(state, txn, commit, session.get("session_id"))
+
+    def _table_state(
+        self, state: dict[str, Any], txn: _Txn, commit: Commit, session_id: str | None
+    ) -> None:
+        """One table's state after the DDL: its problems open gaps (one per problem, unless
+        open already; a rewrite's closes at once); no problem closes its open gaps."""
+        table, problems = state.get("table"), state.get("problems") or []
+        if not problems:
+            self.conn.execute(
+                "UPDATE gaps SET to_lsn = ? WHERE kind = 'table' AND table_name = ?"
+                " AND to_lsn IS NULL",
+                (commit.commit_lsn, table),
+            )
+        for problem in problems:
+            if not self.conn.execute(
+                "SELECT 1 FROM gaps WHERE kind = 'table' AND table_name = ? AND reason = ?"
+                " AND to_lsn IS NULL",
+                (table, problem),
+            ).fetchone():
+                at, lsn = commit.commit_time, commit.commit_lsn
+                to_lsn = lsn if state.get("rewrite") else None
+                self._table_gap(table, problem, at, lsn, to_lsn, session_id, txn.xid)
+
+    def _table_gap(
+        self,
+        table: str | None,
+        reason: str,
+        at: str,
+        from_lsn: int,
+        to_lsn: int | None,
+        session_id: str | None,
+        xid: int,
+    ) -> None:
+        """A gap of one table in the audit trail (to_lsn None: still open)."""
+        self.conn.execute(
+            "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason, kind, table_name,"
+            " session_id, xid) VALUES (?, ?, ?, ?, 'table', ?, ?, ?)",
+            (at, from_lsn, to_lsn, reason, table, session_id, xid),
+        )
 
     def set_ledger(self, content: bytes) -> None:
         """The transaction is an undo: its entries in the source's ledger (undo.record_undo)."""
@@ -284,11 +295,8 @@ class StoreWriter:
         """A gap of one table at the transaction being written (kept or lost with it)."""
         txn = self.txn
         assert txn is not None
-        self.conn.execute(
-            "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason, kind, table_name, xid)"
-            " VALUES (?, ?, ?, ?, 'table', ?, ?)",
-            (iso(datetime.now(UTC)), txn.commit_lsn, txn.commit_lsn, reason, table, txn.xid),
-        )
+        lsn = txn.commit_lsn
+        self._table_gap(table, reason, iso(datetime.now(UTC)), lsn, lsn, None, txn.xid)
 
     def add_refusal(self, lsn: int, tag: dict[str, Any], untrusted: str | None) -> None:
         """A write a guard refused (a non-transactional message, outside any transaction):
