@@ -62,7 +62,8 @@ def test_the_installed_wheel_runs_every_command(installed, pgo, tmp_path):
         return r.stdout
 
     where = subprocess.run(
-        [str(installed / "python"), "-c", "import undo; print(undo.__file__)"],
+        # the wheel carries capture's C hot path, built for this Python
+        [str(installed / "python"), "-c", "import undo, undo._speedups; print(undo.__file__)"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

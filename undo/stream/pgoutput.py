@@ -8,7 +8,9 @@ missing old tuple means the change cannot be undone, and ``old`` is None.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
 from json.encoder import encode_basestring as _token
 
 from .protocol import pg_time_to_iso
@@ -31,8 +33,10 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos:end].decode(), end + 1
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[list[str], list[int] | None, int]:
-    """TupleData -> (JSON tokens, positions of unchanged TOAST values, next position)."""
+def _py_tuple(buf: bytes, pos: int) -> tuple[list[str], list[int] | None, int]:
+    """TupleData -> (JSON tokens, positions of unchanged TOAST values, next position).
+
+    The reference for undo/_speedups.c, used where that module was not built."""
     n = (buf[pos] << 8) | buf[pos + 1]
     pos += 2
     values: list[str] = []
@@ -58,6 +62,16 @@ def _tuple(buf: bytes, pos: int) -> tuple[list[str], list[int] | None, int]:
         else:
             raise ValueError(f"pgoutput: unexpected tuple column kind {chr(kind)!r}")
     return values, unchanged, pos
+
+
+_tuple: Callable[[bytes, int], tuple[list[str], list[int] | None, int]]
+if os.environ.get("UNDO_PURE_PYTHON"):
+    _tuple = _py_tuple
+else:
+    try:
+        from .._speedups import tuple_tokens as _tuple
+    except ImportError:  # built without a C compiler: the same, in Python
+        _tuple = _py_tuple
 
 
 class PgOutputDecoder:
