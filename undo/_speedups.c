@@ -1,41 +1,57 @@
-/* Capture's hot path in C: pgoutput's TupleData -> the JSON tokens of its values.
+/* Capture's hot path in C, for pgoutput.
  *
- * The same function as undo.stream.pgoutput._py_tuple, which stays the reference and the
- * fallback where this module was not built (tests/unit/test_speedups.py holds them equal). A
- * token is what json.encoder.encode_basestring makes of the value's text: the UTF-8 bytes as
- * sent, between quotes, with '"', '\\' and control characters escaped; "null" for a NULL or a
- * TOASTed value an UPDATE left unchanged (whose position goes into the second list).
+ * tuple_tokens: TupleData -> the JSON tokens of its values; the same function as
+ * undo.stream.pgoutput._py_tuple.
+ *
+ * stage: one XLogData frame holding an insert, an update with its full old row, or a delete
+ * with its full old row, of a table capture has resolved -> the nine values of its row in the
+ * store, appended to the writer's staged list, and its count; the same as decoding it
+ * (PgOutputDecoder.decode), and StoreWriter.add (which builds its key). Anything
+ * else (other messages, a table not resolved yet, an old row missing or key-only, a TOASTed
+ * value left unchanged) returns False untouched, and capture takes the Python path.
+ *
+ * The Python code stays the reference and the fallback where this module was not built;
+ * tests/unit/test_speedups.py holds them equal. A token is what json.encoder.encode_basestring
+ * makes of the value's text: the UTF-8 bytes as sent, between quotes, with '"', '\\' and
+ * control characters escaped; "null" for a NULL or an unchanged TOASTed value.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 
 static PyObject *null_token; /* "null" */
+static PyObject *op_insert, *op_update, *op_delete;
 
-/* scratch space for one token, grown as needed; the GIL is held throughout */
-static char *scratch;
-static Py_ssize_t scratch_size;
+/* -- growable byte buffers; the GIL is held throughout ------------------------------------ */
+
+typedef struct {
+    char *p;
+    Py_ssize_t len, cap;
+} Buf;
 
 static int
-reserve(Py_ssize_t n)
+reserve(Buf *b, Py_ssize_t extra)
 {
-    if (n <= scratch_size)
+    if (b->len + extra <= b->cap)
         return 0;
-    Py_ssize_t size = n < 256 ? 256 : n * 2;
-    char *p = PyMem_Realloc(scratch, (size_t)size);
+    Py_ssize_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra)
+        cap *= 2;
+    char *p = PyMem_Realloc(b->p, (size_t)cap);
     if (p == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    scratch = p;
-    scratch_size = size;
+    b->p = p;
+    b->cap = cap;
     return 0;
 }
 
 static const char hexdigits[] = "0123456789abcdef";
 
-/* the JSON token of n bytes of UTF-8 text */
-static PyObject *
-token(const unsigned char *s, Py_ssize_t n)
+/* append the JSON token of n bytes of UTF-8 text */
+static int
+put_token(Buf *b, const unsigned char *s, Py_ssize_t n)
 {
     Py_ssize_t extra = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -45,10 +61,10 @@ token(const unsigned char *s, Py_ssize_t n)
         else if (c < 0x20)
             extra += (c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t') ? 1 : 5;
     }
-    if (reserve(n + extra + 2) < 0)
-        return NULL;
-    char *out = scratch;
-    Py_ssize_t o = 0;
+    if (reserve(b, n + extra + 2) < 0)
+        return -1;
+    char *out = b->p;
+    Py_ssize_t o = b->len;
     out[o++] = '"';
     if (extra == 0) {
         memcpy(out + o, s, (size_t)n);
@@ -83,16 +99,91 @@ token(const unsigned char *s, Py_ssize_t n)
         }
     }
     out[o++] = '"';
-    /* strict UTF-8, as bytes.decode() in the Python version: the same UnicodeDecodeError */
-    return PyUnicode_DecodeUTF8(out, o, NULL);
+    b->len = o;
+    return 0;
 }
 
-static PyObject *
-truncated(void)
+static int
+put(Buf *b, const char *s, Py_ssize_t n)
 {
-    PyErr_SetString(PyExc_ValueError, "pgoutput: truncated tuple data");
-    return NULL;
+    if (reserve(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->len, s, (size_t)n);
+    b->len += n;
+    return 0;
 }
+
+/* strict UTF-8, as bytes.decode() in the Python version: the same UnicodeDecodeError */
+static PyObject *
+text(const Buf *b, Py_ssize_t from, Py_ssize_t to)
+{
+    return PyUnicode_DecodeUTF8(b->p + from, to - from, NULL);
+}
+
+/* -- TupleData ---------------------------------------------------------------------------- */
+
+#define MAX_COLUMNS 1664 /* PostgreSQL's MaxTupleAttributeNumber */
+
+typedef struct {
+    Buf out;           /* the tokens, one after the other */
+    Py_ssize_t n;      /* columns */
+    Py_ssize_t start[MAX_COLUMNS + 1]; /* token i is out[start[i]:start[i + 1]] */
+    Py_ssize_t first_unchanged;        /* -1: none */
+} Tuple;
+
+/* parse TupleData at *pos into t; -1 with ValueError when malformed or truncated */
+static int
+parse_tuple(Tuple *t, const unsigned char *buf, Py_ssize_t size, Py_ssize_t *pos)
+{
+    Py_ssize_t p = *pos;
+    t->out.len = 0;
+    t->first_unchanged = -1;
+    if (p < 0 || p + 2 > size)
+        goto truncated;
+    t->n = ((Py_ssize_t)buf[p] << 8) | buf[p + 1];
+    if (t->n > MAX_COLUMNS) {
+        PyErr_Format(PyExc_ValueError, "pgoutput: tuple of %zd columns", t->n);
+        return -1;
+    }
+    p += 2;
+    for (Py_ssize_t i = 0; i < t->n; i++) {
+        t->start[i] = t->out.len;
+        if (p >= size)
+            goto truncated;
+        unsigned char kind = buf[p];
+        if (kind == 't') {
+            if (p + 5 > size)
+                goto truncated;
+            uint32_t len = ((uint32_t)buf[p + 1] << 24) | ((uint32_t)buf[p + 2] << 16)
+                           | ((uint32_t)buf[p + 3] << 8) | (uint32_t)buf[p + 4];
+            p += 5;
+            if (len > 0x7FFFFFFF || (Py_ssize_t)len > size - p)
+                goto truncated;
+            if (put_token(&t->out, buf + p, (Py_ssize_t)len) < 0)
+                return -1;
+            p += (Py_ssize_t)len;
+        }
+        else if (kind == 'n' || kind == 'u') {
+            p += 1;
+            if (put(&t->out, "null", 4) < 0)
+                return -1;
+            if (kind == 'u' && t->first_unchanged < 0)
+                t->first_unchanged = i;
+        }
+        else {
+            PyErr_Format(PyExc_ValueError, "pgoutput: unexpected tuple column kind '%c'", kind);
+            return -1;
+        }
+    }
+    t->start[t->n] = t->out.len;
+    *pos = p;
+    return 0;
+truncated:
+    PyErr_SetString(PyExc_ValueError, "pgoutput: truncated tuple data");
+    return -1;
+}
+
+static Tuple old_tuple, new_tuple;
 
 /* tuple_tokens(buf: bytes, pos: int) -> (tokens, unchanged positions or None, next position) */
 static PyObject *
@@ -102,74 +193,249 @@ tuple_tokens(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "tuple_tokens(buf: bytes, pos: int)");
         return NULL;
     }
-    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     if (pos == -1 && PyErr_Occurred())
         return NULL;
-    if (pos < 0 || pos + 2 > size)
-        return truncated();
-    Py_ssize_t n = ((Py_ssize_t)buf[pos] << 8) | buf[pos + 1];
-    pos += 2;
-    PyObject *values = PyList_New(n);
+    Tuple *t = &new_tuple;
+    if (parse_tuple(t, (const unsigned char *)PyBytes_AS_STRING(args[0]),
+                    PyBytes_GET_SIZE(args[0]), &pos) < 0)
+        return NULL;
+    PyObject *values = PyList_New(t->n);
     PyObject *unchanged = NULL;
     if (values == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (pos >= size)
-            goto truncated;
-        unsigned char kind = buf[pos];
-        PyObject *v;
-        if (kind == 't') {
-            if (pos + 5 > size)
-                goto truncated;
-            uint32_t len = ((uint32_t)buf[pos + 1] << 24) | ((uint32_t)buf[pos + 2] << 16)
-                           | ((uint32_t)buf[pos + 3] << 8) | (uint32_t)buf[pos + 4];
-            pos += 5;
-            if (len > 0x7FFFFFFF || (Py_ssize_t)len > size - pos)
-                goto truncated;
-            v = token(buf + pos, (Py_ssize_t)len);
-            if (v == NULL)
-                goto error;
-            pos += (Py_ssize_t)len;
-        }
-        else if (kind == 'n' || kind == 'u') {
-            pos += 1;
-            v = Py_NewRef(null_token);
+    for (Py_ssize_t i = 0; i < t->n; i++) {
+        Py_ssize_t from = t->start[i], to = t->start[i + 1];
+        int is_null = to - from == 4 && t->out.p[from] == 'n';
+        PyObject *v = is_null ? Py_NewRef(null_token) : text(&t->out, from, to);
+        if (v == NULL)
+            goto error;
+        PyList_SET_ITEM(values, i, v);
+    }
+    if (t->first_unchanged >= 0) {
+        /* 'u' columns: not kept apart above, so parse again for their positions (rare) */
+        const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+        Py_ssize_t p = PyLong_AsSsize_t(args[1]) + 2;
+        if ((unchanged = PyList_New(0)) == NULL)
+            goto error;
+        for (Py_ssize_t i = 0; i < t->n; i++) {
+            unsigned char kind = buf[p];
+            if (kind == 't') {
+                uint32_t len = ((uint32_t)buf[p + 1] << 24) | ((uint32_t)buf[p + 2] << 16)
+                               | ((uint32_t)buf[p + 3] << 8) | (uint32_t)buf[p + 4];
+                p += 5 + (Py_ssize_t)len;
+                continue;
+            }
+            p += 1;
             if (kind == 'u') {
-                if (unchanged == NULL && (unchanged = PyList_New(0)) == NULL) {
-                    Py_DECREF(v);
-                    goto error;
-                }
                 PyObject *at = PyLong_FromSsize_t(i);
                 if (at == NULL || PyList_Append(unchanged, at) < 0) {
                     Py_XDECREF(at);
-                    Py_DECREF(v);
                     goto error;
                 }
                 Py_DECREF(at);
             }
         }
-        else {
-            PyErr_Format(PyExc_ValueError, "pgoutput: unexpected tuple column kind '%c'", kind);
-            goto error;
-        }
-        PyList_SET_ITEM(values, i, v);
     }
     PyObject *result = Py_BuildValue("(NOn)", values, unchanged ? unchanged : Py_None, pos);
     Py_XDECREF(unchanged);
     return result;
-truncated:
-    truncated();
 error:
     Py_DECREF(values);
     Py_XDECREF(unchanged);
     return NULL;
 }
 
+/* -- stage -------------------------------------------------------------------------------- */
+
+static uint32_t
+be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* the whole image as the store keeps it: "[tok,tok,...]" */
+static PyObject *
+image(Tuple *t)
+{
+    Buf *b = &t->out;
+    /* tokens are contiguous: the image is them with ',' between, in a second buffer */
+    static Buf img;
+    img.len = 0;
+    if (reserve(&img, b->len + t->n + 2) < 0)
+        return NULL;
+    img.p[img.len++] = '[';
+    for (Py_ssize_t i = 0; i < t->n; i++) {
+        if (i)
+            img.p[img.len++] = ',';
+        Py_ssize_t from = t->start[i], n = t->start[i + 1] - from;
+        memcpy(img.p + img.len, b->p + from, (size_t)n);
+        img.len += n;
+    }
+    img.p[img.len++] = ']';
+    return text(&img, 0, img.len);
+}
+
+/* the key's values as the store keeps them: "[tok,...]"; NULL with no error: not possible */
+static PyObject *
+key_of(Tuple *t, PyObject *positions)
+{
+    static Buf k;
+    k.len = 0;
+    if (put(&k, "[", 1) < 0)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(positions);
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(positions, j));
+        if (i == -1 && PyErr_Occurred())
+            return NULL;
+        if (i < 0 || i >= t->n)
+            return NULL;
+        if ((j && put(&k, ",", 1) < 0)
+            || put(&k, t->out.p + t->start[i], t->start[i + 1] - t->start[i]) < 0)
+            return NULL;
+    }
+    if (put(&k, "]", 1) < 0)
+        return NULL;
+    return text(&k, 0, k.len);
+}
+
+/* stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> bool
+ *
+ * resolved: {relation OID: (store id, key positions or None)} of the tables capture resolved
+ * as audited with complete old rows. rows gets (change_id, txn_id, ord, store id, op, key,
+ * old, new, None); counts[store id, op] goes up by one.
+ */
+static PyObject *
+stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyDict_Check(args[1]) || !PyList_Check(args[2])
+        || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "stage(frame, resolved: dict, rows: list, counts: dict, change_id,"
+                        " txn_id, ord)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *frame = view.buf;
+    Py_ssize_t size = view.len;
+    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *count_key = NULL;
+    /* XLogData: 'w', start, end, clock (25 bytes), then the pgoutput message */
+    if (size < 25 + 7 || frame[0] != 'w')
+        goto no;
+    const unsigned char *msg = frame + 25;
+    Py_ssize_t msize = size - 25;
+    unsigned char kind = msg[0];
+    PyObject *op;
+    if (kind == 'I')
+        op = op_insert;
+    else if (kind == 'U')
+        op = op_update;
+    else if (kind == 'D')
+        op = op_delete;
+    else
+        goto no;
+    PyObject *relid = PyLong_FromUnsignedLong(be32(msg + 1));
+    if (relid == NULL)
+        goto done;
+    PyObject *entry = PyDict_GetItemWithError(args[1], relid);
+    Py_DECREF(relid);
+    if (entry == NULL) {
+        if (PyErr_Occurred())
+            goto done;
+        goto no;
+    }
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
+        PyErr_SetString(PyExc_TypeError, "stage: resolved values are (store id, key)");
+        goto done;
+    }
+    PyObject *store_id = PyTuple_GET_ITEM(entry, 0), *positions = PyTuple_GET_ITEM(entry, 1);
+    if (positions != Py_None && !PyTuple_Check(positions)) {
+        PyErr_SetString(PyExc_TypeError, "stage: key positions are a tuple or None");
+        goto done;
+    }
+    Py_ssize_t pos = 6;
+    Tuple *key_from;
+    if (kind == 'I') {
+        if (msg[5] != 'N' || parse_tuple(&new_tuple, msg, msize, &pos) < 0)
+            goto parsed;
+        key_from = &new_tuple;
+    }
+    else if (kind == 'U') {
+        if (msg[5] != 'O' || parse_tuple(&old_tuple, msg, msize, &pos) < 0)
+            goto parsed;
+        if (pos >= msize || msg[pos] != 'N')
+            goto no;
+        pos += 1;
+        if (parse_tuple(&new_tuple, msg, msize, &pos) < 0)
+            goto parsed;
+        key_from = &new_tuple;
+    }
+    else {
+        if (msg[5] != 'O' || parse_tuple(&old_tuple, msg, msize, &pos) < 0)
+            goto parsed;
+        key_from = &old_tuple;
+    }
+    if (kind != 'D' && new_tuple.first_unchanged >= 0)
+        goto no; /* an unchanged TOASTed value: the Python path lists it */
+    if (positions == Py_None) {
+        key = Py_NewRef(Py_None);
+    }
+    else if ((key = key_of(key_from, positions)) == NULL) {
+        if (PyErr_Occurred())
+            goto done;
+        goto no;
+    }
+    if (kind != 'I' && (old = image(&old_tuple)) == NULL)
+        goto done;
+    if (kind != 'D' && (new = image(&new_tuple)) == NULL)
+        goto done;
+    PyObject *values[9] = {
+        args[4], args[5], args[6], store_id, op, key,
+        old ? old : Py_None, new ? new : Py_None, Py_None,
+    };
+    for (int i = 0; i < 9; i++)
+        if (PyList_Append(args[2], values[i]) < 0)
+            goto done;
+    if ((count_key = PyTuple_Pack(2, store_id, op)) == NULL)
+        goto done;
+    PyObject *count = PyDict_GetItemWithError(args[3], count_key);
+    long n = 0;
+    if (count == NULL && PyErr_Occurred())
+        goto done;
+    if (count != NULL && (n = PyLong_AsLong(count)) == -1 && PyErr_Occurred())
+        goto done;
+    PyObject *next = PyLong_FromLong(n + 1);
+    if (next == NULL)
+        goto done;
+    int set = PyDict_SetItem(args[3], count_key, next);
+    Py_DECREF(next);
+    if (set < 0)
+        goto done;
+    result = Py_NewRef(Py_True);
+    goto done;
+parsed:
+    /* malformed or not a full old row: let the Python path decide (and raise the same) */
+    if (PyErr_Occurred())
+        PyErr_Clear();
+no:
+    result = Py_NewRef(Py_False);
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(old);
+    Py_XDECREF(new);
+    Py_XDECREF(count_key);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"tuple_tokens", (PyCFunction)(void (*)(void))tuple_tokens, METH_FASTCALL,
      "pgoutput TupleData at pos -> (JSON tokens, unchanged TOAST positions or None, next pos)"},
+    {"stage", (PyCFunction)(void (*)(void))stage, METH_FASTCALL,
+     "stage one pgoutput change frame into the store writer's rows; False: not handled"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -181,7 +447,10 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     null_token = PyUnicode_InternFromString("null");
-    if (null_token == NULL)
+    op_insert = PyUnicode_InternFromString("I");
+    op_update = PyUnicode_InternFromString("U");
+    op_delete = PyUnicode_InternFromString("D");
+    if (null_token == NULL || op_insert == NULL || op_update == NULL || op_delete == NULL)
         return NULL;
     return PyModule_Create(&module);
 }

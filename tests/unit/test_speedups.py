@@ -1,5 +1,6 @@
-"""The C tuple decoder (undo/_speedups.c) against its Python reference: the same tokens for any
-tuple pgoutput can send, the same errors for text that is not UTF-8."""
+"""Capture's C hot path (undo/_speedups.c) against its Python reference: the same tokens for any
+tuple pgoutput can send, the same staged rows for any change it takes, the same errors for text
+that is not UTF-8, and everything else left to the Python path untouched."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import json
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from undo import _speedups as speedups  # the suite expects it built (./dev setup has cc)
+from undo.store.schema import open_store
+from undo.store.writer import StoreWriter
 from undo.stream import pgoutput
+from undo.stream.records import Begin, Relation
 
 # a column: NULL, unchanged TOAST, or a text value (any code point but the surrogates,
 # which UTF-8 cannot carry; control characters, quotes and backslashes included)
@@ -66,3 +70,97 @@ def test_a_truncated_tuple_is_an_error_not_a_short_value(cut):
 def test_an_unknown_column_kind_is_refused():
     with pytest.raises(ValueError, match="unexpected tuple column kind 'b'"):
         speedups.tuple_tokens(struct.pack(">h", 1) + b"b", 0)
+
+
+# -- stage: a change frame straight into the writer's rows -------------------------------------
+
+RELID = 16384
+
+
+def frame(message: bytes) -> memoryview:
+    """An XLogData frame as psycopg hands it over: 'w', three 8-byte fields, the message."""
+    return memoryview(b"w" + bytes(24) + message)
+
+
+def change(op: str, old: list | None, new: list | None, old_kind: bytes = b"O") -> bytes:
+    head = op.encode() + struct.pack(">I", RELID)
+    if op == "I":
+        return head + b"N" + tuple_data(new)
+    if op == "D":
+        return head + old_kind + tuple_data(old)
+    return head + (b"" if old is None else old_kind + tuple_data(old)) + b"N" + tuple_data(new)
+
+
+@pytest.fixture(scope="module")
+def writer(tmp_path_factory):
+    return StoreWriter(open_store(str(tmp_path_factory.mktemp("s") / "s.db"), create=True))
+
+
+def python_path(writer, message: bytes, key: tuple[int, ...] | None, ncols: int):
+    """What capture's Python path stages for the message: decode, then StoreWriter.add."""
+    decoder = pgoutput.PgOutputDecoder()
+    decoder.relations[RELID] = Relation(RELID, "s", "t", tuple(f"c{i}" for i in range(ncols)))
+    rec = decoder.decode(message)
+    writer.begin(Begin(3, 100, "2026-01-01T00:00:00.000000Z"))
+    assert writer.txn is not None
+    writer.txn.ord, writer.txn.id = 4, 3
+    writer.next_change = 7
+    writer.add(rec, 9, key)
+    staged = (list(writer.rows), dict(writer.txn.counts))
+    writer.abort()
+    return staged
+
+
+images = st.integers(1, 6).flatmap(
+    lambda n: st.tuples(
+        st.lists(column.filter(lambda c: c[0] != "u"), min_size=n, max_size=n),
+        st.lists(column.filter(lambda c: c[0] != "u"), min_size=n, max_size=n),
+        st.one_of(st.none(), st.lists(st.integers(0, n - 1), min_size=1, max_size=3)),
+    )
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from("IUD"), images)
+def test_stage_appends_what_the_python_path_does(writer, op, image_pair):
+    old, new, key = image_pair
+    key = None if key is None else tuple(key)
+    message = change(op, old, new)
+    rows: list = []
+    counts: dict = {}
+    assert speedups.stage(frame(message), {RELID: (9, key)}, rows, counts, 7, 3, 5)
+    assert (rows, counts) == python_path(writer, message, key, len(old))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        change("U", [("t", "1")], [("u", None)]),  # an unchanged TOASTed value
+        change("U", [("t", "1")], [("t", "2")], old_kind=b"K"),  # key-only old row
+        change("U", None, [("t", "2")]),  # no old row
+        change("D", [("t", "1")], None, old_kind=b"K"),
+        b"B" + bytes(20),  # not a change
+        change("I", None, [("t", "1")])[:9],  # truncated
+        change("I", None, [("t", "1"), ("t", "2")]).replace(b"N", b"N", 1)[:-1],
+    ],
+)
+def test_stage_leaves_everything_else_to_the_python_path(message):
+    rows: list = ["x"]
+    counts: dict = {}
+    assert not speedups.stage(frame(message), {RELID: (9, (0,))}, rows, counts, 7, 3, 5)
+    assert (rows, counts) == (["x"], {})
+
+
+def test_stage_leaves_tables_not_resolved_to_the_python_path():
+    message = change("I", None, [("t", "1")])
+    assert not speedups.stage(frame(message), {RELID + 1: (9, None)}, [], {}, 7, 3, 5)
+
+
+def test_stage_fails_on_text_that_is_not_utf8_as_decoding_does():
+    raw = b"\xff"
+    message = b"I" + struct.pack(">I", RELID) + b"N" + struct.pack(">h", 1) + b"t"
+    message += struct.pack(">i", 1) + raw
+    with pytest.raises(UnicodeDecodeError):
+        speedups.stage(frame(message), {RELID: (9, None)}, [], {}, 7, 3, 5)
+    with pytest.raises(UnicodeDecodeError):
+        pgoutput._py_tuple(message, 6)

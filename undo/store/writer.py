@@ -153,13 +153,22 @@ class StoreWriter:
         self.conn.execute("SAVEPOINT txn")
         self.txn = _Txn(self.next_txn, begin.xid, self.next_change, begin.commit_lsn)
 
-    def add(self, ch: Change, rel_id: int, key: str | None) -> None:
+    def add(self, ch: Change, rel_id: int, key_positions: tuple[int, ...] | None) -> None:
         """Stage one change; images are JSON tokens (records.py), joined here, not re-encoded.
+        Its key: the new row's values at ``key_positions``, the old row's for a delete.
 
-        The hot path of capture: keep it to nine values on one list and two counters.
+        Capture's hot path without the C module (pgoutput.stage does the same): keep it to
+        nine values on one list and two counters.
         """
         txn = self.txn
         assert txn is not None
+        src = ch.old if ch.op == "D" else ch.new
+        if key_positions is None or src is None:
+            key = None
+        elif len(key_positions) == 1:  # most keys: no list and no join per change
+            key = "[" + src[key_positions[0]] + "]"
+        else:
+            key = "[" + ",".join([src[i] for i in key_positions]) + "]"
         txn.ord += 1
         txn.counts[rel_id, ch.op] += 1
         if ch.old is None and ch.op != "I":
@@ -178,6 +187,16 @@ class StoreWriter:
         )
         self.next_change += 1
         if len(rows) >= _CHUNK * _FIELDS:
+            self._write_rows()
+
+    def add_staged(self) -> None:
+        """Count one change that pgoutput.stage appended to ``rows`` (the same values as
+        ``add``: change id ``next_change``, ord ``txn.ord + 1``)."""
+        txn = self.txn
+        assert txn is not None
+        txn.ord += 1
+        self.next_change += 1
+        if len(self.rows) >= _CHUNK * _FIELDS:
             self._write_rows()
 
     def add_truncate(self, rel_id: int) -> None:

@@ -307,6 +307,8 @@ class _Session:
             sid = self.writer.relation_id(rel, key, partial) if audited else -1
             rel.store_id = sid
             rel.partial = partial
+            if sid != -1 and not partial and self.decoder.name == "pgoutput":
+                self.decoder.resolved[rel.oid] = (sid, key)
         return None if sid == -1 else sid
 
     def _send_status(self, pgconn: pq.abc.PGconn, position: int, reply: bool = False) -> None:
@@ -358,6 +360,8 @@ class _Session:
     def _forget_relations(self) -> None:
         for rel in self.decoder.relations.values():
             rel.store_id = None
+        if self.decoder.name == "pgoutput":
+            self.decoder.resolved.clear()
 
     def run(
         self,
@@ -383,6 +387,11 @@ class _Session:
             raise UndoError(f"START_REPLICATION failed: {msg}")
         writer = self.writer
         decode = self.decoder.decode
+        # pgoutput: most changes are staged in C straight from the frame (pgoutput.stage)
+        stage = pgoutput.stage if self.decoder.name == "pgoutput" else pgoutput._no_stage
+        resolved = getattr(self.decoder, "resolved", {})
+        rows = writer.rows
+        txn = None  # the writer's transaction while one is being stored, not skipped
         in_txn = False
         found_mark = False
         sock = pgconn.socket
@@ -420,13 +429,19 @@ class _Session:
                 continue
             if kind != 0x77:  # 'w': XLogData, the payload after a 25-byte header
                 continue
-            rec = decode(bytes(data[25:]))
             countdown -= 1
             if not countdown:
                 countdown = STOP_CHECK_EVERY
                 if should_stop():  # inside a long transaction: give it up, it is re-sent
                     stopping = True
                     continue
+            if txn is not None and stage(
+                data, resolved, rows, txn.counts, writer.next_change, txn.id, txn.ord + 1
+            ):
+                writer.add_staged()
+                self.changes += 1
+                continue
+            rec = decode(bytes(data[25:]))
             if rec is None:
                 continue
             if type(rec) is Change:
@@ -438,23 +453,17 @@ class _Session:
                     continue
                 if rel.partial and rec.op != "I":
                     rec.old = None
-                keyidx = rel.key
-                src = rec.old if rec.op == "D" else rec.new
-                if keyidx is None or src is None:
-                    key = None
-                elif len(keyidx) == 1:  # most keys: no list and no join per change
-                    key = "[" + src[keyidx[0]] + "]"
-                else:
-                    key = "[" + ",".join([src[i] for i in keyidx]) + "]"
-                writer.add(rec, sid, key)
+                writer.add(rec, sid, rel.key)
                 self.changes += 1
             elif type(rec) is Begin:
                 in_txn = True
                 self.skipping = writer.already_stored(rec)
                 if not self.skipping:
                     writer.begin(rec)
+                    txn = writer.txn
             elif type(rec) is Commit:
                 in_txn = False
+                txn = None
                 if self.skipping:
                     self.skipping = False
                     continue

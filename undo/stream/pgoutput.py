@@ -12,6 +12,7 @@ import os
 import struct
 from collections.abc import Callable
 from json.encoder import encode_basestring as _token
+from typing import Any
 
 from .protocol import pg_time_to_iso
 from .records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
@@ -64,14 +65,22 @@ def _py_tuple(buf: bytes, pos: int) -> tuple[list[str], list[int] | None, int]:
     return values, unchanged, pos
 
 
+def _no_stage(*_: Any) -> bool:
+    """Without the C module every change takes the Python path."""
+    return False
+
+
 _tuple: Callable[[bytes, int], tuple[list[str], list[int] | None, int]]
+#: stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> staged? (undo/_speedups.c)
+stage: Callable[..., bool]
 if os.environ.get("UNDO_PURE_PYTHON"):
-    _tuple = _py_tuple
+    _tuple, stage = _py_tuple, _no_stage
 else:
     try:
+        from .._speedups import stage
         from .._speedups import tuple_tokens as _tuple
     except ImportError:  # built without a C compiler: the same, in Python
-        _tuple = _py_tuple
+        _tuple, stage = _py_tuple, _no_stage
 
 
 class PgOutputDecoder:
@@ -81,6 +90,9 @@ class PgOutputDecoder:
 
     def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
+        #: relation OID -> (store id, key positions) of the tables capture resolved as audited
+        #: with complete old rows: the changes ``stage`` may take (capture fills it)
+        self.resolved: dict[int, tuple[int, tuple[int, ...] | None]] = {}
 
     def decode(self, buf: bytes) -> Record | None:
         kind = buf[0]
@@ -142,6 +154,7 @@ class PgOutputDecoder:
             columns.append(col)
             oids.append(typoid)
             mods.append(typmod)
+        self.resolved.pop(relid, None)  # a new version of the table: resolved again
         self.relations[relid] = Relation(
             relid,
             schema or "pg_catalog",
