@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 static PyObject *null_token; /* "null" */
+static PyObject *no_value;   /* "": a NULL staged for the store (StoreWriter's NULL) */
 static PyObject *op_insert, *op_update, *op_delete;
 
 /* -- growable byte buffers; the GIL is held throughout ------------------------------------ */
@@ -304,7 +305,7 @@ key_of(Tuple *t, PyObject *positions)
  *
  * resolved: {relation OID: (store id, key positions or None)} of the tables capture resolved
  * as audited with complete old rows. rows gets (change_id, txn_id, ord, store id, op, key,
- * old, new, None); counts[store id, op] goes up by one.
+ * old, new, unchanged), '' for each NULL; counts[store id, op] goes up by one.
  */
 static PyObject *
 stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -381,7 +382,7 @@ stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (kind != 'D' && new_tuple.first_unchanged >= 0)
         goto no; /* an unchanged TOASTed value: the Python path lists it */
     if (positions == Py_None) {
-        key = Py_NewRef(Py_None);
+        key = Py_NewRef(no_value);
     }
     else if ((key = key_of(key_from, positions)) == NULL) {
         if (PyErr_Occurred())
@@ -394,7 +395,7 @@ stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     PyObject *values[9] = {
         args[4], args[5], args[6], store_id, op, key,
-        old ? old : Py_None, new ? new : Py_None, Py_None,
+        old ? old : no_value, new ? new : no_value, no_value,
     };
     for (int i = 0; i < 9; i++)
         if (PyList_Append(args[2], values[i]) < 0)
@@ -447,10 +448,11 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     null_token = PyUnicode_InternFromString("null");
+    no_value = PyUnicode_InternFromString("");
     op_insert = PyUnicode_InternFromString("I");
     op_update = PyUnicode_InternFromString("U");
     op_delete = PyUnicode_InternFromString("D");
-    if (null_token == NULL || op_insert == NULL || op_update == NULL || op_delete == NULL)
+    if (null_token == NULL || no_value == NULL || op_insert == NULL || op_update == NULL || op_delete == NULL)
         return NULL;
     return PyModule_Create(&module);
 }

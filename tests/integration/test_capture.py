@@ -562,3 +562,31 @@ def test_invalidated_slot_is_refused_and_recorded(pgo):
         with psycopg.connect(pgo.cluster.admin_dsn, autocommit=True) as c:
             c.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
             c.execute("SELECT pg_reload_conf()")
+
+
+def test_absent_values_are_sql_null(source):
+    """Capture stages NULL as '' (cheaper to bind): the store must hold NULL, never ''."""
+    source.sql("CREATE TABLE k (id int PRIMARY KEY, v text)")
+    source.sql("CREATE TABLE nokey (id int, v text)")
+    source.init()
+    for t in ("k", "nokey"):
+        source.sql(f"INSERT INTO {t} SELECT g, 'x' FROM generate_series(1, 300) g")
+        source.sql(f"UPDATE {t} SET v = 'y'")
+        source.sql(f"DELETE FROM {t}")
+        source.sql(f"TRUNCATE {t}")
+    source.capture()
+    rows = source.store_rows(
+        "SELECT r.table_name, c.op, c.key IS NULL, c.old IS NULL, c.new IS NULL,"
+        " c.unchanged IS NULL, count(*) FROM changes c JOIN relations r ON r.id = c.relation"
+        " GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2"
+    )
+    assert rows == [
+        ("k", "D", 0, 0, 1, 1, 300),
+        ("k", "I", 0, 1, 0, 1, 300),
+        ("k", "T", 1, 1, 1, 1, 1),
+        ("k", "U", 0, 0, 0, 1, 300),
+        ("nokey", "D", 1, 0, 1, 1, 300),
+        ("nokey", "I", 1, 1, 0, 1, 300),
+        ("nokey", "T", 1, 1, 1, 1, 1),
+        ("nokey", "U", 1, 0, 0, 1, 300),
+    ]
