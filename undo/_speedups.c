@@ -432,11 +432,575 @@ done:
     return result;
 }
 
+/* -- wal2json (format-version 2) ------------------------------------------------------------
+ *
+ * A JSON reader for one wal2json document, strict where json.loads is: anything it does not
+ * take as the Python path would (a constant such as NaN, a lone surrogate, a control
+ * character in a string, trailing text, a value that is an object) leaves the change to the
+ * Python path, which then says what is wrong with it.
+ */
+
+typedef struct {
+    const unsigned char *p, *end;
+} Json;
+
+static void
+ws(Json *j)
+{
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
+        j->p++;
+}
+
+static int
+lit(Json *j, const char *word)
+{
+    size_t n = strlen(word);
+    if ((size_t)(j->end - j->p) < n || memcmp(j->p, word, n) != 0)
+        return -1;
+    j->p += n;
+    return 0;
+}
+
+static int
+hex4(const unsigned char *p, unsigned *out)
+{
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        unsigned char c = p[i];
+        v <<= 4;
+        if (c >= '0' && c <= '9')
+            v |= c - '0';
+        else if (c >= 'a' && c <= 'f')
+            v |= c - 'a' + 10;
+        else if (c >= 'A' && c <= 'F')
+            v |= c - 'A' + 10;
+        else
+            return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* a JSON string at j->p (the opening quote) -> its UTF-8 bytes appended to out */
+static int
+string(Json *j, Buf *out)
+{
+    if (j->p >= j->end || *j->p != '"')
+        return -1;
+    j->p++;
+    for (;;) {
+        const unsigned char *run = j->p;
+        while (j->p < j->end && *j->p != '"' && *j->p != '\\' && *j->p >= 0x20)
+            j->p++;
+        if (put(out, (const char *)run, j->p - run) < 0)
+            return -2;
+        if (j->p >= j->end || *j->p < 0x20)
+            return -1;
+        if (*j->p == '"') {
+            j->p++;
+            return 0;
+        }
+        /* an escape */
+        if (j->end - j->p < 2)
+            return -1;
+        unsigned char e = j->p[1];
+        char c;
+        j->p += 2;
+        switch (e) {
+        case '"': c = '"'; break;
+        case '\\': c = '\\'; break;
+        case '/': c = '/'; break;
+        case 'b': c = '\b'; break;
+        case 'f': c = '\f'; break;
+        case 'n': c = '\n'; break;
+        case 'r': c = '\r'; break;
+        case 't': c = '\t'; break;
+        case 'u': {
+            unsigned cp;
+            if (j->end - j->p < 4 || hex4(j->p, &cp) < 0)
+                return -1;
+            j->p += 4;
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                unsigned lo;
+                if (j->end - j->p < 6 || j->p[0] != '\\' || j->p[1] != 'u'
+                    || hex4(j->p + 2, &lo) < 0 || lo < 0xDC00 || lo > 0xDFFF)
+                    return -1; /* a lone surrogate: the Python path */
+                j->p += 6;
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            else if (cp >= 0xDC00 && cp <= 0xDFFF) {
+                return -1;
+            }
+            char u[4];
+            Py_ssize_t n;
+            if (cp < 0x80) {
+                u[0] = (char)cp;
+                n = 1;
+            }
+            else if (cp < 0x800) {
+                u[0] = (char)(0xC0 | (cp >> 6));
+                u[1] = (char)(0x80 | (cp & 0x3F));
+                n = 2;
+            }
+            else if (cp < 0x10000) {
+                u[0] = (char)(0xE0 | (cp >> 12));
+                u[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+                u[2] = (char)(0x80 | (cp & 0x3F));
+                n = 3;
+            }
+            else {
+                u[0] = (char)(0xF0 | (cp >> 18));
+                u[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+                u[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+                u[3] = (char)(0x80 | (cp & 0x3F));
+                n = 4;
+            }
+            if (put(out, u, n) < 0)
+                return -2;
+            continue;
+        }
+        default:
+            return -1;
+        }
+        if (put(out, &c, 1) < 0)
+            return -2;
+    }
+}
+
+/* a JSON number: the span of its text (json.loads' grammar; no NaN or Infinity) */
+static int
+number(Json *j, const unsigned char **from, const unsigned char **to)
+{
+    const unsigned char *p = j->p, *e = j->end;
+    *from = p;
+    if (p < e && *p == '-')
+        p++;
+    if (p < e && *p == '0')
+        p++;
+    else if (p < e && *p >= '1' && *p <= '9')
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+    else
+        return -1;
+    if (p < e && *p == '.') {
+        const unsigned char *d = ++p;
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+        if (p == d)
+            return -1;
+    }
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < e && (*p == '+' || *p == '-'))
+            p++;
+        const unsigned char *d = p;
+        while (p < e && *p >= '0' && *p <= '9')
+            p++;
+        if (p == d)
+            return -1;
+    }
+    *to = j->p = p;
+    return 0;
+}
+
+static Buf scratch_text; /* a string value's UTF-8 while it is turned into a token */
+
+static int skip(Json *j, int depth);
+
+static int
+skip_container(Json *j, int depth, unsigned char close)
+{
+    j->p++;
+    ws(j);
+    if (j->p < j->end && *j->p == close) {
+        j->p++;
+        return 0;
+    }
+    for (;;) {
+        if (close == '}') {
+            scratch_text.len = 0;
+            if (string(j, &scratch_text) < 0)
+                return -1;
+            ws(j);
+            if (j->p >= j->end || *j->p != ':')
+                return -1;
+            j->p++;
+        }
+        if (skip(j, depth + 1) < 0)
+            return -1;
+        ws(j);
+        if (j->p < j->end && *j->p == ',') {
+            j->p++;
+            ws(j);
+            continue;
+        }
+        if (j->p < j->end && *j->p == close) {
+            j->p++;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+/* any JSON value, not kept */
+static int
+skip(Json *j, int depth)
+{
+    const unsigned char *a, *b;
+    ws(j);
+    if (j->p >= j->end || depth > 64)
+        return -1;
+    switch (*j->p) {
+    case '"':
+        scratch_text.len = 0;
+        return string(j, &scratch_text) < 0 ? -1 : 0;
+    case '{':
+        return skip_container(j, depth, '}');
+    case '[':
+        return skip_container(j, depth, ']');
+    case 't':
+        return lit(j, "true");
+    case 'f':
+        return lit(j, "false");
+    case 'n':
+        return lit(j, "null");
+    default:
+        return number(j, &a, &b);
+    }
+}
+
+/* one column object -> its name appended to sig (after a NUL) and its value's token to t */
+static int
+column(Json *j, Tuple *t, Buf *sig)
+{
+    static Buf name, type;
+    const unsigned char *value = NULL, *value_end = NULL;
+    int have_name = 0, have_type = 0;
+    name.len = type.len = 0;
+    if (j->p >= j->end || *j->p != '{')
+        return -1;
+    j->p++;
+    ws(j);
+    if (j->p < j->end && *j->p == '}')
+        return -1;
+    for (;;) {
+        scratch_text.len = 0;
+        if (string(j, &scratch_text) < 0)
+            return -1;
+        ws(j);
+        if (j->p >= j->end || *j->p != ':')
+            return -1;
+        j->p++;
+        ws(j);
+        Py_ssize_t klen = scratch_text.len;
+        const char *k = scratch_text.p;
+        if (klen == 4 && memcmp(k, "name", 4) == 0) {
+            name.len = 0;
+            if (string(j, &name) < 0)
+                return -1;
+            have_name = 1;
+        }
+        else if (klen == 4 && memcmp(k, "type", 4) == 0) {
+            type.len = 0;
+            if (string(j, &type) < 0)
+                return -1;
+            have_type = 1;
+        }
+        else if (klen == 5 && memcmp(k, "value", 5) == 0) {
+            value = j->p;
+            if (skip(j, 1) < 0)
+                return -1;
+            value_end = j->p;
+        }
+        else if (skip(j, 1) < 0) {
+            return -1;
+        }
+        ws(j);
+        if (j->p < j->end && *j->p == ',') {
+            j->p++;
+            ws(j);
+            continue;
+        }
+        if (j->p < j->end && *j->p == '}') {
+            j->p++;
+            break;
+        }
+        return -1;
+    }
+    if (!have_name || t->n >= MAX_COLUMNS)
+        return -1;
+    if (put(sig, "\0", 1) < 0 || put(sig, name.p, name.len) < 0)
+        return -2;
+    /* the value's token, as wal2json._tokens makes it */
+    t->start[t->n++] = t->out.len;
+    if (value == NULL || *value == 'n')
+        return put(&t->out, "null", 4) < 0 ? -2 : 0; /* missing: c.get("value") is None */
+    if (*value == 't')
+        return put(&t->out, "\"t\"", 3) < 0 ? -2 : 0;
+    if (*value == 'f')
+        return put(&t->out, "\"f\"", 3) < 0 ? -2 : 0;
+    if (*value == '"') {
+        Json v = {value, value_end};
+        if (!have_type)
+            return -1; /* c["type"] is asked for a string: the Python path */
+        scratch_text.len = 0;
+        if (type.len == 5 && memcmp(type.p, "bytea", 5) == 0 && put(&scratch_text, "\\x", 2) < 0)
+            return -2;
+        if (string(&v, &scratch_text) < 0)
+            return -1;
+        return put_token(&t->out, (const unsigned char *)scratch_text.p, scratch_text.len) < 0
+                   ? -2
+                   : 0;
+    }
+    if (*value == '-' || (*value >= '0' && *value <= '9')) {
+        /* its exact digits, as text (and, as in Python, a bytea's '\x' before any text) */
+        scratch_text.len = 0;
+        if (!have_type)
+            return -1;
+        if ((type.len == 5 && memcmp(type.p, "bytea", 5) == 0 && put(&scratch_text, "\\x", 2) < 0)
+            || put(&scratch_text, (const char *)value, value_end - value) < 0)
+            return -2;
+        return put_token(&t->out, (const unsigned char *)scratch_text.p, scratch_text.len) < 0
+                   ? -2
+                   : 0;
+    }
+    return -1; /* an object or an array: not a column value */
+}
+
+/* an array of columns -> t (tokens) and sig (NUL and each name) */
+static int
+columns(Json *j, Tuple *t, Buf *sig)
+{
+    t->out.len = 0;
+    t->n = 0;
+    t->first_unchanged = -1;
+    ws(j);
+    if (j->p >= j->end || *j->p != '[')
+        return -1;
+    j->p++;
+    ws(j);
+    if (j->p < j->end && *j->p == ']') {
+        j->p++;
+        t->start[0] = 0;
+        return 0;
+    }
+    for (;;) {
+        int r = column(j, t, sig);
+        if (r < 0)
+            return r;
+        ws(j);
+        if (j->p < j->end && *j->p == ',') {
+            j->p++;
+            ws(j);
+            continue;
+        }
+        if (j->p < j->end && *j->p == ']') {
+            j->p++;
+            t->start[t->n] = t->out.len;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+/* stage_wal2json(frame, resolved, rows, counts, change_id, txn_id, ord) -> bool
+ *
+ * As stage, for a wal2json document. resolved: {signature: (store id, key positions or None)}
+ * where the signature is wal2json.signature(schema, table, column names).
+ */
+static PyObject *
+stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyDict_Check(args[1]) || !PyList_Check(args[2])
+        || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "stage_wal2json(frame, resolved: dict, rows: list, counts: dict,"
+                        " change_id, txn_id, ord)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    static Buf schema, table, new_sig, old_sig;
+    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *count_key = NULL;
+    PyObject *sig = NULL;
+    const unsigned char *frame = view.buf;
+    if (view.len < 26 || frame[0] != 'w')
+        goto no;
+    Json j = {frame + 25, frame + view.len};
+    unsigned char action = 0;
+    int have_new = 0, have_old = 0, r;
+    schema.len = table.len = new_sig.len = old_sig.len = 0;
+    if (j.p >= j.end || *j.p != '{') /* json.loads' scanner takes no leading space either */
+        goto no;
+    j.p++;
+    ws(&j);
+    for (;;) {
+        scratch_text.len = 0;
+        if (string(&j, &scratch_text) < 0)
+            goto no;
+        ws(&j);
+        if (j.p >= j.end || *j.p != ':')
+            goto no;
+        j.p++;
+        ws(&j);
+        Py_ssize_t klen = scratch_text.len;
+        char k[9] = {0};
+        if (klen < 9)
+            memcpy(k, scratch_text.p, (size_t)klen);
+        if (klen == 6 && strcmp(k, "action") == 0) {
+            scratch_text.len = 0;
+            if (string(&j, &scratch_text) < 0 || scratch_text.len != 1)
+                goto no;
+            action = (unsigned char)scratch_text.p[0];
+            if (action != 'I' && action != 'U' && action != 'D')
+                goto no;
+        }
+        else if (klen == 6 && strcmp(k, "schema") == 0) {
+            schema.len = 0;
+            if (string(&j, &schema) < 0)
+                goto no;
+        }
+        else if (klen == 5 && strcmp(k, "table") == 0) {
+            table.len = 0;
+            if (string(&j, &table) < 0)
+                goto no;
+        }
+        else if (klen == 7 && strcmp(k, "columns") == 0) {
+            new_sig.len = 0;
+            if ((r = columns(&j, &new_tuple, &new_sig)) < 0)
+                goto r_fail;
+            have_new = 1;
+        }
+        else if (klen == 8 && strcmp(k, "identity") == 0) {
+            old_sig.len = 0;
+            if ((r = columns(&j, &old_tuple, &old_sig)) < 0)
+                goto r_fail;
+            have_old = 1;
+        }
+        else if (skip(&j, 1) < 0) {
+            goto no;
+        }
+        ws(&j);
+        if (j.p < j.end && *j.p == ',') {
+            j.p++;
+            ws(&j);
+            continue;
+        }
+        if (j.p < j.end && *j.p == '}') {
+            j.p++;
+            break;
+        }
+        goto no;
+    }
+    if (j.p != j.end || action == 0)
+        goto no; /* json.loads takes one document and nothing after it */
+    Tuple *key_from;
+    Buf *rel_sig;
+    PyObject *op;
+    if (action == 'I') {
+        if (!have_new)
+            goto no;
+        key_from = &new_tuple, rel_sig = &new_sig, op = op_insert;
+    }
+    else if (action == 'U') {
+        /* the common case only: an old row, and a new one with the same columns */
+        if (!have_new || !have_old || old_tuple.n == 0 || old_tuple.n != new_tuple.n
+            || old_sig.len != new_sig.len || memcmp(old_sig.p, new_sig.p, old_sig.len) != 0)
+            goto no;
+        key_from = &new_tuple, rel_sig = &old_sig, op = op_update;
+    }
+    else {
+        if (!have_old || old_tuple.n == 0)
+            goto no;
+        key_from = &old_tuple, rel_sig = &old_sig, op = op_delete;
+    }
+    {
+        static Buf full;
+        full.len = 0;
+        if (put(&full, schema.p, schema.len) < 0 || put(&full, "\0", 1) < 0
+            || put(&full, table.p, table.len) < 0 || put(&full, rel_sig->p, rel_sig->len) < 0)
+            goto done;
+        if ((sig = PyBytes_FromStringAndSize(full.p, full.len)) == NULL)
+            goto done;
+    }
+    PyObject *entry = PyDict_GetItemWithError(args[1], sig);
+    if (entry == NULL) {
+        if (PyErr_Occurred())
+            goto done;
+        goto no;
+    }
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
+        PyErr_SetString(PyExc_TypeError, "stage: resolved values are (store id, key)");
+        goto done;
+    }
+    PyObject *store_id = PyTuple_GET_ITEM(entry, 0), *positions = PyTuple_GET_ITEM(entry, 1);
+    if (positions != Py_None && !PyTuple_Check(positions)) {
+        PyErr_SetString(PyExc_TypeError, "stage: key positions are a tuple or None");
+        goto done;
+    }
+    if (positions == Py_None) {
+        key = Py_NewRef(no_value);
+    }
+    else if ((key = key_of(key_from, positions)) == NULL) {
+        goto decode_fail;
+    }
+    if (action != 'I' && (old = image(&old_tuple)) == NULL)
+        goto decode_fail;
+    if (action != 'D' && (new = image(&new_tuple)) == NULL)
+        goto decode_fail;
+    PyObject *values[9] = {
+        args[4], args[5], args[6], store_id, op, key,
+        old ? old : no_value, new ? new : no_value, no_value,
+    };
+    for (int i = 0; i < 9; i++)
+        if (PyList_Append(args[2], values[i]) < 0)
+            goto done;
+    if ((count_key = PyTuple_Pack(2, store_id, op)) == NULL)
+        goto done;
+    PyObject *count = PyDict_GetItemWithError(args[3], count_key);
+    long n = 0;
+    if (count == NULL && PyErr_Occurred())
+        goto done;
+    if (count != NULL && (n = PyLong_AsLong(count)) == -1 && PyErr_Occurred())
+        goto done;
+    PyObject *next = PyLong_FromLong(n + 1);
+    if (next == NULL)
+        goto done;
+    int set = PyDict_SetItem(args[3], count_key, next);
+    Py_DECREF(next);
+    if (set < 0)
+        goto done;
+    result = Py_NewRef(Py_True);
+    goto done;
+decode_fail:
+    /* text that is not UTF-8, or a key position out of range: the Python path says so */
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+        goto done;
+    PyErr_Clear();
+    goto no;
+r_fail:
+    if (r == -2)
+        goto done; /* out of memory */
+no:
+    result = Py_NewRef(Py_False);
+done:
+    Py_XDECREF(sig);
+    Py_XDECREF(key);
+    Py_XDECREF(old);
+    Py_XDECREF(new);
+    Py_XDECREF(count_key);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"tuple_tokens", (PyCFunction)(void (*)(void))tuple_tokens, METH_FASTCALL,
      "pgoutput TupleData at pos -> (JSON tokens, unchanged TOAST positions or None, next pos)"},
     {"stage", (PyCFunction)(void (*)(void))stage, METH_FASTCALL,
      "stage one pgoutput change frame into the store writer's rows; False: not handled"},
+    {"stage_wal2json", (PyCFunction)(void (*)(void))stage_wal2json, METH_FASTCALL,
+     "stage one wal2json change frame into the store writer's rows; False: not handled"},
     {NULL, NULL, 0, NULL},
 };
 

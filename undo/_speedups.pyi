@@ -11,3 +11,13 @@ def stage(
     ord: int,
     /,
 ) -> bool: ...
+def stage_wal2json(
+    frame: Any,
+    resolved: dict[bytes, tuple[int, tuple[int, ...] | None]],
+    rows: list[Any],
+    counts: dict[tuple[int, str], int],
+    change_id: int,
+    txn_id: int,
+    ord: int,
+    /,
+) -> bool: ...

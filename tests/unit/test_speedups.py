@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from undo import _speedups as speedups  # the suite expects it built (./dev setup has cc)
 from undo.store.schema import open_store
 from undo.store.writer import StoreWriter
-from undo.stream import pgoutput
+from undo.stream import pgoutput, wal2json
 from undo.stream.records import Begin, Relation
 
 # a column: NULL, unchanged TOAST, or a text value (any code point but the surrogates,
@@ -38,6 +38,8 @@ def tuple_data(columns: list[tuple[str, str | None]], prefix: bytes = b"") -> by
 
 def test_capture_decodes_with_the_c_module():
     assert pgoutput._tuple is speedups.tuple_tokens
+    assert pgoutput.PgOutputDecoder().stage is speedups.stage
+    assert wal2json.Wal2JsonDecoder().stage is speedups.stage_wal2json
 
 
 @given(st.lists(column, max_size=12), st.binary(max_size=7))
@@ -96,11 +98,15 @@ def writer(tmp_path_factory):
     return StoreWriter(open_store(str(tmp_path_factory.mktemp("s") / "s.db"), create=True))
 
 
-def python_path(writer, message: bytes, key: tuple[int, ...] | None, ncols: int):
+def python_path(writer, message: bytes, key: tuple[int, ...] | None, ncols: int = 0):
     """What capture's Python path stages for the message: decode, then StoreWriter.add."""
-    decoder = pgoutput.PgOutputDecoder()
-    decoder.relations[RELID] = Relation(RELID, "s", "t", tuple(f"c{i}" for i in range(ncols)))
-    rec = decoder.decode(message)
+    if message.startswith(b"{"):
+        rec = wal2json.Wal2JsonDecoder().decode(message)
+    else:
+        decoder = pgoutput.PgOutputDecoder()
+        columns = tuple(f"c{i}" for i in range(ncols))
+        decoder.relations[RELID] = Relation(RELID, "s", "t", columns)
+        rec = decoder.decode(message)
     writer.begin(Begin(3, 100, "2026-01-01T00:00:00.000000Z"))
     assert writer.txn is not None
     writer.txn.ord, writer.txn.id = 4, 3
@@ -164,3 +170,109 @@ def test_stage_fails_on_text_that_is_not_utf8_as_decoding_does():
         speedups.stage(frame(message), {RELID: (9, None)}, [], {}, 7, 3, 5)
     with pytest.raises(UnicodeDecodeError):
         pgoutput._py_tuple(message, 6)
+
+
+# -- stage_wal2json: the same for a wal2json document -------------------------------------------
+
+TYPES = ["bigint", "text", "bytea", "boolean", "numeric", "jsonb", 'we"ird type']
+any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=20)
+json_number = st.from_regex(r"\A-?(0|[1-9][0-9]{0,5})(\.[0-9]{1,4})?([eE][+-]?[0-9]{1,3})?\Z")
+
+
+@st.composite
+def w2j_value(draw) -> str | None:
+    """A column's "value" as wal2json prints it (None: no value key at all)."""
+    kind = draw(st.sampled_from(["str", "num", "true", "false", "null", "missing"]))
+    if kind == "str":
+        return json.dumps(draw(any_text), ensure_ascii=draw(st.booleans()))
+    if kind == "num":
+        return draw(json_number)
+    return None if kind == "missing" else kind
+
+
+@st.composite
+def w2j_columns(draw, names: list[str]) -> str:
+    cols = []
+    for name in names:
+        fields = [
+            f'"name":{json.dumps(name)}',
+            f'"type":{json.dumps(draw(st.sampled_from(TYPES)))}',
+            f'"typeoid":{draw(st.integers(16, 5000))}',
+        ]
+        value = draw(w2j_value())
+        if value is not None:
+            fields.append(f'"value":{value}')
+        cols.append("{" + ",".join(draw(st.permutations(fields))) + "}")
+    return "[" + ",".join(cols) + "]"
+
+
+@st.composite
+def w2j_change(draw):
+    names = draw(st.lists(any_text, min_size=1, max_size=5))
+    op = draw(st.sampled_from("IUD"))
+    schema, table = draw(any_text), draw(any_text)
+    parts = [
+        f'"action":"{op}"',
+        '"xid":728,"timestamp":"2026-12-01 03:42:24.383785+00","lsn":"0/150A530"',
+        f'"schema":{json.dumps(schema)},"table":{json.dumps(table)}',
+    ]
+    if op in "IU":
+        parts.append(f'"columns":{draw(w2j_columns(names))}')
+    if op in "UD":
+        parts.append(f'"identity":{draw(w2j_columns(names))}')
+    key = draw(st.one_of(st.none(), st.lists(st.integers(0, len(names) - 1), min_size=1)))
+    doc = "{" + ",".join(parts) + "}"
+    return doc.encode(), wal2json.signature(schema, table, tuple(names)), key
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(w2j_change())
+def test_stage_wal2json_appends_what_the_python_path_does(writer, change):
+    message, sig, key = change
+    key = None if key is None else tuple(key)
+    rows: list = []
+    counts: dict = {}
+    assert speedups.stage_wal2json(frame(message), {sig: (9, key)}, rows, counts, 7, 3, 5)
+    assert (rows, counts) == python_path(writer, message, key)
+
+
+W2J_INSERT = (
+    '{"action":"I","schema":"s","table":"t","columns":[{"name":"id","type":"integer",'
+    '"typeoid":23,"value":%s}]}'
+)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        W2J_INSERT % "NaN",  # json.loads reads it, _tokens refuses it
+        W2J_INSERT % "-Infinity",
+        W2J_INSERT % '{"a": 1}',
+        W2J_INSERT % '"\\ud800"',  # a lone surrogate
+        W2J_INSERT % '"tab\there"',  # a control character json.loads refuses
+        W2J_INSERT % "1" + " ",  # json.loads takes nothing after the document
+        " " + W2J_INSERT % "1",
+        W2J_INSERT % "01",
+        (W2J_INSERT % "1")[:-2],  # truncated
+        '{"action":"M","transactional":true,"prefix":"undo","content":"x"}',
+        '{"action":"B","xid":1}',
+        # an update whose new row leaves out an unchanged TOASTed value
+        '{"action":"U","schema":"s","table":"t","columns":[{"name":"id","type":"integer",'
+        '"value":1}],"identity":[{"name":"id","type":"integer","value":1},{"name":"v",'
+        '"type":"text","value":"x"}]}',
+        '{"action":"D","schema":"s","table":"t","identity":[]}',
+    ],
+)
+def test_stage_wal2json_leaves_everything_else_to_the_python_path(message):
+    rows: list = ["x"]
+    counts: dict = {}
+    sig = wal2json.signature("s", "t", ("id",))
+    resolved = {sig: (9, (0,)), wal2json.signature("s", "t", ("id", "v")): (9, (0,))}
+    assert not speedups.stage_wal2json(frame(message.encode()), resolved, rows, counts, 7, 3, 5)
+    assert (rows, counts) == (["x"], {})
+
+
+def test_stage_wal2json_leaves_tables_not_resolved_to_the_python_path():
+    message = (W2J_INSERT % "1").encode()
+    other = wal2json.signature("s", "t", ("id", "v"))
+    assert not speedups.stage_wal2json(frame(message), {other: (9, None)}, [], {}, 7, 3, 5)

@@ -307,8 +307,8 @@ class _Session:
             sid = self.writer.relation_id(rel, key, partial) if audited else -1
             rel.store_id = sid
             rel.partial = partial
-            if sid != -1 and not partial and self.decoder.name == "pgoutput":
-                self.decoder.resolved[rel.oid] = (sid, key)
+            if sid != -1 and not partial:  # its changes may be staged in C from now on
+                self.decoder.resolved[self.decoder.resolved_key(rel)] = (sid, key)
         return None if sid == -1 else sid
 
     def _send_status(self, pgconn: pq.abc.PGconn, position: int, reply: bool = False) -> None:
@@ -356,12 +356,12 @@ class _Session:
                 if rel.oid != dropped and rel.store_id not in (None, -1):
                     self.writer.relation_oid(rel.store_id, dropped)
                 rel.oid = rel.store_id = None
+                self.decoder.resolved.pop(self.decoder.resolved_key(rel), None)
 
     def _forget_relations(self) -> None:
         for rel in self.decoder.relations.values():
             rel.store_id = None
-        if self.decoder.name == "pgoutput":
-            self.decoder.resolved.clear()
+        self.decoder.resolved.clear()
 
     def run(
         self,
@@ -387,9 +387,9 @@ class _Session:
             raise UndoError(f"START_REPLICATION failed: {msg}")
         writer = self.writer
         decode = self.decoder.decode
-        # pgoutput: most changes are staged in C straight from the frame (pgoutput.stage)
-        stage = pgoutput.stage if self.decoder.name == "pgoutput" else pgoutput._no_stage
-        resolved = getattr(self.decoder, "resolved", {})
+        # most changes are staged in C straight from the frame (undo/_speedups.c)
+        stage = self.decoder.stage
+        resolved = self.decoder.resolved
         rows = writer.rows
         txn = None  # the writer's transaction while one is being stored, not skipped
         in_txn = False

@@ -8,12 +8,11 @@ missing old tuple means the change cannot be undone, and ``old`` is None.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 from json.encoder import encode_basestring as _token
-from typing import Any
 
+from .accel import native, no_stage
 from .protocol import pg_time_to_iso
 from .records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
 
@@ -65,22 +64,11 @@ def _py_tuple(buf: bytes, pos: int) -> tuple[list[str], list[int] | None, int]:
     return values, unchanged, pos
 
 
-def _no_stage(*_: Any) -> bool:
-    """Without the C module every change takes the Python path."""
-    return False
-
-
-_tuple: Callable[[bytes, int], tuple[list[str], list[int] | None, int]]
+_tuple: Callable[[bytes, int], tuple[list[str], list[int] | None, int]] = (
+    native.tuple_tokens if native else _py_tuple
+)
 #: stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> staged? (undo/_speedups.c)
-stage: Callable[..., bool]
-if os.environ.get("UNDO_PURE_PYTHON"):
-    _tuple, stage = _py_tuple, _no_stage
-else:
-    try:
-        from .._speedups import stage
-        from .._speedups import tuple_tokens as _tuple
-    except ImportError:  # built without a C compiler: the same, in Python
-        _tuple, stage = _py_tuple, _no_stage
+stage: Callable[..., bool] = native.stage if native else no_stage
 
 
 class PgOutputDecoder:
@@ -93,6 +81,11 @@ class PgOutputDecoder:
         #: relation OID -> (store id, key positions) of the tables capture resolved as audited
         #: with complete old rows: the changes ``stage`` may take (capture fills it)
         self.resolved: dict[int, tuple[int, tuple[int, ...] | None]] = {}
+        self.stage = stage
+
+    @staticmethod
+    def resolved_key(rel: Relation) -> int | None:
+        return rel.oid
 
     def decode(self, buf: bytes) -> Record | None:
         kind = buf[0]

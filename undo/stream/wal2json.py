@@ -15,6 +15,7 @@ from datetime import datetime
 from json.encoder import encode_basestring as _token
 from typing import Any
 
+from .accel import native, no_stage
 from .protocol import iso
 from .records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
 
@@ -44,6 +45,19 @@ def _loads(text: str) -> Any:
     if end != len(text):
         raise ValueError("wal2json: not one JSON document")
     return doc
+
+
+#: stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> staged? (undo/_speedups.c)
+stage: Callable[..., bool] = native.stage_wal2json if native else no_stage
+
+
+def signature(schema: str, table: str, columns: tuple[str, ...]) -> bytes:
+    """What names a table version in ``resolved``: the C stage builds the same bytes.
+
+    >>> signature("public", "t", ("id", "v"))
+    b'public\\x00t\\x00id\\x00v'
+    """
+    return "\0".join((schema, table, *columns)).encode()
 
 
 def plugin_options(numbers_as_strings: bool) -> list[tuple[str, str]]:
@@ -97,6 +111,14 @@ class Wal2JsonDecoder:
 
     def __init__(self) -> None:
         self.relations: dict[tuple[Any, ...], Relation] = {}
+        #: signature -> (store id, key positions) of the table versions capture resolved as
+        #: audited with complete old rows: the changes ``stage`` may take (capture fills it)
+        self.resolved: dict[bytes, tuple[int, tuple[int, ...] | None]] = {}
+        self.stage = stage
+
+    @staticmethod
+    def resolved_key(rel: Relation) -> bytes:
+        return signature(rel.schema, rel.name, rel.columns)
 
     def _relation(self, doc: dict[str, Any], cols: list[dict[str, Any]]) -> Relation:
         names = tuple(map(_name, cols))
