@@ -48,6 +48,24 @@ reserve(Buf *b, Py_ssize_t extra)
     return 0;
 }
 
+/* scratch space, kept between calls; a buffer a huge value grew is given back after the call */
+static Buf img, k;                              /* an image, a key */
+static Buf scratch_text;                        /* a wal2json string's UTF-8 */
+static Buf name, type, schema, table;           /* wal2json fields */
+static Buf new_sig, old_sig, full;              /* wal2json table signatures */
+
+#define KEEP_BYTES (1 << 20)
+
+static void
+give_back(Buf *b)
+{
+    if (b->cap > KEEP_BYTES) {
+        PyMem_Free(b->p);
+        b->p = NULL;
+        b->cap = b->len = 0;
+    }
+}
+
 static const char hexdigits[] = "0123456789abcdef";
 
 /* append the JSON token of n bytes of UTF-8 text */
@@ -186,6 +204,15 @@ truncated:
 
 static Tuple old_tuple, new_tuple;
 
+static void
+give_back_all(void)
+{
+    Buf *all[] = {&img, &k, &scratch_text, &name, &type, &schema, &table, &new_sig, &old_sig,
+                  &full, &old_tuple.out, &new_tuple.out};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        give_back(all[i]);
+}
+
 /* tuple_tokens(buf: bytes, pos: int) -> (tokens, unchanged positions or None, next position) */
 static PyObject *
 tuple_tokens(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -240,10 +267,12 @@ tuple_tokens(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *result = Py_BuildValue("(NOn)", values, unchanged ? unchanged : Py_None, pos);
     Py_XDECREF(unchanged);
+    give_back_all();
     return result;
 error:
     Py_DECREF(values);
     Py_XDECREF(unchanged);
+    give_back_all();
     return NULL;
 }
 
@@ -261,7 +290,6 @@ image(Tuple *t)
 {
     Buf *b = &t->out;
     /* tokens are contiguous: the image is them with ',' between, in a second buffer */
-    static Buf img;
     img.len = 0;
     if (reserve(&img, b->len + t->n + 2) < 0)
         return NULL;
@@ -281,7 +309,6 @@ image(Tuple *t)
 static PyObject *
 key_of(Tuple *t, PyObject *positions)
 {
-    static Buf k;
     k.len = 0;
     if (put(&k, "[", 1) < 0)
         return NULL;
@@ -429,6 +456,7 @@ done:
     Py_XDECREF(new);
     Py_XDECREF(count_key);
     PyBuffer_Release(&view);
+    give_back_all();
     return result;
 }
 
@@ -603,7 +631,6 @@ number(Json *j, const unsigned char **from, const unsigned char **to)
     return 0;
 }
 
-static Buf scratch_text; /* a string value's UTF-8 while it is turned into a token */
 
 static int skip(Json *j, int depth);
 
@@ -673,7 +700,6 @@ skip(Json *j, int depth)
 static int
 column(Json *j, Tuple *t, Buf *sig)
 {
-    static Buf name, type;
     const unsigned char *value = NULL, *value_end = NULL;
     int have_name = 0, have_type = 0;
     name.len = type.len = 0;
@@ -821,7 +847,6 @@ stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    static Buf schema, table, new_sig, old_sig;
     PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *count_key = NULL;
     PyObject *sig = NULL;
     const unsigned char *frame = view.buf;
@@ -916,7 +941,6 @@ stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         key_from = &old_tuple, rel_sig = &old_sig, op = op_delete;
     }
     {
-        static Buf full;
         full.len = 0;
         if (put(&full, schema.p, schema.len) < 0 || put(&full, "\0", 1) < 0
             || put(&full, table.p, table.len) < 0 || put(&full, rel_sig->p, rel_sig->len) < 0)
@@ -991,6 +1015,7 @@ done:
     Py_XDECREF(new);
     Py_XDECREF(count_key);
     PyBuffer_Release(&view);
+    give_back_all();
     return result;
 }
 

@@ -276,3 +276,14 @@ def test_stage_wal2json_leaves_tables_not_resolved_to_the_python_path():
     message = (W2J_INSERT % "1").encode()
     other = wal2json.signature("s", "t", ("id", "v"))
     assert not speedups.stage_wal2json(frame(message), {other: (9, None)}, [], {}, 7, 3, 5)
+
+
+def test_a_value_of_megabytes_is_staged_whole(writer):
+    """Scratch buffers grow for it and are given back after the call."""
+    big = 'x"\\\n' * 800_000
+    for _ in range(2):
+        message = change("U", [("t", "1"), ("t", big)], [("t", "1"), ("t", big + "!")])
+        rows: list = []
+        assert speedups.stage(frame(message), {RELID: (9, (0,))}, rows, {}, 7, 3, 5)
+        assert rows == python_path(writer, message, (0,), 2)[0]
+        assert json.loads(rows[7])[1] == big + "!"
