@@ -328,6 +328,61 @@ key_of(Tuple *t, PyObject *positions)
     return text(&k, 0, k.len);
 }
 
+/* resolved[name] -> its store id and key positions (borrowed): 1, 0 when not there, -1 error */
+static int
+resolved_entry(PyObject *resolved, PyObject *name, PyObject **store_id, PyObject **positions)
+{
+    PyObject *entry = PyDict_GetItemWithError(resolved, name);
+    if (entry == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2
+        || (PyTuple_GET_ITEM(entry, 1) != Py_None && !PyTuple_Check(PyTuple_GET_ITEM(entry, 1)))) {
+        PyErr_SetString(PyExc_TypeError, "stage: resolved values are (store id, key positions)");
+        return -1;
+    }
+    *store_id = PyTuple_GET_ITEM(entry, 0);
+    *positions = PyTuple_GET_ITEM(entry, 1);
+    return 1;
+}
+
+/* append the change's nine values to rows and count it in counts[store id, op]: all or
+ * nothing (args: the stage functions' change_id, txn_id, ord) */
+static int
+emit(PyObject *rows, PyObject *counts, PyObject *const *ids, PyObject *store_id, PyObject *op,
+     PyObject *key, PyObject *old, PyObject *new)
+{
+    PyObject *values[9] = {
+        ids[0], ids[1], ids[2], store_id, op, key,
+        old ? old : no_value, new ? new : no_value, no_value,
+    };
+    Py_ssize_t before = PyList_GET_SIZE(rows);
+    PyObject *count_key = PyTuple_Pack(2, store_id, op), *next = NULL;
+    if (count_key == NULL)
+        return -1;
+    for (int i = 0; i < 9; i++)
+        if (PyList_Append(rows, values[i]) < 0)
+            goto error;
+    PyObject *count = PyDict_GetItemWithError(counts, count_key);
+    long n = 0;
+    if (count == NULL && PyErr_Occurred())
+        goto error;
+    if (count != NULL && (n = PyLong_AsLong(count)) == -1 && PyErr_Occurred())
+        goto error;
+    if ((next = PyLong_FromLong(n + 1)) == NULL || PyDict_SetItem(counts, count_key, next) < 0)
+        goto error;
+    Py_DECREF(next);
+    Py_DECREF(count_key);
+    return 0;
+error:
+    Py_XDECREF(next);
+    Py_DECREF(count_key);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyList_SetSlice(rows, before, PyList_GET_SIZE(rows), NULL);
+    PyErr_Restore(type, value, tb);
+    return -1;
+}
+
 /* stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> bool
  *
  * resolved: {relation OID: (store id, key positions or None)} of the tables capture resolved
@@ -349,7 +404,7 @@ stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     const unsigned char *frame = view.buf;
     Py_ssize_t size = view.len;
-    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *count_key = NULL;
+    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL;
     /* XLogData: 'w', start, end, clock (25 bytes), then the pgoutput message */
     if (size < 25 + 7 || frame[0] != 'w')
         goto no;
@@ -365,25 +420,15 @@ stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         op = op_delete;
     else
         goto no;
-    PyObject *relid = PyLong_FromUnsignedLong(be32(msg + 1));
+    PyObject *relid = PyLong_FromUnsignedLong(be32(msg + 1)), *store_id, *positions;
     if (relid == NULL)
         goto done;
-    PyObject *entry = PyDict_GetItemWithError(args[1], relid);
+    int found = resolved_entry(args[1], relid, &store_id, &positions);
     Py_DECREF(relid);
-    if (entry == NULL) {
-        if (PyErr_Occurred())
-            goto done;
+    if (found < 0)
+        goto done;
+    if (found == 0)
         goto no;
-    }
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
-        PyErr_SetString(PyExc_TypeError, "stage: resolved values are (store id, key)");
-        goto done;
-    }
-    PyObject *store_id = PyTuple_GET_ITEM(entry, 0), *positions = PyTuple_GET_ITEM(entry, 1);
-    if (positions != Py_None && !PyTuple_Check(positions)) {
-        PyErr_SetString(PyExc_TypeError, "stage: key positions are a tuple or None");
-        goto done;
-    }
     Py_ssize_t pos = 6;
     Tuple *key_from;
     if (kind == 'I') {
@@ -420,29 +465,8 @@ stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     if (kind != 'D' && (new = image(&new_tuple)) == NULL)
         goto done;
-    PyObject *values[9] = {
-        args[4], args[5], args[6], store_id, op, key,
-        old ? old : no_value, new ? new : no_value, no_value,
-    };
-    for (int i = 0; i < 9; i++)
-        if (PyList_Append(args[2], values[i]) < 0)
-            goto done;
-    if ((count_key = PyTuple_Pack(2, store_id, op)) == NULL)
-        goto done;
-    PyObject *count = PyDict_GetItemWithError(args[3], count_key);
-    long n = 0;
-    if (count == NULL && PyErr_Occurred())
-        goto done;
-    if (count != NULL && (n = PyLong_AsLong(count)) == -1 && PyErr_Occurred())
-        goto done;
-    PyObject *next = PyLong_FromLong(n + 1);
-    if (next == NULL)
-        goto done;
-    int set = PyDict_SetItem(args[3], count_key, next);
-    Py_DECREF(next);
-    if (set < 0)
-        goto done;
-    result = Py_NewRef(Py_True);
+    if (emit(args[2], args[3], args + 4, store_id, op, key, old, new) == 0)
+        result = Py_NewRef(Py_True);
     goto done;
 parsed:
     /* malformed or not a full old row: let the Python path decide (and raise the same) */
@@ -454,7 +478,6 @@ done:
     Py_XDECREF(key);
     Py_XDECREF(old);
     Py_XDECREF(new);
-    Py_XDECREF(count_key);
     PyBuffer_Release(&view);
     give_back_all();
     return result;
@@ -847,8 +870,7 @@ stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *count_key = NULL;
-    PyObject *sig = NULL;
+    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *sig = NULL;
     const unsigned char *frame = view.buf;
     if (view.len < 26 || frame[0] != 'w')
         goto no;
@@ -948,21 +970,12 @@ stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if ((sig = PyBytes_FromStringAndSize(full.p, full.len)) == NULL)
             goto done;
     }
-    PyObject *entry = PyDict_GetItemWithError(args[1], sig);
-    if (entry == NULL) {
-        if (PyErr_Occurred())
-            goto done;
+    PyObject *store_id, *positions;
+    int found = resolved_entry(args[1], sig, &store_id, &positions);
+    if (found < 0)
+        goto done;
+    if (found == 0)
         goto no;
-    }
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
-        PyErr_SetString(PyExc_TypeError, "stage: resolved values are (store id, key)");
-        goto done;
-    }
-    PyObject *store_id = PyTuple_GET_ITEM(entry, 0), *positions = PyTuple_GET_ITEM(entry, 1);
-    if (positions != Py_None && !PyTuple_Check(positions)) {
-        PyErr_SetString(PyExc_TypeError, "stage: key positions are a tuple or None");
-        goto done;
-    }
     if (positions == Py_None) {
         key = Py_NewRef(no_value);
     }
@@ -973,29 +986,8 @@ stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto decode_fail;
     if (action != 'D' && (new = image(&new_tuple)) == NULL)
         goto decode_fail;
-    PyObject *values[9] = {
-        args[4], args[5], args[6], store_id, op, key,
-        old ? old : no_value, new ? new : no_value, no_value,
-    };
-    for (int i = 0; i < 9; i++)
-        if (PyList_Append(args[2], values[i]) < 0)
-            goto done;
-    if ((count_key = PyTuple_Pack(2, store_id, op)) == NULL)
-        goto done;
-    PyObject *count = PyDict_GetItemWithError(args[3], count_key);
-    long n = 0;
-    if (count == NULL && PyErr_Occurred())
-        goto done;
-    if (count != NULL && (n = PyLong_AsLong(count)) == -1 && PyErr_Occurred())
-        goto done;
-    PyObject *next = PyLong_FromLong(n + 1);
-    if (next == NULL)
-        goto done;
-    int set = PyDict_SetItem(args[3], count_key, next);
-    Py_DECREF(next);
-    if (set < 0)
-        goto done;
-    result = Py_NewRef(Py_True);
+    if (emit(args[2], args[3], args + 4, store_id, op, key, old, new) == 0)
+        result = Py_NewRef(Py_True);
     goto done;
 decode_fail:
     /* text that is not UTF-8, or a key position out of range: the Python path says so */
@@ -1013,7 +1005,6 @@ done:
     Py_XDECREF(key);
     Py_XDECREF(old);
     Py_XDECREF(new);
-    Py_XDECREF(count_key);
     PyBuffer_Release(&view);
     give_back_all();
     return result;
