@@ -66,6 +66,14 @@ give_back(Buf *b)
     }
 }
 
+/* the buffer holds exactly this word */
+static int
+is(const Buf *b, const char *word)
+{
+    size_t n = strlen(word);
+    return (size_t)b->len == n && memcmp(b->p, word, n) == 0;
+}
+
 static const char hexdigits[] = "0123456789abcdef";
 
 /* append the JSON token of n bytes of UTF-8 text */
@@ -383,104 +391,53 @@ error:
     return -1;
 }
 
-/* stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> bool
- *
- * resolved: {relation OID: (store id, key positions or None)} of the tables capture resolved
- * as audited with complete old rows. rows gets (change_id, txn_id, ord, store id, op, key,
- * old, new, unchanged), '' for each NULL; counts[store id, op] goes up by one.
- */
-static PyObject *
-stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* What a reader makes of one change message, for stage_frame. */
+typedef struct {
+    PyObject *op;     /* op_insert, op_update or op_delete (borrowed) */
+    PyObject *name;   /* the table version's name in resolved (a new reference) */
+    Tuple *key_from;  /* the tuple holding the key: the new row, the old one for a delete */
+} Change;
+
+/* 1: a change stage takes (r filled in), 0: one it leaves to the Python path, -1: an error */
+typedef int (*reader)(const unsigned char *msg, Py_ssize_t size, Change *r);
+
+/* pgoutput: an insert, or an update or delete with its full old row ('O'), and no unchanged
+ * TOASTed value (the Python path lists those); named by its relation OID */
+static int
+read_pgoutput(const unsigned char *msg, Py_ssize_t size, Change *r)
 {
-    if (nargs != 7 || !PyDict_Check(args[1]) || !PyList_Check(args[2])
-        || !PyDict_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "stage(frame, resolved: dict, rows: list, counts: dict, change_id,"
-                        " txn_id, ord)");
-        return NULL;
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const unsigned char *frame = view.buf;
-    Py_ssize_t size = view.len;
-    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL;
-    /* XLogData: 'w', start, end, clock (25 bytes), then the pgoutput message */
-    if (size < 25 + 7 || frame[0] != 'w')
-        goto no;
-    const unsigned char *msg = frame + 25;
-    Py_ssize_t msize = size - 25;
-    unsigned char kind = msg[0];
-    PyObject *op;
-    if (kind == 'I')
-        op = op_insert;
-    else if (kind == 'U')
-        op = op_update;
-    else if (kind == 'D')
-        op = op_delete;
-    else
-        goto no;
-    PyObject *relid = PyLong_FromUnsignedLong(be32(msg + 1)), *store_id, *positions;
-    if (relid == NULL)
-        goto done;
-    int found = resolved_entry(args[1], relid, &store_id, &positions);
-    Py_DECREF(relid);
-    if (found < 0)
-        goto done;
-    if (found == 0)
-        goto no;
+    if (size < 7)
+        return 0;
     Py_ssize_t pos = 6;
-    Tuple *key_from;
-    if (kind == 'I') {
-        if (msg[5] != 'N' || parse_tuple(&new_tuple, msg, msize, &pos) < 0)
-            goto parsed;
-        key_from = &new_tuple;
-    }
-    else if (kind == 'U') {
-        if (msg[5] != 'O' || parse_tuple(&old_tuple, msg, msize, &pos) < 0)
-            goto parsed;
-        if (pos >= msize || msg[pos] != 'N')
-            goto no;
+    switch (msg[0]) {
+    case 'I':
+        if (msg[5] != 'N' || parse_tuple(&new_tuple, msg, size, &pos) < 0)
+            goto python;
+        r->op = op_insert, r->key_from = &new_tuple;
+        break;
+    case 'U':
+        if (msg[5] != 'O' || parse_tuple(&old_tuple, msg, size, &pos) < 0 || pos >= size
+            || msg[pos] != 'N')
+            goto python;
         pos += 1;
-        if (parse_tuple(&new_tuple, msg, msize, &pos) < 0)
-            goto parsed;
-        key_from = &new_tuple;
+        if (parse_tuple(&new_tuple, msg, size, &pos) < 0 || new_tuple.first_unchanged >= 0)
+            goto python;
+        r->op = op_update, r->key_from = &new_tuple;
+        break;
+    case 'D':
+        if (msg[5] != 'O' || parse_tuple(&old_tuple, msg, size, &pos) < 0)
+            goto python;
+        r->op = op_delete, r->key_from = &old_tuple;
+        break;
+    default:
+        return 0;
     }
-    else {
-        if (msg[5] != 'O' || parse_tuple(&old_tuple, msg, msize, &pos) < 0)
-            goto parsed;
-        key_from = &old_tuple;
-    }
-    if (kind != 'D' && new_tuple.first_unchanged >= 0)
-        goto no; /* an unchanged TOASTed value: the Python path lists it */
-    if (positions == Py_None) {
-        key = Py_NewRef(no_value);
-    }
-    else if ((key = key_of(key_from, positions)) == NULL) {
-        if (PyErr_Occurred())
-            goto done;
-        goto no;
-    }
-    if (kind != 'I' && (old = image(&old_tuple)) == NULL)
-        goto done;
-    if (kind != 'D' && (new = image(&new_tuple)) == NULL)
-        goto done;
-    if (emit(args[2], args[3], args + 4, store_id, op, key, old, new) == 0)
-        result = Py_NewRef(Py_True);
-    goto done;
-parsed:
-    /* malformed or not a full old row: let the Python path decide (and raise the same) */
-    if (PyErr_Occurred())
-        PyErr_Clear();
-no:
-    result = Py_NewRef(Py_False);
-done:
-    Py_XDECREF(key);
-    Py_XDECREF(old);
-    Py_XDECREF(new);
-    PyBuffer_Release(&view);
-    give_back_all();
-    return result;
+    r->name = PyLong_FromUnsignedLong(be32(msg + 1));
+    return r->name == NULL ? -1 : 1;
+python:
+    /* malformed, or not a full old row: the Python path decides, and raises the same */
+    PyErr_Clear();
+    return 0;
 }
 
 /* -- wal2json (format-version 2) ------------------------------------------------------------
@@ -500,6 +457,21 @@ ws(Json *j)
 {
     while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
         j->p++;
+}
+
+/* after a member or an element: 1 on ',' (another follows), 0 on the closing character, -1
+ * on anything else */
+static int
+more(Json *j, unsigned char close)
+{
+    ws(j);
+    if (j->p < j->end && (*j->p == ',' || *j->p == close)) {
+        int comma = *j->p == ',';
+        j->p++;
+        ws(j);
+        return comma;
+    }
+    return -1;
 }
 
 static int
@@ -618,6 +590,21 @@ string(Json *j, Buf *out)
     }
 }
 
+/* an object's member name and its ':' -> the name's UTF-8 in scratch_text */
+static int
+member(Json *j)
+{
+    scratch_text.len = 0;
+    if (string(j, &scratch_text) < 0)
+        return -1;
+    ws(j);
+    if (j->p >= j->end || *j->p != ':')
+        return -1;
+    j->p++;
+    ws(j);
+    return 0;
+}
+
 /* a JSON number: the span of its text (json.loads' grammar; no NaN or Infinity) */
 static int
 number(Json *j, const unsigned char **from, const unsigned char **to)
@@ -667,28 +654,13 @@ skip_container(Json *j, int depth, unsigned char close)
         return 0;
     }
     for (;;) {
-        if (close == '}') {
-            scratch_text.len = 0;
-            if (string(j, &scratch_text) < 0)
-                return -1;
-            ws(j);
-            if (j->p >= j->end || *j->p != ':')
-                return -1;
-            j->p++;
-        }
+        if (close == '}' && member(j) < 0)
+            return -1;
         if (skip(j, depth + 1) < 0)
             return -1;
-        ws(j);
-        if (j->p < j->end && *j->p == ',') {
-            j->p++;
-            ws(j);
-            continue;
-        }
-        if (j->p < j->end && *j->p == close) {
-            j->p++;
-            return 0;
-        }
-        return -1;
+        int m = more(j, close);
+        if (m <= 0)
+            return m;
     }
 }
 
@@ -733,29 +705,21 @@ column(Json *j, Tuple *t, Buf *sig)
     if (j->p < j->end && *j->p == '}')
         return -1;
     for (;;) {
-        scratch_text.len = 0;
-        if (string(j, &scratch_text) < 0)
+        if (member(j) < 0)
             return -1;
-        ws(j);
-        if (j->p >= j->end || *j->p != ':')
-            return -1;
-        j->p++;
-        ws(j);
-        Py_ssize_t klen = scratch_text.len;
-        const char *k = scratch_text.p;
-        if (klen == 4 && memcmp(k, "name", 4) == 0) {
+        if (is(&scratch_text, "name")) {
             name.len = 0;
             if (string(j, &name) < 0)
                 return -1;
             have_name = 1;
         }
-        else if (klen == 4 && memcmp(k, "type", 4) == 0) {
+        else if (is(&scratch_text, "type")) {
             type.len = 0;
             if (string(j, &type) < 0)
                 return -1;
             have_type = 1;
         }
-        else if (klen == 5 && memcmp(k, "value", 5) == 0) {
+        else if (is(&scratch_text, "value")) {
             value = j->p;
             if (skip(j, 1) < 0)
                 return -1;
@@ -764,17 +728,11 @@ column(Json *j, Tuple *t, Buf *sig)
         else if (skip(j, 1) < 0) {
             return -1;
         }
-        ws(j);
-        if (j->p < j->end && *j->p == ',') {
-            j->p++;
-            ws(j);
-            continue;
-        }
-        if (j->p < j->end && *j->p == '}') {
-            j->p++;
+        int m = more(j, '}');
+        if (m < 0)
+            return -1;
+        if (m == 0)
             break;
-        }
-        return -1;
     }
     if (!have_name || t->n >= MAX_COLUMNS)
         return -1;
@@ -788,32 +746,26 @@ column(Json *j, Tuple *t, Buf *sig)
         return put(&t->out, "\"t\"", 3) < 0 ? -2 : 0;
     if (*value == 'f')
         return put(&t->out, "\"f\"", 3) < 0 ? -2 : 0;
-    if (*value == '"') {
+    int is_string = *value == '"';
+    if (!is_string && *value != '-' && (*value < '0' || *value > '9'))
+        return -1; /* an object or an array: not a column value */
+    /* a string, or a number as its exact digits: text (with parse_int and parse_float = str,
+     * both are str in Python), and a bytea's text gets its '\x' back */
+    if (!have_type)
+        return -1; /* c["type"] is asked for: the Python path */
+    scratch_text.len = 0;
+    if (is(&type, "bytea") && put(&scratch_text, "\\x", 2) < 0)
+        return -2;
+    if (is_string) {
         Json v = {value, value_end};
-        if (!have_type)
-            return -1; /* c["type"] is asked for a string: the Python path */
-        scratch_text.len = 0;
-        if (type.len == 5 && memcmp(type.p, "bytea", 5) == 0 && put(&scratch_text, "\\x", 2) < 0)
-            return -2;
         if (string(&v, &scratch_text) < 0)
             return -1;
-        return put_token(&t->out, (const unsigned char *)scratch_text.p, scratch_text.len) < 0
-                   ? -2
-                   : 0;
     }
-    if (*value == '-' || (*value >= '0' && *value <= '9')) {
-        /* its exact digits, as text (and, as in Python, a bytea's '\x' before any text) */
-        scratch_text.len = 0;
-        if (!have_type)
-            return -1;
-        if ((type.len == 5 && memcmp(type.p, "bytea", 5) == 0 && put(&scratch_text, "\\x", 2) < 0)
-            || put(&scratch_text, (const char *)value, value_end - value) < 0)
-            return -2;
-        return put_token(&t->out, (const unsigned char *)scratch_text.p, scratch_text.len) < 0
-                   ? -2
-                   : 0;
+    else if (put(&scratch_text, (const char *)value, value_end - value) < 0) {
+        return -2;
     }
-    return -1; /* an object or an array: not a column value */
+    return put_token(&t->out, (const unsigned char *)scratch_text.p, scratch_text.len) < 0 ? -2
+                                                                                            : 0;
 }
 
 /* an array of columns -> t (tokens) and sig (NUL and each name) */
@@ -837,177 +789,166 @@ columns(Json *j, Tuple *t, Buf *sig)
         int r = column(j, t, sig);
         if (r < 0)
             return r;
-        ws(j);
-        if (j->p < j->end && *j->p == ',') {
-            j->p++;
-            ws(j);
-            continue;
-        }
-        if (j->p < j->end && *j->p == ']') {
-            j->p++;
+        int m = more(j, ']');
+        if (m < 0)
+            return -1;
+        if (m == 0) {
             t->start[t->n] = t->out.len;
             return 0;
         }
-        return -1;
     }
 }
 
-/* stage_wal2json(frame, resolved, rows, counts, change_id, txn_id, ord) -> bool
+/* wal2json: an insert, an update whose new row has the old row's columns, or a delete, in a
+ * document json.loads would read the same; named by wal2json.signature's bytes */
+static int
+read_wal2json(const unsigned char *msg, Py_ssize_t size, Change *r)
+{
+    Json j = {msg, msg + size};
+    unsigned char action = 0;
+    int have_new = 0, have_old = 0, got;
+    schema.len = table.len = new_sig.len = old_sig.len = 0;
+    if (j.p >= j.end || *j.p != '{') /* json.loads' scanner takes no leading space either */
+        return 0;
+    j.p++;
+    ws(&j);
+    for (;;) {
+        if (member(&j) < 0)
+            return 0;
+        if (is(&scratch_text, "action")) {
+            scratch_text.len = 0;
+            if (string(&j, &scratch_text) < 0 || scratch_text.len != 1)
+                return 0;
+            action = (unsigned char)scratch_text.p[0];
+        }
+        else if (is(&scratch_text, "schema")) {
+            schema.len = 0;
+            if (string(&j, &schema) < 0)
+                return 0;
+        }
+        else if (is(&scratch_text, "table")) {
+            table.len = 0;
+            if (string(&j, &table) < 0)
+                return 0;
+        }
+        else if (is(&scratch_text, "columns")) {
+            new_sig.len = 0;
+            if ((got = columns(&j, &new_tuple, &new_sig)) < 0)
+                return got == -2 ? -1 : 0;
+            have_new = 1;
+        }
+        else if (is(&scratch_text, "identity")) {
+            old_sig.len = 0;
+            if ((got = columns(&j, &old_tuple, &old_sig)) < 0)
+                return got == -2 ? -1 : 0;
+            have_old = 1;
+        }
+        else if (skip(&j, 1) < 0) {
+            return 0;
+        }
+        int m = more(&j, '}');
+        if (m < 0)
+            return 0;
+        if (m == 0)
+            break;
+    }
+    if (j.p != j.end || j.p[-1] != '}')
+        return 0; /* json.loads takes one document and nothing after it, not even a space */
+    Buf *sig;
+    if (action == 'I' && have_new) {
+        r->op = op_insert, r->key_from = &new_tuple, sig = &new_sig;
+    }
+    else if (action == 'U' && have_new && have_old && old_tuple.n > 0
+             && old_tuple.n == new_tuple.n && old_sig.len == new_sig.len
+             && memcmp(old_sig.p, new_sig.p, (size_t)old_sig.len) == 0) {
+        r->op = op_update, r->key_from = &new_tuple, sig = &old_sig;
+    }
+    else if (action == 'D' && have_old && old_tuple.n > 0) {
+        r->op = op_delete, r->key_from = &old_tuple, sig = &old_sig;
+    }
+    else {
+        return 0;
+    }
+    full.len = 0;
+    if (put(&full, schema.p, schema.len) < 0 || put(&full, "\0", 1) < 0
+        || put(&full, table.p, table.len) < 0 || put(&full, sig->p, sig->len) < 0)
+        return -1;
+    r->name = PyBytes_FromStringAndSize(full.p, full.len);
+    return r->name == NULL ? -1 : 1;
+}
+
+/* stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> bool, for one decoder
  *
- * As stage, for a wal2json document. resolved: {signature: (store id, key positions or None)}
- * where the signature is wal2json.signature(schema, table, column names).
+ * frame: an XLogData message as libpq hands it over ('w', three 8-byte fields, the decoder's
+ * message). resolved: {name: (store id, key positions or None)} of the table versions capture
+ * resolved as audited with complete old rows. For a change the reader takes, of a table in
+ * resolved, rows gets (change_id, txn_id, ord, store id, op, key, old, new, unchanged), '' for
+ * each NULL, counts[store id, op] goes up by one, and the answer is True. Anything else is
+ * False, with nothing touched: the Python path takes it (text that is not UTF-8 too: it
+ * raises there).
  */
 static PyObject *
-stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+stage_frame(PyObject *const *args, Py_ssize_t nargs, reader read, const char *usage)
 {
     if (nargs != 7 || !PyDict_Check(args[1]) || !PyList_Check(args[2])
         || !PyDict_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "stage_wal2json(frame, resolved: dict, rows: list, counts: dict,"
-                        " change_id, txn_id, ord)");
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *sig = NULL;
     const unsigned char *frame = view.buf;
-    if (view.len < 26 || frame[0] != 'w')
-        goto no;
-    Json j = {frame + 25, frame + view.len};
-    unsigned char action = 0;
-    int have_new = 0, have_old = 0, r;
-    schema.len = table.len = new_sig.len = old_sig.len = 0;
-    if (j.p >= j.end || *j.p != '{') /* json.loads' scanner takes no leading space either */
-        goto no;
-    j.p++;
-    ws(&j);
-    for (;;) {
-        scratch_text.len = 0;
-        if (string(&j, &scratch_text) < 0)
-            goto no;
-        ws(&j);
-        if (j.p >= j.end || *j.p != ':')
-            goto no;
-        j.p++;
-        ws(&j);
-        Py_ssize_t klen = scratch_text.len;
-        char k[9] = {0};
-        if (klen < 9)
-            memcpy(k, scratch_text.p, (size_t)klen);
-        if (klen == 6 && strcmp(k, "action") == 0) {
-            scratch_text.len = 0;
-            if (string(&j, &scratch_text) < 0 || scratch_text.len != 1)
-                goto no;
-            action = (unsigned char)scratch_text.p[0];
-            if (action != 'I' && action != 'U' && action != 'D')
-                goto no;
-        }
-        else if (klen == 6 && strcmp(k, "schema") == 0) {
-            schema.len = 0;
-            if (string(&j, &schema) < 0)
-                goto no;
-        }
-        else if (klen == 5 && strcmp(k, "table") == 0) {
-            table.len = 0;
-            if (string(&j, &table) < 0)
-                goto no;
-        }
-        else if (klen == 7 && strcmp(k, "columns") == 0) {
-            new_sig.len = 0;
-            if ((r = columns(&j, &new_tuple, &new_sig)) < 0)
-                goto r_fail;
-            have_new = 1;
-        }
-        else if (klen == 8 && strcmp(k, "identity") == 0) {
-            old_sig.len = 0;
-            if ((r = columns(&j, &old_tuple, &old_sig)) < 0)
-                goto r_fail;
-            have_old = 1;
-        }
-        else if (skip(&j, 1) < 0) {
-            goto no;
-        }
-        ws(&j);
-        if (j.p < j.end && *j.p == ',') {
-            j.p++;
-            ws(&j);
-            continue;
-        }
-        if (j.p < j.end && *j.p == '}') {
-            j.p++;
-            break;
-        }
-        goto no;
-    }
-    if (j.p != j.end || action == 0)
-        goto no; /* json.loads takes one document and nothing after it */
-    Tuple *key_from;
-    Buf *rel_sig;
-    PyObject *op;
-    if (action == 'I') {
-        if (!have_new)
-            goto no;
-        key_from = &new_tuple, rel_sig = &new_sig, op = op_insert;
-    }
-    else if (action == 'U') {
-        /* the common case only: an old row, and a new one with the same columns */
-        if (!have_new || !have_old || old_tuple.n == 0 || old_tuple.n != new_tuple.n
-            || old_sig.len != new_sig.len || memcmp(old_sig.p, new_sig.p, old_sig.len) != 0)
-            goto no;
-        key_from = &new_tuple, rel_sig = &old_sig, op = op_update;
-    }
-    else {
-        if (!have_old || old_tuple.n == 0)
-            goto no;
-        key_from = &old_tuple, rel_sig = &old_sig, op = op_delete;
-    }
-    {
-        full.len = 0;
-        if (put(&full, schema.p, schema.len) < 0 || put(&full, "\0", 1) < 0
-            || put(&full, table.p, table.len) < 0 || put(&full, rel_sig->p, rel_sig->len) < 0)
-            goto done;
-        if ((sig = PyBytes_FromStringAndSize(full.p, full.len)) == NULL)
-            goto done;
-    }
-    PyObject *store_id, *positions;
-    int found = resolved_entry(args[1], sig, &store_id, &positions);
-    if (found < 0)
-        goto done;
-    if (found == 0)
-        goto no;
-    if (positions == Py_None) {
+    PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *store_id, *positions;
+    Change r = {NULL, NULL, NULL};
+    int got = view.len > 25 && frame[0] == 'w' ? read(frame + 25, view.len - 25, &r) : 0;
+    if (got <= 0)
+        goto answer;
+    if ((got = resolved_entry(args[1], r.name, &store_id, &positions)) <= 0)
+        goto answer;
+    got = 0;
+    if (positions == Py_None)
         key = Py_NewRef(no_value);
-    }
-    else if ((key = key_of(key_from, positions)) == NULL) {
-        goto decode_fail;
-    }
-    if (action != 'I' && (old = image(&old_tuple)) == NULL)
-        goto decode_fail;
-    if (action != 'D' && (new = image(&new_tuple)) == NULL)
-        goto decode_fail;
-    if (emit(args[2], args[3], args + 4, store_id, op, key, old, new) == 0)
-        result = Py_NewRef(Py_True);
-    goto done;
-decode_fail:
-    /* text that is not UTF-8, or a key position out of range: the Python path says so */
+    else if ((key = key_of(r.key_from, positions)) == NULL)
+        goto decoded;
+    if (r.op != op_insert && (old = image(&old_tuple)) == NULL)
+        goto decoded;
+    if (r.op != op_delete && (new = image(&new_tuple)) == NULL)
+        goto decoded;
+    got = emit(args[2], args[3], args + 4, store_id, r.op, key, old, new) < 0 ? -1 : 1;
+    goto answer;
+decoded:
+    /* not UTF-8, or a key position past the row: the Python path says so */
     if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
-        goto done;
-    PyErr_Clear();
-    goto no;
-r_fail:
-    if (r == -2)
-        goto done; /* out of memory */
-no:
-    result = Py_NewRef(Py_False);
-done:
-    Py_XDECREF(sig);
+        got = -1;
+    else
+        PyErr_Clear();
+answer:
+    if (got >= 0)
+        result = Py_NewRef(got ? Py_True : Py_False);
+    Py_XDECREF(r.name);
     Py_XDECREF(key);
     Py_XDECREF(old);
     Py_XDECREF(new);
     PyBuffer_Release(&view);
     give_back_all();
     return result;
+}
+
+static PyObject *
+stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return stage_frame(args, nargs, read_pgoutput,
+                       "stage(frame, resolved: dict, rows: list, counts: dict, change_id, txn_id,"
+                       " ord)");
+}
+
+static PyObject *
+stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return stage_frame(args, nargs, read_wal2json,
+                       "stage_wal2json(frame, resolved: dict, rows: list, counts: dict,"
+                       " change_id, txn_id, ord)");
 }
 
 static PyMethodDef methods[] = {
