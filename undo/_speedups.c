@@ -877,15 +877,16 @@ read_wal2json(const unsigned char *msg, Py_ssize_t size, Change *r)
     return r->name == NULL ? -1 : 1;
 }
 
-/* stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> bool, for one decoder
+/* stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> 0, 1 or 2, for one decoder
  *
  * frame: an XLogData message as libpq hands it over ('w', three 8-byte fields, the decoder's
  * message). resolved: {name: (store id, key positions or None)} of the table versions capture
- * resolved as audited with complete old rows. For a change the reader takes, of a table in
- * resolved, rows gets (change_id, txn_id, ord, store id, op, key, old, new, unchanged), '' for
- * each NULL, counts[store id, op] goes up by one, and the answer is True. Anything else is
- * False, with nothing touched: the Python path takes it (text that is not UTF-8 too: it
- * raises there).
+ * resolved as audited with complete old rows, and {name: (None, None)} of those it does not
+ * audit. For a change the reader takes, of an audited table in resolved, rows gets
+ * (change_id, txn_id, ord, store id, op, key, old, new, unchanged), '' for each NULL,
+ * counts[store id, op] goes up by one, and the answer is 1; of a table not audited, 2 and
+ * nothing else. Anything else is 0, with nothing touched: the Python path takes it (text that
+ * is not UTF-8 too: it raises there).
  */
 static PyObject *
 stage_frame(PyObject *const *args, Py_ssize_t nargs, reader read, const char *usage)
@@ -906,6 +907,10 @@ stage_frame(PyObject *const *args, Py_ssize_t nargs, reader read, const char *us
         goto answer;
     if ((got = resolved_entry(args[1], r.name, &store_id, &positions)) <= 0)
         goto answer;
+    if (store_id == Py_None) {
+        got = 2; /* a table capture does not audit: nothing to store */
+        goto answer;
+    }
     got = 0;
     if (positions == Py_None)
         key = Py_NewRef(no_value);
@@ -925,7 +930,7 @@ decoded:
         PyErr_Clear();
 answer:
     if (got >= 0)
-        result = Py_NewRef(got ? Py_True : Py_False);
+        result = PyLong_FromLong(got);
     Py_XDECREF(r.name);
     Py_XDECREF(key);
     Py_XDECREF(old);
@@ -955,9 +960,9 @@ static PyMethodDef methods[] = {
     {"tuple_tokens", (PyCFunction)(void (*)(void))tuple_tokens, METH_FASTCALL,
      "pgoutput TupleData at pos -> (JSON tokens, unchanged TOAST positions or None, next pos)"},
     {"stage", (PyCFunction)(void (*)(void))stage, METH_FASTCALL,
-     "stage one pgoutput change frame into the store writer's rows; False: not handled"},
+     "stage one pgoutput change frame into the store writer's rows: 1; not audited: 2; else 0"},
     {"stage_wal2json", (PyCFunction)(void (*)(void))stage_wal2json, METH_FASTCALL,
-     "stage one wal2json change frame into the store writer's rows; False: not handled"},
+     "stage one wal2json change frame into the store writer's rows: 1; not audited: 2; else 0"},
     {NULL, NULL, 0, NULL},
 };
 

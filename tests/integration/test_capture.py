@@ -590,3 +590,30 @@ def test_absent_values_are_sql_null(source):
         ("nokey", "T", 1, 1, 1, 1, 1),
         ("nokey", "U", 1, 0, 0, 1, 300),
     ]
+
+
+def test_changes_of_tables_not_audited_are_left_out(source):
+    """wal2json streams every table: capture drops those it does not audit (in C, once it has
+    resolved the table), and keeps every change of the audited one, in order."""
+    source.sql("CREATE TABLE audited (id int PRIMARY KEY, v text)")
+    source.sql("CREATE TABLE other (id int PRIMARY KEY, v text)")
+    source.init(tables=["public.audited"])
+    with source.connect(autocommit=False) as c:
+        for i in range(1, 301):
+            c.execute("INSERT INTO other VALUES (%s, 'o')", (i,))
+            c.execute("INSERT INTO audited VALUES (%s, %s)", (i, f"a{i}"))
+        c.commit()
+    source.sql("UPDATE other SET v = 'p'")
+    source.sql("DELETE FROM audited WHERE id > 200")
+    source.capture()
+    rows = source.store_rows(
+        "SELECT r.table_name, c.op, c.new, c.old FROM changes c"
+        " JOIN relations r ON r.id = c.relation ORDER BY c.id"
+    )
+    assert {r[0] for r in rows} == {"audited"}
+    assert [(op, json.loads(new)) for _, op, new, _ in rows[:300]] == [
+        ("I", [str(i), f"a{i}"]) for i in range(1, 301)
+    ]
+    assert [(op, json.loads(old)) for _, op, _, old in rows[300:]] == [
+        ("D", [str(i), f"a{i}"]) for i in range(201, 301)
+    ]

@@ -134,7 +134,7 @@ def test_stage_appends_what_the_python_path_does(writer, op, image_pair):
     message = change(op, old, new)
     rows: list = []
     counts: dict = {}
-    assert speedups.stage(frame(message), {RELID: (9, key)}, rows, counts, 7, 3, 5)
+    assert speedups.stage(frame(message), {RELID: (9, key)}, rows, counts, 7, 3, 5) == 1
     assert (rows, counts) == python_path(writer, message, key, len(old))
 
 
@@ -242,7 +242,7 @@ def test_stage_wal2json_appends_what_the_python_path_does(writer, change):
     key = None if key is None else tuple(key)
     rows: list = []
     counts: dict = {}
-    assert speedups.stage_wal2json(frame(message), {sig: (9, key)}, rows, counts, 7, 3, 5)
+    assert speedups.stage_wal2json(frame(message), {sig: (9, key)}, rows, counts, 7, 3, 5) == 1
     assert (rows, counts) == python_path(writer, message, key)
 
 
@@ -297,3 +297,14 @@ def test_a_value_of_megabytes_is_staged_whole(writer):
         assert speedups.stage(frame(message), {RELID: (9, (0,))}, rows, {}, 7, 3, 5)
         assert rows == python_path(writer, message, (0,), 2)[0]
         assert json.loads(rows[7])[1] == big + "!"
+
+
+def test_a_change_of_a_table_not_audited_is_dropped_untouched():
+    pg = frame(change("I", None, [("t", "1")]))
+    w2j = frame((W2J_INSERT % "1").encode())
+    sig = wal2json.signature("s", "t", ("id",))
+    rows: list = []
+    counts: dict = {}
+    assert speedups.stage(pg, {RELID: (None, None)}, rows, counts, 7, 3, 5) == 2
+    assert speedups.stage_wal2json(w2j, {sig: (None, None)}, rows, counts, 7, 3, 5) == 2
+    assert (rows, counts) == ([], {})

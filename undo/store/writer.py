@@ -162,8 +162,8 @@ class StoreWriter:
         """Stage one change; images are JSON tokens (records.py), joined here, not re-encoded.
         Its key: the new row's values at ``key_positions``, the old row's for a delete.
 
-        Capture's hot path without the C module (pgoutput.stage does the same): keep it to
-        nine values on one list and two counters.
+        Capture's hot path without the C module (whose stage does the same): keep it to nine
+        values on one list and two counters.
         """
         txn = self.txn
         assert txn is not None
@@ -195,8 +195,8 @@ class StoreWriter:
             self._write_rows()
 
     def add_staged(self) -> None:
-        """Count one change that pgoutput.stage appended to ``rows`` (the same values as
-        ``add``: change id ``next_change``, ord ``txn.ord + 1``)."""
+        """Count one change the C stage appended to ``rows`` (the values ``add`` would have:
+        change id ``next_change``, ord ``txn.ord + 1``)."""
         txn = self.txn
         assert txn is not None
         txn.ord += 1

@@ -21,6 +21,6 @@ else:
         native = None
 
 
-def no_stage(*_: Any) -> bool:
+def no_stage(*_: Any) -> int:
     """The stage of a capture without the C module: every change takes the Python path."""
-    return False
+    return 0

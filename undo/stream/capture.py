@@ -307,7 +307,10 @@ class _Session:
             sid = self.writer.relation_id(rel, key, partial) if audited else -1
             rel.store_id = sid
             rel.partial = partial
-            if sid != -1 and not partial:  # its changes may be staged in C from now on
+            # from now on its changes may be staged in C, or dropped there when not audited
+            if sid == -1:
+                self.decoder.resolved[self.decoder.resolved_key(rel)] = (None, None)
+            elif not partial:
                 self.decoder.resolved[self.decoder.resolved_key(rel)] = (sid, key)
         return None if sid == -1 else sid
 
@@ -435,12 +438,16 @@ class _Session:
                 if should_stop():  # inside a long transaction: give it up, it is re-sent
                     stopping = True
                     continue
-            if txn is not None and stage(
-                data, resolved, rows, txn.counts, writer.next_change, txn.id, txn.ord + 1
-            ):
-                writer.add_staged()
-                self.changes += 1
-                continue
+            if txn is not None:
+                staged = stage(
+                    data, resolved, rows, txn.counts, writer.next_change, txn.id, txn.ord + 1
+                )
+                if staged == 1:
+                    writer.add_staged()
+                    self.changes += 1
+                    continue
+                if staged:  # a table not audited
+                    continue
             rec = decode(bytes(data[25:]))
             if rec is None:
                 continue

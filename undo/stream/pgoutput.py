@@ -67,8 +67,9 @@ def _py_tuple(buf: bytes, pos: int) -> tuple[list[str], list[int] | None, int]:
 _tuple: Callable[[bytes, int], tuple[list[str], list[int] | None, int]] = (
     native.tuple_tokens if native else _py_tuple
 )
-#: stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> staged? (undo/_speedups.c)
-stage: Callable[..., bool] = native.stage if native else no_stage
+#: stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> 1 staged, 2 not audited, 0
+#: for the Python path (undo/_speedups.c)
+stage: Callable[..., int] = native.stage if native else no_stage
 
 
 class PgOutputDecoder:
@@ -79,8 +80,9 @@ class PgOutputDecoder:
     def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
         #: relation OID -> (store id, key positions) of the tables capture resolved as audited
-        #: with complete old rows: the changes ``stage`` may take (capture fills it)
-        self.resolved: dict[int, tuple[int, tuple[int, ...] | None]] = {}
+        #: with complete old rows, (None, None) of those not audited: the changes ``stage`` may
+        #: take or drop (capture fills it)
+        self.resolved: dict[int, tuple[int | None, tuple[int, ...] | None]] = {}
         self.stage = stage
 
     @staticmethod

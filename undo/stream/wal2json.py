@@ -47,8 +47,9 @@ def _loads(text: str) -> Any:
     return doc
 
 
-#: stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> staged? (undo/_speedups.c)
-stage: Callable[..., bool] = native.stage_wal2json if native else no_stage
+#: stage(frame, resolved, rows, counts, change_id, txn_id, ord) -> 1 staged, 2 not audited, 0
+#: for the Python path (undo/_speedups.c)
+stage: Callable[..., int] = native.stage_wal2json if native else no_stage
 
 
 def signature(schema: str, table: str, columns: tuple[str, ...]) -> bytes:
@@ -112,8 +113,9 @@ class Wal2JsonDecoder:
     def __init__(self) -> None:
         self.relations: dict[tuple[Any, ...], Relation] = {}
         #: signature -> (store id, key positions) of the table versions capture resolved as
-        #: audited with complete old rows: the changes ``stage`` may take (capture fills it)
-        self.resolved: dict[bytes, tuple[int, tuple[int, ...] | None]] = {}
+        #: audited with complete old rows, (None, None) of those not audited: the changes
+        #: ``stage`` may take or drop (capture fills it)
+        self.resolved: dict[bytes, tuple[int | None, tuple[int, ...] | None]] = {}
         self.stage = stage
 
     @staticmethod
