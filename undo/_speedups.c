@@ -1,14 +1,15 @@
-/* Capture's hot path in C, for pgoutput.
+/* Capture's hot path in C, for pgoutput and wal2json.
  *
- * tuple_tokens: TupleData -> the JSON tokens of its values; the same function as
+ * tuple_tokens: pgoutput's TupleData -> the JSON tokens of its values; the same function as
  * undo.stream.pgoutput._py_tuple.
  *
- * stage: one XLogData frame holding an insert, an update with its full old row, or a delete
- * with its full old row, of a table capture has resolved -> the nine values of its row in the
- * store, appended to the writer's staged list, and its count; the same as decoding it
- * (PgOutputDecoder.decode), and StoreWriter.add (which builds its key). Anything
- * else (other messages, a table not resolved yet, an old row missing or key-only, a TOASTed
- * value left unchanged) returns False untouched, and capture takes the Python path.
+ * stage, stage_wal2json: one XLogData frame holding an insert, an update with its full old row,
+ * or a delete with its full old row, of a table capture has resolved -> the nine values of its
+ * row in the store, appended to the writer's staged list, and its count; the same as decoding
+ * it (PgOutputDecoder.decode, Wal2JsonDecoder.decode) and StoreWriter.add. A change of a table
+ * capture does not audit is dropped. Anything else (other messages, a table not resolved yet,
+ * an old row missing or key-only, a TOASTed value left unchanged, text that is not UTF-8) is
+ * left untouched, and capture takes the Python path.
  *
  * The Python code stays the reference and the fallback where this module was not built;
  * tests/unit/test_speedups.py holds them equal. A token is what json.encoder.encode_basestring
@@ -49,8 +50,8 @@ reserve(Buf *b, Py_ssize_t extra)
 }
 
 /* scratch space, kept between calls; a buffer a huge value grew is given back after the call */
-static Buf img, k;                              /* an image, a key */
-static Buf scratch_text;                        /* a wal2json string's UTF-8 */
+static Buf k;                                   /* a key */
+static Buf scratch_text, value_text;            /* a wal2json member name, a value's text */
 static Buf name, type, schema, table;           /* wal2json fields */
 static Buf new_sig, old_sig, full;              /* wal2json table signatures */
 
@@ -133,6 +134,8 @@ put_token(Buf *b, const unsigned char *s, Py_ssize_t n)
 static int
 put(Buf *b, const char *s, Py_ssize_t n)
 {
+    if (n == 0)
+        return 0;
     if (reserve(b, n) < 0)
         return -1;
     memcpy(b->p + b->len, s, (size_t)n);
@@ -151,33 +154,68 @@ text(const Buf *b, Py_ssize_t from, Py_ssize_t to)
 
 #define MAX_COLUMNS 1664 /* PostgreSQL's MaxTupleAttributeNumber */
 
+/* A row image as the store keeps it, "[tok,tok,...]", and where each token is in it. */
 typedef struct {
-    Buf out;           /* the tokens, one after the other */
-    Py_ssize_t n;      /* columns */
-    Py_ssize_t start[MAX_COLUMNS + 1]; /* token i is out[start[i]:start[i + 1]] */
-    Py_ssize_t first_unchanged;        /* -1: none */
+    Buf out;                           /* the image */
+    Py_ssize_t n;                      /* columns */
+    Py_ssize_t start[MAX_COLUMNS + 1]; /* token i is out[start[i]:start[i + 1] - 1]; start[n]
+                                          is out.len (each token is followed by ',' or ']') */
+    unsigned char kind[MAX_COLUMNS];   /* pgoutput's 't', 'n' or 'u' */
+    Py_ssize_t unchanged;              /* how many 'u': TOASTed values left unchanged */
 } Tuple;
+
+static int
+open_image(Tuple *t)
+{
+    t->out.len = t->n = t->unchanged = 0;
+    return put(&t->out, "[", 1);
+}
+
+/* before a token */
+static int
+next_token(Tuple *t)
+{
+    if (t->n >= MAX_COLUMNS) {
+        PyErr_Format(PyExc_ValueError, "a row of more than %d columns", MAX_COLUMNS);
+        return -1;
+    }
+    if (t->n > 0 && put(&t->out, ",", 1) < 0)
+        return -1;
+    t->start[t->n++] = t->out.len;
+    return 0;
+}
+
+static int
+close_image(Tuple *t)
+{
+    if (put(&t->out, "]", 1) < 0)
+        return -1;
+    t->start[t->n] = t->out.len;
+    return 0;
+}
 
 /* parse TupleData at *pos into t; -1 with ValueError when malformed or truncated */
 static int
 parse_tuple(Tuple *t, const unsigned char *buf, Py_ssize_t size, Py_ssize_t *pos)
 {
     Py_ssize_t p = *pos;
-    t->out.len = 0;
-    t->first_unchanged = -1;
+    if (open_image(t) < 0)
+        return -1;
     if (p < 0 || p + 2 > size)
         goto truncated;
-    t->n = ((Py_ssize_t)buf[p] << 8) | buf[p + 1];
-    if (t->n > MAX_COLUMNS) {
-        PyErr_Format(PyExc_ValueError, "pgoutput: tuple of %zd columns", t->n);
-        return -1;
-    }
+    Py_ssize_t n = ((Py_ssize_t)buf[p] << 8) | buf[p + 1];
     p += 2;
-    for (Py_ssize_t i = 0; i < t->n; i++) {
-        t->start[i] = t->out.len;
+    for (Py_ssize_t i = 0; i < n; i++) {
         if (p >= size)
             goto truncated;
         unsigned char kind = buf[p];
+        if (kind != 't' && kind != 'n' && kind != 'u') {
+            PyErr_Format(PyExc_ValueError, "pgoutput: unexpected tuple column kind '%c'", kind);
+            return -1;
+        }
+        if (next_token(t) < 0)
+            return -1;
+        t->kind[i] = kind;
         if (kind == 't') {
             if (p + 5 > size)
                 goto truncated;
@@ -190,19 +228,15 @@ parse_tuple(Tuple *t, const unsigned char *buf, Py_ssize_t size, Py_ssize_t *pos
                 return -1;
             p += (Py_ssize_t)len;
         }
-        else if (kind == 'n' || kind == 'u') {
+        else {
             p += 1;
+            t->unchanged += kind == 'u';
             if (put(&t->out, "null", 4) < 0)
                 return -1;
-            if (kind == 'u' && t->first_unchanged < 0)
-                t->first_unchanged = i;
-        }
-        else {
-            PyErr_Format(PyExc_ValueError, "pgoutput: unexpected tuple column kind '%c'", kind);
-            return -1;
         }
     }
-    t->start[t->n] = t->out.len;
+    if (close_image(t) < 0)
+        return -1;
     *pos = p;
     return 0;
 truncated:
@@ -215,8 +249,8 @@ static Tuple old_tuple, new_tuple;
 static void
 give_back_all(void)
 {
-    Buf *all[] = {&img, &k, &scratch_text, &name, &type, &schema, &table, &new_sig, &old_sig,
-                  &full, &old_tuple.out, &new_tuple.out};
+    Buf *all[] = {&k, &scratch_text, &value_text, &name, &type, &schema, &table, &new_sig,
+                  &old_sig, &full, &old_tuple.out, &new_tuple.out};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         give_back(all[i]);
 }
@@ -240,37 +274,21 @@ tuple_tokens(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *unchanged = NULL;
     if (values == NULL)
         return NULL;
+    if (t->unchanged && (unchanged = PyList_New(0)) == NULL)
+        goto error;
     for (Py_ssize_t i = 0; i < t->n; i++) {
-        Py_ssize_t from = t->start[i], to = t->start[i + 1];
-        int is_null = to - from == 4 && t->out.p[from] == 'n';
-        PyObject *v = is_null ? Py_NewRef(null_token) : text(&t->out, from, to);
+        PyObject *v = t->kind[i] == 't' ? text(&t->out, t->start[i], t->start[i + 1] - 1)
+                                        : Py_NewRef(null_token);
         if (v == NULL)
             goto error;
         PyList_SET_ITEM(values, i, v);
-    }
-    if (t->first_unchanged >= 0) {
-        /* 'u' columns: not kept apart above, so parse again for their positions (rare) */
-        const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-        Py_ssize_t p = PyLong_AsSsize_t(args[1]) + 2;
-        if ((unchanged = PyList_New(0)) == NULL)
-            goto error;
-        for (Py_ssize_t i = 0; i < t->n; i++) {
-            unsigned char kind = buf[p];
-            if (kind == 't') {
-                uint32_t len = ((uint32_t)buf[p + 1] << 24) | ((uint32_t)buf[p + 2] << 16)
-                               | ((uint32_t)buf[p + 3] << 8) | (uint32_t)buf[p + 4];
-                p += 5 + (Py_ssize_t)len;
-                continue;
+        if (t->kind[i] == 'u') {
+            PyObject *at = PyLong_FromSsize_t(i);
+            if (at == NULL || PyList_Append(unchanged, at) < 0) {
+                Py_XDECREF(at);
+                goto error;
             }
-            p += 1;
-            if (kind == 'u') {
-                PyObject *at = PyLong_FromSsize_t(i);
-                if (at == NULL || PyList_Append(unchanged, at) < 0) {
-                    Py_XDECREF(at);
-                    goto error;
-                }
-                Py_DECREF(at);
-            }
+            Py_DECREF(at);
         }
     }
     PyObject *result = Py_BuildValue("(NOn)", values, unchanged ? unchanged : Py_None, pos);
@@ -292,25 +310,11 @@ be32(const unsigned char *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
-/* the whole image as the store keeps it: "[tok,tok,...]" */
+/* the whole image as the store keeps it */
 static PyObject *
 image(Tuple *t)
 {
-    Buf *b = &t->out;
-    /* tokens are contiguous: the image is them with ',' between, in a second buffer */
-    img.len = 0;
-    if (reserve(&img, b->len + t->n + 2) < 0)
-        return NULL;
-    img.p[img.len++] = '[';
-    for (Py_ssize_t i = 0; i < t->n; i++) {
-        if (i)
-            img.p[img.len++] = ',';
-        Py_ssize_t from = t->start[i], n = t->start[i + 1] - from;
-        memcpy(img.p + img.len, b->p + from, (size_t)n);
-        img.len += n;
-    }
-    img.p[img.len++] = ']';
-    return text(&img, 0, img.len);
+    return text(&t->out, 0, t->out.len);
 }
 
 /* the key's values as the store keeps them: "[tok,...]"; NULL with no error: not possible */
@@ -328,7 +332,7 @@ key_of(Tuple *t, PyObject *positions)
         if (i < 0 || i >= t->n)
             return NULL;
         if ((j && put(&k, ",", 1) < 0)
-            || put(&k, t->out.p + t->start[i], t->start[i + 1] - t->start[i]) < 0)
+            || put(&k, t->out.p + t->start[i], t->start[i + 1] - 1 - t->start[i]) < 0)
             return NULL;
     }
     if (put(&k, "]", 1) < 0)
@@ -398,7 +402,8 @@ typedef struct {
     Tuple *key_from;  /* the tuple holding the key: the new row, the old one for a delete */
 } Change;
 
-/* 1: a change stage takes (r filled in), 0: one it leaves to the Python path, -1: an error */
+/* 1: a change stage takes (r filled in), 0: one it leaves to the Python path (an error set
+ * then is cleared, but for MemoryError), -1: an error */
 typedef int (*reader)(const unsigned char *msg, Py_ssize_t size, Change *r);
 
 /* pgoutput: an insert, or an update or delete with its full old row ('O'), and no unchanged
@@ -412,21 +417,21 @@ read_pgoutput(const unsigned char *msg, Py_ssize_t size, Change *r)
     switch (msg[0]) {
     case 'I':
         if (msg[5] != 'N' || parse_tuple(&new_tuple, msg, size, &pos) < 0)
-            goto python;
+            return 0;
         r->op = op_insert, r->key_from = &new_tuple;
         break;
     case 'U':
         if (msg[5] != 'O' || parse_tuple(&old_tuple, msg, size, &pos) < 0 || pos >= size
             || msg[pos] != 'N')
-            goto python;
+            return 0;
         pos += 1;
-        if (parse_tuple(&new_tuple, msg, size, &pos) < 0 || new_tuple.first_unchanged >= 0)
-            goto python;
+        if (parse_tuple(&new_tuple, msg, size, &pos) < 0 || new_tuple.unchanged)
+            return 0;
         r->op = op_update, r->key_from = &new_tuple;
         break;
     case 'D':
         if (msg[5] != 'O' || parse_tuple(&old_tuple, msg, size, &pos) < 0)
-            goto python;
+            return 0;
         r->op = op_delete, r->key_from = &old_tuple;
         break;
     default:
@@ -434,10 +439,6 @@ read_pgoutput(const unsigned char *msg, Py_ssize_t size, Change *r)
     }
     r->name = PyLong_FromUnsignedLong(be32(msg + 1));
     return r->name == NULL ? -1 : 1;
-python:
-    /* malformed, or not a full old row: the Python path decides, and raises the same */
-    PyErr_Clear();
-    return 0;
 }
 
 /* -- wal2json (format-version 2) ------------------------------------------------------------
@@ -605,12 +606,11 @@ member(Json *j)
     return 0;
 }
 
-/* a JSON number: the span of its text (json.loads' grammar; no NaN or Infinity) */
+/* a JSON number (json.loads' grammar; no NaN or Infinity) */
 static int
-number(Json *j, const unsigned char **from, const unsigned char **to)
+number(Json *j)
 {
     const unsigned char *p = j->p, *e = j->end;
-    *from = p;
     if (p < e && *p == '-')
         p++;
     if (p < e && *p == '0')
@@ -637,10 +637,9 @@ number(Json *j, const unsigned char **from, const unsigned char **to)
         if (p == d)
             return -1;
     }
-    *to = j->p = p;
+    j->p = p;
     return 0;
 }
-
 
 static int skip(Json *j, int depth);
 
@@ -668,7 +667,6 @@ skip_container(Json *j, int depth, unsigned char close)
 static int
 skip(Json *j, int depth)
 {
-    const unsigned char *a, *b;
     ws(j);
     if (j->p >= j->end || depth > 64)
         return -1;
@@ -687,7 +685,7 @@ skip(Json *j, int depth)
     case 'n':
         return lit(j, "null");
     default:
-        return number(j, &a, &b);
+        return number(j);
     }
 }
 
@@ -695,7 +693,9 @@ skip(Json *j, int depth)
 static int
 column(Json *j, Tuple *t, Buf *sig)
 {
-    const unsigned char *value = NULL, *value_end = NULL;
+    /* the value: 'n' none or null, 't' true, 'f' false, '"' a string (its text in value_text),
+     * '0' a number (its digits in value_text) */
+    unsigned char value = 'n';
     int have_name = 0, have_type = 0;
     name.len = type.len = 0;
     if (j->p >= j->end || *j->p != '{')
@@ -720,10 +720,26 @@ column(Json *j, Tuple *t, Buf *sig)
             have_type = 1;
         }
         else if (is(&scratch_text, "value")) {
-            value = j->p;
-            if (skip(j, 1) < 0)
-                return -1;
-            value_end = j->p;
+            const unsigned char *from = j->p;
+            value_text.len = 0;
+            if (from < j->end && *from == '"') {
+                if (string(j, &value_text) < 0)
+                    return -1;
+                value = '"';
+            }
+            else if (from < j->end && (*from == '-' || (*from >= '0' && *from <= '9'))) {
+                if (number(j) < 0 || put(&value_text, (const char *)from, j->p - from) < 0)
+                    return -1;
+                value = '0';
+            }
+            else if (from < j->end && (*from == 't' || *from == 'f' || *from == 'n')) {
+                if (skip(j, 1) < 0)
+                    return -1;
+                value = *from;
+            }
+            else {
+                return -1; /* an object, an array or a constant: not a column value */
+            }
         }
         else if (skip(j, 1) < 0) {
             return -1;
@@ -734,47 +750,33 @@ column(Json *j, Tuple *t, Buf *sig)
         if (m == 0)
             break;
     }
-    if (!have_name || t->n >= MAX_COLUMNS)
+    if (!have_name || next_token(t) < 0)
         return -1;
     if (put(sig, "\0", 1) < 0 || put(sig, name.p, name.len) < 0)
-        return -2;
+        return -1;
     /* the value's token, as wal2json._tokens makes it */
-    t->start[t->n++] = t->out.len;
-    if (value == NULL || *value == 'n')
-        return put(&t->out, "null", 4) < 0 ? -2 : 0; /* missing: c.get("value") is None */
-    if (*value == 't')
-        return put(&t->out, "\"t\"", 3) < 0 ? -2 : 0;
-    if (*value == 'f')
-        return put(&t->out, "\"f\"", 3) < 0 ? -2 : 0;
-    int is_string = *value == '"';
-    if (!is_string && *value != '-' && (*value < '0' || *value > '9'))
-        return -1; /* an object or an array: not a column value */
+    if (value == 'n') /* missing: c.get("value") is None */
+        return put(&t->out, "null", 4);
+    if (value == 't' || value == 'f')
+        return put(&t->out, value == 't' ? "\"t\"" : "\"f\"", 3);
     /* a string, or a number as its exact digits: text (with parse_int and parse_float = str,
-     * both are str in Python), and a bytea's text gets its '\x' back */
+     * both are str in Python), and a bytea's text gets its '\\x' back */
     if (!have_type)
         return -1; /* c["type"] is asked for: the Python path */
+    if (!is(&type, "bytea"))
+        return put_token(&t->out, (const unsigned char *)value_text.p, value_text.len);
     scratch_text.len = 0;
-    if (is(&type, "bytea") && put(&scratch_text, "\\x", 2) < 0)
-        return -2;
-    if (is_string) {
-        Json v = {value, value_end};
-        if (string(&v, &scratch_text) < 0)
-            return -1;
-    }
-    else if (put(&scratch_text, (const char *)value, value_end - value) < 0) {
-        return -2;
-    }
-    return put_token(&t->out, (const unsigned char *)scratch_text.p, scratch_text.len) < 0 ? -2
-                                                                                            : 0;
+    if (put(&scratch_text, "\\x", 2) < 0 || put(&scratch_text, value_text.p, value_text.len) < 0)
+        return -1;
+    return put_token(&t->out, (const unsigned char *)scratch_text.p, scratch_text.len);
 }
 
-/* an array of columns -> t (tokens) and sig (NUL and each name) */
+/* an array of columns -> t (the image) and sig (NUL and each name) */
 static int
 columns(Json *j, Tuple *t, Buf *sig)
 {
-    t->out.len = 0;
-    t->n = 0;
-    t->first_unchanged = -1;
+    if (open_image(t) < 0)
+        return -1;
     ws(j);
     if (j->p >= j->end || *j->p != '[')
         return -1;
@@ -782,20 +784,16 @@ columns(Json *j, Tuple *t, Buf *sig)
     ws(j);
     if (j->p < j->end && *j->p == ']') {
         j->p++;
-        t->start[0] = 0;
-        return 0;
+        return close_image(t);
     }
     for (;;) {
-        int r = column(j, t, sig);
-        if (r < 0)
-            return r;
+        if (column(j, t, sig) < 0)
+            return -1;
         int m = more(j, ']');
         if (m < 0)
             return -1;
-        if (m == 0) {
-            t->start[t->n] = t->out.len;
-            return 0;
-        }
+        if (m == 0)
+            return close_image(t);
     }
 }
 
@@ -806,7 +804,7 @@ read_wal2json(const unsigned char *msg, Py_ssize_t size, Change *r)
 {
     Json j = {msg, msg + size};
     unsigned char action = 0;
-    int have_new = 0, have_old = 0, got;
+    int have_new = 0, have_old = 0;
     schema.len = table.len = new_sig.len = old_sig.len = 0;
     if (j.p >= j.end || *j.p != '{') /* json.loads' scanner takes no leading space either */
         return 0;
@@ -833,14 +831,14 @@ read_wal2json(const unsigned char *msg, Py_ssize_t size, Change *r)
         }
         else if (is(&scratch_text, "columns")) {
             new_sig.len = 0;
-            if ((got = columns(&j, &new_tuple, &new_sig)) < 0)
-                return got == -2 ? -1 : 0;
+            if (columns(&j, &new_tuple, &new_sig) < 0)
+                return 0;
             have_new = 1;
         }
         else if (is(&scratch_text, "identity")) {
             old_sig.len = 0;
-            if ((got = columns(&j, &old_tuple, &old_sig)) < 0)
-                return got == -2 ? -1 : 0;
+            if (columns(&j, &old_tuple, &old_sig) < 0)
+                return 0;
             have_old = 1;
         }
         else if (skip(&j, 1) < 0) {
@@ -872,7 +870,7 @@ read_wal2json(const unsigned char *msg, Py_ssize_t size, Change *r)
     full.len = 0;
     if (put(&full, schema.p, schema.len) < 0 || put(&full, "\0", 1) < 0
         || put(&full, table.p, table.len) < 0 || put(&full, sig->p, sig->len) < 0)
-        return -1;
+        return 0;
     r->name = PyBytes_FromStringAndSize(full.p, full.len);
     return r->name == NULL ? -1 : 1;
 }
@@ -903,6 +901,14 @@ stage_frame(PyObject *const *args, Py_ssize_t nargs, reader read, const char *us
     PyObject *result = NULL, *key = NULL, *old = NULL, *new = NULL, *store_id, *positions;
     Change r = {NULL, NULL, NULL};
     int got = view.len > 25 && frame[0] == 'w' ? read(frame + 25, view.len - 25, &r) : 0;
+    if (got == 0 && PyErr_Occurred()) {
+        /* malformed, or not a full old row: the Python path decides, and raises the same;
+         * but out of memory is out of memory */
+        if (PyErr_ExceptionMatches(PyExc_MemoryError))
+            got = -1;
+        else
+            PyErr_Clear();
+    }
     if (got <= 0)
         goto answer;
     if ((got = resolved_entry(args[1], r.name, &store_id, &positions)) <= 0)
