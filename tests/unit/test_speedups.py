@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -308,3 +309,18 @@ def test_a_change_of_a_table_not_audited_is_dropped_untouched():
     assert speedups.stage(pg, {RELID: (None, None)}, rows, counts, 7, 3, 5) == 2
     assert speedups.stage_wal2json(w2j, {sig: (None, None)}, rows, counts, 7, 3, 5) == 2
     assert (rows, counts) == ([], {})
+
+
+def test_scratch_space_a_huge_value_grew_is_given_back():
+    """Capture runs for months: one large value must not hold its size of memory after it."""
+    big = "x" * 20_000_000  # larger than any value before it here: the buffers grow for it
+    message = frame(change("U", [("t", "1"), ("t", big)], [("t", "1"), ("t", big + "!")]))
+    tracemalloc.start()
+    try:
+        rows: list = []
+        assert speedups.stage(message, {RELID: (9, (0,))}, rows, {}, 7, 3, 5) == 1
+        del rows
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000
