@@ -376,6 +376,11 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
             + f": {g['statement'] or ''}"
             + ("" if g["tag"] == "trusted" else f"  tag {g['tag']} ({g['tag_reason']})")
         )
+    for m in result.get("malformed") or []:
+        click.echo(
+            f"malformed {m['prefix']} message at {m['received_at']}  xid {m['xid'] or ''}:"
+            f" {m['problem']} (kept in the store's malformed table, never used)"
+        )
     if counts:
         rows = [{"table": t, "operation": op, "rows": n} for (t, op), n in sorted(counts.items())]
         click.echo("\n" + render.table(rows, ["table", "operation", "rows"]))

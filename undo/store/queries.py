@@ -255,6 +255,19 @@ def guard_refusals(db: Database, session_id: str | None = None) -> list[dict[str
     )
 
 
+def malformed_of(
+    db: Database, session_id: str | None = None, xid: int | None = None
+) -> list[dict[str, Any]]:
+    """Messages with undo's prefixes that claimed this session (or came in this transaction)
+    and were not what undo's SQL writes: kept, never used (stream/messages.py)."""
+    return _rows(
+        db,
+        "SELECT received_at, lsn, prefix, xid, session_id, problem, size FROM malformed"
+        " WHERE (? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?) ORDER BY lsn",
+        [session_id, session_id, xid, xid],
+    )
+
+
 def ddl_of(
     db: Database, session_id: str | None = None, xid: int | None = None
 ) -> list[dict[str, Any]]:
@@ -271,6 +284,7 @@ def ddl_of(
 def show(db: Database, session_id: str | None = None, xid: int | None = None) -> dict[str, Any]:
     refusals = guard_refusals(db, session_id) if session_id is not None else []
     ddl = ddl_of(db, session_id, xid)
+    malformed = malformed_of(db, session_id, xid)
     try:
         txns = (
             transactions_of_session(db, session_id)
@@ -278,7 +292,7 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
             else transactions_by_xid(db, [xid or 0])
         )
     except NotFound:
-        if not refusals and not ddl:
+        if not refusals and not ddl and not malformed:
             raise
         txns = []
     changes = changes_of(db, [t["id"] for t in txns])
@@ -306,6 +320,7 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
         ],
         "guard_refusals": refusals,
         "ddl": ddl,
+        "malformed": malformed,
     }
 
 
@@ -339,6 +354,10 @@ def status(db: Database) -> dict[str, Any]:
         # writes on audited tables without a trusted tag, by reason (forged, replayed,
         # malformed, missing): never counted under the session they claim
         "untrusted_writes": untrusted,
+        # messages with undo's prefixes that were not what undo's SQL writes, by prefix
+        "malformed_messages": dict(
+            db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1 ORDER BY 1").fetchall()
+        ),
         "gaps": gaps,
     }
 

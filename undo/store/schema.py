@@ -285,6 +285,30 @@ def m009_ddl(db: Database) -> None:
     )
 
 
+@migrations()
+def m010_malformed(db: Database) -> None:
+    """malformed: messages with undo's prefixes that are not what undo's SQL writes (any role
+    can emit one): kept with their LSN, prefix, transaction, the session they claim and what
+    was wrong, never used."""
+    db.executescript(
+        """
+        CREATE TABLE malformed (
+            id INTEGER PRIMARY KEY,
+            lsn INTEGER NOT NULL,
+            prefix TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            xid INTEGER,
+            session_id TEXT,
+            problem TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            content BLOB NOT NULL
+        );
+        CREATE UNIQUE INDEX malformed_lsn ON malformed (lsn, prefix);
+        CREATE INDEX malformed_session ON malformed (session_id);
+        """
+    )
+
+
 PAGE_SIZE = 8192
 
 

@@ -26,6 +26,8 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 #: Keep the activity aggregates. Only bench/serve turns this off, to measure what they cost.
 AGGREGATES = True
 
+#: how much of a malformed message the store keeps (its size is kept whole)
+KEPT_BYTES = 4096
 _FIELDS = 9  # values per row of changes, staged flat: one list, not a tuple per change
 #: key, old, new and unchanged are staged as '' for NULL (never a value: they are JSON arrays).
 #: Python's sqlite3 binds None through the adapter protocol, two failed attribute lookups per
@@ -63,6 +65,7 @@ class _Txn:
         "first_change",
         "id",
         "ledger",
+        "malformed",
         "ord",
         "reason",
         "tag",
@@ -86,6 +89,9 @@ class _Txn:
         self.ledger: bytes | None = None
         #: DDL messages (undo.on_ddl): (message, why untrusted or None)
         self.ddl: list[tuple[dict[str, Any], str | None]] = []
+        #: undo's messages in it that were not what undo's SQL writes: (lsn, prefix, session
+        #: id claimed, what was wrong, content)
+        self.malformed: list[tuple[int, str, str | None, str, bytes]] = []
 
 
 class StoreWriter:
@@ -311,6 +317,36 @@ class StoreWriter:
         assert txn is not None
         txn.ledger = content
 
+    def add_malformed(
+        self, lsn: int, prefix: str, session_id: str | None, problem: str, content: bytes
+    ) -> None:
+        """One of undo's messages that is not what undo's SQL writes (messages.py): kept, never
+        used. In a transaction it is kept or lost with it; outside one it is stored with the
+        batch, and the same row again when the server sends it again (its LSN)."""
+        if self.txn is not None:
+            self.txn.malformed.append((lsn, prefix, session_id, problem, content))
+        else:
+            self._open_batch()
+            self._write_malformed(
+                None, iso(datetime.now(UTC)), lsn, prefix, session_id, problem, content
+            )
+
+    def _write_malformed(
+        self,
+        xid: int | None,
+        at: str,
+        lsn: int,
+        prefix: str,
+        session_id: str | None,
+        problem: str,
+        content: bytes,
+    ) -> None:
+        self.conn.execute(
+            "INSERT INTO malformed (lsn, prefix, received_at, xid, session_id, problem, size,"
+            " content) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (lsn, prefix) DO NOTHING",
+            (lsn, prefix, at, xid, session_id, problem, len(content), content[:KEPT_BYTES]),
+        )
+
     def relation_oid(self, rel_id: int, oid: int | None) -> None:
         """Correct the OID a table version was recorded under (capture learned it later)."""
         self.conn.execute("UPDATE relations SET oid = ? WHERE id = ?", (oid, rel_id))
@@ -402,6 +438,8 @@ class StoreWriter:
             self._write_ledger(txn, commit)
         if txn.ddl:
             self._write_ddl(txn, commit)
+        for m in txn.malformed:
+            self._write_malformed(txn.xid, commit.commit_time, *m)
         if txn.ord == 0:
             self.conn.execute("RELEASE txn")
             self.batch_position = max(self.batch_position, commit.end_lsn)

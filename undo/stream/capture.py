@@ -11,9 +11,6 @@ gap in the audit trail, recorded and refused.
 from __future__ import annotations
 
 import gc
-import hashlib
-import hmac
-import json
 import logging
 import secrets
 import select
@@ -30,17 +27,13 @@ from ..config import Settings
 from ..errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
 from ..store.schema import get_meta, open_store
 from ..store.writer import StoreWriter, record_gap
-from . import pgoutput, wal2json
+from . import messages, pgoutput, wal2json
+from .messages import DDL_PREFIX, LEDGER_PREFIX, MARK_PREFIX, TAG_PREFIX, TRANSACTIONAL
 from .protocol import epoch, parse_keepalive, status_update
 from .records import Begin, Change, Commit, Message, Relation, Truncate
 
 log = logging.getLogger(__name__)
 
-TAG_PREFIX = "undo"
-MARK_PREFIX = "undo.mark"
-DDL_PREFIX = "undo.ddl"  # undo.on_ddl(): DDL on audited schemas, in its transaction
-GUARD_PREFIX = "undo.guard"  # undo.tag(): a write a guard refused (non-transactional)
-LEDGER_PREFIX = "undo.ledger"  # undo.record_undo: an undo's ledger entries, mirrored in undos
 BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
@@ -63,51 +56,6 @@ class ConnectionLost(Exception):
 def _fields(**kw: Any) -> dict[str, Any]:
     """Structured fields of a log line (--log-format json shows them)."""
     return {"fields": kw}
-
-
-def verify_tag(
-    content: bytes,
-    key: bytes | None,
-    xid: int | None,
-    session_keys: dict[bytes, bytes] | None = None,
-) -> tuple[dict[str, Any], str | None]:
-    """Parse and check a tag message: (tag, None) when trusted, else (what could be read of it,
-    why not: 'forged', 'replayed' or 'malformed').
-
-    The message is ``HMAC || session JSON || "\\n" || transaction JSON``. The HMAC-SHA256 is
-    under the session's key, which is HMAC-SHA256(master key, session JSON): undo.session_tag()
-    gives a session the key of its own session part only. A valid tag of another transaction
-    (its xid is not this one's) is a replay; ``xid`` None skips that check. ``session_keys``
-    caches derived keys.
-    """
-    mac, msg = content[:64], content[64:]
-    head, sep, rest = msg.partition(b"\n")
-    try:
-        session = json.loads(head) if sep else None
-        extra = json.loads(rest) if sep else None
-    except ValueError:
-        session = extra = None
-    if not isinstance(session, dict) or not isinstance(extra, dict):
-        return {}, "malformed"
-    tag = {**extra, "session": session}
-    if key is None:
-        return tag, "forged"
-    keys = session_keys if session_keys is not None else {}
-    session_key = keys.get(head)
-    if session_key is None:
-        session_key = hmac.new(key, head, hashlib.sha256).digest()
-        if len(keys) > 10_000:
-            keys.clear()
-        keys[head] = session_key
-    good = hmac.new(session_key, msg, hashlib.sha256).hexdigest().encode()
-    if not hmac.compare_digest(good, mac):
-        return tag, "forged"
-    full = extra.get("xid")
-    if xid is None:  # a message outside any transaction (a guard's refusal): nothing to bind
-        return tag, None
-    if not isinstance(full, int) or full % 2**32 != xid:
-        return tag, "replayed"
-    return tag, None
 
 
 _KEY_QUERY = """
@@ -352,7 +300,10 @@ class _Session:
         for cmd in ddl.get("ddl") or []:
             if not (isinstance(cmd, dict) and cmd.get("command") == "DROP TABLE"):
                 continue
-            dropped, (schema, name) = cmd.get("oid"), names.parse(str(cmd.get("object")))
+            try:
+                dropped, (schema, name) = cmd["oid"], names.parse(cmd["object"] or "")
+            except UndoError:  # not a name PostgreSQL prints: nothing of ours to forget
+                continue
             for rel in self.decoder.relations.values():
                 if (rel.schema, rel.name) != (schema, name) or rel.oid is None:
                     continue
@@ -360,6 +311,35 @@ class _Session:
                     self.writer.relation_oid(rel.store_id, dropped)
                 rel.oid = rel.store_id = None
                 self.decoder.resolved.pop(self.decoder.resolved_key(rel), None)
+
+    def _message(self, rec: Message, in_txn: bool) -> None:
+        """One of undo's own messages: checked (messages.py), used, or kept as malformed."""
+        writer = self.writer
+        problem = messages.problem_of_kind(rec.prefix, rec.transactional)
+        if problem is None and rec.transactional != in_txn:
+            problem = "a transactional message outside a transaction"
+        if problem is not None:
+            writer.add_malformed(rec.lsn, rec.prefix, None, problem, rec.content)
+            return
+        if rec.prefix == LEDGER_PREFIX:
+            writer.set_ledger(rec.content)
+            return
+        xid = writer.txn_xid if in_txn else None
+        signed = messages.read_signed(rec.prefix, rec.content, self.key, xid, self.session_keys)
+        if signed.problem is not None:
+            writer.add_malformed(
+                rec.lsn, rec.prefix, signed.claimed_session, signed.problem, rec.content
+            )
+        if rec.prefix == TAG_PREFIX:
+            writer.set_tag(signed.fields, signed.untrusted)
+        elif signed.problem is not None:
+            return  # a DDL record or a refusal that says nothing usable
+        elif rec.prefix == DDL_PREFIX:
+            writer.add_ddl(signed.fields, signed.untrusted)
+            if signed.untrusted is None and self.decoder.name == "wal2json":
+                self._dropped(signed.fields)
+        else:  # GUARD_PREFIX
+            writer.add_refusal(rec.lsn, signed.fields, signed.untrusted)
 
     def _forget_relations(self) -> None:
         for rel in self.decoder.relations.values():
@@ -486,33 +466,12 @@ class _Session:
                 ):
                     self._send_status(pgconn, writer.flush())
             elif type(rec) is Message:
-                if rec.prefix == TAG_PREFIX and rec.transactional and in_txn and not self.skipping:
-                    writer.set_tag(
-                        *verify_tag(rec.content, self.key, writer.txn_xid, self.session_keys)
-                    )
-                elif rec.prefix == LEDGER_PREFIX and rec.transactional and in_txn:
-                    if not self.skipping:
-                        writer.set_ledger(rec.content)
-                elif rec.prefix == DDL_PREFIX and rec.transactional and in_txn:
-                    if not self.skipping:
-                        ddl, why = verify_tag(
-                            rec.content, self.key, writer.txn_xid, self.session_keys
-                        )
-                        writer.add_ddl(ddl, why)
-                        if why is None and self.decoder.name == "wal2json":
-                            self._dropped(ddl)
-                elif rec.prefix == GUARD_PREFIX and not rec.transactional and not in_txn:
-                    tag, why = verify_tag(rec.content, self.key, None, self.session_keys)
-                    writer.add_refusal(rec.lsn, tag, why)
-                elif (
-                    rec.prefix == MARK_PREFIX
-                    and not rec.transactional
-                    and not in_txn
-                    and mark is not None
-                    and rec.content == mark
-                ):
-                    writer.advance(rec.lsn)
-                    found_mark = True
+                if rec.prefix == MARK_PREFIX:
+                    if mark is not None and not in_txn and rec.content == mark:
+                        writer.advance(rec.lsn)
+                        found_mark = True
+                elif rec.prefix in TRANSACTIONAL and not (in_txn and self.skipping):
+                    self._message(rec, in_txn)
             elif type(rec) is Truncate:
                 if self.skipping:
                     continue
@@ -547,8 +506,7 @@ def capture(
         options = pgoutput.plugin_options(get_meta(db, "publication") or settings.slot)
     else:
         options = wal2json.plugin_options(get_meta(db, "numbers_as_strings") == "1")
-        prefixes = (TAG_PREFIX, MARK_PREFIX, LEDGER_PREFIX, GUARD_PREFIX, DDL_PREFIX)
-        options.append(("add-msg-prefixes", ",".join(prefixes)))
+        options.append(("add-msg-prefixes", ",".join(messages.PREFIXES)))
     writer = StoreWriter(db)
     transactions = changes = 0
     attempt = 0
@@ -633,3 +591,4 @@ def capture(
                     time.sleep(0.1)
     finally:
         gc.set_threshold(*thresholds)
+        db.conn.close()  # an open batch is rolled back: its position was never confirmed

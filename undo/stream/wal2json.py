@@ -136,7 +136,13 @@ class Wal2JsonDecoder:
         return rel
 
     def decode(self, buf: bytes) -> Record | None:
-        doc = _loads(bytes(buf).decode())
+        try:
+            doc = _loads(bytes(buf).decode())
+        except UnicodeDecodeError:
+            # wal2json writes a message's content bytes into the document as they are: any role
+            # can emit bytes that are not UTF-8. Kept as they were (messages.py judges them);
+            # PostgreSQL's own values are always valid text.
+            doc = _loads(bytes(buf).decode(errors="surrogateescape"))
         action = doc["action"]
         if action == "I":
             cols = doc["columns"]
@@ -178,7 +184,7 @@ class Wal2JsonDecoder:
             return Message(
                 bool(doc["transactional"]),
                 doc["prefix"],
-                content.encode() if isinstance(content, str) else bytes(content),
+                content.encode(errors="surrogateescape"),
                 parse_lsn(doc["lsn"]),
             )
         if action == "T":

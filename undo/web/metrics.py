@@ -66,11 +66,21 @@ class StoreCollector(Collector):
                 "Transactions a guard refused to let write, by guard and application",
                 labels=["guard", "application"],
             )
+            # trusted refusals only: any role can emit a forged one naming any application
             for guard, app, n in db.execute(
-                "SELECT guard, application_name, count(*) FROM guard_refusals GROUP BY 1, 2"
+                "SELECT guard, application_name, count(*) FROM guard_refusals"
+                " WHERE tag = 'trusted' GROUP BY 1, 2"
             ):
                 refusals.add_metric([guard or "", app or ""], n)
             yield refusals
+            malformed = CounterMetricFamily(
+                "undo_malformed_messages",
+                "Messages with undo's prefixes that were not what undo's SQL writes, by prefix",
+                labels=["prefix"],
+            )
+            for prefix, n in db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1"):
+                malformed.add_metric([prefix], n)
+            yield malformed
             last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
             gaps = db.execute("SELECT count(*) FROM gaps").fetchone()[0]
             if last:

@@ -1,0 +1,108 @@
+"""Every field of undo's messages is checked before use: whatever a message holds, reading it
+never raises, and what the checks let through is something the store can hold."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import tempfile
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from undo.store.schema import open_store
+from undo.store.writer import StoreWriter
+from undo.stream import messages
+from undo.stream.records import Begin, Commit
+
+KEY = b"k" * 32
+SIGNED = [messages.TAG_PREFIX, messages.DDL_PREFIX, messages.GUARD_PREFIX]
+FIELDS = [
+    "session_id", "pid", "backend_start", "user", "client_addr", "client_port", "xid",
+    "application_name", "statement", "undo", "guard", "reason", "at", "ddl", "state",
+    "command", "object_type", "object", "oid", "table", "problems", "rewrite",
+]  # fmt: skip
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(),  # lone surrogates included: JSON's \ud800 escapes make them
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=3), children, max_size=5)
+    ),
+    max_leaves=12,
+)
+
+
+def sign(session: object, body: object, key: bytes = KEY) -> bytes:
+    """A message as undo's SQL signs it, under the session key derived from ``key``."""
+    head = json.dumps(session).encode()
+    msg = head + b"\n" + json.dumps(body).encode()
+    session_key = hmac.new(key, head, hashlib.sha256).digest()
+    return hmac.new(session_key, msg, hashlib.sha256).hexdigest().encode() + msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(SIGNED), st.binary(max_size=200))
+def test_any_bytes_are_read_without_raising(prefix, content):
+    signed = messages.read_signed(prefix, content, KEY, 7)
+    assert signed.untrusted in ("malformed", "forged")
+
+
+def test_a_good_tag_is_trusted_and_its_fields_kept():
+    session = {"session_id": "6b0.1", "pid": 1, "user": "u"}
+    signed = messages.read_signed(
+        "undo", sign(session, {"application_name": "cron", "xid": 2**32 + 7}), KEY, 7
+    )
+    assert signed.untrusted is None and signed.problem is None
+    assert signed.fields["application_name"] == "cron" and signed.session["session_id"] == "6b0.1"
+    replayed = messages.read_signed("undo", sign(session, {"xid": 8}), KEY, 7)
+    assert replayed.untrusted == "replayed"
+    forged = messages.read_signed("undo", sign(session, {"xid": 7}, key=b"x"), KEY, 7)
+    assert forged.untrusted == "forged"
+
+
+def test_a_field_of_the_wrong_type_is_malformed_even_when_signed():
+    """A role can read its own session's key today (#23): a good HMAC says nothing of types."""
+    signed = messages.read_signed(
+        "undo", sign({"session_id": "6b0.1"}, {"application_name": ["x"], "xid": 7}), KEY, 7
+    )
+    assert signed.untrusted == "malformed"
+    assert signed.problem == "message.application_name: expected a string, got list"
+    assert signed.fields == {} and signed.claimed_session == "6b0.1"
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(st.sampled_from(SIGNED), _json, _json, st.booleans())
+def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, trusted_key):
+    """Signed with the right key or not, any JSON in the two parts: either it is malformed, or
+    the writer stores it (tag, DDL record or refusal) without an error."""
+    content = sign(session, body, KEY if trusted_key else b"other")
+    signed = messages.read_signed(prefix, content, KEY, 7)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = open_store(os.path.join(tmp, "s.db"), create=True)
+        writer = StoreWriter(db)
+        if signed.problem is not None:
+            writer.add_malformed(10, prefix, signed.claimed_session, signed.problem, content)
+        elif prefix == messages.GUARD_PREFIX:
+            writer.add_refusal(10, signed.fields, signed.untrusted)
+        writer.begin(Begin(7, 100, "2026-01-01T00:00:00.000000Z"))
+        writer.add_truncate(1)  # a change, so that the transaction's row is written
+        if prefix == messages.TAG_PREFIX:
+            writer.set_tag(signed.fields, signed.untrusted)
+        elif prefix == messages.DDL_PREFIX and signed.problem is None:
+            writer.add_ddl(signed.fields, signed.untrusted)
+        if signed.problem is not None:
+            writer.add_malformed(11, prefix, signed.claimed_session, signed.problem, content)
+        writer.commit(Commit(100, 101, "2026-01-01T00:00:00.000000Z"))
+        writer.flush()
+        db.conn.close()
