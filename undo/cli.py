@@ -354,13 +354,11 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
     if as_json:
         click.echo(render.to_json(result))
         return
-    txns = result["transactions"]
-    counts: dict[tuple[str, str], int] = {}
-    for t in txns:
-        for c in t["changes"]:
-            counts[c["table"], c["op"]] = counts.get((c["table"], c["op"]), 0) + 1
-    total = sum(counts.values())
-    click.echo(f"session {result['session_id']}: {len(txns)} transaction(s), {total} change(s)")
+    txns, totals = result["transactions"], result["totals"]
+    click.echo(
+        f"session {result['session_id']}: {totals['transactions']} transaction(s),"
+        f" {totals['changes']} change(s)"
+    )
     if result.get("undone"):
         click.echo(f"undone: {render.undone(result['undone'])}")
     for d in result.get("ddl") or []:
@@ -381,12 +379,32 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
             f"malformed {m['prefix']} message at {m['received_at']}  xid {m['xid'] or ''}:"
             f" {m['problem']} (kept in the store's malformed table, never used)"
         )
-    if counts:
-        rows = [{"table": t, "operation": op, "rows": n} for (t, op), n in sorted(counts.items())]
-        click.echo("\n" + render.table(rows, ["table", "operation", "rows"]))
-    shown = 0
+    if totals["rows"]:
+        click.echo("\n" + render.table(totals["rows"], ["table", "operation", "rows"]))
+    shown = [0]  # changes printed, by both lists: at most ``limit`` in all
+    _print_transactions(txns, shown, limit)
+    claims = result["untrusted"]
+    total = totals["changes"] + claims["totals"]["changes"]
+    if claims["transactions"]:  # listed apart: not the session's, not in its totals
+        c = claims["totals"]
+        click.echo(
+            f"\nuntrusted: {c['transactions']} transaction(s), {c['changes']} change(s), claim"
+            " this session with a tag that does not verify (not counted above; `undo session`"
+            " leaves them out)"
+        )
+        if claims.get("undone"):
+            click.echo(f"undone: {render.undone(claims['undone'])}")
+        if c["rows"]:
+            click.echo(render.table(c["rows"], ["table", "operation", "rows"]))
+        _print_transactions(claims["transactions"], shown, limit)
+    if shown[0] < total:
+        click.echo(f"\n({total - shown[0]} more change(s): --limit N or --all to see them)")
+
+
+def _print_transactions(txns: list[dict[str, Any]], shown: list[int], limit: int | None) -> None:
+    """Each transaction and its changes, until ``shown[0]`` changes printed reach ``limit``."""
     for t in txns:
-        if limit is not None and shown >= limit:
+        if limit is not None and shown[0] >= limit:
             break
         click.echo(
             f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name'] or ''}"
@@ -395,13 +413,11 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
         )
         click.echo(f"  statement: {t['statement'] or ''}")
         for c in t["changes"]:
-            if limit is not None and shown >= limit:
+            if limit is not None and shown[0] >= limit:
                 break
-            shown += 1
+            shown[0] += 1
             click.echo(f"  {c['op']:8} {c['table']}  {render.key(c['key_columns'], c['key'])}")
             _echo_images(c, "    ")
-    if shown < total:
-        click.echo(f"\n({total - shown} more change(s): --limit N or --all to see them)")
 
 
 def _show_options(f: Any) -> Any:

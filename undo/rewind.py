@@ -131,7 +131,10 @@ def as_of(
     def read(conn: psycopg.Connection[Any]) -> None:
         conn.execute("SET LOCAL transaction_read_only = on")  # the condition cannot write
         try:
-            cur = conn.execute(query)
+            # binary results need the extended query protocol (PQsendQueryParams), whose Parse
+            # takes one statement: a condition with "; COMMIT; ..." in it is refused whole, so
+            # it can neither end this transaction nor run anything after it
+            cur = conn.cursor().execute(query, binary=True)
         except psycopg.Error as e:
             raise BadInput(f"--where {where!r}: {e.diag.message_primary or e}") from None
         out["columns"] = [d.name for d in cur.description or []]

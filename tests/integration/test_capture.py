@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -171,6 +172,71 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
     assert counted[victim_sid] == 1 and counted[f"untrusted:{victim_sid}"] == 3
     status = json.loads(source.undo_cli("status", "--json").stdout)
     assert status["untrusted_writes"] == {"forged": 3, "malformed": 1, "missing": 1, "replayed": 1}
+
+
+def test_show_counts_a_session_without_the_forged_transactions_that_claim_it(source):
+    """`show session` totals, text, --json and the dashboard's page, are the session's trusted
+    transactions: a role that forges tags claiming it is listed apart, never counted in them."""
+    from tests.integration.test_web import _get
+    from undo.web import serve
+
+    source.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    source.init()
+    role = f"mallory_{source.dbname}"
+    source.sql(f"CREATE ROLE {role} LOGIN; GRANT SELECT, INSERT, UPDATE, DELETE ON t TO {role}")
+    with source.connect(application_name="cron") as victim:
+        victim.execute("INSERT INTO t VALUES (0)")  # the session's one trusted change
+        victim_sid = session_id(victim)
+    params = dict(psycopg.conninfo.conninfo_to_dict(source.dsn), user=role)
+    with psycopg.connect(**params, autocommit=True, application_name="cron") as c:
+        c.execute("INSERT INTO t VALUES (1)")  # her own session, which fills her cache
+        fragment = c.execute("SELECT current_setting('undo.session')").fetchone()[0][256:]
+        claim = json.dumps({**json.loads(fragment), "session_id": victim_sid})
+        for value in (10, 11, 12):
+            with c.transaction():
+                c.execute("SET LOCAL undo.tagged = '1'")  # silence the real tag
+                c.execute(
+                    "SELECT pg_logical_emit_message(true, 'undo', %s)", ("0" * 64 + claim + "\n{}",)
+                )
+                c.execute("INSERT INTO t VALUES (%s)", (value,))
+    source.capture()
+
+    shown = source.undo_cli("show", "session", victim_sid, "--json")
+    assert shown.returncode == 0, shown.stderr
+    result = json.loads(shown.stdout)
+    assert result["totals"] == {
+        "transactions": 1,
+        "changes": 1,
+        "rows": [{"table": "public.t", "operation": "insert", "rows": 1}],
+    }
+    assert [(t["tag"], t["changes"][0]["new"]) for t in result["transactions"]] == [
+        ("trusted", {"id": "0"})
+    ]
+    claims = result["untrusted"]
+    assert claims["totals"] == {
+        "transactions": 3,
+        "changes": 3,
+        "rows": [{"table": "public.t", "operation": "insert", "rows": 3}],
+    }
+    assert [(t["tag"], t["tag_reason"], t["user"]) for t in claims["transactions"]] == [
+        ("untrusted", "forged", role)
+    ] * 3
+    text = source.undo_cli("show", "session", victim_sid, "--limit", "2").stdout
+    assert text.startswith(f"session {victim_sid}: 1 transaction(s), 1 change(s)\n"), text
+    assert "untrusted: 3 transaction(s), 3 change(s), claim this session" in text
+    assert text.count("tag untrusted (forged)") == 1 and "(2 more change(s)" in text
+
+    server = serve(source.settings, "127.0.0.1", 0, None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status, page = _get(f"http://127.0.0.1:{server.server_port}/sessions/{victim_sid}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200
+    assert "Row changes (1)" in page
+    assert "Untrusted: 3 transaction(s), 3 row change(s) claiming this session" in page
+    assert page.count("untrusted (forged)") == 3  # the three listed apart
 
 
 def _expected_text(src, ids):

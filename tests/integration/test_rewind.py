@@ -178,3 +178,55 @@ def test_a_partitioned_table_is_rewound_through_its_partitions(source):
     assert filtered.returncode == 0, filtered.stderr
     assert "delete(s) of public.pay_1 undone" in filtered.stderr
     assert source.snapshot("pay") == then
+
+
+# two conditions a hostile probe ran through --where: each ended undo's transaction and ran
+# statements of its own after it (the first committed the rewind, the second created a table)
+WHERE_ATTACKS = (
+    "id = 43; COMMIT; SELECT 1 FROM (SELECT 1 AS id) t WHERE true",
+    "id = 43; ROLLBACK; CREATE TABLE public.pwned_by_where(); COMMIT;"
+    " SELECT 1 FROM (SELECT 1 AS id) t WHERE true",
+    # and, in one expression, writes the read-only transaction refuses
+    "public.evil() IS NULL",
+    "set_config('transaction_read_only', 'off', true) = 'off'",
+    "id IN (SELECT id FROM public.plain FOR UPDATE)",
+)
+
+
+def test_where_is_one_read_only_condition_that_cannot_end_the_transaction(pgo):
+    """--where is one expression in undo's read-only transaction: a second statement is refused
+    by the server (extended query protocol), on the rewind's path as on the plain read's."""
+    pgo.sql(SCHEMA)
+    pgo.sql("CREATE TABLE plain (id int PRIMARY KEY, name text)")
+    pgo.sql(
+        "CREATE FUNCTION evil() RETURNS void LANGUAGE plpgsql AS"
+        " $$BEGIN DELETE FROM public.accounts; CREATE TABLE public.pwned_by_where(); END$$"
+    )
+    pgo.sql("INSERT INTO plain SELECT g, 'p' || g FROM generate_series(40, 45) g")  # not captured
+    pgo.init()
+    pgo.sql("INSERT INTO accounts SELECT g, 'a' || g FROM generate_series(40, 45) g")
+    at = pgo.now()
+    pgo.sql("UPDATE accounts SET name = 'changed' WHERE id IN (41, 43, 45)")
+    pgo.capture()
+    tables = ("accounts", "plain")
+    then = {t: pgo.snapshot(t) for t in tables}
+
+    def ledger() -> int:
+        return pgo.sql("SELECT count(*) FROM undo.ledger")[0][0]
+
+    # the rewind's path (accounts changed after `at`) and the plain read's (no change recorded)
+    for table in tables:
+        for condition in WHERE_ATTACKS:
+            shown = pgo.undo_cli("table", table, "--as-of", at, "--where", condition)
+            assert shown.returncode == 2, (table, condition, shown.stdout, shown.stderr)
+            assert shown.stderr.count("\n") == 1 and shown.stdout == "", shown.stderr
+            assert {t: pgo.snapshot(t) for t in tables} == then, (table, condition)
+            assert pgo.sql("SELECT to_regclass('public.pwned_by_where')") == [(None,)]
+            assert ledger() == 0, (table, condition)
+        # a condition is still any one expression, a % in it included
+        condition = "name LIKE '%3' OR id IN (SELECT 45)"
+        some = pgo.undo_cli("table", table, "--as-of", at, "--where", condition, "--json")
+        assert some.returncode == 0, some.stderr
+        assert [r["id"] for r in json.loads(some.stdout)] == ["43", "45"]
+        assert json.loads(some.stdout)[0]["name"] in ("a43", "p43")  # accounts: as it was
+    assert {t: pgo.snapshot(t) for t in tables} == then and ledger() == 0

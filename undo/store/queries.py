@@ -301,11 +301,11 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
         by_txn.setdefault(c.pop("txn"), []).append(c)
     sid = session_id if session_id is not None or not txns else txns[0]["session_id"]
     undone = undone_sessions(db)
-    return {
-        "session_id": sid,
-        "undone": undone.get((sid, "trusted"))
-        or (undone.get((sid, txns[0]["tag"])) if txns else None),
-        "transactions": [
+    # a session is its trusted transactions; those that only claim it are listed apart
+    own, claims = split_claims(txns) if session_id is not None else (txns, [])
+
+    def listed(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
             {
                 "xid": t["xid"],
                 "commit_time": t["commit_time"],
@@ -316,11 +316,46 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
                 "tag_reason": t["tag_reason"],
                 "changes": by_txn.get(t["id"], []),
             }
-            for t in txns
-        ],
+            for t in ts
+        ]
+
+    mine, others = listed(own), listed(claims)
+    return {
+        "session_id": sid,
+        "undone": undone.get((sid, "trusted"))
+        if session_id is not None
+        else (undone.get((sid, txns[0]["tag"])) if txns else None),
+        "totals": totals(mine),
+        "transactions": mine,
+        "untrusted": {
+            "undone": undone.get((sid, "untrusted")) if claims else None,
+            "totals": totals(others),
+            "transactions": others,
+        },
         "guard_refusals": refusals,
         "ddl": ddl,
         "malformed": malformed,
+    }
+
+
+def split_claims(
+    txns: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A session's transactions (trusted tags) and the others that claim its id (forged,
+    replayed, malformed): never merged into it, nor counted in its totals."""
+    return [t for t in txns if t["tag"] == "trusted"], [t for t in txns if t["tag"] != "trusted"]
+
+
+def totals(txns: list[dict[str, Any]]) -> dict[str, Any]:
+    """Transactions, row changes, and rows per table and operation of ``show``'s transactions."""
+    counts: dict[tuple[str, str], int] = {}
+    for t in txns:
+        for c in t["changes"]:
+            counts[c["table"], c["op"]] = counts.get((c["table"], c["op"]), 0) + 1
+    return {
+        "transactions": len(txns),
+        "changes": sum(counts.values()),
+        "rows": [{"table": t, "operation": op, "rows": n} for (t, op), n in sorted(counts.items())],
     }
 
 

@@ -342,28 +342,41 @@ class App:
                     raise
                 txns = []
             undone = queries.undone_sessions(db).get((session_id, "trusted"))
+            # the session is its trusted transactions: those that only claim it (forged,
+            # replayed, malformed tags) are listed apart and not counted in its totals
+            txns, claims = queries.split_claims(txns)
             total = sum(t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in txns)
+            claimed = sum(
+                t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in claims
+            )
             changes = queries.changes_page(db, [t["id"] for t in txns], PAGE, (page - 1) * PAGE)
+            claim_changes = queries.changes_page(db, [t["id"] for t in claims], PAGE, 0)
         finally:
             db.conn.close()
-        xid_of = {t["id"]: t["xid"] for t in txns}
-        rows = []
-        for c in changes:
-            cols = list((c["old"] or c["new"] or {}).keys())
-            old, new = c["old"] or {}, c["new"] or {}
-            key = c["key"] or []
-            rows.append(
-                {
-                    **c,
-                    "xid": xid_of[c["txn"]],
-                    "cols": cols,
-                    "diff": {k for k in cols if c["op"] == "update" and old.get(k) != new.get(k)},
-                    "key": [str(k) for k in key],
-                    "history": dict(zip(c["key_columns"], key, strict=False))
-                    if c["key_columns"]
-                    else None,
-                }
-            )
+        xid_of = {t["id"]: t["xid"] for t in txns + claims}
+
+        def shown(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            rows = []
+            for c in changes:
+                cols = list((c["old"] or c["new"] or {}).keys())
+                old, new = c["old"] or {}, c["new"] or {}
+                key = c["key"] or []
+                rows.append(
+                    {
+                        **c,
+                        "xid": xid_of[c["txn"]],
+                        "cols": cols,
+                        "diff": {
+                            k for k in cols if c["op"] == "update" and old.get(k) != new.get(k)
+                        },
+                        "key": [str(k) for k in key],
+                        "history": dict(zip(c["key_columns"], key, strict=False))
+                        if c["key_columns"]
+                        else None,
+                    }
+                )
+            return rows
+
         return self.page(
             "session.html",
             f"Session {session_id}",
@@ -374,7 +387,12 @@ class App:
             tpage=tpage,
             tpages=-(-len(txns) // PAGE),
             total=total,
-            changes=rows,
+            changes=shown(changes),
+            claims=_tagged(claims[:PAGE]),
+            claim_count=len(claims),
+            claimed=claimed,
+            claim_changes=shown(claim_changes),
+            session_id=session_id,
             page=page,
             page_size=PAGE,
             preview=self._preview(session_id, total),
