@@ -140,9 +140,11 @@ class Wal2JsonDecoder:
             doc = _loads(bytes(buf).decode())
         except UnicodeDecodeError:
             # wal2json writes a message's content bytes into the document as they are: any role
-            # can emit bytes that are not UTF-8. Kept as they were (messages.py judges them);
-            # PostgreSQL's own values are always valid text.
+            # can emit bytes that are not UTF-8. Kept as they were (messages.py judges them).
+            # Anything else is PostgreSQL's own text, never invalid: that is a broken stream.
             doc = _loads(bytes(buf).decode(errors="surrogateescape"))
+            if doc.get("action") != "M":
+                raise
         action = doc["action"]
         if action == "I":
             cols = doc["columns"]
