@@ -13,7 +13,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from undo.tempdb import TempCluster
+from undo.demo.cluster import TempCluster
 
 ROW = (
     "id bigint PRIMARY KEY, name text NOT NULL, payload jsonb, amount numeric(12,2), at timestamptz"

@@ -23,9 +23,9 @@ import psycopg
 import pytest
 from psycopg import conninfo, sql
 
-from undo.config import Settings
-from undo.errors import NotReady
-from undo.tempdb import TempCluster, find_bindir
+from undo.core.config import Settings
+from undo.core.errors import NotReady
+from undo.demo.cluster import TempCluster, find_bindir
 
 _counter = itertools.count(1)
 
@@ -103,7 +103,7 @@ class Source:
             return cur.fetchall() if cur.description else []
 
     def init(self, schemas: list[str] | None = None, tables: list[str] | None = None) -> Any:
-        from undo.tagging import init
+        from undo.source.install import init
 
         return init(self.settings, schemas or [], tables or [])
 

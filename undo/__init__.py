@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from .config import Settings
-from .errors import UndoError
+from undo.core.config import Settings
+from undo.core.errors import UndoError
 
 __all__ = ["Settings", "UndoError"]
 __version__ = "0.1.0"

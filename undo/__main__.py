@@ -1,3 +1,3 @@
-from .cli import main
+from undo.cli import main
 
 main()

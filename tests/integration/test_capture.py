@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from tests.fixtures import TYPES_SCHEMA
-from undo.pg import session_id
+from undo.source.pg import session_id
 
 TYPE_COLUMNS = None
 

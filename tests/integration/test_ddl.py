@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from werkzeug.test import Client
 
-from undo.pg import session_id
+from undo.source.pg import session_id
 from undo.web.app import make_app
 from undo.web.metrics import registry
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from undo.cli.render import table
 from undo.demo import run_demo
 
 
@@ -9,7 +10,7 @@ def test_demo_restores_every_row_and_keeps_the_web_writes(cluster):
     # `cluster` only makes this skip (or fail under CI) where PostgreSQL is missing;
     # the demo starts a server of its own.
     lines: list[str] = []
-    assert run_demo(lines.append) is True
+    assert run_demo(lines.append, table) is True
     text = "\n".join(lines)
     assert "deleted rows restored exactly: yes" in text
     assert "web writes intact: yes" in text
@@ -18,7 +19,7 @@ def test_demo_restores_every_row_and_keeps_the_web_writes(cluster):
 
 def test_guarded_demo_loses_nothing_and_records_the_refusal(cluster):
     lines: list[str] = []
-    assert run_demo(lines.append, guard=True) is True
+    assert run_demo(lines.append, table, guard=True) is True
     text = "\n".join(lines)
     assert "ERROR: undo guard usage-metrics*" in text
     assert "the rows the script meant to delete are all there: yes" in text

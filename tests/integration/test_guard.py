@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from prometheus_client.exposition import generate_latest
 
-from undo.pg import session_id
+from undo.source.pg import session_id
 from undo.web.metrics import registry
 
 

@@ -14,7 +14,7 @@ import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from undo.pg import session_id
+from undo.source.pg import session_id
 
 PREFIXES = ["undo", "undo.ddl", "undo.guard", "undo.ledger"]
 ZEROS = "0" * 64

@@ -8,7 +8,7 @@ import sqlite3
 import psycopg
 
 from tests.conftest import run_cli
-from undo.tempdb import TempCluster
+from undo.demo.cluster import TempCluster
 
 
 def test_wal_level_not_logical_is_refused_with_the_fix(cluster, tmp_path, pgo):
@@ -63,8 +63,8 @@ def test_two_slots_on_one_database_keep_their_own_publications(pgo, tmp_path):
     created afterwards went only to the new publication, and the first store missed them."""
     from dataclasses import replace
 
+    from undo.source.install import init
     from undo.stream.capture import capture
-    from undo.tagging import init
 
     pgo.sql(
         "CREATE SCHEMA a; CREATE SCHEMA b; CREATE TABLE a.t (id int PRIMARY KEY);"
@@ -95,8 +95,8 @@ def test_uninstalling_one_of_two_slots_keeps_what_the_other_captures_through(pgo
     untagged and its updates and deletes without old rows. Now only the last one removes them."""
     from dataclasses import replace
 
+    from undo.source.install import init, uninstall
     from undo.stream.capture import capture
-    from undo.tagging import init, uninstall
 
     pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a')")
     first = pgo.settings

@@ -7,11 +7,11 @@ import threading
 import time
 
 from tests.integration.test_undo import _as_session
+from undo.core.times import epoch
 from undo.store import queries
 from undo.store.prune import prune
 from undo.store.schema import open_store
 from undo.stream.capture import capture
-from undo.stream.protocol import epoch
 
 
 def _setup(src):
@@ -187,7 +187,7 @@ def test_lag_is_zero_when_caught_up_and_the_age_of_the_oldest_unstored_commit(so
     """A quiet database must not look behind (the age of the last commit is not lag); a
     backlog's lag is the age of its oldest commit, found by peeking the slot, or while capture
     holds the slot, what capture last reported."""
-    from undo.status import status
+    from undo.source.status import status
 
     source.sql("CREATE TABLE t (id int PRIMARY KEY)")
     source.init()

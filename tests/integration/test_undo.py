@@ -9,10 +9,10 @@ import psycopg
 import pytest
 
 from tests.fixtures import HOSTILE_SCHEMA, TYPES_SCHEMA
-from undo.apply import undo
-from undo.errors import NotFound, Refused
-from undo.pg import session_id
-from undo.plan import Target
+from undo.core.errors import NotFound, Refused
+from undo.engine.apply import undo
+from undo.engine.plan import Target
+from undo.source.pg import session_id
 
 
 def _as_session(src, *statements, app="script"):

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from undo.apply import undo
-from undo.pg import session_id
-from undo.plan import Target
+from undo.engine.apply import undo
+from undo.engine.plan import Target
+from undo.source.pg import session_id
 
 _TEXT = st.characters(exclude_categories=("Cs",), exclude_characters="\0")
 TYPES = {

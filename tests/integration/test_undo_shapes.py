@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.test_undo import _as_session
-from undo.apply import undo
-from undo.errors import BadInput, NotFound, Refused
-from undo.pg import session_id
-from undo.plan import Target
+from undo.core.errors import BadInput, NotFound, Refused
+from undo.engine.apply import undo
+from undo.engine.plan import Target
+from undo.source.pg import session_id
 
 
 def _apply(src, **kw):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_undo import _as_session
-from undo.errors import BadInput
-from undo.pg import session_id
+from undo.core.errors import BadInput
+from undo.source.pg import session_id
 from undo.web import serve
 
 

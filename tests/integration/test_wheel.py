@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from undo.pg import session_id
-from undo.tempdb import free_port
+from undo.demo.cluster import free_port
+from undo.source.pg import session_id
 
 REPO = Path(__file__).parents[2]
 

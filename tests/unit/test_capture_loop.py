@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from undo.config import Settings
+from undo.core.config import Settings
+from undo.core.records import Relation
 from undo.store.schema import open_store
 from undo.store.writer import StoreWriter
 from undo.stream import capture as cap
-from undo.stream.records import Relation
 
 EPOCH_US = 0
 

@@ -12,10 +12,10 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from undo.core.records import Begin, Commit
 from undo.store.schema import open_store
 from undo.store.writer import StoreWriter
 from undo.stream import messages
-from undo.stream.records import Begin, Commit
 
 KEY = b"k" * 32
 SIGNED = [messages.TAG_PREFIX, messages.DDL_PREFIX, messages.GUARD_PREFIX]

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from undo import _speedups as speedups  # the suite expects it built (./dev setup has cc)
+from undo import _speedups as speedups
+from undo.core.records import Begin, Relation
 from undo.store.schema import open_store
 from undo.store.writer import StoreWriter
 from undo.stream import pgoutput, wal2json
-from undo.stream.records import Begin, Relation
 
 # a column: NULL, unchanged TOAST, or a text value (any code point but the surrogates,
 # which UTF-8 cannot carry; control characters, quotes and backslashes included)

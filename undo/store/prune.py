@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sqlite_utils import Database
 
-from ..stream.protocol import epoch
+from undo.core.times import epoch
 
 BATCH = 500
 

@@ -8,11 +8,11 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from .. import names
-from ..errors import BadInput, NotFound, NotRecorded
-from ..pg import lsn_to_int
-from ..stream.protocol import epoch
-from .writer import ACTIVITY_SESSION_SQL, activity_session
+from undo.core import names
+from undo.core.errors import BadInput, NotFound, NotRecorded
+from undo.core.times import epoch
+from undo.core.wal import lsn_to_int
+from undo.store.writer import ACTIVITY_SESSION_SQL, activity_session
 
 
 def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:

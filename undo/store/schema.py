@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from ..errors import StoreUnreadable
+from undo.core.errors import StoreUnreadable
 
 migrations = Migrations("undo")
 

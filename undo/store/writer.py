@@ -17,10 +17,10 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from ..pg import lsn_to_int
-from ..stream.protocol import epoch, iso
-from ..stream.records import Begin, Change, Commit, Relation
-from .schema import get_meta
+from undo.core.records import Begin, Change, Commit, Relation
+from undo.core.times import epoch, iso
+from undo.core.wal import is_xid_of, lsn_to_int
+from undo.store.schema import get_meta
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 #: Keep the activity aggregates. Only bench/serve turns this off, to measure what they cost.
@@ -599,4 +599,4 @@ def _full_xid(tag: dict[str, Any], xid: int) -> int | None:
     """The tag's 64-bit xid, if it is this transaction's (its low 32 bits are the xid the
     stream gave)."""
     full = tag.get("xid")
-    return full if isinstance(full, int) and full % 2**32 == xid else None
+    return full if is_xid_of(full, xid) else None

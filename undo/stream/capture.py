@@ -22,15 +22,17 @@ from typing import Any
 import psycopg
 from psycopg import pq, sql
 
-from .. import names, pg
-from ..config import Settings
-from ..errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
-from ..store.schema import get_meta, open_store
-from ..store.writer import StoreWriter, record_gap
-from . import messages, pgoutput, wal2json
-from .messages import DDL_PREFIX, LEDGER_PREFIX, MARK_PREFIX, TAG_PREFIX, TRANSACTIONAL
-from .protocol import epoch, parse_keepalive, status_update
-from .records import Begin, Change, Commit, Message, Relation, Truncate
+from undo.core import names, wal
+from undo.core.config import Settings
+from undo.core.errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
+from undo.core.records import Begin, Change, Commit, Message, Relation, Truncate
+from undo.core.times import epoch
+from undo.source import pg
+from undo.store.schema import get_meta, open_store
+from undo.store.writer import StoreWriter, record_gap
+from undo.stream import messages, pgoutput, wal2json
+from undo.stream._protocol import parse_keepalive, status_update
+from undo.stream.messages import DDL_PREFIX, LEDGER_PREFIX, MARK_PREFIX, TAG_PREFIX, TRANSACTIONAL
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ def check_slot(
     if state is None:
         record_gap(db, position, None, f"slot {slot} missing")
         raise SlotGap(
-            f"replication slot {slot!r} does not exist: changes since {pg.int_to_lsn(position)}"
+            f"replication slot {slot!r} does not exist: changes since {wal.int_to_lsn(position)}"
             " are lost to the audit trail; run `undo init` to create a new slot (recorded as a gap)"
         )
     confirmed, wal_status, active_pid = state
@@ -170,14 +172,14 @@ def check_slot(
         record_gap(db, position, None, f"slot {slot} invalidated (wal_status lost)")
         raise SlotGap(
             f"replication slot {slot!r} was invalidated (max_slot_wal_keep_size): changes since"
-            f" {pg.int_to_lsn(position)} are lost; run `undo init` to create a new slot"
+            f" {wal.int_to_lsn(position)} are lost; run `undo init` to create a new slot"
         )
     if active_pid is not None:
         raise SlotGap(
             f"replication slot {slot!r} is in use by another process (pid {active_pid}):"
             " stop the other consumer first"
         )
-    confirmed_lsn = pg.lsn_to_int(confirmed) if confirmed else 0
+    confirmed_lsn = wal.lsn_to_int(confirmed) if confirmed else 0
     if confirmed_lsn > position:
         if accept_gap:
             record_gap(db, position, confirmed_lsn, f"slot {slot} ahead of the store (accepted)")
@@ -185,7 +187,7 @@ def check_slot(
         record_gap(db, position, confirmed_lsn, f"slot {slot} ahead of the store")
         raise SlotGap(
             f"replication slot {slot!r} is at {confirmed}, ahead of the store at"
-            f" {pg.int_to_lsn(position)}: it was consumed, advanced or re-created elsewhere, and"
+            f" {wal.int_to_lsn(position)}: it was consumed, advanced or re-created elsewhere, and"
             " the changes between are lost; run `undo capture --accept-gap` to go on from the slot"
         )
     return position
@@ -359,7 +361,7 @@ class _Session:
             sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in self.options
         )
         cmd = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
-            sql.Identifier(self.settings.slot), sql.SQL(pg.int_to_lsn(start)), opts
+            sql.Identifier(self.settings.slot), sql.SQL(wal.int_to_lsn(start)), opts
         )
         pgconn.send_query(cmd.as_bytes(None))
         res = pgconn.get_result()
@@ -545,12 +547,12 @@ def capture(
                         "capturing slot %s (%s) from %s; %s bytes of WAL to read",
                         settings.slot,
                         decoder,
-                        pg.int_to_lsn(writer.position),
+                        wal.int_to_lsn(writer.position),
                         f"{behind:,}",
                         extra=_fields(
                             slot=settings.slot,
                             decoder=decoder,
-                            position=pg.int_to_lsn(writer.position),
+                            position=wal.int_to_lsn(writer.position),
                             lag_bytes=behind,
                         ),
                     )

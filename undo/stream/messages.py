@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from undo.core.wal import is_xid_of
+
 TAG_PREFIX = "undo"
 MARK_PREFIX = "undo.mark"  # capture --once: its own non-transactional mark
 DDL_PREFIX = "undo.ddl"  # undo.on_ddl(): DDL on audited schemas, in its transaction
@@ -239,8 +241,7 @@ def read_signed(
         return Signed(body, "forged")
     if xid is None:
         return Signed(body)
-    full = body.get("xid")
-    if full is None or full % 2**32 != xid:
+    if not is_xid_of(body.get("xid"), xid):
         return Signed(body, "replayed")
     return Signed(body)
 

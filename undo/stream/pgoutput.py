@@ -12,9 +12,9 @@ import struct
 from collections.abc import Callable
 from json.encoder import encode_basestring as _token
 
-from .accel import native, no_stage
-from .protocol import pg_time_to_iso
-from .records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
+from undo.core.records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
+from undo.core.times import pg_time_to_iso
+from undo.stream._accel import native, no_stage
 
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")

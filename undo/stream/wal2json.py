@@ -15,9 +15,10 @@ from datetime import datetime
 from json.encoder import encode_basestring as _token
 from typing import Any
 
-from .accel import native, no_stage
-from .protocol import iso
-from .records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
+from undo.core.records import NULL, Begin, Change, Commit, Message, Record, Relation, Truncate
+from undo.core.times import iso
+from undo.core.wal import lsn_to_int
+from undo.stream._accel import native, no_stage
 
 #: the C scanner of a decoder whose numbers stay text; called directly, without the two
 #: whitespace regexes and two Python calls of JSONDecoder.decode around it (wal2json sends one
@@ -74,11 +75,6 @@ def plugin_options(numbers_as_strings: bool) -> list[tuple[str, str]]:
     if numbers_as_strings:
         opts.append(("numeric-data-types-as-string", "1"))
     return opts
-
-
-def parse_lsn(text: str) -> int:
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
 
 
 def _time(text: str) -> str:
@@ -178,16 +174,18 @@ class Wal2JsonDecoder:
             rel = self._relation(doc, ident)
             return Change(rel, "D", _tokens(ident), None)
         if action == "B":
-            return Begin(int(doc["xid"]), parse_lsn(doc["lsn"]), _time(doc["timestamp"]))
+            return Begin(int(doc["xid"]), lsn_to_int(doc["lsn"]), _time(doc["timestamp"]))
         if action == "C":
-            return Commit(parse_lsn(doc["lsn"]), parse_lsn(doc["nextlsn"]), _time(doc["timestamp"]))
+            return Commit(
+                lsn_to_int(doc["lsn"]), lsn_to_int(doc["nextlsn"]), _time(doc["timestamp"])
+            )
         if action == "M":
             content = doc["content"]
             return Message(
                 bool(doc["transactional"]),
                 doc["prefix"],
                 content.encode(errors="surrogateescape"),
-                parse_lsn(doc["lsn"]),
+                lsn_to_int(doc["lsn"]),
             )
         if action == "T":
             key = (doc["schema"], doc["table"], ())

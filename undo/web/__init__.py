@@ -1,5 +1,5 @@
 """The dashboard: a small WSGI application, server-rendered, with no network fetch."""
 
-from .app import make_app, serve
+from undo.web.app import make_app, serve
 
 __all__ = ["make_app", "serve"]

@@ -28,15 +28,14 @@ from werkzeug.routing import Map, Rule
 from werkzeug.utils import redirect
 from werkzeug.wrappers import Request, Response
 
-from .. import render
-from ..config import Settings
-from ..errors import BadInput, NotFound, NotRecorded, UndoError
-from ..pg import int_to_lsn
-from ..store import queries
-from ..store.schema import open_store
-from ..stream.protocol import epoch
-from ..timespec import parse_time
-from . import metrics
+from undo.core import words
+from undo.core.config import Settings
+from undo.core.errors import BadInput, NotFound, NotRecorded, UndoError
+from undo.core.times import epoch, parse_time
+from undo.core.wal import int_to_lsn
+from undo.store import queries
+from undo.store.schema import open_store
+from undo.web import metrics
 
 log = logging.getLogger(__name__)
 PAGE = 50
@@ -140,7 +139,7 @@ def chart(
 
 def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row with its tag as text ('untrusted (forged)')."""
-    return [{**r, "tag_text": render.tag(r["tag"], r["tag_reason"])} for r in rows]
+    return [{**r, "tag_text": words.tag(r["tag"], r["tag_reason"])} for r in rows]
 
 
 def _page_number(q: Any, name: str = "page") -> int:
@@ -316,7 +315,7 @@ class App:
             db.conn.close()
         fields = ["app", "user", "table", "since", "until"]
         for r in rows:
-            r["undone_text"] = render.undone(r["undone"])
+            r["undone_text"] = words.undone(r["undone"])
         return self.page(
             "sessions.html",
             "Sessions",
@@ -380,7 +379,7 @@ class App:
         return self.page(
             "session.html",
             f"Session {session_id}",
-            undone=render.undone(undone) if undone else None,
+            undone=words.undone(undone) if undone else None,
             refused=_tagged(refused),
             ddl=_tagged(ddl),
             txns=_tagged(txns[(tpage - 1) * PAGE : tpage * PAGE]),  # the list is paged too
@@ -402,8 +401,8 @@ class App:
         cmd = f"undo session {session_id}"
         if total > PREVIEW_LIMIT:
             return {"command": cmd, "too_many": True}
-        from ..apply import undo
-        from ..plan import Target
+        from undo.engine.apply import undo
+        from undo.engine.plan import Target
 
         out = io.StringIO()
         try:

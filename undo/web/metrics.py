@@ -8,11 +8,11 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .. import pg
-from ..config import Settings
-from ..status import lag
-from ..store.schema import open_store
-from ..stream.protocol import epoch
+from undo.core.config import Settings
+from undo.core.times import epoch
+from undo.source import pg
+from undo.source.status import lag
+from undo.store.schema import open_store
 
 
 class StoreCollector(Collector):

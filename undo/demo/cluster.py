@@ -16,7 +16,7 @@ from types import TracebackType
 
 from psycopg import conninfo
 
-from .errors import NotReady
+from undo.core.errors import NotReady
 
 SERVER_OPTIONS = {
     "wal_level": "logical",

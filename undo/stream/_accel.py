@@ -16,7 +16,7 @@ if os.environ.get("UNDO_PURE_PYTHON"):
     native = None
 else:
     try:
-        from .. import _speedups as native
+        from undo import _speedups as native
     except ImportError:
         native = None
 

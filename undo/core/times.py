@@ -1,12 +1,38 @@
-"""Times on the command line: ISO 8601 or a relative age (90m, 4h, 2d)."""
+"""Times: the store's time text (UTC, microseconds, 'Z': it sorts as text), PostgreSQL's
+timestamps, and times on the command line (ISO 8601 or a relative age: 90m, 4h, 2d)."""
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
 
-from .errors import BadInput
-from .stream.protocol import iso
+from undo.core.errors import BadInput
+
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def pg_time_to_iso(micros: int) -> str:
+    """Microseconds since 2000-01-01 UTC -> the store's time text.
+
+    >>> pg_time_to_iso(0)
+    '2000-01-01T00:00:00.000000Z'
+    """
+    return iso(PG_EPOCH + timedelta(microseconds=micros))
+
+
+def epoch(text: str) -> float:
+    """The store's time text -> Unix time.
+
+    >>> epoch("1970-01-01T00:01:00.500000Z")
+    60.5
+    """
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def iso(ts: datetime) -> str:
+    """The store's time text: UTC, microseconds, 'Z'; fixed width, so it sorts as text."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
 
 _AGE = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

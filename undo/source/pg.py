@@ -8,9 +8,10 @@ from typing import Any
 
 import psycopg
 
-from . import names
-from .config import masked_dsn
-from .errors import DatabaseUnreachable, NotReady
+from undo.core import names
+from undo.core.config import masked_dsn
+from undo.core.errors import DatabaseUnreachable, NotReady
+from undo.core.wal import int_to_lsn
 
 log = logging.getLogger(__name__)
 
@@ -119,25 +120,6 @@ def session_id(conn: psycopg.Connection[Any]) -> str:
     ).fetchone()
     assert row is not None
     return str(row[0])
-
-
-def lsn_to_int(text: str) -> int:
-    """'16/B374D848' -> 97500059720.
-
-    >>> lsn_to_int('16/B374D848')
-    97500059720
-    """
-    hi, lo = text.split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def int_to_lsn(value: int) -> str:
-    """97500059720 -> '16/B374D848'.
-
-    >>> int_to_lsn(97500059720)
-    '16/B374D848'
-    """
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def with_partitions(conn: psycopg.Connection[Any], tables: Iterable[str]) -> tuple[str, ...]:

@@ -13,10 +13,10 @@ from typing import Any
 
 import psycopg
 
-from . import pg
-from .config import Settings
-from .errors import BadInput, NotFound, NotReady, Refused
-from .store.schema import open_store
+from undo.core.config import Settings
+from undo.core.errors import BadInput, NotFound, NotReady, Refused
+from undo.source import pg
+from undo.store.schema import open_store
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .errors import BadInput, NotFound
+from undo.core.errors import BadInput, NotFound
 
 QualifiedName = tuple[str, str]
 

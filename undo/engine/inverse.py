@@ -32,9 +32,9 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql
 
-from . import names
-from .errors import Refused
-from .plan import StoredChange, TableVersion, load
+from undo.core import names
+from undo.core.errors import Refused
+from undo.engine.plan import StoredChange, TableVersion, load
 
 Value = str | None
 #: jsonb_build_array is variadic, and a function takes at most 100 arguments

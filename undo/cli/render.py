@@ -40,18 +40,6 @@ def _cell(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def undone(entry: dict[str, Any] | None) -> str | None:
-    """What undid a session, in a few words.
-
-    >>> undone({"undone_at": "2026-01-19T10:30:00Z", "undo_xid": 812, "all": False})
-    'part, by xid 812 at 2026-01-19T10:30:00Z'
-    """
-    if entry is None:
-        return None
-    how = "all" if entry["all"] else "part"
-    return f"{how}, by xid {entry['undo_xid']} at {entry['undone_at']}"
-
-
 def value(v: str | None, limit: int = 120) -> str:
     """A stored value as psql would show it: NULL for null, long ones shortened.
 
@@ -131,12 +119,3 @@ class JsonLogFormatter(logging.Formatter):
         }
         doc.update(getattr(record, "fields", {}))
         return json.dumps(doc, ensure_ascii=False, default=str)
-
-
-def tag(tag: str, reason: str | None) -> str:
-    """A transaction's tag and why it is not trusted.
-
-    >>> tag("untrusted", "forged")
-    'untrusted (forged)'
-    """
-    return f"{tag} ({reason})" if reason else tag

@@ -16,11 +16,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import names, pg
-from .config import Settings
-from .errors import NotFound, NotReady, UndoError
-from .store.schema import get_meta, open_store, set_meta
-from .store.writer import record_gap
+from undo.core import names, wal
+from undo.core.config import Settings
+from undo.core.errors import NotFound, NotReady, UndoError
+from undo.source import pg
+from undo.store.schema import get_meta, open_store, set_meta
+from undo.store.writer import record_gap
 
 log = logging.getLogger(__name__)
 
@@ -268,11 +269,11 @@ def init(
                 (settings.slot, decoder),
             ).fetchone()
             assert row is not None
-            new_position = pg.lsn_to_int(row[0])
+            new_position = wal.lsn_to_int(row[0])
             if position is not None:
                 record_gap(db, int(position), new_position, f"slot {settings.slot} re-created")
                 report.warnings.append(
-                    f"the slot was missing or lost: changes between {pg.int_to_lsn(int(position))}"
+                    f"the slot was missing or lost: changes between {wal.int_to_lsn(int(position))}"
                     f" and {row[0]} are not in the audit trail (recorded as a gap)"
                 )
             with db.atomic():

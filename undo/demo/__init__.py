@@ -17,23 +17,22 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 from werkzeug.test import Client
 
-from . import guard as guards
-from .apply import undo
-from .config import Settings
-from .plan import Target
-from .render import table
-from .store import queries
-from .store.schema import open_store
-from .stream.capture import capture
-from .tagging import init
-from .tempdb import TempCluster
-from .web.app import make_app
+from undo.core.config import Settings
+from undo.demo.cluster import TempCluster
+from undo.engine.apply import undo
+from undo.engine.plan import Target
+from undo.source import guards
+from undo.source.install import init
+from undo.store import queries
+from undo.store.schema import open_store
+from undo.stream.capture import capture
+from undo.web.app import make_app
 
 SCHEMA = """
 CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL, email text,
@@ -127,7 +126,13 @@ class _Background:
         capture(self.settings, once=True)
 
 
-def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False) -> bool:
+#: how the demo lays out rows: the caller's (the CLI's render.table), so the demo sits below it
+Table = Callable[[Sequence[dict[str, Any]], Sequence[str]], str]
+
+
+def run_demo(
+    say: Callable[[str], None], table: Table, keep: bool = False, guard: bool = False
+) -> bool:
     """Play the incident; return True if every row came back (with ``guard``: none was lost
     and the refusal is recorded) and the web writes stayed."""
     start = time.monotonic()
@@ -167,7 +172,7 @@ def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False
                 say(f"   ERROR: {e.diag.message_primary}")
         if guard:
             background.stop()
-            return _guarded_end(say, settings, dsn, before, keep, start)
+            return _guarded_end(say, table, settings, dsn, before, keep, start)
         gone = {
             k: sum(1 for r in before if r[0] == k) for k in ("events", "tickets", "registrations")
         }
@@ -234,6 +239,7 @@ def run_demo(say: Callable[[str], None], keep: bool = False, guard: bool = False
 
 def _guarded_end(
     say: Callable[[str], None],
+    table: Table,
     settings: Settings,
     dsn: str,
     before: list[Any],

@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 
 from sqlite_utils import Database
 
-from . import names
-from .errors import BadInput, NotFound, NothingToUndo, Refused
-from .store.queries import resolve_table
+from undo.core import names
+from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
+from undo.store.queries import resolve_table
 
 OPS = {"delete": "D", "update": "U", "insert": "I"}
 OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}

@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import render
-from .config import Settings
-from .errors import UndoError
-from .store import queries
-from .store.schema import open_store
-from .timespec import parse_time
+from undo.cli import render
+from undo.core import words
+from undo.core.config import Settings
+from undo.core.errors import UndoError
+from undo.core.times import parse_time
+from undo.store import queries
+from undo.store.schema import open_store
 
 if TYPE_CHECKING:
-    from .apply import UndoReport
+    from undo.engine.apply import UndoReport
 
 
 class _UserError(click.ClickException):
@@ -206,8 +207,8 @@ def init_cmd(
 
     Example: undo --dsn postgresql://admin@db/shop init --schema public
     """
-    from .tagging import init
-    from .tagging import uninstall as do_uninstall
+    from undo.source.install import init
+    from undo.source.install import uninstall as do_uninstall
 
     if uninstall:
         done = do_uninstall(settings)
@@ -235,7 +236,7 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
 
     Example: undo capture --once
     """
-    from .stream.capture import capture
+    from undo.stream.capture import capture
 
     stopping = {"flag": False}
 
@@ -258,7 +259,7 @@ def status_cmd(settings: Settings, as_json: bool) -> None:
 
     Example: undo status --json
     """
-    from .status import status
+    from undo.source.status import status
 
     result = status(settings)
     if as_json:
@@ -308,7 +309,7 @@ def sessions_cmd(
         click.echo(render.to_json(rows))
         return
     for r in rows:
-        r["undone"] = render.undone(r["undone"])
+        r["undone"] = words.undone(r["undone"])
     click.echo(
         render.table(
             rows,
@@ -360,7 +361,7 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
         f" {totals['changes']} change(s)"
     )
     if result.get("undone"):
-        click.echo(f"undone: {render.undone(result['undone'])}")
+        click.echo(f"undone: {words.undone(result['undone'])}")
     for d in result.get("ddl") or []:
         click.echo(
             f"DDL {d['command']} {d['object'] or ''}  xid {d['xid']}  {d['commit_time']}"
@@ -393,7 +394,7 @@ def _print_show(result: dict[str, Any], as_json: bool, limit: int | None) -> Non
             " leaves them out)"
         )
         if claims.get("undone"):
-            click.echo(f"undone: {render.undone(claims['undone'])}")
+            click.echo(f"undone: {words.undone(claims['undone'])}")
         if c["rows"]:
             click.echo(render.table(c["rows"], ["table", "operation", "rows"]))
         _print_transactions(claims["transactions"], shown, limit)
@@ -539,8 +540,8 @@ def _run_undo(
     lock_timeout: str,
     statement_timeout: str,
 ) -> None:
-    from .apply import undo
-    from .plan import Target, parse_only
+    from undo.engine.apply import undo
+    from undo.engine.plan import Target, parse_only
 
     target = Target(
         only=parse_only(only),
@@ -634,7 +635,7 @@ def guard_add(settings: Settings, pattern: str, reason: str | None) -> None:
 
     Example: undo guard add 'usage-metrics*' --reason "reporting only"
     """
-    from . import guard
+    from undo.source import guards as guard
 
     new = guard.add(settings, pattern, reason)
     _echo_err(f"guard {pattern} {'added' if new else 'updated'}")
@@ -648,7 +649,7 @@ def guard_remove(settings: Settings, pattern: str) -> None:
 
     Example: undo guard remove 'usage-metrics*'
     """
-    from . import guard
+    from undo.source import guards as guard
 
     guard.remove(settings, pattern)
     _echo_err(f"guard {pattern} removed")
@@ -662,7 +663,7 @@ def guard_list(settings: Settings, as_json: bool) -> None:
 
     Example: undo guard list --json
     """
-    from . import guard
+    from undo.source import guards as guard
 
     rows = guard.list_guards(settings)
     if as_json:
@@ -698,7 +699,7 @@ def table_cmd(
 
     Example: undo table public.accounts --as-of 90m --where "id = 7"
     """
-    from . import rewind
+    from undo.engine import rewind
 
     if (to is None) == (as_of is None):
         raise _UserError("undo table needs exactly one of --to TIME and --as-of TIME", 2)
@@ -775,7 +776,7 @@ def activity_cmd(
 
     Example: undo activity --by app --since 1d --bucket 1h
     """
-    from .timespec import parse_bucket
+    from undo.core.times import parse_bucket
 
     rows = queries.activity(
         open_store(settings.store),
@@ -797,7 +798,7 @@ def prune_cmd(settings: Settings, before: str) -> None:
 
     Example: undo prune --before 90d
     """
-    from .store.prune import prune
+    from undo.store.prune import prune
 
     r = prune(open_store(settings.store), parse_time(before))
     click.echo(
@@ -830,7 +831,7 @@ def serve_cmd(
 
     Example: undo serve --port 8080
     """
-    from .web import serve
+    from undo.web import serve
 
     server = serve(settings, host, port, token, allowed_hosts)
     _echo_err(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
@@ -850,9 +851,9 @@ def demo_cmd(keep: bool, guard: bool) -> None:
 
     Example: undo demo --guard
     """
-    from .demo import run_demo
+    from undo.demo import run_demo
 
-    if not run_demo(click.echo, keep=keep, guard=guard):
+    if not run_demo(click.echo, render.table, keep=keep, guard=guard):
         sys.exit(1)
 
 

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import struct
 import time
-from datetime import UTC, datetime, timedelta
 
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 _PG_EPOCH_UNIX = 946684800
 _KEEPALIVE = struct.Struct(">QQB")
 _STATUS = struct.Struct(">cQQQQB")
@@ -29,26 +27,3 @@ def status_update(flush_lsn: int, reply: bool = False) -> bytes:
     """
     now = int((time.time() - _PG_EPOCH_UNIX) * 1_000_000)
     return _STATUS.pack(b"r", flush_lsn, flush_lsn, flush_lsn, now, 1 if reply else 0)
-
-
-def pg_time_to_iso(micros: int) -> str:
-    """Microseconds since 2000-01-01 UTC -> the store's time text.
-
-    >>> pg_time_to_iso(0)
-    '2000-01-01T00:00:00.000000Z'
-    """
-    return iso(PG_EPOCH + timedelta(microseconds=micros))
-
-
-def epoch(text: str) -> float:
-    """The store's time text -> Unix time.
-
-    >>> epoch("1970-01-01T00:01:00.500000Z")
-    60.5
-    """
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def iso(ts: datetime) -> str:
-    """The store's time text: UTC, microseconds, 'Z'; fixed width, so it sorts as text."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -10,12 +10,13 @@ from typing import Any
 import psycopg
 from sqlite_utils import Database
 
-from . import pg
-from .config import Settings
-from .store import queries
-from .store.schema import get_meta, open_store
-from .stream.protocol import iso
-from .tagging import unpublishable
+from undo.core import wal
+from undo.core.config import Settings
+from undo.core.times import iso
+from undo.source import pg
+from undo.source.install import unpublishable
+from undo.store import queries
+from undo.store.schema import get_meta, open_store
 
 PEEK_ROWS = 10_000
 
@@ -80,7 +81,7 @@ def lag(
 def status(settings: Settings) -> dict[str, Any]:
     db = open_store(settings.store)
     result = queries.status(db)
-    result["store_position"] = pg.int_to_lsn(result["store_position"])
+    result["store_position"] = wal.int_to_lsn(result["store_position"])
     result["store_bytes"] = sum(
         os.path.getsize(p) for p in (settings.store, settings.store + "-wal") if os.path.exists(p)
     )

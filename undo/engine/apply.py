@@ -27,12 +27,14 @@ import psycopg
 from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 
-from . import inverse, pg
-from .config import Settings
-from .errors import Refused
-from .inverse import Step, TableUndo
-from .plan import OP_NAMES, Plan, Target, changes, later_writer, load, select
-from .store.schema import open_store
+from undo.core import wal
+from undo.core.config import Settings
+from undo.core.errors import Refused
+from undo.engine import inverse
+from undo.engine.inverse import Step, TableUndo
+from undo.engine.plan import OP_NAMES, Plan, Target, changes, later_writer, load, select
+from undo.source import pg
+from undo.store.schema import open_store
 
 log = logging.getLogger(__name__)
 COPY_CHUNK = 2000  # lines per write to the COPY stream
@@ -287,14 +289,14 @@ def _ledger_call(plan: Plan) -> sql.Composed:
     entries = sorted(
         {
             (
-                pg.int_to_lsn(by_id[txn]["commit_lsn"]),
+                wal.int_to_lsn(by_id[txn]["commit_lsn"]),
                 plan.tables[rel].oid,
                 op,
                 by_id[txn]["xid"],
             )
             for (txn, rel, op) in plan.counts
         },
-        key=lambda e: (pg.lsn_to_int(e[0]), e[1] or 0, e[2]),
+        key=lambda e: (wal.lsn_to_int(e[0]), e[1] or 0, e[2]),
     )
     return sql.SQL("SELECT undo.record_undo({}::jsonb, {}::jsonb)").format(
         sql.Literal(json.dumps(plan.target.describe())),

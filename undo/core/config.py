@@ -21,7 +21,7 @@ class Settings:
     decoder: str | None = None
 
     def __post_init__(self) -> None:
-        from .errors import BadInput
+        from undo.core.errors import BadInput
 
         if not _SLOT_NAME.match(self.slot):
             raise BadInput(

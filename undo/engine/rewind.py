@@ -14,13 +14,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import names, pg
-from .apply import UndoReport, undo
-from .config import Settings
-from .errors import BadInput, NotFound, NothingToUndo, Refused
-from .plan import Target
-from .store.queries import resolve_table
-from .store.schema import get_meta, open_store
+from undo.core import names
+from undo.core.config import Settings
+from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
+from undo.engine.apply import UndoReport, undo
+from undo.engine.plan import Target
+from undo.source import pg
+from undo.store.queries import resolve_table
+from undo.store.schema import get_meta, open_store
 
 
 def earliest(db: Any) -> str | None:

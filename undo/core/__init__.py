@@ -1,0 +1,1 @@
+"""The pure core: names, positions (LSNs), times, records, errors, settings."""

@@ -1,0 +1,1 @@
+"""The undo engine: selection, the inverse, applying it, rewinding tables."""

@@ -1,0 +1,1 @@
+"""What runs in and against the source database: init, guards, status, catalog."""
