@@ -3,6 +3,27 @@
 -- undo.record_undo, so an undo of changes already undone is refused whichever way it runs, even
 -- before capture has caught up. Idempotent, like 001.
 
+-- Who may undo: members of undo_operator (and the role that ran init, and superusers). Roles
+-- are cluster-wide: one role serves every database undo is installed in; init creates it when
+-- it is missing (which needs CREATEROLE), and `init --uninstall` drops it only when no other
+-- database still depends on it (tagging.py).
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'undo_operator') THEN
+        CREATE ROLE undo_operator NOLOGIN;
+    END IF;
+EXCEPTION
+    WHEN duplicate_object OR unique_violation THEN
+        NULL;  -- another database's init made it meanwhile
+    WHEN insufficient_privilege THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+            MESSAGE = pg_catalog.format('role %s may not create the role undo_operator, whose'
+                ' members may undo: run CREATE ROLE undo_operator NOLOGIN; as a superuser (or'
+                ' a role with CREATEROLE), then undo init again', current_user);
+END
+$do$;
+GRANT USAGE ON SCHEMA undo TO undo_operator;
+
 -- One row per (undone source transaction, table, operation): undoing table A of a transaction
 -- does not block undoing its table B later. An entry is live until an undo of that undo
 -- reverts it (reverted_by).
@@ -29,7 +50,7 @@ GRANT SELECT ON undo.ledger TO PUBLIC;
 -- undoes (xid: the undone transaction's). Reverts the entries of any undo it undoes, refuses
 -- (SQLSTATE UN001) changes already undone, and emits the entry to the change stream (prefix
 -- undo.ledger) so the audit store mirrors the ledger. SECURITY DEFINER: the ledger is written
--- only through here; search_path pinned.
+-- only through here, and only members of undo_operator may call it; search_path pinned.
 CREATE OR REPLACE FUNCTION undo.record_undo(target jsonb, entries jsonb) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -70,5 +91,6 @@ BEGIN
                       JOIN pg_namespace n ON n.oid = c.relnamespace))::text);
 END
 $fn$;
+-- Not PUBLIC: whoever may call it may make an undo refuse, or show a session undone.
 REVOKE ALL ON FUNCTION undo.record_undo(jsonb, jsonb) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION undo.record_undo(jsonb, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION undo.record_undo(jsonb, jsonb) TO undo_operator;
