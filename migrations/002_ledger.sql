@@ -51,6 +51,10 @@ GRANT SELECT ON undo.ledger TO PUBLIC;
 -- (SQLSTATE UN001) changes already undone, and emits the entry to the change stream (prefix
 -- undo.ledger) so the audit store mirrors the ledger. SECURITY DEFINER: the ledger is written
 -- only through here, and only members of undo_operator may call it; search_path pinned.
+-- The mirror is signed: hex(HMAC-SHA256(ledger key, JSON)) || JSON, the ledger key being
+-- HMAC-SHA256(master key, 'ledger'), and the JSON holds the undo's full 64-bit xid, so capture
+-- refuses a mirror nobody holding the key wrote (forged) and one from another transaction
+-- (replayed). Only the owner reads the key; pg_logical_emit_message is open to every role.
 CREATE OR REPLACE FUNCTION undo.record_undo(target jsonb, entries jsonb) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -58,6 +62,9 @@ AS $fn$
 DECLARE
     me bigint := (pg_current_xact_id()::text::bigint % 4294967296);
     hit record;
+    sec record;
+    k bytea;
+    msg text;
 BEGIN
     UPDATE undo.ledger l SET reverted_by = me
       FROM jsonb_array_elements(entries) e
@@ -83,12 +90,18 @@ BEGIN
     INSERT INTO undo.ledger (undo_xid, target, commit_lsn, relid, op)
     SELECT me, target, (e->>0)::pg_lsn, (e->>1)::oid, (e->>2)::"char"
       FROM jsonb_array_elements(entries) e;
-    PERFORM pg_logical_emit_message(true, 'undo.ledger', json_build_object(
-        'undo_xid', me, 'target', target,
+    msg := json_build_object(
+        'undo_xid', me, 'xid', pg_current_xact_id()::text::bigint, 'target', target,
         'entries', (SELECT json_agg(json_build_array(e->>0, n.nspname, c.relname, e->>2, e->>3))
                       FROM jsonb_array_elements(entries) e
                       JOIN pg_class c ON c.oid = (e->>1)::oid
-                      JOIN pg_namespace n ON n.oid = c.relnamespace))::text);
+                      JOIN pg_namespace n ON n.oid = c.relnamespace))::text;
+    SELECT s.ipad, s.opad INTO sec FROM undo.secret s;
+    k := sha256(sec.opad || sha256(sec.ipad || convert_to('ledger', 'UTF8')));
+    PERFORM pg_logical_emit_message(true, 'undo.ledger', convert_to(
+        encode(sha256(undo.hmac_pad(k, 92) || sha256(undo.hmac_pad(k, 54)
+                                                    || convert_to(msg, 'UTF8'))), 'hex') || msg,
+        'UTF8'));
 END
 $fn$;
 -- Not PUBLIC: whoever may call it may make an undo refuse, or show a session undone.

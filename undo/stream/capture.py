@@ -29,7 +29,7 @@ from .. import names, pg
 from ..config import Settings
 from ..errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
 from ..store.schema import get_meta, open_store
-from ..store.writer import StoreWriter, record_gap
+from ..store.writer import StoreWriter, ledger_entry, record_gap
 from . import pgoutput, wal2json
 from .protocol import epoch, parse_keepalive, status_update
 from .records import Begin, Change, Commit, Message, Relation, Truncate
@@ -108,6 +108,45 @@ def verify_tag(
     if not isinstance(full, int) or full % 2**32 != xid:
         return tag, "replayed"
     return tag, None
+
+
+def verify_ledger(
+    content: bytes, key: bytes | None, xid: int
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Parse and check a ledger mirror (undo.record_undo): (``{"target": its JSON text,
+    "entries": [...], "xid": ...}``, None) when trusted; else (what could be read of it, or
+    None, and why not: 'malformed', 'forged' or 'replayed').
+
+    The message is ``hex(HMAC) || JSON``, the HMAC-SHA256 under HMAC-SHA256(master key,
+    'ledger'); the JSON's ``xid`` (the undo's full 64-bit xid) must be this transaction's.
+    Any content, however made, gives an answer: bytes first, then JSON, then each field's type.
+    """
+    mac, msg = content[:64], content[64:]
+    try:
+        doc = json.loads(msg.decode("utf-8"))
+        if not isinstance(doc, dict):
+            return None, "malformed"
+        target = json.dumps(doc.get("target"), ensure_ascii=False, separators=(",", ":"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; nested too deep
+        return None, "malformed"
+    full, entries = doc.get("xid"), doc.get("entries")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list) or not (isinstance(full, int) and not isinstance(full, bool)):
+        return None, "malformed"
+    checked = [ledger_entry(e) for e in entries]
+    if any(e is None for e in checked):
+        return None, "malformed"
+    found = {"target": target, "entries": checked, "xid": full}
+    if key is None:
+        return found, "forged"
+    ledger_key = hmac.new(key, b"ledger", hashlib.sha256).digest()
+    good = hmac.new(ledger_key, msg, hashlib.sha256).hexdigest().encode()
+    if not hmac.compare_digest(good, mac):
+        return found, "forged"
+    if full % 2**32 != xid:
+        return found, "replayed"
+    return found, None
 
 
 _KEY_QUERY = """
@@ -492,7 +531,8 @@ class _Session:
                     )
                 elif rec.prefix == LEDGER_PREFIX and rec.transactional and in_txn:
                     if not self.skipping:
-                        writer.set_ledger(rec.content)
+                        doc, why = verify_ledger(rec.content, self.key, writer.txn_xid)
+                        writer.set_ledger(doc, rec.content, why)
                 elif rec.prefix == DDL_PREFIX and rec.transactional and in_txn:
                     if not self.skipping:
                         ddl, why = verify_tag(
