@@ -385,3 +385,25 @@ def _uninstall_all(conn: psycopg.Connection[Any], done: list[str]) -> None:
         done.append(f"dropped publication {pub}")
     conn.execute("DROP SCHEMA undo CASCADE")
     done.append("dropped schema undo")
+    _drop_operator_role(conn, done)
+
+
+def _drop_operator_role(conn: psycopg.Connection[Any], done: list[str]) -> None:
+    """Drop undo_operator, unless something still depends on it: a role belongs to the whole
+    cluster, and undo in another database grants it record_undo there. PostgreSQL knows
+    (SQLSTATE 2BP01): then it is kept, and so is every membership in it."""
+    role = pg.OPERATOR_ROLE
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+        return
+    try:
+        with conn.transaction():  # a savepoint: a refusal leaves the rest of the uninstall
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    except psycopg.errors.DependentObjectsStillExist:
+        done.append(
+            f"kept role {role}: objects still depend on it (undo in another database of this"
+            " cluster, or privileges granted to it)"
+        )
+    except psycopg.errors.InsufficientPrivilege:
+        done.append(f"kept role {role}: role {conn.info.user} may not drop roles")
+    else:
+        done.append(f"dropped role {role}")

@@ -322,7 +322,12 @@ class _Session:
             writer.add_malformed(rec.lsn, rec.prefix, None, problem, rec.content)
             return
         if rec.prefix == LEDGER_PREFIX:
-            writer.set_ledger(rec.content)
+            doc, why = messages.read_ledger(rec.content, self.key, writer.txn_xid)
+            if doc is None:
+                writer.add_malformed(
+                    rec.lsn, rec.prefix, None, "not a ledger mirror undo's SQL writes", rec.content
+                )
+            writer.set_ledger(doc, rec.content, why)
             return
         xid = writer.txn_xid if in_txn else None
         signed = messages.read_signed(rec.prefix, rec.content, self.key, xid, self.session_keys)
