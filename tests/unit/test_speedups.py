@@ -73,15 +73,17 @@ def test_text_that_is_not_utf8_fails_alike(raw):
 
 
 @pytest.mark.parametrize("cut", range(1, 12))
-def test_a_truncated_tuple_is_an_error_not_a_short_value(cut):
+@pytest.mark.parametrize("tuple_tokens", [speedups.tuple_tokens, pgoutput._py_tuple])
+def test_a_truncated_tuple_is_an_error_not_a_short_value(cut, tuple_tokens):
     buf = tuple_data([("t", "abc"), ("n", None)])
     with pytest.raises(ValueError, match="truncated"):
-        speedups.tuple_tokens(buf[: len(buf) - cut], 0)
+        tuple_tokens(buf[: len(buf) - cut], 0)
 
 
-def test_an_unknown_column_kind_is_refused():
+@pytest.mark.parametrize("tuple_tokens", [speedups.tuple_tokens, pgoutput._py_tuple])
+def test_an_unknown_column_kind_is_refused(tuple_tokens):
     with pytest.raises(ValueError, match="unexpected tuple column kind 'b'"):
-        speedups.tuple_tokens(struct.pack(">h", 1) + b"b", 0)
+        tuple_tokens(struct.pack(">h", 1) + b"b", 0)
 
 
 # -- stage: a change frame straight into the writer's rows -------------------------------------
