@@ -259,6 +259,7 @@ give_back_all(void)
 static PyObject *
 tuple_tokens(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)module;
     if (nargs != 2 || !PyBytes_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "tuple_tokens(buf: bytes, pos: int)");
         return NULL;
@@ -949,6 +950,7 @@ answer:
 static PyObject *
 stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)module;
     return stage_frame(args, nargs, read_pgoutput,
                        "stage(frame, resolved: dict, rows: list, counts: dict, change_id, txn_id,"
                        " ord)");
@@ -957,6 +959,7 @@ stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)module;
     return stage_frame(args, nargs, read_wal2json,
                        "stage_wal2json(frame, resolved: dict, rows: list, counts: dict,"
                        " change_id, txn_id, ord)");
@@ -974,6 +977,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "undo._speedups", "Capture's hot path in C.", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
