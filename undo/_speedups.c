@@ -391,7 +391,14 @@ error:
     Py_DECREF(count_key);
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyList_SetSlice(rows, before, PyList_GET_SIZE(rows), NULL);
+    if (PyList_SetSlice(rows, before, PyList_GET_SIZE(rows), NULL) < 0) {
+        /* out of memory taking the part back: rows keeps part of a change. Its MemoryError,
+         * set now, replaces the first error: either stops capture before rows are written */
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
     PyErr_Restore(type, value, tb);
     return -1;
 }
