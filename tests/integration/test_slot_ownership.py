@@ -5,6 +5,7 @@ slot (creating none, so capture found no slot and init found nothing to do, in a
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
@@ -78,3 +79,26 @@ def test_uninstall_never_drops_another_databases_slot(two):
     assert slot_of(first) == before
     first.sql("INSERT INTO t VALUES (1, 'a')")
     assert first.capture().changes == 1
+
+
+def test_status_names_no_foreign_slot(two):
+    first, second = two
+    assert first.undo_cli("init").returncode == 0
+    assert second.undo_cli("init", "--slot", "undo_own").returncode == 0
+
+    own = json.loads(second.undo_cli("status", "--json", "--slot", "undo_own").stdout)
+    assert own["slot"]["name"] == "undo_own" and own["slot_database"] == second.dbname
+    text = second.undo_cli("status", "--slot", "undo_own").stdout
+    assert any(line.split() == ["slot_database", second.dbname] for line in text.splitlines()), text
+
+    # asked about the first database's slot name (the trial's `status` on shop2): not this
+    # database's slot, and it says whose it is
+    foreign = json.loads(second.undo_cli("status", "--json", "--slot", first.slot).stdout)
+    assert foreign["slot"] is None, foreign["slot"]
+    assert foreign["slot_database"] == first.dbname
+
+    # nor does /metrics count the WAL another database's slot holds as this store's
+    from undo.web.metrics import StoreCollector
+
+    names = {m.name for m in StoreCollector(second.settings).collect()}
+    assert "undo_capture_lag_bytes" in names and "undo_slot_wal_held_bytes" not in names
