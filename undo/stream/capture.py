@@ -433,7 +433,16 @@ class _Session:
                     continue
                 if staged:  # a table not audited
                     continue
-            rec = decode(bytes(data[25:]))
+            try:
+                rec = decode(bytes(data[25:]))
+            except ValueError as e:
+                # the server's stream, not a role's message: nothing of it is stored or
+                # confirmed, and capture does not go on past it
+                raise UndoError(
+                    f"capture stopped: a malformed {self.decoder.name} message at"
+                    f" {pg.int_to_lsn(int.from_bytes(data[1:9], 'big'))} ({e}); nothing from"
+                    " it on is stored or confirmed"
+                ) from None
             if rec is None:
                 continue
             if type(rec) is Change:
