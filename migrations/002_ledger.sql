@@ -3,6 +3,27 @@
 -- undo.record_undo, so an undo of changes already undone is refused whichever way it runs, even
 -- before capture has caught up. Idempotent, like 001.
 
+-- Who may undo: members of undo_operator (and the role that ran init, and superusers). Roles
+-- are cluster-wide: one role serves every database undo is installed in; init creates it when
+-- it is missing (which needs CREATEROLE), and `init --uninstall` drops it only when no other
+-- database still depends on it (tagging.py).
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'undo_operator') THEN
+        CREATE ROLE undo_operator NOLOGIN;
+    END IF;
+EXCEPTION
+    WHEN duplicate_object OR unique_violation THEN
+        NULL;  -- another database's init made it meanwhile
+    WHEN insufficient_privilege THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+            MESSAGE = pg_catalog.format('role %s may not create the role undo_operator, whose'
+                ' members may undo: run CREATE ROLE undo_operator NOLOGIN; as a superuser (or'
+                ' a role with CREATEROLE), then undo init again', current_user);
+END
+$do$;
+GRANT USAGE ON SCHEMA undo TO undo_operator;
+
 -- One row per (undone source transaction, table, operation): undoing table A of a transaction
 -- does not block undoing its table B later. An entry is live until an undo of that undo
 -- reverts it (reverted_by).
@@ -29,7 +50,11 @@ GRANT SELECT ON undo.ledger TO PUBLIC;
 -- undoes (xid: the undone transaction's). Reverts the entries of any undo it undoes, refuses
 -- (SQLSTATE UN001) changes already undone, and emits the entry to the change stream (prefix
 -- undo.ledger) so the audit store mirrors the ledger. SECURITY DEFINER: the ledger is written
--- only through here; search_path pinned.
+-- only through here, and only members of undo_operator may call it; search_path pinned.
+-- The mirror is signed: hex(HMAC-SHA256(ledger key, JSON)) || JSON, the ledger key being
+-- HMAC-SHA256(master key, 'ledger'), and the JSON holds the undo's full 64-bit xid, so capture
+-- refuses a mirror nobody holding the key wrote (forged) and one from another transaction
+-- (replayed). Only the owner reads the key; pg_logical_emit_message is open to every role.
 CREATE OR REPLACE FUNCTION undo.record_undo(target jsonb, entries jsonb) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -37,6 +62,9 @@ AS $fn$
 DECLARE
     me bigint := (pg_current_xact_id()::text::bigint % 4294967296);
     hit record;
+    sec record;
+    k bytea;
+    msg text;
 BEGIN
     UPDATE undo.ledger l SET reverted_by = me
       FROM jsonb_array_elements(entries) e
@@ -62,13 +90,20 @@ BEGIN
     INSERT INTO undo.ledger (undo_xid, target, commit_lsn, relid, op)
     SELECT me, target, (e->>0)::pg_lsn, (e->>1)::oid, (e->>2)::"char"
       FROM jsonb_array_elements(entries) e;
-    PERFORM pg_logical_emit_message(true, 'undo.ledger', json_build_object(
-        'undo_xid', me, 'target', target,
+    msg := json_build_object(
+        'undo_xid', me, 'xid', pg_current_xact_id()::text::bigint, 'target', target,
         'entries', (SELECT json_agg(json_build_array(e->>0, n.nspname, c.relname, e->>2, e->>3))
                       FROM jsonb_array_elements(entries) e
                       JOIN pg_class c ON c.oid = (e->>1)::oid
-                      JOIN pg_namespace n ON n.oid = c.relnamespace))::text);
+                      JOIN pg_namespace n ON n.oid = c.relnamespace))::text;
+    SELECT s.ipad, s.opad INTO sec FROM undo.secret s;
+    k := sha256(sec.opad || sha256(sec.ipad || convert_to('ledger', 'UTF8')));
+    PERFORM pg_logical_emit_message(true, 'undo.ledger', convert_to(
+        encode(sha256(undo.hmac_pad(k, 92) || sha256(undo.hmac_pad(k, 54)
+                                                    || convert_to(msg, 'UTF8'))), 'hex') || msg,
+        'UTF8'));
 END
 $fn$;
+-- Not PUBLIC: whoever may call it may make an undo refuse, or show a session undone.
 REVOKE ALL ON FUNCTION undo.record_undo(jsonb, jsonb) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION undo.record_undo(jsonb, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION undo.record_undo(jsonb, jsonb) TO undo_operator;

@@ -259,6 +259,7 @@ give_back_all(void)
 static PyObject *
 tuple_tokens(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)module;
     if (nargs != 2 || !PyBytes_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "tuple_tokens(buf: bytes, pos: int)");
         return NULL;
@@ -390,7 +391,14 @@ error:
     Py_DECREF(count_key);
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyList_SetSlice(rows, before, PyList_GET_SIZE(rows), NULL);
+    if (PyList_SetSlice(rows, before, PyList_GET_SIZE(rows), NULL) < 0) {
+        /* out of memory taking the part back: rows keeps part of a change. Its MemoryError,
+         * set now, replaces the first error: either stops capture before rows are written */
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return -1;
+    }
     PyErr_Restore(type, value, tb);
     return -1;
 }
@@ -949,6 +957,7 @@ answer:
 static PyObject *
 stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)module;
     return stage_frame(args, nargs, read_pgoutput,
                        "stage(frame, resolved: dict, rows: list, counts: dict, change_id, txn_id,"
                        " ord)");
@@ -957,6 +966,7 @@ stage(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    (void)module;
     return stage_frame(args, nargs, read_wal2json,
                        "stage_wal2json(frame, resolved: dict, rows: list, counts: dict,"
                        " change_id, txn_id, ord)");
@@ -974,6 +984,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "undo._speedups", "Capture's hot path in C.", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

@@ -167,7 +167,7 @@ def _contents(draw):
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(st.lists(st.tuples(st.sampled_from(PREFIXES[:3]), st.booleans(), _contents()), max_size=5))
+@given(st.lists(st.tuples(st.sampled_from(PREFIXES), st.booleans(), _contents()), max_size=5))
 def test_arbitrary_messages_under_every_prefix_leave_capture_going(source, messages):
     """Arbitrary bytes and JSON under every prefix, transactional or not, each next to a real
     write: capture returns normally and stores every real write, nothing more."""

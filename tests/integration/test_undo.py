@@ -299,6 +299,7 @@ def test_role_without_replica_role_is_told_the_grant(pgo):
     result = pgo.undo_cli("--dsn", dsn, "session", sid, "--apply")
     assert result.returncode == 1
     assert "GRANT SET ON PARAMETER session_replication_role" in result.stderr
+    pgo.sql(f"GRANT undo_operator TO {role}")  # who may undo (test_ledger_trust.py)
     fired = pgo.undo_cli("--dsn", dsn, "session", sid, "--apply", "--fire-triggers")
     assert fired.returncode == 0, fired.stderr
     assert pgo.sql("SELECT id FROM t") == [(1,)]

@@ -151,3 +151,52 @@ def test_nothing_is_confirmed_before_it_is_stored(tmp_path, seed):
         rows,
     )
     assert check.execute("SELECT count(*) FROM transactions").fetchone() == (60,)
+
+
+@pytest.mark.parametrize("pure_python", [False, True])
+def test_a_malformed_frame_stops_capture_with_nothing_of_it_confirmed(
+    tmp_path, monkeypatch, pure_python
+):
+    """The server's stream, cut short or with a length past a value's end: capture stops with
+    one line naming the frame's LSN, stores and confirms nothing from that transaction on, and
+    never stores a shorter value in its place (PITFALLS 0.3); with the C module or without."""
+    from undo.core.errors import UndoError
+    from undo.stream import pgoutput
+    from undo.stream._accel import no_stage
+
+    if pure_python:
+        monkeypatch.setattr(pgoutput, "_tuple", pgoutput._py_tuple)
+        monkeypatch.setattr(pgoutput, "stage", no_stage)
+    store = str(tmp_path / "s.db")
+    writer = StoreWriter(open_store(store, create=True))
+    frames, _ = script(random.Random(1), 3, 1 << 20)
+    frames = [f for f in frames if f is not None and f[:1] == b"w"]  # no pause, no keepalive
+    first_end = 0
+    for f in frames:  # the last commit's end: where the store stands before the bad frame
+        if f[25:26] == b"C":
+            first_end = struct.unpack(">Q", f[35:43])[0]
+    bad_lsn = first_end + 100
+    value = b"t" + struct.pack(">I", 0xFFFFFFFF) + b"abc"  # 4 GiB said, 3 bytes sent
+    frames += [
+        _w(b"B" + struct.pack(">QqI", bad_lsn + 50, EPOCH_US, 2000), bad_lsn),
+        _w(b"I" + struct.pack(">I", 1) + b"N" + _tuple(b"1", b"v"), bad_lsn),
+        _w(
+            b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 2) + _tuple(b"2")[2:] + value,
+            bad_lsn + 10,
+        ),
+        _w(b"C" + struct.pack(">BQQq", 0, bad_lsn + 50, bad_lsn + 58, EPOCH_US), bad_lsn + 50),
+    ]
+    source = FakeSource(frames, store)
+    session = cap._Session(
+        Settings(store=store), writer, "pgoutput", [], b"k" * 32, FakeCatalog(), None
+    )  # type: ignore[arg-type]
+    rconn = type("C", (), {"pgconn": source})()
+    with pytest.raises(UndoError) as info:
+        session.run(rconn, writer.position, None, lambda: False)  # type: ignore[arg-type]
+    source.close()
+    message = str(info.value)
+    assert "\n" not in message and "malformed" in message, message
+    assert f"0/{bad_lsn + 10:X}" in message and "truncated tuple data" in message
+    assert all(c < bad_lsn for c in source.confirmed)
+    check = sqlite3.connect(store)
+    assert check.execute("SELECT count(*) FROM transactions WHERE xid = 2000").fetchone() == (0,)

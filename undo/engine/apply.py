@@ -92,6 +92,10 @@ class _Runner:
     def statement(self, q: Query) -> None:
         raise NotImplementedError
 
+    def ledger(self, q: Query) -> None:
+        """Record the undo in the source's ledger (undo.record_undo), the first write."""
+        raise NotImplementedError
+
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
         """Run ``if_true`` or ``if_false`` as the one-value query ``test`` says."""
         raise NotImplementedError
@@ -122,6 +126,17 @@ class _Applier(_Runner):
 
     def statement(self, q: Query) -> None:
         self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
+
+    def ledger(self, q: Query) -> None:
+        # known by SQLSTATE and by the statement that raised it, never by message text
+        try:
+            self.statement(q)
+        except psycopg.errors.InsufficientPrivilege:
+            raise Refused(not_operator(self.conn)) from None
+        except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
+            raise Refused(
+                "the source database has no undo ledger yet: run `undo init` again to add it"
+            ) from None
 
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
         self.statement(if_true if self._one(test) else if_false)
@@ -209,6 +224,21 @@ class _Printer(_Runner):
     def statement(self, q: Query) -> None:
         self.out.write(q.as_string(self.conn) + ";\n")
 
+    def ledger(self, q: Query) -> None:
+        # psql would say only "permission denied for function record_undo": say who to grant,
+        # in one line (terse: no CONTEXT line), before anything is written
+        self.out.write("\\set undo_verbosity :VERBOSITY\n\\set VERBOSITY terse\n")
+        self.statement(
+            sql.SQL(
+                "DO $undo$ BEGIN IF to_regprocedure('undo.record_undo(jsonb,jsonb)') IS NOT NULL"
+                " AND NOT has_function_privilege('undo.record_undo(jsonb,jsonb)', 'EXECUTE')"
+                " THEN RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege', MESSAGE ="
+                " format({}, current_user, quote_ident(current_user)); END IF; END $undo$"
+            ).format(sql.Literal(_NOT_OPERATOR.format(role="%s", ident="%s")))
+        )
+        self.out.write("\\set VERBOSITY :undo_verbosity\n")
+        self.statement(q)
+
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
         self.out.write(f"{test.as_string(self.conn)} AS {name} \\gset\n\\if :{name}\n")
         self.statement(if_true)
@@ -257,6 +287,21 @@ class _Printer(_Runner):
                 sql.Literal(f"undo: foreign key would be violated: {label}: "), q
             )
         )
+
+
+_NOT_OPERATOR = (
+    "role {role} may not record undos in the ledger: run GRANT " + pg.OPERATOR_ROLE + " TO {ident};"
+    " (as the role that ran undo init, or a superuser)"
+)
+
+
+def not_operator(conn: psycopg.Connection[Any]) -> str:
+    """What to tell a role that may not call undo.record_undo (its transaction is rolled back),
+    in the words the printed script uses."""
+    conn.rollback()
+    row = conn.execute("SELECT current_user, quote_ident(current_user)").fetchone()
+    role, ident = row if row else (conn.info.user, conn.info.user)
+    return _NOT_OPERATOR.format(role=role, ident=ident)
 
 
 _FAIL_FUNCTION = (
@@ -340,7 +385,7 @@ def _run(
     progress: Progress | None,
     check_keys: bool = True,
 ) -> None:
-    runner.statement(_ledger_call(plan))
+    runner.ledger(_ledger_call(plan))
     oids = {tables[r].version.oid: r for r in tables}
     order = [oids[o] for o in inverse.fk_order(conn, [o for o in oids if o is not None])]
     ops = plan.ops()
@@ -543,11 +588,10 @@ def _apply(
                 else ""
             )
             raise Refused((e.diag.message_primary or str(e)) + hint) from None
-        if isinstance(e, psycopg.errors.UndefinedFunction) and "record_undo" in str(e):
-            raise Refused(
-                "the source database has no undo ledger yet: run `undo init` again to add it"
-            ) from None
-        if isinstance(e, psycopg.errors.UniqueViolation) and "ledger_live" in str(e):
+        if (
+            isinstance(e, psycopg.errors.UniqueViolation)
+            and e.diag.constraint_name == "ledger_live"
+        ):
             raise Refused(
                 "another undo of these changes committed meanwhile: nothing changed"
             ) from None

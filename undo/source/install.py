@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -18,7 +19,7 @@ from psycopg import sql
 
 from undo.core import names, wal
 from undo.core.config import Settings
-from undo.core.errors import NotFound, NotReady, UndoError
+from undo.core.errors import BadInput, NotFound, NotReady, UndoError
 from undo.source import pg
 from undo.store.schema import get_meta, open_store, set_meta
 from undo.store.writer import record_gap
@@ -90,6 +91,41 @@ def unpublishable(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tup
     return [(r[0], r[1]) for r in conn.execute(UNPUBLISHABLE, (schemas,)).fetchall()]
 
 
+def foreign_slot(conn: psycopg.Connection[Any], slot: str) -> str | None:
+    """Whose a slot of this name is when it is not this database's ("belongs to database
+    shop", "is a physical slot"), or None: slot names are per cluster, and a slot belongs to
+    one database (pg_replication_slots.database)."""
+    row = conn.execute(
+        "SELECT slot_type, database FROM pg_replication_slots"
+        " WHERE slot_name = %s AND database IS DISTINCT FROM current_database()",
+        (slot,),
+    ).fetchone()
+    if row is None:
+        return None
+    return f"belongs to database {row[1]}" if row[1] is not None else f"is a {row[0]} slot"
+
+
+def _free_slot_name(conn: psycopg.Connection[Any]) -> str:
+    """A slot name no database holds yet: undo_<database> (made a valid slot name)."""
+    base = re.sub(r"[^a-z0-9_]", "_", f"undo_{conn.info.dbname}".lower())[:60]
+    taken = {r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall()}
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def _refuse_foreign_slot(conn: psycopg.Connection[Any], slot: str) -> None:
+    whose = foreign_slot(conn, slot)
+    if whose is not None:
+        raise BadInput(
+            f"replication slot {slot} {whose} (slot names are per cluster): pass"
+            f" --slot {_free_slot_name(conn)} (or another free name) for database"
+            f" {conn.info.dbname}"
+        )
+
+
 def _tables(conn: psycopg.Connection[Any], schemas: list[str], tables: list[str]) -> list[int]:
     oids = [
         r[0]
@@ -147,6 +183,8 @@ def init(
                 f"--failover needs PostgreSQL 17 or newer (failover slots); this server is"
                 f" {conn.info.parameter_status('server_version')}"
             )
+        # before anything is made here or in the store: never adopt another database's slot
+        _refuse_foreign_slot(conn, settings.slot)
         db = open_store(settings.store, create=True)
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         superuser = bool(row and row[0])
@@ -240,7 +278,7 @@ def init(
         slot = conn.execute(
             "SELECT plugin, confirmed_flush_lsn::text, wal_status,"
             " (to_jsonb(s) ->> 'failover')::boolean"  # a column of 17+
-            " FROM pg_replication_slots s WHERE slot_name = %s",
+            " FROM pg_replication_slots s WHERE slot_name = %s AND database = current_database()",
             (settings.slot,),
         ).fetchone()
         position = get_meta(db, "position")
@@ -261,13 +299,17 @@ def init(
                 )
             report.changed.append(f"slot {settings.slot} now fails over to standbys")
         if slot is None:
-            row = conn.execute(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s, false, false,"
-                " true)"
-                if failover
-                else "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s)",
-                (settings.slot, decoder),
-            ).fetchone()
+            try:
+                row = conn.execute(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s, false,"
+                    " false, true)"
+                    if failover
+                    else "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s)",
+                    (settings.slot, decoder),
+                ).fetchone()
+            except psycopg.errors.DuplicateObject:
+                _refuse_foreign_slot(conn, settings.slot)  # made since the check above
+                raise
             assert row is not None
             new_position = wal.lsn_to_int(row[0])
             if position is not None:
@@ -311,9 +353,13 @@ def uninstall(settings: Settings) -> list[str]:
     with pg.connect(settings.dsn) as conn:
         if conn.execute("SELECT to_regclass('undo.audited')").fetchone() == (None,):
             return done
+        # this database's slot of that name only: another database's is never dropped here
         slot = conn.execute(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (settings.slot,)
+            "SELECT active_pid FROM pg_replication_slots"
+            " WHERE slot_name = %s AND database = current_database()",
+            (settings.slot,),
         ).fetchone()
+        foreign = foreign_slot(conn, settings.slot)
         if slot is not None and slot[0] is not None:
             raise UndoError(f"slot {settings.slot} is in use (pid {slot[0]}): stop `undo capture`")
         # undo.slots is new: an install no init of this version ran again knows its slots by
@@ -346,6 +392,8 @@ def uninstall(settings: Settings) -> list[str]:
         if slot is not None:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot,))
             done.append(f"dropped slot {settings.slot}")
+        elif foreign is not None:
+            done.append(f"kept slot {settings.slot}: it {foreign}")
     return done
 
 
@@ -386,3 +434,25 @@ def _uninstall_all(conn: psycopg.Connection[Any], done: list[str]) -> None:
         done.append(f"dropped publication {pub}")
     conn.execute("DROP SCHEMA undo CASCADE")
     done.append("dropped schema undo")
+    _drop_operator_role(conn, done)
+
+
+def _drop_operator_role(conn: psycopg.Connection[Any], done: list[str]) -> None:
+    """Drop undo_operator, unless something still depends on it: a role belongs to the whole
+    cluster, and undo in another database grants it record_undo there. PostgreSQL knows
+    (SQLSTATE 2BP01): then it is kept, and so is every membership in it."""
+    role = pg.OPERATOR_ROLE
+    if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+        return
+    try:
+        with conn.transaction():  # a savepoint: a refusal leaves the rest of the uninstall
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    except psycopg.errors.DependentObjectsStillExist:
+        done.append(
+            f"kept role {role}: objects still depend on it (undo in another database of this"
+            " cluster, or privileges granted to it)"
+        )
+    except psycopg.errors.InsufficientPrivilege:
+        done.append(f"kept role {role}: role {conn.info.user} may not drop roles")
+    else:
+        done.append(f"dropped role {role}")

@@ -25,6 +25,8 @@ PINNED_SETTINGS = {
     "extra_float_digits": "3",
 }
 PINNED_OPTIONS = " ".join(f"-c {k}={v}" for k, v in PINNED_SETTINGS.items())
+#: The role whose members may undo (call undo.record_undo); made by init (002_ledger.sql).
+OPERATOR_ROLE = "undo_operator"
 
 
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:

@@ -22,7 +22,11 @@ PEEK_ROWS = 10_000
 
 
 def lag(
-    conn: psycopg.Connection[Any], db: Database, settings: Settings, active: bool
+    conn: psycopg.Connection[Any],
+    db: Database,
+    settings: Settings,
+    active: bool,
+    peek: bool = True,
 ) -> dict[str, Any]:
     """How far the store is behind the source.
 
@@ -30,7 +34,8 @@ def lag(
     age of the oldest commit not yet stored, 0 when there is none. While a capture holds the
     slot, from what it last reported (each batch it commits; ``lag_reported_at``); otherwise by
     peeking at the slot's first pending transaction, which decodes that transaction without
-    consuming it (None where the slot cannot be peeked: missing, just taken, no privilege)."""
+    consuming it (None where the slot cannot be peeked: missing, just taken, no privilege;
+    or not ``peek``: another database's slot, never taken even for a moment)."""
     out: dict[str, Any] = {"lag_bytes": None, "lag_seconds": None}
     out["lag_bytes"] = pg.wal_after(conn, int(get_meta(db, "position") or 0))
     if active:
@@ -38,6 +43,8 @@ def lag(
         if report is not None:
             out["lag_seconds"] = report["lag_seconds"]
             out["lag_reported_at"] = iso(datetime.fromtimestamp(report["at"], UTC))
+        return out
+    if not peek:
         return out
     decoder = get_meta(db, "decoder") or "pgoutput"
     # The first pending transaction that changes a row: a decoder also sends transactions that
@@ -86,15 +93,19 @@ def status(settings: Settings) -> dict[str, Any]:
         os.path.getsize(p) for p in (settings.store, settings.store + "-wal") if os.path.exists(p)
     )
     with pg.connect(settings.dsn) as conn:
+        # slot names are per cluster: a slot of this name may be another database's, and
+        # then it is not this database's slot (slot: null), but status says whose it is
         slot = conn.execute(
             "SELECT confirmed_flush_lsn::text, wal_status, active_pid,"
-            " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
+            " coalesce(database, '') AS database, database = current_database() AS ours"
             " FROM pg_replication_slots WHERE slot_name = %s",
             (settings.slot,),
         ).fetchone()
+        ours = slot is not None and bool(slot[5])
         result["slot"] = (
             None
-            if slot is None
+            if slot is None or not ours
             else {
                 "name": settings.slot,
                 "confirmed_flush_lsn": slot[0],
@@ -103,7 +114,16 @@ def status(settings: Settings) -> dict[str, Any]:
                 "wal_held_bytes": slot[3],
             }
         )
-        result.update(lag(conn, db, settings, active=slot is not None and slot[2] is not None))
+        result["slot_database"] = None if slot is None else slot[4]
+        result.update(
+            lag(
+                conn,
+                db,
+                settings,
+                active=ours and slot is not None and slot[2] is not None,
+                peek=ours,
+            )
+        )
         installed = conn.execute("SELECT to_regclass('undo.config')").fetchone() != (None,)
         schemas: list[str] = []
         if installed:

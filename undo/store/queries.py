@@ -12,7 +12,7 @@ from undo.core import names
 from undo.core.errors import BadInput, NotFound, NotRecorded
 from undo.core.times import epoch
 from undo.core.wal import lsn_to_int
-from undo.store.writer import ACTIVITY_SESSION_SQL, activity_session
+from undo.store.writer import ACTIVITY_SESSION_SQL, activity_session, ledger_entry
 
 
 def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
@@ -112,18 +112,33 @@ def sessions(
     return rows
 
 
+def _ledger_entries(text: str | None) -> list[list[Any]]:
+    """A mirror's entries that are entries: whatever a row holds, reading it never fails."""
+    try:
+        entries = json.loads(text or "[]")
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(entries, list):
+        return []
+    return [e for e in map(ledger_entry, entries) if e is not None]
+
+
 def live_undos(db: Database) -> list[dict[str, Any]]:
     """The undos the store knows of that no later undo has undone, newest first: what they
-    undid as (commit LSN, schema, table, op) pieces."""
-    undos = _rows(db, "SELECT applied_at, undo_xid, entries FROM undos ORDER BY id DESC")
-    undone_xids = {int(e[4]) for u in undos for e in json.loads(u["entries"] or "[]") if len(e) > 4}
+    undid as (commit LSN, schema, table, op) pieces. Trusted mirrors only (signed by
+    undo.record_undo in its own transaction): a forged one undoes nothing."""
+    undos = _rows(
+        db,
+        "SELECT applied_at, undo_xid, entries FROM undos WHERE tag = 'trusted' ORDER BY id DESC",
+    )
+    for u in undos:
+        u["entries"] = _ledger_entries(u["entries"])
+    undone_xids = {int(e[4]) for u in undos for e in u["entries"]}
     out = []
     for u in undos:
         if u["undo_xid"] in undone_xids:
             continue
-        u["pieces"] = {
-            (lsn_to_int(e[0]), e[1], e[2], e[3]) for e in json.loads(u.pop("entries") or "[]")
-        }
+        u["pieces"] = {(lsn_to_int(e[0]), e[1], e[2], e[3]) for e in u.pop("entries")}
         out.append(u)
     return out
 

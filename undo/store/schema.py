@@ -309,6 +309,23 @@ def m010_malformed(db: Database) -> None:
     )
 
 
+@migrations()
+def m011_undo_trust(db: Database) -> None:
+    """undos gains the trust of its mirror, as transactions have: tag 'trusted' (signed by
+    undo.record_undo, in its own transaction) or 'untrusted', tag_reason (forged, replayed,
+    malformed; 'unsigned' for a row mirrored before mirrors were signed, which cannot be told
+    from a forged one), and message, an untrusted mirror as it came. Readers count trusted
+    rows only."""
+    db.executescript(
+        """
+        ALTER TABLE undos ADD COLUMN tag TEXT NOT NULL DEFAULT 'untrusted';
+        ALTER TABLE undos ADD COLUMN tag_reason TEXT;
+        ALTER TABLE undos ADD COLUMN message TEXT;
+        UPDATE undos SET tag_reason = 'unsigned';
+        """
+    )
+
+
 PAGE_SIZE = 8192
 
 

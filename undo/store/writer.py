@@ -9,6 +9,7 @@ transaction sits in a savepoint, so a stop in the middle of one leaves no part o
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from collections import defaultdict
@@ -86,7 +87,9 @@ class _Txn:
         self.tag: dict[str, Any] | None = None
         self.trusted: bool | None = None
         self.reason: str | None = None  # why the tag is not trusted
-        self.ledger: bytes | None = None
+        #: undo.ledger messages (undo.record_undo's signed mirror): (what could be read of it,
+        #: the message, why untrusted or None)
+        self.ledger: list[tuple[dict[str, Any] | None, bytes, str | None]] = []
         #: DDL messages (undo.on_ddl): (message, why untrusted or None)
         self.ddl: list[tuple[dict[str, Any], str | None]] = []
         #: undo's messages in it that were not what undo's SQL writes: (lsn, prefix, session
@@ -311,11 +314,14 @@ class StoreWriter:
             (at, from_lsn, to_lsn, reason, table, session_id, xid),
         )
 
-    def set_ledger(self, content: bytes) -> None:
-        """The transaction is an undo: its entries in the source's ledger (undo.record_undo)."""
+    def set_ledger(self, doc: dict[str, Any] | None, content: bytes, untrusted: str | None) -> None:
+        """The transaction is an undo: its entries in the source's ledger (undo.record_undo),
+        ``doc`` as checked by capture (None: malformed); ``untrusted``: why it is not trusted.
+        Every message is kept: one forged into an undo's transaction (a table owner's trigger
+        under --fire-triggers) does not replace the real one."""
         txn = self.txn
         assert txn is not None
-        txn.ledger = content
+        txn.ledger.append((doc, content, untrusted))
 
     def add_malformed(
         self, lsn: int, prefix: str, session_id: str | None, problem: str, content: bytes
@@ -384,36 +390,37 @@ class StoreWriter:
         )
 
     def _write_ledger(self, txn: _Txn, commit: Commit) -> None:
-        """Mirror an undo's ledger entries in undos: what it undid, by store transaction."""
-        assert txn.ledger is not None
-        try:
-            doc = json.loads(txn.ledger)
-        except ValueError:
-            return
-        entries = doc.get("entries") or []
-        lsns = sorted({lsn_to_int(e[0]) for e in entries})
-        ids = []
-        for i in range(0, len(lsns), 500):
-            chunk = lsns[i : i + 500]
-            ids += [
-                r[0]
-                for r in self.conn.execute(
-                    "SELECT id FROM transactions WHERE commit_lsn IN"  # noqa: S608
-                    f" ({','.join('?' * len(chunk))})",
-                    chunk,
-                )
-            ]
-        self.conn.execute(
-            "INSERT INTO undos (applied_at, target, selection, undo_xid, entries)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (
-                commit.commit_time,
-                _dumps(doc.get("target")),
-                _dumps(sorted(ids)),
-                txn.xid,
-                _dumps(entries),
-            ),
-        )
+        """Mirror an undo's ledger entries in undos: what it undid, by store transaction. An
+        untrusted mirror is a row too (tag 'untrusted', the reason, the message as received);
+        readers count trusted rows only."""
+        for doc, content, why in txn.ledger:
+            entries = doc["entries"] if doc is not None else []
+            lsns = sorted({lsn_to_int(e[0]) for e in entries})
+            ids = []
+            for i in range(0, len(lsns), 500):
+                chunk = lsns[i : i + 500]
+                ids += [
+                    r[0]
+                    for r in self.conn.execute(
+                        "SELECT id FROM transactions WHERE commit_lsn IN"  # noqa: S608
+                        f" ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                ]
+            self.conn.execute(
+                "INSERT INTO undos (applied_at, target, selection, undo_xid, entries, tag,"
+                " tag_reason, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    commit.commit_time,
+                    doc["target"] if doc is not None else "null",
+                    _dumps(sorted(ids)),
+                    txn.xid,
+                    _dumps(entries) if doc is not None else None,
+                    "trusted" if why is None else "untrusted",
+                    why,
+                    None if why is None else content.decode("utf-8", "replace"),
+                ),
+            )
 
     def _write_rows(self) -> None:
         rows = self.rows
@@ -434,7 +441,7 @@ class StoreWriter:
         self._write_rows()
         if self.oldest_unstored is None:
             self.oldest_unstored = commit.commit_time
-        if txn.ledger is not None:
+        if txn.ledger:
             self._write_ledger(txn, commit)
         if txn.ddl:
             self._write_ddl(txn, commit)
@@ -593,6 +600,31 @@ def record_gap(db: Database, from_lsn: int | None, to_lsn: int | None, reason: s
             "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason) VALUES (?, ?, ?, ?)",
             (iso(datetime.now(UTC)), from_lsn, to_lsn, reason),
         )
+
+
+_LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
+
+
+def ledger_entry(e: Any) -> list[Any] | None:
+    """A ledger mirror's entry, ``[commit LSN, schema, table, op, xid]`` (the xid a string of
+    digits, as undo.record_undo writes it), or None when it is not one: whatever the mirror
+    holds, nothing that reads it may fail.
+
+    >>> ledger_entry(["0/16B3748", "public", "t", "D", "731"]), ledger_entry(["zz"])
+    (['0/16B3748', 'public', 't', 'D', '731'], None)
+    """
+    if not (isinstance(e, list) and len(e) == 5 and all(isinstance(v, str) for v in e)):
+        return None
+    lsn, _, _, op, xid = e
+    if not (
+        _LSN.fullmatch(lsn)
+        and op in ("I", "U", "D")
+        and 0 < len(xid) <= 20
+        and xid.isascii()
+        and xid.isdigit()
+    ):
+        return None
+    return e
 
 
 def _full_xid(tag: dict[str, Any], xid: int) -> int | None:

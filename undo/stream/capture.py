@@ -324,7 +324,12 @@ class _Session:
             writer.add_malformed(rec.lsn, rec.prefix, None, problem, rec.content)
             return
         if rec.prefix == LEDGER_PREFIX:
-            writer.set_ledger(rec.content)
+            doc, why = messages.read_ledger(rec.content, self.key, writer.txn_xid)
+            if doc is None:
+                writer.add_malformed(
+                    rec.lsn, rec.prefix, None, "not a ledger mirror undo's SQL writes", rec.content
+                )
+            writer.set_ledger(doc, rec.content, why)
             return
         xid = writer.txn_xid if in_txn else None
         signed = messages.read_signed(rec.prefix, rec.content, self.key, xid, self.session_keys)
@@ -430,7 +435,16 @@ class _Session:
                     continue
                 if staged:  # a table not audited
                     continue
-            rec = decode(bytes(data[25:]))
+            try:
+                rec = decode(bytes(data[25:]))
+            except ValueError as e:
+                # the server's stream, not a role's message: nothing of it is stored or
+                # confirmed, and capture does not go on past it
+                raise UndoError(
+                    f"capture stopped: a malformed {self.decoder.name} message at"
+                    f" {wal.int_to_lsn(int.from_bytes(data[1:9], 'big'))} ({e}); nothing from"
+                    " it on is stored or confirmed"
+                ) from None
             if rec is None:
                 continue
             if type(rec) is Change:

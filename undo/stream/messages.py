@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from undo.core.wal import is_xid_of
+from undo.store.writer import ledger_entry
 
 TAG_PREFIX = "undo"
 MARK_PREFIX = "undo.mark"  # capture --once: its own non-transactional mark
@@ -253,3 +254,42 @@ def problem_of_kind(prefix: str, transactional: bool) -> str | None:
         return None
     kind = "transactional" if expected else "non-transactional"
     return f"undo's {prefix} messages are {kind}"
+
+
+def read_ledger(
+    content: bytes, key: bytes | None, xid: int
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Parse and check a ledger mirror (undo.record_undo): (``{"target": its JSON text,
+    "entries": [...], "xid": ...}``, None) when trusted; else (what could be read of it, or
+    None, and why not: 'malformed', 'forged' or 'replayed').
+
+    The message is ``hex(HMAC) || JSON``, the HMAC-SHA256 under HMAC-SHA256(master key,
+    'ledger'); the JSON's ``xid`` (the undo's full 64-bit xid) must be this transaction's.
+    Any content, however made, gives an answer: bytes first, then JSON, then each field's type.
+    """
+    mac, msg = content[:64], content[64:]
+    try:
+        doc = json.loads(msg.decode("utf-8"))
+        if not isinstance(doc, dict):
+            return None, "malformed"
+        target = json.dumps(doc.get("target"), ensure_ascii=False, separators=(",", ":"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; nested too deep
+        return None, "malformed"
+    full, entries = doc.get("xid"), doc.get("entries")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list) or not (isinstance(full, int) and not isinstance(full, bool)):
+        return None, "malformed"
+    checked = [ledger_entry(e) for e in entries]
+    if any(e is None for e in checked):
+        return None, "malformed"
+    found = {"target": target, "entries": checked, "xid": full}
+    if key is None:
+        return found, "forged"
+    ledger_key = hmac.new(key, b"ledger", hashlib.sha256).digest()
+    good = hmac.new(ledger_key, msg, hashlib.sha256).hexdigest().encode()
+    if not hmac.compare_digest(good, mac):
+        return found, "forged"
+    if full % 2**32 != xid:
+        return found, "replayed"
+    return found, None

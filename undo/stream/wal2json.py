@@ -132,6 +132,8 @@ class Wal2JsonDecoder:
         return rel
 
     def decode(self, buf: bytes) -> Record | None:
+        """One document -> its record; ValueError for one that is malformed: not one JSON
+        object, a field missing or of another type than wal2json sends."""
         try:
             doc = _loads(bytes(buf).decode())
         except UnicodeDecodeError:
@@ -139,57 +141,63 @@ class Wal2JsonDecoder:
             # can emit bytes that are not UTF-8. Kept as they were (messages.py judges them).
             # Anything else is PostgreSQL's own text, never invalid: that is a broken stream.
             doc = _loads(bytes(buf).decode(errors="surrogateescape"))
-            if doc.get("action") != "M":
+            if not isinstance(doc, dict) or doc.get("action") != "M":
                 raise
-        action = doc["action"]
-        if action == "I":
-            cols = doc["columns"]
-            rel = self._relation(doc, cols)
-            return Change(rel, "I", None, _tokens(cols))
-        if action == "U":
-            ident = doc.get("identity") or []
-            cols = doc["columns"]
-            if len(cols) == len(ident):  # the common case: nothing left out of the new tuple
+        try:
+            action = doc["action"]
+            if action == "I":
+                cols = doc["columns"]
+                rel = self._relation(doc, cols)
+                return Change(rel, "I", None, _tokens(cols))
+            if action == "U":
+                ident = doc.get("identity") or []
+                cols = doc["columns"]
+                if len(cols) == len(ident):  # the common case: nothing left out of the new tuple
+                    rel = self._relation(doc, ident)
+                    if all(a["name"] == b["name"] for a, b in zip(cols, ident, strict=True)):
+                        return Change(rel, "U", _tokens(ident), _tokens(cols))
+                if not ident or not {c["name"] for c in ident} >= {c["name"] for c in cols}:
+                    return Change(self._relation(doc, cols), "U", None, _tokens(cols))
                 rel = self._relation(doc, ident)
-                if all(a["name"] == b["name"] for a, b in zip(cols, ident, strict=True)):
-                    return Change(rel, "U", _tokens(ident), _tokens(cols))
-            if not ident or not {c["name"] for c in ident} >= {c["name"] for c in cols}:
-                return Change(self._relation(doc, cols), "U", None, _tokens(cols))
-            rel = self._relation(doc, ident)
-            by_name = {c["name"]: c for c in cols}
-            new_values: list[str] = []
-            unchanged: list[int] | None = None
-            for i, c in enumerate(ident):
-                n = by_name.get(c["name"])
-                if n is None:
-                    new_values.append(NULL)
-                    if unchanged is None:
-                        unchanged = []
-                    unchanged.append(i)
-                else:
-                    new_values += _tokens([n])
-            return Change(rel, "U", _tokens(ident), new_values, unchanged)
-        if action == "D":
-            ident = doc.get("identity") or []
-            rel = self._relation(doc, ident)
-            return Change(rel, "D", _tokens(ident), None)
-        if action == "B":
-            return Begin(int(doc["xid"]), lsn_to_int(doc["lsn"]), _time(doc["timestamp"]))
-        if action == "C":
-            return Commit(
-                lsn_to_int(doc["lsn"]), lsn_to_int(doc["nextlsn"]), _time(doc["timestamp"])
-            )
-        if action == "M":
-            content = doc["content"]
-            return Message(
-                bool(doc["transactional"]),
-                doc["prefix"],
-                content.encode(errors="surrogateescape"),
-                lsn_to_int(doc["lsn"]),
-            )
-        if action == "T":
-            key = (doc["schema"], doc["table"], ())
-            if key not in self.relations:
-                self.relations[key] = Relation(None, doc["schema"], doc["table"], (), types=())
-            return Truncate((self.relations[key],))
-        return None
+                by_name = {c["name"]: c for c in cols}
+                new_values: list[str] = []
+                unchanged: list[int] | None = None
+                for i, c in enumerate(ident):
+                    n = by_name.get(c["name"])
+                    if n is None:
+                        new_values.append(NULL)
+                        if unchanged is None:
+                            unchanged = []
+                        unchanged.append(i)
+                    else:
+                        new_values += _tokens([n])
+                return Change(rel, "U", _tokens(ident), new_values, unchanged)
+            if action == "D":
+                ident = doc.get("identity") or []
+                rel = self._relation(doc, ident)
+                return Change(rel, "D", _tokens(ident), None)
+            if action == "B":
+                return Begin(int(doc["xid"]), lsn_to_int(doc["lsn"]), _time(doc["timestamp"]))
+            if action == "C":
+                return Commit(
+                    lsn_to_int(doc["lsn"]), lsn_to_int(doc["nextlsn"]), _time(doc["timestamp"])
+                )
+            if action == "M":
+                content = doc["content"]
+                if not isinstance(content, str):  # wal2json sends the content as a string
+                    raise ValueError(f"wal2json: a message's content of {type(content).__name__}")
+                return Message(
+                    bool(doc["transactional"]),
+                    doc["prefix"],
+                    content.encode(errors="surrogateescape"),
+                    lsn_to_int(doc["lsn"]),
+                )
+            if action == "T":
+                key = (doc["schema"], doc["table"], ())
+                if key not in self.relations:
+                    self.relations[key] = Relation(None, doc["schema"], doc["table"], (), types=())
+                return Truncate((self.relations[key],))
+            return None
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            what = doc.get("action") if isinstance(doc, dict) else None
+            raise ValueError(f"wal2json: malformed document ({what!r}: {e!r})") from None

@@ -101,10 +101,11 @@ class StoreCollector(Collector):
             with pg.connect(self.settings.dsn, connect_timeout=2) as conn:
                 row = conn.execute(
                     "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8,"
-                    " active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = %s",
+                    " active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = %s"
+                    " AND database = current_database()",  # not another database's slot
                     (self.settings.slot,),
                 ).fetchone()
-                behind = lag(conn, db, self.settings, active=bool(row and row[1]))
+                behind = lag(conn, db, self.settings, active=bool(row and row[1]), peek=bool(row))
         except Exception:
             return
         if row is not None and row[0] is not None:
