@@ -27,12 +27,13 @@ import psycopg
 from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 
-from undo.core import wal
+from undo.core import images, wal
 from undo.core.config import Settings
 from undo.core.errors import Refused
+from undo.core.images import OP_NAMES, load
 from undo.engine import inverse
 from undo.engine.inverse import Step, TableUndo
-from undo.engine.plan import OP_NAMES, Plan, Target, changes, later_writer, load, select
+from undo.engine.plan import Plan, Target, changes, later_writer, select
 from undo.source import pg
 from undo.store.schema import open_store
 
@@ -202,7 +203,7 @@ class _Applier(_Runner):
     def _conflict(self, step: Step, change_id: int, image: str, reason: str) -> None:
         tv = step.table.version
         values = load(image)
-        who = later_writer(self.db, tv, change_id, inverse.key_text(tv, values))
+        who = later_writer(self.db, tv, change_id, images.key_text(values, tv.key))
         self.report.conflicts.append(
             Conflict(tv.qualified, inverse.describe_image(tv, values), f"{reason}; {who}")
         )

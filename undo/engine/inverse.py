@@ -34,9 +34,9 @@ from psycopg import sql
 
 from undo.core import names
 from undo.core.errors import Refused
-from undo.engine.plan import StoredChange, TableVersion, load
+from undo.core.images import Value, image_text, load, merged_new
+from undo.engine.plan import StoredChange, TableVersion
 
-Value = str | None
 #: jsonb_build_array is variadic, and a function takes at most 100 arguments
 _MAX_ARGS = 100
 
@@ -166,27 +166,6 @@ def _copy_fields(values: list[Value], text: str) -> list[str]:
 def _copy_image(text: str) -> str:
     """An image's JSON text as one COPY field."""
     return text if "\\" not in text else text.replace("\\", "\\\\")
-
-
-def merged_new(old: list[Value], new: list[Value], unchanged: Iterable[int]) -> list[Value]:
-    """The row as an update left it: TOASTed values it left unchanged come from the old image.
-
-    >>> merged_new(["1", "big"], ["2", None], [1])
-    ['2', 'big']
-    """
-    out = list(new)
-    for i in unchanged:
-        out[i] = old[i]
-    return out
-
-
-def image_text(values: Sequence[Value]) -> str:
-    """An image as the store writes it: a JSON array of text forms (capture's own tokens).
-
-    >>> image_text(["a\\tb", None])
-    '["a\\\\tb",null]'
-    """
-    return "[" + ",".join("null" if v is None else _token(v) for v in values) + "]"
 
 
 # -- the builder -------------------------------------------------------------------------------
@@ -705,10 +684,3 @@ def describe_image(tv: TableVersion, image: Sequence[Value]) -> str:
     return ", ".join(f"{tv.columns[i]}={'NULL' if image[i] is None else image[i]}" for i in idx)[
         :200
     ]
-
-
-def key_text(tv: TableVersion, image: Sequence[Value]) -> str | None:
-    """The key as capture stores it in changes.key, to find later writers."""
-    if tv.key is None:
-        return None
-    return image_text([image[i] for i in tv.key])

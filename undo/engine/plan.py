@@ -17,10 +17,8 @@ from sqlite_utils import Database
 
 from undo.core import names
 from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
+from undo.core.images import OP_NAMES, OPS
 from undo.store.queries import resolve_table
-
-OPS = {"delete": "D", "update": "U", "insert": "I"}
-OP_NAMES = {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}
 
 
 @dataclass(frozen=True)
@@ -292,15 +290,6 @@ def table_version(db: Database, cache: dict[int, TableVersion], rel_id: int) -> 
         )
         cache[rel_id] = tv
     return tv
-
-
-# The C scanner behind json.loads, without its Python wrapper (whitespace regexes): the store's
-# arrays have no surrounding whitespace, and this halves the cost of reading a change.
-_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-
-
-def load(text: str) -> Any:
-    return _scan(text, 0)[0]
 
 
 class StoredChange(NamedTuple):

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from undo.core.images import key_of_tokens
 from undo.core.records import Begin, Change, Commit, Relation
 from undo.core.times import epoch, iso
 from undo.core.wal import is_xid_of, lsn_to_int
@@ -177,12 +178,7 @@ class StoreWriter:
         txn = self.txn
         assert txn is not None
         src = ch.old if ch.op == "D" else ch.new
-        if key_positions is None or src is None:
-            key = NULL
-        elif len(key_positions) == 1:  # most keys: no list and no join per change
-            key = "[" + src[key_positions[0]] + "]"
-        else:
-            key = "[" + ",".join([src[i] for i in key_positions]) + "]"
+        key = NULL if key_positions is None or src is None else key_of_tokens(src, key_positions)
         txn.ord += 1
         txn.counts[rel_id, ch.op] += 1
         if ch.old is None and ch.op != "I":
@@ -195,7 +191,7 @@ class StoreWriter:
             rel_id,
             ch.op,
             key,
-            NULL if ch.old is None else "[" + ",".join(ch.old) + "]",
+            NULL if ch.old is None else "[" + ",".join(ch.old) + "]",  # tokens: no re-encoding
             NULL if ch.new is None else "[" + ",".join(ch.new) + "]",
             NULL if ch.unchanged is None else _dumps(ch.unchanged),
         )
