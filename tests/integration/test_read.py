@@ -8,6 +8,7 @@ import time
 
 from tests.integration.test_undo import _as_session
 from undo.core.times import epoch
+from undo.source.pg import session_id
 from undo.store import queries
 from undo.store.prune import prune
 from undo.store.schema import open_store
@@ -242,3 +243,32 @@ def test_show_reads_like_psql_with_a_summary_and_a_limit(pgo):
     assert "new: name=x" in every  # an update shows what it changed
     status = pgo.undo_cli("status").stdout
     assert "slot.confirmed_flush_lsn" in status and "{'" not in status
+
+
+def test_every_table_name_shown_can_be_given_back(pgo):
+    """A table name a listing prints is one `--table` takes back: quoted as PostgreSQL reads it.
+    On 6e4cc57 `sessions`, `show`, `activity --by table` and /metrics printed `odd."we"ird.x]"`
+    unquoted, which names another table (or none)."""
+    pgo.sql('CREATE SCHEMA "Odd"; CREATE TABLE "Odd"."we""ird.x]" (id int PRIMARY KEY)')
+    pgo.init(schemas=["Odd"])
+    with pgo.connect(application_name="cron") as c:
+        c.execute('INSERT INTO "Odd"."we""ird.x]" VALUES (1)')
+        sid = session_id(c)
+    pgo.capture()
+    name = '"Odd"."we""ird.x]"'
+    (row,) = json.loads(pgo.undo_cli("sessions", "--json").stdout)
+    assert row["tables"] == [name]
+    shown = json.loads(pgo.undo_cli("show", "session", sid, "--json").stdout)
+    assert [c["table"] for t in shown["transactions"] for c in t["changes"]] == [name]
+    by_table = json.loads(pgo.undo_cli("activity", "--by", "table", "--json").stdout)
+    assert {r["table"] for r in by_table} == {name}
+    from prometheus_client import generate_latest
+
+    from undo.web.metrics import registry
+
+    metrics = generate_latest(registry(pgo.settings)).decode()
+    assert 'table="\\"Odd\\".\\"we\\"\\"ird.x]\\""' in metrics
+    # and each is taken back
+    undone = pgo.undo_cli("session", sid, "--table", name, "--apply")
+    assert undone.returncode == 0, undone.stderr
+    assert pgo.sql('SELECT count(*) FROM "Odd"."we""ird.x]"') == [(0,)]

@@ -10,6 +10,7 @@ from sqlite_utils import Database
 
 from undo.core import names
 from undo.core.errors import BadInput, NotFound, NotRecorded
+from undo.core.images import OP_NAMES, shown_images
 from undo.core.times import epoch
 from undo.core.wal import lsn_to_int
 from undo.store.writer import ACTIVITY_SESSION_SQL, activity_session, ledger_entry
@@ -97,7 +98,7 @@ def sessions(
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]
         for sid, table in db.execute(
-            "SELECT DISTINCT a.session_id, r.schema_name || '.' || r.table_name"  # noqa: S608
+            "SELECT DISTINCT a.session_id, qualified_name(r.schema_name, r.table_name)"  # noqa: S608
             " FROM activity a JOIN relations r ON r.id = a.relation"
             f" WHERE a.session_id IN ({','.join('?' * len(chunk))})",
             chunk,
@@ -216,25 +217,18 @@ def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> l
 
 def _change(r: dict[str, Any]) -> dict[str, Any]:
     cols = json.loads(r["columns"])
-    old = json.loads(r["old"]) if r["old"] else None
-    new = json.loads(r["new"]) if r["new"] else None
-    unchanged = set(json.loads(r["unchanged"])) if r["unchanged"] else set()
+    old, new = shown_images(cols, r["old"], r["new"], r["unchanged"])
     return {
         "txn": r["txn"],
         "ord": r["ord"],
-        "table": f"{r['schema_name']}.{r['table_name']}",
-        "op": {"I": "insert", "U": "update", "D": "delete", "T": "truncate"}[r["op"]],
+        "table": names.quote(r["schema_name"], r["table_name"]),
+        "op": OP_NAMES[r["op"]],
         "key": json.loads(r["key"]) if r["key"] else None,
         "key_columns": [cols[i] for i in json.loads(r["key_columns"])]
         if r.get("key_columns")
         else None,
-        "old": None if old is None else dict(zip(cols, old, strict=False)),
-        "new": None
-        if new is None
-        else {
-            c: (old[i] if i in unchanged and old else v)
-            for i, (c, v) in enumerate(zip(cols, new, strict=False))
-        },
+        "old": old,
+        "new": new,
     }
 
 
@@ -532,7 +526,7 @@ def activity(
     group = {
         "app": "a.application_name",
         "session": "a.session_id",
-        "table": "r.schema_name || '.' || r.table_name",
+        "table": "qualified_name(r.schema_name, r.table_name)",
     }.get(by)
     if group is None:
         raise BadInput(f"--by takes app, session or table, not {by!r}")

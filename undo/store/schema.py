@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from undo.core import names
 from undo.core.errors import StoreUnreadable
 
 migrations = Migrations("undo")
@@ -350,6 +351,9 @@ def open_store(path: str, create: bool = False) -> Database:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
+        # a table's name as every listing shows it: quoted as PostgreSQL reads it, so that it
+        # can be given back to --table (one definition: names.quote)
+        conn.create_function("qualified_name", 2, names.quote, deterministic=True)
         db = Database(conn)
         if create:
             migrations.apply(db)

@@ -30,7 +30,7 @@ class StoreCollector(Collector):
                 labels=["application", "table", "operation"],
             )
             for app, table, ins, upd, dele, trunc in db.execute(
-                "SELECT a.application_name, r.schema_name || '.' || r.table_name,"
+                "SELECT a.application_name, qualified_name(r.schema_name, r.table_name),"
                 " sum(a.inserts), sum(a.updates), sum(a.deletes), sum(a.truncates)"
                 " FROM activity a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
             ):
