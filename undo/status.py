@@ -15,7 +15,7 @@ from .config import Settings
 from .store import queries
 from .store.schema import get_meta, open_store
 from .stream.protocol import iso
-from .tagging import unpublishable
+from .tagging import unprepared, unpublishable
 
 PEEK_ROWS = 10_000
 
@@ -108,19 +108,7 @@ def status(settings: Settings) -> dict[str, Any]:
         if installed:
             row = conn.execute("SELECT schemas FROM undo.config").fetchone()
             schemas = list(row[0]) if row else []
-        result["unprepared_tables"] = [
-            r[0]
-            for r in conn.execute(
-                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'"
-                " AND n.nspname = ANY (%s)"
-                " AND (c.relreplident <> 'f' OR NOT EXISTS (SELECT 1 FROM pg_trigger t"
-                "   WHERE t.tgrelid = c.oid AND t.tgname = 'undo_tag' AND t.tgenabled = 'A'))"
-                " ORDER BY 1",
-                (schemas,),
-            ).fetchall()
-        ]
+        result["unprepared_tables"] = unprepared(conn, schemas) if installed else []
         result["unpublishable_tables"] = [
             {"table": t, "reason": why} for t, why in unpublishable(conn, schemas)
         ]

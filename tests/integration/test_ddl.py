@@ -7,6 +7,7 @@ import json
 import psycopg
 import pytest
 from prometheus_client.exposition import generate_latest
+from psycopg import sql
 from werkzeug.test import Client
 
 from undo.pg import session_id
@@ -207,3 +208,155 @@ def test_a_table_dropped_and_made_again_before_capture_is_never_the_old_ones(sou
     undone = source.undo_cli("session", old, "--apply")
     assert undone.returncode == 1 and "is not the table captured" in undone.stderr
     assert source.sql("SELECT id, v FROM t") == [(2, "new")]
+
+
+def _mallory(source):
+    """The audited tables' owner (`_owner`), with a schema of her own that undo does not audit,
+    and nothing of undo."""
+    c = _owner(source)
+    role = c.info.user
+    if not source.sql("SELECT 1 FROM pg_namespace WHERE nspname = 'own'"):
+        source.sql(sql.SQL("CREATE SCHEMA own AUTHORIZATION {}").format(sql.Identifier(role)), ())
+    return c
+
+
+def _open_gaps(source, table):
+    return [g["reason"] for g in _gaps(source) if g["table"] == table and g["to_lsn"] is None]
+
+
+def _unprepared(source):
+    status = source.undo_cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    return json.loads(status.stdout)["unprepared_tables"]
+
+
+def test_dropping_the_tag_trigger_is_a_gap_of_its_table(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with _owner(source) as c:
+        sid = session_id(c)
+        c.execute("DROP TRIGGER undo_tag ON t")
+        c.execute("INSERT INTO t VALUES (1, 'unseen')")  # untagged
+    source.capture()
+    gaps = [g for g in _gaps(source) if g["table"] == "public.t"]
+    assert [(g["session_id"], g["to_lsn"] is None) for g in gaps] == [(sid, True)]
+    assert "undo_tag" in gaps[0]["reason"] and "untagged" in gaps[0]["reason"]
+    assert _unprepared(source) == ["public.t"]
+
+
+def test_an_impostor_tag_trigger_is_found_and_init_puts_the_real_one_back(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with _mallory(source) as c:
+        sid = session_id(c)
+        c.execute(
+            "CREATE FUNCTION own.noop() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$BEGIN RETURN NULL; END$$"
+        )
+        # the same name, ENABLE ALWAYS, statement-level: only its function differs
+        c.execute(
+            "CREATE OR REPLACE TRIGGER undo_tag BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE"
+            " ON t FOR EACH STATEMENT EXECUTE FUNCTION own.noop()"
+        )
+        c.execute("ALTER TABLE t ENABLE ALWAYS TRIGGER undo_tag")
+        c.execute("INSERT INTO t VALUES (1, 'unseen')")
+    assert _unprepared(source) == ["public.t"]
+    source.capture()
+    assert [(g["table"], g["session_id"]) for g in _gaps(source) if g["to_lsn"] is None] == [
+        ("public.t", sid)
+    ]
+    again = source.undo_cli("init")
+    assert again.returncode == 0, again.stderr
+    assert "nothing changed" not in again.stdout and "prepared 1 table(s)" in again.stdout
+    assert source.sql(
+        "SELECT tgfoid = 'undo.tag()'::regprocedure, tgenabled FROM pg_trigger"
+        " WHERE tgrelid = 't'::regclass AND tgname = 'undo_tag'"
+    ) == [(True, "A")]
+    assert _unprepared(source) == []
+    source.sql("INSERT INTO t VALUES (2, 'seen')")
+    source.capture()
+    assert all(g["to_lsn"] is not None for g in _gaps(source))  # init's DDL closed it
+    assert source.store_rows("SELECT tag FROM transactions ORDER BY id DESC LIMIT 1") == [
+        ("trusted",)
+    ]
+
+
+def test_tables_put_under_an_audited_table_are_audited_on_the_spot(source):
+    source.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);"
+        " CREATE TABLE p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
+        " CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100)"
+    )
+    source.init()
+    with _mallory(source) as c:
+        source.sql(sql.SQL("ALTER TABLE p OWNER TO {}").format(sql.Identifier(c.info.user)), ())
+        c.execute("CREATE TABLE own.c (id int NOT NULL, v text)")
+        c.execute("ALTER TABLE own.c INHERIT t")
+        c.execute("INSERT INTO own.c VALUES (10, 'child')")  # now audited: its own trigger
+        c.execute("UPDATE t SET v = 'through t' WHERE id = 10")  # through the parent
+        c.execute("DELETE FROM t WHERE id = 10")
+        c.execute("CREATE TABLE own.pp (id int PRIMARY KEY, v text)")
+        c.execute("ALTER TABLE p ATTACH PARTITION own.pp FOR VALUES FROM (100) TO (200)")
+        c.execute("CREATE TABLE own.pq PARTITION OF p FOR VALUES FROM (200) TO (300)")
+        c.execute("INSERT INTO p VALUES (150, 'attached'), (250, 'created')")
+        c.execute("UPDATE p SET v = 'moved' WHERE id = 150")
+    source.capture()
+    stored = source.store_rows(
+        "SELECT r.schema_name || '.' || r.table_name, c.op FROM changes c"
+        " JOIN relations r ON r.id = c.relation ORDER BY c.id"
+    )
+    assert stored == [
+        ("own.c", "I"),
+        ("own.c", "U"),
+        ("own.c", "D"),
+        ("own.pp", "I"),
+        ("own.pq", "I"),
+        ("own.pp", "U"),
+    ]
+    assert source.store_rows(
+        "SELECT DISTINCT t.tag FROM transactions t JOIN changes c ON c.txn = t.id"
+    ) == [("trusted",)]
+    assert _gaps(source) == [] and _unprepared(source) == []
+    # one that cannot be audited (unlogged: not in the WAL) is a gap of the table above it
+    with _mallory(source) as c:
+        c.execute("CREATE UNLOGGED TABLE own.u (id int NOT NULL, v text)")
+        c.execute("ALTER TABLE own.u INHERIT t")
+    source.capture()
+    assert _open_gaps(source, "public.t") == [
+        "rows written through it into own.u are not captured: it is unlogged, not in the WAL"
+    ]
+    assert _unprepared(source) == ["public.t"]
+    with _mallory(source) as c:
+        c.execute("ALTER TABLE own.u NO INHERIT t")
+    source.capture()
+    assert _open_gaps(source, "public.t") == [] and _unprepared(source) == []
+
+
+def test_ddl_on_an_audited_table_is_recorded_whatever_its_object(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with _mallory(source) as c:
+        sid = session_id(c)
+        c.execute(
+            "CREATE FUNCTION own.noop() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$BEGIN RETURN NULL; END$$"
+        )
+        c.execute(
+            "CREATE TRIGGER a AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION own.noop()"
+        )
+        c.execute("CREATE RULE r AS ON UPDATE TO t DO ALSO NOTIFY t")
+        c.execute("DROP RULE r ON t")
+        c.execute("CREATE TABLE own.c (id int NOT NULL, v text)")
+        c.execute("ALTER TABLE own.c INHERIT t")
+    source.capture()
+    assert source.store_rows(
+        "SELECT command, object_type, object, tag FROM ddl WHERE session_id = ?"
+        " AND object NOT LIKE 'own.noop%' ORDER BY id",
+        (sid,),
+    ) == [
+        ("CREATE TRIGGER", "trigger", "a on public.t", "trusted"),
+        ("CREATE RULE", "rule", "r on public.t", "trusted"),
+        ("DROP RULE", "rule", "r on public.t", "trusted"),
+        ("ALTER TABLE", "table", "own.c", "trusted"),
+    ]
+    assert _gaps(source) == []
