@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import psycopg
 import pytest
@@ -10,7 +12,8 @@ from prometheus_client.exposition import generate_latest
 from psycopg import sql
 from werkzeug.test import Client
 
-from undo.pg import session_id
+from undo.pg import lsn_to_int, session_id
+from undo.stream.capture import capture
 from undo.web.app import make_app
 from undo.web.metrics import registry
 
@@ -332,6 +335,44 @@ def test_tables_put_under_an_audited_table_are_audited_on_the_spot(source):
     assert _open_gaps(source, "public.t") == [] and _unprepared(source) == []
 
 
+def test_a_table_put_under_an_audited_one_while_capture_runs_is_captured(source):
+    """With wal2json, capture met the table before it was audited, and remembered that."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=capture, args=(source.settings,), kwargs={"should_stop": stop.is_set}
+    )
+
+    def stored_up_to_now():
+        (lsn,) = source.sql("SELECT pg_current_wal_lsn()::text")[0]
+        for _ in range(300):
+            if int(source.store_rows("SELECT value FROM meta WHERE key = 'position'")[0][0]) >= (
+                lsn_to_int(lsn)
+            ):
+                return
+            time.sleep(0.1)
+        raise AssertionError("capture did not catch up")
+
+    worker.start()
+    try:
+        with _mallory(source) as c:
+            c.execute("CREATE TABLE own.c (id int NOT NULL, v text)")
+            c.execute("INSERT INTO own.c VALUES (1, 'before')")  # not audited: not stored
+            stored_up_to_now()
+            c.execute("ALTER TABLE own.c INHERIT t")
+            c.execute("UPDATE t SET v = 'through t'")
+        stored_up_to_now()
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    stored = source.store_rows(
+        "SELECT r.schema_name || '.' || r.table_name, c.op, c.new FROM changes c"
+        " JOIN relations r ON r.id = c.relation"
+    )
+    assert [(t, op) for t, op, _ in stored] == [("own.c", "U")] and "through t" in stored[0][2]
+
+
 def test_ddl_on_an_audited_table_is_recorded_whatever_its_object(source):
     source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     source.init()
@@ -360,3 +401,64 @@ def test_ddl_on_an_audited_table_is_recorded_whatever_its_object(source):
         ("ALTER TABLE", "table", "own.c", "trusted"),
     ]
     assert _gaps(source) == []
+
+
+def test_a_forged_ddl_record_neither_opens_nor_closes_a_gap(source):
+    source.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY);"
+        " CREATE TABLE w (id int PRIMARY KEY)"
+    )
+    source.init()
+    with _owner(source) as c:
+        sid = session_id(c)
+        c.execute("DROP TRIGGER undo_tag ON t")
+    source.capture()
+    assert len(_open_gaps(source, "public.t")) == 1
+    # DDL the event triggers did not see (a superuser turned them off meanwhile): the next DDL
+    # record capture reads, whatever it is, has the catalog asked
+    source.sql("ALTER EVENT TRIGGER undo_ddl DISABLE; ALTER TABLE w REPLICA IDENTITY DEFAULT")
+    source.sql("ALTER EVENT TRIGGER undo_ddl ENABLE")
+    # t is right again, u is not, says the record
+    body = {
+        "ddl": [{"command": "ALTER TABLE", "object_type": "table", "object": "public.t"}],
+        "state": [
+            {"table": "public.t", "oid": 1, "problems": []},
+            {"table": "public.u", "oid": 2, "problems": ["made up"]},
+        ],
+    }
+    with _owner(source) as c:
+        with c.transaction():  # with a made-up MAC
+            c.execute(
+                "SELECT pg_logical_emit_message(true, 'undo.ddl', %s)",
+                (
+                    "0" * 64
+                    + json.dumps({"session_id": "x"})
+                    + "\n"
+                    + json.dumps({"xid": 0, **body, "signed": json.dumps(body), "mac": "0" * 64}),
+                ),
+            )
+            c.execute("INSERT INTO t VALUES (1, 'x')")
+        # signed with the session's own key (any session has it, in undo.session): that says
+        # which session sent it, never that undo made it
+        with c.transaction():
+            c.execute(
+                "SELECT pg_logical_emit_message(true, 'undo.ddl',"
+                " encode(sha256(decode(substr(s, 129, 128), 'hex') || sha256(decode(substr(s, 1,"
+                " 128), 'hex') || convert_to(m, 'UTF8'))), 'hex') || m)"
+                " FROM (SELECT s, substr(s, 257) || E'\\n' || (jsonb_build_object('xid',"
+                " pg_current_xact_id()::text::bigint) || %s::jsonb)::text AS m"
+                " FROM (SELECT undo.session_tag() AS s) k) x",
+                (json.dumps(body),),
+            )
+            c.execute("INSERT INTO t VALUES (2, 'x')")
+    source.capture()
+    assert len(_open_gaps(source, "public.t")) == 1 and _open_gaps(source, "public.u") == []
+    gaps = [(g["table"], g["session_id"], g["to_lsn"] is None) for g in _gaps(source)]
+    assert gaps == [("public.t", sid, True), ("public.w", None, True)]
+    assert _open_gaps(source, "public.w")[0].startswith("replica identity is not FULL")
+    assert source.store_rows(
+        "SELECT command, object, tag, tag_reason FROM ddl WHERE tag = 'untrusted'"
+    ) == [
+        ("ALTER TABLE", "public.t", "untrusted", "forged"),
+        ("ALTER TABLE", "public.t", "untrusted", "forged"),
+    ]

@@ -133,6 +133,7 @@ class Catalog:
         ).fetchone()
         #: schemas whose every table is audited: a table of theirs not found was audited
         self.schemas: frozenset[str] = frozenset(row[0] or ()) if row else frozenset()
+        self.has_problems: bool | None = None  # undo.table_problems is there (init of 0.3)
 
     def resolve(self, rel: Relation) -> tuple[bool, tuple[int, ...] | None, bool]:
         """Fill in oid and types; return (audited, key positions, old images incomplete)."""
@@ -189,6 +190,32 @@ class Catalog:
             if all(c in rel.columns for c in cols):
                 key = tuple(rel.columns.index(c) for c in cols if c is not None)
         return bool(audited and audited[0]), key, partial
+
+    def problems(self, oids: list[int] | None) -> list[tuple[str, str]]:
+        """What is wrong now with the audited tables of these OIDs (None: every audited table),
+        one (table, problem) each: undo.table_problems, the definition init and status use."""
+        if self.has_problems is None:
+            row = self.conn.execute(
+                "SELECT to_regprocedure('undo.table_problems(oid[])') IS NOT NULL"
+            ).fetchone()
+            self.has_problems = bool(row and row[0])
+            if not self.has_problems:
+                log.warning(
+                    "the source was prepared by an earlier undo: run `undo init` again, so that"
+                    " capture can check audited tables on each DDL record",
+                    extra=_fields(),
+                )
+        if not self.has_problems or oids == []:
+            return []
+        return [
+            (str(r[0]), str(r[1]))
+            for r in self.conn.execute(
+                "SELECT p.table_name, p.problem FROM undo.table_problems(ARRAY("
+                "SELECT relid FROM undo.audited WHERE %(oids)s::oid[] IS NULL"
+                " OR relid = ANY (%(oids)s::oid[]))) p",
+                {"oids": oids},
+            ).fetchall()
+        ]
 
 
 def _slot_state(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | None:
@@ -288,6 +315,7 @@ class _Session:
         self.last_report = time.monotonic()
         self.reported_changes = 0
         self.session_keys: dict[bytes, bytes] = {}  # session JSON -> its signing key
+        self.ddl_checked = 0  # the transaction whose forged DDL record had the catalog checked
 
     def _relation(self, rel: Relation) -> int | None:
         """Store id of the relation's version, or None if it is not audited (skip it)."""
@@ -360,6 +388,38 @@ class _Session:
                     self.writer.relation_oid(rel.store_id, dropped)
                 rel.oid = rel.store_id = None
                 self.decoder.resolved.pop(self.decoder.resolved_key(rel), None)
+
+    def _ddl(
+        self, doc: dict[str, Any], why: str | None
+    ) -> tuple[dict[str, Any], str | None, list[tuple[str, str]]]:
+        """An undo.ddl record as the writer takes it: its commands and states only where undo's
+        own key signed them (``signed`` and ``mac``, undo.emit_ddl), else it is 'forged' (a
+        session can sign a record of its own session with its session key); and, whatever it
+        says, the problems the source's catalog shows now for the audited tables it names (for
+        a record undo did not make: every audited table, once per transaction)."""
+        signed, mac, body = doc.get("signed"), doc.get("mac"), None
+        if why is None and isinstance(signed, str) and isinstance(mac, str):
+            good = hmac.new(
+                self.key, f"{doc.get('xid')}\n{signed}".encode(errors="replace"), hashlib.sha256
+            )
+            if hmac.compare_digest(good.hexdigest().encode(), mac.encode(errors="replace")):
+                try:
+                    body = json.loads(signed)
+                except ValueError:
+                    body = None
+        if not isinstance(body, dict):
+            txn = self.writer.txn
+            if txn is None or self.ddl_checked == txn.id:
+                return doc, why or "forged", []
+            self.ddl_checked = txn.id
+            return doc, why or "forged", self.catalog.problems(None)
+        commands, states = body.get("ddl"), body.get("state")
+        commands = commands if isinstance(commands, list) else []
+        states = states if isinstance(states, list) else []
+        oids = [c.get("oid") for c in commands + states if isinstance(c, dict)]
+        stated = [s.get("oid") for s in states if isinstance(s, dict)]
+        named = {o for o in oids if type(o) is int and 0 < o < 2**32 and o not in stated}
+        return {**doc, "ddl": commands, "state": states}, None, self.catalog.problems(sorted(named))
 
     def _forget_relations(self) -> None:
         for rel in self.decoder.relations.values():
@@ -498,9 +558,12 @@ class _Session:
                         ddl, why = verify_tag(
                             rec.content, self.key, writer.txn_xid, self.session_keys
                         )
-                        writer.add_ddl(ddl, why)
+                        ddl, why, problems = self._ddl(ddl, why)
+                        writer.add_ddl(ddl, why, problems)
                         if why is None and self.decoder.name == "wal2json":
                             self._dropped(ddl)
+                        if why is None:  # a table put under an audited one: resolved again
+                            self._forget_relations()
                 elif rec.prefix == GUARD_PREFIX and not rec.transactional and not in_txn:
                     tag, why = verify_tag(rec.content, self.key, None, self.session_keys)
                     writer.add_refusal(rec.lsn, tag, why)
