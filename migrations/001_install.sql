@@ -198,8 +198,77 @@ BEGIN
 END
 $fn$;
 
+-- The tables under a table (INHERIT, partitions, at every level), and the tables it is under.
+CREATE OR REPLACE FUNCTION undo.descendants(rel oid) RETURNS SETOF oid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE below(r) AS (
+        SELECT inhrelid FROM pg_inherits WHERE inhparent = rel
+        UNION SELECT i.inhrelid FROM pg_inherits i JOIN below b ON i.inhparent = b.r)
+    SELECT r FROM below
+$fn$;
+CREATE OR REPLACE FUNCTION undo.ancestors(rel oid) RETURNS SETOF oid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE above(r) AS (
+        SELECT inhparent FROM pg_inherits WHERE inhrelid = rel
+        UNION SELECT i.inhparent FROM pg_inherits i JOIN above a ON i.inhrelid = a.r)
+    SELECT r FROM above
+$fn$;
+
+-- What makes capture of an audited table incomplete, one row per problem (no row: nothing):
+-- the one definition that `undo status` (unprepared_tables), `undo init` (audit_table puts
+-- right what it can), the event trigger (004_ddl.sql: a table's state after DDL) and capture
+-- (on every DDL record it reads) use. code: unlogged, identity, trigger, descendant.
+-- The tag trigger is undo's only if it calls undo.tag(), by OID (a trigger of that name calling
+-- another function is not it), fires before every statement (FOR EACH STATEMENT, BEFORE
+-- INSERT OR UPDATE OR DELETE OR TRUNCATE: tgtype 62; no UPDATE OF columns, no WHEN) and is
+-- ENABLE ALWAYS. A table under it (INHERIT, a partition) that is not audited itself gets rows
+-- written through it that capture never sees.
+CREATE OR REPLACE FUNCTION undo.table_problems(rels oid[])
+RETURNS TABLE (relid oid, table_name text, code text, problem text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT c.oid, format('%I.%I', n.nspname, c.relname), p.code, p.problem
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     CROSS JOIN LATERAL (
+        SELECT 'unlogged', 'unlogged: its changes are not in the WAL'
+         WHERE c.relpersistence <> 'p'
+        UNION ALL
+        SELECT 'identity', 'replica identity is not FULL: updates and deletes lose their old rows'
+         WHERE c.relreplident <> 'f'
+        UNION ALL
+        SELECT 'trigger', 'the undo_tag trigger is missing, disabled or not undo''s (it must call'
+                          ' undo.tag() before every statement, ENABLE ALWAYS): writes are untagged'
+         WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t
+                            WHERE t.tgrelid = c.oid AND t.tgname = 'undo_tag'
+                              AND t.tgfoid = 'undo.tag()'::regprocedure AND t.tgenabled = 'A'
+                              AND t.tgtype = 62 AND t.tgqual IS NULL
+                              AND cardinality(t.tgattr::int2[]) = 0)
+        UNION ALL
+        SELECT 'descendant', format('rows written through it into %I.%I are not captured: %s',
+                   dn.nspname, d.relname,
+                   CASE WHEN d.relpersistence = 't' THEN 'it is temporary, not in the WAL'
+                        WHEN d.relpersistence = 'u' THEN 'it is unlogged, not in the WAL'
+                        WHEN d.relkind = 'f' THEN 'it is a foreign table'
+                        ELSE 'it is not audited (run undo init)' END)
+          FROM undo.descendants(c.oid) x
+          JOIN pg_class d ON d.oid = x
+          JOIN pg_namespace dn ON dn.oid = d.relnamespace
+         WHERE NOT EXISTS (SELECT 1 FROM undo.audited a WHERE a.relid = x)
+     ) p(code, problem)
+     WHERE c.oid = ANY (rels)
+     ORDER BY c.oid, p.code, p.problem
+$fn$;
+
 -- Prepares one table: REPLICA IDENTITY FULL, the tag trigger (ENABLE ALWAYS, so
--- session_replication_role = replica does not silence it), and publication membership.
+-- session_replication_role = replica does not silence it), and publication membership; and
+-- the tables under it (INHERIT, partitions, of any schema: rows written through it land in
+-- them). A tag trigger that is not undo's (undo.table_problems) is made again, whatever it is.
 DROP FUNCTION IF EXISTS undo.audit_table(regclass);  -- before publications had their own schemas
 CREATE OR REPLACE FUNCTION undo.audit_table(rel regclass, pub text DEFAULT NULL) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER
@@ -208,13 +277,14 @@ AS $fn$
 DECLARE
     c record;
     target name;
+    below oid;
     changed boolean := false;
 BEGIN
     SELECT cl.relkind, cl.relreplident, cl.relispartition, cl.relpersistence, n.nspname, cl.relname
       INTO c FROM pg_class cl JOIN pg_namespace n ON n.oid = cl.relnamespace WHERE cl.oid = rel;
     -- A publication refuses unlogged and temporary tables (and foreign ones): their changes are
     -- not in the WAL. init warns about them; status lists them.
-    IF c.relkind NOT IN ('r', 'p') OR c.relpersistence <> 'p' THEN
+    IF NOT FOUND OR c.relkind NOT IN ('r', 'p') OR c.relpersistence <> 'p' THEN
         RETURN false;
     END IF;
     INSERT INTO undo.audited (relid, prior_identity) VALUES (rel, c.relreplident)
@@ -223,27 +293,35 @@ BEGIN
         EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', rel);
         changed := true;
     END IF;
-    -- no WHEN clause (see undo.tag); one made by an earlier version had one, and is replaced
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'undo_tag'
-                                               AND tgqual IS NULL) THEN
-        EXECUTE format('CREATE OR REPLACE TRIGGER undo_tag BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE'
+    -- missing, disabled, calling another function, row-level, with a WHEN clause (one made by
+    -- an earlier version had one: see undo.tag), ...: dropped and made again
+    IF EXISTS (SELECT 1 FROM undo.table_problems(ARRAY[rel::oid]) p WHERE p.code = 'trigger') THEN
+        EXECUTE format('DROP TRIGGER IF EXISTS undo_tag ON %s', rel);
+        EXECUTE format('CREATE TRIGGER undo_tag BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE'
                        ' ON %s FOR EACH STATEMENT EXECUTE FUNCTION undo.tag()', rel);
-        changed := true;
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'undo_tag' AND tgenabled <> 'A') THEN
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER undo_tag', rel);
         changed := true;
     END IF;
-    -- into the publication named (init), and every publication auditing the table's schema
+    -- into the publication named (init), every publication auditing the table's schema, and
+    -- every one of undo's that holds a table it is under (a table of another schema made to
+    -- INHERIT an audited one, or attached as a partition of one)
     FOR target IN
         SELECT p.pubname FROM pg_publication p
          WHERE (p.pubname = pub OR p.pubname IN (SELECT u.name FROM undo.publications u
-                                                  WHERE c.nspname = ANY (u.schemas)))
+                                                  WHERE c.nspname = ANY (u.schemas))
+                OR (p.pubname IN (SELECT u.name FROM undo.publications u)
+                    AND EXISTS (SELECT 1 FROM pg_publication_rel pr
+                                 WHERE pr.prpubid = p.oid
+                                   AND pr.prrelid IN (SELECT undo.ancestors(rel)))))
            AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr
                             WHERE pr.prpubid = p.oid AND pr.prrelid = rel)
     LOOP
         EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', target, rel);
         changed := true;
+    END LOOP;
+    FOR below IN SELECT x FROM undo.descendants(rel) x
+                  WHERE NOT EXISTS (SELECT 1 FROM undo.audited a WHERE a.relid = x) LOOP
+        changed := undo.audit_table(below::regclass) OR changed;
     END LOOP;
     RETURN changed;
 END

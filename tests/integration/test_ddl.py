@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import psycopg
 import pytest
 from prometheus_client.exposition import generate_latest
+from psycopg import sql
 from werkzeug.test import Client
 
+from undo.core.wal import lsn_to_int
 from undo.source.pg import session_id
+from undo.stream.capture import capture
 from undo.web.app import make_app
 from undo.web.metrics import registry
 
@@ -207,3 +212,254 @@ def test_a_table_dropped_and_made_again_before_capture_is_never_the_old_ones(sou
     undone = source.undo_cli("session", old, "--apply")
     assert undone.returncode == 1 and "is not the table captured" in undone.stderr
     assert source.sql("SELECT id, v FROM t") == [(2, "new")]
+
+
+def _mallory(source):
+    """The audited tables' owner (`_owner`), with a schema of her own that undo does not audit,
+    and nothing of undo."""
+    c = _owner(source)
+    role = c.info.user
+    if not source.sql("SELECT 1 FROM pg_namespace WHERE nspname = 'own'"):
+        source.sql(sql.SQL("CREATE SCHEMA own AUTHORIZATION {}").format(sql.Identifier(role)), ())
+    return c
+
+
+def _open_gaps(source, table):
+    return [g["reason"] for g in _gaps(source) if g["table"] == table and g["to_lsn"] is None]
+
+
+def _unprepared(source):
+    status = source.undo_cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    return json.loads(status.stdout)["unprepared_tables"]
+
+
+def test_dropping_the_tag_trigger_is_a_gap_of_its_table(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with _owner(source) as c:
+        sid = session_id(c)
+        c.execute("DROP TRIGGER undo_tag ON t")
+        c.execute("INSERT INTO t VALUES (1, 'unseen')")  # untagged
+    source.capture()
+    gaps = [g for g in _gaps(source) if g["table"] == "public.t"]
+    assert [(g["session_id"], g["to_lsn"] is None) for g in gaps] == [(sid, True)]
+    assert "undo_tag" in gaps[0]["reason"] and "untagged" in gaps[0]["reason"]
+    assert _unprepared(source) == ["public.t"]
+
+
+def test_an_impostor_tag_trigger_is_found_and_init_puts_the_real_one_back(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with _mallory(source) as c:
+        sid = session_id(c)
+        c.execute(
+            "CREATE FUNCTION own.noop() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$BEGIN RETURN NULL; END$$"
+        )
+        # the same name, ENABLE ALWAYS, statement-level: only its function differs
+        c.execute(
+            "CREATE OR REPLACE TRIGGER undo_tag BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE"
+            " ON t FOR EACH STATEMENT EXECUTE FUNCTION own.noop()"
+        )
+        c.execute("ALTER TABLE t ENABLE ALWAYS TRIGGER undo_tag")
+        c.execute("INSERT INTO t VALUES (1, 'unseen')")
+    assert _unprepared(source) == ["public.t"]
+    source.capture()
+    assert [(g["table"], g["session_id"]) for g in _gaps(source) if g["to_lsn"] is None] == [
+        ("public.t", sid)
+    ]
+    again = source.undo_cli("init")
+    assert again.returncode == 0, again.stderr
+    assert "nothing changed" not in again.stdout and "prepared 1 table(s)" in again.stdout
+    assert source.sql(
+        "SELECT tgfoid = 'undo.tag()'::regprocedure, tgenabled FROM pg_trigger"
+        " WHERE tgrelid = 't'::regclass AND tgname = 'undo_tag'"
+    ) == [(True, "A")]
+    assert _unprepared(source) == []
+    source.sql("INSERT INTO t VALUES (2, 'seen')")
+    source.capture()
+    assert all(g["to_lsn"] is not None for g in _gaps(source))  # init's DDL closed it
+    assert source.store_rows("SELECT tag FROM transactions ORDER BY id DESC LIMIT 1") == [
+        ("trusted",)
+    ]
+
+
+def test_tables_put_under_an_audited_table_are_audited_on_the_spot(source):
+    source.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);"
+        " CREATE TABLE p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);"
+        " CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100)"
+    )
+    source.init()
+    with _mallory(source) as c:
+        source.sql(sql.SQL("ALTER TABLE p OWNER TO {}").format(sql.Identifier(c.info.user)), ())
+        c.execute("CREATE TABLE own.c (id int NOT NULL, v text)")
+        c.execute("ALTER TABLE own.c INHERIT t")
+        c.execute("INSERT INTO own.c VALUES (10, 'child')")  # now audited: its own trigger
+        c.execute("UPDATE t SET v = 'through t' WHERE id = 10")  # through the parent
+        c.execute("DELETE FROM t WHERE id = 10")
+        c.execute("CREATE TABLE own.pp (id int PRIMARY KEY, v text)")
+        c.execute("ALTER TABLE p ATTACH PARTITION own.pp FOR VALUES FROM (100) TO (200)")
+        c.execute("CREATE TABLE own.pq PARTITION OF p FOR VALUES FROM (200) TO (300)")
+        c.execute("INSERT INTO p VALUES (150, 'attached'), (250, 'created')")
+        c.execute("UPDATE p SET v = 'moved' WHERE id = 150")
+    source.capture()
+    stored = source.store_rows(
+        "SELECT r.schema_name || '.' || r.table_name, c.op FROM changes c"
+        " JOIN relations r ON r.id = c.relation ORDER BY c.id"
+    )
+    assert stored == [
+        ("own.c", "I"),
+        ("own.c", "U"),
+        ("own.c", "D"),
+        ("own.pp", "I"),
+        ("own.pq", "I"),
+        ("own.pp", "U"),
+    ]
+    assert source.store_rows(
+        "SELECT DISTINCT t.tag FROM transactions t JOIN changes c ON c.txn = t.id"
+    ) == [("trusted",)]
+    assert _gaps(source) == [] and _unprepared(source) == []
+    # one that cannot be audited (unlogged: not in the WAL) is a gap of the table above it
+    with _mallory(source) as c:
+        c.execute("CREATE UNLOGGED TABLE own.u (id int NOT NULL, v text)")
+        c.execute("ALTER TABLE own.u INHERIT t")
+    source.capture()
+    assert _open_gaps(source, "public.t") == [
+        "rows written through it into own.u are not captured: it is unlogged, not in the WAL"
+    ]
+    assert _unprepared(source) == ["public.t"]
+    with _mallory(source) as c:
+        c.execute("ALTER TABLE own.u NO INHERIT t")
+    source.capture()
+    assert _open_gaps(source, "public.t") == [] and _unprepared(source) == []
+
+
+def test_a_table_put_under_an_audited_one_while_capture_runs_is_captured(source):
+    """With wal2json, capture met the table before it was audited, and remembered that."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=capture, args=(source.settings,), kwargs={"should_stop": stop.is_set}
+    )
+
+    def stored_up_to_now():
+        (lsn,) = source.sql("SELECT pg_current_wal_lsn()::text")[0]
+        for _ in range(300):
+            if int(source.store_rows("SELECT value FROM meta WHERE key = 'position'")[0][0]) >= (
+                lsn_to_int(lsn)
+            ):
+                return
+            time.sleep(0.1)
+        raise AssertionError("capture did not catch up")
+
+    worker.start()
+    try:
+        with _mallory(source) as c:
+            c.execute("CREATE TABLE own.c (id int NOT NULL, v text)")
+            c.execute("INSERT INTO own.c VALUES (1, 'before')")  # not audited: not stored
+            stored_up_to_now()
+            c.execute("ALTER TABLE own.c INHERIT t")
+            c.execute("UPDATE t SET v = 'through t'")
+        stored_up_to_now()
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    stored = source.store_rows(
+        "SELECT r.schema_name || '.' || r.table_name, c.op, c.new FROM changes c"
+        " JOIN relations r ON r.id = c.relation"
+    )
+    assert [(t, op) for t, op, _ in stored] == [("own.c", "U")] and "through t" in stored[0][2]
+
+
+def test_ddl_on_an_audited_table_is_recorded_whatever_its_object(source):
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    with _mallory(source) as c:
+        sid = session_id(c)
+        c.execute(
+            "CREATE FUNCTION own.noop() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$BEGIN RETURN NULL; END$$"
+        )
+        c.execute(
+            "CREATE TRIGGER a AFTER INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION own.noop()"
+        )
+        c.execute("CREATE RULE r AS ON UPDATE TO t DO ALSO NOTIFY t")
+        c.execute("DROP RULE r ON t")
+        c.execute("CREATE TABLE own.c (id int NOT NULL, v text)")
+        c.execute("ALTER TABLE own.c INHERIT t")
+    source.capture()
+    assert source.store_rows(
+        "SELECT command, object_type, object, tag FROM ddl WHERE session_id = ?"
+        " AND object NOT LIKE 'own.noop%' ORDER BY id",
+        (sid,),
+    ) == [
+        ("CREATE TRIGGER", "trigger", "a on public.t", "trusted"),
+        ("CREATE RULE", "rule", "r on public.t", "trusted"),
+        ("DROP RULE", "rule", "r on public.t", "trusted"),
+        ("ALTER TABLE", "table", "own.c", "trusted"),
+    ]
+    assert _gaps(source) == []
+
+
+def test_a_forged_ddl_record_neither_opens_nor_closes_a_gap(source):
+    source.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY);"
+        " CREATE TABLE w (id int PRIMARY KEY)"
+    )
+    source.init()
+    with _owner(source) as c:
+        sid = session_id(c)
+        c.execute("DROP TRIGGER undo_tag ON t")
+    source.capture()
+    assert len(_open_gaps(source, "public.t")) == 1
+    # DDL the event triggers did not see (a superuser turned them off meanwhile): the next DDL
+    # record capture reads, whatever it is, has the catalog asked
+    source.sql("ALTER EVENT TRIGGER undo_ddl DISABLE; ALTER TABLE w REPLICA IDENTITY DEFAULT")
+    source.sql("ALTER EVENT TRIGGER undo_ddl ENABLE")
+    # t is right again, u is not, says the record
+    body = {
+        "ddl": [{"command": "ALTER TABLE", "object_type": "table", "object": "public.t"}],
+        "state": [
+            {"table": "public.t", "oid": 1, "problems": []},
+            {"table": "public.u", "oid": 2, "problems": ["made up"]},
+        ],
+    }
+    with _owner(source) as c:
+        with c.transaction():  # with a made-up MAC
+            c.execute(
+                "SELECT pg_logical_emit_message(true, 'undo.ddl', %s)",
+                (
+                    "0" * 64
+                    + json.dumps({"session_id": "x"})
+                    + "\n"
+                    + json.dumps({"xid": 0, **body, "signed": json.dumps(body), "mac": "0" * 64}),
+                ),
+            )
+            c.execute("INSERT INTO t VALUES (1, 'x')")
+        # signed with the session's own key (any session has it, in undo.session): that says
+        # which session sent it, never that undo made it
+        with c.transaction():
+            c.execute(
+                "SELECT pg_logical_emit_message(true, 'undo.ddl',"
+                " encode(sha256(decode(substr(s, 129, 128), 'hex') || sha256(decode(substr(s, 1,"
+                " 128), 'hex') || convert_to(m, 'UTF8'))), 'hex') || m)"
+                " FROM (SELECT s, substr(s, 257) || E'\\n' || (jsonb_build_object('xid',"
+                " pg_current_xact_id()::text::bigint) || %s::jsonb)::text AS m"
+                " FROM (SELECT undo.session_tag() AS s) k) x",
+                (json.dumps(body),),
+            )
+            c.execute("INSERT INTO t VALUES (2, 'x')")
+    source.capture()
+    assert len(_open_gaps(source, "public.t")) == 1 and _open_gaps(source, "public.u") == []
+    gaps = [(g["table"], g["session_id"], g["to_lsn"] is None) for g in _gaps(source)]
+    assert gaps == [("public.t", sid, True), ("public.w", None, True)]
+    assert _open_gaps(source, "public.w")[0].startswith("replica identity is not FULL")
+    assert source.store_rows(
+        "SELECT command, object, tag, tag_reason FROM ddl WHERE tag = 'untrusted'"
+    ) == [
+        ("ALTER TABLE", "public.t", "untrusted", "forged"),
+        ("ALTER TABLE", "public.t", "untrusted", "forged"),
+    ]

@@ -126,6 +126,36 @@ def _refuse_foreign_slot(conn: psycopg.Connection[Any], slot: str) -> None:
         )
 
 
+#: The tables of the audited schemas a publication can hold, and every table undo audits: what
+#: undo.table_problems (001_install.sql) is asked about.
+AUDITED = """
+SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = ANY (%(schemas)s) AND c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
+UNION SELECT a.relid FROM undo.audited a
+"""
+
+
+def problems(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tuple[str, str]]:
+    """(table, problem) for each thing that makes capture of an audited table incomplete now:
+    undo.table_problems, the definition the event trigger and capture use too."""
+    query = sql.SQL(
+        "SELECT p.table_name, p.problem FROM undo.table_problems(ARRAY({})) p ORDER BY 1, 2"
+    ).format(sql.SQL(AUDITED))
+    return [(r[0], r[1]) for r in conn.execute(query, {"schemas": schemas}).fetchall()]
+
+
+def unprepared(conn: psycopg.Connection[Any], schemas: list[str]) -> list[str]:
+    """The audited tables capture is incomplete for (`status`: unprepared_tables). A source an
+    earlier undo prepared has no undo.table_problems: every table is, until `undo init`."""
+    if conn.execute("SELECT to_regprocedure('undo.table_problems(oid[])')").fetchone() == (None,):
+        query = sql.SQL(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid IN ({}) ORDER BY 1"
+        ).format(sql.SQL(AUDITED))
+        return [r[0] for r in conn.execute(query, {"schemas": schemas}).fetchall()]
+    return sorted({table for table, _ in problems(conn, schemas)})
+
+
 def _tables(conn: psycopg.Connection[Any], schemas: list[str], tables: list[str]) -> list[int]:
     oids = [
         r[0]
@@ -230,15 +260,31 @@ def init(
                 for table, why in unpublishable(conn, merged):
                     report.warnings.append(f"not audited: {table} is {why}")
                 count = 0
-                for oid in _tables(conn, mine, tables):
+                oids = _tables(conn, mine, tables)
+                for oid in oids:
                     row = conn.execute(
                         "SELECT undo.audit_table(%s::oid::regclass, %s)", (oid, publication)
+                    ).fetchone()
+                    count += bool(row and row[0])
+                # and every other table undo audits (under an audited one, of another slot's
+                # schema, named by --table before): put right, in its own publications
+                for (oid,) in conn.execute(
+                    "SELECT a.relid FROM undo.audited a JOIN pg_class c ON c.oid = a.relid"
+                    " WHERE a.relid <> ALL (%s::oid[]) ORDER BY 1",
+                    (oids,),
+                ).fetchall():
+                    row = conn.execute(
+                        "SELECT undo.audit_table(%s::oid::regclass)", (oid,)
                     ).fetchone()
                     count += bool(row and row[0])
                 if count:
                     report.changed.append(
                         f"prepared {count} table(s): REPLICA IDENTITY FULL, trigger"
                     )
+                warned = {t for t, _ in unpublishable(conn, merged)}
+                for table, problem in problems(conn, merged):
+                    if table not in warned:
+                        report.warnings.append(f"capture of {table} is incomplete: {problem}")
                 if superuser:
                     # before DDL was recorded, one event trigger prepared new tables
                     conn.execute("DROP EVENT TRIGGER IF EXISTS undo_create_table")

@@ -14,7 +14,7 @@ from undo.core import wal
 from undo.core.config import Settings
 from undo.core.times import iso
 from undo.source import pg
-from undo.source.install import unpublishable
+from undo.source.install import unprepared, unpublishable
 from undo.store import queries
 from undo.store.schema import get_meta, open_store
 
@@ -129,19 +129,7 @@ def status(settings: Settings) -> dict[str, Any]:
         if installed:
             row = conn.execute("SELECT schemas FROM undo.config").fetchone()
             schemas = list(row[0]) if row else []
-        result["unprepared_tables"] = [
-            r[0]
-            for r in conn.execute(
-                "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'"
-                " AND n.nspname = ANY (%s)"
-                " AND (c.relreplident <> 'f' OR NOT EXISTS (SELECT 1 FROM pg_trigger t"
-                "   WHERE t.tgrelid = c.oid AND t.tgname = 'undo_tag' AND t.tgenabled = 'A'))"
-                " ORDER BY 1",
-                (schemas,),
-            ).fetchall()
-        ]
+        result["unprepared_tables"] = unprepared(conn, schemas) if installed else []
         result["unpublishable_tables"] = [
             {"table": t, "reason": why} for t, why in unpublishable(conn, schemas)
         ]

@@ -13,6 +13,7 @@ import re
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,8 +92,9 @@ class _Txn:
         #: undo.ledger messages (undo.record_undo's signed mirror): (what could be read of it,
         #: the message, why untrusted or None)
         self.ledger: list[tuple[dict[str, Any] | None, bytes, str | None]] = []
-        #: DDL messages (undo.on_ddl): (message, why untrusted or None)
-        self.ddl: list[tuple[dict[str, Any], str | None]] = []
+        #: DDL messages (undo.on_ddl): (message, why untrusted or None, what the catalog says
+        #: is wrong with the audited tables when capture read it: (table, problem))
+        self.ddl: list[tuple[dict[str, Any], str | None, list[tuple[str, str]]]] = []
         #: undo's messages in it that were not what undo's SQL writes: (lsn, prefix, session
         #: id claimed, what was wrong, content)
         self.malformed: list[tuple[int, str, str | None, str, bytes]] = []
@@ -230,17 +232,24 @@ class StoreWriter:
         if txn.tag is None or not txn.trusted:
             txn.tag, txn.trusted, txn.reason = tag, untrusted is None, untrusted
 
-    def add_ddl(self, doc: dict[str, Any], untrusted: str | None) -> None:
-        """DDL the transaction ran on audited schemas (undo.on_ddl's message)."""
+    def add_ddl(
+        self, doc: dict[str, Any], untrusted: str | None, problems: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """DDL the transaction ran on audited schemas (undo.on_ddl's message), and the problems
+        the source's catalog showed when capture read it (each opens a gap, whatever the
+        message says)."""
         txn = self.txn
         assert txn is not None
-        txn.ddl.append((doc, untrusted))
+        txn.ddl.append((doc, untrusted, list(problems)))
 
     def _write_ddl(self, txn: _Txn, commit: Commit) -> None:
         """The transaction's DDL, and the gaps it opened or closed: a table capture is
-        incomplete for (unlogged, replica identity not full, tag trigger off) is an open gap
-        until an ALTER TABLE leaves it with no problem; a rewrite is a gap of its own."""
-        for doc, why in txn.ddl:
+        incomplete for (undo.table_problems: unlogged, replica identity not full, tag trigger
+        not undo's, a table under it not audited) is an open gap until DDL leaves it without
+        that problem; a rewrite is a gap of its own. A trusted record's states open and close
+        gaps; the catalog's problems open them (never close: they are seen when capture reads
+        the record, maybe long after it)."""
+        for doc, why, problems in txn.ddl:
             session: dict[str, Any] = doc.get("session") or {}
             who = (
                 commit.commit_lsn,
@@ -266,32 +275,47 @@ class StoreWriter:
                             *tag,
                         ),
                     )
-            if why is None:  # only a trusted record opens or closes a gap: a forged one must not
+            if why is None:  # only a trusted record's state: a forged one must not close gaps
                 for state in doc.get("state") or []:
                     if isinstance(state, dict):
                         self._table_state(state, txn, commit, session.get("session_id"))
+            for table, problem in problems:
+                self._open_gap(table, problem, txn, commit, None)
 
     def _table_state(
         self, state: dict[str, Any], txn: _Txn, commit: Commit, session_id: str | None
     ) -> None:
         """One table's state after the DDL: its problems open gaps (one per problem, unless
-        open already; a rewrite's closes at once); no problem closes its open gaps."""
+        open already; a rewrite's closes at once); an open gap whose problem it no longer has
+        is closed."""
         table, problems = state.get("table"), state.get("problems") or []
-        if not problems:
+        if not state.get("rewrite"):
             self.conn.execute(
                 "UPDATE gaps SET to_lsn = ? WHERE kind = 'table' AND table_name = ?"
-                " AND to_lsn IS NULL",
-                (commit.commit_lsn, table),
+                " AND to_lsn IS NULL AND reason NOT IN (SELECT value FROM json_each(?))",
+                (commit.commit_lsn, table, _dumps([p for p in problems if isinstance(p, str)])),
             )
         for problem in problems:
-            if not self.conn.execute(
-                "SELECT 1 FROM gaps WHERE kind = 'table' AND table_name = ? AND reason = ?"
-                " AND to_lsn IS NULL",
-                (table, problem),
-            ).fetchone():
-                at, lsn = commit.commit_time, commit.commit_lsn
-                to_lsn = lsn if state.get("rewrite") else None
-                self._table_gap(table, problem, at, lsn, to_lsn, session_id, txn.xid)
+            self._open_gap(table, problem, txn, commit, session_id, bool(state.get("rewrite")))
+
+    def _open_gap(
+        self,
+        table: str | None,
+        problem: str,
+        txn: _Txn,
+        commit: Commit,
+        session_id: str | None,
+        point: bool = False,
+    ) -> None:
+        """A gap of the table for this problem from this transaction on, unless one is open
+        (``point``: one at this transaction only)."""
+        if not self.conn.execute(
+            "SELECT 1 FROM gaps WHERE kind = 'table' AND table_name = ? AND reason = ?"
+            " AND to_lsn IS NULL",
+            (table, problem),
+        ).fetchone():
+            at, lsn = commit.commit_time, commit.commit_lsn
+            self._table_gap(table, problem, at, lsn, lsn if point else None, session_id, txn.xid)
 
     def _table_gap(
         self,

@@ -83,6 +83,7 @@ class Catalog:
         ).fetchone()
         #: schemas whose every table is audited: a table of theirs not found was audited
         self.schemas: frozenset[str] = frozenset(row[0] or ()) if row else frozenset()
+        self.has_problems: bool | None = None  # undo.table_problems is there (init of 0.3)
 
     def resolve(self, rel: Relation) -> tuple[bool, tuple[int, ...] | None, bool]:
         """Fill in oid and types; return (audited, key positions, old images incomplete)."""
@@ -139,6 +140,32 @@ class Catalog:
             if all(c in rel.columns for c in cols):
                 key = tuple(rel.columns.index(c) for c in cols if c is not None)
         return bool(audited and audited[0]), key, partial
+
+    def problems(self, oids: list[int] | None) -> list[tuple[str, str]]:
+        """What is wrong now with the audited tables of these OIDs (None: every audited table),
+        one (table, problem) each: undo.table_problems, the definition init and status use."""
+        if self.has_problems is None:
+            row = self.conn.execute(
+                "SELECT to_regprocedure('undo.table_problems(oid[])') IS NOT NULL"
+            ).fetchone()
+            self.has_problems = bool(row and row[0])
+            if not self.has_problems:
+                log.warning(
+                    "the source was prepared by an earlier undo: run `undo init` again, so that"
+                    " capture can check audited tables on each DDL record",
+                    extra=_fields(),
+                )
+        if not self.has_problems or oids == []:
+            return []
+        return [
+            (str(r[0]), str(r[1]))
+            for r in self.conn.execute(
+                "SELECT p.table_name, p.problem FROM undo.table_problems(ARRAY("
+                "SELECT relid FROM undo.audited WHERE %(oids)s::oid[] IS NULL"
+                " OR relid = ANY (%(oids)s::oid[]))) p",
+                {"oids": oids},
+            ).fetchall()
+        ]
 
 
 def _slot_state(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | None:
@@ -238,6 +265,7 @@ class _Session:
         self.last_report = time.monotonic()
         self.reported_changes = 0
         self.session_keys: dict[bytes, bytes] = {}  # session JSON -> its signing key
+        self.ddl_checked = 0  # the transaction whose forged DDL record had the catalog checked
 
     def _relation(self, rel: Relation) -> int | None:
         """Store id of the relation's version, or None if it is not audited (skip it)."""
@@ -339,14 +367,35 @@ class _Session:
             )
         if rec.prefix == TAG_PREFIX:
             writer.set_tag(signed.fields, signed.untrusted)
-        elif signed.problem is not None:
-            return  # a DDL record or a refusal that says nothing usable
-        elif rec.prefix == DDL_PREFIX:
-            writer.add_ddl(signed.fields, signed.untrusted)
-            if signed.untrusted is None and self.decoder.name == "wal2json":
-                self._dropped(signed.fields)
-        else:  # GUARD_PREFIX
+        elif rec.prefix == DDL_PREFIX:  # malformed too: the catalog is asked all the same
+            ddl, why, problems = self._ddl(signed.fields, signed.untrusted)
+            writer.add_ddl(ddl, why, problems)
+            if why is None and self.decoder.name == "wal2json":
+                self._dropped(ddl)
+            if why is None:  # a table put under an audited one: resolved again
+                self._forget_relations()
+        elif signed.problem is None:  # GUARD_PREFIX: a refusal that says something usable
             writer.add_refusal(rec.lsn, signed.fields, signed.untrusted)
+
+    def _ddl(
+        self, doc: dict[str, Any], why: str | None
+    ) -> tuple[dict[str, Any], str | None, list[tuple[str, str]]]:
+        """An undo.ddl record as the writer takes it: its commands and states only where undo's
+        own key signed them (``signed`` and ``mac``, undo.emit_ddl), else it is 'forged' (a
+        session can sign a record of its own session with its session key); and, whatever it
+        says, the problems the source's catalog shows now for the audited tables it names (for
+        a record undo did not make: every audited table, once per transaction)."""
+        body = messages.read_ddl_body(doc, self.key) if why is None else None
+        if body is None:
+            txn = self.writer.txn
+            if txn is None or self.ddl_checked == txn.id:
+                return doc, why or "forged", []
+            self.ddl_checked = txn.id
+            return doc, why or "forged", self.catalog.problems(None)
+        commands, states = body["ddl"], body["state"]
+        stated = [s["oid"] for s in states]
+        named = {c["oid"] for c in commands + states if c["oid"] and c["oid"] not in stated}
+        return {**doc, "ddl": commands, "state": states}, None, self.catalog.problems(sorted(named))
 
     def _forget_relations(self) -> None:
         for rel in self.decoder.relations.values():

@@ -154,24 +154,27 @@ SESSION = record(
 _COMMON = {"application_name": text, "xid": integer, "statement": text}
 TAG = record({**_COMMON, "undo": any_json})
 GUARD = record({**_COMMON, "guard": required_text, "reason": text, "at": utc_time})
-DDL = record(
-    {
-        **_COMMON,
-        "ddl": list_of(
-            record(
-                {
-                    "command": required_text,
-                    "object_type": text,
-                    "object": text,
-                    "oid": oid,
-                }
-            )
-        ),
-        "state": list_of(
-            record({"table": required_text, "problems": list_of(required_text), "rewrite": flag})
-        ),
-    }
-)
+_DDL_BODY = {
+    "ddl": list_of(
+        record({"command": required_text, "object_type": text, "object": text, "oid": oid})
+    ),
+    "state": list_of(
+        record(
+            {
+                "table": required_text,
+                "oid": oid,
+                "problems": list_of(required_text),
+                "rewrite": flag,
+            }
+        )
+    ),
+}
+#: a DDL record: its commands and the tables' states are in ``signed`` (JSON text), which undo's
+#: master key signs in ``mac`` (undo.emit_ddl): a session's own key signs the envelope only
+DDL = record({**_COMMON, "signed": text, "mac": text})
+DDL_BODY = record(_DDL_BODY)
+
+
 #: the message part's fields, by prefix
 BODIES: dict[str, Check] = {TAG_PREFIX: TAG, GUARD_PREFIX: GUARD, DDL_PREFIX: DDL}
 
@@ -293,3 +296,19 @@ def read_ledger(
     if full % 2**32 != xid:
         return found, "replayed"
     return found, None
+
+
+def read_ddl_body(fields: dict[str, Any], key: bytes) -> dict[str, Any] | None:
+    """The commands and states of a DDL record whose envelope verified, if undo's master key
+    signed them (HMAC-SHA256 over ``xid || "\\n" || signed``, made by undo.emit_ddl, which runs
+    as undo's owner), checked like every field; None when unsigned, forged or malformed."""
+    signed, mac = fields.get("signed"), fields.get("mac")
+    if signed is None or mac is None:
+        return None
+    good = hmac.new(key, f"{fields.get('xid')}\n{signed}".encode(), hashlib.sha256)
+    if not hmac.compare_digest(good.hexdigest(), mac):
+        return None
+    try:
+        return DDL_BODY(json.loads(signed), "signed")  # type: ignore[no-any-return]
+    except (ValueError, RecursionError):  # Malformed is a ValueError
+        return None
