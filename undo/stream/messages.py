@@ -170,8 +170,9 @@ _DDL_BODY = {
     ),
 }
 #: a DDL record: its commands and the tables' states are in ``signed`` (JSON text), which undo's
-#: master key signs in ``mac`` (undo.emit_ddl): a session's own key signs the envelope only
-DDL = record({**_COMMON, "signed": text, "mac": text})
+#: master key signs in ``mac`` (undo.emit_ddl): a session's own key signs the envelope only.
+#: What a record says outside ``signed`` is kept (checked) to show an untrusted one, never used.
+DDL = record({**_COMMON, "signed": text, "mac": text, **_DDL_BODY})
 DDL_BODY = record(_DDL_BODY)
 
 
