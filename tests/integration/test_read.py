@@ -6,10 +6,15 @@ import json
 import threading
 import time
 
+import psycopg
+import pytest
+
 from tests.integration.test_undo import _as_session
+from undo.core.errors import NotRecorded
 from undo.core.times import epoch
+from undo.source import pg
 from undo.source.pg import session_id
-from undo.store import queries
+from undo.store import keyforms, queries
 from undo.store.prune import prune
 from undo.store.schema import open_store
 from undo.stream.capture import capture
@@ -272,3 +277,155 @@ def test_every_table_name_shown_can_be_given_back(pgo):
     undone = pgo.undo_cli("session", sid, "--table", name, "--apply")
     assert undone.returncode == 0, undone.stderr
     assert pgo.sql('SELECT count(*) FROM "Odd"."we""ird.x]"') == [(0,)]
+
+
+_INVOICES = (
+    "CREATE TABLE invoices (id int NOT NULL, issued_at timestamptz NOT NULL,"
+    " amount numeric(10,2)) PARTITION BY RANGE (issued_at);"
+    " CREATE TABLE invoices_2026_09 PARTITION OF invoices (PRIMARY KEY (id))"
+    "  FOR VALUES FROM ('2026-09-01') TO ('2026-10-01');"
+    " CREATE TABLE invoices_2026_10 PARTITION OF invoices (PRIMARY KEY (id))"
+    "  FOR VALUES FROM ('2026-10-01') TO ('2026-11-01')"
+)
+
+
+def test_history_takes_a_partitioned_table_and_follows_a_row_across_partitions(source):
+    source.sql(_INVOICES)
+    source.init()
+    with source.connect(application_name="billing") as c:
+        c.execute(
+            "INSERT INTO invoices VALUES (150, '2026-09-30 10:00+00', 10), (151, '2026-10-02', 1)"
+        )
+        c.execute("UPDATE invoices SET amount = 12 WHERE id = 150")
+    with source.connect(application_name="fix-dates") as c:
+        c.execute("UPDATE invoices SET issued_at = '2026-10-20' WHERE id = 150")  # moves it
+    with source.connect(application_name="billing") as c:
+        c.execute("UPDATE invoices SET amount = 13 WHERE id = 150")
+    source.capture()
+    result = source.undo_cli("history", "public.invoices", "id=150", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["op"], r["table"], r["moved_from"], r["application_name"]) for r in rows] == [
+        ("insert", "public.invoices_2026_09", None, "billing"),
+        ("update", "public.invoices_2026_09", None, "billing"),
+        ("update", "public.invoices_2026_10", "public.invoices_2026_09", "fix-dates"),
+        ("update", "public.invoices_2026_10", None, "billing"),
+    ]
+    assert rows[2]["old"] == {"id": "150", "issued_at": "2026-09-30 10:00:00+00", "amount": "12.00"}
+    assert rows[2]["new"] == {"id": "150", "issued_at": "2026-10-20 00:00:00+00", "amount": "12.00"}
+    text = source.undo_cli("history", "invoices", "id=150").stdout
+    assert "moved from public.invoices_2026_09 to public.invoices_2026_10" in text
+    # a partition's own name: its changes only, the move an insert there
+    leaf = json.loads(source.undo_cli("history", "invoices_2026_10", "id=150", "--json").stdout)
+    assert [(r["op"], r["moved_from"]) for r in leaf] == [("insert", None), ("update", None)]
+    assert source.store_rows(
+        "SELECT DISTINCT table_name, root_schema, root_table FROM relations ORDER BY 1"
+    ) == [("invoices_2026_09", "public", "invoices"), ("invoices_2026_10", "public", "invoices")]
+    # a store made before roots were recorded: partitions by their own names only
+    source.store_rows("UPDATE relations SET root_schema = NULL, root_table = NULL")
+    old = source.undo_cli("history", "public.invoices_2026_09", "id=150", "--json")
+    assert [r["op"] for r in json.loads(old.stdout)] == ["insert", "update", "delete"]
+    assert source.undo_cli("history", "public.invoices", "id=150").returncode == 2
+
+
+def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):
+    pgo.sql(
+        "CREATE TABLE payments (id bigint, issued_at timestamptz, PRIMARY KEY (id, issued_at));"
+        " CREATE TABLE ledger (n int, amount numeric(10,2), x numeric, ref uuid, paid boolean,"
+        " day date, at timestamp, code char(4), note text)"
+    )
+    pgo.init()
+    with pgo.connect(application_name="app") as c:
+        c.execute("INSERT INTO payments VALUES (150, '2026-10-20 00:00:00+00')")
+        c.execute(
+            "INSERT INTO ledger VALUES (7, 7.5, 15.0, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',"
+            " true, '2026-10-20', '2026-10-20 08:30', 'ab', 'hi')"
+        )
+    pgo.capture()
+    db = open_store(pgo.store)
+    # without the source: the documented forms (README, Commands: history)
+    for key in (
+        ["id=150", "issued_at=2026-10-20"],
+        ["id=+0150", "issued_at=2026-10-20T02:00:00+02:00"],
+        ["id= 150 ", "issued_at=2026-10-20 00:00:00.000Z"],
+        ["id=150", "issued_at=2026-10-20 00:00:00+00"],
+    ):
+        rows = queries.history(db, "payments", queries.parse_key(key))
+        assert [r["op"] for r in rows] == ["insert"], key
+    for pair in (
+        "n=007",
+        "amount=7.5",
+        "amount=7.500",
+        "x=1.50e1",
+        "ref=A0EEBC999C0B4EF8BB6D6BB9BD380A11",
+        "ref={a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+        "paid=yes",
+        "paid=TRUE",
+        "day=20261020",
+        "at=2026-10-20T08:30:00.000",
+        "code=ab",
+        "note=hi",
+    ):
+        rows = queries.history(db, "ledger", queries.parse_key([pair]))
+        assert [r["op"] for r in rows] == ["insert"], pair
+    for pair in ("note= hi", "x=15", "paid=no", "day=2026-10-21"):
+        with pytest.raises(NotRecorded):
+            queries.history(db, "ledger", queries.parse_key([pair]))
+    # through the source: whatever the type's input function reads
+    found = pgo.undo_cli("history", "payments", "id=150", "issued_at=Oct 20 2026", "--json")
+    assert found.returncode == 0, found.stderr
+    assert [r["op"] for r in json.loads(found.stdout)] == ["insert"]
+    bad = pgo.undo_cli("history", "payments", "id=abc", "issued_at=2026-10-20")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "id=abc" in bad.stderr
+    # the source out of reach: the documented forms, and a warning saying so
+    away = ["--dsn", "host=127.0.0.1 port=1 connect_timeout=2"]
+    found = pgo.undo_cli("history", "payments", "id=150", "issued_at=2026-10-20", *away)
+    assert found.returncode == 0, found.stderr
+    assert "2026-10-20 00:00:00+00" in found.stdout and "cannot connect" in found.stderr
+    missed = pgo.undo_cli("history", "payments", "id=150", "issued_at=Oct 20 2026", *away)
+    assert missed.returncode == 1
+
+
+_FORMS = {
+    "integer": [" +0150 ", "-7", "007"],
+    "bigint": ["9223372036854775807", "-0"],
+    "numeric": ["7.5", "1.50e1", "-0.00", ".5", "1.", "NaN", "nan", "-Infinity", "inf", "150e-2"],
+    "numeric(10,2)": ["2.345", "-2.345", "7", "2.344999"],
+    "numeric(5)": ["2.5", "-2.5"],
+    "boolean": ["yes", "TRUE", "t", "of", "off", "n", "1", "0", " on "],
+    "uuid": [
+        "A0EEBC999C0B4EF8BB6D6BB9BD380A11",
+        "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+    ],
+    "date": ["20261020", "2026-10-20", " 2026-10-20 ", "infinity", "2026-10-20 13:00"],
+    "timestamp without time zone": [
+        "2026-10-20T08:30",
+        "2026-10-20 08:30:00.250",
+        "2026-10-20 08:30+02",
+        "2026-10-20",
+        "-infinity",
+    ],
+    "timestamp(3) without time zone": ["2026-10-20 08:30:00.12351", "2026-10-20 23:59:59.9999"],
+    "timestamp with time zone": [
+        "2026-10-20",
+        "2026-10-20T02:00:00+02:00",
+        "2026-10-20 00:00:00Z",
+        "2026-10-20 00:00:00.5-03:30",
+        "2026-10-20 00:00:00+00",
+    ],
+    "timestamp(0) with time zone": ["2026-10-20 00:00:00.6+00"],
+    "character(4)": ["ab", "abcd  "],
+    "character varying(9)": [" hi "],
+    "text": [" hi ", "Ü"],
+}
+
+
+def test_the_documented_forms_read_as_postgresql_reads_them(pgo):
+    """history without a source compares these forms as the source's types would read them."""
+    with psycopg.connect(pgo.dsn, options=pg.PINNED_OPTIONS, autocommit=True) as c:
+        source = keyforms.through_source(c)
+        for type_name, values in _FORMS.items():
+            for value in values:
+                got = keyforms.offline("c", type_name, value)
+                assert got == source("c", type_name, value), (type_name, value)

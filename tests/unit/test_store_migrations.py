@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 from sqlite_utils import Database
 
 from undo.store.schema import migrations, open_store
@@ -35,3 +36,29 @@ def test_txn_changes_is_filled_from_the_changes_already_stored(tmp_path):
         (1, 1, "I", 1, 0),
         (1, 1, "U", 2, 1),
     ]
+
+
+def test_versions_stored_before_roots_have_none_and_a_root_makes_a_new_version(tmp_path):
+    path = tmp_path / "old.db"
+    db = Database(sqlite3.connect(path))
+    migrations.apply(db, stop_before="m012_relation_roots")
+    version = "10, 'public', 'invoices_2026_09', '[\"id\"]', '[\"integer\"]', '[0]', 0"
+    db.execute(
+        "INSERT INTO relations (oid, schema_name, table_name, columns, types, key_columns,"
+        f" partial) VALUES ({version})"
+    )
+    db.conn.commit()
+    db.conn.close()
+    store = open_store(str(path))
+    assert store.execute("SELECT root_schema, root_table FROM relations").fetchall() == [
+        (None, None)
+    ]
+    store.execute(  # the partition met again by capture, now with its root
+        "INSERT INTO relations (oid, schema_name, table_name, columns, types, key_columns,"
+        f" partial, root_schema, root_table) VALUES ({version}, 'public', 'invoices')"
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        store.execute(
+            "INSERT INTO relations (oid, schema_name, table_name, columns, types, key_columns,"
+            f" partial, root_schema, root_table) VALUES ({version}, 'public', 'invoices')"
+        )

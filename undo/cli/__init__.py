@@ -735,9 +735,30 @@ def table_cmd(
 def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: bool) -> None:
     """Every recorded version of one row, oldest first, with who changed it.
 
-    Example: undo history public.accounts id=42
+    Example: undo history public.invoices id=150 issued_at=2026-10-20
+
+    Values are compared in their column type's text form: read by the source's own type
+    (--dsn, when it answers), else in the forms the README lists.
     """
-    rows = queries.history(open_store(settings.store), table, queries.parse_key(list(key)))
+    from undo.core.errors import DatabaseUnreachable
+    from undo.source import pg
+    from undo.store import keyforms
+
+    db = open_store(settings.store)
+    pairs = queries.parse_key(list(key))
+    conn = None
+    normalise: keyforms.Normalise = keyforms.offline
+    if settings.dsn:
+        try:
+            conn = pg.connect(settings.dsn, **_connect_timeout(settings.dsn, 5))
+            normalise = keyforms.through_source(conn)
+        except DatabaseUnreachable as e:
+            _echo_err(f"warning: {e}; values compared in the forms the README lists (history)")
+    try:
+        rows = queries.history(db, table, pairs, normalise)
+    finally:
+        if conn is not None:
+            conn.close()
     if as_json:
         click.echo(render.to_json(rows))
         return
@@ -754,11 +775,25 @@ def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: b
             f"  session {r['session_id'] or '(untagged)'}  {r['application_name'] or ''}"
             f"  {r['user'] or ''}  tag {r['tag']}"
         )
+        if r["moved_from"] is not None:
+            click.echo(f"  moved from {r['moved_from']} to {r['table']}")
+        elif len({x["table"] for x in rows}) > 1:
+            click.echo(f"  in {r['table']}")
         if r["undo_of"] is not None:  # its statement is only the undo's first one
             click.echo(f"  undo of: {json.dumps(r['undo_of'], ensure_ascii=False)}")
         else:
             click.echo(f"  statement: {r['statement']}")
         _echo_images(r, "  ")
+
+
+def _connect_timeout(dsn: str, seconds: int) -> dict[str, Any]:
+    """connect_timeout for a connection that may fail over to something else, unless the DSN
+    sets its own."""
+    from psycopg import conninfo
+
+    return (
+        {} if "connect_timeout" in conninfo.conninfo_to_dict(dsn) else {"connect_timeout": seconds}
+    )
 
 
 @cli.command("activity")

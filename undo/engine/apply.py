@@ -35,7 +35,7 @@ from undo.engine import inverse
 from undo.engine.inverse import Step, TableUndo
 from undo.engine.plan import Plan, Target, changes, later_writer, select
 from undo.source import pg
-from undo.store.schema import open_store
+from undo.store.schema import get_meta, open_store
 
 log = logging.getLogger(__name__)
 COPY_CHUNK = 2000  # lines per write to the COPY stream
@@ -124,6 +124,10 @@ class _Applier(_Runner):
         self.conn = conn
         self.db = db
         self.report = report
+        #: wal2json before 2.6 (no numbers_as_strings) stored NaN and ±Infinity as null
+        self.nan_lost = (
+            get_meta(db, "decoder") == "wal2json" and get_meta(db, "numbers_as_strings") != "1"
+        )
 
     def statement(self, q: Query) -> None:
         self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
@@ -203,9 +207,24 @@ class _Applier(_Runner):
     def _conflict(self, step: Step, change_id: int, image: str, reason: str) -> None:
         tv = step.table.version
         values = load(image)
-        who = later_writer(self.db, tv, change_id, images.key_text(values, tv.key))
+        lost = (
+            inverse.lost_to_decoder(self.conn, step.table, values)
+            if self.nan_lost and step.kind != "D"  # a re-insert's conflict is a row in the way
+            else []
+        )
+        if lost:
+            detail = (
+                f"the table holds NaN or Infinity in {', '.join(lost)} where the audit store has"
+                " NULL, and is as the undone change left it otherwise: wal2json before 2.6 sends"
+                " NaN and ±Infinity of float and numeric columns as null (README, Decoders), so"
+                " undo cannot match the row; not a later change. Undo the rest with"
+                " --on-conflict skip"
+            )
+        else:
+            who = later_writer(self.db, tv, change_id, images.key_text(values, tv.key))
+            detail = f"{reason}; {who}"
         self.report.conflicts.append(
-            Conflict(tv.qualified, inverse.describe_image(tv, values), f"{reason}; {who}")
+            Conflict(tv.qualified, inverse.describe_image(tv, values), detail)
         )
 
     def fk_check(self, label: str, q: Query) -> None:

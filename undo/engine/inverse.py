@@ -409,17 +409,7 @@ class TableUndo:
         """The live row as a jsonb array of its columns' output texts (NULL as null): equal to
         a stored image exactly when every column prints as captured. concat() calls the output
         function, unlike ::text (boolean 'true', char(n) without padding, inet with a mask)."""
-        cols = [
-            sql.SQL("CASE WHEN {0}.{1} IS NULL THEN NULL ELSE concat({0}.{1}) END").format(
-                sql.Identifier(alias), sql.Identifier(c)
-            )
-            for c in self.t.version.columns
-        ]
-        parts: list[sql.Composable] = [
-            sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(cols[i : i + _MAX_ARGS]))
-            for i in range(0, len(cols), _MAX_ARGS)
-        ] or [sql.SQL("'[]'::jsonb")]
-        return sql.SQL(" || ").join(parts)
+        return _fingerprint(alias, self.t.version.columns)
 
     def _args(self, cond: str) -> dict[str, sql.Composable]:
         """Every piece a statement template may name; each template is formatted once."""
@@ -671,6 +661,58 @@ def fk_order(conn: psycopg.Connection[Any], oids: Sequence[int]) -> list[int]:
     for o in oids:
         visit(o)
     return out
+
+
+def _fingerprint(alias: str, columns: Sequence[str]) -> sql.Composed:
+    """These columns of a live row as a jsonb array of their output texts (TableUndo's)."""
+    cols = [
+        sql.SQL("CASE WHEN {0}.{1} IS NULL THEN NULL ELSE concat({0}.{1}) END").format(
+            sql.Identifier(alias), sql.Identifier(c)
+        )
+        for c in columns
+    ]
+    parts: list[sql.Composable] = [
+        sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(cols[i : i + _MAX_ARGS]))
+        for i in range(0, len(cols), _MAX_ARGS)
+    ] or [sql.SQL("'[]'::jsonb")]
+    return sql.SQL(" || ").join(parts)
+
+
+def _float_or_numeric(type_name: str) -> bool:
+    """A type whose NaN and ±Infinity wal2json before 2.6 sends as null (format_type's name)."""
+    return type_name in ("real", "double precision", "numeric") or type_name.startswith("numeric(")
+
+
+def lost_to_decoder(
+    conn: psycopg.Connection[Any], t: LiveTable, image: Sequence[Value]
+) -> list[str]:
+    """The columns of a conflicting image that a decoder without NaN lost: the image holds NULL
+    in a float or numeric column, and the table has a row equal to the image in every other
+    column that holds NaN or ±Infinity there. Empty when there is no such row."""
+    tv = t.version
+    lost = [i for i, v in enumerate(image) if v is None and _float_or_numeric(tv.types[i])]
+    if not lost:
+        return []
+    rest = [i for i in range(len(tv.columns)) if i not in lost]
+
+    def special(i: int) -> sql.Composed:
+        return sql.SQL("concat(t.{}) IN ('NaN', 'Infinity', '-Infinity')").format(
+            sql.Identifier(tv.columns[i])
+        )
+
+    row = conn.execute(
+        sql.SQL("SELECT {} FROM ONLY {} t WHERE {} = {}::jsonb AND {}").format(
+            sql.SQL(", ").join(sql.SQL("bool_or({})").format(special(i)) for i in lost),
+            t.ident,
+            _fingerprint("t", [tv.columns[i] for i in rest]),
+            sql.Literal(image_text([image[i] for i in rest])),
+            sql.SQL(" AND ").join(
+                sql.SQL("(t.{} IS NULL OR {})").format(sql.Identifier(tv.columns[i]), special(i))
+                for i in lost
+            ),
+        )
+    ).fetchone()
+    return [tv.columns[i] for i, hit in zip(lost, row or (), strict=False) if hit]
 
 
 def describe_image(tv: TableVersion, image: Sequence[Value]) -> str:

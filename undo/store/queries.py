@@ -13,6 +13,7 @@ from undo.core.errors import BadInput, NotFound, NotRecorded
 from undo.core.images import OP_NAMES, shown_images
 from undo.core.times import epoch
 from undo.core.wal import lsn_to_int
+from undo.store import keyforms
 from undo.store.writer import ACTIVITY_SESSION_SQL, activity_session, ledger_entry
 
 
@@ -22,9 +23,18 @@ def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-def resolve_table(db: Database, text: str) -> tuple[str, str]:
-    """A table name as the user typed it -> (schema, table) among the tables the store holds."""
+def resolve_table(db: Database, text: str, roots: bool = False) -> tuple[str, str]:
+    """A table name as the user typed it -> (schema, table) among the tables the store holds
+    (with ``roots``, partitioned tables whose partitions it holds too)."""
     known = [(r[0], r[1]) for r in db.execute("SELECT schema_name, table_name FROM relations")]
+    if roots:
+        known += [
+            (r[0], r[1])
+            for r in db.execute(
+                "SELECT DISTINCT root_schema, root_table FROM relations"
+                " WHERE root_schema IS NOT NULL"
+            )
+        ]
     return names.resolve(text, known)
 
 
@@ -417,30 +427,44 @@ def parse_key(pairs: list[str]) -> dict[str, str | None]:
     return out
 
 
-def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[str, Any]]:
+def history(
+    db: Database,
+    table: str,
+    key: dict[str, str | None],
+    normalise: keyforms.Normalise = keyforms.offline,
+) -> list[dict[str, Any]]:
     """Every recorded version of one row, oldest first, with who changed it. A table with a key
     is asked by its whole key; a keyless one by any of its columns, and every change whose old
-    or new row holds all the values given is shown."""
-    schema, name = resolve_table(db, table)
+    or new row holds all the values given is shown. Values are compared in their type's text
+    form (``normalise``: keyforms). A partitioned table's name covers its partitions (the
+    roots capture recorded): a row moved between them, a delete in one and an insert in
+    another in one transaction, is one update (``moved_from``)."""
+    schema, name = resolve_table(db, table, roots=True)
     rels = _rows(
         db,
-        "SELECT id, columns, key_columns FROM relations WHERE schema_name = ? AND table_name = ?",
-        [schema, name],
+        "SELECT id, schema_name, table_name, columns, types, key_columns FROM relations"
+        " WHERE (schema_name = ? AND table_name = ?) OR (root_schema = ? AND root_table = ?)",
+        [schema, name, schema, name],
     )
     out: list[dict[str, Any]] = []
     usable = False
     for rel in rels:
         cols = json.loads(rel["columns"])
+        types = dict(zip(cols, json.loads(rel["types"]), strict=False))
+        leaf = names.quote(rel["schema_name"], rel["table_name"])
+        if not set(key) <= set(cols):
+            continue
+        wanted = {
+            c: None if v is None else normalise(c, types.get(c, ""), v) for c, v in key.items()
+        }
         if rel["key_columns"] is None:
-            if not set(key) <= set(cols):
-                continue
             where, params = "c.relation = ?", [rel["id"]]
         else:
             key_cols = [cols[i] for i in json.loads(rel["key_columns"])]
             if set(key_cols) != set(key):
                 continue
             key_json = json.dumps(
-                [key[c] for c in key_cols], ensure_ascii=False, separators=(",", ":")
+                [wanted[c] for c in key_cols], ensure_ascii=False, separators=(",", ":")
             )
             where, params = "c.relation = ? AND c.key = ?", [rel["id"], key_json]
         usable = True
@@ -451,22 +475,17 @@ def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[s
             " c.ord FROM changes c JOIN transactions t ON t.id = c.txn WHERE " + where,
             params,
         ):
-            old = dict(zip(cols, json.loads(r["old"]), strict=False)) if r["old"] else None
-            unchanged = set(json.loads(r["unchanged"])) if r["unchanged"] else set()
-            new = None
-            if r["new"]:
-                new = {
-                    c: (old[c] if (i in unchanged and old) else v)
-                    for i, (c, v) in enumerate(zip(cols, json.loads(r["new"]), strict=False))
-                }
+            old, new = shown_images(cols, r["old"], r["new"], r["unchanged"])
             if rel["key_columns"] is None and not any(
-                image is not None and all(image.get(c) == v for c, v in key.items())
+                image is not None and all(image.get(c) == v for c, v in wanted.items())
                 for image in (old, new)
             ):
                 continue
             out.append(
                 {
-                    "op": {"I": "insert", "U": "update", "D": "delete"}.get(r["op"], r["op"]),
+                    "op": OP_NAMES[r["op"]],
+                    "table": leaf,
+                    "moved_from": None,
                     "xid": r["xid"],
                     "commit_time": r["commit_time"],
                     "session_id": r["session_id"],
@@ -488,17 +507,21 @@ def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[s
     if not out:
         shown = ", ".join(f"{c}={'NULL' if v is None else v}" for c, v in key.items())
         raise NotRecorded(f"no recorded change of {names.quote(schema, name)} with {shown}")
-    for d in _rows(  # the table's DDL, in order with the row's versions
+    out = _moves(sorted(out, key=lambda r: r["_order"]))
+    tables = sorted({names.quote(schema, name)} | {r["table"] for r in out})
+    for d in _rows(  # the tables' DDL, in order with the row's versions
         db,
         "SELECT commit_lsn, commit_time, xid, session_id, application_name, user_name, statement,"
-        " command, tag FROM ddl WHERE object_type = 'table' AND object = ?"
-        " AND commit_lsn >= ?",
-        [names.quote(schema, name), min(r["_order"][0] for r in out)],
+        " command, tag, object FROM ddl WHERE object_type = 'table'"
+        " AND object IN (SELECT value FROM json_each(?)) AND commit_lsn >= ?",
+        [json.dumps(tables), min(r["_order"][0] for r in out)],
     ):
         out.append(
             {
                 "op": "ddl",
                 "command": d["command"],
+                "table": d["object"],
+                "moved_from": None,
                 "xid": d["xid"],
                 "commit_time": d["commit_time"],
                 "session_id": d["session_id"],
@@ -513,6 +536,24 @@ def history(db: Database, table: str, key: dict[str, str | None]) -> list[dict[s
             }
         )
     out.sort(key=lambda r: r.pop("_order"))
+    return out
+
+
+def _moves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A delete in one partition followed, in the same transaction, by an insert of the row in
+    another is how PostgreSQL moves a row (an update of its partition key): one update."""
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and (prev["op"], r["op"]) == ("delete", "insert")
+            and prev["_order"][0] == r["_order"][0]
+            and prev["table"] != r["table"]
+        ):
+            prev.update(op="update", table=r["table"], moved_from=prev["table"], new=r["new"])
+            continue
+        out.append(r)
     return out
 
 

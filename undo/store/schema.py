@@ -327,6 +327,25 @@ def m011_undo_trust(db: Database) -> None:
     )
 
 
+@migrations()
+def m012_relation_roots(db: Database) -> None:
+    """root_schema, root_table: the top of a partition's tree (pg_partition_root) when capture
+    met it, so that a partitioned table's name finds its partitions' changes from the store
+    alone; NULL for a table that is no partition, and for versions stored before this. The
+    root is part of a table version (a partition attached elsewhere is a new version)."""
+    db.executescript(
+        """
+        ALTER TABLE relations ADD COLUMN root_schema TEXT;
+        ALTER TABLE relations ADD COLUMN root_table TEXT;
+        DROP INDEX relations_version;
+        CREATE UNIQUE INDEX relations_version ON relations
+            (oid, schema_name, table_name, columns, types, key_columns, partial, root_schema,
+             root_table);
+        CREATE INDEX relations_root ON relations (root_schema, root_table);
+        """
+    )
+
+
 PAGE_SIZE = 8192
 
 

@@ -137,10 +137,12 @@ class StoreWriter:
             _dumps(list(rel.types or ())),
             None if key is None else _dumps(list(key)),
             int(partial),
+            *(rel.root or (None, None)),
         )
         row = self.conn.execute(
             "SELECT id FROM relations WHERE oid IS ? AND schema_name = ? AND table_name = ?"
-            " AND columns = ? AND types = ? AND key_columns IS ? AND partial = ?",
+            " AND columns = ? AND types = ? AND key_columns IS ? AND partial = ?"
+            " AND root_schema IS ? AND root_table IS ?",
             values,
         ).fetchone()
         if row is not None:
@@ -148,7 +150,7 @@ class StoreWriter:
         self._open_batch()
         cur = self.conn.execute(
             "INSERT INTO relations (oid, schema_name, table_name, columns, types, key_columns,"
-            " partial) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " partial, root_schema, root_table) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             values,
         )
         return int(cur.lastrowid or 0)

@@ -120,6 +120,12 @@ class Catalog:
             rel.types = tuple(r[0] for r in rows)
         if rel.oid is None:
             return False, None, True
+        root = self.conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid ="
+            " c.relnamespace WHERE c.oid = pg_partition_root(%s::oid) AND c.oid <> %s::oid",
+            (rel.oid, rel.oid),
+        ).fetchone()
+        rel.root = None if root is None else (root[0], root[1])
         audited = self.conn.execute(
             "SELECT EXISTS (SELECT 1 FROM undo.audited WHERE relid = %s)", (rel.oid,)
         ).fetchone()
