@@ -471,7 +471,10 @@ class Server:
         if self._running.is_set() and not self._done.is_set():
             # sockets are closed by the loop's own thread (woken through its trigger): closed
             # from another, the loop would poll a closed descriptor
-            self._server.trigger.pull_trigger(self._close_all)
+            try:
+                self._server.trigger.pull_trigger(self._close_all)
+            except OSError:  # its trigger is closed already (the loop is ending): close here
+                self._close_all()
             self._done.wait(10)
         else:
             self._close_all()
