@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from undo.core import words
 
 
 def to_json(value: Any) -> str:
@@ -119,3 +121,86 @@ class JsonLogFormatter(logging.Formatter):
         }
         doc.update(getattr(record, "fields", {}))
         return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+# -- undo show ---------------------------------------------------------------------------
+
+
+def images(change: dict[str, Any], indent: str) -> Iterator[str]:
+    """Old and new values as col=value (NULL for null; long values shortened: --json has them
+    whole); for an update, the new row shows only what changed."""
+    old, new = change["old"], change["new"]
+    if old is not None:
+        yield (f"{indent}old: {pairs(old)}")
+    if new is not None:
+        if old is not None:
+            new = {k: v for k, v in new.items() if old.get(k) != v}
+        yield (f"{indent}new: {pairs(new) if new else '(no value changed)'}")
+
+
+def show(result: dict[str, Any], limit: int | None) -> Iterator[str]:
+    """`undo show`: the summary, then each transaction and its changes (at most ``limit``)."""
+    txns, totals = result["transactions"], result["totals"]
+    yield (
+        f"session {result['session_id']}: {totals['transactions']} transaction(s),"
+        f" {totals['changes']} change(s)"
+    )
+    if result.get("undone"):
+        yield (f"undone: {words.undone(result['undone'])}")
+    for d in result.get("ddl") or []:
+        yield (
+            f"DDL {d['command']} {d['object'] or ''}  xid {d['xid']}  {d['commit_time']}"
+            f"  statement: {d['statement'] or ''}"
+            + ("" if d["tag"] == "trusted" else f"  tag {d['tag']} ({d['tag_reason']})")
+        )
+    for g in result.get("guard_refusals") or []:
+        yield (
+            f"refused by guard {g['guard']} at {g['refused_at']}"
+            + (f" ({g['reason']})" if g["reason"] else "")
+            + f": {g['statement'] or ''}"
+            + ("" if g["tag"] == "trusted" else f"  tag {g['tag']} ({g['tag_reason']})")
+        )
+    for m in result.get("malformed") or []:
+        yield (
+            f"malformed {m['prefix']} message at {m['received_at']}  xid {m['xid'] or ''}:"
+            f" {m['problem']} (kept in the store's malformed table, never used)"
+        )
+    if totals["rows"]:
+        yield ("\n" + table(totals["rows"], ["table", "operation", "rows"]))
+    shown = [0]  # changes printed, by both lists: at most ``limit`` in all
+    yield from _transactions(txns, shown, limit)
+    claims = result["untrusted"]
+    total = totals["changes"] + claims["totals"]["changes"]
+    if claims["transactions"]:  # listed apart: not the session's, not in its totals
+        c = claims["totals"]
+        yield (
+            f"\nuntrusted: {c['transactions']} transaction(s), {c['changes']} change(s), claim"
+            " this session with a tag that does not verify (not counted above; `undo session`"
+            " leaves them out)"
+        )
+        if claims.get("undone"):
+            yield (f"undone: {words.undone(claims['undone'])}")
+        if c["rows"]:
+            yield (table(c["rows"], ["table", "operation", "rows"]))
+        yield from _transactions(claims["transactions"], shown, limit)
+    if shown[0] < total:
+        yield (f"\n({total - shown[0]} more change(s): --limit N or --all to see them)")
+
+
+def _transactions(txns: list[dict[str, Any]], shown: list[int], limit: int | None) -> Iterator[str]:
+    """Each transaction and its changes, until ``shown[0]`` changes printed reach ``limit``."""
+    for t in txns:
+        if limit is not None and shown[0] >= limit:
+            break
+        yield (
+            f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name'] or ''}"
+            f"  {t['user'] or ''}  tag {t['tag']}"
+            + (f" ({t['tag_reason']})" if t.get("tag_reason") else "")
+        )
+        yield (f"  statement: {t['statement'] or ''}")
+        for c in t["changes"]:
+            if limit is not None and shown[0] >= limit:
+                break
+            shown[0] += 1
+            yield (f"  {c['op']:8} {c['table']}  {key(c['key_columns'], c['key'])}")
+            yield from images(c, "    ")

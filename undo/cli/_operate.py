@@ -1,0 +1,229 @@
+"""Setting up and running undo: init, capture, status, guards, prune, serve, the demo."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+import click
+
+from undo.cli import render
+from undo.cli._app import (
+    cli,
+    echo_err,
+    json_option,
+    pass_settings,
+)
+from undo.core.config import Settings
+from undo.core.times import parse_time
+from undo.store.schema import open_store
+
+
+@cli.command("init")
+@click.option("--schema", "schemas", multiple=True, help="Audit every table of this schema.")
+@click.option("--table", "tables", multiple=True, help="Audit this table (schema.table).")
+@click.option(
+    "--uninstall",
+    is_flag=True,
+    help="Remove this slot and its publication; and everything init installed, once no other"
+    " slot of undo is left.",
+)
+@click.option(
+    "--failover",
+    is_flag=True,
+    help="PostgreSQL 17+: a failover slot, kept in step on standbys (see README).",
+)
+@pass_settings
+def init_cmd(
+    settings: Settings,
+    schemas: tuple[str, ...],
+    tables: tuple[str, ...],
+    uninstall: bool,
+    failover: bool,
+) -> None:
+    """Make the source database ready: trigger, replica identity, publication, slot, store.
+
+    Example: undo --dsn postgresql://admin@db/shop init --schema public
+    """
+    from undo.source.install import init
+    from undo.source.install import uninstall as do_uninstall
+
+    if uninstall:
+        done = do_uninstall(settings)
+        click.echo("\n".join(done) if done else "nothing to remove")
+        return
+    report = init(settings, list(schemas), list(tables), failover=failover)
+    for w in report.warnings:
+        echo_err(f"warning: {w}")
+    if report.nothing_to_do:
+        click.echo("already initialised: nothing changed")
+    else:
+        click.echo("\n".join(report.changed))
+
+
+@cli.command("capture")
+@click.option("--once", is_flag=True, help="Stop after storing what was committed before start.")
+@click.option(
+    "--accept-gap",
+    is_flag=True,
+    help="Go on from a slot that is ahead of the store (records the gap).",
+)
+@pass_settings
+def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
+    """Stream committed changes from the slot into the store, until SIGINT/SIGTERM.
+
+    Example: undo capture --once
+    """
+    from undo.stream.capture import capture
+
+    stopping = {"flag": False}
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    report = capture(
+        settings, once=once, accept_gap=accept_gap, should_stop=lambda: stopping["flag"]
+    )
+    echo_err(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
+
+
+@cli.command("status")
+@json_option
+@pass_settings
+def status_cmd(settings: Settings, as_json: bool) -> None:
+    """Slot position, WAL held back, last capture and its lag, store size, unprepared tables.
+
+    Example: undo status --json
+    """
+    from undo.source.status import status
+
+    result = status(settings)
+    if as_json:
+        click.echo(render.to_json(result))
+        return
+    click.echo(render.fields(result))
+
+
+@cli.group("guard")
+def guard_group() -> None:
+    """Read-only guards: applications (glob patterns) that may not write to audited tables.
+
+    A seatbelt against accidents, not a security boundary: a session picks its own
+    application_name.
+    """
+
+
+@guard_group.command("add")
+@click.argument("pattern")
+@click.option("--reason", help="Shown in the error the refused script gets.")
+@pass_settings
+def guard_add(settings: Settings, pattern: str, reason: str | None) -> None:
+    """Make applications matching PATTERN (* and ?) read-only on audited tables.
+
+    Example: undo guard add 'usage-metrics*' --reason "reporting only"
+    """
+    from undo.source import guards as guard
+
+    new = guard.add(settings, pattern, reason)
+    echo_err(f"guard {pattern} {'added' if new else 'updated'}")
+
+
+@guard_group.command("remove")
+@click.argument("pattern")
+@pass_settings
+def guard_remove(settings: Settings, pattern: str) -> None:
+    """Remove a guard.
+
+    Example: undo guard remove 'usage-metrics*'
+    """
+    from undo.source import guards as guard
+
+    guard.remove(settings, pattern)
+    echo_err(f"guard {pattern} removed")
+
+
+@guard_group.command("list")
+@json_option
+@pass_settings
+def guard_list(settings: Settings, as_json: bool) -> None:
+    """The guards and how many writes each refused (as far as the store knows).
+
+    Example: undo guard list --json
+    """
+    from undo.source import guards as guard
+
+    rows = guard.list_guards(settings)
+    if as_json:
+        click.echo(render.to_json(rows))
+        return
+    click.echo(render.table(rows, ["pattern", "reason", "created_at", "created_by", "refusals"]))
+
+
+@cli.command("prune")
+@click.option("--before", required=True, help="ISO 8601 time or age (30d).")
+@pass_settings
+def prune_cmd(settings: Settings, before: str) -> None:
+    """Delete history committed before a time, whole sessions only; keeps the undo ledger.
+
+    Example: undo prune --before 90d
+    """
+    from undo.store.prune import prune
+
+    r = prune(open_store(settings.store), parse_time(before))
+    click.echo(
+        f"removed {r.transactions} transaction(s), {r.changes} change(s) of"
+        f" {r.sessions} session(s); kept {r.kept_sessions} session(s) that go on after"
+        f" that time; store {r.bytes_before} -> {r.bytes_after} bytes"
+    )
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option(
+    "--token",
+    envvar="UNDO_TOKEN",
+    show_envvar=True,
+    help="Required on any address but loopback; checked on every request.",
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A host name requests may use besides loopback and the address served (repeatable).",
+)
+@pass_settings
+def serve_cmd(
+    settings: Settings, host: str, port: int, token: str | None, allowed_hosts: tuple[str, ...]
+) -> None:
+    """The dashboard and Prometheus /metrics (read-only).
+
+    Example: undo serve --port 8080
+    """
+    from undo.web import serve
+
+    server = serve(settings, host, port, token, allowed_hosts)
+    echo_err(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@cli.command("demo")
+@click.option("--keep", is_flag=True, help="Keep the audit store file afterwards.")
+@click.option("--guard", is_flag=True, help="Declare the script read-only first: its delete fails.")
+def demo_cmd(keep: bool, guard: bool) -> None:
+    """The incident end to end on a throwaway PostgreSQL it starts itself.
+
+    Example: undo demo --guard
+    """
+    from undo.demo import run_demo
+
+    if not run_demo(click.echo, render.table, keep=keep, guard=guard):
+        sys.exit(1)
