@@ -24,15 +24,17 @@ from psycopg import pq, sql
 
 from undo.core import names, wal
 from undo.core.config import Settings
-from undo.core.errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
+from undo.core.errors import DatabaseUnreachable, UndoError
 from undo.core.records import Begin, Change, Commit, Message, Relation, Truncate
 from undo.core.times import epoch
 from undo.source import pg
+from undo.source.catalog import Catalog
 from undo.store.schema import get_meta, open_store
-from undo.store.writer import StoreWriter, record_gap
+from undo.store.writer import StoreWriter
 from undo.stream import messages, pgoutput, wal2json
 from undo.stream._protocol import parse_keepalive, status_update
 from undo.stream.messages import DDL_PREFIX, LEDGER_PREFIX, MARK_PREFIX, TAG_PREFIX, TRANSACTIONAL
+from undo.stream.slot import check_slot, read_key
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
 REPORT_SECONDS = 30.0  # a progress line in the log while capture works
-SLOT_BUSY_SECONDS = 5.0
 STOP_CHECK_EVERY = 4096
 
 
@@ -58,187 +59,6 @@ class ConnectionLost(Exception):
 def _fields(**kw: Any) -> dict[str, Any]:
     """Structured fields of a log line (--log-format json shows them)."""
     return {"fields": kw}
-
-
-_KEY_QUERY = """
-SELECT i.indkey::int2[], i.indisprimary
-  FROM pg_index i
- WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
-   AND i.indexprs IS NULL AND i.indimmediate
-   AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = i.indrelid
-                    AND a.attnum = ANY (i.indkey) AND NOT a.attnotnull)
- ORDER BY i.indisprimary DESC, i.indisreplident DESC, i.indnatts, i.indexrelid
- LIMIT 1
-"""
-
-
-class Catalog:
-    """What capture asks the source's catalog about a relation it meets in the stream."""
-
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.conn = conn
-        row = conn.execute(
-            "SELECT CASE WHEN to_regclass('undo.config') IS NOT NULL"
-            " THEN (SELECT schemas FROM undo.config) END"
-        ).fetchone()
-        #: schemas whose every table is audited: a table of theirs not found was audited
-        self.schemas: frozenset[str] = frozenset(row[0] or ()) if row else frozenset()
-        self.has_problems: bool | None = None  # undo.table_problems is there (init of 0.3)
-
-    def resolve(self, rel: Relation) -> tuple[bool, tuple[int, ...] | None, bool]:
-        """Fill in oid and types; return (audited, key positions, old images incomplete)."""
-        if rel.oid is None:
-            row = self.conn.execute(
-                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = %s AND c.relname = %s",
-                (rel.schema, rel.name),
-            ).fetchone()
-            rel.oid = None if row is None else int(row[0])
-        attrs = (
-            self.conn.execute(
-                "SELECT attnum, attname, attgenerated <> '', atttypid, atttypmod FROM pg_attribute"
-                " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                (rel.oid,),
-            ).fetchall()
-            if rel.oid is not None
-            else []
-        )
-        if rel.types is None and rel.type_oids is not None and rel.type_mods is None:
-            # wal2json sends type OIDs but no typmods: take them from the catalog where the
-            # column still has that type (else the typmod is lost, and undo sees the change)
-            live = {a[1]: (a[3], a[4]) for a in attrs}
-            rel.type_mods = tuple(
-                live[c][1] if c in live and live[c][0] == t else -1
-                for c, t in zip(rel.columns, rel.type_oids, strict=True)
-            )
-        if rel.types is None and rel.type_oids is not None:
-            rows = self.conn.execute(
-                "SELECT format_type(t, NULLIF(m, -1)) FROM unnest(%s::oid[], %s::int[])"
-                " WITH ORDINALITY AS u(t, m, i) ORDER BY i",
-                (list(rel.type_oids), list(rel.type_mods or ())),
-            ).fetchall()
-            rel.types = tuple(r[0] for r in rows)
-        if rel.oid is None:
-            return False, None, True
-        root = self.conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid ="
-            " c.relnamespace WHERE c.oid = pg_partition_root(%s::oid) AND c.oid <> %s::oid",
-            (rel.oid, rel.oid),
-        ).fetchone()
-        rel.root = None if root is None else (root[0], root[1])
-        audited = self.conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM undo.audited WHERE relid = %s)", (rel.oid,)
-        ).fetchone()
-        attnames = {a[0]: a[1] for a in attrs}
-        complete = (
-            tuple(a[1] for a in attrs),
-            tuple(a[1] for a in attrs if not a[2]),
-        )
-        # wal2json sends stored generated columns, pgoutput (15) does not: both are complete.
-        partial = bool(rel.columns) and rel.columns not in complete
-        if not attrs and rel.replident is not None:
-            # the table is gone since: pgoutput says what its replica identity was then
-            partial = rel.replident != "f"
-        key = None
-        row = self.conn.execute(_KEY_QUERY, {"oid": rel.oid}).fetchone()
-        if row is not None:
-            cols = [attnames.get(n) for n in row[0]]
-            if all(c in rel.columns for c in cols):
-                key = tuple(rel.columns.index(c) for c in cols if c is not None)
-        return bool(audited and audited[0]), key, partial
-
-    def problems(self, oids: list[int] | None) -> list[tuple[str, str]]:
-        """What is wrong now with the audited tables of these OIDs (None: every audited table),
-        one (table, problem) each: undo.table_problems, the definition init and status use."""
-        if self.has_problems is None:
-            row = self.conn.execute(
-                "SELECT to_regprocedure('undo.table_problems(oid[])') IS NOT NULL"
-            ).fetchone()
-            self.has_problems = bool(row and row[0])
-            if not self.has_problems:
-                log.warning(
-                    "the source was prepared by an earlier undo: run `undo init` again, so that"
-                    " capture can check audited tables on each DDL record",
-                    extra=_fields(),
-                )
-        if not self.has_problems or oids == []:
-            return []
-        return [
-            (str(r[0]), str(r[1]))
-            for r in self.conn.execute(
-                "SELECT p.table_name, p.problem FROM undo.table_problems(ARRAY("
-                "SELECT relid FROM undo.audited WHERE %(oids)s::oid[] IS NULL"
-                " OR relid = ANY (%(oids)s::oid[]))) p",
-                {"oids": oids},
-            ).fetchall()
-        ]
-
-
-def _slot_state(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | None:
-    return conn.execute(
-        "SELECT confirmed_flush_lsn::text, wal_status, active_pid"
-        " FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
-        (slot,),
-    ).fetchone()
-
-
-def check_slot(
-    conn: psycopg.Connection[Any], db: Any, slot: str, position: int, accept_gap: bool
-) -> int:
-    """Refuse a slot that cannot continue the store's trail; return the start position.
-
-    A slot another process holds for a moment (`undo status` or a /metrics scrape peeking at
-    it) is waited for, up to SLOT_BUSY_SECONDS."""
-    state = _slot_state(conn, slot)
-    deadline = time.monotonic() + SLOT_BUSY_SECONDS
-    while state is not None and state[2] is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
-        state = _slot_state(conn, slot)
-    if state is None:
-        record_gap(db, position, None, f"slot {slot} missing")
-        raise SlotGap(
-            f"replication slot {slot!r} does not exist: changes since {wal.int_to_lsn(position)}"
-            " are lost to the audit trail; run `undo init` to create a new slot (recorded as a gap)"
-        )
-    confirmed, wal_status, active_pid = state
-    if wal_status == "lost":
-        record_gap(db, position, None, f"slot {slot} invalidated (wal_status lost)")
-        raise SlotGap(
-            f"replication slot {slot!r} was invalidated (max_slot_wal_keep_size): changes since"
-            f" {wal.int_to_lsn(position)} are lost; run `undo init` to create a new slot"
-        )
-    if active_pid is not None:
-        raise SlotGap(
-            f"replication slot {slot!r} is in use by another process (pid {active_pid}):"
-            " stop the other consumer first"
-        )
-    confirmed_lsn = wal.lsn_to_int(confirmed) if confirmed else 0
-    if confirmed_lsn > position:
-        if accept_gap:
-            record_gap(db, position, confirmed_lsn, f"slot {slot} ahead of the store (accepted)")
-            return confirmed_lsn
-        record_gap(db, position, confirmed_lsn, f"slot {slot} ahead of the store")
-        raise SlotGap(
-            f"replication slot {slot!r} is at {confirmed}, ahead of the store at"
-            f" {wal.int_to_lsn(position)}: it was consumed, advanced or re-created elsewhere, and"
-            " the changes between are lost; run `undo capture --accept-gap` to go on from the slot"
-        )
-    return position
-
-
-def _read_key(conn: psycopg.Connection[Any]) -> bytes:
-    try:
-        row = conn.execute("SELECT key FROM undo.secret").fetchone()
-    except psycopg.errors.InsufficientPrivilege:
-        raise NotReady(
-            f"role {conn.info.user} may not read undo.secret, so tags cannot be verified:"
-            f" run GRANT SELECT ON undo.secret TO {conn.info.user}; (as the role that ran init)"
-        ) from None
-    except psycopg.errors.UndefinedTable:
-        raise NotReady("the source database is not prepared: run `undo init`") from None
-    if row is None:
-        raise NotReady("undo.secret is empty: run `undo init` again")
-    return bytes(row[0])
 
 
 class _Session:
@@ -592,7 +412,7 @@ def capture(
         while True:
             try:
                 with pg.connect(settings.dsn) as conn:
-                    key = _read_key(conn)
+                    key = read_key(conn)
                     start = check_slot(conn, db, settings.slot, writer.position, accept_gap)
                     accept_gap = False
                     if start > writer.position:
