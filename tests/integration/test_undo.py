@@ -364,3 +364,25 @@ def test_lock_timeout_is_refused_in_one_line_and_changes_nothing(pgo):
     assert "gave up waiting" in result.stderr and "--lock-timeout 1s" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert pgo.sql("SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b)") == [(0, 0)]
+
+
+def test_printing_refuses_what_apply_would_refuse(source):
+    """Print mode checks the live rows first: a row changed since refuses the script (exit 1,
+    nothing printed) as --apply would; with skip the script leaves those rows out."""
+    sid, later = _conflict_setup(source)
+    before = source.snapshot("t")
+    printed = source.undo_cli("session", sid)
+    assert printed.returncode == 1 and printed.stdout == "", printed.stderr
+    assert "id=2" in printed.stderr and "id=5" in printed.stderr and later in printed.stderr
+    skipped = source.undo_cli("session", sid, "--on-conflict", "skip")
+    assert skipped.returncode == 1 and "id=2" in skipped.stderr and "id=5" in skipped.stderr
+    assert source.snapshot("t") == before
+    ran = source.psql(skipped.stdout, "-v", "ON_ERROR_STOP=1")
+    assert ran.returncode == 0, ran.stderr
+    assert source.sql("SELECT id, v FROM t ORDER BY id") == [
+        (1, "orig"),
+        (2, "someone else"),
+        (3, "orig"),
+        (4, "orig"),
+        (5, "reborn"),
+    ]
