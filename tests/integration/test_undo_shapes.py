@@ -169,7 +169,10 @@ def test_table_filter_parses_quotes_and_keeps_refusals(pgo):
             _apply(pgo, session=sid, tables=(name,))
         result = pgo.undo_cli("session", sid, "--table", name)
         assert result.returncode == 1 and result.stdout == "", name
-    report = _apply(pgo, session=sid, tables=('"Odd.S"."T.x"', "u"))
+    with pytest.raises(Refused, match="TRUNCATE"):  # of t, which these tables leave out
+        _apply(pgo, session=sid, tables=('"Odd.S"."T.x"', "u"))
+    report = _apply(pgo, session=sid, tables=('"Odd.S"."T.x"', "u"), on_conflict="skip")
+    assert len(report.not_undoable) == 1 and "public.t in xid" in report.not_undoable[0]
     assert report.rows == {('"Odd.S"."T.x"', "D"): 1, ("public.u", "D"): 1}
     with pytest.raises(NotFound):
         _apply(pgo, session=sid, tables=("nosuch",))
