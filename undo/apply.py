@@ -94,9 +94,9 @@ class _Runner:
         """Run ``if_true`` or ``if_false`` as the one-value query ``test`` says."""
         raise NotImplementedError
 
-    def copy_directly(self, u: TableUndo, rows: Iterable[str]) -> bool:
+    def copy_directly(self, u: TableUndo, rows: Iterable[str], xids: list[int]) -> bool:
         """COPY old rows straight into the table; False (and nothing written) if one is in
-        the way."""
+        the way (for a keyless table: if a row was written since the transactions ``xids``)."""
         raise NotImplementedError
 
     def copy(self, q: Query, lines: Iterable[str]) -> int:
@@ -138,7 +138,9 @@ class _Applier(_Runner):
                     cp.write("".join(buf))
             return cur.rowcount
 
-    def copy_directly(self, u: TableUndo, rows: Iterable[str]) -> bool:
+    def copy_directly(self, u: TableUndo, rows: Iterable[str], xids: list[int]) -> bool:
+        if not u.keyed and self._one(u.young_rows(xids)):
+            return False  # maybe an identical row: the staged way counts them
         self.conn.execute("SAVEPOINT undo_copy")
         try:
             written = self.copy(u.copy_into_table(), rows)
@@ -185,7 +187,7 @@ class _Applier(_Runner):
     def _conflict(self, step: Step, change_id: int, image: str, reason: str) -> None:
         tv = step.table.version
         values = load(image)
-        who = later_writer(self.db, tv, change_id, inverse.key_text(tv, values))
+        who = later_writer(self.db, tv, change_id, inverse.key_text(tv, values), image)
         self.report.conflicts.append(
             Conflict(tv.qualified, inverse.describe_image(tv, values), f"{reason}; {who}")
         )
@@ -344,13 +346,15 @@ def _run(
     ops = plan.ops()
     row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
     by_xmin = plan.by_xmin(int(row[0]) if row else 0)
+    # a keyless table's stage carries every xid: rows written since are known by their xmin
+    every_xid = {t["id"]: t["xid"] for t in plan.transactions}
     undos: dict[int, TableUndo] = {}
     staged: set[int] = set()
     done = [0]
     total = sum(plan.counts.values())
 
     def lines(rel: int, u: TableUndo, rows: bool = False) -> Iterator[str]:
-        changed = changes(db, plan, rel, by_xmin)
+        changed = changes(db, plan, rel, by_xmin if u.keyed else every_xid)
         return _counted(u.rows(changed) if rows else u.lines(changed), progress, done, total)
 
     for n, rel in enumerate(order, 1):
@@ -375,7 +379,8 @@ def _run(
                     runner.step(u.steps()[kind], u)
                     wrote()
             elif kind == "D":
-                if not runner.copy_directly(u, lines(rel, u, rows=True)):
+                xids = [t["xid"] for t in plan.transactions if (t["id"], rel, "D") in plan.counts]
+                if not runner.copy_directly(u, lines(rel, u, rows=True), xids):
                     # a row is in the way: stage and go the whole way, which names the conflicts
                     # (a key deleted twice, with a write between, is a broken chain, not a 'D')
                     _stage(runner, u, lines(rel, u))

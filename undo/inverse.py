@@ -139,6 +139,11 @@ _DIAGNOSE_POST = (
     " FROM {net} n WHERE {cond} AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {m})"
 )
 
+#: a row version written after the undone transactions (``since``: the smallest age of their
+#: xids): a younger xmin, not this transaction's own (age 0; undo's transaction has an xid
+#: before it first asks, so ages stay put)
+WRITTEN_SINCE = "age(t.xmin) < {since} AND age(t.xmin) <> 0"
+
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -376,16 +381,21 @@ class TableUndo:
         ``broken``, and no statement touches it.
 
         Keyless: per distinct image, how many copies the selection added (delta > 0) or
-        removed (delta < 0)."""
+        removed (delta < 0), and ``since``: the age of the newest undone transaction that
+        changed such a row (the stage carries every transaction's xid for a keyless table), so
+        that a row written after it is known by its xmin. Ids are the image's first line and
+        side, the same wherever the script runs."""
         if not self.keyed:
             return sql.SQL(
                 "CREATE TEMP TABLE {net} ON COMMIT DROP AS"
-                " SELECT row_number() OVER () AS id, g.img, g.delta, g.seq{o_cs}"
-                " FROM (SELECT img, sum(d) AS delta, max(seq) AS seq FROM ("
-                " SELECT pre_img AS img, -1 AS d, seq FROM {stage} WHERE pre_img IS NOT NULL"
+                " SELECT g.id, g.img, g.delta, g.seq, g.since{o_cs}"
+                " FROM (SELECT img, sum(d) AS delta, max(seq) AS seq, min(line) AS id,"
+                " min(age(xid)) AS since FROM ("
+                " SELECT pre_img AS img, -1 AS d, seq, 2 * id AS line, xid FROM {stage}"
+                " WHERE pre_img IS NOT NULL"
                 " UNION ALL"
-                " SELECT post_img, 1, seq FROM {stage} WHERE post_img IS NOT NULL) i"
-                " GROUP BY img) g"
+                " SELECT post_img, 1, seq, 2 * id + 1, xid FROM {stage}"
+                " WHERE post_img IS NOT NULL) i GROUP BY img) g"
                 " LEFT JOIN (SELECT DISTINCT ON (pre_img) * FROM {stage}"
                 " WHERE pre_img IS NOT NULL ORDER BY pre_img) o ON o.pre_img = g.img"
                 " WHERE g.delta <> 0"
@@ -454,6 +464,7 @@ class TableUndo:
             "cond": sql.SQL(cond),
             "kj": kj,
             "fp": fp,
+            "since": sql.SQL(WRITTEN_SINCE.format(since="n.since")),
             # the row as the undone change left it: still the version its transaction wrote
             # (xmin), or else equal to the image, column by column
             "m": sql.SQL(
@@ -552,15 +563,35 @@ class TableUndo:
                 " count(*) AS found FROM ONLY {t} t GROUP BY 1) x ON x.img = n.img::jsonb"
                 " WHERE {cond} AND coalesce(x.found, 0) < n.delta",
             ),
+            # the table must hold as many identical rows as the undone changes left: one
+            # written since the newest of them (a younger xmin; not this transaction's own,
+            # age 0) makes the image a conflict, never a second copy
             "D": self._step(
                 "D",
                 "n.delta < 0",
                 "INSERT INTO {t} ({cols}){over} SELECT {vals} FROM {net} n"
-                " CROSS JOIN LATERAL generate_series(1, -n.delta) WHERE {cond}",
+                " CROSS JOIN LATERAL generate_series(1, -n.delta) WHERE {cond}"
+                " AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {since} AND {fp} = n.img::jsonb"
+                # the same bound for every row, so only young rows are fingerprinted
+                " AND age(t.xmin) < (SELECT max(x.since) FROM {net} x WHERE x.delta < 0))",
                 "SELECT coalesce(-sum(n.delta), 0) FROM {net} n WHERE {cond}",
-                "SELECT n.id, n.seq, n.img::text, '' FROM {net} n WHERE false",
+                "SELECT n.id, n.seq, n.img::text, 'an identical row was written since' FROM {net} n"
+                " WHERE {cond} AND EXISTS (SELECT 1 FROM ONLY {t} t WHERE {since}"
+                " AND {fp} = n.img::jsonb)",
             ),
         }
+
+    def young_rows(self, xids: Iterable[int]) -> sql.Composed:
+        """Whether the table holds a row version written after these transactions (before a
+        keyless table's deletes go straight back by COPY, which checks nothing)."""
+        return sql.SQL("SELECT EXISTS (SELECT FROM ONLY {t} t WHERE {since})").format(
+            t=self.t.ident,
+            since=sql.SQL(WRITTEN_SINCE).format(
+                since=sql.SQL("(SELECT min(age(x)) FROM unnest({}::xid[]) x)").format(
+                    sql.Literal("{" + ",".join(str(x) for x in sorted(set(xids))) + "}")
+                )
+            ),
+        )
 
     # foreign keys ------------------------------------------------------------------------------
     def written(self) -> str:

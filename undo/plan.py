@@ -380,16 +380,21 @@ def changes(
                 yield make(row)
 
 
-def later_writer(db: Database, tv: TableVersion, change_id: int, key: str | None) -> str:
-    """Who changed this row after the undone change, as far as the store knows."""
-    if key is None or tv.oid is None:
+def later_writer(
+    db: Database, tv: TableVersion, change_id: int, key: str | None, image: str | None = None
+) -> str:
+    """Who changed this row after the undone change, as far as the store knows (a keyless
+    row: who wrote an identical one, ``image``)."""
+    if tv.oid is None or (key is None and image is None):
         return "changed since by a session the store cannot name"
+    found = "c.key = ?" if key is not None else "c.key IS NULL AND c.new = ?"
     row = db.execute(
-        "SELECT t.session_id, t.xid, t.application_name FROM changes c"
+        "SELECT t.session_id, t.xid, t.application_name FROM changes c"  # noqa: S608
         " JOIN transactions t ON t.id = c.txn"
-        " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND c.key = ?"
-        " AND c.id > ? ORDER BY c.id DESC LIMIT 1",
-        [tv.oid, key, change_id],
+        " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND "
+        + found
+        + " AND c.id > ? ORDER BY c.id DESC LIMIT 1",
+        [tv.oid, key if key is not None else image, change_id],
     ).fetchone()
     if row is None:
         return "changed since (not in the audit store yet: run `undo capture`)"

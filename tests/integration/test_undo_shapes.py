@@ -94,10 +94,11 @@ def test_keyless_duplicates_restored_with_their_multiplicity(source):
         "UPDATE d SET b = 'y' WHERE ctid = (SELECT min(ctid) FROM d WHERE a = 2)",
         "INSERT INTO d VALUES (1, 'x'), (3, 'z')",
     )
-    later = _as_session(source, "INSERT INTO d VALUES (1, 'x')", app="web")
+    # a copy of a row the session inserted (one of a row it deleted would be a conflict)
+    later = _as_session(source, "INSERT INTO d VALUES (3, 'z')", app="web")
     source.capture()
     _apply(source, session=sid)
-    assert source.snapshot("d") == sorted([*before, "(1,x)"])
+    assert source.snapshot("d") == sorted([*before, "(3,z)"])
     # the later session's duplicate is its own: undoing it removes exactly one row
     _apply(source, session=later)
     assert source.snapshot("d") == before
