@@ -235,9 +235,9 @@ def test_script_conflict_stops_psql_even_without_on_error_stop(pgo):
     pgo.init()
     pgo.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
     sid = _as_session(pgo, "UPDATE t SET v = 'bad'")
-    pgo.sql("UPDATE t SET v = 'later' WHERE id = 2")
     pgo.capture()
-    script = pgo.undo_cli("session", sid).stdout
+    script = pgo.undo_cli("session", sid).stdout  # printed before the later change
+    pgo.sql("UPDATE t SET v = 'later' WHERE id = 2")
     run = pgo.psql(script)  # no -v ON_ERROR_STOP=1: the script sets it itself
     assert run.returncode != 0 and "id=2" in run.stderr and "changed since" in run.stderr
     assert pgo.sql("SELECT id, v FROM t ORDER BY id") == [(1, "bad"), (2, "later")]
@@ -365,12 +365,16 @@ def test_foreign_keys_the_undo_would_break_are_refused(pgo):
     pgo.init()
     pgo.sql("INSERT INTO p VALUES (1); INSERT INTO c VALUES (10, 1)")
     sid = _as_session(pgo, "INSERT INTO p VALUES (2)", "DELETE FROM c WHERE id = 10")
-    pgo.sql("INSERT INTO c VALUES (20, 2); DELETE FROM p WHERE id = 1")
     pgo.capture()
+    script = pgo.undo_cli("session", sid)  # printed before the later changes
+    assert script.returncode == 0, script.stderr
+    pgo.sql("INSERT INTO c VALUES (20, 2); DELETE FROM p WHERE id = 1")
     with pytest.raises(Refused, match="foreign key would be violated") as e:
         _apply(pgo, session=sid)
     assert "public.c -> public.p" in str(e.value) and str(e.value).count("foreign key") == 2
-    script = pgo.undo_cli("session", sid)
+    printed = pgo.undo_cli("session", sid)  # printed now: refused as --apply is
+    assert printed.returncode == 1 and printed.stdout == ""
+    assert printed.stderr.count("foreign key would be violated") == 2
     run = pgo.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
     assert run.returncode != 0 and "foreign key would be violated" in run.stderr
     assert pgo.sql("SELECT id FROM p ORDER BY id") == [(2,)]
