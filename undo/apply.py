@@ -96,6 +96,8 @@ class _Writes:
     xids: Callable[[int], list[int]]
     check_keys: bool
     progress: Progress | None
+    #: the tables whose conflicts are looked for (the print check: those it staged); None: all
+    checked: set[int] | None = None
 
     def steps(self) -> Iterator[tuple[TableUndo, Step | None]]:
         """Undo inserts children first, then updates, then re-insert parents first; None: the
@@ -112,11 +114,13 @@ class _Writes:
     def count(self) -> int:
         return sum(len(self.undos[r].steps()) if r in self.staged else 1 for r in self.order)
 
-    def by_oid(self) -> dict[int, TableUndo]:
+    def by_oid(self, checked: bool = False) -> dict[int, TableUndo]:
         return {
             u.t.version.oid: u
             for r, u in self.undos.items()
-            if r in self.staged and u.t.version.oid is not None
+            if r in self.staged
+            and u.t.version.oid is not None
+            and (not checked or self.checked is None or r in self.checked)
         }
 
 
@@ -126,7 +130,9 @@ def _diagnose(w: _Writes, db: Any, report: UndoReport) -> dict[int, list[int]]:
     through foreign keys, until none is left. Takes them out of the nets (into the skip tables),
     reports them, and returns the net ids left out per table number."""
     conn = w.conn
-    staged = [w.undos[r] for r in w.order if r in w.staged]
+    staged = [
+        w.undos[r] for r in w.order if r in w.staged and (w.checked is None or r in w.checked)
+    ]
     for u in staged:
         conn.execute(u.create_skip())
     out: dict[int, list[int]] = {}
@@ -148,12 +154,14 @@ def _diagnose(w: _Writes, db: Any, report: UndoReport) -> dict[int, list[int]]:
 
     for u in staged:
         for step in u.steps().values():
+            if not _count(conn, step.expected):
+                continue
             found = conn.execute(step.diagnose).fetchall()
             if found:
                 leave_out(u, found, True)
     if not w.check_keys:
         return out
-    rules = inverse.foreign_key_skips(conn, w.by_oid())
+    rules = inverse.foreign_key_skips(conn, w.by_oid(checked=True))
     while True:
         more = False
         for u, q in rules:
@@ -165,10 +173,19 @@ def _diagnose(w: _Writes, db: Any, report: UndoReport) -> dict[int, list[int]]:
             return out
 
 
+def _count(conn: psycopg.Connection[Any], q: Query) -> int:
+    row = conn.execute(q).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 class _Runner:
     """What _run needs of a way to run the undo."""
 
     copies_directly = False  # whether a table may go back by a COPY straight into it
+    checked: set[int] | None = None  # see _Writes.checked
+
+    def begin(self, rel: int) -> None:
+        """The statements that follow stage this table."""
 
     def statement(self, q: Query) -> None:
         """A statement of the undo (the ledger's call, settings)."""
@@ -245,8 +262,7 @@ class _Applier(_Runner):
         return True
 
     def _one(self, q: Query) -> int:
-        row = self.conn.execute(q).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        return _count(self.conn, q)
 
     def _write_once(self, w: _Writes) -> int | str | None:
         """Every write once: None if each wrote what it must; else the table to stage (its
@@ -308,10 +324,11 @@ class _Applier(_Runner):
 
 
 class _Printer(_Runner):
-    """Writes the script. With ``check``, it first stages the same rows on its own connection
-    and looks for conflicts on the live rows (reads only, no row locks): ``abort`` refuses
-    before anything is printed, ``skip`` prints a script that leaves them out. The script keeps
-    every count check, for what changes between the check and psql."""
+    """Writes the script. The tables in ``checked`` (those a look at their rows' xmins did not
+    clear, ``_cleared``) are staged on undo's own connection too, as they are printed, and their
+    conflicts looked for on the live rows (reads only, no row locks): ``abort`` refuses before
+    anything is printed, ``skip`` prints a script that leaves them out. The script keeps every
+    count check, for what changes between the check and psql."""
 
     def __init__(
         self,
@@ -320,14 +337,18 @@ class _Printer(_Runner):
         db: Any,
         report: UndoReport,
         on_conflict: str,
-        check: bool = True,
+        checked: set[int],
     ) -> None:
         self.out = out
         self.conn = conn
         self.db = db
         self.report = report
         self.on_conflict = on_conflict
-        self.check = check
+        self.checked: set[int] = checked
+        self.check = False  # the table being staged is checked
+
+    def begin(self, rel: int) -> None:
+        self.check = rel in self.checked
 
     def statement(self, q: Query) -> None:
         self.out.write(q.as_string(self.conn) + ";\n")
@@ -375,7 +396,7 @@ class _Printer(_Runner):
         return n
 
     def write(self, w: _Writes) -> None:
-        if self.check:
+        if self.checked:
             left_out = _diagnose(w, self.db, self.report)
             if self.report.conflicts and self.on_conflict != "skip":
                 raise Refused(
@@ -388,10 +409,9 @@ class _Printer(_Runner):
         for _, step in w.steps():
             assert step is not None  # the script stages every table
             self.step(step)
-            if self.check:
-                row = self.conn.execute(step.expected).fetchone()
-                self.report.rows[step.table.version.qualified, step.kind] += int(
-                    row[0] if row and row[0] is not None else 0
+            if step.table.version.id in self.checked:
+                self.report.rows[step.table.version.qualified, step.kind] += _count(
+                    self.conn, step.expected
                 )
         if w.check_keys:
             for label, q in inverse.foreign_key_checks(self.conn, w.by_oid()):
@@ -531,6 +551,7 @@ def _run(
         return _counted(u.rows(changed) if rows else u.lines(changed), progress, done, total)
 
     def stage(rel: int) -> None:
+        runner.begin(rel)
         _stage(runner, undos[rel], lines(rel, undos[rel]))
         staged.add(rel)
 
@@ -551,6 +572,7 @@ def _run(
             ],
             check_keys=check_keys and not fire_triggers,
             progress=progress,
+            checked=runner.checked,
         )
     )
 
@@ -761,7 +783,8 @@ def _print(
         "\\set ON_ERROR_STOP on\n"
         "SET application_name = 'undo';\nBEGIN;\n"
     )
-    printer = _Printer(out, conn, db, report, on_conflict)
+    checked = set(tables) - _cleared(conn, plan, tables)
+    printer = _Printer(out, conn, db, report, on_conflict, checked)
     for q in settings_sql:
         printer.statement(q)
     printer.statement(sql.SQL(_FAIL_FUNCTION))
@@ -770,3 +793,57 @@ def _print(
     finally:
         conn.rollback()
     out.write("COMMIT;\n")
+    for (table, op), n in plan.rows().items():  # the tables not staged for the check
+        if not any(tables[r].version.qualified == table for r in checked):
+            report.rows[table, op] = n
+
+
+def _cleared(
+    conn: psycopg.Connection[Any], plan: Plan, tables: dict[int, inverse.LiveTable]
+) -> set[int]:
+    """The tables whose undo a look at their rows' xmins clears of conflicts, without staging
+    anything: one scan each. Every row the undone transactions left must still carry their xid
+    (as many rows as their inserts and updates: a row changed since, gone, or written twice by
+    them is missing from the count), and where rows go back, no row may have been written since
+    by another transaction (a key back, an identical keyless row). Only where every transaction
+    is known by its xid (``Plan.by_xmin``: no --only), the key has a unique index, and no
+    foreign key touches the table (those are checked over the staged rows)."""
+    row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
+    by_xmin = plan.by_xmin(int(row[0]) if row else 0)
+    ops = plan.ops()
+    out = set()
+    for rel, lt in tables.items():
+        txns = [
+            t["id"]
+            for t in plan.transactions
+            if any((t["id"], rel, o) in plan.counts for o in "IUD")
+        ]
+        if (lt.version.key is not None and not lt.unique_key) or not all(
+            t in by_xmin for t in txns
+        ):
+            continue
+        keys = conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'f'"
+            " AND (conrelid = %s OR confrelid = %s))",
+            (lt.version.oid, lt.version.oid),
+        ).fetchone()
+        if keys is None or keys[0]:
+            continue
+        xids = sql.Literal("{" + ",".join(str(by_xmin[t]) for t in sorted(txns)) + "}")
+        ours, young = conn.execute(
+            sql.SQL(
+                "SELECT count(*) FILTER (WHERE t.xmin = ANY ({xids}::xid[])),"
+                " coalesce(bool_or({since} AND NOT t.xmin = ANY ({xids}::xid[])), false)"
+                " FROM ONLY {t} t"
+            ).format(
+                xids=xids,
+                since=sql.SQL(inverse.WRITTEN_SINCE).format(
+                    since=sql.SQL("(SELECT max(age(x)) FROM unnest({}::xid[]) x)").format(xids)
+                ),
+                t=lt.ident,
+            )
+        ).fetchone() or (0, True)
+        left = sum(plan.counts.get((t, rel, o), 0) for t in txns for o in "IU")
+        if ours == left and not (young and "D" in ops[rel]):
+            out.add(rel)
+    return out
