@@ -192,9 +192,16 @@ def test_printed_script_through_psql_equals_apply(source, tmp_path):
 
 
 def test_printed_script_fails_on_conflict(pgo):
-    sid, _ = _conflict_setup(pgo)
-    before = pgo.snapshot("t")
+    """A script printed before a later session changed its rows checks them itself."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t SELECT g, 'orig' FROM generate_series(1, 5) g")
+    sid = _as_session(pgo, "UPDATE t SET v = 'bad' WHERE id <= 3", "DELETE FROM t WHERE id = 5")
+    pgo.capture()
     script = pgo.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    _as_session(pgo, "UPDATE t SET v = 'someone else' WHERE id = 2", app="web")
+    before = pgo.snapshot("t")
     psql = pgo.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
     assert psql.returncode != 0
     assert pgo.snapshot("t") == before
@@ -237,8 +244,22 @@ def test_undo_xact_and_app_since(pgo):
     assert pgo.sql("SELECT id FROM t ORDER BY id") == [(1,), (3,)]
     result = pgo.undo_cli("app", "metrics", "--since", "1h", "--apply", "--only", "delete")
     assert result.returncode == 1 and "already undone" in result.stderr
+    # printed, it is refused too: the row xact x1 deleted is back (the script would meet it)
     result = pgo.undo_cli("app", "metrics", "--since", "1h", "--until", "2099-01-01T00:00:00Z")
-    assert result.returncode == 0 and "COPY" in result.stdout
+    assert result.returncode == 1 and result.stdout == "" and "id=1" in result.stderr
+    result = pgo.undo_cli(
+        "app",
+        "metrics",
+        "--since",
+        "1h",
+        "--until",
+        "2099-01-01T00:00:00Z",
+        "--only",
+        "delete",
+        "--on-conflict",
+        "skip",
+    )
+    assert result.returncode == 1 and "COPY" in result.stdout
 
 
 def test_truncate_refused_unless_skipped(pgo):
@@ -416,3 +437,25 @@ def test_a_conflict_over_a_value_the_decoder_could_not_carry_says_so(source):
         ("c", 1),
     ]
     assert source.sql("SELECT label FROM m") == [("b",)]
+
+
+def test_printing_refuses_what_apply_would_refuse(source):
+    """Print mode checks the live rows first: a row changed since refuses the script (exit 1,
+    nothing printed) as --apply would; with skip the script leaves those rows out."""
+    sid, later = _conflict_setup(source)
+    before = source.snapshot("t")
+    printed = source.undo_cli("session", sid)
+    assert printed.returncode == 1 and printed.stdout == "", printed.stderr
+    assert "id=2" in printed.stderr and "id=5" in printed.stderr and later in printed.stderr
+    skipped = source.undo_cli("session", sid, "--on-conflict", "skip")
+    assert skipped.returncode == 1 and "id=2" in skipped.stderr and "id=5" in skipped.stderr
+    assert source.snapshot("t") == before
+    ran = source.psql(skipped.stdout, "-v", "ON_ERROR_STOP=1")
+    assert ran.returncode == 0, ran.stderr
+    assert source.sql("SELECT id, v FROM t ORDER BY id") == [
+        (1, "orig"),
+        (2, "someone else"),
+        (3, "orig"),
+        (4, "orig"),
+        (5, "reborn"),
+    ]

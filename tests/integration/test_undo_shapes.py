@@ -94,10 +94,11 @@ def test_keyless_duplicates_restored_with_their_multiplicity(source):
         "UPDATE d SET b = 'y' WHERE ctid = (SELECT min(ctid) FROM d WHERE a = 2)",
         "INSERT INTO d VALUES (1, 'x'), (3, 'z')",
     )
-    later = _as_session(source, "INSERT INTO d VALUES (1, 'x')", app="web")
+    # a copy of a row the session inserted (one of a row it deleted would be a conflict)
+    later = _as_session(source, "INSERT INTO d VALUES (3, 'z')", app="web")
     source.capture()
     _apply(source, session=sid)
-    assert source.snapshot("d") == sorted([*before, "(1,x)"])
+    assert source.snapshot("d") == sorted([*before, "(3,z)"])
     # the later session's duplicate is its own: undoing it removes exactly one row
     _apply(source, session=later)
     assert source.snapshot("d") == before
@@ -169,7 +170,10 @@ def test_table_filter_parses_quotes_and_keeps_refusals(pgo):
             _apply(pgo, session=sid, tables=(name,))
         result = pgo.undo_cli("session", sid, "--table", name)
         assert result.returncode == 1 and result.stdout == "", name
-    report = _apply(pgo, session=sid, tables=('"Odd.S"."T.x"', "u"))
+    with pytest.raises(Refused, match="TRUNCATE"):  # of t, which these tables leave out
+        _apply(pgo, session=sid, tables=('"Odd.S"."T.x"', "u"))
+    report = _apply(pgo, session=sid, tables=('"Odd.S"."T.x"', "u"), on_conflict="skip")
+    assert len(report.not_undoable) == 1 and "public.t in xid" in report.not_undoable[0]
     assert report.rows == {('"Odd.S"."T.x"', "D"): 1, ("public.u", "D"): 1}
     with pytest.raises(NotFound):
         _apply(pgo, session=sid, tables=("nosuch",))
@@ -231,9 +235,9 @@ def test_script_conflict_stops_psql_even_without_on_error_stop(pgo):
     pgo.init()
     pgo.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
     sid = _as_session(pgo, "UPDATE t SET v = 'bad'")
-    pgo.sql("UPDATE t SET v = 'later' WHERE id = 2")
     pgo.capture()
-    script = pgo.undo_cli("session", sid).stdout
+    script = pgo.undo_cli("session", sid).stdout  # printed before the later change
+    pgo.sql("UPDATE t SET v = 'later' WHERE id = 2")
     run = pgo.psql(script)  # no -v ON_ERROR_STOP=1: the script sets it itself
     assert run.returncode != 0 and "id=2" in run.stderr and "changed since" in run.stderr
     assert pgo.sql("SELECT id, v FROM t ORDER BY id") == [(1, "bad"), (2, "later")]
@@ -361,12 +365,16 @@ def test_foreign_keys_the_undo_would_break_are_refused(pgo):
     pgo.init()
     pgo.sql("INSERT INTO p VALUES (1); INSERT INTO c VALUES (10, 1)")
     sid = _as_session(pgo, "INSERT INTO p VALUES (2)", "DELETE FROM c WHERE id = 10")
-    pgo.sql("INSERT INTO c VALUES (20, 2); DELETE FROM p WHERE id = 1")
     pgo.capture()
+    script = pgo.undo_cli("session", sid)  # printed before the later changes
+    assert script.returncode == 0, script.stderr
+    pgo.sql("INSERT INTO c VALUES (20, 2); DELETE FROM p WHERE id = 1")
     with pytest.raises(Refused, match="foreign key would be violated") as e:
         _apply(pgo, session=sid)
     assert "public.c -> public.p" in str(e.value) and str(e.value).count("foreign key") == 2
-    script = pgo.undo_cli("session", sid)
+    printed = pgo.undo_cli("session", sid)  # printed now: refused as --apply is
+    assert printed.returncode == 1 and printed.stdout == ""
+    assert printed.stderr.count("foreign key would be violated") == 2
     run = pgo.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
     assert run.returncode != 0 and "foreign key would be violated" in run.stderr
     assert pgo.sql("SELECT id FROM p ORDER BY id") == [(2,)]
@@ -453,3 +461,174 @@ def test_capture_keeps_the_full_xid_of_a_trusted_transaction(pgo):
         c.commit()
     pgo.capture()
     assert pgo.store_rows("SELECT xid, full_xid FROM transactions") == [(full % 2**32, full)]
+
+
+SHOP = (
+    "CREATE TABLE orders (id int PRIMARY KEY, customer text);"
+    "CREATE TABLE order_items (id int PRIMARY KEY, order_id int NOT NULL REFERENCES orders"
+    " ON DELETE CASCADE, sku text);"
+    "CREATE TABLE invoices (id int PRIMARY KEY, order_id int REFERENCES orders ON DELETE CASCADE,"
+    " total numeric);"
+    "CREATE TABLE shipments (id int PRIMARY KEY, order_id int REFERENCES orders"
+    " ON DELETE SET NULL)"
+)
+
+
+def _shop(src):
+    """Orders 20 and 21 deleted by a script (cascading to their items and invoices, setting
+    their shipments' order to NULL), then the web inserts an unrelated order 21."""
+    src.sql(SHOP)
+    src.init()
+    src.sql(
+        "INSERT INTO orders VALUES (20, 'ann'), (21, 'bob'), (22, 'cy');"
+        "INSERT INTO order_items VALUES (1, 20, 'a'), (2, 21, 'b'), (3, 21, 'c'), (4, 21, 'd'),"
+        " (5, 22, 'e');"
+        "INSERT INTO invoices VALUES (1, 20, 10), (2, 21, 30);"
+        "INSERT INTO shipments VALUES (1, 21), (2, 20)"
+    )
+    sid = _as_session(src, "DELETE FROM orders WHERE id IN (20, 21)")
+    _as_session(src, "INSERT INTO orders VALUES (21, 'web')", app="web")
+    src.capture()
+    return sid
+
+
+def _shop_state(src):
+    return {
+        "orders": src.sql("SELECT * FROM orders ORDER BY id"),
+        "order_items": src.sql("SELECT * FROM order_items ORDER BY id"),
+        "invoices": src.sql("SELECT * FROM invoices ORDER BY id"),
+        "shipments": src.sql("SELECT * FROM shipments ORDER BY id"),
+    }
+
+
+SHOP_SKIPPED = {
+    "orders": [(20, "ann"), (21, "web"), (22, "cy")],
+    "order_items": [(1, 20, "a"), (5, 22, "e")],
+    "invoices": [(1, 20, 10)],
+    "shipments": [(1, None), (2, 20)],
+}
+
+
+def test_skip_never_reparents_the_rows_of_a_skipped_parent(source):
+    """The web's order 21 is not the order the script deleted: with skip, the old order 21's
+    items, invoice and shipment stay out with it (a cascade, and a SET NULL undone by an update
+    that runs before the orders are re-inserted), through --apply and the printed script."""
+    sid = _shop(source)
+    damaged = _shop_state(source)
+    with pytest.raises(Refused, match="orders \\(id=21\\)"):
+        _apply(source, session=sid)
+    printed = source.undo_cli("session", sid)
+    assert printed.returncode == 1 and printed.stdout == "", printed.stderr
+    assert "orders (id=21)" in printed.stderr
+    assert _shop_state(source) == damaged
+
+    script = source.undo_cli("session", sid, "--on-conflict", "skip")
+    assert script.returncode == 1 and script.stdout.startswith("-- undo of"), script.stderr
+    for row in ("orders (id=21)", "order_items (id=2)", "order_items (id=4)", "invoices (id=2)"):
+        assert row in script.stderr, row
+    assert "shipments (id=1)" in script.stderr
+    ran = source.psql(script.stdout, "-v", "ON_ERROR_STOP=1")
+    assert ran.returncode == 0, ran.stderr
+    assert _shop_state(source) == SHOP_SKIPPED
+
+
+def test_skip_never_reparents_through_apply(source):
+    sid = _shop(source)
+    report = _apply(source, session=sid, on_conflict="skip")
+    named = sorted(str(c).split(":")[0] for c in report.conflicts)
+    assert named == [
+        "public.invoices (id=2)",
+        "public.order_items (id=2)",
+        "public.order_items (id=3)",
+        "public.order_items (id=4)",
+        "public.orders (id=21)",
+        "public.shipments (id=1)",
+    ]
+    assert _shop_state(source) == SHOP_SKIPPED
+
+
+def test_skip_keeps_a_parent_its_children_still_reference(pgo):
+    """Undoing an insert of a parent whose child's undo is skipped (changed since), or that a
+    later session's child references, would orphan the child: the parent stays, reported."""
+    pgo.sql(
+        "CREATE TABLE p (id int PRIMARY KEY); CREATE TABLE c (id int PRIMARY KEY,"
+        " p int REFERENCES p, v text)"
+    )
+    pgo.init()
+    sid = _as_session(
+        pgo,
+        "INSERT INTO p VALUES (1), (2), (3)",
+        "INSERT INTO c VALUES (10, 1, 's'), (30, 3, 's')",
+    )
+    _as_session(pgo, "UPDATE c SET v = 'web' WHERE id = 10; INSERT INTO c VALUES (20, 2, 'w')")
+    pgo.capture()
+    with pytest.raises(Refused) as e:
+        _apply(pgo, session=sid)
+    assert "c (id=10)" in str(e.value) and "p (id=2)" in str(e.value)
+    report = _apply(pgo, session=sid, on_conflict="skip")
+    named = sorted(str(c).split(":")[0] for c in report.conflicts)
+    assert named == ["public.c (id=10)", "public.p (id=1)", "public.p (id=2)"]
+    assert pgo.sql("SELECT id FROM p ORDER BY id") == [(1,), (2,)]
+    assert pgo.sql("SELECT id, p FROM c ORDER BY id") == [(10, 1), (20, 2)]
+
+
+def test_keyless_row_inserted_again_since_is_a_conflict(source):
+    """A session deleted the only ('z', 'solo', 5); another inserted an identical row since:
+    putting it back would leave two. Through --apply (a COPY straight into the table), the
+    printed script, and a script printed before the other insert."""
+    source.sql("CREATE TABLE page_views (path text, who text, n int)")
+    source.init()
+    source.sql(
+        "INSERT INTO page_views VALUES ('z', 'solo', 5), ('a', 'dup', 1), ('a', 'dup', 1),"
+        " ('a', 'dup', 1)"
+    )
+    sid = _as_session(
+        source,
+        "DELETE FROM page_views WHERE who = 'solo'",
+        "DELETE FROM page_views WHERE ctid = (SELECT min(ctid) FROM page_views)",
+    )
+    source.capture()
+    early = source.undo_cli("session", sid)
+    assert early.returncode == 0, early.stderr
+    _as_session(source, "INSERT INTO page_views VALUES ('z', 'solo', 5)", app="web")
+    source.capture()
+    damaged = source.snapshot("page_views")
+    ran = source.psql(early.stdout, "-v", "ON_ERROR_STOP=1")
+    assert ran.returncode != 0 and "who=solo" in ran.stderr
+    with pytest.raises(Refused, match="who=solo"):
+        _apply(source, session=sid)
+    printed = source.undo_cli("session", sid)
+    assert printed.returncode == 1 and printed.stdout == "" and "who=solo" in printed.stderr
+    assert source.snapshot("page_views") == damaged
+    report = _apply(source, session=sid, on_conflict="skip")
+    assert [str(c).split(":")[0] for c in report.conflicts] == [
+        "public.page_views (path=z, who=solo, n=5)"
+    ]
+    assert source.snapshot("page_views") == ["(a,dup,1)"] * 3 + ["(z,solo,5)"]
+
+
+def test_table_filter_does_not_hide_a_truncate_of_another_table(pgo):
+    """The session truncated a in one transaction and deleted from b in another: --table b
+    (or a time that leaves the TRUNCATE out) still refuses, and with skip undoes b and says so."""
+    pgo.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1), (2)")
+    with pgo.connect(application_name="script") as c:
+        sid = session_id(c)
+        c.execute("DELETE FROM b")
+        between = pgo.now()
+        c.execute("TRUNCATE a")
+    pgo.capture()
+    for narrowed in (("--table", "b"), ("--until", between), ("--table", "b", "--only", "delete")):
+        refused = pgo.undo_cli("session", sid, *narrowed)
+        assert refused.returncode == 1 and refused.stdout == "", narrowed
+        assert "TRUNCATE" in refused.stderr and "public.a" in refused.stderr, refused.stderr
+        applied = pgo.undo_cli("session", sid, *narrowed, "--apply")
+        assert applied.returncode == 1 and "TRUNCATE" in applied.stderr
+    assert pgo.sql("SELECT count(*) FROM b") == [(0,)]
+    printed = pgo.undo_cli("session", sid, "--table", "b", "--on-conflict", "skip")
+    assert printed.returncode == 1 and "TRUNCATE" in printed.stderr
+    assert printed.stdout.startswith("-- undo of")
+    applied = pgo.undo_cli("session", sid, "--table", "b", "--on-conflict", "skip", "--apply")
+    assert applied.returncode == 1 and "TRUNCATE" in applied.stderr, applied.stderr
+    assert pgo.sql("SELECT count(*) FROM b") == [(2,)]

@@ -85,12 +85,140 @@ class UndoReport:
 # -- the two runners ---------------------------------------------------------------------------
 
 
+@dataclass
+class _Writes:
+    """The write phase: the tables in foreign-key order, their undos, which are staged (the
+    others go back by one COPY straight into the table), and how to stage one more."""
+
+    conn: psycopg.Connection[Any]
+    order: list[int]
+    undos: dict[int, TableUndo]
+    staged: set[int]
+    stage: Callable[[int], None]
+    copy_rows: Callable[[int], Iterator[str]]
+    xids: Callable[[int], list[int]]
+    check_keys: bool
+    progress: Progress | None
+    #: the tables whose conflicts are looked for (the print check: those it staged); None: all
+    checked: set[int] | None = None
+
+    def steps(self) -> Iterator[tuple[TableUndo, Step | None]]:
+        """Undo inserts children first, then updates, then re-insert parents first; None: the
+        table's COPY straight into it."""
+        for kind, sequence in (("I", reversed(self.order)), ("U", self.order), ("D", self.order)):
+            for rel in sequence:
+                u = self.undos[rel]
+                if rel in self.staged:
+                    if kind in u.steps():
+                        yield u, u.steps()[kind]
+                elif kind == "D":
+                    yield u, None
+
+    def count(self) -> int:
+        return sum(len(self.undos[r].steps()) if r in self.staged else 1 for r in self.order)
+
+    def by_oid(self, checked: bool = False) -> dict[int, TableUndo]:
+        return {
+            u.t.version.oid: u
+            for r, u in self.undos.items()
+            if r in self.staged
+            and u.t.version.oid is not None
+            and (not checked or self.checked is None or r in self.checked)
+        }
+
+
+#: a conflict over a value wal2json before 2.6 could not carry (NaN, ±Infinity: stored as null)
+_LOST_TO_DECODER = (
+    "the table holds NaN or Infinity in {} where the audit store has NULL, and is as the undone"
+    " change left it otherwise: wal2json before 2.6 sends NaN and ±Infinity of float and"
+    " numeric columns as null (README, Decoders), so undo cannot match the row; not a later"
+    " change. Undo the rest with --on-conflict skip"
+)
+
+
+def _diagnose(w: _Writes, db: Any, report: UndoReport) -> dict[int, list[int]]:
+    """Find the conflicts on the live rows as they are, with nothing of the undo written:
+    each statement's, then the rows that depend on them (or that nothing would hold to)
+    through foreign keys, until none is left. Takes them out of the nets (into the skip tables),
+    reports them, and returns the net ids left out per table number."""
+    conn = w.conn
+    staged = [
+        w.undos[r] for r in w.order if r in w.staged and (w.checked is None or r in w.checked)
+    ]
+    for u in staged:
+        conn.execute(u.create_skip())
+    out: dict[int, list[int]] = {}
+
+    # wal2json before 2.6 (no numbers_as_strings) stored NaN and ±Infinity as null
+    nan_lost = get_meta(db, "decoder") == "wal2json" and get_meta(db, "numbers_as_strings") != "1"
+
+    def leave_out(
+        u: TableUndo, found: list[tuple[Any, ...]], name_writer: bool, kind: str | None = None
+    ) -> None:
+        ids = sorted({int(r[0]) for r in found})
+        conn.execute(u.leave_out(ids))
+        out.setdefault(u.n, []).extend(ids)
+        tv = u.t.version
+        for _, change_id, image, reason in found:
+            values = load(image)
+            detail = reason
+            # a re-insert's conflict is a row in the way, not a value the decoder lost
+            lost = (
+                inverse.lost_to_decoder(conn, u.t, values)
+                if nan_lost and kind in ("I", "U")
+                else []
+            )
+            if lost:
+                detail = _LOST_TO_DECODER.format(", ".join(lost))
+            elif name_writer:
+                key = images.key_text(values, tv.key)
+                who = later_writer(db, tv, int(change_id), key, image)
+                detail = f"{reason}; {who}"
+            report.conflicts.append(
+                Conflict(tv.qualified, inverse.describe_image(tv, values), detail)
+            )
+
+    for u in staged:
+        for step in u.steps().values():
+            if not _count(conn, step.expected):
+                continue
+            found = conn.execute(step.diagnose).fetchall()
+            if found:
+                leave_out(u, found, True, step.kind)
+    if not w.check_keys:
+        return out
+    rules = inverse.foreign_key_skips(conn, w.by_oid(checked=True))
+    while True:
+        more = False
+        for u, q in rules:
+            found = conn.execute(q).fetchall()
+            if found:
+                more = True
+                leave_out(u, found, False)
+        if not more:
+            return out
+
+
+def _count(conn: psycopg.Connection[Any], q: Query) -> int:
+    row = conn.execute(q).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 class _Runner:
     """What _run needs of a way to run the undo."""
 
-    copies_directly = False  # whether copy_directly may be tried
+    copies_directly = False  # whether a table may go back by a COPY straight into it
+    checked: set[int] | None = None  # see _Writes.checked
+
+    def begin(self, rel: int) -> None:
+        """The statements that follow stage this table."""
 
     def statement(self, q: Query) -> None:
+        """A statement of the undo (the ledger's call, settings)."""
+        raise NotImplementedError
+
+    def stage(self, q: Query) -> None:
+        """A statement that stages (temporary tables only)."""
         raise NotImplementedError
 
     def ledger(self, q: Query) -> None:
@@ -98,36 +226,33 @@ class _Runner:
         raise NotImplementedError
 
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
-        """Run ``if_true`` or ``if_false`` as the one-value query ``test`` says."""
-        raise NotImplementedError
-
-    def copy_directly(self, u: TableUndo, rows: Iterable[str]) -> bool:
-        """COPY old rows straight into the table; False (and nothing written) if one is in
-        the way."""
+        """Stage with ``if_true`` or ``if_false`` as the one-value query ``test`` says."""
         raise NotImplementedError
 
     def copy(self, q: Query, lines: Iterable[str]) -> int:
-        """COPY the lines; the number of rows."""
+        """COPY the lines into a stage; the number of rows."""
         raise NotImplementedError
 
-    def step(self, step: Step, undo: TableUndo) -> None:
-        raise NotImplementedError
-
-    def fk_check(self, label: str, q: Query) -> None:
+    def write(self, w: _Writes) -> None:
+        """The writes, each checked by its count, and the foreign-key checks."""
         raise NotImplementedError
 
 
 class _Applier(_Runner):
+    """Runs the writes in a savepoint, each compared with the count it must write. Where one
+    differs, or a table's COPY meets a row in the way, or (``skip``) a foreign key would break,
+    everything written is rolled back, the conflicts are found on the rows as they are and
+    taken out (with what depends on them), and the writes run again."""
+
     copies_directly = True
 
-    def __init__(self, conn: psycopg.Connection[Any], db: Any, report: UndoReport) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], db: Any, report: UndoReport, on_conflict: str
+    ) -> None:
         self.conn = conn
         self.db = db
         self.report = report
-        #: wal2json before 2.6 (no numbers_as_strings) stored NaN and ±Infinity as null
-        self.nan_lost = (
-            get_meta(db, "decoder") == "wal2json" and get_meta(db, "numbers_as_strings") != "1"
-        )
+        self.on_conflict = on_conflict
 
     def statement(self, q: Query) -> None:
         self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
@@ -142,6 +267,8 @@ class _Applier(_Runner):
             raise Refused(
                 "the source database has no undo ledger yet: run `undo init` again to add it"
             ) from None
+
+    stage = statement
 
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
         self.statement(if_true if self._one(test) else if_false)
@@ -160,7 +287,11 @@ class _Applier(_Runner):
                     cp.write("".join(buf))
             return cur.rowcount
 
-    def copy_directly(self, u: TableUndo, rows: Iterable[str]) -> bool:
+    def _copy_directly(self, u: TableUndo, rows: Iterable[str], xids: list[int]) -> bool:
+        """COPY the old rows straight into the table; False (nothing written) if a row is in
+        the way (a keyless table: if a row of it was written since the transactions ``xids``)."""
+        if not u.keyed and self._one(u.young_rows(xids)):
+            return False  # maybe an identical row: the staged way counts them
         self.conn.execute("SAVEPOINT undo_copy")
         try:
             written = self.copy(u.copy_into_table(), rows)
@@ -172,74 +303,93 @@ class _Applier(_Runner):
         return True
 
     def _one(self, q: Query) -> int:
-        row = self.conn.execute(q).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        return _count(self.conn, q)
 
-    def step(self, step: Step, undo: TableUndo) -> None:
-        seen: set[int] = set()
-        for _ in range(MAX_ATTEMPTS):
-            expected = self._one(step.expected)
-            if expected == 0:
+    def _write_once(self, w: _Writes) -> int | str | None:
+        """Every write once: None if each wrote what it must; else the table to stage (its
+        COPY met a row), or "mismatch"."""
+        total = w.count()
+        for done, (u, step) in enumerate(w.steps(), 1):
+            if step is None:
+                if not self._copy_directly(u, w.copy_rows(u.t.version.id), w.xids(u.t.version.id)):
+                    return u.t.version.id
+            else:
+                expected = self._one(step.expected)
+                if expected:
+                    written = self.conn.execute(step.write).rowcount
+                    if written != expected:
+                        return "mismatch"
+                    self.report.rows[step.table.version.qualified, step.kind] += written
+            if w.progress is not None:
+                w.progress("statements", done, total)
+        return None
+
+    def write(self, w: _Writes) -> None:
+        attempts = 0
+        while True:
+            self.conn.execute("SAVEPOINT undo_writes")
+            outcome = self._write_once(w)
+            broken: list[Conflict] = []
+            if outcome is None and w.check_keys:
+                for label, q in inverse.foreign_key_checks(self.conn, w.by_oid()):
+                    row = self.conn.execute(q).fetchone()
+                    if row is not None:
+                        broken.append(Conflict(label, str(row[0]), "foreign key would be violated"))
+                if broken and self.on_conflict != "skip":
+                    self.report.conflicts += broken  # refused: every one of them listed
+                    outcome = None
+                elif broken:
+                    outcome = "keys"
+            if outcome is None:
+                self.conn.execute("RELEASE SAVEPOINT undo_writes")
                 return
-            self.conn.execute("SAVEPOINT undo_step")
-            written = self.conn.execute(step.write).rowcount
-            if written == expected:
-                self.conn.execute("RELEASE SAVEPOINT undo_step")
-                self.report.rows[step.table.version.qualified, step.kind] += written
-                return
-            self.conn.execute("ROLLBACK TO SAVEPOINT undo_step")
-            found = self.conn.execute(step.diagnose).fetchall()
-            for net_id, change_id, image, reason in found:
-                if net_id not in seen:
-                    seen.add(net_id)
-                    self._conflict(step, int(change_id), image, reason)
-            if found:
-                self.conn.execute(
-                    sql.SQL("DELETE FROM {} n WHERE n.id = ANY ({})").format(
-                        undo.net, sql.Literal([int(r[0]) for r in found])
+            self.conn.execute("ROLLBACK TO SAVEPOINT undo_writes")
+            self.conn.execute("RELEASE SAVEPOINT undo_writes")
+            self.report.rows.clear()
+            if isinstance(outcome, int):
+                w.stage(outcome)  # it goes the staged way, which names the conflicts
+            else:
+                attempts += 1
+                if attempts >= MAX_ATTEMPTS:
+                    raise Refused(
+                        "rows kept changing while the undo ran: nothing changed; run it again"
                     )
+            left_out = _diagnose(w, self.db, self.report)
+            if not left_out and outcome == "keys":
+                raise Refused(
+                    "the undo would break a foreign key, nothing changed: "
+                    + "; ".join(f"{c.table} ({c.key})" for c in broken)
                 )
-        raise Refused(
-            f"rows of {step.table.version.qualified} kept changing while the undo ran:"
-            " nothing changed; run it again"
-        )
-
-    def _conflict(self, step: Step, change_id: int, image: str, reason: str) -> None:
-        tv = step.table.version
-        values = load(image)
-        lost = (
-            inverse.lost_to_decoder(self.conn, step.table, values)
-            if self.nan_lost and step.kind != "D"  # a re-insert's conflict is a row in the way
-            else []
-        )
-        if lost:
-            detail = (
-                f"the table holds NaN or Infinity in {', '.join(lost)} where the audit store has"
-                " NULL, and is as the undone change left it otherwise: wal2json before 2.6 sends"
-                " NaN and ±Infinity of float and numeric columns as null (README, Decoders), so"
-                " undo cannot match the row; not a later change. Undo the rest with"
-                " --on-conflict skip"
-            )
-        else:
-            who = later_writer(self.db, tv, change_id, images.key_text(values, tv.key))
-            detail = f"{reason}; {who}"
-        self.report.conflicts.append(
-            Conflict(tv.qualified, inverse.describe_image(tv, values), detail)
-        )
-
-    def fk_check(self, label: str, q: Query) -> None:
-        row = self.conn.execute(q).fetchone()
-        if row is not None:
-            self.report.conflicts.append(
-                Conflict(label, str(row[0]), "foreign key would be violated")
-            )
+            if left_out and self.on_conflict != "skip":
+                return  # every conflict is listed; the caller rolls back
 
 
 class _Printer(_Runner):
-    def __init__(self, out: TextIO, conn: psycopg.Connection[Any], report: UndoReport) -> None:
+    """Writes the script. The tables in ``checked`` (those a look at their rows' xmins did not
+    clear, ``_cleared``) are staged on undo's own connection too, as they are printed, and their
+    conflicts looked for on the live rows (reads only, no row locks): ``abort`` refuses before
+    anything is printed, ``skip`` prints a script that leaves them out. The script keeps every
+    count check, for what changes between the check and psql."""
+
+    def __init__(
+        self,
+        out: TextIO,
+        conn: psycopg.Connection[Any],
+        db: Any,
+        report: UndoReport,
+        on_conflict: str,
+        checked: set[int],
+    ) -> None:
         self.out = out
         self.conn = conn
+        self.db = db
         self.report = report
+        self.on_conflict = on_conflict
+        self.checked: set[int] = checked
+        self.check = False  # the table being staged is checked
+
+    def begin(self, rel: int) -> None:
+        self.check = rel in self.checked
 
     def statement(self, q: Query) -> None:
         self.out.write(q.as_string(self.conn) + ";\n")
@@ -259,22 +409,71 @@ class _Printer(_Runner):
         self.out.write("\\set VERBOSITY :undo_verbosity\n")
         self.statement(q)
 
+    def stage(self, q: Query) -> None:
+        self.statement(q)
+        if self.check:
+            self.conn.execute(q)
+
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
         self.out.write(f"{test.as_string(self.conn)} AS {name} \\gset\n\\if :{name}\n")
         self.statement(if_true)
         self.out.write("\\else\n")
         self.statement(if_false)
         self.out.write("\\endif\n")
+        if self.check:
+            row = self.conn.execute(test).fetchone()
+            self.conn.execute(if_true if row and row[0] else if_false)
 
     def copy(self, q: Query, lines: Iterable[str]) -> int:
         self.statement(q)
         n = 0
-        for n, line in enumerate(lines, 1):  # noqa: B007 (n is the count)
-            self.out.write(line)
+        if not self.check:
+            for n, line in enumerate(lines, 1):  # noqa: B007 (n is the count)
+                self.out.write(line)
+            self.out.write("\\.\n")
+            return n
+        # the same lines, staged here for the check while they are printed
+        with self.conn.cursor() as cur, cur.copy(q, writer=QueuedLibpqWriter(cur)) as cp:
+            buf: list[str] = []
+            for line in lines:
+                buf.append(line)
+                if len(buf) >= COPY_CHUNK:
+                    chunk = "".join(buf)
+                    self.out.write(chunk)
+                    cp.write(chunk)
+                    n += len(buf)
+                    buf.clear()
+            if buf:
+                chunk = "".join(buf)
+                self.out.write(chunk)
+                cp.write(chunk)
+                n += len(buf)
         self.out.write("\\.\n")
         return n
 
-    def step(self, step: Step, undo: TableUndo) -> None:
+    def write(self, w: _Writes) -> None:
+        if self.checked:
+            left_out = _diagnose(w, self.db, self.report)
+            if self.report.conflicts and self.on_conflict != "skip":
+                raise Refused(
+                    f"{len(self.report.conflicts)} conflict(s), nothing printed:\n  "
+                    + "\n  ".join(str(c) for c in self.report.conflicts)
+                )
+            for u in (w.undos[r] for r in w.order):
+                if left_out.get(u.n):
+                    self.statement(u.leave_out(left_out[u.n], keep=False))
+        for _, step in w.steps():
+            assert step is not None  # the script stages every table
+            self.step(step)
+            if step.table.version.id in self.checked:
+                self.report.rows[step.table.version.qualified, step.kind] += _count(
+                    self.conn, step.expected
+                )
+        if w.check_keys:
+            for label, q in inverse.foreign_key_checks(self.conn, w.by_oid()):
+                self.fk_check(label, q)
+
+    def step(self, step: Step) -> None:
         tv = step.table.version
         idx = tv.key if tv.key is not None else range(min(len(tv.columns), 5))
         describe = sql.SQL(" || ', ' || ").join(
@@ -386,11 +585,11 @@ def _counted(
 
 def _stage(runner: _Runner, u: TableUndo, lines: Iterator[str]) -> None:
     """Stage a table's changes and make its net (the stage itself when no key repeats)."""
-    runner.statement(u.create_stage())
+    runner.stage(u.create_stage())
     runner.copy(u.copy_stage(), lines)  # not analyzed: the plans are the same without (bench)
     chains = u.chains()
     if chains is None:
-        runner.statement(u.collapse())
+        runner.stage(u.collapse())
     else:
         runner.choose(u.chains_var, chains, u.collapse(), u.stage_as_net())
 
@@ -411,55 +610,42 @@ def _run(
     ops = plan.ops()
     row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
     by_xmin = plan.by_xmin(int(row[0]) if row else 0)
+    # a keyless table's stage carries every xid: rows written since are known by their xmin
+    every_xid = {t["id"]: t["xid"] for t in plan.transactions}
     undos: dict[int, TableUndo] = {}
     staged: set[int] = set()
     done = [0]
     total = sum(plan.counts.values())
 
     def lines(rel: int, u: TableUndo, rows: bool = False) -> Iterator[str]:
-        changed = changes(db, plan, rel, by_xmin)
+        changed = changes(db, plan, rel, by_xmin if u.keyed else every_xid)
         return _counted(u.rows(changed) if rows else u.lines(changed), progress, done, total)
+
+    def stage(rel: int) -> None:
+        runner.begin(rel)
+        _stage(runner, undos[rel], lines(rel, undos[rel]))
+        staged.add(rel)
 
     for n, rel in enumerate(order, 1):
         u = undos[rel] = TableUndo(tables[rel], n)
         if not (runner.copies_directly and _copyable(u, ops[rel], fire_triggers)):
-            _stage(runner, u, lines(rel, u))
-            staged.add(rel)
-    writes = sum(len(undos[r].steps()) for r in staged) + len(order) - len(staged)
-    written = 0
-
-    def wrote() -> None:
-        nonlocal written
-        written += 1
-        if progress is not None:
-            progress("statements", written, writes)
-
-    for kind, sequence in (("I", reversed(order)), ("U", order), ("D", order)):
-        for rel in sequence:
-            u = undos[rel]
-            if rel in staged:
-                if kind in u.steps():
-                    runner.step(u.steps()[kind], u)
-                    wrote()
-            elif kind == "D":
-                if not runner.copy_directly(u, lines(rel, u, rows=True)):
-                    # a row is in the way: stage and go the whole way, which names the conflicts
-                    # (a key deleted twice, with a write between, is a broken chain, not a 'D')
-                    _stage(runner, u, lines(rel, u))
-                    staged.add(rel)
-                    for step in u.steps().values():
-                        runner.step(step, u)
-                wrote()
-    if check_keys and not fire_triggers:
-        for label, q in inverse.foreign_key_checks(
-            conn,
-            {
-                u.t.version.oid: u
-                for r, u in undos.items()
-                if r in staged and u.t.version.oid is not None
-            },
-        ):
-            runner.fk_check(label, q)
+            stage(rel)
+    runner.write(
+        _Writes(
+            conn=conn,
+            order=order,
+            undos=undos,
+            staged=staged,
+            stage=stage,
+            copy_rows=lambda rel: lines(rel, undos[rel], rows=True),
+            xids=lambda rel: [
+                t["xid"] for t in plan.transactions if (t["id"], rel, "D") in plan.counts
+            ],
+            check_keys=check_keys and not fire_triggers,
+            progress=progress,
+            checked=runner.checked,
+        )
+    )
 
 
 def _copyable(u: TableUndo, ops: set[str], fire_triggers: bool) -> bool:
@@ -538,7 +724,18 @@ def undo(
             assert out is not None
             # spooled, so that a failure half-way leaves nothing on ``out`` that psql could run
             with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
-                _print(conn, db, plan, tables, report, settings_sql, spool, fire_triggers)
+                _print(
+                    conn,
+                    db,
+                    plan,
+                    tables,
+                    report,
+                    settings_sql,
+                    spool,
+                    fire_triggers,
+                    on_conflict,
+                    _settings(True, lock_timeout, statement_timeout, plan.target),
+                )
                 spool.seek(0)
                 shutil.copyfileobj(spool, out, 1 << 20)
     finally:
@@ -574,7 +771,7 @@ def _apply(
     try:
         # what inspect reads is rolled back: rows whose parents other tables held may show
         _run(
-            _Applier(conn, db, report),
+            _Applier(conn, db, report, on_conflict),
             conn,
             db,
             plan,
@@ -639,10 +836,16 @@ def _print(
     settings_sql: list[sql.Composed],
     out: TextIO,
     fire_triggers: bool,
+    on_conflict: str,
+    check_settings: list[sql.Composed],
 ) -> None:
     """Write the script. Everything that can refuse before the script runs (selection,
-    un-undoable changes, tables changed since capture) has been checked by now, so a refusal
-    never leaves a partial script on stdout; conflicts and an earlier undo stop it in psql."""
+    un-undoable changes, tables changed since capture, and conflicts on the live rows as they
+    are now: the same rows are staged here and checked, reading only) is checked by the time the
+    script is whole, so a refusal never leaves a partial script on stdout; what changes between
+    this check and psql, and an earlier undo, stop it in psql. Nothing here is committed."""
+    for q in check_settings:  # the script's own, without the replication role (reads only)
+        conn.execute(q)
     out.write(
         f"-- undo of {json.dumps(plan.target.describe())}: "
         f"{len(plan.transactions)} transaction(s)\n"
@@ -650,11 +853,67 @@ def _print(
         "\\set ON_ERROR_STOP on\n"
         "SET application_name = 'undo';\nBEGIN;\n"
     )
-    printer = _Printer(out, conn, report)
+    checked = set(tables) - _cleared(conn, plan, tables)
+    printer = _Printer(out, conn, db, report, on_conflict, checked)
     for q in settings_sql:
         printer.statement(q)
     printer.statement(sql.SQL(_FAIL_FUNCTION))
-    _run(printer, conn, db, plan, tables, fire_triggers, None)
+    try:
+        _run(printer, conn, db, plan, tables, fire_triggers, None)
+    finally:
+        conn.rollback()
     out.write("COMMIT;\n")
-    report.rows = plan.rows()
-    conn.rollback()
+    for (table, op), n in plan.rows().items():  # the tables not staged for the check
+        if not any(tables[r].version.qualified == table for r in checked):
+            report.rows[table, op] = n
+
+
+def _cleared(
+    conn: psycopg.Connection[Any], plan: Plan, tables: dict[int, inverse.LiveTable]
+) -> set[int]:
+    """The tables whose undo a look at their rows' xmins clears of conflicts, without staging
+    anything: one scan each. Every row the undone transactions left must still carry their xid
+    (as many rows as their inserts and updates: a row changed since, gone, or written twice by
+    them is missing from the count), and where rows go back, no row may have been written since
+    by another transaction (a key back, an identical keyless row). Only where every transaction
+    is known by its xid (``Plan.by_xmin``: no --only), the key has a unique index, and no
+    foreign key touches the table (those are checked over the staged rows)."""
+    row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
+    by_xmin = plan.by_xmin(int(row[0]) if row else 0)
+    ops = plan.ops()
+    out = set()
+    for rel, lt in tables.items():
+        txns = [
+            t["id"]
+            for t in plan.transactions
+            if any((t["id"], rel, o) in plan.counts for o in "IUD")
+        ]
+        if (lt.version.key is not None and not lt.unique_key) or not all(
+            t in by_xmin for t in txns
+        ):
+            continue
+        keys = conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_constraint WHERE contype = 'f'"
+            " AND (conrelid = %s OR confrelid = %s))",
+            (lt.version.oid, lt.version.oid),
+        ).fetchone()
+        if keys is None or keys[0]:
+            continue
+        xids = sql.Literal("{" + ",".join(str(by_xmin[t]) for t in sorted(txns)) + "}")
+        ours, young = conn.execute(
+            sql.SQL(
+                "SELECT count(*) FILTER (WHERE t.xmin = ANY ({xids}::xid[])),"
+                " coalesce(bool_or({since} AND NOT t.xmin = ANY ({xids}::xid[])), false)"
+                " FROM ONLY {t} t"
+            ).format(
+                xids=xids,
+                since=sql.SQL(inverse.WRITTEN_SINCE).format(
+                    since=sql.SQL("(SELECT max(age(x)) FROM unnest({}::xid[]) x)").format(xids)
+                ),
+                t=lt.ident,
+            )
+        ).fetchone() or (0, True)
+        left = sum(plan.counts.get((t, rel, o), 0) for t in txns for o in "IU")
+        if ours == left and not (young and "D" in ops[rel]):
+            out.add(rel)
+    return out

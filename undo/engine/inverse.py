@@ -139,6 +139,11 @@ _DIAGNOSE_POST = (
     " FROM {net} n WHERE {cond} AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {m})"
 )
 
+#: a row version written after the undone transactions (``since``: the smallest age of their
+#: xids): a younger xmin, not this transaction's own (age 0; undo's transaction has an xid
+#: before it first asks, so ages stay put)
+WRITTEN_SINCE = "age(t.xmin) < {since} AND age(t.xmin) <> 0"
+
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -199,11 +204,13 @@ class TableUndo:
 
     def __init__(self, table: LiveTable, n: int) -> None:
         self.t = table
+        self.n = n
         tv = table.version
         self.keyed = tv.key is not None
         self.key = tv.key or ()
         self.stage = sql.Identifier("pg_temp", f"undo_s{n}")
         self.net = sql.Identifier("pg_temp", f"undo_n{n}")
+        self.skip = sql.Identifier("pg_temp", f"undo_x{n}")  # net rows left out (conflicts)
         self.chains_var = f"undo_chains_{n}"  # the printed script's psql variable
         self.changed: set[int] = set()  # positions some update of the selection changed
         self.ops: set[str] = set()
@@ -355,16 +362,21 @@ class TableUndo:
         ``broken``, and no statement touches it.
 
         Keyless: per distinct image, how many copies the selection added (delta > 0) or
-        removed (delta < 0)."""
+        removed (delta < 0), and ``since``: the age of the newest undone transaction that
+        changed such a row (the stage carries every transaction's xid for a keyless table), so
+        that a row written after it is known by its xmin. Ids are the image's first line and
+        side, the same wherever the script runs."""
         if not self.keyed:
             return sql.SQL(
                 "CREATE TEMP TABLE {net} ON COMMIT DROP AS"
-                " SELECT row_number() OVER () AS id, g.img, g.delta, g.seq{o_cs}"
-                " FROM (SELECT img, sum(d) AS delta, max(seq) AS seq FROM ("
-                " SELECT pre_img AS img, -1 AS d, seq FROM {stage} WHERE pre_img IS NOT NULL"
+                " SELECT g.id, g.img, g.delta, g.seq, g.since{o_cs}"
+                " FROM (SELECT img, sum(d) AS delta, max(seq) AS seq, min(line) AS id,"
+                " min(age(xid)) AS since FROM ("
+                " SELECT pre_img AS img, -1 AS d, seq, 2 * id AS line, xid FROM {stage}"
+                " WHERE pre_img IS NOT NULL"
                 " UNION ALL"
-                " SELECT post_img, 1, seq FROM {stage} WHERE post_img IS NOT NULL) i"
-                " GROUP BY img) g"
+                " SELECT post_img, 1, seq, 2 * id + 1, xid FROM {stage}"
+                " WHERE post_img IS NOT NULL) i GROUP BY img) g"
                 " LEFT JOIN (SELECT DISTINCT ON (pre_img) * FROM {stage}"
                 " WHERE pre_img IS NOT NULL ORDER BY pre_img) o ON o.pre_img = g.img"
                 " WHERE g.delta <> 0"
@@ -423,6 +435,7 @@ class TableUndo:
             "cond": sql.SQL(cond),
             "kj": kj,
             "fp": fp,
+            "since": sql.SQL(WRITTEN_SINCE.format(since="n.since")),
             # the row as the undone change left it: still the version its transaction wrote
             # (xmin), or else equal to the image, column by column
             "m": sql.SQL(
@@ -521,15 +534,53 @@ class TableUndo:
                 " count(*) AS found FROM ONLY {t} t GROUP BY 1) x ON x.img = n.img::jsonb"
                 " WHERE {cond} AND coalesce(x.found, 0) < n.delta",
             ),
+            # the table must hold as many identical rows as the undone changes left: one
+            # written since the newest of them (a younger xmin; not this transaction's own,
+            # age 0) makes the image a conflict, never a second copy
             "D": self._step(
                 "D",
                 "n.delta < 0",
                 "INSERT INTO {t} ({cols}){over} SELECT {vals} FROM {net} n"
-                " CROSS JOIN LATERAL generate_series(1, -n.delta) WHERE {cond}",
+                " CROSS JOIN LATERAL generate_series(1, -n.delta) WHERE {cond}"
+                " AND NOT EXISTS (SELECT 1 FROM ONLY {t} t WHERE {since} AND {fp} = n.img::jsonb"
+                # the same bound for every row, so only young rows are fingerprinted
+                " AND age(t.xmin) < (SELECT max(x.since) FROM {net} x WHERE x.delta < 0))",
                 "SELECT coalesce(-sum(n.delta), 0) FROM {net} n WHERE {cond}",
-                "SELECT n.id, n.seq, n.img::text, '' FROM {net} n WHERE false",
+                "SELECT n.id, n.seq, n.img::text, 'an identical row was written since' FROM {net} n"
+                " WHERE {cond} AND EXISTS (SELECT 1 FROM ONLY {t} t WHERE {since}"
+                " AND {fp} = n.img::jsonb)",
             ),
         }
+
+    def young_rows(self, xids: Iterable[int]) -> sql.Composed:
+        """Whether the table holds a row version written after these transactions (before a
+        keyless table's deletes go straight back by COPY, which checks nothing)."""
+        return sql.SQL("SELECT EXISTS (SELECT FROM ONLY {t} t WHERE {since})").format(
+            t=self.t.ident,
+            since=sql.SQL(WRITTEN_SINCE).format(
+                since=sql.SQL("(SELECT min(age(x)) FROM unnest({}::xid[]) x)").format(
+                    sql.Literal("{" + ",".join(str(x) for x in sorted(set(xids))) + "}")
+                )
+            ),
+        )
+
+    # conflicts left out ------------------------------------------------------------------------
+    def create_skip(self) -> sql.Composed:
+        return sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DROP AS SELECT * FROM {} WHERE false"
+        ).format(self.skip, self.net)
+
+    def leave_out(self, ids: Sequence[int], keep: bool = True) -> sql.Composed:
+        """Take these net rows out of the undo (into the skip table, where ``keep``: the
+        foreign-key rules look for them there)."""
+        gone = sql.SQL("DELETE FROM {} n WHERE n.id = ANY ({})").format(
+            self.net, sql.Literal(sorted(ids))
+        )
+        if not keep:
+            return gone
+        return sql.SQL("WITH d AS ({} RETURNING n.*) INSERT INTO {} SELECT * FROM d").format(
+            gone, self.skip
+        )
 
     # foreign keys ------------------------------------------------------------------------------
     def written(self) -> str:
@@ -541,13 +592,54 @@ class TableUndo:
         return ("n.has_post", "post_img") if self.keyed else ("n.delta > 0", "img")
 
 
-def foreign_key_checks(
+@dataclass(frozen=True)
+class _ForeignKey:
+    """A foreign key touching the undone tables, with the undos of its two ends (None: the
+    table is not staged, or lacks a column of the key)."""
+
+    label: str
+    c_from: sql.Composed  # the referencing table, as PostgreSQL's own checks read it
+    p_from: sql.Composed
+    ccols: list[str]
+    pcols: list[str]
+    ptypes: list[str]
+    child: TableUndo | None
+    parent: TableUndo | None
+
+    def child_values(self, alias: str = "n") -> list[sql.Composable]:
+        """The key's values in the child's staged old row (typed columns)."""
+        assert self.child is not None
+        cols = self.child.t.version.columns
+        return [
+            sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(f"c{cols.index(c)}"))
+            for c in self.ccols
+        ]
+
+    def parent_values(self, alias: str, img: str) -> list[sql.Composable]:
+        """The referenced values in one of the parent's staged images, typed as the parent's."""
+        assert self.parent is not None
+        cols = self.parent.t.version.columns
+        return [
+            sql.SQL("({}.{}::jsonb ->> {})::{}").format(
+                sql.Identifier(alias), sql.Identifier(img), sql.Literal(cols.index(c)), sql.SQL(t)
+            )
+            for c, t in zip(self.pcols, self.ptypes, strict=True)
+        ]
+
+
+def _equal(left: Sequence[sql.Composable], right: Sequence[sql.Composable]) -> sql.Composed:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{} = {}").format(a, b) for a, b in zip(left, right, strict=True)
+    )
+
+
+def _columns(alias: str, cols: Sequence[str]) -> list[sql.Composable]:
+    return [sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c)) for c in cols]
+
+
+def _foreign_keys(
     conn: psycopg.Connection[Any], undos: dict[int, TableUndo]
-) -> list[tuple[str, sql.Composed]]:
-    """Per foreign key touching the undone tables, a query over the staged rows only that
-    returns a violating value, if any. Needed because with session_replication_role = replica
-    PostgreSQL does not check them; the rows the undo wrote must have their parents, and the
-    rows it took away must not be referenced any more."""
+) -> Iterator[_ForeignKey]:
     oids = list(undos)
     rows = conn.execute(
         "SELECT c.conname, c.conrelid, c.confrelid, cc.relkind, pc.relkind,"
@@ -562,57 +654,71 @@ def foreign_key_checks(
         " FROM pg_constraint c JOIN pg_class cc ON cc.oid = c.conrelid"
         " JOIN pg_namespace cn ON cn.oid = cc.relnamespace"
         " JOIN pg_class pc ON pc.oid = c.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace"
-        " WHERE c.contype = 'f' AND (c.conrelid = ANY (%s) OR c.confrelid = ANY (%s))",
+        " WHERE c.contype = 'f' AND (c.conrelid = ANY (%s) OR c.confrelid = ANY (%s))"
+        " ORDER BY c.oid",
         (oids, oids),
     ).fetchall()
-    checks = []
     for name, child, parent, ckind, pkind, ccols, pcols, ptypes, cs, ct, ps, pt in rows:
-        # as PostgreSQL's own checks do: ONLY, except for a partitioned table
-        c_from = sql.SQL("{}{}").format(
-            sql.SQL("") if ckind == "p" else sql.SQL("ONLY "), sql.Identifier(cs, ct)
-        )
-        p_from = sql.SQL("{}{}").format(
-            sql.SQL("") if pkind == "p" else sql.SQL("ONLY "), sql.Identifier(ps, pt)
-        )
-        label = f"{names.quote(cs, ct)} -> {names.quote(ps, pt)} ({name})"
         cu = undos.get(child)
-        if cu is not None and all(c in cu.t.version.columns for c in ccols):
-            pos = [cu.t.version.columns.index(c) for c in ccols]
-            if all(p in cu.t.writable for p in pos):
-                vals = [sql.SQL("n.{}").format(sql.Identifier(f"c{p}")) for p in pos]
-                checks.append(
-                    (
-                        label,
-                        sql.SQL(
-                            "SELECT concat_ws(', ', {vals}) FROM {net} n WHERE {cond} AND {nn}"
-                            " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {match}) LIMIT 1"
-                        ).format(
-                            vals=sql.SQL(", ").join(vals),
-                            net=cu.net,
-                            cond=sql.SQL(cu.written()),
-                            nn=sql.SQL(" AND ").join(
-                                sql.SQL("{} IS NOT NULL").format(v) for v in vals
-                            ),
-                            p=p_from,
-                            match=sql.SQL(" AND ").join(
-                                sql.SQL("p.{} = {}").format(sql.Identifier(c), v)
-                                for c, v in zip(pcols, vals, strict=True)
-                            ),
-                        ),
-                    )
-                )
+        if cu is not None and not all(
+            c in cu.t.version.columns and cu.t.version.columns.index(c) in cu.t.writable
+            for c in ccols
+        ):
+            cu = None
         pu = undos.get(parent)
-        if pu is not None and all(c in pu.t.version.columns for c in pcols):
-            cond, img = pu.removed()
-            vals = [
-                sql.SQL("(n.{}::jsonb ->> {})::{}").format(
-                    sql.Identifier(img), sql.Literal(pu.t.version.columns.index(c)), sql.SQL(t)
-                )
-                for c, t in zip(pcols, ptypes, strict=True)
-            ]
+        if pu is not None and not all(c in pu.t.version.columns for c in pcols):
+            pu = None
+        yield _ForeignKey(
+            label=f"{names.quote(cs, ct)} -> {names.quote(ps, pt)} ({name})",
+            # as PostgreSQL's own checks do: ONLY, except for a partitioned table
+            c_from=sql.SQL("{}{}").format(
+                sql.SQL("") if ckind == "p" else sql.SQL("ONLY "), sql.Identifier(cs, ct)
+            ),
+            p_from=sql.SQL("{}{}").format(
+                sql.SQL("") if pkind == "p" else sql.SQL("ONLY "), sql.Identifier(ps, pt)
+            ),
+            ccols=list(ccols),
+            pcols=list(pcols),
+            ptypes=list(ptypes),
+            child=cu,
+            parent=pu,
+        )
+
+
+def foreign_key_checks(
+    conn: psycopg.Connection[Any], undos: dict[int, TableUndo]
+) -> list[tuple[str, sql.Composed]]:
+    """Per foreign key touching the undone tables, a query over the staged rows only that
+    returns a violating value, if any. Needed because with session_replication_role = replica
+    PostgreSQL does not check them; the rows the undo wrote must have their parents, and the
+    rows it took away must not be referenced any more."""
+    checks = []
+    for fk in _foreign_keys(conn, undos):
+        cu, pu = fk.child, fk.parent
+        if cu is not None:
+            vals = fk.child_values()
             checks.append(
                 (
-                    label,
+                    fk.label,
+                    sql.SQL(
+                        "SELECT concat_ws(', ', {vals}) FROM {net} n WHERE {cond} AND {nn}"
+                        " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {match}) LIMIT 1"
+                    ).format(
+                        vals=sql.SQL(", ").join(vals),
+                        net=cu.net,
+                        cond=sql.SQL(cu.written()),
+                        nn=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(v) for v in vals),
+                        p=fk.p_from,
+                        match=_equal(_columns("p", fk.pcols), vals),
+                    ),
+                )
+            )
+        if pu is not None:
+            cond, img = pu.removed()
+            vals = fk.parent_values("n", img)
+            checks.append(
+                (
+                    fk.label,
                     sql.SQL(
                         "SELECT concat_ws(', ', {vals}) FROM {net} n WHERE {cond}"
                         " AND NOT EXISTS (SELECT 1 FROM {p} p WHERE {pmatch})"
@@ -621,20 +727,164 @@ def foreign_key_checks(
                         vals=sql.SQL(", ").join(vals),
                         net=pu.net,
                         cond=sql.SQL(cond),
-                        p=p_from,
-                        pmatch=sql.SQL(" AND ").join(
-                            sql.SQL("p.{} = {}").format(sql.Identifier(c), v)
-                            for c, v in zip(pcols, vals, strict=True)
-                        ),
-                        c=c_from,
-                        cmatch=sql.SQL(" AND ").join(
-                            sql.SQL("c.{} = {}").format(sql.Identifier(c), v)
-                            for c, v in zip(ccols, vals, strict=True)
-                        ),
+                        p=fk.p_from,
+                        pmatch=_equal(_columns("p", fk.pcols), vals),
+                        c=fk.c_from,
+                        cmatch=_equal(_columns("c", fk.ccols), vals),
                     ),
                 )
             )
     return checks
+
+
+def foreign_key_skips(
+    conn: psycopg.Connection[Any], undos: dict[int, TableUndo]
+) -> list[tuple[TableUndo, sql.Composed]]:
+    """The foreign-key checks on the rows as they are, before anything is written, and what
+    depends on a row left out: per foreign key, queries returning (net id, change id, image,
+    reason) of net rows to leave out, run until none returns a row (``skip`` never leaves a
+    row the foreign key no longer holds to, and never re-parents one). Over the nets (rows
+    left out are in each table's skip table):
+
+    - a row put back whose parent row this undo would restore is left out with that parent
+      (whose key may exist again, another row: the child would join it);
+    - a row put back whose parent would be missing (neither there and kept, nor restored);
+    - a parent row taken away (its referenced values gone) that a child row still references
+      after the undo (one not taken away, or one put back) is left out: it stays."""
+    out: list[tuple[TableUndo, sql.Composed]] = []
+    for fk in _foreign_keys(conn, undos):
+        cu, pu = fk.child, fk.parent
+        if cu is not None:
+            v = fk.child_values()
+            seq, img = ("pre_seq", "pre_img") if cu.keyed else ("seq", "img")
+            restored: sql.Composable = sql.SQL("false")
+            skipped: sql.Composable = sql.SQL("false")
+            removed: sql.Composable = sql.SQL("false")
+            if pu is not None:
+                p_img = "pre_img" if pu.keyed else "img"
+                provides = sql.SQL("{} AND {}").format(
+                    sql.SQL(pu.written().replace("n.", "x.")),
+                    _equal(fk.parent_values("x", p_img), v),
+                )
+                kept = (
+                    sql.SQL("x.has_post AND {}").format(
+                        _equal(fk.parent_values("x", "post_img"), v)
+                    )
+                    if pu.keyed
+                    else sql.SQL("false")
+                )
+                restored = sql.SQL("EXISTS (SELECT 1 FROM {} x WHERE {})").format(pu.net, provides)
+                skipped = sql.SQL("EXISTS (SELECT 1 FROM {} x WHERE {} AND NOT ({}))").format(
+                    pu.skip, provides, kept
+                )
+                r_cond, r_img = pu.removed()
+                removed = sql.SQL(
+                    "EXISTS (SELECT 1 FROM {} x WHERE {} AND {} AND NOT ({}))"
+                ).format(
+                    pu.net,
+                    sql.SQL(r_cond.replace("n.", "x.")),
+                    _equal(fk.parent_values("x", r_img), v),
+                    sql.SQL("x.has_pre AND {}").format(_equal(fk.parent_values("x", "pre_img"), v))
+                    if pu.keyed
+                    else sql.SQL("false"),
+                )
+            out.append(
+                (
+                    cu,
+                    sql.SQL(
+                        "SELECT n.id, n.{seq}, n.{img}::text, CASE WHEN {skipped}"
+                        " THEN {left} ELSE {missing} END || concat_ws(', ', {vals}) || ')'"
+                        " FROM {net} n WHERE {cond} AND {nn} AND ({skipped} OR NOT ({restored}"
+                        " OR (EXISTS (SELECT 1 FROM {p} p WHERE {match}) AND NOT {removed})))"
+                    ).format(
+                        seq=sql.Identifier(seq),
+                        img=sql.Identifier(img),
+                        skipped=skipped,
+                        left=sql.Literal(
+                            f"left out with the row it references, which is left out: {fk.label} ("
+                        ),
+                        missing=sql.Literal(
+                            f"foreign key would be violated, the row it references is gone:"
+                            f" {fk.label} ("
+                        ),
+                        vals=sql.SQL(", ").join(v),
+                        net=cu.net,
+                        cond=sql.SQL(cu.written()),
+                        nn=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(x) for x in v),
+                        restored=restored,
+                        p=fk.p_from,
+                        match=_equal(_columns("p", fk.pcols), v),
+                        removed=removed,
+                    ),
+                )
+            )
+        if pu is not None:
+            r_cond, r_img = pu.removed()
+            w = fk.parent_values("n", r_img)
+            seq = "post_seq" if pu.keyed else "seq"
+            # the child rows the undo takes away or changes, so they no longer reference w
+            gone: sql.Composable
+            if cu is None:
+                gone = sql.SQL("false")
+            elif cu.keyed:
+                gone = sql.SQL(
+                    "EXISTS (SELECT 1 FROM {net} y WHERE y.has_post AND {kj}"
+                    " AND NOT (y.has_pre AND {same}))"
+                ).format(
+                    net=cu.net,
+                    kj=_equal(
+                        _columns("c", [cu.t.version.columns[i] for i in cu.key]),
+                        _columns("y", [f"k{i}" for i in cu.key]),
+                    ),
+                    same=_equal(fk.child_values("y"), w),
+                )
+            else:
+                gone = sql.SQL(
+                    "EXISTS (SELECT 1 FROM {net} y WHERE y.delta > 0 AND {fp} = y.img::jsonb)"
+                ).format(net=cu.net, fp=cu.fingerprint("c"))
+            back = (
+                sql.SQL("EXISTS (SELECT 1 FROM {net} y WHERE {cond} AND {match})").format(
+                    net=cu.net,
+                    cond=sql.SQL(cu.written().replace("n.", "y.")),
+                    match=_equal(fk.child_values("y"), w),
+                )
+                if cu is not None
+                else sql.SQL("false")
+            )
+            out.append(
+                (
+                    pu,
+                    sql.SQL(
+                        "SELECT n.id, n.{seq}, n.{img}::text,"
+                        " {still} || concat_ws(', ', {w}) || ')'"
+                        " FROM {net} n WHERE {cond} AND NOT ({same})"
+                        " AND NOT EXISTS (SELECT 1 FROM {net} x WHERE {written} AND {provides})"
+                        " AND (EXISTS (SELECT 1 FROM {c} c WHERE {cmatch} AND NOT {gone})"
+                        " OR {back})"
+                    ).format(
+                        seq=sql.Identifier(seq),
+                        img=sql.Identifier(r_img),
+                        still=sql.Literal(
+                            f"still referenced, the foreign key would be violated: {fk.label} ("
+                        ),
+                        w=sql.SQL(", ").join(w),
+                        net=pu.net,
+                        cond=sql.SQL(r_cond),
+                        same=sql.SQL("n.has_pre AND {}").format(
+                            _equal(fk.parent_values("n", "pre_img"), w)
+                        )
+                        if pu.keyed
+                        else sql.SQL("false"),
+                        written=sql.SQL(pu.written().replace("n.", "x.")),
+                        provides=_equal(fk.parent_values("x", "pre_img" if pu.keyed else "img"), w),
+                        c=fk.c_from,
+                        cmatch=_equal(_columns("c", fk.ccols), w),
+                        gone=gone,
+                        back=back,
+                    ),
+                )
+            )
+    return out
 
 
 def fk_order(conn: psycopg.Connection[Any], oids: Sequence[int]) -> list[int]:

@@ -133,11 +133,75 @@ def parse_only(text: str | None) -> frozenset[str]:
 def select(db: Database, target: Target) -> Plan:
     """Find the transactions, tables and changes to undo; refuse an empty selection.
 
-    Table filters are resolved against the store first (unknown or ambiguous: bad input), and
-    what cannot be undone (TRUNCATE, changes without a full old row) is found on the same
-    filtered selection, so no filter can hide it.
+    Table filters are resolved against the store first (unknown or ambiguous: bad input). What
+    cannot be undone (TRUNCATE, changes without a full old row, DDL capture could not see) is
+    found on the selection before its filters (--table, --only, and --since/--until of a
+    session or of transactions), so no filter can hide it. A rewind's tables and time are its
+    selection, not filters.
     """
     wanted = _resolve_tables(db, target.tables)
+    rows = _transactions(db, target, wanted, filtered=True)
+    rewind = target.after is not None
+    narrowed = not rewind and (
+        wanted is not None
+        or target.only != frozenset(OPS.values())
+        or (target.app is None and bool(target.since or target.until))
+    )
+    whole = _transactions(db, target, None, filtered=False) if narrowed else rows
+    blind = _blind_spots(db, target, wanted if rewind else None)
+    refusals = _refusals(db, _picked(target, whole), wanted if rewind else None) + blind
+    if not rows and refusals:
+        raise Refused("cannot undo: " + "; ".join(refusals))
+    if not rows:
+        if target.session is not None:
+            raise NotFound(
+                f"unknown session {target.session!r}: list sessions with `undo sessions`"
+            )
+        if target.xids:
+            raise NotFound(
+                f"unknown xid(s) {', '.join(map(str, target.xids))}: see `undo sessions`"
+            )
+        if target.after is not None:
+            raise NothingToUndo(
+                f"no change to {', '.join(target.tables)} was captured after {target.after}"
+            )
+        raise NotFound(f"no transaction of application {target.app!r} in that time range")
+    if target.xids:
+        missing = set(target.xids) - {r["xid"] for r in rows}
+        if missing:
+            raise NotFound(f"unknown xid(s) {', '.join(map(str, sorted(missing)))}")
+    untrusted = [r for r in rows if r["tag"] == "untrusted"]
+    rows = _picked(target, rows)
+    if not rows:
+        raise Refused(
+            "every matching transaction carries an untrusted tag (forged or unsigned): "
+            "undo them by xid with `undo xact` if you are sure"
+        )
+    plan = Plan(
+        target,
+        rows,
+        untrusted=len(untrusted),
+        untagged=sum(1 for r in rows if r["tag"] == "none"),
+    )
+    _inventory(db, plan, wanted)
+    plan.not_undoable += refusals
+    if not plan.counts and not plan.not_undoable:
+        raise NotFound("the selection holds no change to undo (check --table and --only)")
+    return plan
+
+
+def _picked(target: Target, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`undo session` and `undo app` take trusted transactions only."""
+    if target.session is not None or target.app is not None:
+        return [r for r in rows if r["tag"] == "trusted"]
+    return rows
+
+
+def _transactions(
+    db: Database, target: Target, wanted: set[tuple[str, str]] | None, filtered: bool
+) -> list[dict[str, Any]]:
+    """The target's transactions, newest first; ``filtered``: narrowed by the tables and
+    times asked (an app's times are its selection, always applied)."""
     where: list[str] = ["1 = 1"]
     params: list[Any] = []
     if wanted is not None:  # only transactions that changed one of the tables
@@ -160,58 +224,48 @@ def select(db: Database, target: Target) -> Plan:
     if target.app is not None:
         where.append("application_name = ?")
         params.append(target.app)
-    if target.since:
-        where.append("commit_time >= ?")
-        params.append(target.since)
-    if target.until:
-        where.append("commit_time < ?")
-        params.append(target.until)
+    if filtered or target.app is not None:
+        if target.since:
+            where.append("commit_time >= ?")
+            params.append(target.since)
+        if target.until:
+            where.append("commit_time < ?")
+            params.append(target.until)
     cur = db.execute(
         "SELECT * FROM transactions WHERE " + " AND ".join(where) + " ORDER BY commit_lsn DESC",  # noqa: S608
         params,
     )
     cols = [d[0] for d in cur.description]
-    rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-    blind = _blind_spots(db, target, wanted)
-    if not rows and blind:
-        raise Refused("cannot undo: " + "; ".join(blind))
-    if not rows:
-        if target.session is not None:
-            raise NotFound(
-                f"unknown session {target.session!r}: list sessions with `undo sessions`"
-            )
-        if target.xids:
-            raise NotFound(
-                f"unknown xid(s) {', '.join(map(str, target.xids))}: see `undo sessions`"
-            )
-        if target.after is not None:
-            raise NothingToUndo(
-                f"no change to {', '.join(target.tables)} was captured after {target.after}"
-            )
-        raise NotFound(f"no transaction of application {target.app!r} in that time range")
-    if target.xids:
-        missing = set(target.xids) - {r["xid"] for r in rows}
-        if missing:
-            raise NotFound(f"unknown xid(s) {', '.join(map(str, sorted(missing)))}")
-    untrusted = [r for r in rows if r["tag"] == "untrusted"]
-    if target.session is not None or target.app is not None:
-        rows = [r for r in rows if r["tag"] == "trusted"]
-    if not rows:
-        raise Refused(
-            "every matching transaction carries an untrusted tag (forged or unsigned): "
-            "undo them by xid with `undo xact` if you are sure"
-        )
-    plan = Plan(
-        target,
-        rows,
-        untrusted=len(untrusted),
-        untagged=sum(1 for r in rows if r["tag"] == "none"),
-    )
-    _inventory(db, plan, wanted)
-    plan.not_undoable += blind
-    if not plan.counts and not plan.not_undoable:
-        raise NotFound("the selection holds no change to undo (check --table and --only)")
-    return plan
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def _refusals(
+    db: Database, transactions: list[dict[str, Any]], wanted: set[tuple[str, str]] | None
+) -> list[str]:
+    """What cannot be undone from the change stream in these transactions (of the ``wanted``
+    tables only, for a rewind): a TRUNCATE, updates and deletes without a full old row."""
+    cache: dict[int, TableVersion] = {}
+    out = []
+    for txn in transactions:
+        for rel_id, op, no_old in db.execute(
+            "SELECT relation, op, without_old FROM txn_changes WHERE txn = ?"
+            " AND (op = 'T' OR (op IN ('U', 'D') AND without_old > 0)) ORDER BY relation, op",
+            [txn["id"]],
+        ):
+            tv = table_version(db, cache, rel_id)
+            if wanted is not None and (tv.schema, tv.name) not in wanted:
+                continue
+            if op == "T":  # a truncate empties the table whatever --only says
+                out.append(
+                    f"{tv.qualified} in xid {txn['xid']}: TRUNCATE cannot be undone from the"
+                    " change stream"
+                )
+            else:
+                out.append(
+                    f"{tv.qualified} in xid {txn['xid']}: {no_old} {OP_NAMES[op]}(s) without a"
+                    " full old row (the table lacked REPLICA IDENTITY FULL)"
+                )
+    return out
 
 
 def _blind_spots(db: Database, target: Target, wanted: set[tuple[str, str]] | None) -> list[str]:
@@ -242,8 +296,8 @@ def _resolve_tables(db: Database, tables: tuple[str, ...]) -> set[tuple[str, str
 
 
 def _inventory(db: Database, plan: Plan, wanted: set[tuple[str, str]] | None) -> None:
-    """Count the selected changes per transaction, table version and operation, and list
-    what cannot be undone among them."""
+    """Count the selected changes per transaction, table version and operation (what cannot
+    be undone among them is left out: ``_refusals`` names it)."""
     cache: dict[int, TableVersion] = {}
     for txn in plan.transactions:
         for rel_id, op, n, no_old in db.execute(
@@ -252,19 +306,7 @@ def _inventory(db: Database, plan: Plan, wanted: set[tuple[str, str]] | None) ->
             tv = table_version(db, cache, rel_id)
             if wanted is not None and (tv.schema, tv.name) not in wanted:
                 continue
-            if op == "T":  # a truncate empties the table whatever --only says
-                plan.not_undoable.append(
-                    f"{tv.qualified} in xid {txn['xid']}: TRUNCATE cannot be undone from the"
-                    " change stream"
-                )
-                continue
-            if op not in plan.target.only:
-                continue
-            if op in "UD" and no_old:
-                plan.not_undoable.append(
-                    f"{tv.qualified} in xid {txn['xid']}: {no_old} {OP_NAMES[op]}(s) without a"
-                    " full old row (the table lacked REPLICA IDENTITY FULL)"
-                )
+            if op == "T" or op not in plan.target.only or (op in "UD" and no_old):
                 continue
             plan.tables[rel_id] = tv
             plan.counts[txn["id"], rel_id, op] += n
@@ -327,16 +369,21 @@ def changes(
                 yield make(row)
 
 
-def later_writer(db: Database, tv: TableVersion, change_id: int, key: str | None) -> str:
-    """Who changed this row after the undone change, as far as the store knows."""
-    if key is None or tv.oid is None:
+def later_writer(
+    db: Database, tv: TableVersion, change_id: int, key: str | None, image: str | None = None
+) -> str:
+    """Who changed this row after the undone change, as far as the store knows (a keyless
+    row: who wrote an identical one, ``image``)."""
+    if tv.oid is None or (key is None and image is None):
         return "changed since by a session the store cannot name"
+    found = "c.key = ?" if key is not None else "c.key IS NULL AND c.new = ?"
     row = db.execute(
-        "SELECT t.session_id, t.xid, t.application_name FROM changes c"
+        "SELECT t.session_id, t.xid, t.application_name FROM changes c"  # noqa: S608
         " JOIN transactions t ON t.id = c.txn"
-        " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND c.key = ?"
-        " AND c.id > ? ORDER BY c.id DESC LIMIT 1",
-        [tv.oid, key, change_id],
+        " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND "
+        + found
+        + " AND c.id > ? ORDER BY c.id DESC LIMIT 1",
+        [tv.oid, key if key is not None else image, change_id],
     ).fetchone()
     if row is None:
         return "changed since (not in the audit store yet: run `undo capture`)"
