@@ -376,15 +376,18 @@ def later_writer(
     row: who wrote an identical one, ``image``)."""
     if tv.oid is None or (key is None and image is None):
         return "changed since by a session the store cannot name"
-    found = "c.key = ?" if key is not None else "c.key IS NULL AND c.new = ?"
+    # a keyless row: a later change that wrote or removed an identical one
+    found = "c.key = ?" if key is not None else "c.key IS NULL AND (c.new = ? OR c.old = ?)"
     row = db.execute(
         "SELECT t.session_id, t.xid, t.application_name FROM changes c"  # noqa: S608
         " JOIN transactions t ON t.id = c.txn"
         " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND "
         + found
         + " AND c.id > ? ORDER BY c.id DESC LIMIT 1",
-        [tv.oid, key if key is not None else image, change_id],
+        [tv.oid, *([key] if key is not None else [image, image]), change_id],
     ).fetchone()
+    if row is None and key is None:
+        return "changed since by a session the store cannot name"
     if row is None:
         return "changed since (not in the audit store yet: run `undo capture`)"
     return f"changed since by session {row[0]} ({row[2]}) in xid {row[1]}"
