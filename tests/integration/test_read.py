@@ -227,6 +227,44 @@ def test_lag_is_zero_when_caught_up_and_the_age_of_the_oldest_unstored_commit(so
         worker.join(timeout=30)
 
 
+def test_lag_counts_a_transaction_capture_is_still_writing(source, monkeypatch):
+    """The on-call's page: status said lag_seconds 0.0 for 10 s while capture wrote a committed
+    500,000-row update (its batch not committed yet), then 7.68. The lag is the age of the
+    oldest commit not yet stored, which capture records when it starts writing it."""
+    from undo.source.status import status
+    from undo.store import writer as writer_module
+
+    source.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    source.init()
+    source.capture()  # caught up: capture reported 0
+    source.sql("INSERT INTO t SELECT g FROM generate_series(1, 2000) g")
+    committed = time.time()
+    time.sleep(2)
+    writing, go_on = threading.Event(), threading.Event()
+    write_rows = writer_module.StoreWriter._write_rows
+
+    def slow(self):  # capture stays in the middle of the transaction until told to go on
+        if self.txn is not None and not writing.is_set():
+            writing.set()
+            go_on.wait(60)
+        write_rows(self)
+
+    monkeypatch.setattr(writer_module.StoreWriter, "_write_rows", slow)
+    worker = threading.Thread(target=capture, args=(source.settings,), kwargs={"once": True})
+    worker.start()
+    try:
+        assert writing.wait(60)
+        busy = status(source.settings)
+        assert busy["slot"]["active_pid"]
+        assert busy["lag_seconds"] is not None and busy["lag_seconds"] >= 2
+        assert busy["lag_seconds"] <= time.time() - committed + 1
+    finally:
+        go_on.set()
+        worker.join(timeout=60)
+    caught_up = status(source.settings)
+    assert caught_up["lag_seconds"] == 0
+
+
 def test_show_reads_like_psql_with_a_summary_and_a_limit(pgo):
     pgo.sql("CREATE TABLE accounts (id int PRIMARY KEY, name text)")
     pgo.init()
