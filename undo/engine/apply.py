@@ -369,19 +369,25 @@ def _ledger_call(plan: Plan) -> sql.Composed:
     )
 
 
-#: progress(phase, done, total): "changes" read into COPY, then "statements" run
+#: progress(phase, done, total), phase by phase, each reported as it starts (done 0) and as
+#: it moves: "staging" (changes sent by COPY to be staged), "writing" (statements run, the
+#: conflict check folded in), "checking" (foreign-key checks run), "committing" (0, then 1 of 1)
 Progress = Callable[[str, int, int], None]
+PHASES = ("staging", "writing", "checking", "committing")
 
 
 def _counted(
     lines: Iterator[str], progress: Progress | None, done: list[int], total: int
 ) -> Iterator[str]:
-    """Report progress in COPY lines sent (one per change; two for an update of a key)."""
+    """Report staging progress in COPY lines sent (one per change; two for an update of a
+    key: at most ``total``), and once the table's lines are all sent."""
     for line in lines:
         yield line
         done[0] += 1
         if progress is not None and done[0] % 10_000 == 0:
-            progress("changes", done[0], total)
+            progress("staging", min(done[0], total), total)
+    if progress is not None:
+        progress("staging", min(done[0], total), total)
 
 
 def _stage(runner: _Runner, u: TableUndo, lines: Iterator[str]) -> None:
@@ -411,55 +417,68 @@ def _run(
     ops = plan.ops()
     row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
     by_xmin = plan.by_xmin(int(row[0]) if row else 0)
-    undos: dict[int, TableUndo] = {}
-    staged: set[int] = set()
+    undos = {rel: TableUndo(tables[rel], n) for n, rel in enumerate(order, 1)}
+    staged = {
+        rel
+        for rel, u in undos.items()
+        if not (runner.copies_directly and _copyable(u, ops[rel], fire_triggers))
+    }
     done = [0]
-    total = sum(plan.counts.values())
+    total = sum(n for (_, rel, _), n in plan.counts.items() if rel in staged)
 
-    def lines(rel: int, u: TableUndo, rows: bool = False) -> Iterator[str]:
+    def lines(rel: int, u: TableUndo, rows: bool = False, report: bool = True) -> Iterator[str]:
         changed = changes(db, plan, rel, by_xmin)
-        return _counted(u.rows(changed) if rows else u.lines(changed), progress, done, total)
+        return _counted(
+            u.rows(changed) if rows else u.lines(changed), progress if report else None, done, total
+        )
 
-    for n, rel in enumerate(order, 1):
-        u = undos[rel] = TableUndo(tables[rel], n)
-        if not (runner.copies_directly and _copyable(u, ops[rel], fire_triggers)):
-            _stage(runner, u, lines(rel, u))
-            staged.add(rel)
+    if progress is not None and staged:
+        progress("staging", 0, total)
+    for rel in order:
+        if rel in staged:
+            _stage(runner, undos[rel], lines(rel, undos[rel]))
     writes = sum(len(undos[r].steps()) for r in staged) + len(order) - len(staged)
     written = 0
 
-    def wrote() -> None:
+    def writing(step: int = 0) -> None:
         nonlocal written
-        written += 1
-        if progress is not None:
-            progress("statements", written, writes)
+        written += step
+        if progress is not None:  # also as a statement starts: the phase shows while it runs
+            progress("writing", written, writes)
 
     for kind, sequence in (("I", reversed(order)), ("U", order), ("D", order)):
         for rel in sequence:
             u = undos[rel]
             if rel in staged:
                 if kind in u.steps():
+                    writing()
                     runner.step(u.steps()[kind], u)
-                    wrote()
+                    writing(1)
             elif kind == "D":
-                if not runner.copy_directly(u, lines(rel, u, rows=True)):
+                writing()
+                if not runner.copy_directly(u, lines(rel, u, rows=True, report=False)):
                     # a row is in the way: stage and go the whole way, which names the conflicts
                     # (a key deleted twice, with a write between, is a broken chain, not a 'D')
-                    _stage(runner, u, lines(rel, u))
+                    _stage(runner, u, lines(rel, u, report=False))
                     staged.add(rel)
                     for step in u.steps().values():
                         runner.step(step, u)
-                wrote()
+                writing(1)
     if check_keys and not fire_triggers:
-        for label, q in inverse.foreign_key_checks(
+        checks = inverse.foreign_key_checks(
             conn,
             {
                 u.t.version.oid: u
                 for r, u in undos.items()
                 if r in staged and u.t.version.oid is not None
             },
-        ):
+        )
+        for i, (label, q) in enumerate(checks):
+            if progress is not None:
+                progress("checking", i, len(checks))
             runner.fk_check(label, q)
+        if progress is not None and checks:
+            progress("checking", len(checks), len(checks))
 
 
 def _copyable(u: TableUndo, ops: set[str], fire_triggers: bool) -> bool:
@@ -596,7 +615,11 @@ def _apply(
             return
         row = conn.execute("SELECT txid_current()").fetchone()
         report.undo_xid = int(row[0]) if row else None
+        if progress is not None:
+            progress("committing", 0, 1)
         conn.commit()
+        if progress is not None:
+            progress("committing", 1, 1)
     except BaseException as e:
         if not conn.closed:
             conn.rollback()
