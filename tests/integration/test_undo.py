@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 
@@ -416,3 +417,22 @@ def test_a_conflict_over_a_value_the_decoder_could_not_carry_says_so(source):
         ("c", 1),
     ]
     assert source.sql("SELECT label FROM m") == [("b",)]
+
+
+def test_printed_script_keeps_a_carriage_return_in_a_table_name(pgo):
+    """The script was spooled through a text file read back with universal newlines: a \\r
+    in a table's name came out as \\n, and psql found no such table."""
+    pgo.sql('CREATE TABLE "a\rb" (id int PRIMARY KEY); INSERT INTO "a\rb" VALUES (1)')
+    pgo.init()
+    sid = _as_session(pgo, 'DELETE FROM "a\rb"')
+    pgo.capture()
+    out = io.StringIO()
+    undo(pgo.settings, Target(session=sid), out=out)
+    assert '"a\rb"' in out.getvalue()
+    run = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pgo.dsn, "-f", "-"],
+        input=out.getvalue().encode(),
+        capture_output=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert pgo.sql('SELECT id FROM "a\rb"') == [(1,)]

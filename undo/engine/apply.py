@@ -556,7 +556,8 @@ def undo(
         else:
             assert out is not None
             # spooled, so that a failure half-way leaves nothing on ``out`` that psql could run
-            with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+            # newline="": read back as written (a \r in a name stays a \r)
+            with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as spool:
                 _print(conn, db, plan, tables, report, settings_sql, spool, fire_triggers)
                 spool.seek(0)
                 shutil.copyfileobj(spool, out, 1 << 20)
