@@ -62,24 +62,69 @@ class UndoReport:
     """What an undo did (or would do): rows per table and operation, what it refused."""
 
     applied: bool = False
+    #: rows written per (table, op undone): by --apply as counted, by a preview the changes
     rows: Counter[tuple[str, str]] = field(default_factory=Counter)
     conflicts: list[Conflict] = field(default_factory=list)
     not_undoable: list[str] = field(default_factory=list)
     undo_xid: int | None = None
     untrusted_skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    #: changes selected per (table, op): what a preview and its result both count
+    changes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def summary(self) -> list[str]:
-        verb = "undone" if self.applied else "to undo"
+        """Changes per table and operation, counted the same way in a preview and in its
+        result; then, where they differ, the rows --apply wrote, and why they differ."""
+        verb = "to undo" if not self.applied else "selected" if self.conflicts else "undone"
+        counted = self.changes or self.rows
         lines = [
-            f"{n} {OP_NAMES[op]}(s) of {table} {verb}"
-            for (table, op), n in sorted(self.rows.items())
+            f"{n} {OP_NAMES[op]}(s) of {table} {verb}" for (table, op), n in sorted(counted.items())
         ]
+        if self.applied and self.changes and self.rows != self.changes:
+            lines.append("rows written: " + written(self.rows))
+            lines.append(ROWS_MOVE)
+        elif not self.applied and rows_may_move(self.changes):
+            lines.append(ROWS_MOVE + " (the script's last NOTICE counts the rows it wrote)")
         lines += [f"cannot undo: {x}" for x in self.not_undoable]
         lines += [f"conflict: {c}" for c in self.conflicts]
         if self.untrusted_skipped:
             lines.append(f"left out {self.untrusted_skipped} transaction(s) with an untrusted tag")
         return lines + self.notes
+
+
+#: why the rows an undo writes are not its changes, one for one
+ROWS_MOVE = (
+    "rows written count each row once, as the selection left it: a key change is a delete and"
+    " an insert; repeated updates of a row collapse into one"
+)
+#: what undoing an operation does to a row
+WRITES = {"D": "inserted back", "U": "set back", "I": "deleted"}
+
+
+def written(rows: Counter[tuple[str, str]]) -> str:
+    """Rows written per table, in a few words.
+
+    >>> written(Counter({("public.t", "D"): 326, ("public.t", "I"): 10, ("public.u", "U"): 2}))
+    'public.t: 326 inserted back, 10 deleted; public.u: 2 set back'
+    """
+    tables: dict[str, list[str]] = {}
+    for (table, op), n in sorted(rows.items(), key=lambda x: (x[0][0], "DUI".index(x[0][1]))):
+        tables.setdefault(table, []).append(f"{n} {WRITES[op]}")
+    return "; ".join(f"{t}: {', '.join(parts)}" for t, parts in tables.items())
+
+
+def rows_may_move(changes: Counter[tuple[str, str]]) -> bool:
+    """Whether the rows written may not be the changes one for one: a table with an update
+    (it may change the key, or a row twice) or with more than one operation (a row inserted
+    then deleted, ...).
+
+    >>> rows_may_move(Counter({("t", "D"): 9})), rows_may_move(Counter({("t", "U"): 1}))
+    (False, True)
+    """
+    ops: dict[str, set[str]] = {}
+    for table, op in changes:
+        ops.setdefault(table, set()).add(op)
+    return any("U" in o or len(o) > 1 for o in ops.values())
 
 
 # -- the two runners ---------------------------------------------------------------------------
@@ -236,13 +281,22 @@ class _Applier(_Runner):
 
 
 class _Printer(_Runner):
+    """Writes the script. Under psql it prints nothing but its errors and its last NOTICE:
+    QUIET hides command tags, and each query's one row goes into a psql variable (\\gset)."""
+
     def __init__(self, out: TextIO, conn: psycopg.Connection[Any], report: UndoReport) -> None:
         self.out = out
         self.conn = conn
         self.report = report
+        #: (table, kind, the psql variable holding the rows its statement wrote)
+        self.counted: list[tuple[str, str, str]] = []
 
     def statement(self, q: Query) -> None:
         self.out.write(q.as_string(self.conn) + ";\n")
+
+    def kept(self, q: Query) -> None:
+        """A query of one row, kept in psql variables named as its columns, not printed."""
+        self.out.write(q.as_string(self.conn) + " \\gset\n")
 
     def ledger(self, q: Query) -> None:
         # psql would say only "permission denied for function record_undo": say who to grant,
@@ -257,7 +311,7 @@ class _Printer(_Runner):
             ).format(sql.Literal(_NOT_OPERATOR.format(role="%s", ident="%s")))
         )
         self.out.write("\\set VERBOSITY :undo_verbosity\n")
-        self.statement(q)
+        self.kept(sql.SQL("{} AS undo_recorded").format(q))
 
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
         self.out.write(f"{test.as_string(self.conn)} AS {name} \\gset\n\\if :{name}\n")
@@ -283,13 +337,17 @@ class _Printer(_Runner):
             )
             for i in idx
         )
-        self.statement(
+        var = f"undo_rows_{len(self.counted) + 1}"
+        self.counted.append((tv.qualified, step.kind, var))
+        self.kept(
             sql.SQL(
-                "WITH w AS ({write} RETURNING 1) SELECT CASE WHEN (SELECT count(*) FROM w)"
+                "WITH w AS ({write} RETURNING 1) SELECT (SELECT count(*) FROM w) AS {var},"
+                " CASE WHEN (SELECT count(*) FROM w)"
                 " = ({expected}) THEN NULL ELSE pg_temp.undo_fail({label} || array_to_string(ARRAY("
                 "SELECT d.reason || ' (' || {describe} || ')' FROM ({diagnose}) AS d(id, seq,"
-                " img, reason) LIMIT 10), '; ')) END"
+                " img, reason) LIMIT 10), '; ')) END AS undo_ok"
             ).format(
+                var=sql.Identifier(var),
                 write=step.write,
                 expected=step.expected,
                 label=sql.Literal(
@@ -302,10 +360,36 @@ class _Printer(_Runner):
         )
 
     def fk_check(self, label: str, q: Query) -> None:
-        self.statement(
-            sql.SQL("SELECT pg_temp.undo_fail({} || v) FROM ({}) AS x(v)").format(
+        self.kept(
+            sql.SQL("SELECT count(pg_temp.undo_fail({} || v)) AS undo_fk FROM ({}) AS x(v)").format(
                 sql.Literal(f"undo: foreign key would be violated: {label}: "), q
             )
+        )
+
+    def notice(self, plan: Plan) -> None:
+        """Keep (before COMMIT) the NOTICE the script ends with: its xid, the changes it
+        undid and the rows each statement wrote, from the variables the steps set."""
+        parts: list[sql.Composable] = [
+            sql.Literal("undo: committed in xid "),
+            sql.SQL("txid_current()::text"),
+            sql.Literal(": undid " + _changes_text(plan.rows()) + "; rows written: "),
+        ]
+        tables: dict[str, list[tuple[str, str]]] = {}
+        for table, kind, var in self.counted:
+            tables.setdefault(table, []).append((kind, var))
+        for i, (table, steps) in enumerate(tables.items()):
+            parts.append(sql.Literal(("; " if i else "") + f"{table}: "))
+            for j, (kind, var) in enumerate(sorted(steps, key=lambda k: "DUI".index(k[0]))):
+                # :'var' is psql's: the variable's value as a literal
+                parts += [sql.SQL(":'" + var + "'"), sql.Literal(f" {WRITES[kind]}")]
+                if j < len(steps) - 1:
+                    parts.append(sql.Literal(", "))
+        if rows_may_move(plan.rows()):
+            parts.append(sql.Literal(f" ({ROWS_MOVE})"))
+        self.kept(
+            sql.SQL(
+                "SELECT format('BEGIN RAISE NOTICE ''%%'', %L; END', {}) AS undo_notice"
+            ).format(sql.SQL(" || ").join(parts))
         )
 
 
@@ -325,7 +409,7 @@ def not_operator(conn: psycopg.Connection[Any]) -> str:
 
 
 _FAIL_FUNCTION = (
-    "CREATE FUNCTION pg_temp.undo_fail(message text) RETURNS void"
+    "CREATE FUNCTION pg_temp.undo_fail(message text) RETURNS boolean"
     " LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '%', message; END $$"
 )
 
@@ -342,8 +426,9 @@ def _settings(
     pairs.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
     if not fire_triggers:
         pairs.append(("session_replication_role", "replica"))
+    # SET LOCAL, which is set_config(k, v, true) with no result row for psql to print
     return [
-        sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
+        sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(*k.split(".")), sql.Literal(v))
         for k, v in pairs
     ]
 
@@ -522,7 +607,7 @@ def undo(
             target = dataclasses.replace(target, tables=pg.with_partitions(conn, target.tables))
     plan = select(db, target)
     picked = target.session is not None or target.app is not None  # trusted tags only
-    report = UndoReport(untrusted_skipped=plan.untrusted if picked else 0)
+    report = UndoReport(untrusted_skipped=plan.untrusted if picked else 0, changes=plan.rows())
     if target.after is not None and (plan.untrusted or plan.untagged):
         report.notes.append(
             f"includes {plan.untagged} untagged and {plan.untrusted} untrusted transaction(s)"
@@ -666,12 +751,19 @@ def _print(
 ) -> None:
     """Write the script. Everything that can refuse before the script runs (selection,
     un-undoable changes, tables changed since capture) has been checked by now, so a refusal
-    never leaves a partial script on stdout; conflicts and an earlier undo stop it in psql."""
+    never leaves a partial script on stdout; conflicts and an earlier undo stop it in psql.
+    It opens with what it does in words (SQL comments), runs quietly, and ends with a NOTICE
+    saying what it did."""
     out.write(
-        f"-- undo of {json.dumps(plan.target.describe())}: "
-        f"{len(plan.transactions)} transaction(s)\n"
-        "-- run with: psql -v ON_ERROR_STOP=1 -f -\n"
+        "".join(
+            f"-- {_comment(line)}\n" if line else "--\n"
+            for line in _header(plan, report, fire_triggers)
+        )
+    )
+    out.write(
         "\\set ON_ERROR_STOP on\n"
+        "\\set undo_quiet :QUIET\n"
+        "\\set QUIET on\n"
         "SET application_name = 'undo';\nBEGIN;\n"
     )
     printer = _Printer(out, conn, report)
@@ -679,6 +771,71 @@ def _print(
         printer.statement(q)
     printer.statement(sql.SQL(_FAIL_FUNCTION))
     _run(printer, conn, db, plan, tables, fire_triggers, None)
-    out.write("COMMIT;\n")
+    printer.notice(plan)
+    out.write("COMMIT;\nDO :'undo_notice';\n\\set QUIET :undo_quiet\n")
     report.rows = plan.rows()
     conn.rollback()
+
+
+def _changes_text(rows: Counter[tuple[str, str]]) -> str:
+    """Changes per table in a few words.
+
+    >>> _changes_text(Counter({("public.t", "D"): 316, ("public.t", "U"): 1156}))
+    '316 delete(s), 1156 update(s) of public.t'
+    """
+    tables: dict[str, list[str]] = {}
+    for (table, op), n in sorted(rows.items()):
+        tables.setdefault(table, []).append(f"{n} {OP_NAMES[op]}(s)")
+    return "; ".join(f"{', '.join(parts)} of {t}" for t, parts in tables.items())
+
+
+def _header(plan: Plan, report: UndoReport, fire_triggers: bool) -> list[str]:
+    """What the script does, for a reviewer: tables, operations, counts, what it checks."""
+    rows = plan.rows()
+    does = {"D": "inserts the rows back", "U": "sets the old values back", "I": "deletes the rows"}
+    lines = [
+        f"undo of {json.dumps(plan.target.describe())}: {len(plan.transactions)} transaction(s),"
+        f" {sum(rows.values())} change(s)",
+        "review it, then run it with: psql -v ON_ERROR_STOP=1 -f -",
+        "",
+        "what it undoes (changes selected from the audit store):",
+    ]
+    tables: dict[str, list[str]] = {}
+    for (table, op), n in sorted(rows.items()):
+        tables.setdefault(table, []).append(f"{n} {OP_NAMES[op]}(s): {does[op]}")
+    lines += [f"  {t}: {'; '.join(parts)}" for t, parts in tables.items()]
+    if rows_may_move(rows):
+        lines.append(f"  ({ROWS_MOVE})")
+    if report.not_undoable:
+        lines.append("left out (--on-conflict skip), as it cannot be undone:")
+        lines += [f"  {x}" for x in report.not_undoable]
+    lines += [
+        "",
+        "what it checks, in one transaction (the first failure rolls everything back):",
+        "  - none of these changes is undone already (undo.record_undo refuses them, and",
+        "    records this undo in the ledger undo.ledger)",
+        "  - each row is as the undone change left it: a row changed since is a conflict,",
+        "    which stops the script with the rows named, nothing changed",
+        "  - the foreign keys of the rows it writes back and of those it takes away"
+        + (
+            " (checked by PostgreSQL: --fire-triggers, user triggers fire)"
+            if fire_triggers
+            else " (user triggers stay quiet: session_replication_role = replica)"
+        ),
+        "",
+        "then: settings, the changes staged by COPY (their data inline), one statement per",
+        "table and operation; it runs quietly (\\set QUIET on) and ends with a NOTICE saying",
+        "what it did (rows written per table).",
+        "",
+    ]
+    return lines
+
+
+def _comment(text: str) -> str:
+    """Text for an SQL comment: whatever a name or a statement holds, nothing in it can end
+    the comment (psql ends one at a newline or a carriage return) or hide a character.
+
+    >>> _comment('t"\\nDROP TABLE x; --\\r\\u2028ü')
+    't"\\\\u000aDROP TABLE x; --\\\\u000d\\\\u2028ü'
+    """
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
