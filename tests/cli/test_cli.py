@@ -113,3 +113,80 @@ def test_malformed_dsn_is_one_line_without_the_password(tmp_path, dsn, command):
         assert result.exit_code == 2, result.output
         assert result.stderr.count("\n") == 1 and "malformed DSN" in result.stderr
         assert "PASSWORD" not in result.output and "Traceback" not in result.output
+
+
+def _listing_store(tmp_path: Path) -> str:
+    from undo.store.schema import open_store
+
+    path = str(tmp_path / "empty.db")
+    open_store(path, create=True).conn.close()
+    return path
+
+
+def _on_a_terminal(store: str, rows: int, env: dict[str, str]) -> tuple[bytes, int]:
+    """`undo sessions` with stdout on a terminal ``rows`` lines tall: what the terminal got."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 200, 0, 0))
+    e = {k: v for k, v in os.environ.items() if k not in ("LINES", "COLUMNS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "undo", "--store", store, "sessions"],
+        stdout=side,
+        stderr=subprocess.PIPE,
+        env={**e, **env},
+        timeout=60,
+    )
+    os.close(side)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main)
+    return seen, proc.returncode
+
+
+def test_listings_page_on_a_terminal_too_short_for_them_only(tmp_path):
+    """psql's pager: $PAGER when stdout is a terminal and the output is taller than it; never
+    on a pipe (CliRunner, tests) nor when it fits."""
+    store = _listing_store(tmp_path)
+    paged = tmp_path / "paged.txt"
+    pager = {"PAGER": f"cat > {paged}"}
+    seen, code = _on_a_terminal(store, 2, pager)  # header, rule, (0 rows): 3 lines
+    assert code == 0 and paged.read_text().endswith("(0 rows)\n") and b"(0 rows)" not in seen
+    paged.unlink()
+    seen, code = _on_a_terminal(store, 40, pager)
+    assert code == 0 and not paged.exists() and b"(0 rows)" in seen
+    seen, code = _on_a_terminal(store, 2, {"PAGER": ""})  # empty: no pager, as psql
+    assert code == 0 and b"(0 rows)" in seen
+    piped = CliRunner().invoke(cli, ["--store", store, "sessions"], env=pager)
+    assert piped.exit_code == 0 and piped.stdout.endswith("(0 rows)\n") and not paged.exists()
+
+
+def test_listings_say_0_rows_and_check_format_and_limit(tmp_path):
+    store = _listing_store(tmp_path)
+
+    def run(*args):
+        return CliRunner().invoke(cli, ["--store", store, *args])
+
+    empty = run("sessions")
+    assert empty.exit_code == 0 and empty.stdout.splitlines()[-1] == "(0 rows)"
+    assert run("sessions", "-x").stdout == "(0 rows)\n"
+    assert run("sessions", "--json").stdout == run("sessions", "--format", "json").stdout == "[]\n"
+    assert run("sessions", "--format", "csv").stdout.startswith("session_id,application_name,")
+    both = run("sessions", "--json", "--format", "csv")
+    assert both.exit_code == 2 and both.stderr.count("\n") == 1 and both.stdout == ""
+    for command in (["sessions"], ["history", "t", "id=1"], ["show", "xact", "7"]):
+        bad = run(*command, "--limit", "-1")
+        assert bad.exit_code == 2 and "--limit -1" in bad.stderr, command

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import threading
 import time
 
@@ -227,6 +230,44 @@ def test_lag_is_zero_when_caught_up_and_the_age_of_the_oldest_unstored_commit(so
         worker.join(timeout=30)
 
 
+def test_lag_counts_a_transaction_capture_is_still_writing(source, monkeypatch):
+    """The on-call's page: status said lag_seconds 0.0 for 10 s while capture wrote a committed
+    500,000-row update (its batch not committed yet), then 7.68. The lag is the age of the
+    oldest commit not yet stored, which capture records when it starts writing it."""
+    from undo.source.status import status
+    from undo.store import writer as writer_module
+
+    source.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    source.init()
+    source.capture()  # caught up: capture reported 0
+    source.sql("INSERT INTO t SELECT g FROM generate_series(1, 2000) g")
+    committed = time.time()
+    time.sleep(2)
+    writing, go_on = threading.Event(), threading.Event()
+    write_rows = writer_module.StoreWriter._write_rows
+
+    def slow(self):  # capture stays in the middle of the transaction until told to go on
+        if self.txn is not None and not writing.is_set():
+            writing.set()
+            go_on.wait(60)
+        write_rows(self)
+
+    monkeypatch.setattr(writer_module.StoreWriter, "_write_rows", slow)
+    worker = threading.Thread(target=capture, args=(source.settings,), kwargs={"once": True})
+    worker.start()
+    try:
+        assert writing.wait(60)
+        busy = status(source.settings)
+        assert busy["slot"]["active_pid"]
+        assert busy["lag_seconds"] is not None and busy["lag_seconds"] >= 2
+        assert busy["lag_seconds"] <= time.time() - committed + 1
+    finally:
+        go_on.set()
+        worker.join(timeout=60)
+    caught_up = status(source.settings)
+    assert caught_up["lag_seconds"] == 0
+
+
 def test_show_reads_like_psql_with_a_summary_and_a_limit(pgo):
     pgo.sql("CREATE TABLE accounts (id int PRIMARY KEY, name text)")
     pgo.init()
@@ -429,3 +470,84 @@ def test_the_documented_forms_read_as_postgresql_reads_them(pgo):
             for value in values:
                 got = keyforms.offline("c", type_name, value)
                 assert got == source("c", type_name, value), (type_name, value)
+
+
+def test_show_lists_every_statement_before_the_changes(pgo):
+    """The on-call's page: `show session` printed the first 100 changes, all of the first
+    transaction, and the `DELETE FROM orders ...` that did the damage never appeared; with
+    --limit 0 it printed no statement at all. Statements come first, all of them; --limit
+    cuts the changes only."""
+    pgo.sql("CREATE TABLE orders (id int PRIMARY KEY, status text)")
+    pgo.sql("INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 150) g")
+    pgo.init()
+    sid = _as_session(
+        pgo,
+        "UPDATE orders SET status = 'billed'",
+        "DELETE FROM orders\nWHERE id > 140",
+        app="billing",
+    )
+    pgo.capture()
+    out = pgo.undo_cli("show", "session", sid).stdout
+    assert "statement: DELETE FROM orders" in out and "             WHERE id > 140" in out
+    assert out.index("statement: DELETE FROM orders") < out.index("update   public.orders")
+    assert "150 update(s)" in out and "10 delete(s)" in out  # each transaction's changes
+    assert "(60 more change(s): --limit N or --all to see them)" in out
+    bare = pgo.undo_cli("show", "session", sid, "--limit", "0").stdout
+    assert "statement: UPDATE orders SET status = 'billed'" in bare
+    assert "statement: DELETE FROM orders" in bare and "public.orders  id=" not in bare
+    assert "(160 more change(s)" in bare
+    assert ".0" not in out.split("statements:")[1].split("\n")[1]  # times to the second
+    records = pgo.undo_cli("show", "session", sid, "-x", "--limit", "1").stdout
+    assert "statement        | DELETE FROM orders WHERE id > 140" in records
+    assert "-[ RECORD 1 ]" in records and "op    | update" in records
+    rows = list(
+        csv.DictReader(io.StringIO(pgo.undo_cli("show", "session", sid, "--format", "csv").stdout))
+    )
+    assert (
+        len(rows) == 160
+        and rows[-1]["op"] == "delete"
+        and rows[-1]["statement"].startswith("DELETE")
+    )
+    assert json.loads(rows[-1]["old"]) == {"id": "150", "status": "billed"}
+    cut = json.loads(pgo.undo_cli("show", "session", sid, "--json", "--limit", "5").stdout)
+    assert [len(t["changes"]) for t in cut["transactions"]] == [5, 0]
+    assert cut["changes_left_out"] == 155 and cut["totals"]["changes"] == 160
+    whole = json.loads(pgo.undo_cli("show", "session", sid, "--json").stdout)
+    assert sum(len(t["changes"]) for t in whole["transactions"]) == 160
+
+
+def test_sessions_and_history_take_limit_format_and_expanded(pgo):
+    """The on-call's page: `undo sessions` printed lines of 397 characters with microseconds,
+    had no --limit, and an empty result printed only its headers."""
+    _setup(pgo)
+    text = pgo.undo_cli("sessions").stdout
+    assert not re.search(r"\d\d:\d\d:\d\d\.\d", text)  # times to the second
+    assert text.splitlines()[-1] == "(3 rows)"
+    newest = pgo.undo_cli("sessions", "--limit", "1")
+    assert newest.returncode == 0 and "usage-metrics" in newest.stdout
+    assert "signup" not in newest.stdout
+    assert newest.stdout.splitlines()[-1] == "(1 row) (more with a higher --limit)"
+    listed = json.loads(pgo.undo_cli("sessions", "--format", "json", "--limit", "2").stdout)
+    assert [r["application_name"] for r in listed] == ["usage-metrics", "support"]
+    assert re.fullmatch(r".*\.\d{6}Z", listed[0]["first_change_at"])  # JSON: whole
+    table = list(csv.DictReader(io.StringIO(pgo.undo_cli("sessions", "--format", "csv").stdout)))
+    assert [r["application_name"] for r in table] == ["usage-metrics", "support", "signup"]
+    assert json.loads(table[0]["tables"]) == ["public.accounts"] and table[0]["undone"] == ""
+    records = pgo.undo_cli("sessions", "-x", "--app", "signup").stdout
+    assert records.startswith("-[ RECORD 1 ]") and "\napplication_name | signup\n" in records
+    none = pgo.undo_cli("sessions", "--app", "nobody").stdout
+    assert none.splitlines()[0].startswith("session_id") and none.endswith("(0 rows)\n")
+    first = pgo.undo_cli("history", "accounts", "id=42", "--limit", "2").stdout
+    assert "insert" in first and "update" in first and "delete" not in first
+    assert first.endswith("(2 rows) (more with a higher --limit)\n")
+    versions = list(
+        csv.DictReader(
+            io.StringIO(pgo.undo_cli("history", "accounts", "id=42", "--format", "csv").stdout)
+        )
+    )
+    assert [v["op"] for v in versions] == ["insert", "update", "delete"]
+    assert json.loads(versions[1]["new"]) == {"id": "42", "name": "Ada L."}
+    expanded = pgo.undo_cli("history", "accounts", "id=42", "-x").stdout
+    assert (
+        expanded.count("-[ RECORD") == 3 and "statement        | DELETE FROM accounts" in expanded
+    )

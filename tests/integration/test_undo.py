@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 
 import psycopg
@@ -460,3 +462,112 @@ def test_printing_refuses_what_apply_would_refuse(source):
         (4, "orig"),
         (5, "reborn"),
     ]
+
+
+def test_printed_script_keeps_a_carriage_return_in_a_table_name(pgo):
+    """The script was spooled through a text file read back with universal newlines: a \\r
+    in a table's name came out as \\n, and psql found no such table."""
+    pgo.sql('CREATE TABLE "a\rb" (id int PRIMARY KEY); INSERT INTO "a\rb" VALUES (1)')
+    pgo.init()
+    sid = _as_session(pgo, 'DELETE FROM "a\rb"')
+    pgo.capture()
+    out = io.StringIO()
+    undo(pgo.settings, Target(session=sid), out=out)
+    assert '"a\rb"' in out.getvalue()
+    run = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pgo.dsn, "-f", "-"],
+        input=out.getvalue().encode(),
+        capture_output=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert pgo.sql('SELECT id FROM "a\rb"') == [(1,)]
+
+
+_INVOICES = (
+    "CREATE TABLE customers (id int PRIMARY KEY);"
+    " INSERT INTO customers VALUES (1), (2);"
+    " CREATE TABLE invoices (id int PRIMARY KEY, customer int REFERENCES customers, n int);"
+    " INSERT INTO invoices SELECT g, 1, 0 FROM generate_series(1, 20) g"
+)
+_BILLING = (
+    "UPDATE invoices SET n = n + 1 WHERE id <= 10",
+    "UPDATE invoices SET n = n + 1 WHERE id <= 5",  # a row updated twice: one row written
+    "UPDATE invoices SET id = 114 WHERE id = 14",  # a key change: a delete and an insert
+    "DELETE FROM invoices WHERE id > 12 AND id < 100",
+)
+
+
+def _counts(stderr: str) -> list[str]:
+    """The summary's count lines, without their verb (to undo, undone)."""
+    return re.findall(r"(?m)^(\d+ \w+\(s\) of \S+) (?:to undo|undone)$", stderr)
+
+
+def test_preview_and_result_count_the_same_changes_and_say_why_rows_differ(pgo):
+    """The on-call's page: the preview said 316 deletes and 1156 updates to undo, the result
+    326 deletes, 10 inserts and 1122 updates undone, without a word. Both count changes; the
+    result adds the rows it wrote, and why they differ."""
+    pgo.sql(_INVOICES)
+    pgo.init()
+    sid = _as_session(pgo, *_BILLING, app="billing")
+    pgo.capture()
+    preview = pgo.undo_cli("session", sid)
+    assert _counts(preview.stderr) == [
+        "7 delete(s) of public.invoices",
+        "16 update(s) of public.invoices",
+    ]
+    assert "a key change is a delete and an insert" in preview.stderr
+    applied = pgo.undo_cli("session", sid, "--apply")
+    assert applied.returncode == 0, applied.stderr
+    assert _counts(applied.stderr) == _counts(preview.stderr)
+    assert "16 update(s) of public.invoices undone" in applied.stderr
+    assert "rows written: public.invoices: 8 inserted back, 10 set back, 1 deleted" in (
+        applied.stderr
+    )
+    assert "repeated updates of a row collapse into one" in applied.stderr
+    plain = _as_session(pgo, "DELETE FROM invoices WHERE id = 1", app="billing")
+    pgo.capture()
+    one = pgo.undo_cli("session", plain, "--apply")  # one change, one row: nothing to explain
+    assert one.stderr.startswith("1 delete(s) of public.invoices undone\n")
+    assert "rows written" not in one.stderr and "collapse" not in one.stderr
+
+
+def test_printed_script_says_what_it_does_and_runs_quietly(pgo):
+    """The on-call's page: 9,283 lines of COPY data and generated SQL, and through psql 65
+    lines of set_config results and no word of what it did. The script opens with a summary
+    in comments (tables, operations, counts, checks), prints nothing under psql, and ends
+    with a NOTICE of what it did. A table's name cannot end the comment that names it."""
+    odd = 'inv"\nDROP TABLE victim; --\r'
+    pgo.sql(
+        _INVOICES
+        + "; CREATE TABLE victim (id int); CREATE TABLE "
+        + '"inv""\nDROP TABLE victim; --\r" (id int PRIMARY KEY)'
+    )
+    pgo.init()
+    pgo.sql('INSERT INTO "inv""\nDROP TABLE victim; --\r" VALUES (1), (2)')
+    before = pgo.snapshot("invoices")
+    sid = _as_session(pgo, *_BILLING, 'DELETE FROM "inv""\nDROP TABLE victim; --\r"', app="billing")
+    pgo.capture()
+    out = io.StringIO()  # exactly as printed (a pipe in text mode reads \r as \n)
+    undo(pgo.settings, Target(session=sid), out=out)
+    script = out.getvalue()
+    head = script[: script.index("\\set ON_ERROR_STOP on")].splitlines()
+    assert all(line.startswith("--") for line in head), head
+    text = "\n".join(head)
+    assert "public.invoices: 7 delete(s): inserts the rows back; 16 update(s): sets the old" in text
+    assert "\\u000aDROP TABLE victim; --\\u000d" in text and odd not in script.split("COPY")[0]
+    assert "the foreign keys of the rows it writes back" in text and "conflict" in text
+    assert "set_config" not in script
+    run = subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-d", pgo.dsn, "-f", "-"],
+        input=script.encode(),
+        capture_output=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == b""  # no result rows, no command tags
+    notice = run.stderr.decode()  # the one thing psql prints (the odd name's lines in it)
+    assert notice.count("NOTICE:") == 1 and "NOTICE:  undo: committed in xid " in notice
+    assert "7 delete(s), 16 update(s) of public.invoices" in notice
+    assert "public.invoices: 8 inserted back, 10 set back, 1 deleted" in notice
+    assert pgo.snapshot("invoices") == before
+    assert pgo.sql('SELECT count(*) FROM "inv""\nDROP TABLE victim; --\r"') == [(2,)]
+    assert pgo.sql("SELECT to_regclass('victim') IS NOT NULL") == [(True,)]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
+import subprocess
+import sys
 from typing import Any
 
 import click
 
 from undo.cli import render
 from undo.cli._app import (
+    UserError,
     cli,
     echo_err,
     json_option,
@@ -19,6 +23,64 @@ from undo.core.config import Settings
 from undo.core.times import parse_time
 from undo.store import queries
 from undo.store.schema import open_store
+
+
+def output_options(f: Any) -> Any:
+    """--format, --json (the same as --format json) and -x, as psql's --csv and \\x."""
+    f = click.option(
+        "-x",
+        "--expanded",
+        "expand",
+        is_flag=True,
+        help="One field a line for each row, as psql's \\x (table format).",
+    )(f)
+    f = click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "csv", "json"]),
+        default=None,
+        help="table (aligned, times to the second), csv or json (times whole).  [default: table]",
+    )(f)
+    return json_option(f)
+
+
+def _format(fmt: str | None, as_json: bool) -> str:
+    if as_json and fmt not in (None, "json"):
+        raise UserError(f"--json is --format json: give --format {fmt} or --json, not both", 2)
+    return "json" if as_json else fmt or "table"
+
+
+def _limit(value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise UserError(f"--limit {value}: give a number of rows, 0 or more", 2)
+    return value
+
+
+def emit(text: str) -> None:
+    """Print a command's output; on a terminal too short for it, through a pager as psql does:
+    $PAGER (empty: none), else less (with LESS=FRSX unless LESS is set) or more. Never when
+    stdout is not a terminal (a pipe, a file, tests)."""
+    out = sys.stdout
+    if out.isatty():
+        rows = shutil.get_terminal_size().lines
+        pager = os.environ.get("PAGER")
+        if pager is None:
+            pager = "less" if shutil.which("less") else "more" if shutil.which("more") else ""
+        if pager.strip() and text.count("\n") + 1 >= rows:
+            env = dict(os.environ)
+            env.setdefault("LESS", "FRSX")
+            try:
+                # the user's own $PAGER, run by the shell as psql runs it
+                proc = subprocess.Popen(pager, shell=True, stdin=subprocess.PIPE, env=env)
+            except OSError:
+                pass
+            else:
+                try:
+                    proc.communicate((text + "\n").encode(out.encoding or "utf-8", "replace"))
+                except KeyboardInterrupt:  # the pager has the terminal: let it end
+                    proc.wait()
+                return
+    click.echo(text)
 
 
 @cli.command("sessions")
@@ -32,7 +94,8 @@ from undo.store.schema import open_store
     default=None,
     help="Only sessions an undo undid (all or part), or only those none did.",
 )
-@json_option
+@click.option("--limit", type=int, default=None, help="At most this many sessions (the newest).")
+@output_options
 @pass_settings
 def sessions_cmd(
     settings: Settings,
@@ -42,12 +105,16 @@ def sessions_cmd(
     user: str | None,
     tables: tuple[str, ...],
     undone: bool | None,
+    limit: int | None,
+    fmt: str | None,
     as_json: bool,
+    expand: bool,
 ) -> None:
     """One row per session that wrote, newest first.
 
-    Example: undo sessions --app usage-metrics --since 4h
+    Example: undo sessions --app usage-metrics --since 4h --limit 20
     """
+    fmt, limit = _format(fmt, as_json), _limit(limit)
     db = open_store(settings.store)
     rows = queries.sessions(
         db,
@@ -56,35 +123,38 @@ def sessions_cmd(
         app=app,
         user=user,
         tables=list(tables),
+        # one more than shown says whether there are more (--undone filters after the query)
+        limit=None if limit is None or undone is not None else limit + 1,
         undone_filter=undone,
     )
-    if as_json:
-        click.echo(render.to_json(rows))
-        return
-    for r in rows:
-        r["undone"] = words.undone(r["undone"])
-    click.echo(
-        render.table(
-            rows,
-            [
-                "session_id",
-                "application_name",
-                "user",
-                "client_addr",
-                "first_change_at",
-                "last_change_at",
-                "transactions",
-                "inserts",
-                "updates",
-                "deletes",
-                "guard_refusals",
-                "tables",
-                "tag",
-                "tag_reason",
-                "undone",
-            ],
-        )
-    )
+    more = limit is not None and len(rows) > limit
+    rows = rows[:limit] if limit is not None else rows
+    if fmt == "table":
+        for r in rows:
+            r["undone"] = words.undone(
+                r["undone"]
+                and {**r["undone"], "undone_at": render.second(r["undone"]["undone_at"])}
+            )
+    emit(render.listing(rows, _SESSION_COLUMNS, fmt, expand, more))
+
+
+_SESSION_COLUMNS = [
+    "session_id",
+    "application_name",
+    "user",
+    "client_addr",
+    "first_change_at",
+    "last_change_at",
+    "transactions",
+    "inserts",
+    "updates",
+    "deletes",
+    "guard_refusals",
+    "tables",
+    "tag",
+    "tag_reason",
+    "undone",
+]
 
 
 @cli.group("show")
@@ -94,55 +164,90 @@ def show_group() -> None:
 
 def _show_options(f: Any) -> Any:
     f = click.option("--all", "show_all", is_flag=True, help="Every change (no --limit).")(f)
-    return click.option(
-        "--limit", default=100, show_default=True, help="Print at most this many changes."
+    f = click.option(
+        "--limit",
+        type=int,
+        default=None,
+        help="Print at most this many changes (every statement is printed; 0: statements"
+        " only).  [default: 100; csv and json: all]",
     )(f)
+    return output_options(f)
+
+
+def _show(
+    result: dict[str, Any], limit: int | None, show_all: bool, fmt: str, expand: bool
+) -> None:
+    if show_all:
+        limit = None
+    elif limit is None and fmt == "table":
+        limit = 100
+    if fmt == "json":
+        emit(render.show_json(result, limit))
+    elif fmt == "csv":
+        emit(render.show_csv(result, limit))
+    else:
+        emit("\n".join(render.show(result, limit, expand)))
 
 
 @show_group.command("session")
 @click.argument("session_id")
 @_show_options
-@json_option
 @pass_settings
 def show_session(
-    settings: Settings, session_id: str, limit: int, show_all: bool, as_json: bool
+    settings: Settings,
+    session_id: str,
+    limit: int | None,
+    show_all: bool,
+    fmt: str | None,
+    as_json: bool,
+    expand: bool,
 ) -> None:
-    """A session's transactions and row changes.
+    """A session's transactions with their statements, then its row changes.
 
     Example: undo show session 6b071524.9d7
     """
+    fmt, limit = _format(fmt, as_json), _limit(limit)
     result = queries.show(open_store(settings.store), session_id=session_id)
-    if as_json:
-        click.echo(render.to_json(result))
-        return
-    for line in render.show(result, None if show_all else limit):
-        click.echo(line)
+    _show(result, limit, show_all, fmt, expand)
 
 
 @show_group.command("xact")
 @click.argument("xid", type=int)
 @_show_options
-@json_option
 @pass_settings
-def show_xact(settings: Settings, xid: int, limit: int, show_all: bool, as_json: bool) -> None:
-    """A transaction's row changes.
+def show_xact(
+    settings: Settings,
+    xid: int,
+    limit: int | None,
+    show_all: bool,
+    fmt: str | None,
+    as_json: bool,
+    expand: bool,
+) -> None:
+    """A transaction's statement and row changes.
 
     Example: undo show xact 7341
     """
+    fmt, limit = _format(fmt, as_json), _limit(limit)
     result = queries.show(open_store(settings.store), xid=xid)
-    if as_json:
-        click.echo(render.to_json(result))
-        return
-    for line in render.show(result, None if show_all else limit):
-        click.echo(line)
+    _show(result, limit, show_all, fmt, expand)
 
 
 @cli.command("history")
 @click.argument("table")
 @click.argument("key", nargs=-1, required=True)
-@json_option
+@click.option("--limit", type=int, default=None, help="At most this many versions (the oldest).")
+@output_options
 @pass_settings
-def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: bool) -> None:
+def history_cmd(
+    settings: Settings,
+    table: str,
+    key: tuple[str, ...],
+    limit: int | None,
+    fmt: str | None,
+    as_json: bool,
+    expand: bool,
+) -> None:
     """Every recorded version of one row, oldest first, with who changed it.
 
     Example: undo history public.invoices id=150 issued_at=2026-10-20
@@ -154,6 +259,7 @@ def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: b
     from undo.source import pg
     from undo.store import keyforms
 
+    fmt, limit = _format(fmt, as_json), _limit(limit)
     db = open_store(settings.store)
     pairs = queries.parse_key(list(key))
     conn = None
@@ -169,32 +275,20 @@ def history_cmd(settings: Settings, table: str, key: tuple[str, ...], as_json: b
     finally:
         if conn is not None:
             conn.close()
-    if as_json:
-        click.echo(render.to_json(rows))
-        return
-    for r in rows:
-        if r["op"] == "ddl":
-            click.echo(
-                f"{r['commit_time']}  {r['command']}  xid {r['xid']}"
-                f"  session {r['session_id'] or '(untagged)'}  {r['application_name'] or ''}"
-                f"  {r['user'] or ''}  tag {r['tag']}\n  statement: {r['statement']}"
+    more = limit is not None and len(rows) > limit
+    rows = rows[:limit] if limit is not None else rows
+    if fmt != "table" or expand:
+        emit(
+            render.listing(
+                [render.history_record(r) for r in rows] if fmt != "json" else rows,
+                render.HISTORY_FIELDS,
+                fmt,
+                expand,
+                more,
             )
-            continue
-        click.echo(
-            f"{r['commit_time']}  {r['op']:6}  xid {r['xid']}"
-            f"  session {r['session_id'] or '(untagged)'}  {r['application_name'] or ''}"
-            f"  {r['user'] or ''}  tag {r['tag']}"
         )
-        if r["moved_from"] is not None:
-            click.echo(f"  moved from {r['moved_from']} to {r['table']}")
-        elif len({x["table"] for x in rows}) > 1:
-            click.echo(f"  in {r['table']}")
-        if r["undo_of"] is not None:  # its statement is only the undo's first one
-            click.echo(f"  undo of: {json.dumps(r['undo_of'], ensure_ascii=False)}")
-        else:
-            click.echo(f"  statement: {r['statement']}")
-        for line in render.images(r, "  "):
-            click.echo(line)
+        return
+    emit("\n".join(render.history(rows, more)))
 
 
 def _connect_timeout(dsn: str, seconds: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -67,30 +68,54 @@ def undo_options(f: Any) -> Any:
 
 
 class _Bars:
-    """Progress bars on stderr (a terminal, not --quiet): done/total, rate and ETA per phase."""
+    """Progress on stderr (a terminal, not --quiet), one indicator per phase (staging,
+    writing, checking, committing): done/total, rate and ETA, and the time spent in the
+    phase, which keeps moving while the server runs one long statement."""
+
+    TICK = 0.5  # seconds between redraws of the phase's elapsed time
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar: Any = None
         self.phase = ""
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.ticker: threading.Thread | None = None
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if phase != self.phase:
-            from tqdm import tqdm
+        with self.lock:
+            if phase != self.phase:
+                from tqdm import tqdm
 
-            self.close()
-            self.phase = phase
-            self.bar = tqdm(
-                total=total, desc=f"undo: {phase}", unit="", file=sys.stderr, leave=False
-            )
-        self.bar.update(done - self.bar.n)
+                self._close()
+                self.phase = phase
+                self.bar = tqdm(
+                    total=total, desc=f"undo: {phase}", unit="", file=sys.stderr, leave=False
+                )
+            self.bar.update(done - self.bar.n)
+        if self.ticker is None:
+            self.ticker = threading.Thread(target=self._tick, daemon=True)
+            self.ticker.start()
 
-    def close(self) -> None:
+    def _tick(self) -> None:
+        while not self.stop.wait(self.TICK):
+            with self.lock:
+                if self.bar is not None:
+                    self.bar.refresh()
+
+    def _close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.ticker is not None:
+            self.ticker.join()
+        with self.lock:
+            self._close()
 
 
 def _run_undo(
@@ -135,8 +160,10 @@ def _report(run: Callable[[Any], UndoReport]) -> None:
     """Run an undo with progress bars, then its summary on stderr; exit 1 where it left
     something undone (conflicts, what cannot be undone)."""
     bars = _Bars(click.get_current_context().find_root().meta.get("undo.progress", False))
-    report = run(bars)
-    bars.close()
+    try:
+        report = run(bars)
+    finally:
+        bars.close()
     for line in report.summary():
         echo_err(line)
     if report.applied:

@@ -1,9 +1,13 @@
-"""Rendering for the terminal: aligned tables and JSON. No decisions here."""
+"""Rendering for the terminal: aligned tables, psql's expanded display, CSV and JSON. No
+decisions here."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -38,8 +42,119 @@ def _cell(v: Any) -> str:
         return ""
     if isinstance(v, list | tuple):
         return ",".join(str(x) for x in v)
-    s = str(v)
+    s = _SPACES.sub(" ", str(v))
     return s if len(s) <= 60 else s[:57] + "..."
+
+
+_SPACES = re.compile(r"\s*[\r\n\t\v\f]\s*")  # a statement's lines, in one cell: one line
+_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.\d+Z")
+
+
+def second(v: Any) -> Any:
+    """A store time to the second, for a table (JSON and CSV keep it whole).
+
+    >>> second("2026-01-19T10:25:31.123456Z"), second(None), second(7)
+    ('2026-01-19T10:25:31Z', None, 7)
+    """
+    if isinstance(v, str):
+        m = _TIME.fullmatch(v)
+        if m:
+            return m.group(1) + "Z"
+    return v
+
+
+def count(n: int, word: str = "row") -> str:
+    """psql's footer.
+
+    >>> count(0), count(1), count(2, "version")
+    ('(0 rows)', '(1 row)', '(2 versions)')
+    """
+    return f"({n} {word}{'' if n == 1 else 's'})"
+
+
+def expanded(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as psql's expanded display (``\\x``): one record per row, one field a line.
+
+    >>> print(expanded([{"a": 1, "bb": "xy"}], ["a", "bb"]))
+    -[ RECORD 1 ]
+    a  | 1
+    bb | xy
+    >>> expanded([], ["a"])
+    '(0 rows)'
+    """
+    if not rows:
+        return count(0)
+    name_width = max(len(c) for c in columns)
+    cells = [[_field(r.get(c)) for c in columns] for r in rows]
+    value_width = max((len(v) for row in cells for v in row), default=0)
+    lines: list[str] = []
+    for i, row in enumerate(cells, 1):
+        label = f"-[ RECORD {i} ]"
+        if len(label) < name_width + 1:
+            label = label.ljust(name_width + 1, "-") + "+"
+            label = label.ljust(name_width + 3 + value_width, "-")
+        lines.append(label)
+        lines += [
+            f"{c.ljust(name_width)} | {v}".rstrip() for c, v in zip(columns, row, strict=True)
+        ]
+    return "\n".join(lines)
+
+
+def _field(v: Any) -> str:
+    """A value in a record: whole (a record has the width), on one line."""
+    if v is None:
+        return ""
+    if isinstance(v, list | tuple):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return pairs({k: _text(x) for k, x in v.items()})
+    return _SPACES.sub(" ", str(v))
+
+
+def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV with a header, as psql --csv: NULL empty, times whole, lists and objects
+    as JSON.
+
+    >>> print(to_csv([{"a": None, "b": ["x", "y"], "c": 'say "hi" now'}], ["a", "b", "c"]), end="")
+    a,b,c
+    ,"[""x"", ""y""]","say ""hi"" now"
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_csv_cell(r.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, list | tuple | dict):
+        return json.dumps(v, ensure_ascii=False, default=str)
+    return str(v)
+
+
+def listing(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    fmt: str,
+    expand: bool = False,
+    more: bool = False,
+) -> str:
+    """A listing in the format asked: ``table`` (aligned, times to the second, psql's
+    ``(N rows)``; ``expand``: records), ``csv`` or ``json`` (everything, times whole).
+    ``more``: the listing was cut at --limit."""
+    if fmt == "json":
+        return to_json(list(rows))
+    if fmt == "csv":
+        return to_csv(rows, columns).rstrip("\n")
+    shown = [{k: second(v) for k, v in r.items()} for r in rows]
+    text = expanded(shown, columns) if expand else table(shown, columns)
+    footer = "" if expand else count(len(rows))  # psql: records need no count; none: (0 rows)
+    if more:
+        footer += (" " if footer else "") + "(more with a higher --limit)"
+    return text + ("\n" + footer if footer else "")
 
 
 def value(v: str | None, limit: int = 120) -> str:
@@ -138,37 +253,40 @@ def images(change: dict[str, Any], indent: str) -> Iterator[str]:
         yield (f"{indent}new: {pairs(new) if new else '(no value changed)'}")
 
 
-def show(result: dict[str, Any], limit: int | None) -> Iterator[str]:
-    """`undo show`: the summary, then each transaction and its changes (at most ``limit``)."""
+def show(result: dict[str, Any], limit: int | None, expand: bool = False) -> Iterator[str]:
+    """`undo show`: the summary, then every transaction and its statement, then the row
+    changes (at most ``limit``), as the dashboard's session page: what ran is never cut by
+    the limit, which cuts the changes only. ``expand``: transactions and changes as records."""
     txns, totals = result["transactions"], result["totals"]
     yield (
         f"session {result['session_id']}: {totals['transactions']} transaction(s),"
         f" {totals['changes']} change(s)"
     )
     if result.get("undone"):
-        yield (f"undone: {words.undone(result['undone'])}")
+        yield (f"undone: {words.undone(_undone_shown(result['undone']))}")
     for d in result.get("ddl") or []:
         yield (
-            f"DDL {d['command']} {d['object'] or ''}  xid {d['xid']}  {d['commit_time']}"
+            f"DDL {d['command']} {d['object'] or ''}  xid {d['xid']}  {second(d['commit_time'])}"
             f"  statement: {d['statement'] or ''}"
             + ("" if d["tag"] == "trusted" else f"  tag {d['tag']} ({d['tag_reason']})")
         )
     for g in result.get("guard_refusals") or []:
         yield (
-            f"refused by guard {g['guard']} at {g['refused_at']}"
+            f"refused by guard {g['guard']} at {second(g['refused_at'])}"
             + (f" ({g['reason']})" if g["reason"] else "")
             + f": {g['statement'] or ''}"
             + ("" if g["tag"] == "trusted" else f"  tag {g['tag']} ({g['tag_reason']})")
         )
     for m in result.get("malformed") or []:
         yield (
-            f"malformed {m['prefix']} message at {m['received_at']}  xid {m['xid'] or ''}:"
+            f"malformed {m['prefix']} message at {second(m['received_at'])}  xid {m['xid'] or ''}:"
             f" {m['problem']} (kept in the store's malformed table, never used)"
         )
     if totals["rows"]:
         yield ("\n" + table(totals["rows"], ["table", "operation", "rows"]))
     shown = [0]  # changes printed, by both lists: at most ``limit`` in all
-    yield from _transactions(txns, shown, limit)
+    yield from _statements(txns, expand)
+    yield from _transactions(txns, shown, limit, expand)
     claims = result["untrusted"]
     total = totals["changes"] + claims["totals"]["changes"]
     if claims["transactions"]:  # listed apart: not the session's, not in its totals
@@ -179,28 +297,246 @@ def show(result: dict[str, Any], limit: int | None) -> Iterator[str]:
             " leaves them out)"
         )
         if claims.get("undone"):
-            yield (f"undone: {words.undone(claims['undone'])}")
+            yield (f"undone: {words.undone(_undone_shown(claims['undone']))}")
         if c["rows"]:
             yield (table(c["rows"], ["table", "operation", "rows"]))
-        yield from _transactions(claims["transactions"], shown, limit)
+        yield from _statements(claims["transactions"], expand)
+        yield from _transactions(claims["transactions"], shown, limit, expand)
     if shown[0] < total:
         yield (f"\n({total - shown[0]} more change(s): --limit N or --all to see them)")
 
 
-def _transactions(txns: list[dict[str, Any]], shown: list[int], limit: int | None) -> Iterator[str]:
-    """Each transaction and its changes, until ``shown[0]`` changes printed reach ``limit``."""
+def _undone_shown(entry: dict[str, Any]) -> dict[str, Any]:
+    return {**entry, "undone_at": second(entry.get("undone_at"))}
+
+
+def ops(changes: Sequence[dict[str, Any]]) -> str:
+    """A transaction's changes by operation, in a few words.
+
+    >>> ops([{"op": "delete"}, {"op": "update"}, {"op": "delete"}])
+    '2 delete(s), 1 update(s)'
+    """
+    counts: dict[str, int] = {}
+    for c in changes:
+        counts[c["op"]] = counts.get(c["op"], 0) + 1
+    return ", ".join(f"{n} {op}(s)" for op, n in counts.items()) or "no row change"
+
+
+_STATEMENT_FIELDS = [
+    "xid",
+    "commit_time",
+    "application_name",
+    "user",
+    "tag",
+    "changes",
+    "statement",
+]
+
+
+def _statements(txns: list[dict[str, Any]], expand: bool) -> Iterator[str]:
+    """Every transaction, what it changed, and its statement (whole; its lines indented)."""
+    if not txns:
+        return
+    yield "\nstatements:"
+    if expand:
+        yield expanded(
+            [
+                {
+                    **t,
+                    "commit_time": second(t["commit_time"]),
+                    "tag": words.tag(t["tag"], t.get("tag_reason")),
+                    "changes": ops(t["changes"]),
+                }
+                for t in txns
+            ],
+            _STATEMENT_FIELDS,
+        )
+        return
+    for t in txns:
+        yield (
+            f"xid {t['xid']}  {second(t['commit_time'])}  {t['application_name'] or ''}"
+            f"  {t['user'] or ''}  tag {words.tag(t['tag'], t.get('tag_reason'))}"
+            f"  {ops(t['changes'])}"
+        )
+        first, *rest = (t["statement"] or "").splitlines() or [""]
+        yield f"  statement: {first}"
+        for line in rest:
+            yield f"             {line}"
+
+
+def _transactions(
+    txns: list[dict[str, Any]], shown: list[int], limit: int | None, expand: bool
+) -> Iterator[str]:
+    """Each transaction's changes, until ``shown[0]`` changes printed reach ``limit``."""
+    started = False
     for t in txns:
         if limit is not None and shown[0] >= limit:
             break
-        yield (
-            f"\nxid {t['xid']}  {t['commit_time']}  {t['application_name'] or ''}"
-            f"  {t['user'] or ''}  tag {t['tag']}"
-            + (f" ({t['tag_reason']})" if t.get("tag_reason") else "")
-        )
-        yield (f"  statement: {t['statement'] or ''}")
+        if not t["changes"]:
+            continue
+        if not started:
+            yield "\nchanges:"
+            started = True
+        if not expand:
+            yield (f"xid {t['xid']}  {second(t['commit_time'])}")
+        records = []
         for c in t["changes"]:
             if limit is not None and shown[0] >= limit:
                 break
             shown[0] += 1
+            if expand:
+                records.append(
+                    {
+                        "xid": t["xid"],
+                        "op": c["op"],
+                        "table": c["table"],
+                        "key": key(c["key_columns"], c["key"]),
+                        "old": None if c["old"] is None else pairs(c["old"]),
+                        "new": None if c["new"] is None else pairs(_changed(c)),
+                    }
+                )
+                continue
             yield (f"  {c['op']:8} {c['table']}  {key(c['key_columns'], c['key'])}")
             yield from images(c, "    ")
+        if records:
+            yield _numbered(records, shown[0] - len(records))
+
+
+def _numbered(records: list[dict[str, Any]], before: int) -> str:
+    """Change records numbered across transactions (RECORD n counts every change shown)."""
+    text = expanded(records, ["xid", "op", "table", "key", "old", "new"])
+    return re.sub(
+        r"^-\[ RECORD (\d+) \]",
+        lambda m: f"-[ RECORD {int(m.group(1)) + before} ]",
+        text,
+        flags=re.MULTILINE,
+    )
+
+
+def _changed(change: dict[str, Any]) -> dict[str, Any]:
+    """An update's new row as far as it changed (the whole row otherwise)."""
+    old, new = change["old"], change["new"]
+    if old is None or new is None:
+        return dict(new or {})
+    return {k: v for k, v in new.items() if old.get(k) != v}
+
+
+_SHOW_CSV = [
+    "xid",
+    "commit_time",
+    "application_name",
+    "user",
+    "tag",
+    "tag_reason",
+    "statement",
+    "table",
+    "op",
+    "key",
+    "old",
+    "new",
+]
+
+
+def show_csv(result: dict[str, Any], limit: int | None) -> str:
+    """`undo show --format csv`: one row per change (at most ``limit``), with its transaction
+    (the session's, then those that claim it untrusted); key and images as JSON objects."""
+    rows: list[dict[str, Any]] = []
+    for t in result["transactions"] + result["untrusted"]["transactions"]:
+        for c in t["changes"]:
+            if limit is not None and len(rows) >= limit:
+                break
+            k = (
+                None
+                if c["key"] is None
+                else dict(zip(c["key_columns"] or [], c["key"], strict=False))
+            )
+            rows.append(
+                {
+                    **t,
+                    "table": c["table"],
+                    "op": c["op"],
+                    "key": k,
+                    "old": c["old"],
+                    "new": c["new"],
+                }
+            )
+    return to_csv(rows, _SHOW_CSV).rstrip("\n")
+
+
+def show_json(result: dict[str, Any], limit: int | None) -> str:
+    """`undo show --json`: everything, or with --limit every transaction with its changes cut
+    at ``limit`` in all (``changes_left_out`` says how many were)."""
+    if limit is None:
+        return to_json(result)
+    left = [limit]
+    cut = 0
+
+    def take(txns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal cut
+        out = []
+        for t in txns:
+            kept = t["changes"][: left[0]]
+            left[0] -= len(kept)
+            cut += len(t["changes"]) - len(kept)
+            out.append({**t, "changes": kept})
+        return out
+
+    mine = take(result["transactions"])
+    claims = take(result["untrusted"]["transactions"])
+    return to_json(
+        {
+            **result,
+            "transactions": mine,
+            "untrusted": {**result["untrusted"], "transactions": claims},
+            "changes_left_out": cut,
+        }
+    )
+
+
+# -- undo history ------------------------------------------------------------------------
+
+HISTORY_FIELDS = [
+    "commit_time",
+    "op",
+    "table",
+    "moved_from",
+    "xid",
+    "session_id",
+    "application_name",
+    "user",
+    "tag",
+    "statement",
+    "undo_of",
+    "old",
+    "new",
+]
+
+
+def history_record(r: dict[str, Any]) -> dict[str, Any]:
+    """A version as a record (csv, -x), a DDL's command as its op."""
+    return {**r, "op": (r.get("command") or "ddl") if r["op"] == "ddl" else r["op"]}
+
+
+def history(rows: list[dict[str, Any]], more: bool) -> Iterator[str]:
+    """`undo history`: each version on a line (time, op, xid, session, application, user,
+    tag), then its statement (or what undo it was) and its values."""
+    for r in rows:
+        who = (
+            f"xid {r['xid']}  session {r['session_id'] or '(untagged)'}"
+            f"  {r['application_name'] or ''}  {r['user'] or ''}  tag {r['tag']}"
+        )
+        if r["op"] == "ddl":
+            yield f"{second(r['commit_time'])}  {r['command']}  {who}"
+            yield f"  statement: {r['statement']}"
+            continue
+        yield f"{second(r['commit_time'])}  {r['op']:6}  {who}"
+        if r["moved_from"] is not None:
+            yield f"  moved from {r['moved_from']} to {r['table']}"
+        elif len({x["table"] for x in rows}) > 1:
+            yield f"  in {r['table']}"
+        if r["undo_of"] is not None:  # its statement is only the undo's first one
+            yield f"  undo of: {json.dumps(r['undo_of'], ensure_ascii=False)}"
+        else:
+            yield f"  statement: {r['statement']}"
+        yield from images(r, "  ")
+    yield count(len(rows)) + (" (more with a higher --limit)" if more else "")

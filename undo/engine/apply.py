@@ -62,24 +62,69 @@ class UndoReport:
     """What an undo did (or would do): rows per table and operation, what it refused."""
 
     applied: bool = False
+    #: rows written per (table, op undone): by --apply as counted, by a preview the changes
     rows: Counter[tuple[str, str]] = field(default_factory=Counter)
     conflicts: list[Conflict] = field(default_factory=list)
     not_undoable: list[str] = field(default_factory=list)
     undo_xid: int | None = None
     untrusted_skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    #: changes selected per (table, op): what a preview and its result both count
+    changes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def summary(self) -> list[str]:
-        verb = "undone" if self.applied else "to undo"
+        """Changes per table and operation, counted the same way in a preview and in its
+        result; then, where they differ, the rows --apply wrote, and why they differ."""
+        verb = "to undo" if not self.applied else "selected" if self.conflicts else "undone"
+        counted = self.changes or self.rows
         lines = [
-            f"{n} {OP_NAMES[op]}(s) of {table} {verb}"
-            for (table, op), n in sorted(self.rows.items())
+            f"{n} {OP_NAMES[op]}(s) of {table} {verb}" for (table, op), n in sorted(counted.items())
         ]
+        if self.applied and self.changes and self.rows != self.changes:
+            lines.append("rows written: " + written(self.rows))
+            lines.append(ROWS_MOVE)
+        elif not self.applied and rows_may_move(self.changes):
+            lines.append(ROWS_MOVE + " (the script's last NOTICE counts the rows it wrote)")
         lines += [f"cannot undo: {x}" for x in self.not_undoable]
         lines += [f"conflict: {c}" for c in self.conflicts]
         if self.untrusted_skipped:
             lines.append(f"left out {self.untrusted_skipped} transaction(s) with an untrusted tag")
         return lines + self.notes
+
+
+#: why the rows an undo writes are not its changes, one for one
+ROWS_MOVE = (
+    "rows written count each row once, as the selection left it: a key change is a delete and"
+    " an insert; repeated updates of a row collapse into one"
+)
+#: what undoing an operation does to a row
+WRITES = {"D": "inserted back", "U": "set back", "I": "deleted"}
+
+
+def written(rows: Counter[tuple[str, str]]) -> str:
+    """Rows written per table, in a few words.
+
+    >>> written(Counter({("public.t", "D"): 326, ("public.t", "I"): 10, ("public.u", "U"): 2}))
+    'public.t: 326 inserted back, 10 deleted; public.u: 2 set back'
+    """
+    tables: dict[str, list[str]] = {}
+    for (table, op), n in sorted(rows.items(), key=lambda x: (x[0][0], "DUI".index(x[0][1]))):
+        tables.setdefault(table, []).append(f"{n} {WRITES[op]}")
+    return "; ".join(f"{t}: {', '.join(parts)}" for t, parts in tables.items())
+
+
+def rows_may_move(changes: Counter[tuple[str, str]]) -> bool:
+    """Whether the rows written may not be the changes one for one: a table with an update
+    (it may change the key, or a row twice) or with more than one operation (a row inserted
+    then deleted, ...).
+
+    >>> rows_may_move(Counter({("t", "D"): 9})), rows_may_move(Counter({("t", "U"): 1}))
+    (False, True)
+    """
+    ops: dict[str, set[str]] = {}
+    for table, op in changes:
+        ops.setdefault(table, set()).add(op)
+    return any("U" in o or len(o) > 1 for o in ops.values())
 
 
 # -- the two runners ---------------------------------------------------------------------------
@@ -310,6 +355,8 @@ class _Applier(_Runner):
         COPY met a row), or "mismatch"."""
         total = w.count()
         for done, (u, step) in enumerate(w.steps(), 1):
+            if w.progress is not None:  # as a statement starts: the phase shows while it runs
+                w.progress("writing", done - 1, total)
             if step is None:
                 if not self._copy_directly(u, w.copy_rows(u.t.version.id), w.xids(u.t.version.id)):
                     return u.t.version.id
@@ -321,7 +368,7 @@ class _Applier(_Runner):
                         return "mismatch"
                     self.report.rows[step.table.version.qualified, step.kind] += written
             if w.progress is not None:
-                w.progress("statements", done, total)
+                w.progress("writing", done, total)
         return None
 
     def write(self, w: _Writes) -> None:
@@ -331,7 +378,10 @@ class _Applier(_Runner):
             outcome = self._write_once(w)
             broken: list[Conflict] = []
             if outcome is None and w.check_keys:
-                for label, q in inverse.foreign_key_checks(self.conn, w.by_oid()):
+                checks = inverse.foreign_key_checks(self.conn, w.by_oid())
+                for i, (label, q) in enumerate(checks):
+                    if w.progress is not None:
+                        w.progress("checking", i, len(checks))
                     row = self.conn.execute(q).fetchone()
                     if row is not None:
                         broken.append(Conflict(label, str(row[0]), "foreign key would be violated"))
@@ -369,7 +419,9 @@ class _Printer(_Runner):
     clear, ``_cleared``) are staged on undo's own connection too, as they are printed, and their
     conflicts looked for on the live rows (reads only, no row locks): ``abort`` refuses before
     anything is printed, ``skip`` prints a script that leaves them out. The script keeps every
-    count check, for what changes between the check and psql."""
+    count check, for what changes between the check and psql. Under psql it prints nothing but
+    its errors and its last NOTICE: QUIET hides command tags, and each query's one row goes
+    into a psql variable (\\gset)."""
 
     def __init__(
         self,
@@ -387,12 +439,18 @@ class _Printer(_Runner):
         self.on_conflict = on_conflict
         self.checked: set[int] = checked
         self.check = False  # the table being staged is checked
+        #: (table, kind, the psql variable holding the rows its statement wrote)
+        self.counted: list[tuple[str, str, str]] = []
 
     def begin(self, rel: int) -> None:
         self.check = rel in self.checked
 
     def statement(self, q: Query) -> None:
         self.out.write(q.as_string(self.conn) + ";\n")
+
+    def kept(self, q: Query) -> None:
+        """A query of one row, kept in psql variables named as its columns, not printed."""
+        self.out.write(q.as_string(self.conn) + " \\gset\n")
 
     def ledger(self, q: Query) -> None:
         # psql would say only "permission denied for function record_undo": say who to grant,
@@ -407,7 +465,7 @@ class _Printer(_Runner):
             ).format(sql.Literal(_NOT_OPERATOR.format(role="%s", ident="%s")))
         )
         self.out.write("\\set VERBOSITY :undo_verbosity\n")
-        self.statement(q)
+        self.kept(sql.SQL("{} AS undo_recorded").format(q))
 
     def stage(self, q: Query) -> None:
         self.statement(q)
@@ -482,13 +540,17 @@ class _Printer(_Runner):
             )
             for i in idx
         )
-        self.statement(
+        var = f"undo_rows_{len(self.counted) + 1}"
+        self.counted.append((tv.qualified, step.kind, var))
+        self.kept(
             sql.SQL(
-                "WITH w AS ({write} RETURNING 1) SELECT CASE WHEN (SELECT count(*) FROM w)"
+                "WITH w AS ({write} RETURNING 1) SELECT (SELECT count(*) FROM w) AS {var},"
+                " CASE WHEN (SELECT count(*) FROM w)"
                 " = ({expected}) THEN NULL ELSE pg_temp.undo_fail({label} || array_to_string(ARRAY("
                 "SELECT d.reason || ' (' || {describe} || ')' FROM ({diagnose}) AS d(id, seq,"
-                " img, reason) LIMIT 10), '; ')) END"
+                " img, reason) LIMIT 10), '; ')) END AS undo_ok"
             ).format(
+                var=sql.Identifier(var),
                 write=step.write,
                 expected=step.expected,
                 label=sql.Literal(
@@ -501,10 +563,36 @@ class _Printer(_Runner):
         )
 
     def fk_check(self, label: str, q: Query) -> None:
-        self.statement(
-            sql.SQL("SELECT pg_temp.undo_fail({} || v) FROM ({}) AS x(v)").format(
+        self.kept(
+            sql.SQL("SELECT count(pg_temp.undo_fail({} || v)) AS undo_fk FROM ({}) AS x(v)").format(
                 sql.Literal(f"undo: foreign key would be violated: {label}: "), q
             )
+        )
+
+    def notice(self, plan: Plan) -> None:
+        """Keep (before COMMIT) the NOTICE the script ends with: its xid, the changes it
+        undid and the rows each statement wrote, from the variables the steps set."""
+        parts: list[sql.Composable] = [
+            sql.Literal("undo: committed in xid "),
+            sql.SQL("txid_current()::text"),
+            sql.Literal(": undid " + _changes_text(plan.rows()) + "; rows written: "),
+        ]
+        tables: dict[str, list[tuple[str, str]]] = {}
+        for table, kind, var in self.counted:
+            tables.setdefault(table, []).append((kind, var))
+        for i, (table, steps) in enumerate(tables.items()):
+            parts.append(sql.Literal(("; " if i else "") + f"{table}: "))
+            for j, (kind, var) in enumerate(sorted(steps, key=lambda k: "DUI".index(k[0]))):
+                # :'var' is psql's: the variable's value as a literal
+                parts += [sql.SQL(":'" + var + "'"), sql.Literal(f" {WRITES[kind]}")]
+                if j < len(steps) - 1:
+                    parts.append(sql.Literal(", "))
+        if rows_may_move(plan.rows()):
+            parts.append(sql.Literal(f" ({ROWS_MOVE})"))
+        self.kept(
+            sql.SQL(
+                "SELECT format('BEGIN RAISE NOTICE ''%%'', %L; END', {}) AS undo_notice"
+            ).format(sql.SQL(" || ").join(parts))
         )
 
 
@@ -524,7 +612,7 @@ def not_operator(conn: psycopg.Connection[Any]) -> str:
 
 
 _FAIL_FUNCTION = (
-    "CREATE FUNCTION pg_temp.undo_fail(message text) RETURNS void"
+    "CREATE FUNCTION pg_temp.undo_fail(message text) RETURNS boolean"
     " LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '%', message; END $$"
 )
 
@@ -541,8 +629,9 @@ def _settings(
     pairs.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
     if not fire_triggers:
         pairs.append(("session_replication_role", "replica"))
+    # SET LOCAL, which is set_config(k, v, true) with no result row for psql to print
     return [
-        sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
+        sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(*k.split(".")), sql.Literal(v))
         for k, v in pairs
     ]
 
@@ -568,19 +657,25 @@ def _ledger_call(plan: Plan) -> sql.Composed:
     )
 
 
-#: progress(phase, done, total): "changes" read into COPY, then "statements" run
+#: progress(phase, done, total), phase by phase, each reported as it starts (done 0) and as
+#: it moves: "staging" (changes sent by COPY to be staged), "writing" (statements run, the
+#: conflict check folded in), "checking" (foreign-key checks run), "committing" (0, then 1 of 1)
 Progress = Callable[[str, int, int], None]
+PHASES = ("staging", "writing", "checking", "committing")
 
 
 def _counted(
     lines: Iterator[str], progress: Progress | None, done: list[int], total: int
 ) -> Iterator[str]:
-    """Report progress in COPY lines sent (one per change; two for an update of a key)."""
+    """Report staging progress in COPY lines sent (one per change; two for an update of a
+    key: at most ``total``), and once the table's lines are all sent."""
     for line in lines:
         yield line
         done[0] += 1
         if progress is not None and done[0] % 10_000 == 0:
-            progress("changes", done[0], total)
+            progress("staging", min(done[0], total), total)
+    if progress is not None:
+        progress("staging", min(done[0], total), total)
 
 
 def _stage(runner: _Runner, u: TableUndo, lines: Iterator[str]) -> None:
@@ -626,6 +721,8 @@ def _run(
         _stage(runner, undos[rel], lines(rel, undos[rel]))
         staged.add(rel)
 
+    if progress is not None:
+        progress("staging", 0, total)
     for n, rel in enumerate(order, 1):
         u = undos[rel] = TableUndo(tables[rel], n)
         if not (runner.copies_directly and _copyable(u, ops[rel], fire_triggers)):
@@ -689,7 +786,7 @@ def undo(
             target = dataclasses.replace(target, tables=pg.with_partitions(conn, target.tables))
     plan = select(db, target)
     picked = target.session is not None or target.app is not None  # trusted tags only
-    report = UndoReport(untrusted_skipped=plan.untrusted if picked else 0)
+    report = UndoReport(untrusted_skipped=plan.untrusted if picked else 0, changes=plan.rows())
     if target.after is not None and (plan.untrusted or plan.untagged):
         report.notes.append(
             f"includes {plan.untagged} untagged and {plan.untrusted} untrusted transaction(s)"
@@ -723,7 +820,8 @@ def undo(
         else:
             assert out is not None
             # spooled, so that a failure half-way leaves nothing on ``out`` that psql could run
-            with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+            # newline="": read back as written (a \r in a name stays a \r)
+            with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as spool:
                 _print(
                     conn,
                     db,
@@ -793,7 +891,11 @@ def _apply(
             return
         row = conn.execute("SELECT txid_current()").fetchone()
         report.undo_xid = int(row[0]) if row else None
+        if progress is not None:
+            progress("committing", 0, 1)
         conn.commit()
+        if progress is not None:
+            progress("committing", 1, 1)
     except BaseException as e:
         if not conn.closed:
             conn.rollback()
@@ -843,14 +945,21 @@ def _print(
     un-undoable changes, tables changed since capture, and conflicts on the live rows as they
     are now: the same rows are staged here and checked, reading only) is checked by the time the
     script is whole, so a refusal never leaves a partial script on stdout; what changes between
-    this check and psql, and an earlier undo, stop it in psql. Nothing here is committed."""
+    this check and psql, and an earlier undo, stop it in psql. Nothing here is committed.
+    It opens with what it does in words (SQL comments), runs quietly, and ends with a NOTICE
+    saying what it did."""
+    out.write(
+        "".join(
+            f"-- {_comment(line)}\n" if line else "--\n"
+            for line in _header(plan, report, fire_triggers)
+        )
+    )
     for q in check_settings:  # the script's own, without the replication role (reads only)
         conn.execute(q)
     out.write(
-        f"-- undo of {json.dumps(plan.target.describe())}: "
-        f"{len(plan.transactions)} transaction(s)\n"
-        "-- run with: psql -v ON_ERROR_STOP=1 -f -\n"
         "\\set ON_ERROR_STOP on\n"
+        "\\set undo_quiet :QUIET\n"
+        "\\set QUIET on\n"
         "SET application_name = 'undo';\nBEGIN;\n"
     )
     checked = set(tables) - _cleared(conn, plan, tables)
@@ -860,9 +969,10 @@ def _print(
     printer.statement(sql.SQL(_FAIL_FUNCTION))
     try:
         _run(printer, conn, db, plan, tables, fire_triggers, None)
+        printer.notice(plan)
     finally:
         conn.rollback()
-    out.write("COMMIT;\n")
+    out.write("COMMIT;\nDO :'undo_notice';\n\\set QUIET :undo_quiet\n")
     for (table, op), n in plan.rows().items():  # the tables not staged for the check
         if not any(tables[r].version.qualified == table for r in checked):
             report.rows[table, op] = n
@@ -917,3 +1027,67 @@ def _cleared(
         if ours == left and not (young and "D" in ops[rel]):
             out.add(rel)
     return out
+
+
+def _changes_text(rows: Counter[tuple[str, str]]) -> str:
+    """Changes per table in a few words.
+
+    >>> _changes_text(Counter({("public.t", "D"): 316, ("public.t", "U"): 1156}))
+    '316 delete(s), 1156 update(s) of public.t'
+    """
+    tables: dict[str, list[str]] = {}
+    for (table, op), n in sorted(rows.items()):
+        tables.setdefault(table, []).append(f"{n} {OP_NAMES[op]}(s)")
+    return "; ".join(f"{', '.join(parts)} of {t}" for t, parts in tables.items())
+
+
+def _header(plan: Plan, report: UndoReport, fire_triggers: bool) -> list[str]:
+    """What the script does, for a reviewer: tables, operations, counts, what it checks."""
+    rows = plan.rows()
+    does = {"D": "inserts the rows back", "U": "sets the old values back", "I": "deletes the rows"}
+    lines = [
+        f"undo of {json.dumps(plan.target.describe())}: {len(plan.transactions)} transaction(s),"
+        f" {sum(rows.values())} change(s)",
+        "review it, then run it with: psql -v ON_ERROR_STOP=1 -f -",
+        "",
+        "what it undoes (changes selected from the audit store):",
+    ]
+    tables: dict[str, list[str]] = {}
+    for (table, op), n in sorted(rows.items()):
+        tables.setdefault(table, []).append(f"{n} {OP_NAMES[op]}(s): {does[op]}")
+    lines += [f"  {t}: {'; '.join(parts)}" for t, parts in tables.items()]
+    if rows_may_move(rows):
+        lines.append(f"  ({ROWS_MOVE})")
+    if report.not_undoable:
+        lines.append("left out (--on-conflict skip), as it cannot be undone:")
+        lines += [f"  {x}" for x in report.not_undoable]
+    lines += [
+        "",
+        "what it checks, in one transaction (the first failure rolls everything back):",
+        "  - none of these changes is undone already (undo.record_undo refuses them, and",
+        "    records this undo in the ledger undo.ledger)",
+        "  - each row is as the undone change left it: a row changed since is a conflict,",
+        "    which stops the script with the rows named, nothing changed",
+        "  - the foreign keys of the rows it writes back and of those it takes away"
+        + (
+            " (checked by PostgreSQL: --fire-triggers, user triggers fire)"
+            if fire_triggers
+            else " (user triggers stay quiet: session_replication_role = replica)"
+        ),
+        "",
+        "then: settings, the changes staged by COPY (their data inline), one statement per",
+        "table and operation; it runs quietly (\\set QUIET on) and ends with a NOTICE saying",
+        "what it did (rows written per table).",
+        "",
+    ]
+    return lines
+
+
+def _comment(text: str) -> str:
+    """Text for an SQL comment: whatever a name or a statement holds, nothing in it can end
+    the comment (psql ends one at a newline or a carriage return) or hide a character.
+
+    >>> _comment('t"\\nDROP TABLE x; --\\r\\u2028ü')
+    't"\\\\u000aDROP TABLE x; --\\\\u000d\\\\u2028ü'
+    """
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ from sqlite_utils import Database
 
 from undo.core import wal
 from undo.core.config import Settings
-from undo.core.times import iso
+from undo.core.times import epoch, iso
 from undo.source import pg
 from undo.source.install import unprepared, unpublishable
 from undo.store import queries
@@ -32,7 +33,10 @@ def lag(
 
     lag_bytes: the server's current WAL position minus the store's position. lag_seconds: the
     age of the oldest commit not yet stored, 0 when there is none. While a capture holds the
-    slot, from what it last reported (each batch it commits; ``lag_reported_at``); otherwise by
+    slot, from what it last reported (each batch it commits; ``lag_reported_at``), or, while it
+    writes a batch, from the commit time of the batch's first transaction, which it records
+    when it starts writing it (a long transaction is behind for as long as it is written);
+    otherwise by
     peeking at the slot's first pending transaction, which decodes that transaction without
     consuming it (None where the slot cannot be peeked: missing, just taken, no privilege;
     or not ``peek``: another database's slot, never taken even for a moment)."""
@@ -41,7 +45,12 @@ def lag(
     if active:
         report = json.loads(get_meta(db, "capture_lag") or "null")
         if report is not None:
-            out["lag_seconds"] = report["lag_seconds"]
+            pending = report.get("pending_since")
+            out["lag_seconds"] = (
+                report["lag_seconds"]
+                if pending is None
+                else round(max(0.0, time.time() - epoch(pending)), 3)
+            )
             out["lag_reported_at"] = iso(datetime.fromtimestamp(report["at"], UTC))
         return out
     if not peek:

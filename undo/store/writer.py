@@ -122,6 +122,9 @@ class StoreWriter:
         self.txn: _Txn | None = None
         #: commit time of the batch's first transaction: the oldest commit not yet stored
         self.oldest_unstored: str | None = None
+        #: the same, known from its Begin and committed to meta at once (``_mark_pending``), so
+        #: that `status` sees a transaction that takes seconds to write before its batch commits
+        self.pending_since: str | None = None
         # per (minute, application, session, relation): inserts, updates, deletes, truncates,
         # transactions of the batch, written with it (one upsert per key, not per transaction)
         self.activity: dict[tuple[int, str, str, int], list[int]] = {}
@@ -168,9 +171,25 @@ class StoreWriter:
         return begin.commit_lsn < self.position
 
     def begin(self, begin: Begin) -> None:
+        if self.pending_since is None and self.oldest_unstored is None:
+            self._mark_pending(begin.commit_time)
         self._open_batch()
         self.conn.execute("SAVEPOINT txn")
         self.txn = _Txn(self.next_txn, begin.xid, self.next_change, begin.commit_lsn)
+
+    def _mark_pending(self, commit_time: str) -> None:
+        """Say in meta 'capture_lag', in a commit of its own before the batch opens, since when
+        a commit waits to be stored: the first transaction of a batch is being written. One
+        small write per batch (never per change); a batch open without a transaction (a
+        position moved on) is committed first, as flush would."""
+        if self.batch_open:
+            self.flush()
+        self.pending_since = commit_time
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('capture_lag', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (json.dumps({"at": time.time(), "lag_seconds": None, "pending_since": commit_time}),),
+        )
 
     def add(self, ch: Change, rel_id: int, key_positions: tuple[int, ...] | None) -> None:
         """Stage one change; images are JSON tokens (records.py), joined here, not re-encoded.
@@ -568,6 +587,13 @@ class StoreWriter:
             )
             self.activity.clear()
 
+    @property
+    def unstored_since(self) -> str | None:
+        """The commit time of the oldest transaction not yet stored that this writer has seen
+        (its Begin, or its commit in the open batch), or None."""
+        times = [t for t in (self.pending_since, self.oldest_unstored) if t is not None]
+        return min(times, key=epoch) if times else None
+
     def flush(self) -> int:
         """Commit the batch with its position; return the position now durable."""
         assert self.txn is None, "flush inside a source transaction"
@@ -583,13 +609,14 @@ class StoreWriter:
             # what `status` shows while this capture holds the slot: how old the oldest commit
             # not yet stored was, until this batch stored it (0: it had nothing waiting)
             now = time.time()
-            lag = 0.0 if self.oldest_unstored is None else now - epoch(self.oldest_unstored)
+            oldest = self.unstored_since
+            lag = 0.0 if oldest is None else now - epoch(oldest)
             self.conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('capture_lag', ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (json.dumps({"at": now, "lag_seconds": round(max(0.0, lag), 3)}),),
             )
-            self.oldest_unstored = None
+            self.oldest_unstored = self.pending_since = None
             self.conn.execute("COMMIT")
             self.batch_open = False
             self.position = self.batch_position

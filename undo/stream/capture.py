@@ -131,7 +131,7 @@ class _Session:
         rate = (self.changes - self.reported_changes) / (now - self.last_report)
         self.last_report, self.reported_changes = now, self.changes
         lag_bytes = max(0, self.wal_end - self.writer.position)
-        oldest = self.writer.oldest_unstored
+        oldest = self.writer.unstored_since
         lag_seconds = round(max(0.0, time.time() - epoch(oldest)), 1) if oldest else 0.0
         log.info(
             "%s changes stored (%s/s), lag %s bytes, %s s",
