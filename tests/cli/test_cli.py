@@ -113,3 +113,10 @@ def test_malformed_dsn_is_one_line_without_the_password(tmp_path, dsn, command):
         assert result.exit_code == 2, result.output
         assert result.stderr.count("\n") == 1 and "malformed DSN" in result.stderr
         assert "PASSWORD" not in result.output and "Traceback" not in result.output
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    for args in (["xact", "abc"], ["history", "t"], ["nosuch"], ["--nosuch", "status"]):
+        result = _run(tmp_path, *args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "--help`)" in result.stderr

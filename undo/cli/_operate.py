@@ -182,7 +182,13 @@ def prune_cmd(settings: Settings, before: str) -> None:
 
 @cli.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port (0: any free one, printed).",
+)
 @click.option(
     "--token",
     envvar="UNDO_TOKEN",

@@ -9,6 +9,7 @@ import click
 
 from undo.cli import render
 from undo.cli._app import (
+    XID,
     cli,
     echo_err,
     json_option,
@@ -95,7 +96,11 @@ def show_group() -> None:
 def _show_options(f: Any) -> Any:
     f = click.option("--all", "show_all", is_flag=True, help="Every change (no --limit).")(f)
     return click.option(
-        "--limit", default=100, show_default=True, help="Print at most this many changes."
+        "--limit",
+        default=100,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help="Print at most this many changes.",
     )(f)
 
 
@@ -120,7 +125,7 @@ def show_session(
 
 
 @show_group.command("xact")
-@click.argument("xid", type=int)
+@click.argument("xid", type=XID)
 @_show_options
 @json_option
 @pass_settings
