@@ -13,6 +13,7 @@ from undo.cli import cli
 COMMANDS = [
     ["init"],
     ["capture"],
+    ["check"],
     ["status"],
     ["sessions"],
     ["show", "session"],
@@ -113,6 +114,13 @@ def test_malformed_dsn_is_one_line_without_the_password(tmp_path, dsn, command):
         assert result.exit_code == 2, result.output
         assert result.stderr.count("\n") == 1 and "malformed DSN" in result.stderr
         assert "PASSWORD" not in result.output and "Traceback" not in result.output
+
+
+def test_init_help_says_the_default_schema():
+    """`billing` was left out silently: nothing said that init audits `public` alone."""
+    result = CliRunner().invoke(cli, ["init", "--help"])
+    assert result.exit_code == 0
+    assert "default: public" in result.output and "tables of other schemas" in result.output
 
 
 def test_usage_errors_are_one_line(tmp_path):

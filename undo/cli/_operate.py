@@ -16,12 +16,18 @@ from undo.cli._app import (
     pass_settings,
 )
 from undo.core.config import Settings
-from undo.core.times import parse_time
+from undo.core.times import parse_age, parse_time
 from undo.store.schema import open_store
 
 
 @cli.command("init")
-@click.option("--schema", "schemas", multiple=True, help="Audit every table of this schema.")
+@click.option(
+    "--schema",
+    "schemas",
+    multiple=True,
+    help="Audit every table of this schema (repeatable).  [default: public, when no --schema"
+    " or --table is given]",
+)
 @click.option("--table", "tables", multiple=True, help="Audit this table (schema.table).")
 @click.option(
     "--uninstall",
@@ -44,7 +50,10 @@ def init_cmd(
 ) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
-    Example: undo --dsn postgresql://admin@db/shop init --schema public
+    Audits the schemas given (--schema, --table), or only the schema public when none is:
+    tables of other schemas are not captured (init names them).
+
+    Example: undo --dsn postgresql://admin@db/shop init --schema public --schema billing
     """
     from undo.source.install import init
     from undo.source.install import uninstall as do_uninstall
@@ -88,6 +97,33 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
         settings, once=once, accept_gap=accept_gap, should_stop=lambda: stopping["flag"]
     )
     echo_err(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
+
+
+@cli.command("check")
+@click.option(
+    "--max-lag",
+    default="5m",
+    show_default=True,
+    metavar="AGE",
+    help="Capture lag (the oldest commit not yet stored) over this is a problem.",
+)
+@json_option
+@pass_settings
+def check_cmd(settings: Settings, max_lag: str, as_json: bool) -> None:
+    """What this store audits and what is wrong with it, each with its fix; exit 1 if anything.
+
+    Checks the audited tables (undo's trigger, REPLICA IDENTITY FULL, logged), the slot (there,
+    this database's, the store's decoder, not ahead of the store), the publication, capture lag,
+    open gaps, and the store (SQLite's quick_check, which reads all of it).
+
+    Example: undo check --max-lag 10m
+    """
+    from undo.source.status import check
+
+    result = check(settings, float(parse_age(max_lag, "--max-lag", "an age such as 5m or 1h")))
+    click.echo(render.to_json(result) if as_json else render.check(result))
+    if not result["ok"]:
+        sys.exit(1)
 
 
 @cli.command("status")

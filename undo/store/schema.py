@@ -411,6 +411,21 @@ def store_fault(e: BaseException, path: str) -> StoreFault | None:
     return None
 
 
+def quick_check(db: Database) -> list[str]:
+    """SQLite's PRAGMA quick_check of the store: [] when sound, else what it reports, a line
+    each (at most 10). It reads every page: seconds per GB."""
+    try:
+        rows = [r[0] for r in db.execute("PRAGMA quick_check(10)").fetchall()]
+    except sqlite3.DatabaseError as e:
+        if not is_corrupt(e):
+            raise
+        return [str(e)]
+    if rows == ["ok"]:
+        return []
+    lines = [x.strip() for r in rows for x in str(r).splitlines()]
+    return [x for x in lines if x and not x.startswith("*** in database")][:10]
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)
