@@ -236,7 +236,14 @@ CASES = {
         '"127.0.0.1", port 1 failed: Connection refused (is the server running',
         env={"UNDO_DSN": "host=127.0.0.1 port=1 dbname=x connect_timeout=3"},
     ),
+    "capture into a full disk": Case(
+        ["capture", "--once"], 2, "is full", _full_disk, after=_nothing_lost
+    ),
+    "capture into a read-only store": Case(
+        ["capture", "--once"], 2, "cannot be written", _read_only, after=_nothing_lost
+    ),
     "prune a read-only store": Case(["prune", "--before", "1d"], 2, "read-only", _read_only),
+    "capture from a corrupt store": Case(["capture", "--once"], 2, "is corrupt", _corrupt),
     "history from a corrupt store": Case(
         ["history", "public.t", "id=7"], 2, "is corrupt", _corrupt
     ),

@@ -12,6 +12,7 @@ from undo.cli import render
 from undo.cli._app import (
     cli,
     echo_err,
+    info,
     json_option,
     pass_settings,
 )
@@ -82,6 +83,11 @@ def init_cmd(
 def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
     """Stream committed changes from the slot into the store, until SIGINT/SIGTERM.
 
+    Exit codes: 0 stopped by a signal (or --once done); 75 the source database went away
+    and reconnecting failed, or a capture that exited still holds the slot (a restart puts it
+    right); 1 a gap refused, another consumer holds the slot; 2 bad options, the store
+    corrupt, full or read-only (a person must act). See README "Running capture as a service".
+
     Example: undo capture --once
     """
     from undo.stream.capture import capture
@@ -96,7 +102,7 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
     report = capture(
         settings, once=once, accept_gap=accept_gap, should_stop=lambda: stopping["flag"]
     )
-    echo_err(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
+    info(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
 
 
 @cli.command("check")
@@ -164,7 +170,7 @@ def guard_add(settings: Settings, pattern: str, reason: str | None) -> None:
     from undo.source import guards as guard
 
     new = guard.add(settings, pattern, reason)
-    echo_err(f"guard {pattern} {'added' if new else 'updated'}")
+    info(f"guard {pattern} {'added' if new else 'updated'}")
 
 
 @guard_group.command("remove")
@@ -178,7 +184,7 @@ def guard_remove(settings: Settings, pattern: str) -> None:
     from undo.source import guards as guard
 
     guard.remove(settings, pattern)
-    echo_err(f"guard {pattern} removed")
+    info(f"guard {pattern} removed")
 
 
 @guard_group.command("list")
@@ -248,7 +254,7 @@ def serve_cmd(
     from undo.web import serve
 
     server = serve(settings, host, port, token, allowed_hosts)
-    echo_err(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
+    info(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -10,10 +10,12 @@ gap in the audit trail, recorded and refused.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import secrets
 import select
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +26,20 @@ from psycopg import pq, sql
 
 from undo.core import names, wal
 from undo.core.config import Settings
-from undo.core.errors import DatabaseUnreachable, UndoError
+from undo.core.errors import (
+    BadInput,
+    DatabaseUnreachable,
+    SlotInUse,
+    StoreCorrupt,
+    TryAgain,
+    UndoError,
+)
 from undo.core.records import Begin, Change, Commit, Message, Relation, Truncate
 from undo.core.times import epoch
 from undo.source import pg
 from undo.source.catalog import Catalog
+from undo.source.health import capture_application_name
+from undo.store import schema
 from undo.store.schema import get_meta, open_store
 from undo.store.writer import StoreWriter
 from undo.stream import messages, pgoutput, wal2json
@@ -41,7 +52,7 @@ log = logging.getLogger(__name__)
 BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
-REPORT_SECONDS = 30.0  # a progress line in the log while capture works
+REPORT_SECONDS = 30.0  # a progress line in the log while capture works (none while idle)
 STOP_CHECK_EVERY = 4096
 
 
@@ -54,6 +65,10 @@ class CaptureReport:
 
 class ConnectionLost(Exception):
     pass
+
+
+class _Probe(Exception):
+    """Rolls back the write that shows the store can be written."""
 
 
 def _fields(**kw: Any) -> dict[str, Any]:
@@ -129,10 +144,12 @@ class _Session:
         if now - self.last_report < REPORT_SECONDS:
             return
         rate = (self.changes - self.reported_changes) / (now - self.last_report)
-        self.last_report, self.reported_changes = now, self.changes
         lag_bytes = max(0, self.wal_end - self.writer.position)
         oldest = self.writer.oldest_unstored
         lag_seconds = round(max(0.0, time.time() - epoch(oldest)), 1) if oldest else 0.0
+        self.last_report, self.reported_changes = now, self.changes
+        if not rate and not lag_seconds:
+            return  # idle and caught up: nothing to say (a line of 0/s every 30 s said nothing)
         log.info(
             "%s changes stored (%s/s), lag %s bytes, %s s",
             f"{self.changes:,}",
@@ -385,14 +402,67 @@ def capture(
 
     ``once``: stop after storing everything committed before the call. Otherwise run until
     ``should_stop()`` says so. Reconnects with backoff when the server goes away.
+
+    A store SQLite reports malformed stops it at once (at start, PRAGMA quick_check): nothing
+    more is confirmed, so the slot keeps every change the store may not hold. Faults are
+    UndoErrors whose exit code says who puts them right: TryAgain (75: the source went away,
+    a restart does it), the others (1, 2: a person).
     """
     db = open_store(settings.store)
+    try:
+        return _capture(settings, db, once, accept_gap, should_stop, on_progress, max_attempts)
+    except sqlite3.Error as e:
+        position = get_meta_safely(db)
+        fault = schema.store_fault(e, settings.store)
+        if fault is None:
+            raise
+        if schema.error_code(e) in (schema.SQLITE_BUSY, schema.SQLITE_LOCKED):
+            raise TryAgain(f"capture stopped: {fault}") from None
+        raise type(fault)(
+            f"capture stopped: {fault}; nothing after {position} was confirmed to the server,"
+            " so the slot keeps those changes"
+        ) from None
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            db.conn.close()  # an open batch is rolled back: its position was never confirmed
+
+
+def get_meta_safely(db: Any) -> str:
+    """The store's position for a message about a store that failed, if it can be read."""
+    try:
+        return wal.int_to_lsn(int(get_meta(db, "position") or 0))
+    except (sqlite3.Error, ValueError):
+        return "the last position it confirmed"
+
+
+def _capture(
+    settings: Settings,
+    db: Any,
+    once: bool,
+    accept_gap: bool,
+    should_stop: Callable[[], bool],
+    on_progress: Callable[[int, int], None] | None,
+    max_attempts: int | None,
+) -> CaptureReport:
     decoder = get_meta(db, "decoder") or "pgoutput"
     slot = get_meta(db, "slot")
     if slot is not None and slot != settings.slot:
-        raise UndoError(
+        raise BadInput(
             f"the store belongs to slot {slot!r}, not {settings.slot!r}: use --slot {slot}"
         )
+    problems = schema.quick_check(db)
+    if problems:
+        raise StoreCorrupt(
+            f"the audit store {settings.store} is corrupt (SQLite's quick_check:"
+            f" {'; '.join(problems[:3])}):"
+            " capture confirms nothing from it; move it aside, and either restore a copy or"
+            f" recover what SQLite can read (sqlite3 {settings.store} .recover | sqlite3 NEW.db);"
+            " then `undo check`"
+        )
+    # a store it cannot write (read-only file or mount) is found before anything is streamed
+    with contextlib.suppress(_Probe), db.atomic():
+        db.execute("UPDATE meta SET value = value WHERE key = 'slot'")
+        raise _Probe  # rolled back
     if decoder == "pgoutput":
         options = pgoutput.plugin_options(get_meta(db, "publication") or settings.slot)
     else:
@@ -428,7 +498,11 @@ def capture(
                     session = _Session(
                         settings, writer, decoder, options, key, Catalog(conn), on_progress
                     )
-                    rconn = pg.connect(settings.dsn, replication="database")
+                    rconn = pg.connect(
+                        settings.dsn,
+                        replication="database",
+                        application_name=capture_application_name(),
+                    )
                     behind = pg.wal_after(conn, writer.position)
                     if attempt:
                         log.info("reconnected after %d attempt(s)", attempt, extra=_fields())
@@ -455,16 +529,28 @@ def capture(
                         rconn.pgconn.finish()
                         rconn.close()
                     return CaptureReport(transactions, changes, writer.position)
-            except (ConnectionLost, psycopg.OperationalError, DatabaseUnreachable) as e:
+            except (
+                ConnectionLost,
+                psycopg.OperationalError,
+                DatabaseUnreachable,
+                SlotInUse,
+                TryAgain,
+            ) as e:
                 if isinstance(e, DatabaseUnreachable) and not connected:
+                    # at start: a server down for a moment looks like a wrong host or port to
+                    # libpq (no SQLSTATE): a service manager tries again (exit 75)
+                    raise TryAgain(str(e)) from None
+                if isinstance(e, SlotInUse | TryAgain) and not connected:
                     raise
+                # once connected, the slot held after a loss is most likely still held by
+                # the walsender of this capture's lost connection: tried again like a loss
                 writer.abort()
                 if writer.batch_open:
                     writer.flush()
                 attempt += 1
                 if should_stop() or (max_attempts is not None and attempt > max_attempts):
                     first = str(e).strip().splitlines()[0] if str(e).strip() else "closed"
-                    raise DatabaseUnreachable(
+                    raise TryAgain(
                         f"lost the source database ({first}) after {attempt - 1} reconnect(s):"
                         " check that it is up, then run `undo capture` again"
                     ) from None
@@ -482,4 +568,3 @@ def capture(
                     time.sleep(0.1)
     finally:
         gc.set_threshold(*thresholds)
-        db.conn.close()  # an open batch is rolled back: its position was never confirmed
