@@ -236,6 +236,7 @@ CASES = {
         '"127.0.0.1", port 1 failed: Connection refused (is the server running',
         env={"UNDO_DSN": "host=127.0.0.1 port=1 dbname=x connect_timeout=3"},
     ),
+    "capture --keep 0d": Case(["capture", "--keep", "0d"], 2, "zero"),
     "capture into a full disk": Case(
         ["capture", "--once"], 2, "is full", _full_disk, after=_nothing_lost
     ),

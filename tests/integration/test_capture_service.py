@@ -1,6 +1,7 @@
 """Capture run as a service: what stops it and how it says so (exit codes a service manager
-acts on: 75 restart, 1 and 2 a person), a store SQLite reports malformed, the slot's holder;
-and its log: nothing while idle, nothing but faults with -q."""
+acts on: 75 restart, 1 and 2 a person), a store SQLite reports malformed, the slot's holder,
+retention (--keep) while capturing; and its log: nothing while idle, nothing but faults with
+-q."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import time
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from tests.conftest import Source
@@ -176,3 +178,87 @@ def test_quiet_capture_says_nothing_when_all_is_well(pgo):
     assert done.returncode == 0 and done.stderr == "", done.stderr
     loud = pgo.undo_cli("capture", "--once")
     assert "captured 0 transaction(s), 0 change(s)" in loud.stderr
+
+
+# -- retention ------------------------------------------------------------------------------
+
+
+def _pages(store: str) -> tuple[int, int, int]:
+    with contextlib.closing(sqlite3.connect(store)) as c:
+        return (
+            c.execute("PRAGMA auto_vacuum").fetchone()[0],
+            c.execute("PRAGMA page_count").fetchone()[0],
+            c.execute("PRAGMA freelist_count").fetchone()[0],
+        )
+
+
+def test_keep_prunes_while_capturing_and_hands_space_back(source):
+    """capture --keep 2s: a session older than that is pruned by capture itself, in steps,
+    while it goes on capturing the new one; a store made now has incremental vacuum, so the
+    pages come back to the file system (never a full VACUUM)."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO t SELECT g, repeat('o', 300) FROM generate_series(1, 20000) g")
+    source.capture()
+    auto_vacuum, before, _ = _pages(source.store)
+    assert auto_vacuum == 2  # INCREMENTAL
+    time.sleep(2.5)
+    proc = _start(source, "--keep", "2s")
+    try:
+        wait_for(lambda: _held(source))
+        source.sql("INSERT INTO t VALUES (100001, 'new')")
+        wait_for(lambda: source.store_rows("SELECT count(*) FROM changes") == [(1,)], timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "pruned 1 transaction(s), 20,000 change(s) committed before" in err
+    rows = source.store_rows(
+        "SELECT c.key FROM changes c JOIN transactions t ON c.id BETWEEN t.first_change"
+        " AND t.last_change"
+    )
+    assert rows == [('["100001"]',)]
+    (pruned_before,) = source.store_rows("SELECT value FROM meta WHERE key = 'pruned_before'")[0]
+    assert pruned_before is not None
+    _, after, free = _pages(source.store)
+    assert after < before / 4 and free < 50, (before, after, free)
+
+
+def test_keep_on_a_store_without_incremental_vacuum_says_so_and_prune_turns_it_on(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    with contextlib.closing(sqlite3.connect(pgo.store, isolation_level=None)) as c:
+        c.execute("PRAGMA auto_vacuum = NONE")  # a store made before 0.3.0
+        c.execute("VACUUM")
+    assert _pages(pgo.store)[0] == 0
+    pgo.sql("INSERT INTO t VALUES (1, 'a')")
+    done = subprocess.run(
+        [sys.executable, "-m", "undo", "capture", "--once", "--keep", "90d"],
+        env=env_of(pgo),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "made before incremental vacuum" in done.stderr and "undo prune" in done.stderr
+    pruned = pgo.undo_cli("prune", "--before", "90d")
+    assert pruned.returncode == 0, pruned.stderr
+    assert _pages(pgo.store)[0] == 2
+    code = pgo.undo_cli("check", "--json")
+    assert not any("incremental" in n for n in json.loads(code.stdout)["notes"])
+
+
+def test_keep_takes_an_age(pgo):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    for bad in ("0d", "soon", "-3d"):
+        done = pgo.undo_cli("capture", "--keep", bad)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert "--keep" in done.stderr
+
+
+@pytest.mark.parametrize("age", ["90d", "12w", "36h"])
+def test_keep_ages_are_read(age):
+    from undo.core.times import parse_age
+
+    assert parse_age(age, "--keep", "90d") > 0

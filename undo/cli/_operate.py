@@ -79,8 +79,14 @@ def init_cmd(
     is_flag=True,
     help="Go on from a slot that is ahead of the store (records the gap).",
 )
+@click.option(
+    "--keep",
+    metavar="AGE",
+    help="Prune history older than this (90d, 12w) as it goes, a small batch at a time"
+    " (whole sessions only, as `undo prune`).",
+)
 @pass_settings
-def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
+def capture_cmd(settings: Settings, once: bool, accept_gap: bool, keep: str | None) -> None:
     """Stream committed changes from the slot into the store, until SIGINT/SIGTERM.
 
     Exit codes: 0 stopped by a signal (or --once done); 75 the source database went away
@@ -88,10 +94,11 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
     right); 1 a gap refused, another consumer holds the slot; 2 bad options, the store
     corrupt, full or read-only (a person must act). See README "Running capture as a service".
 
-    Example: undo capture --once
+    Example: undo capture --keep 90d
     """
     from undo.stream.capture import capture
 
+    keep_seconds = parse_age(keep, "--keep", "an age such as 90d or 12w") if keep else None
     stopping = {"flag": False}
 
     def stop(signum: int, frame: Any) -> None:
@@ -100,7 +107,11 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     report = capture(
-        settings, once=once, accept_gap=accept_gap, should_stop=lambda: stopping["flag"]
+        settings,
+        once=once,
+        accept_gap=accept_gap,
+        should_stop=lambda: stopping["flag"],
+        keep=keep_seconds,
     )
     info(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
 

@@ -189,6 +189,12 @@ def judge(
         problems += [
             corrupt(settings.store, f"SQLite's quick_check: {x}") for x in schema.quick_check(db)
         ]
+    if not schema.incremental_vacuum(db):
+        notes.append(
+            "the store was made before incremental vacuum: capture --keep frees space for"
+            " reuse but the file does not shrink (`undo prune` once, with capture stopped,"
+            " turns it on)"
+        )
     # the source
     if conn.execute("SELECT to_regclass('undo.config')").fetchone() == (None,):
         problems.append(

@@ -426,6 +426,13 @@ def quick_check(db: Database) -> list[str]:
     return [x for x in lines if x and not x.startswith("*** in database")][:10]
 
 
+def incremental_vacuum(db: Database) -> bool:
+    """Whether freed pages can be handed back to the file system a few at a time (PRAGMA
+    auto_vacuum = INCREMENTAL: every store made since 0.3.0; an older one gets it from the full
+    VACUUM of `undo prune`)."""
+    return int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+
+
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)
@@ -447,6 +454,9 @@ def open_store(path: str, create: bool = False) -> Database:
             # 8 KB pages (before WAL mode, which fixes the size): capture's inserts cost about
             # 7% less SQLite time than with 4 KB (measured on their own), the store is 1% smaller
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            # before the first table: pages freed by pruning can go back to the file system a
+            # few at a time (capture --keep), never by a full VACUUM that stalls capture
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")

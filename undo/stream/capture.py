@@ -19,6 +19,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -35,11 +36,12 @@ from undo.core.errors import (
     UndoError,
 )
 from undo.core.records import Begin, Change, Commit, Message, Relation, Truncate
-from undo.core.times import epoch
+from undo.core.times import epoch, iso
 from undo.source import pg
 from undo.source.catalog import Catalog
 from undo.source.health import capture_application_name
 from undo.store import schema
+from undo.store.prune import prune_step
 from undo.store.schema import get_meta, open_store
 from undo.store.writer import StoreWriter
 from undo.stream import messages, pgoutput, wal2json
@@ -54,6 +56,9 @@ BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
 REPORT_SECONDS = 30.0  # a progress line in the log while capture works (none while idle)
 STOP_CHECK_EVERY = 4096
+#: capture --keep: a step of pruning this often while there is more to prune, else this often
+PRUNE_BUSY_SECONDS = 1.0
+PRUNE_IDLE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,47 @@ class ConnectionLost(Exception):
 
 class _Probe(Exception):
     """Rolls back the write that shows the store can be written."""
+
+
+class Retention:
+    """capture --keep: history older than ``seconds`` pruned by capture itself, one small step
+    (store.prune.prune_step) at a time between batches, so the stream is never held up long;
+    free pages handed back by incremental vacuum where the store has it."""
+
+    def __init__(self, db: Any, seconds: int) -> None:
+        self.db = db
+        self.seconds = seconds
+        self.next_at = 0.0
+        self.pruned = [0, 0]  # transactions, changes (this round, for the log)
+        if not schema.incremental_vacuum(db):
+            log.warning(
+                "this store was made before incremental vacuum: --keep deletes old history and"
+                " its space is used again, but the file does not shrink; to turn it on, stop"
+                " capture once and run `undo prune --before AGE` (its VACUUM does)",
+                extra=_fields(incremental_vacuum=False),
+            )
+
+    def step(self) -> None:
+        """A step if one is due; the caller has no batch open."""
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        before = iso(datetime.now(UTC) - timedelta(seconds=self.seconds))
+        r = prune_step(self.db, before)
+        self.pruned[0] += r.transactions
+        self.pruned[1] += r.changes
+        if not r.more and self.pruned[0]:
+            log.info(
+                "pruned %s transaction(s), %s change(s) committed before %s (--keep)",
+                f"{self.pruned[0]:,}",
+                f"{self.pruned[1]:,}",
+                before,
+                extra=_fields(
+                    pruned_transactions=self.pruned[0], pruned_changes=self.pruned[1], before=before
+                ),
+            )
+            self.pruned = [0, 0]
+        self.next_at = time.monotonic() + (PRUNE_BUSY_SECONDS if r.more else PRUNE_IDLE_SECONDS)
 
 
 def _fields(**kw: Any) -> dict[str, Any]:
@@ -88,8 +134,10 @@ class _Session:
         key: bytes,
         catalog: Catalog,
         on_progress: Callable[[int, int], None] | None,
+        retention: Retention | None = None,
     ) -> None:
         self.settings = settings
+        self.retention = retention
         self.writer = writer
         self.decoder: Any = (
             pgoutput.PgOutputDecoder() if decoder_name == "pgoutput" else wal2json.Wal2JsonDecoder()
@@ -293,6 +341,8 @@ class _Session:
                     self._send_status(pgconn, writer.flush())
                 if time.monotonic() - self.last_status > STATUS_SECONDS and not in_txn:
                     self._send_status(pgconn, writer.flush())
+                if self.retention is not None and not in_txn and not writer.batch_open:
+                    self.retention.step()
                 ready, _, _ = select.select([sock], [], [], 0.5)
                 if ready:
                     pgconn.consume_input()
@@ -373,6 +423,8 @@ class _Session:
                     or time.monotonic() - writer.batch_started > BATCH_SECONDS
                 ):
                     self._send_status(pgconn, writer.flush())
+                    if self.retention is not None:  # a stream never idle prunes too
+                        self.retention.step()
             elif type(rec) is Message:
                 if rec.prefix == MARK_PREFIX:
                     if mark is not None and not in_txn and rec.content == mark:
@@ -397,11 +449,13 @@ def capture(
     should_stop: Callable[[], bool] = lambda: False,
     on_progress: Callable[[int, int], None] | None = None,
     max_attempts: int | None = None,
+    keep: int | None = None,
 ) -> CaptureReport:
     """Stream committed changes from the slot into the store.
 
     ``once``: stop after storing everything committed before the call. Otherwise run until
-    ``should_stop()`` says so. Reconnects with backoff when the server goes away.
+    ``should_stop()`` says so. Reconnects with backoff when the server goes away. ``keep``:
+    prune history older than that many seconds as it goes (Retention).
 
     A store SQLite reports malformed stops it at once (at start, PRAGMA quick_check): nothing
     more is confirmed, so the slot keeps every change the store may not hold. Faults are
@@ -410,7 +464,9 @@ def capture(
     """
     db = open_store(settings.store)
     try:
-        return _capture(settings, db, once, accept_gap, should_stop, on_progress, max_attempts)
+        return _capture(
+            settings, db, once, accept_gap, should_stop, on_progress, max_attempts, keep
+        )
     except sqlite3.Error as e:
         position = get_meta_safely(db)
         fault = schema.store_fault(e, settings.store)
@@ -443,6 +499,7 @@ def _capture(
     should_stop: Callable[[], bool],
     on_progress: Callable[[int, int], None] | None,
     max_attempts: int | None,
+    keep: int | None,
 ) -> CaptureReport:
     decoder = get_meta(db, "decoder") or "pgoutput"
     slot = get_meta(db, "slot")
@@ -469,6 +526,7 @@ def _capture(
         options = wal2json.plugin_options(get_meta(db, "numbers_as_strings") == "1")
         options.append(("add-msg-prefixes", ",".join(messages.PREFIXES)))
     writer = StoreWriter(db)
+    retention = Retention(db, keep) if keep else None
     transactions = changes = 0
     attempt = 0
     connected = False
@@ -496,7 +554,14 @@ def _capture(
                             (MARK_PREFIX, mark.decode()),
                         )
                     session = _Session(
-                        settings, writer, decoder, options, key, Catalog(conn), on_progress
+                        settings,
+                        writer,
+                        decoder,
+                        options,
+                        key,
+                        Catalog(conn),
+                        on_progress,
+                        retention,
                     )
                     rconn = pg.connect(
                         settings.dsn,
