@@ -169,3 +169,15 @@ def test_init_without_schema_says_which_schemas_it_leaves_out(pgo):
     assert "no --schema given, so schema public: tables of schema(s) billing" in done.stderr
     given = pgo.undo_cli("init", "--schema", "public")
     assert "billing" not in given.stderr
+
+
+def test_a_source_an_earlier_undo_prepared(pgo):
+    """Without undo.table_problems (made by init since 0.3.0), status still answers and check
+    says to run init, instead of failing on the missing function."""
+    _shop(pgo)
+    pgo.sql("DROP FUNCTION undo.table_problems(oid[]) CASCADE")
+    status = pgo.undo_cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert [p["check"] for p in json.loads(status.stdout)["problems"]] == ["install"]
+    code, doc = _check(pgo)
+    assert code == 1 and ("install", pgo.dbname) in _problems(doc)

@@ -47,7 +47,18 @@ _TABLE_FIXES = {
 
 
 def table_problems(conn: psycopg.Connection[Any], schemas: list[str]) -> list[Problem]:
-    """The audited tables capture is incomplete for (undo.table_problems), with their fixes."""
+    """The audited tables capture is incomplete for (undo.table_problems), with their fixes. A
+    source an earlier undo prepared has no undo.table_problems: that is the one problem."""
+    if conn.execute("SELECT to_regprocedure('undo.table_problems(oid[])')").fetchone() == (None,):
+        return [
+            Problem(
+                "install",
+                conn.info.dbname,
+                "undo's SQL in this database is older than this undo (no undo.table_problems):"
+                " what it checks is unknown",
+                "`undo init` (as a superuser)",
+            )
+        ]
     return [
         Problem("table", table, problem, _TABLE_FIXES.get(code, "`undo init`").format(t=table))
         for table, code, problem in install.problem_rows(conn, schemas)
