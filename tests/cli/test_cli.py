@@ -13,6 +13,7 @@ from undo.cli import cli
 COMMANDS = [
     ["init"],
     ["capture"],
+    ["check"],
     ["status"],
     ["sessions"],
     ["show", "session"],
@@ -190,3 +191,17 @@ def test_listings_say_0_rows_and_check_format_and_limit(tmp_path):
     for command in (["sessions"], ["history", "t", "id=1"], ["show", "xact", "7"]):
         bad = run(*command, "--limit", "-1")
         assert bad.exit_code == 2 and "--limit -1" in bad.stderr, command
+
+
+def test_init_help_says_the_default_schema():
+    """`billing` was left out silently: nothing said that init audits `public` alone."""
+    result = CliRunner().invoke(cli, ["init", "--help"])
+    assert result.exit_code == 0
+    assert "default: public" in result.output and "tables of other schemas" in result.output
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    for args in (["xact", "abc"], ["history", "t"], ["nosuch"], ["--nosuch", "status"]):
+        result = _run(tmp_path, *args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "--help`)" in result.stderr

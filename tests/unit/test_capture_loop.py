@@ -200,3 +200,35 @@ def test_a_malformed_frame_stops_capture_with_nothing_of_it_confirmed(
     assert all(c < bad_lsn for c in source.confirmed)
     check = sqlite3.connect(store)
     assert check.execute("SELECT count(*) FROM transactions WHERE xid = 2000").fetchone() == (0,)
+
+
+def test_idle_capture_logs_no_progress_line(tmp_path, monkeypatch, caplog):
+    """The progress line every REPORT_SECONDS says how capture works: while it stores nothing
+    and is caught up, it says nothing (it logged `0 changes stored (0/s)` every 30 s)."""
+    import logging
+    import time
+
+    monkeypatch.setattr(cap, "REPORT_SECONDS", 0.001)
+    store = str(tmp_path / "s.db")
+    writer = StoreWriter(open_store(store, create=True))
+    busy, _ = script(random.Random(2), 1, 1 << 20)
+    busy = [f for f in busy if f is not None]
+    idle: list[bytes | None] = [None] * 20
+    source = FakeSource(idle + busy + idle, store)
+    plain = source.get_copy_data
+
+    def slow(async_: int) -> tuple[int, bytes]:
+        time.sleep(0.002)  # time passes between reports
+        return plain(async_)
+
+    source.get_copy_data = slow  # type: ignore[method-assign]
+    session = cap._Session(
+        Settings(store=store), writer, "pgoutput", [], b"k" * 32, FakeCatalog(), None
+    )  # type: ignore[arg-type]
+    rconn = type("C", (), {"pgconn": source})()
+    with caplog.at_level(logging.INFO, logger=cap.log.name), pytest.raises(cap.ConnectionLost):
+        session.run(rconn, writer.position, None, lambda: False)  # type: ignore[arg-type]
+    source.close()
+    lines = [r.getMessage() for r in caplog.records if "changes stored" in r.getMessage()]
+    assert lines, "a line once it stored changes"
+    assert not any("(0/s)" in line and line.endswith(", 0.0 s") for line in lines), lines

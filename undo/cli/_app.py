@@ -6,15 +6,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import re
+import sqlite3
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
+import psycopg
 
 from undo.cli import render
 from undo.core.config import Settings
-from undo.core.errors import UndoError
+from undo.core.errors import Interrupted, UndoError
+from undo.source.pg import connect_failure
+from undo.store.schema import store_fault
 
 
 class UserError(click.ClickException):
@@ -23,20 +29,93 @@ class UserError(click.ClickException):
         self.exit_code = code  # type: ignore[misc]
 
 
+#: what Ctrl-C leaves behind, by command (the others: nothing that needs saying)
+INTERRUPTED = {
+    "init": "init stopped part way: run `undo init` again (it is idempotent)",
+    "prune": "the batches already deleted stay deleted: run `undo prune` again to go on",
+    **dict.fromkeys(
+        ("session", "xact", "app", "table"),
+        "nothing was applied: an undo is one transaction, rolled back unless it committed"
+        " (`undo sessions` shows what is undone)",
+    ),
+}
+
+
+def _one_line(ctx: click.Context, e: BaseException) -> UserError | None:
+    """Any failure as one line and its exit code; None for click's own exceptions, which
+    click shows. An error of undo's is its message (UndoError); the store's and the source's
+    are named by SQLite's result code and the SQLSTATE; anything else is a bug, shown with its
+    traceback under -v."""
+    if isinstance(e, click.ClickException | click.exceptions.Exit | click.Abort):
+        return None
+    if isinstance(e, KeyboardInterrupt):
+        note = INTERRUPTED.get(ctx.command.name or "")
+        e = Interrupted("interrupted (Ctrl-C)" + (f": {note}" if note else ""))
+    if isinstance(e, sqlite3.Error):
+        store = ctx.meta.get("undo.settings", ctx.find_root().obj)
+        e = store_fault(e, store.store if store else "?") or e
+    if isinstance(e, UndoError):
+        return UserError(str(e), e.exit_code)
+    if isinstance(e, psycopg.OperationalError) and e.sqlstate is None:  # no server's answer
+        return UserError(f"lost the source database: {connect_failure(e)}", 2)
+    if isinstance(e, psycopg.Error) and e.sqlstate is not None:
+        return UserError(
+            f"the source database refused: {e.diag.message_primary or connect_failure(e)}"
+            f" (SQLSTATE {e.sqlstate})",
+            1,
+        )
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return UserError(f"{e.strerror or e}{where}", 2)
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        return None  # -v: the traceback
+    return UserError(
+        f"internal error ({type(e).__name__}: {e}): a bug in undo; run the command again with"
+        " -v (before the command) for its traceback, and report it",
+        1,
+    )
+
+
+def _guarded(ctx: click.Context, run: Callable[[], Any]) -> Any:
+    try:
+        return run()
+    except click.UsageError as e:
+        # one line, not usage and a hint: what is wrong and where the help is
+        path = e.ctx.command_path if e.ctx is not None else "undo"
+        raise UserError(f"{e.format_message()} (see `{path} --help`)", 2) from None
+    except BrokenPipeError:
+        # `undo ... | head`: the reader has what it wanted. Quiet, as a command killed by
+        # SIGPIPE would be (and nothing more written to the closed pipe at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise click.exceptions.Exit(141) from None
+    except (Exception, KeyboardInterrupt) as e:
+        line = _one_line(ctx, e)
+        if line is None:
+            raise
+        raise line from None
+
+
 class Command(click.Command):
-    """Turns an UndoError into one line on stderr and its exit code."""
+    """Turns any failure into one line on stderr and its exit code (_one_line)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return _guarded(ctx, lambda: super(Command, self).parse_args(ctx, args))  # type: ignore[no-any-return]
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except UndoError as e:
-            raise UserError(str(e), e.exit_code) from None
+        return _guarded(ctx, lambda: super(Command, self).invoke(ctx))
 
 
 class Group(click.Group):
-    """Every command under it, nested groups' included, translates UndoError (Command)."""
+    """Every command under it, nested groups' included, translates failures (Command); and
+    so does the group itself (an unknown command or option)."""
 
     command_class = Command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return _guarded(ctx, lambda: super(Group, self).parse_args(ctx, args))  # type: ignore[no-any-return]
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return _guarded(ctx, lambda: super(Group, self).invoke(ctx))
 
 
 Group.group_class = Group
@@ -112,6 +191,7 @@ def cli(
         force=True,
     )
     ctx.meta["undo.progress"] = not quiet and log_format == "text" and sys.stderr.isatty()
+    ctx.meta["undo.quiet"] = quiet
     try:
         ctx.obj = Settings(dsn=dsn, store=store, slot=slot, decoder=decoder)
     except UndoError as e:
@@ -142,6 +222,7 @@ def pass_settings(f: Any) -> Any:
     def wrapper(ctx: click.Context, /, *args: Any, **kw: Any) -> Any:
         given = {k: kw.pop(k) for k in ("dsn", "store", "slot", "decoder")}
         settings = dataclasses.replace(ctx.obj, **{k: v for k, v in given.items() if v is not None})
+        ctx.meta["undo.settings"] = settings  # the store an error names
         return f(settings, *args, **kw)
 
     for opt in reversed(_AFTER):
@@ -164,9 +245,20 @@ def duration(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value.strip()
 
 
+#: a transaction id as the store keeps it (a 32-bit xid, or a 64-bit one from a tag: SQLite's
+#: INTEGER holds up to 2**63 - 1)
+XID = click.IntRange(0, 2**63 - 1)
+
+
 def json_option(f: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
 
 
 def echo_err(message: str) -> None:
     click.echo(message, err=True)
+
+
+def info(message: str) -> None:
+    """A line on stderr that says how it went (a summary), left out under -q."""
+    if not click.get_current_context().find_root().meta.get("undo.quiet"):
+        click.echo(message, err=True)

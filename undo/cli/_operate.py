@@ -12,16 +12,23 @@ from undo.cli import render
 from undo.cli._app import (
     cli,
     echo_err,
+    info,
     json_option,
     pass_settings,
 )
 from undo.core.config import Settings
-from undo.core.times import parse_time
+from undo.core.times import parse_age, parse_time
 from undo.store.schema import open_store
 
 
 @cli.command("init")
-@click.option("--schema", "schemas", multiple=True, help="Audit every table of this schema.")
+@click.option(
+    "--schema",
+    "schemas",
+    multiple=True,
+    help="Audit every table of this schema (repeatable).  [default: public, when no --schema"
+    " or --table is given]",
+)
 @click.option("--table", "tables", multiple=True, help="Audit this table (schema.table).")
 @click.option(
     "--uninstall",
@@ -44,7 +51,10 @@ def init_cmd(
 ) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
-    Example: undo --dsn postgresql://admin@db/shop init --schema public
+    Audits the schemas given (--schema, --table), or only the schema public when none is:
+    tables of other schemas are not captured (init names them).
+
+    Example: undo --dsn postgresql://admin@db/shop init --schema public --schema billing
     """
     from undo.source.install import init
     from undo.source.install import uninstall as do_uninstall
@@ -69,14 +79,26 @@ def init_cmd(
     is_flag=True,
     help="Go on from a slot that is ahead of the store (records the gap).",
 )
+@click.option(
+    "--keep",
+    metavar="AGE",
+    help="Prune history older than this (90d, 12w) as it goes, a small batch at a time"
+    " (whole sessions only, as `undo prune`).",
+)
 @pass_settings
-def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
+def capture_cmd(settings: Settings, once: bool, accept_gap: bool, keep: str | None) -> None:
     """Stream committed changes from the slot into the store, until SIGINT/SIGTERM.
 
-    Example: undo capture --once
+    Exit codes: 0 stopped by a signal (or --once done); 75 the source database went away
+    and reconnecting failed, or a capture that exited still holds the slot (a restart puts it
+    right); 1 a gap refused, another consumer holds the slot; 2 bad options, the store
+    corrupt, full or read-only (a person must act). See README "Running capture as a service".
+
+    Example: undo capture --keep 90d
     """
     from undo.stream.capture import capture
 
+    keep_seconds = parse_age(keep, "--keep", "an age such as 90d or 12w") if keep else None
     stopping = {"flag": False}
 
     def stop(signum: int, frame: Any) -> None:
@@ -85,9 +107,40 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     report = capture(
-        settings, once=once, accept_gap=accept_gap, should_stop=lambda: stopping["flag"]
+        settings,
+        once=once,
+        accept_gap=accept_gap,
+        should_stop=lambda: stopping["flag"],
+        keep=keep_seconds,
     )
-    echo_err(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
+    info(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
+
+
+@cli.command("check")
+@click.option(
+    "--max-lag",
+    default="5m",
+    show_default=True,
+    metavar="AGE",
+    help="Capture lag (the oldest commit not yet stored) over this is a problem.",
+)
+@json_option
+@pass_settings
+def check_cmd(settings: Settings, max_lag: str, as_json: bool) -> None:
+    """What this store audits and what is wrong with it, each with its fix; exit 1 if anything.
+
+    Checks the audited tables (undo's trigger, REPLICA IDENTITY FULL, logged), the slot (there,
+    this database's, the store's decoder, not ahead of the store), the publication, capture lag,
+    open gaps, and the store (SQLite's quick_check, which reads all of it).
+
+    Example: undo check --max-lag 10m
+    """
+    from undo.source.status import check
+
+    result = check(settings, float(parse_age(max_lag, "--max-lag", "an age such as 5m or 1h")))
+    click.echo(render.to_json(result) if as_json else render.check(result))
+    if not result["ok"]:
+        sys.exit(1)
 
 
 @cli.command("status")
@@ -128,7 +181,7 @@ def guard_add(settings: Settings, pattern: str, reason: str | None) -> None:
     from undo.source import guards as guard
 
     new = guard.add(settings, pattern, reason)
-    echo_err(f"guard {pattern} {'added' if new else 'updated'}")
+    info(f"guard {pattern} {'added' if new else 'updated'}")
 
 
 @guard_group.command("remove")
@@ -142,7 +195,7 @@ def guard_remove(settings: Settings, pattern: str) -> None:
     from undo.source import guards as guard
 
     guard.remove(settings, pattern)
-    echo_err(f"guard {pattern} removed")
+    info(f"guard {pattern} removed")
 
 
 @guard_group.command("list")
@@ -182,7 +235,13 @@ def prune_cmd(settings: Settings, before: str) -> None:
 
 @cli.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port (0: any free one, printed).",
+)
 @click.option(
     "--token",
     envvar="UNDO_TOKEN",
@@ -206,7 +265,7 @@ def serve_cmd(
     from undo.web import serve
 
     server = serve(settings, host, port, token, allowed_hosts)
-    echo_err(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
+    info(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

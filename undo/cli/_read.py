@@ -12,6 +12,7 @@ import click
 
 from undo.cli import render
 from undo.cli._app import (
+    XID,
     UserError,
     cli,
     echo_err,
@@ -212,7 +213,7 @@ def show_session(
 
 
 @show_group.command("xact")
-@click.argument("xid", type=int)
+@click.argument("xid", type=XID)
 @_show_options
 @pass_settings
 def show_xact(

@@ -11,6 +11,7 @@ import click
 
 from undo.cli import render
 from undo.cli._app import (
+    XID,
     UserError,
     cli,
     duration,
@@ -185,7 +186,7 @@ def undo_session(settings: Settings, /, session_id: str, **kw: Any) -> None:
 
 
 @cli.command("xact")
-@click.argument("xids", nargs=-1, required=True, type=int)
+@click.argument("xids", nargs=-1, required=True, type=XID)
 @undo_options
 @pass_settings
 def undo_xact(settings: Settings, /, xids: tuple[int, ...], **kw: Any) -> None:

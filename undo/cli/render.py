@@ -540,3 +540,41 @@ def history(rows: list[dict[str, Any]], more: bool) -> Iterator[str]:
             yield f"  statement: {r['statement']}"
         yield from images(r, "  ")
     yield count(len(rows)) + (" (more with a higher --limit)" if more else "")
+
+
+def check(result: dict[str, Any]) -> str:
+    """`undo check`: what the store audits, then each problem and its fix, then notes.
+
+    >>> print(check({"ok": False, "audits": {"database": "shop", "schemas": ["public"],
+    ...     "tables": ["public.t"], "slot": "undo", "slot_database": "shop",
+    ...     "decoder": "pgoutput", "publication": "undo", "store": "undo.db"},
+    ...     "problems": [{"check": "table", "subject": "public.t", "problem": "no trigger",
+    ...     "fix": "`undo init`"}], "notes": ["no capture holds slot undo now"]}))
+    store     undo.db
+    audits    database shop, schemas public, 1 table(s)
+    through   slot undo (database shop), decoder pgoutput, publication undo
+    PROBLEM   public.t: no trigger
+      fix:    `undo init`
+    note:     no capture holds slot undo now
+    1 problem(s)
+    """
+    a = result["audits"]
+    lines = [f"store     {a['store']}"]
+    if "database" in a:
+        whose = f"database {a['slot_database']}" if a.get("slot_database") else "missing"
+        lines.append(
+            f"audits    database {a['database']}, schemas"
+            f" {', '.join(a.get('schemas') or []) or '(none)'}, {len(a.get('tables') or [])}"
+            " table(s)"
+        )
+        lines.append(
+            f"through   slot {a.get('slot')} ({whose}), decoder {a.get('decoder')},"
+            f" publication {a.get('publication') or '(none: wal2json)'}"
+        )
+    for p in result["problems"]:
+        lines.append(f"PROBLEM   {p['subject']}: {p['problem']}")
+        lines.append(f"  fix:    {p['fix']}")
+    lines += [f"note:     {n}" for n in result["notes"]]
+    n = len(result["problems"])
+    lines.append(f"{n} problem(s)" if n else "ok: nothing wrong")
+    return "\n".join(lines)

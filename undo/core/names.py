@@ -25,6 +25,8 @@ def parse(text: str) -> tuple[str | None, str]:
     ('Odd Schema', 'we"ird.x]')
     >>> parse('t')
     (None, 't')
+    >>> parse('billing."Tax Rates"')
+    ('billing', 'Tax Rates')
     """
     parts: list[str] = []
     i, n = 0, len(text)
@@ -48,6 +50,11 @@ def parse(text: str) -> tuple[str | None, str]:
             while j < n and text[j] not in '."':
                 j += 1
             part, i = text[i:j].strip().lower(), j
+            if any(c.isspace() for c in part):  # PostgreSQL: invalid name syntax (42602)
+                raise BadInput(
+                    f"malformed table name {text!r}: a name with spaces is written in double"
+                    f" quotes, as in SQL: {_quoted_as_typed(text)}"
+                )
         if not part:
             raise BadInput(f"malformed table name {text!r}: write schema.table")
         parts.append(part)
@@ -59,6 +66,15 @@ def parse(text: str) -> tuple[str | None, str]:
     if len(parts) > 2:
         raise BadInput(f"malformed table name {text!r}: write schema.table")
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+
+def _quoted_as_typed(text: str) -> str:
+    """How a name typed without quotes is written with them, each part's case kept.
+
+    >>> _quoted_as_typed('billing.Tax Rates')
+    'billing."Tax Rates"'
+    """
+    return ".".join(_quote_part(p.strip()) for p in text.split("."))
 
 
 def quote(schema: str, name: str) -> str:

@@ -50,7 +50,12 @@ def parse_time(text: str, now: datetime | None = None) -> str:
     m = _AGE.match(text)
     if m:
         now = now or datetime.now(UTC)
-        return iso(now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}))
+        try:
+            return iso(now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}))
+        except OverflowError:
+            raise BadInput(
+                f"age {text!r} reaches back before the year 1: use a smaller one"
+            ) from None
     try:
         ts = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:
@@ -62,13 +67,29 @@ def parse_time(text: str, now: datetime | None = None) -> str:
     return iso(ts)
 
 
+def parse_age(text: str, what: str, examples: str) -> int:
+    """An age or a width (90s, 15m, 4h, 90d, 2w) -> seconds, more than 0; ``what`` names the
+    option in the error, with ``examples``.
+
+    >>> parse_age("90d", "--keep", "90d")
+    7776000
+    """
+    m = _AGE.match(text.strip())
+    if not m:
+        raise BadInput(f"malformed {what} {text!r}: use {examples}")
+    try:
+        seconds = int(timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}).total_seconds())
+    except OverflowError:
+        raise BadInput(f"{what} {text!r} is too large: use {examples}") from None
+    if seconds <= 0:
+        raise BadInput(f"{what} {text!r} is zero: use {examples}")
+    return seconds
+
+
 def parse_bucket(text: str) -> int:
     """A bucket width -> seconds.
 
     >>> parse_bucket("1m"), parse_bucket("1h")
     (60, 3600)
     """
-    m = _AGE.match(text.strip())
-    if not m:
-        raise BadInput(f"malformed bucket {text!r}: use a width such as 1m, 15m, 1h or 1d")
-    return int(timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}).total_seconds())
+    return parse_age(text, "bucket", "a width such as 1m, 15m, 1h or 1d")

@@ -6,6 +6,7 @@ user (initdb refuses root) on a folder that user owns.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -44,6 +45,20 @@ def find_bindir() -> str | None:
     return os.path.dirname(initdb) if initdb else None
 
 
+def _runuser() -> str:
+    """util-linux's runuser, which runs initdb and pg_ctl as postgres when undo runs as root;
+    looked for on PATH and where Debian keeps it (/usr/sbin, which a user's PATH may lack)."""
+    found = shutil.which("runuser") or next(
+        (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(p, os.X_OK)), None
+    )
+    if found is None:
+        raise NotReady(
+            "as root, initdb and pg_ctl run as the user postgres through runuser, which is not"
+            " installed: apt-get install util-linux, or run as another user"
+        )
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,14 +76,22 @@ class TempCluster:
                 " (and postgresql-<major>-wal2json for the wal2json decoder)"
             )
         self.bindir = bindir
+        self.as_postgres: list[str] = []
+        if os.geteuid() == 0:
+            self.as_postgres = [_runuser(), "-u", "postgres", "--"]
         self.root = tempfile.mkdtemp(prefix="undo-pg-")
         os.chmod(self.root, 0o755)
         self.data = os.path.join(self.root, "data")
         self.port = free_port()
-        self.as_postgres: list[str] = []
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
-            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        if self.as_postgres:
+            try:
+                shutil.chown(self.root, "postgres", "postgres")
+            except LookupError:
+                shutil.rmtree(self.root, ignore_errors=True)
+                raise NotReady(
+                    "as root, PostgreSQL runs as the user postgres (initdb refuses root), and"
+                    " there is none: apt-get install postgresql makes it, or run as another user"
+                ) from None
         opts = dict(
             SERVER_OPTIONS, unix_socket_directories=self.root, port=str(self.port), **(extra or {})
         )
@@ -108,6 +131,11 @@ class TempCluster:
                 capture_output=True,
             )
             subprocess.run(self.pg_ctl("-w", "start"), check=True, capture_output=True)
+        except FileNotFoundError as e:
+            self.stop()
+            raise NotReady(
+                f"could not start a throwaway PostgreSQL: {e.filename} not found"
+            ) from None
         except subprocess.CalledProcessError as e:
             self.stop()
             raise NotReady(
@@ -117,19 +145,20 @@ class TempCluster:
         return self
 
     def stop(self) -> None:
-        subprocess.run(
-            [
-                *self.as_postgres,
-                f"{self.bindir}/pg_ctl",
-                "-D",
-                self.data,
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-            capture_output=True,
-        )
+        with contextlib.suppress(FileNotFoundError):  # nothing started: nothing to stop
+            subprocess.run(
+                [
+                    *self.as_postgres,
+                    f"{self.bindir}/pg_ctl",
+                    "-D",
+                    self.data,
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
+                capture_output=True,
+            )
         shutil.rmtree(self.root, ignore_errors=True)
 
     def dsn(self, dbname: str) -> str:

@@ -105,7 +105,7 @@ def foreign_slot(conn: psycopg.Connection[Any], slot: str) -> str | None:
     return f"belongs to database {row[1]}" if row[1] is not None else f"is a {row[0]} slot"
 
 
-def _free_slot_name(conn: psycopg.Connection[Any]) -> str:
+def free_slot_name(conn: psycopg.Connection[Any]) -> str:
     """A slot name no database holds yet: undo_<database> (made a valid slot name)."""
     base = re.sub(r"[^a-z0-9_]", "_", f"undo_{conn.info.dbname}".lower())[:60]
     taken = {r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall()}
@@ -121,7 +121,7 @@ def _refuse_foreign_slot(conn: psycopg.Connection[Any], slot: str) -> None:
     if whose is not None:
         raise BadInput(
             f"replication slot {slot} {whose} (slot names are per cluster): pass"
-            f" --slot {_free_slot_name(conn)} (or another free name) for database"
+            f" --slot {free_slot_name(conn)} (or another free name) for database"
             f" {conn.info.dbname}"
         )
 
@@ -135,13 +135,19 @@ UNION SELECT a.relid FROM undo.audited a
 """
 
 
-def problems(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tuple[str, str]]:
-    """(table, problem) for each thing that makes capture of an audited table incomplete now:
-    undo.table_problems, the definition the event trigger and capture use too."""
+def problem_rows(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tuple[str, str, str]]:
+    """(table, code, problem) for each thing that makes capture of an audited table incomplete
+    now: undo.table_problems, the definition the event trigger and capture use too; its code
+    is unlogged, identity, trigger or descendant."""
     query = sql.SQL(
-        "SELECT p.table_name, p.problem FROM undo.table_problems(ARRAY({})) p ORDER BY 1, 2"
+        "SELECT p.table_name, p.code, p.problem FROM undo.table_problems(ARRAY({})) p ORDER BY 1, 3"
     ).format(sql.SQL(AUDITED))
-    return [(r[0], r[1]) for r in conn.execute(query, {"schemas": schemas}).fetchall()]
+    return [(r[0], r[1], r[2]) for r in conn.execute(query, {"schemas": schemas}).fetchall()]
+
+
+def problems(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tuple[str, str]]:
+    """(table, problem): problem_rows without the code."""
+    return [(table, problem) for table, _, problem in problem_rows(conn, schemas)]
 
 
 def unprepared(conn: psycopg.Connection[Any], schemas: list[str]) -> list[str]:
@@ -204,7 +210,8 @@ def init(
             f"the store at {settings.store} was made with decoder {known}: use --decoder {known}"
             " or a new --store"
         )
-    if not schemas and not tables:
+    defaulted = not schemas and not tables
+    if defaulted:
         schemas = ["public"]
     with pg.connect(settings.dsn) as conn:
         report.warnings += pg.check_ready(conn, decoder)
@@ -281,10 +288,22 @@ def init(
                     report.changed.append(
                         f"prepared {count} table(s): REPLICA IDENTITY FULL, trigger"
                     )
+                # the rules `undo check` and `status` apply (health; imported here, as it
+                # reads this module)
+                from undo.source.health import table_problems, unaudited_schemas
+
                 warned = {t for t, _ in unpublishable(conn, merged)}
-                for table, problem in problems(conn, merged):
-                    if table not in warned:
-                        report.warnings.append(f"capture of {table} is incomplete: {problem}")
+                for p in table_problems(conn, merged):
+                    if p.subject not in warned:
+                        report.warnings.append(
+                            f"capture of {p.subject} is incomplete: {p.problem} (fix: {p.fix})"
+                        )
+                others = unaudited_schemas(conn, merged) if defaulted else []
+                if others:
+                    report.warnings.append(
+                        "no --schema given, so schema public: tables of schema(s)"
+                        f" {', '.join(others)} are not audited (`undo init --schema S` adds one)"
+                    )
                 if superuser:
                     # before DDL was recorded, one event trigger prepared new tables
                     conn.execute("DROP EVENT TRIGGER IF EXISTS undo_create_table")

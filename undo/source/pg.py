@@ -36,10 +36,24 @@ def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(dsn, **kwargs)
     except psycopg.OperationalError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise DatabaseUnreachable(
-            f"cannot connect to {masked_dsn(dsn)}: {first} (set --dsn or UNDO_DSN)"
+            f"cannot connect to {masked_dsn(dsn)}: {connect_failure(e)} (set --dsn or UNDO_DSN)"
         ) from None
+
+
+def connect_failure(e: Exception) -> str:
+    r"""libpq's complaint about a failed connection as one line: what failed (the first line),
+    with its hint (the tab-indented line after it) in parentheses.
+
+    >>> connect_failure(Exception("connection failed: port 1 failed: refused\n\tIs it up?"))
+    'port 1 failed: refused (is it up?)'
+    """
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    first = lines[0].removeprefix("connection failed: ")
+    hint = lines[1] if len(lines) > 1 and str(e).strip().splitlines()[1].startswith("\t") else ""
+    return f"{first} ({hint[:1].lower()}{hint[1:]})" if hint else first
 
 
 def wal_after(conn: psycopg.Connection[Any], position: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -13,11 +14,12 @@ from sqlite_utils import Database
 
 from undo.core import wal
 from undo.core.config import Settings
+from undo.core.errors import StoreCorrupt
 from undo.core.times import epoch, iso
-from undo.source import pg
+from undo.source import health, pg
 from undo.source.install import unprepared, unpublishable
 from undo.store import queries
-from undo.store.schema import get_meta, open_store
+from undo.store.schema import get_meta, is_corrupt, open_store, quick_check
 
 PEEK_ROWS = 10_000
 
@@ -94,6 +96,18 @@ def lag(
     return out
 
 
+def _slot_row(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | None:
+    """The slot of that name (health.judge reads it): confirmed_flush_lsn, wal_status,
+    active_pid, WAL held, its database, whether that is this one, its plugin."""
+    return conn.execute(
+        "SELECT confirmed_flush_lsn::text, wal_status, active_pid,"
+        " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
+        " coalesce(database, '') AS database, database = current_database() AS ours, plugin"
+        " FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+
+
 def status(settings: Settings) -> dict[str, Any]:
     db = open_store(settings.store)
     result = queries.status(db)
@@ -104,13 +118,7 @@ def status(settings: Settings) -> dict[str, Any]:
     with pg.connect(settings.dsn) as conn:
         # slot names are per cluster: a slot of this name may be another database's, and
         # then it is not this database's slot (slot: null), but status says whose it is
-        slot = conn.execute(
-            "SELECT confirmed_flush_lsn::text, wal_status, active_pid,"
-            " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
-            " coalesce(database, '') AS database, database = current_database() AS ours"
-            " FROM pg_replication_slots WHERE slot_name = %s",
-            (settings.slot,),
-        ).fetchone()
+        slot = _slot_row(conn, settings.slot)
         ours = slot is not None and bool(slot[5])
         result["slot"] = (
             None
@@ -120,6 +128,8 @@ def status(settings: Settings) -> dict[str, Any]:
                 "confirmed_flush_lsn": slot[0],
                 "wal_status": slot[1],
                 "active_pid": slot[2],
+                # who that walsender serves: another capture names its own pid and host
+                "held_by": None if slot[2] is None else health.slot_holder(conn, slot[2])[0],
                 "wal_held_bytes": slot[3],
             }
         )
@@ -142,4 +152,63 @@ def status(settings: Settings) -> dict[str, Any]:
         result["unpublishable_tables"] = [
             {"table": t, "reason": why} for t, why in unpublishable(conn, schemas)
         ]
+        # what `undo check` says is wrong, with its fixes (lag judged by check alone: status
+        # shows it, the threshold is the caller's)
+        found = health.judge(conn, db, settings, slot, result, None, result["gaps"], deep=False)
+        result["problems"] = [p.as_dict() for p in found.problems]
     return result
+
+
+#: undo check's default --max-lag, in seconds (the alert rules' 5 minutes)
+MAX_LAG_SECONDS = 300.0
+
+
+def check(settings: Settings, max_lag: float = MAX_LAG_SECONDS) -> dict[str, Any]:
+    """`undo check`: what this store audits, what is wrong with each fix (health.judge), and
+    notes; the store checked by SQLite's quick_check too. ``ok`` when nothing is wrong."""
+    try:
+        db = open_store(settings.store)
+    except StoreCorrupt as e:  # not even its schema can be read
+        return {
+            "ok": False,
+            "audits": {"store": settings.store},
+            "problems": [health.corrupt(settings.store, str(e)).as_dict()],
+            "notes": [],
+        }
+    measured: dict[str, Any] = {}
+    try:
+        gaps = queries.status(db)["gaps"]
+        with pg.connect(settings.dsn) as conn:
+            slot = _slot_row(conn, settings.slot)
+            ours = slot is not None and bool(slot[5])
+            measured = lag(
+                conn,
+                db,
+                settings,
+                active=ours and slot is not None and slot[2] is not None,
+                peek=ours,
+            )
+            found = health.judge(conn, db, settings, slot, measured, max_lag, gaps, deep=True)
+    except sqlite3.DatabaseError as e:
+        if not is_corrupt(e):
+            raise
+        # a store too broken to read what the other checks need: what SQLite says of it
+        found = health.Health(
+            {"store": settings.store},
+            [health.corrupt(settings.store, f"SQLite: {e}")]
+            + [
+                health.corrupt(settings.store, f"SQLite's quick_check: {x}")
+                for x in quick_check(db)
+            ],
+            [],
+        )
+    finally:
+        db.conn.close()
+    return {
+        "ok": not found.problems,
+        "audits": found.audits,
+        "lag_seconds": measured.get("lag_seconds"),
+        "lag_bytes": measured.get("lag_bytes"),
+        "problems": [p.as_dict() for p in found.problems],
+        "notes": found.notes,
+    }

@@ -15,7 +15,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from undo.core import names
-from undo.core.errors import StoreUnreadable
+from undo.core.errors import StoreCorrupt, StoreFault, StoreUnreadable
 
 migrations = Migrations("undo")
 
@@ -348,6 +348,90 @@ def m012_relation_roots(db: Database) -> None:
 
 PAGE_SIZE = 8192
 
+# SQLite's primary result codes (sqlite3.h). Python 3.11's sqlite3 gives an error's extended
+# code as ``sqlite_errorcode``: its low byte is the primary one.
+SQLITE_PERM = 3
+SQLITE_BUSY = 5
+SQLITE_LOCKED = 6
+SQLITE_READONLY = 8
+SQLITE_IOERR = 10
+SQLITE_CORRUPT = 11
+SQLITE_FULL = 13
+SQLITE_CANTOPEN = 14
+SQLITE_NOTADB = 26
+
+
+def error_code(e: BaseException) -> int | None:
+    """The primary SQLite result code of an sqlite3 error, None for any other exception."""
+    code = getattr(e, "sqlite_errorcode", None) if isinstance(e, sqlite3.Error) else None
+    return None if code is None else int(code) & 0xFF
+
+
+def is_corrupt(e: BaseException) -> bool:
+    """SQLite reports the file malformed: SQLITE_CORRUPT, or SQLITE_NOTADB (its header gone)."""
+    return error_code(e) in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
+def store_fault(e: BaseException, path: str) -> StoreFault | None:
+    """What an SQLite error means for the person running undo, as one line with the fix; None
+    for an error that is not about the file (a bug, a constraint)."""
+    code = error_code(e)
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return StoreCorrupt(
+            f"the audit store {path} is corrupt (SQLite: {e}): move it aside, and either restore"
+            f" a copy or recover what SQLite can read (sqlite3 {path} .recover | sqlite3 NEW.db);"
+            " then `undo check`"
+        )
+    if code == SQLITE_FULL:
+        return StoreFault(
+            f"the disk holding the audit store {path} is full (SQLite: {e}): free space there"
+            " (or `undo prune`), then run the command again"
+        )
+    if code == SQLITE_CANTOPEN:
+        return StoreFault(
+            f"cannot open the audit store {path} (SQLite: {e}): it must be a file undo may read"
+            f" and write, in a folder it may write ({path}-wal and {path}-shm go beside it)"
+        )
+    if code in (SQLITE_READONLY, SQLITE_PERM):
+        return StoreFault(
+            f"the audit store {path} cannot be written (SQLite: {e}): the file or its folder is"
+            f" read-only (permissions, a read-only mount); SQLite also writes {path}-wal and"
+            f" {path}-shm beside it"
+        )
+    if code == SQLITE_IOERR:
+        return StoreFault(
+            f"I/O error on the audit store {path} (SQLite: {e}): check its disk (dmesg), then"
+            " `undo check`"
+        )
+    if code in (SQLITE_BUSY, SQLITE_LOCKED):
+        return StoreFault(
+            f"the audit store {path} stayed locked by another process for 10 s (SQLite: {e}):"
+            " a prune or a copy holding it; run the command again when it is done"
+        )
+    return None
+
+
+def quick_check(db: Database) -> list[str]:
+    """SQLite's PRAGMA quick_check of the store: [] when sound, else what it reports, a line
+    each (at most 10). It reads every page: seconds per GB."""
+    try:
+        rows = [r[0] for r in db.execute("PRAGMA quick_check(10)").fetchall()]
+    except sqlite3.DatabaseError as e:
+        if not is_corrupt(e):
+            raise
+        return [str(e)]
+    if rows == ["ok"]:
+        return []
+    lines = [x.strip() for r in rows for x in str(r).splitlines()]
+    return [x for x in lines if x and not x.startswith("*** in database")][:10]
+
+
+def incremental_vacuum(db: Database) -> bool:
+    """Whether freed pages can be handed back to the file system a few at a time (PRAGMA
+    auto_vacuum = INCREMENTAL: every store made since 0.3.0; an older one gets it from the full
+    VACUUM of `undo prune`)."""
+    return int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
+
 
 def open_store(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
@@ -359,7 +443,10 @@ def open_store(path: str, create: bool = False) -> Database:
                 f"no audit store at {path}: run `undo init` first,"
                 " or point --store/UNDO_STORE at it"
             )
-        fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
+        except OSError as e:
+            raise StoreFault(f"cannot create the audit store {path}: {e.strerror}") from None
         os.close(fd)
     try:
         conn = sqlite3.connect(str(p), isolation_level=None, check_same_thread=False)
@@ -367,6 +454,9 @@ def open_store(path: str, create: bool = False) -> Database:
             # 8 KB pages (before WAL mode, which fixes the size): capture's inserts cost about
             # 7% less SQLite time than with 4 KB (measured on their own), the store is 1% smaller
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            # before the first table: pages freed by pruning can go back to the file system a
+            # few at a time (capture --keep), never by a full VACUUM that stalls capture
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=10000")
@@ -383,7 +473,14 @@ def open_store(path: str, create: bool = False) -> Database:
         else:
             migrations.apply(db)
     except sqlite3.DatabaseError as e:
-        raise StoreUnreadable(f"cannot read the audit store {path}: {e}") from None
+        if error_code(e) == SQLITE_NOTADB:  # a wrong --store as often as a store overwritten
+            raise StoreUnreadable(
+                f"{path} is not an SQLite database (SQLite: {e}): point --store/UNDO_STORE at"
+                " the audit store"
+            ) from None
+        raise store_fault(e, path) or StoreUnreadable(
+            f"cannot read the audit store {path}: {e}"
+        ) from None
     return db
 
 

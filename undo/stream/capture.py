@@ -10,13 +10,16 @@ gap in the audit trail, recorded and refused.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import secrets
 import select
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -24,11 +27,21 @@ from psycopg import pq, sql
 
 from undo.core import names, wal
 from undo.core.config import Settings
-from undo.core.errors import DatabaseUnreachable, UndoError
+from undo.core.errors import (
+    BadInput,
+    DatabaseUnreachable,
+    SlotInUse,
+    StoreCorrupt,
+    TryAgain,
+    UndoError,
+)
 from undo.core.records import Begin, Change, Commit, Message, Relation, Truncate
-from undo.core.times import epoch
+from undo.core.times import epoch, iso
 from undo.source import pg
 from undo.source.catalog import Catalog
+from undo.source.health import capture_application_name
+from undo.store import schema
+from undo.store.prune import prune_step
 from undo.store.schema import get_meta, open_store
 from undo.store.writer import StoreWriter
 from undo.stream import messages, pgoutput, wal2json
@@ -41,8 +54,11 @@ log = logging.getLogger(__name__)
 BATCH_CHANGES = 50_000
 BATCH_SECONDS = 1.0
 STATUS_SECONDS = 10.0
-REPORT_SECONDS = 30.0  # a progress line in the log while capture works
+REPORT_SECONDS = 30.0  # a progress line in the log while capture works (none while idle)
 STOP_CHECK_EVERY = 4096
+#: capture --keep: a step of pruning this often while there is more to prune, else this often
+PRUNE_BUSY_SECONDS = 1.0
+PRUNE_IDLE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,51 @@ class CaptureReport:
 
 class ConnectionLost(Exception):
     pass
+
+
+class _Probe(Exception):
+    """Rolls back the write that shows the store can be written."""
+
+
+class Retention:
+    """capture --keep: history older than ``seconds`` pruned by capture itself, one small step
+    (store.prune.prune_step) at a time between batches, so the stream is never held up long;
+    free pages handed back by incremental vacuum where the store has it."""
+
+    def __init__(self, db: Any, seconds: int) -> None:
+        self.db = db
+        self.seconds = seconds
+        self.next_at = 0.0
+        self.pruned = [0, 0]  # transactions, changes (this round, for the log)
+        if not schema.incremental_vacuum(db):
+            log.warning(
+                "this store was made before incremental vacuum: --keep deletes old history and"
+                " its space is used again, but the file does not shrink; to turn it on, stop"
+                " capture once and run `undo prune --before AGE` (its VACUUM does)",
+                extra=_fields(incremental_vacuum=False),
+            )
+
+    def step(self) -> None:
+        """A step if one is due; the caller has no batch open."""
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        before = iso(datetime.now(UTC) - timedelta(seconds=self.seconds))
+        r = prune_step(self.db, before)
+        self.pruned[0] += r.transactions
+        self.pruned[1] += r.changes
+        if not r.more and self.pruned[0]:
+            log.info(
+                "pruned %s transaction(s), %s change(s) committed before %s (--keep)",
+                f"{self.pruned[0]:,}",
+                f"{self.pruned[1]:,}",
+                before,
+                extra=_fields(
+                    pruned_transactions=self.pruned[0], pruned_changes=self.pruned[1], before=before
+                ),
+            )
+            self.pruned = [0, 0]
+        self.next_at = time.monotonic() + (PRUNE_BUSY_SECONDS if r.more else PRUNE_IDLE_SECONDS)
 
 
 def _fields(**kw: Any) -> dict[str, Any]:
@@ -73,8 +134,10 @@ class _Session:
         key: bytes,
         catalog: Catalog,
         on_progress: Callable[[int, int], None] | None,
+        retention: Retention | None = None,
     ) -> None:
         self.settings = settings
+        self.retention = retention
         self.writer = writer
         self.decoder: Any = (
             pgoutput.PgOutputDecoder() if decoder_name == "pgoutput" else wal2json.Wal2JsonDecoder()
@@ -129,10 +192,12 @@ class _Session:
         if now - self.last_report < REPORT_SECONDS:
             return
         rate = (self.changes - self.reported_changes) / (now - self.last_report)
-        self.last_report, self.reported_changes = now, self.changes
         lag_bytes = max(0, self.wal_end - self.writer.position)
         oldest = self.writer.unstored_since
         lag_seconds = round(max(0.0, time.time() - epoch(oldest)), 1) if oldest else 0.0
+        self.last_report, self.reported_changes = now, self.changes
+        if not rate and not lag_seconds:
+            return  # idle and caught up: nothing to say (a line of 0/s every 30 s said nothing)
         log.info(
             "%s changes stored (%s/s), lag %s bytes, %s s",
             f"{self.changes:,}",
@@ -276,6 +341,8 @@ class _Session:
                     self._send_status(pgconn, writer.flush())
                 if time.monotonic() - self.last_status > STATUS_SECONDS and not in_txn:
                     self._send_status(pgconn, writer.flush())
+                if self.retention is not None and not in_txn and not writer.batch_open:
+                    self.retention.step()
                 ready, _, _ = select.select([sock], [], [], 0.5)
                 if ready:
                     pgconn.consume_input()
@@ -356,6 +423,8 @@ class _Session:
                     or time.monotonic() - writer.batch_started > BATCH_SECONDS
                 ):
                     self._send_status(pgconn, writer.flush())
+                    if self.retention is not None:  # a stream never idle prunes too
+                        self.retention.step()
             elif type(rec) is Message:
                 if rec.prefix == MARK_PREFIX:
                     if mark is not None and not in_txn and rec.content == mark:
@@ -380,25 +449,84 @@ def capture(
     should_stop: Callable[[], bool] = lambda: False,
     on_progress: Callable[[int, int], None] | None = None,
     max_attempts: int | None = None,
+    keep: int | None = None,
 ) -> CaptureReport:
     """Stream committed changes from the slot into the store.
 
     ``once``: stop after storing everything committed before the call. Otherwise run until
-    ``should_stop()`` says so. Reconnects with backoff when the server goes away.
+    ``should_stop()`` says so. Reconnects with backoff when the server goes away. ``keep``:
+    prune history older than that many seconds as it goes (Retention).
+
+    A store SQLite reports malformed stops it at once (at start, PRAGMA quick_check): nothing
+    more is confirmed, so the slot keeps every change the store may not hold. Faults are
+    UndoErrors whose exit code says who puts them right: TryAgain (75: the source went away,
+    a restart does it), the others (1, 2: a person).
     """
     db = open_store(settings.store)
+    try:
+        return _capture(
+            settings, db, once, accept_gap, should_stop, on_progress, max_attempts, keep
+        )
+    except sqlite3.Error as e:
+        position = get_meta_safely(db)
+        fault = schema.store_fault(e, settings.store)
+        if fault is None:
+            raise
+        if schema.error_code(e) in (schema.SQLITE_BUSY, schema.SQLITE_LOCKED):
+            raise TryAgain(f"capture stopped: {fault}") from None
+        raise type(fault)(
+            f"capture stopped: {fault}; nothing after {position} was confirmed to the server,"
+            " so the slot keeps those changes"
+        ) from None
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            db.conn.close()  # an open batch is rolled back: its position was never confirmed
+
+
+def get_meta_safely(db: Any) -> str:
+    """The store's position for a message about a store that failed, if it can be read."""
+    try:
+        return wal.int_to_lsn(int(get_meta(db, "position") or 0))
+    except (sqlite3.Error, ValueError):
+        return "the last position it confirmed"
+
+
+def _capture(
+    settings: Settings,
+    db: Any,
+    once: bool,
+    accept_gap: bool,
+    should_stop: Callable[[], bool],
+    on_progress: Callable[[int, int], None] | None,
+    max_attempts: int | None,
+    keep: int | None,
+) -> CaptureReport:
     decoder = get_meta(db, "decoder") or "pgoutput"
     slot = get_meta(db, "slot")
     if slot is not None and slot != settings.slot:
-        raise UndoError(
+        raise BadInput(
             f"the store belongs to slot {slot!r}, not {settings.slot!r}: use --slot {slot}"
         )
+    problems = schema.quick_check(db)
+    if problems:
+        raise StoreCorrupt(
+            f"the audit store {settings.store} is corrupt (SQLite's quick_check:"
+            f" {'; '.join(problems[:3])}):"
+            " capture confirms nothing from it; move it aside, and either restore a copy or"
+            f" recover what SQLite can read (sqlite3 {settings.store} .recover | sqlite3 NEW.db);"
+            " then `undo check`"
+        )
+    # a store it cannot write (read-only file or mount) is found before anything is streamed
+    with contextlib.suppress(_Probe), db.atomic():
+        db.execute("UPDATE meta SET value = value WHERE key = 'slot'")
+        raise _Probe  # rolled back
     if decoder == "pgoutput":
         options = pgoutput.plugin_options(get_meta(db, "publication") or settings.slot)
     else:
         options = wal2json.plugin_options(get_meta(db, "numbers_as_strings") == "1")
         options.append(("add-msg-prefixes", ",".join(messages.PREFIXES)))
     writer = StoreWriter(db)
+    retention = Retention(db, keep) if keep else None
     transactions = changes = 0
     attempt = 0
     connected = False
@@ -426,9 +554,20 @@ def capture(
                             (MARK_PREFIX, mark.decode()),
                         )
                     session = _Session(
-                        settings, writer, decoder, options, key, Catalog(conn), on_progress
+                        settings,
+                        writer,
+                        decoder,
+                        options,
+                        key,
+                        Catalog(conn),
+                        on_progress,
+                        retention,
                     )
-                    rconn = pg.connect(settings.dsn, replication="database")
+                    rconn = pg.connect(
+                        settings.dsn,
+                        replication="database",
+                        application_name=capture_application_name(),
+                    )
                     behind = pg.wal_after(conn, writer.position)
                     if attempt:
                         log.info("reconnected after %d attempt(s)", attempt, extra=_fields())
@@ -455,16 +594,28 @@ def capture(
                         rconn.pgconn.finish()
                         rconn.close()
                     return CaptureReport(transactions, changes, writer.position)
-            except (ConnectionLost, psycopg.OperationalError, DatabaseUnreachable) as e:
+            except (
+                ConnectionLost,
+                psycopg.OperationalError,
+                DatabaseUnreachable,
+                SlotInUse,
+                TryAgain,
+            ) as e:
                 if isinstance(e, DatabaseUnreachable) and not connected:
+                    # at start: a server down for a moment looks like a wrong host or port to
+                    # libpq (no SQLSTATE): a service manager tries again (exit 75)
+                    raise TryAgain(str(e)) from None
+                if isinstance(e, SlotInUse | TryAgain) and not connected:
                     raise
+                # once connected, the slot held after a loss is most likely still held by
+                # the walsender of this capture's lost connection: tried again like a loss
                 writer.abort()
                 if writer.batch_open:
                     writer.flush()
                 attempt += 1
                 if should_stop() or (max_attempts is not None and attempt > max_attempts):
                     first = str(e).strip().splitlines()[0] if str(e).strip() else "closed"
-                    raise DatabaseUnreachable(
+                    raise TryAgain(
                         f"lost the source database ({first}) after {attempt - 1} reconnect(s):"
                         " check that it is up, then run `undo capture` again"
                     ) from None
@@ -482,4 +633,3 @@ def capture(
                     time.sleep(0.1)
     finally:
         gc.set_threshold(*thresholds)
-        db.conn.close()  # an open batch is rolled back: its position was never confirmed

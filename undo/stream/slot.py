@@ -13,7 +13,8 @@ from typing import Any
 import psycopg
 
 from undo.core import wal
-from undo.core.errors import NotReady, SlotGap
+from undo.core.errors import NotReady, SlotGap, SlotInUse, TryAgain
+from undo.source.health import slot_holder
 from undo.store.writer import record_gap
 
 #: how long capture waits for a slot another process holds for a moment (a peek by status)
@@ -54,9 +55,14 @@ def check_slot(
             f" {wal.int_to_lsn(position)} are lost; run `undo init` to create a new slot"
         )
     if active_pid is not None:
-        raise SlotGap(
-            f"replication slot {slot!r} is in use by another process (pid {active_pid}):"
-            " stop the other consumer first"
+        who, gone = slot_holder(conn, active_pid)
+        if gone:  # a capture of this machine that is no more: the server lets go in a while
+            raise TryAgain(
+                f"replication slot {slot!r} is still held for {who}, which has exited: the"
+                " server lets it go within wal_sender_timeout; try again then"
+            )
+        raise SlotInUse(
+            f"replication slot {slot!r} is in use by another process: {who}; stop it first"
         )
     confirmed_lsn = wal.lsn_to_int(confirmed) if confirmed else 0
     if confirmed_lsn > position:

@@ -8,6 +8,7 @@ Bearer`` or the cookie the login form sets); without it a request sees no data.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import io
 import json
@@ -496,4 +497,18 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise BadInput(f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN)")
     hosts = [*allowed_hosts, *([host] if host not in ("0.0.0.0", "::", "") else [])]
-    return Server(make_app(settings, token, hosts), host, port)
+    app = make_app(settings, token, hosts)
+    try:
+        return Server(app, host, port)
+    except OSError as e:
+        why = {
+            errno.EADDRINUSE: "another process listens there: choose another --port, or stop it",
+            errno.EACCES: "ports below 1024 need root (or CAP_NET_BIND_SERVICE): use --port 8080",
+            errno.EADDRNOTAVAIL: "not an address of this machine: use 127.0.0.1 or one of its own",
+        }.get(e.errno or 0, e.strerror or str(e))
+        raise BadInput(f"cannot serve on {host} port {port}: {why}") from None
+    except ValueError:  # waitress: the host does not resolve
+        raise BadInput(
+            f"cannot serve on {host} port {port}: {host} is not an address or a name this"
+            " machine resolves"
+        ) from None
