@@ -65,7 +65,23 @@ DECLARE
     sec record;
     k bytea;
     msg text;
+    stack text;
 BEGIN
+    -- Only undo itself records: a call straight from the top-level statement (`--apply` and the
+    -- printed script send SELECT undo.record_undo(...)), once per transaction. A function of a
+    -- table owner's that an operator's session runs (a trigger, a CHECK, an index expression,
+    -- a view) calls it from inside another function: its stack has more than this one frame.
+    -- The statement is undo's own: SELECT undo.record_undo(...) with constant arguments (a view
+    -- or rule of an owner's cannot make another statement call it from the top).
+    GET DIAGNOSTICS stack = PG_CONTEXT;
+    IF array_length(string_to_array(stack, E'\n'), 1) <> 1
+       OR pg_trigger_depth() <> 0
+       OR ltrim(current_query(), E' \t\r\n') NOT LIKE 'SELECT undo.record\_undo(%'
+       OR EXISTS (SELECT 1 FROM undo.ledger l WHERE l.undo_xid = me) THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+            MESSAGE = 'undo.record_undo records an undo only when the undo itself calls it:'
+                      ' once per transaction, from its own top-level statement';
+    END IF;
     UPDATE undo.ledger l SET reverted_by = me
       FROM jsonb_array_elements(entries) e
      WHERE l.reverted_by IS NULL AND l.undo_xid = (e->>3)::bigint AND l.relid = (e->>1)::oid

@@ -392,3 +392,63 @@ def test_mirrors_stored_before_they_were_signed_count_as_untrusted(tmp_path):
         ("untrusted", "unsigned")
     ]
     assert queries.live_undos(store) == [] and queries.sessions(store) == []
+
+
+def test_an_owners_code_in_an_operators_session_cannot_record_undos(pgo):
+    """Found by a hostile probe of the branch that made record_undo non-PUBLIC: record_undo is
+    SECURITY DEFINER, so a table owner's function that an operator's session runs (an ENABLE
+    ALWAYS trigger, which fires under --apply too; a CHECK constraint) recorded any entries,
+    signed and trusted: a session shown undone and its undo refused, or an undo undone twice.
+    Only undo's own top-level `SELECT undo.record_undo(...)` records, once per transaction."""
+    pgo.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'), (2, 'b');"
+        " CREATE TABLE om (id int PRIMARY KEY, v text); INSERT INTO om VALUES (1, 'x')"
+    )
+    pgo.init()
+    alice = _role(pgo, "alice", "t", "om", operator=True)
+    owner = f"owner_{pgo.dbname}"
+    pgo.sql(
+        f"CREATE ROLE {owner} LOGIN; ALTER TABLE om OWNER TO {owner};"
+        f" CREATE SCHEMA oms AUTHORIZATION {owner}"
+    )
+    sid = _as_session(pgo, "DELETE FROM t WHERE id = 1", app="evil-script")
+    pgo.capture()
+    (lsn,) = pgo.store_rows("SELECT commit_lsn FROM transactions")[0]
+    planted = (
+        "jsonb_build_array(jsonb_build_array("
+        f"'{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}', 't'::regclass::oid, 'D', 0))"
+    )
+    with psycopg.connect(_dsn(pgo, owner), autocommit=True) as c:
+        for definer in ("SECURITY DEFINER", ""):  # her rights, or the operator's
+            name = "evil_d" if definer else "evil_i"
+            c.execute(
+                f"CREATE FUNCTION oms.{name}() RETURNS trigger LANGUAGE plpgsql {definer} AS"
+                f' $f$ BEGIN PERFORM undo.record_undo(\'{{"session": "{sid}"}}\', {planted});'
+                " RETURN NULL; END $f$"
+            )
+            c.execute(
+                f"CREATE TRIGGER {name} AFTER UPDATE ON om FOR EACH STATEMENT"
+                f" EXECUTE FUNCTION oms.{name}()"
+            )
+            c.execute(f"ALTER TABLE om ENABLE ALWAYS TRIGGER {name}")
+        c.execute(
+            "CREATE FUNCTION oms.chk(int) RETURNS boolean LANGUAGE plpgsql AS $f$ BEGIN"
+            f' PERFORM undo.record_undo(\'{{"session": "{sid}"}}\', {planted});'
+            " RETURN true; EXCEPTION WHEN others THEN RETURN true; END $f$"
+        )
+        c.execute("ALTER TABLE om ADD CONSTRAINT c CHECK (oms.chk(id)) NOT VALID")
+    with psycopg.connect(_dsn(pgo, alice), autocommit=True) as c:
+        for other in ("evil_i", "evil_d"):  # each trigger alone
+            pgo.sql(f"ALTER TABLE om DISABLE TRIGGER {other}")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("UPDATE om SET v = 'y'")  # her trigger runs in alice's session
+            pgo.sql(f"ALTER TABLE om ENABLE ALWAYS TRIGGER {other}")
+        pgo.sql("ALTER TABLE om DISABLE TRIGGER evil_d; ALTER TABLE om DISABLE TRIGGER evil_i")
+        c.execute("INSERT INTO om VALUES (2, 'z')")  # the CHECK runs it, and swallows the refusal
+    assert pgo.sql("SELECT count(*) FROM undo.ledger") == [(0,)]
+    pgo.capture()
+    assert _undone(pgo, sid) == [None]
+    applied = pgo.undo_cli("--dsn", _dsn(pgo, alice), "session", sid, "--apply", "--fire-triggers")
+    assert applied.returncode == 0, applied.stderr
+    assert pgo.sql("SELECT id FROM t ORDER BY id") == [(1,), (2,)]
+    assert pgo.sql("SELECT count(*) FROM undo.ledger") == [(1,)]  # the undo's own entry only
