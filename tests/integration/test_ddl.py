@@ -463,3 +463,18 @@ def test_a_forged_ddl_record_neither_opens_nor_closes_a_gap(source):
         ("ALTER TABLE", "public.t", "untrusted", "forged"),
         ("ALTER TABLE", "public.t", "untrusted", "forged"),
     ]
+
+
+def test_ddl_under_the_replica_role_is_on_the_record(source):
+    """Found by a hostile probe: undo's event triggers were ENABLE ORIGIN, so a role allowed
+    to SET session_replication_role = replica ran blinding DDL with nothing recorded."""
+    source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    source.init()
+    source.sql("INSERT INTO t VALUES (1, 'orig')")
+    with _owner(source) as c:
+        source.sql(f"GRANT SET ON PARAMETER session_replication_role TO {c.info.user}")
+        c.execute("SET session_replication_role = replica")
+        c.execute("ALTER TABLE t ALTER COLUMN v TYPE text USING 'wiped'")
+    source.capture()
+    assert [g["table"] for g in _gaps(source) if g["to_lsn"] is not None] == ["public.t"]
+    assert ("ALTER TABLE", "trusted") in source.store_rows("SELECT command, tag FROM ddl")

@@ -326,9 +326,24 @@ def init(
                                 )
                             )
                             made = True
+                        # ALWAYS: DDL run under session_replication_role = replica (any role
+                        # granted SET on it) is recorded too; by default an event trigger is
+                        # ORIGIN and stays quiet there
+                        if conn.execute(
+                            "SELECT 1 FROM pg_event_trigger"
+                            " WHERE evtname = %s AND evtenabled <> 'A'",
+                            (name,),
+                        ).fetchone():
+                            conn.execute(
+                                sql.SQL("ALTER EVENT TRIGGER {} ENABLE ALWAYS").format(
+                                    sql.Identifier(name)
+                                )
+                            )
+                            made = True
                     if made:
                         report.changed.append(
-                            "created the event triggers: new tables are audited, DDL recorded"
+                            "created the event triggers (ENABLE ALWAYS): new tables are audited,"
+                            " DDL recorded"
                         )
                 else:
                     report.warnings.append(
