@@ -277,11 +277,15 @@ def show(result: dict[str, Any], limit: int | None, expand: bool = False) -> Ite
             + f": {g['statement'] or ''}"
             + ("" if g["tag"] == "trusted" else f"  tag {g['tag']} ({g['tag_reason']})")
         )
-    for m in result.get("malformed") or []:
+    malformed = result.get("malformed") or []
+    for m in malformed[:10]:
         yield (
             f"malformed {m['prefix']} message at {second(m['received_at'])}  xid {m['xid'] or ''}:"
             f" {m['problem']} (kept in the store's malformed table, never used)"
         )
+    more = result.get("malformed_count", len(malformed)) - min(len(malformed), 10)
+    if more > 0:
+        yield f"({more} more malformed message(s): the store's malformed table has them all)"
     if totals["rows"]:
         yield ("\n" + table(totals["rows"], ["table", "operation", "rows"]))
     shown = [0]  # changes printed, by both lists: at most ``limit`` in all

@@ -274,17 +274,27 @@ def guard_refusals(db: Database, session_id: str | None = None) -> list[dict[str
     )
 
 
+#: the malformed messages `show` lists (any role can emit thousands claiming a session): the
+#: first ones; `malformed_count` says how many there are
+MALFORMED_SHOWN = 100
+
+
 def malformed_of(
     db: Database, session_id: str | None = None, xid: int | None = None
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], int]:
     """Messages with undo's prefixes that claimed this session (or came in this transaction)
-    and were not what undo's SQL writes: kept, never used (stream/messages.py)."""
-    return _rows(
+    and were not what undo's SQL writes: kept, never used (stream/messages.py). The first
+    MALFORMED_SHOWN of them, and how many there are."""
+    where = "(? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?)"
+    params = [session_id, session_id, xid, xid]
+    (count,) = db.execute(f"SELECT count(*) FROM malformed WHERE {where}", params).fetchone()  # noqa: S608
+    rows = _rows(
         db,
-        "SELECT received_at, lsn, prefix, xid, session_id, problem, size FROM malformed"
-        " WHERE (? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?) ORDER BY lsn",
-        [session_id, session_id, xid, xid],
+        "SELECT received_at, lsn, prefix, xid, session_id, problem, size FROM malformed"  # noqa: S608
+        f" WHERE {where} ORDER BY lsn LIMIT ?",
+        [*params, MALFORMED_SHOWN],
     )
+    return rows, int(count)
 
 
 def ddl_of(
@@ -303,7 +313,7 @@ def ddl_of(
 def show(db: Database, session_id: str | None = None, xid: int | None = None) -> dict[str, Any]:
     refusals = guard_refusals(db, session_id) if session_id is not None else []
     ddl = ddl_of(db, session_id, xid)
-    malformed = malformed_of(db, session_id, xid)
+    malformed, malformed_count = malformed_of(db, session_id, xid)
     try:
         txns = (
             transactions_of_session(db, session_id)
@@ -354,6 +364,7 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
         "guard_refusals": refusals,
         "ddl": ddl,
         "malformed": malformed,
+        "malformed_count": malformed_count,
     }
 
 

@@ -282,7 +282,10 @@ class StoreWriter:
                 doc.get("statement"),
             )
             tag = ("trusted" if why is None else "untrusted", why)
-            for cmd in doc.get("ddl") or []:
+            commands = doc.get("ddl") or []
+            if why is not None and not commands:  # kept all the same: someone sent it
+                commands = [{"command": "(a DDL record undo did not make)"}]
+            for cmd in commands:
                 if isinstance(cmd, dict):
                     self.conn.execute(
                         "INSERT INTO ddl (commit_lsn, commit_time, xid, session_id,"
