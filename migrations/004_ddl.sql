@@ -111,6 +111,7 @@ DECLARE
     tables oid[] := '{}';  -- audited tables the DDL concerns
     above oid[];
     r record;
+    u record;
     -- marks DDL that undo itself runs from here (audit_table) while it runs: a value no
     -- session can set on its own to hide its DDL (it needs the key), and only for this
     -- transaction
@@ -139,6 +140,26 @@ BEGIN
                                 'object_type', r.object_type, 'object', r.object_identity,
                                 'oid', r.objid);
                 tables := tables || above;
+            END IF;
+            -- an enum's labels renamed (ALTER TYPE ... RENAME VALUE, in any schema): the values
+            -- of every audited column of that type (or an array of it) change in place, with no
+            -- row change in the stream
+            IF r.command_tag = 'ALTER TYPE' AND r.object_type = 'type' THEN
+                FOR u IN SELECT DISTINCT c.oid, format('%I.%I', n.nspname, c.relname) AS ident
+                           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                           JOIN pg_namespace n ON n.oid = c.relnamespace
+                           JOIN pg_type t ON t.oid = r.objid AND t.typtype = 'e'
+                          WHERE a.atttypid IN (t.oid, t.typarray) AND NOT a.attisdropped
+                            AND c.oid IN (SELECT relid FROM undo.audited) LOOP
+                    commands := commands || jsonb_build_object('command', r.command_tag,
+                                    'object_type', r.object_type, 'object', r.object_identity,
+                                    'oid', r.objid);
+                    states := states || jsonb_build_object('table', u.ident, 'oid', u.oid,
+                                  'rewrite', true, 'problems', jsonb_build_array(
+                                      'its enum type ' || r.object_identity || ' was altered:'
+                                      || ' values may have changed without row changes in the'
+                                      || ' stream'));
+                END LOOP;
             END IF;
         END LOOP;
     ELSIF tg_event = 'sql_drop' THEN

@@ -478,3 +478,24 @@ def test_ddl_under_the_replica_role_is_on_the_record(source):
     source.capture()
     assert [g["table"] for g in _gaps(source) if g["to_lsn"] is not None] == ["public.t"]
     assert ("ALTER TABLE", "trusted") in source.store_rows("SELECT command, tag FROM ddl")
+
+
+def test_renaming_an_enums_labels_is_a_gap_of_the_tables_using_it(source):
+    """Found by a hostile probe: ALTER TYPE ... RENAME VALUE on an enum of another schema
+    flipped every audited row's value (paid <-> unpaid) with no DDL record and no gap, while
+    history still said `paid`."""
+    source.sql(
+        "CREATE SCHEMA oms; CREATE TYPE oms.mood AS ENUM ('paid', 'unpaid');"
+        " CREATE TABLE et (id int PRIMARY KEY, m oms.mood, ms oms.mood[])"
+    )
+    source.init()
+    source.sql("INSERT INTO et VALUES (1, 'paid', '{paid}')")
+    source.sql(
+        "ALTER TYPE oms.mood RENAME VALUE 'paid' TO 'tmp';"
+        " ALTER TYPE oms.mood RENAME VALUE 'unpaid' TO 'paid';"
+        " ALTER TYPE oms.mood RENAME VALUE 'tmp' TO 'unpaid'"
+    )
+    source.capture()
+    gaps = [g for g in _gaps(source) if g["table"] == "public.et"]
+    assert gaps and all(g["to_lsn"] is not None for g in gaps), gaps
+    assert "enum type oms.mood was altered" in gaps[0]["reason"]
