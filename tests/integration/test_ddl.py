@@ -468,6 +468,8 @@ def test_a_forged_ddl_record_neither_opens_nor_closes_a_gap(source):
 def test_ddl_under_the_replica_role_is_on_the_record(source):
     """Found by a hostile probe: undo's event triggers were ENABLE ORIGIN, so a role allowed
     to SET session_replication_role = replica ran blinding DDL with nothing recorded."""
+    if source.sql("SHOW server_version_num")[0][0] < "150000":
+        pytest.skip("PostgreSQL 14 has no GRANT SET ON PARAMETER: only a superuser sets it")
     source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     source.init()
     source.sql("INSERT INTO t VALUES (1, 'orig')")
