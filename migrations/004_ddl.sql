@@ -13,25 +13,19 @@
 -- tables, capture learns from a DROP that a table it looked up by that name was another one.
 -- Idempotent, like 001.
 
+-- One DDL record: signed by undo's owner (undo.sign, 001) over the session part (from the
+-- server, undo.session_fields), application_name, the xid, the statement and what the event
+-- trigger found; never from a setting the session can write.
 CREATE OR REPLACE FUNCTION undo.emit_ddl(body jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    s text := current_setting('undo.session', true);
-    msg text;
 BEGIN
-    IF s IS NULL OR substr(s, 257, 1) IS DISTINCT FROM '{' THEN
-        s := undo.session_tag();
-    END IF;
-    msg := substr(s, 257) || E'\n' || (jsonb_build_object(
-               'application_name', current_setting('application_name'),
-               'xid', pg_current_xact_id()::text::bigint,
-               'statement', current_query()) || body)::text;
-    PERFORM pg_logical_emit_message(true, 'undo.ddl',
-        encode(sha256(decode(substr(s, 129, 128), 'hex')
-                      || sha256(decode(substr(s, 1, 128), 'hex') || convert_to(msg, 'UTF8'))),
-               'hex') || msg);
+    PERFORM pg_logical_emit_message(true, 'undo.ddl', undo.sign('undo.ddl', concat(
+        '{', undo.session_fields(), ',', substr((jsonb_build_object(
+            'application_name', current_setting('application_name'),
+            'xid', pg_current_xact_id()::text::bigint,
+            'statement', current_query()) || body)::text, 2))));
 END
 $fn$;
 REVOKE ALL ON FUNCTION undo.emit_ddl(jsonb) FROM PUBLIC;

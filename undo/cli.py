@@ -412,10 +412,14 @@ def _print_transactions(txns: list[dict[str, Any]], shown: list[int], limit: int
             + (f" ({t['tag_reason']})" if t.get("tag_reason") else "")
         )
         click.echo(f"  statement: {t['statement'] or ''}")
+        statement = t["statement"]
         for c in t["changes"]:
             if limit is not None and shown[0] >= limit:
                 break
             shown[0] += 1
+            if c.get("statement", statement) != statement:  # a later statement's changes
+                statement = c["statement"]
+                click.echo(f"  statement: {statement or ''}")
             click.echo(f"  {c['op']:8} {c['table']}  {render.key(c['key_columns'], c['key'])}")
             _echo_images(c, "    ")
 

@@ -68,6 +68,9 @@ def prune(db: Database, before: str) -> PruneReport:
                 "DELETE FROM txn_changes WHERE txn IN (SELECT value FROM json_each(?))", [chunk]
             )
             db.execute(
+                "DELETE FROM statements WHERE txn IN (SELECT value FROM json_each(?))", [chunk]
+            )
+            db.execute(
                 "DELETE FROM transactions WHERE id IN (SELECT value FROM json_each(?))", [chunk]
             )
     minute = int(epoch(before))

@@ -28,7 +28,14 @@ from ..errors import DatabaseUnreachable, NotReady, SlotGap, UndoError
 from ..store.schema import get_meta, open_store
 from ..store.writer import StoreWriter, record_gap
 from . import messages, pgoutput, wal2json
-from .messages import DDL_PREFIX, LEDGER_PREFIX, MARK_PREFIX, TAG_PREFIX, TRANSACTIONAL
+from .messages import (
+    DDL_PREFIX,
+    LEDGER_PREFIX,
+    MARK_PREFIX,
+    STMT_PREFIX,
+    TAG_PREFIX,
+    TRANSACTIONAL,
+)
 from .protocol import epoch, parse_keepalive, status_update
 from .records import Begin, Change, Commit, Message, Relation, Truncate
 
@@ -235,7 +242,6 @@ class _Session:
         self.wal_end = 0  # the server's WAL end, from its last keepalive
         self.last_report = time.monotonic()
         self.reported_changes = 0
-        self.session_keys: dict[bytes, bytes] = {}  # session JSON -> its signing key
 
     def _relation(self, rel: Relation) -> int | None:
         """Store id of the relation's version, or None if it is not audited (skip it)."""
@@ -324,8 +330,14 @@ class _Session:
         if rec.prefix == LEDGER_PREFIX:
             writer.set_ledger(rec.content)
             return
+        if rec.prefix == STMT_PREFIX:
+            try:
+                writer.add_statement(messages.read_statement(rec.content))
+            except messages.Malformed as e:
+                writer.add_malformed(rec.lsn, rec.prefix, None, str(e), rec.content)
+            return
         xid = writer.txn_xid if in_txn else None
-        signed = messages.read_signed(rec.prefix, rec.content, self.key, xid, self.session_keys)
+        signed = messages.read_signed(rec.prefix, rec.content, self.key, xid)
         if signed.problem is not None:
             writer.add_malformed(
                 rec.lsn, rec.prefix, signed.claimed_session, signed.problem, rec.content
