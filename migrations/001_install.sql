@@ -196,17 +196,20 @@ DECLARE
     x pg_catalog.text;
     v pg_catalog.int8;
     g pg_catalog.text;
+    m pg_catalog.text;
+    ip pg_catalog.bytea;
+    op pg_catalog.bytea;
 BEGIN
     IF pg_catalog.current_setting('undo.stmt', true) OPERATOR(pg_catalog.=) t THEN
         RETURN NULL;  -- this statement is marked already
     END IF;
     x := pg_catalog.transaction_timestamp()::pg_catalog.text;
     IF pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=) x THEN
-        -- one function call each, so that each is a simple expression (PL/pgSQL evaluates
-        -- those without the executor: several µs less than one PERFORM of both)
-        PERFORM pg_catalog.pg_logical_emit_message(true, 'undo.stmt',
-                    coalesce(pg_catalog.current_query(), ''));
-        PERFORM pg_catalog.set_config('undo.stmt', t, true);
+        -- an assignment, not PERFORM: PL/pgSQL evaluates a one-expression assignment without
+        -- the executor (PERFORM always runs a query: several µs more per statement)
+        m := pg_catalog.concat(pg_catalog.pg_logical_emit_message(true, 'undo.stmt',
+                                   coalesce(pg_catalog.current_query(), '')),
+                               pg_catalog.set_config('undo.stmt', t, true));
         RETURN NULL;
     END IF;
     -- the transaction's first tagged statement
@@ -219,30 +222,29 @@ BEGIN
     IF g IS NOT NULL THEN
         PERFORM undo.refuse(g, TG_RELID);
     END IF;
-    PERFORM pg_catalog.pg_logical_emit_message(true, 'undo', pg_catalog.concat(
-                pg_catalog.encode(pg_catalog.sha256(pg_catalog.byteacat(s.opad, pg_catalog.sha256(
-                    pg_catalog.byteacat(s.ipad, pg_catalog.convert_to(
-                        pg_catalog.concat(E'undo\n', m.m), 'UTF8'))))), 'hex'),
-                m.m)),
-            pg_catalog.set_config('undo.tagged', x, true),
-            pg_catalog.set_config('undo.stmt', t, true)
-      FROM undo.secret s,
-           (SELECT pg_catalog.concat(
-                '{"pid":', pg_catalog.pg_backend_pid(),
-                ',"backend_start":', coalesce(v::pg_catalog.text, 'null'),
-                ',"user":', pg_catalog.to_json(SESSION_USER::pg_catalog.text),
-                ',"client_addr":', coalesce(pg_catalog.to_json(pg_catalog.host(
-                    pg_catalog.inet_client_addr()))::pg_catalog.text, 'null'),
-                ',"client_port":', coalesce(
-                    pg_catalog.inet_client_port()::pg_catalog.text, 'null'),
-                ',"application_name":', pg_catalog.to_json(
-                    pg_catalog.current_setting('application_name')),
-                ',"xid":', pg_catalog.pg_current_xact_id(),
-                ',"statement":', coalesce(
-                    pg_catalog.to_json(pg_catalog.current_query())::pg_catalog.text, 'null'),
-                ',"undo":', coalesce(undo.undoing_json(
-                    pg_catalog.current_setting('undo.undoing', true)), 'null'),
-                '}') AS m) m;
+    SELECT s.ipad, s.opad INTO ip, op FROM undo.secret s;  -- the one query
+    m := pg_catalog.concat(
+        '{"pid":', pg_catalog.pg_backend_pid(),
+        ',"backend_start":', coalesce(v::pg_catalog.text, 'null'),
+        ',"user":', pg_catalog.to_json(SESSION_USER::pg_catalog.text),
+        ',"client_addr":', coalesce(pg_catalog.to_json(pg_catalog.host(
+            pg_catalog.inet_client_addr()))::pg_catalog.text, 'null'),
+        ',"client_port":', coalesce(pg_catalog.inet_client_port()::pg_catalog.text, 'null'),
+        ',"application_name":', pg_catalog.to_json(pg_catalog.current_setting('application_name')),
+        ',"xid":', pg_catalog.pg_current_xact_id(),
+        ',"statement":', coalesce(
+            pg_catalog.to_json(pg_catalog.current_query())::pg_catalog.text, 'null'),
+        ',"undo":', coalesce(undo.undoing_json(
+            pg_catalog.current_setting('undo.undoing', true)), 'null'),
+        '}');
+    m := pg_catalog.concat(
+        pg_catalog.pg_logical_emit_message(true, 'undo', pg_catalog.concat(
+            pg_catalog.encode(pg_catalog.sha256(pg_catalog.byteacat(op, pg_catalog.sha256(
+                pg_catalog.byteacat(ip, pg_catalog.convert_to(pg_catalog.concat(E'undo\n', m),
+                                                              'UTF8'))))), 'hex'),
+            m)),
+        pg_catalog.set_config('undo.tagged', x, true),
+        pg_catalog.set_config('undo.stmt', t, true));
     RETURN NULL;
 END
 $fn$;
