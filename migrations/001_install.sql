@@ -141,23 +141,28 @@ AS $fn$
 $fn$;
 REVOKE ALL ON FUNCTION undo.sign(text, text) FROM PUBLIC;
 
--- What an undo in progress says it undoes (undo.undoing, set by `undo session --apply`) as JSON
--- text; a value that is not JSON becomes a JSON string, so a tag always parses. STRICT: not
--- called at all when the setting was never set in the session, as for every other one. Called
--- by undo.tag() as undo's owner, with the caller's search_path: every name is qualified.
-CREATE OR REPLACE FUNCTION undo.undoing_json(u text) RETURNS text
+-- What an undo in progress says it undoes, as JSON text: undo.undoing, set by `undo session
+-- --apply` (and its printed script) in the undo's own transaction as its transaction_timestamp(),
+-- a space and the JSON; x is the tagged transaction's. A value set otherwise (for the session,
+-- or in another transaction) is no claim: NULL. A value that is not JSON becomes a JSON string,
+-- so a tag always parses. STRICT: not called at all when the setting was never set in the
+-- session. Called by undo.tag() as undo's owner, with the caller's search_path: every name is
+-- qualified.
+DROP FUNCTION IF EXISTS undo.undoing_json(text);
+CREATE OR REPLACE FUNCTION undo.undoing_json(u text, x text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT
 AS $fn$
 BEGIN
-    IF u OPERATOR(pg_catalog.=) '' THEN
+    IF NOT pg_catalog.starts_with(u, pg_catalog.concat(x, ' ')) THEN
         RETURN NULL;
     END IF;
+    u := pg_catalog.substr(u, pg_catalog.length(x) OPERATOR(pg_catalog.+) 2);
     RETURN u::pg_catalog.jsonb::pg_catalog.text;
 EXCEPTION WHEN others THEN
     RETURN pg_catalog.to_json(u)::pg_catalog.text;
 END
 $fn$;
-REVOKE ALL ON FUNCTION undo.undoing_json(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION undo.undoing_json(text, text) FROM PUBLIC;
 
 -- The statement trigger's function, on every audited table. SECURITY DEFINER, so that it signs
 -- as undo's owner (reading undo.secret); no SET clause (PostgreSQL saves and restores settings
@@ -235,7 +240,7 @@ BEGIN
         ',"statement":', coalesce(
             pg_catalog.to_json(pg_catalog.current_query())::pg_catalog.text, 'null'),
         ',"undo":', coalesce(undo.undoing_json(
-            pg_catalog.current_setting('undo.undoing', true)), 'null'),
+            pg_catalog.current_setting('undo.undoing', true), x), 'null'),
         '}');
     m := pg_catalog.concat(
         pg_catalog.pg_logical_emit_message(true, 'undo', pg_catalog.concat(

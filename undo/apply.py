@@ -272,12 +272,18 @@ def _settings(
     pairs = [("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)]
     pairs += list(pg.PINNED_SETTINGS.items())
     pairs.append(("work_mem", WORK_MEM))
-    pairs.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
     if not fire_triggers:
         pairs.append(("session_replication_role", "replica"))
+    # what the undo undoes, for its tag: after the transaction's start, so that undo.tag() takes
+    # it for this transaction only (a value other code set for the session is not a claim)
+    undoing = json.dumps(target.describe(), separators=(",", ":"))
     return [
         sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
         for k, v in pairs
+    ] + [
+        sql.SQL(
+            "SELECT set_config('undo.undoing', transaction_timestamp()::text || ' ' || {}, true)"
+        ).format(sql.Literal(undoing))
     ]
 
 

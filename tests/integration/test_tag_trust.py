@@ -68,8 +68,9 @@ BEGIN
         'SELECT undo.session_tag()', 'SELECT undo.sign(''undo'', ''{}'')',
         'SELECT undo.session_fields()', 'SELECT undo.note_session_start()::text',
         'SELECT currval(''undo.session_start'')::text', 'SELECT key::text FROM undo.secret',
-        'SELECT ipad::text || opad::text FROM undo.secret', 'SELECT undo.undoing_json(''1'')',
-        'SELECT undo.emit_ddl(''{}'')::text', 'SELECT undo.guarded(''x'')'
+        'SELECT ipad::text || opad::text FROM undo.secret',
+        'SELECT undo.undoing_json(''1'', ''1'')', 'SELECT undo.emit_ddl(''{}'')::text',
+        'SELECT undo.guarded(''x'')'
     ] LOOP
         BEGIN
             EXECUTE q INTO got;
@@ -200,6 +201,7 @@ def test_a_table_owners_trigger_cannot_overwrite_the_victims_later_tags(source):
         poison += [("undo.tagged", str(xid + k)) for k in range(1, 4)]  # an xid guessed
         poison += [("undo.session", "0" * 256 + '{"session_id":"x.1"}')]
         poison += [("undo.session", "zz" * 128 + "{")]
+        poison += [("undo.undoing", '{"session": "x.1"}')]  # no undo claim either
         c.cursor().executemany("INSERT INTO m.poison VALUES (%s, %s)", poison)
     with psycopg.connect(victim_dsn, autocommit=False, application_name="cron") as v:
         victim = session_id(v)
@@ -211,10 +213,10 @@ def test_a_table_owners_trigger_cannot_overwrite_the_victims_later_tags(source):
             v.commit()
     source.capture()
     assert source.store_rows(
-        "SELECT json_extract(c.new, '$[0]'), t.session_id, t.tag FROM changes c"
+        "SELECT json_extract(c.new, '$[0]'), t.session_id, t.tag, t.undo_of FROM changes c"
         " JOIN transactions t ON t.id = c.txn WHERE json_extract(c.new, '$[1]') = 'victim'"
         " ORDER BY c.id"
-    ) == [(str(i), victim, "trusted") for i in range(1, 6)]
+    ) == [(str(i), victim, "trusted", None) for i in range(1, 6)]
 
 
 def test_a_table_owner_cannot_attach_undos_trigger_and_undos_fire_for_everyone(source):
