@@ -93,14 +93,18 @@ DROP FUNCTION IF EXISTS undo.signed_tag();
 -- kept as this session's currval() of a sequence no other role may use: currval is the
 -- session's own state, set only by setval (which needs UPDATE on the sequence: undo's owner
 -- alone), so code in the session can neither read nor change it. The sequence's own value
--- means nothing. DISCARD ALL (a pooler's reset) forgets currval: it is read again.
-CREATE SEQUENCE IF NOT EXISTS undo.session_start;
+-- means nothing. DISCARD ALL (a pooler's reset) forgets currval: it is read again. 0: the start
+-- is not known (undo's owner is no superuser and may not see other roles' sessions), kept as
+-- well, so that it is not looked for again in every transaction; the tag says null.
+CREATE SEQUENCE IF NOT EXISTS undo.session_start MINVALUE 0;
+ALTER SEQUENCE undo.session_start MINVALUE 0;
 REVOKE ALL ON SEQUENCE undo.session_start FROM PUBLIC;
 CREATE OR REPLACE FUNCTION undo.note_session_start() RETURNS bigint
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT setval('undo.session_start', (extract(epoch FROM a.backend_start) * 1000000)::bigint)
+    SELECT setval('undo.session_start',
+                  coalesce((extract(epoch FROM a.backend_start) * 1000000)::bigint, 0))
       FROM pg_stat_get_activity(pg_backend_pid()) a
 $fn$;
 REVOKE ALL ON FUNCTION undo.note_session_start() FROM PUBLIC;
@@ -121,7 +125,8 @@ BEGIN
     EXCEPTION WHEN object_not_in_prerequisite_state THEN
         v := undo.note_session_start();
     END;
-    RETURN concat('"pid":', pg_backend_pid(), ',"backend_start":', coalesce(v::text, 'null'),
+    RETURN concat('"pid":', pg_backend_pid(),
+                  ',"backend_start":', CASE WHEN v > 0 THEN v::text ELSE 'null' END,
                   ',"user":', to_json(session_user::text),
                   ',"client_addr":', coalesce(to_json(host(inet_client_addr()))::text, 'null'),
                   ',"client_port":', coalesce(inet_client_port()::text, 'null'));
@@ -230,7 +235,8 @@ BEGIN
     SELECT s.ipad, s.opad INTO ip, op FROM undo.secret s;  -- the one query
     m := pg_catalog.concat(
         '{"pid":', pg_catalog.pg_backend_pid(),
-        ',"backend_start":', coalesce(v::pg_catalog.text, 'null'),
+        ',"backend_start":', CASE WHEN v OPERATOR(pg_catalog.>) 0 THEN v::pg_catalog.text
+                                  ELSE 'null' END,
         ',"user":', pg_catalog.to_json(SESSION_USER::pg_catalog.text),
         ',"client_addr":', coalesce(pg_catalog.to_json(pg_catalog.host(
             pg_catalog.inet_client_addr()))::pg_catalog.text, 'null'),
