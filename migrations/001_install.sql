@@ -75,128 +75,191 @@ CREATE TABLE IF NOT EXISTS undo.audited (
 REVOKE ALL ON undo.audited FROM PUBLIC;
 GRANT SELECT ON undo.audited TO PUBLIC;
 
--- The session part of every tag: id (the %c of log_line_prefix), pid, start, user, client, all
--- read from the server, never from the caller; and the session's own signing key, HMAC(master
--- key, session part), as its two pads. Computed once per session (SECURITY DEFINER, to read the
--- master key; search_path pinned) and cached in the setting undo.session as hex(inner pad) ||
--- hex(outer pad) || session JSON. The session can read and write that setting, so it can sign
--- tags of its own session only: capture derives the key from the session part it is shown,
--- and a session part whose key the writer did not have (another session's) fails the HMAC.
-CREATE OR REPLACE FUNCTION undo.session_tag() RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-DECLARE
-    sec record;
-    frag text;
-    k bytea;
-BEGIN
-    SELECT s.ipad, s.opad INTO sec FROM undo.secret s;
-    SELECT json_build_object(
-               'session_id', to_hex(trunc(extract(epoch FROM a.backend_start))::bigint) || '.' || to_hex(a.pid),
-               'pid', a.pid,
-               'backend_start', a.backend_start,
-               'user', session_user,
-               'client_addr', host(a.client_addr),
-               'client_port', a.client_port)::text
-      INTO frag
-      FROM pg_stat_get_activity(pg_backend_pid()) a;
-    k := sha256(sec.opad || sha256(sec.ipad || convert_to(frag, 'UTF8')));
-    frag := encode(undo.hmac_pad(k, 54), 'hex') || encode(undo.hmac_pad(k, 92), 'hex') || frag;
-    PERFORM set_config('undo.session', frag, false);
-    RETURN frag;
-END
-$fn$;
-REVOKE ALL ON FUNCTION undo.session_tag() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION undo.session_tag() TO PUBLIC;
+-- Everything undo signs (tags, DDL records, guard refusals) is signed here, by functions that
+-- run as undo's owner, from facts the server gives: nothing that signs is readable or writable
+-- by code running in the session (a role's own code, or a table owner's trigger running in it).
+-- The signature: HMAC-SHA256 under the master key (RFC 2104 on the built-in sha256 with the
+-- pads above: no extension), over the message's prefix, a newline and its payload, so that a
+-- message of one kind never passes as another; the message is the MAC in hex, then the payload.
+-- Before this version each session signed with a key of its own, cached in the setting
+-- undo.session, which any code in the session could read (and sign as that session after it
+-- ended) or overwrite: that setting and undo.session_tag() are gone, and the tags they signed
+-- no longer verify (capture stores them untrusted, forged).
+DROP FUNCTION IF EXISTS undo.session_tag();
 DROP FUNCTION IF EXISTS undo.signed_tag();
 
--- What an undo in progress says it undoes (undo.undoing, set by `undo session --apply`) as JSON
--- text; a value that is not JSON becomes a JSON string, so a tag always parses. STRICT: not
--- called at all when the setting is empty, as it is for every other transaction.
-CREATE OR REPLACE FUNCTION undo.undoing_json(u text) RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT
+-- The session's start (backend_start, in µs since 1970), which only pg_stat_get_activity gives,
+-- at a cost of tens of µs (it copies every backend's status). It is read once per session and
+-- kept as this session's currval() of a sequence no other role may use: currval is the
+-- session's own state, set only by setval (which needs UPDATE on the sequence: undo's owner
+-- alone), so code in the session can neither read nor change it. The sequence's own value
+-- means nothing. DISCARD ALL (a pooler's reset) forgets currval: it is read again. 0: the start
+-- is not known (undo's owner is no superuser and may not see other roles' sessions), kept as
+-- well, so that it is not looked for again in every transaction; the tag says null.
+CREATE SEQUENCE IF NOT EXISTS undo.session_start MINVALUE 0;
+ALTER SEQUENCE undo.session_start MINVALUE 0;
+REVOKE ALL ON SEQUENCE undo.session_start FROM PUBLIC;
+CREATE OR REPLACE FUNCTION undo.note_session_start() RETURNS bigint
+LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-BEGIN
-    RETURN u::jsonb::text;
-EXCEPTION WHEN others THEN
-    RETURN to_json(u)::text;
-END
+    SELECT setval('undo.session_start',
+                  coalesce((extract(epoch FROM a.backend_start) * 1000000)::bigint, 0))
+      FROM pg_stat_get_activity(pg_backend_pid()) a
 $fn$;
+REVOKE ALL ON FUNCTION undo.note_session_start() FROM PUBLIC;
 
--- The statement trigger's function: runs as the caller and emits one transactional message per
--- transaction: HMAC || session part || newline || transaction part (application_name, the full
--- 64-bit xid, the top-level statement and, for an undo, what it undid), the HMAC under the
--- session's key. The xid binds it to its transaction: capture refuses a tag whose xid is not
--- the transaction's (replayed). undo.tagged is transaction-local, so it is rolled back with a
--- savepoint that held the tag, and the tag is emitted again. A session that sets undo.tagged
--- itself erases its tag: capture records its writes as untrusted, reason missing.
--- Cost, per transaction (bench/capture, README): every expression of a PL/pgSQL function is
--- prepared again in each transaction, so the function is kept to few of them; and the trigger
--- has no WHEN clause, which PostgreSQL parses again for every statement: the first check
--- below does its job for less.
-CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
+-- The session part of a signed message, as JSON fields: pid, backend start (µs), user (the
+-- session's login role), client address and port; all from the server. Capture derives the
+-- session id from them: the %c of log_line_prefix, to_hex(seconds of backend_start) || '.' ||
+-- to_hex(pid), the string the server log shows. undo.tag() builds the same inline.
+CREATE OR REPLACE FUNCTION undo.session_fields() RETURNS text
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    s text;
-    msg text;
-    g record;
+    v bigint;
 BEGIN
-    IF pg_catalog.current_setting('undo.tagged', true) = '1' THEN
-        RETURN NULL;  -- tagged already by an earlier statement of this transaction
+    BEGIN
+        v := currval('undo.session_start');
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        v := undo.note_session_start();
+    END;
+    RETURN concat('"pid":', pg_backend_pid(),
+                  ',"backend_start":', CASE WHEN v > 0 THEN v::text ELSE 'null' END,
+                  ',"user":', to_json(session_user::text),
+                  ',"client_addr":', coalesce(to_json(host(inet_client_addr()))::text, 'null'),
+                  ',"client_port":', coalesce(inet_client_port()::text, 'null'));
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.session_fields() FROM PUBLIC;
+
+-- prefix's message with this payload, signed: hex(HMAC(master key, prefix || LF || payload)) ||
+-- payload. Owner-run code only (DDL records, refusals, the ledger): it signs what it is given.
+CREATE OR REPLACE FUNCTION undo.sign(prefix text, payload text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT encode(sha256(s.opad || sha256(s.ipad || convert_to(prefix || E'\n' || payload, 'UTF8'))),
+                  'hex') || payload
+      FROM undo.secret s
+$fn$;
+REVOKE ALL ON FUNCTION undo.sign(text, text) FROM PUBLIC;
+
+-- What an undo in progress says it undoes, as JSON text: undo.undoing, set by `undo session
+-- --apply` (and its printed script) in the undo's own transaction as its transaction_timestamp(),
+-- a space and the JSON; x is the tagged transaction's. A value set otherwise (for the session,
+-- or in another transaction) is no claim: NULL. A value that is not JSON becomes a JSON string,
+-- so a tag always parses. STRICT: not called at all when the setting was never set in the
+-- session. Called by undo.tag() as undo's owner, with the caller's search_path: every name is
+-- qualified.
+DROP FUNCTION IF EXISTS undo.undoing_json(text);
+CREATE OR REPLACE FUNCTION undo.undoing_json(u text, x text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT
+AS $fn$
+BEGIN
+    IF NOT pg_catalog.starts_with(u, pg_catalog.concat(x, ' ')) THEN
+        RETURN NULL;
     END IF;
-    s := pg_catalog.current_setting('undo.session', true);
-    IF s IS NULL OR pg_catalog.substr(s, 257, 1) IS DISTINCT FROM '{' THEN  -- none yet, or older
-        s := undo.session_tag();
+    u := pg_catalog.substr(u, pg_catalog.length(x) OPERATOR(pg_catalog.+) 2);
+    RETURN u::pg_catalog.jsonb::pg_catalog.text;
+EXCEPTION WHEN others THEN
+    RETURN pg_catalog.to_json(u)::pg_catalog.text;
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.undoing_json(text, text) FROM PUBLIC;
+
+-- The statement trigger's function, on every audited table. SECURITY DEFINER, so that it signs
+-- as undo's owner (reading undo.secret); no SET clause (PostgreSQL saves and restores settings
+-- around every call of a function that has one: tens of µs a call), so it runs with the
+-- caller's search_path, and every name in it is schema-qualified: functions, types, and
+-- operators as OPERATOR(pg_catalog.x) (a role's own ms.= or ms.~~ first on its path is never
+-- used). EXECUTE is revoked from PUBLIC: a table owner cannot attach it to a table of hers
+-- (PostgreSQL checks EXECUTE when a trigger is made, not when it fires); the triggers init made
+-- fire for every role.
+--
+-- Per statement, it reads two transaction-local settings:
+--   undo.stmt   the statement_timestamp() of the top-level statement marked last: a statement
+--               writing to several audited tables (or a cascade) is marked once;
+--   undo.tagged the transaction_timestamp() of the transaction once it is tagged.
+-- The transaction's first writing statement emits the tag: one transactional message (prefix
+-- undo), signed, with the session part, application_name (the session's own claim), the xid,
+-- current_query() (the top-level statement) and, for an undo, what it undoes. Each later
+-- statement emits a marker (prefix undo.stmt, unsigned: its text), so that every change carries
+-- the statement that made it; capture accepts markers only inside a transaction whose tag it
+-- trusts. Both settings are set with is_local, so a rolled-back savepoint rolls them back with
+-- the messages it held, and the next statement emits them again. Code in the session can write
+-- them: it can erase its own transaction's tag (its writes are stored untagged, 'missing') or
+-- have a marker emitted twice, never make another's writes trusted; a value set for the session
+-- (by a table owner's trigger running in it, say) matches no later statement or transaction: it
+-- would have to guess their start to the µs (an xid can be guessed).
+-- A guarded application may not write (003_guard.sql): undo.guarded() is generated from the
+-- guards (a constant NULL with none), and undo.refuse() records the attempt and fails.
+-- Cost, per transaction (bench/tag, README): every expression of a PL/pgSQL function is
+-- prepared again in each transaction, so the function is kept to few of them; and the trigger
+-- has no WHEN clause, which PostgreSQL parses again for every statement.
+CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+AS $fn$
+DECLARE
+    t pg_catalog.text := pg_catalog.statement_timestamp()::pg_catalog.text;
+    x pg_catalog.text;
+    v pg_catalog.int8;
+    g pg_catalog.text;
+    m pg_catalog.text;
+    ip pg_catalog.bytea;
+    op pg_catalog.bytea;
+BEGIN
+    IF pg_catalog.current_setting('undo.stmt', true) OPERATOR(pg_catalog.=) t THEN
+        RETURN NULL;  -- this statement is marked already
     END IF;
-    -- A guarded application may not write (003_guard.sql): the transaction fails, and the
-    -- attempt is recorded by a non-transactional message (it outlives the rollback), signed
-    -- as a tag is, with the guard and the time.
-    SELECT gd.pattern, gd.reason INTO g FROM undo.guards gd
-     WHERE pg_catalog.current_setting('application_name') LIKE gd.like_pattern
-     ORDER BY gd.pattern LIMIT 1;
-    IF FOUND THEN
-        msg := pg_catalog.substr(s, 257)
-            || E'\n{"application_name":' || pg_catalog.to_json(pg_catalog.current_setting('application_name'))::text
-            || ',"xid":' || pg_catalog.pg_current_xact_id()::text
-            || ',"statement":' || coalesce(pg_catalog.to_json(pg_catalog.current_query())::text, 'null')
-            || ',"guard":' || pg_catalog.to_json(g.pattern)::text
-            || ',"reason":' || coalesce(pg_catalog.to_json(g.reason)::text, 'null')
-            || ',"at":' || pg_catalog.to_json(pg_catalog.to_char(pg_catalog.clock_timestamp()
-                   AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))::text || '}';
-        PERFORM pg_catalog.pg_logical_emit_message(false, 'undo.guard',
-                    pg_catalog.encode(pg_catalog.sha256(
-                        pg_catalog.decode(pg_catalog.substr(s, 129, 128), 'hex') || pg_catalog.sha256(
-                            pg_catalog.decode(pg_catalog.substr(s, 1, 128), 'hex')
-                            || pg_catalog.convert_to(msg, 'UTF8'))), 'hex') || msg);
-        RAISE EXCEPTION USING ERRCODE = 'read_only_sql_transaction',
-            MESSAGE = pg_catalog.format('undo guard %s: application %s may not write to %s%s',
-                          g.pattern, pg_catalog.current_setting('application_name'),
-                          TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
-                          coalesce(' (' || g.reason || ')', '')),
-            HINT = 'nothing this transaction did is kept; if the write is intended, remove the'
-                   ' guard: undo guard remove ' || g.pattern;
+    x := pg_catalog.transaction_timestamp()::pg_catalog.text;
+    IF pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=) x THEN
+        -- an assignment, not PERFORM: PL/pgSQL evaluates a one-expression assignment without
+        -- the executor (PERFORM always runs a query: several µs more per statement)
+        m := pg_catalog.concat(pg_catalog.pg_logical_emit_message(true, 'undo.stmt',
+                                   coalesce(pg_catalog.current_query(), '')),
+                               pg_catalog.set_config('undo.stmt', t, true));
+        RETURN NULL;
     END IF;
-    PERFORM pg_catalog.pg_logical_emit_message(true, 'undo',
-                pg_catalog.encode(pg_catalog.sha256(
-                    pg_catalog.decode(pg_catalog.substr(s, 129, 128), 'hex') || pg_catalog.sha256(
-                        pg_catalog.decode(pg_catalog.substr(s, 1, 128), 'hex')
-                        || pg_catalog.convert_to(m, 'UTF8'))), 'hex') || m),
-            pg_catalog.set_config('undo.tagged', '1', true)
-      FROM (SELECT pg_catalog.substr(s, 257)
-                   || E'\n{"application_name":'
-                   || pg_catalog.to_json(pg_catalog.current_setting('application_name'))::text
-                   || ',"xid":' || pg_catalog.pg_current_xact_id()::text
-                   || ',"statement":'
-                   || coalesce(pg_catalog.to_json(pg_catalog.current_query())::text, 'null')
-                   || ',"undo":' || coalesce(undo.undoing_json(
-                          nullif(pg_catalog.current_setting('undo.undoing', true), '')), 'null')
-                   || '}' AS m) tag;
+    -- the transaction's first tagged statement
+    BEGIN
+        v := pg_catalog.currval('undo.session_start'::pg_catalog.regclass);
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        v := undo.note_session_start();
+    END;
+    g := undo.guarded(pg_catalog.current_setting('application_name'));
+    IF g IS NOT NULL THEN
+        PERFORM undo.refuse(g, TG_RELID);
+    END IF;
+    SELECT s.ipad, s.opad INTO ip, op FROM undo.secret s;  -- the one query
+    m := pg_catalog.concat(
+        '{"pid":', pg_catalog.pg_backend_pid(),
+        ',"backend_start":', CASE WHEN v OPERATOR(pg_catalog.>) 0 THEN v::pg_catalog.text
+                                  ELSE 'null' END,
+        ',"user":', pg_catalog.to_json(SESSION_USER::pg_catalog.text),
+        ',"client_addr":', coalesce(pg_catalog.to_json(pg_catalog.host(
+            pg_catalog.inet_client_addr()))::pg_catalog.text, 'null'),
+        ',"client_port":', coalesce(pg_catalog.inet_client_port()::pg_catalog.text, 'null'),
+        ',"application_name":', pg_catalog.to_json(pg_catalog.current_setting('application_name')),
+        ',"xid":', pg_catalog.pg_current_xact_id(),
+        ',"statement":', coalesce(
+            pg_catalog.to_json(pg_catalog.current_query())::pg_catalog.text, 'null'),
+        ',"undo":', coalesce(undo.undoing_json(
+            pg_catalog.current_setting('undo.undoing', true), x), 'null'),
+        '}');
+    m := pg_catalog.concat(
+        pg_catalog.pg_logical_emit_message(true, 'undo', pg_catalog.concat(
+            pg_catalog.encode(pg_catalog.sha256(pg_catalog.byteacat(op, pg_catalog.sha256(
+                pg_catalog.byteacat(ip, pg_catalog.convert_to(pg_catalog.concat(E'undo\n', m),
+                                                              'UTF8'))))), 'hex'),
+            m)),
+        pg_catalog.set_config('undo.tagged', x, true),
+        pg_catalog.set_config('undo.stmt', t, true));
     RETURN NULL;
 END
 $fn$;
+REVOKE ALL ON FUNCTION undo.tag() FROM PUBLIC;
 
 -- The tables under a table (INHERIT, partitions, at every level), and the tables it is under.
 CREATE OR REPLACE FUNCTION undo.descendants(rel oid) RETURNS SETOF oid

@@ -13,37 +13,19 @@
 -- tables, capture learns from a DROP that a table it looked up by that name was another one.
 -- Idempotent, like 001.
 
--- body ({"ddl": [...], "state": [...]}) goes as text, "signed", with "mac": HMAC-SHA256 under the
--- master key of the full xid, a newline and that text. Only undo.on_ddl (SECURITY DEFINER, as
--- the key's owner) can make it: a session can sign a record of its own session with its session
--- key (undo.session holds it), so that signature says who, never that undo made the record.
--- Capture acts on commands and states (gaps) only under both.
+-- One DDL record: signed by undo's owner (undo.sign, 001) over the session part (from the
+-- server, undo.session_fields), application_name, the xid, the statement and what the event
+-- trigger found; never from a setting the session can write.
 CREATE OR REPLACE FUNCTION undo.emit_ddl(body jsonb) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    s text := current_setting('undo.session', true);
-    xid text := pg_current_xact_id()::text;
-    signed text := body::text;
-    sec record;
-    msg text;
 BEGIN
-    IF s IS NULL OR substr(s, 257, 1) IS DISTINCT FROM '{' THEN
-        s := undo.session_tag();
-    END IF;
-    SELECT k.ipad, k.opad INTO sec FROM undo.secret k;
-    msg := substr(s, 257) || E'\n' || jsonb_build_object(
-               'application_name', current_setting('application_name'),
-               'xid', xid::bigint,
-               'statement', current_query(),
-               'signed', signed,
-               'mac', encode(sha256(sec.opad || sha256(sec.ipad
-                                    || convert_to(xid || E'\n' || signed, 'UTF8'))), 'hex'))::text;
-    PERFORM pg_logical_emit_message(true, 'undo.ddl',
-        encode(sha256(decode(substr(s, 129, 128), 'hex')
-                      || sha256(decode(substr(s, 1, 128), 'hex') || convert_to(msg, 'UTF8'))),
-               'hex') || msg);
+    PERFORM pg_logical_emit_message(true, 'undo.ddl', undo.sign('undo.ddl', concat(
+        '{', undo.session_fields(), ',', substr((jsonb_build_object(
+            'application_name', current_setting('application_name'),
+            'xid', pg_current_xact_id()::text::bigint,
+            'statement', current_query()) || body)::text, 2))));
 END
 $fn$;
 REVOKE ALL ON FUNCTION undo.emit_ddl(jsonb) FROM PUBLIC;

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -88,11 +87,21 @@ def test_untagged_writes_are_stored_without_session(source):
     assert [(r[0], r[2]) for r in _changes(source)] == [(None, "none")]
 
 
+def _tags(src, slot):
+    """The signed tags a test_decoding slot has seen, in order."""
+    rows = src.sql("SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL)", (slot,))
+    head = "message: transactional: 1 prefix: undo, sz: "
+    return [d.partition(" content:")[2].encode() for (d,) in rows if d.startswith(head)]
+
+
 def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(source):
     """An unprivileged role that owns nothing of undo tries every way to write under another
-    session's name or under none: each lands as its own untrusted (or untagged) row, with why."""
+    session's name or under none: each lands as its own untrusted (or untagged) row, with why.
+    Nothing in her session signs: she can only make up a MAC, or replay a tag undo signed."""
     source.sql("CREATE TABLE t (id int PRIMARY KEY)")
     source.init()
+    peek = "peek_" + source.slot  # the stream, as a replica or a backup of it holds it
+    source.sql("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (peek,))
     role = f"mallory_{source.dbname}"
     source.sql(f"CREATE ROLE {role} LOGIN; GRANT ALL ON t TO {role}")
     victim = source.connect(application_name="cron")
@@ -102,35 +111,25 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
     with psycopg.connect(**params, autocommit=True) as c:
         c.execute("INSERT INTO t VALUES (1)")  # mallory's own tag: genuine
         mallory = session_id(c)
-        # what her session may read: its cached session part with its own key's pads, enough
-        # to sign tags of her own session, never of another
-        cache = c.execute("SELECT current_setting('undo.session')").fetchone()[0]
-        ipad, opad, fragment = (
-            bytes.fromhex(cache[:128]),
-            bytes.fromhex(cache[128:256]),
-            cache[256:],
-        )
-
-        def signed(head, xid):
-            msg = (head + "\n" + json.dumps({"application_name": "cron", "xid": xid})).encode()
-            inner = hashlib.sha256(ipad + msg).digest()
-            return hashlib.sha256(opad + inner).hexdigest() + msg.decode()
-
-        claim = json.dumps({**json.loads(fragment), "session_id": victim_sid})
+        victims_tag, her_tag = _tags(source, peek)  # genuine tags, from the stream
+        claim = {**json.loads(victims_tag[64:]), "application_name": "cron"}
 
         def emitting(value, message):
-            with c.transaction():
-                c.execute("SET LOCAL undo.tagged = '1'")  # silence the real tag
+            with c.transaction():  # silence the real tag
+                c.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
                 if message is not None:
                     xid = c.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
                     c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", (message(xid),))
                 c.execute("INSERT INTO t VALUES (%s)", (value,))
 
-        emitting(10, lambda xid: "0" * 64 + claim + "\n{}")  # forged: a made-up HMAC
-        emitting(11, lambda xid: signed(claim, xid))  # her own key on the victim's session part
-        emitting(12, lambda xid: signed(fragment, xid - 1))  # replayed: another transaction's
-        c.execute("SELECT set_config('undo.session', %s, false)", (cache[:256] + claim,))
-        c.execute("INSERT INTO t VALUES (13)")  # a poisoned session cache
+        made_up = json.dumps({**claim, "xid": 0}).encode()
+        emitting(10, lambda xid: b"0" * 64 + made_up)  # forged: a made-up HMAC
+        emitting(11, lambda xid: victims_tag)  # replayed: the victim's own, another xid
+        emitting(12, lambda xid: her_tag)  # replayed: her own earlier one
+        changed = victims_tag[:64] + json.dumps({**claim, "xid": 0}).encode()
+        emitting(13, lambda xid: changed)  # a genuine MAC over another payload: forged
+        c.execute("SET undo.session = '0'")  # the session cache of before: means nothing now
+        c.execute("INSERT INTO t VALUES (16)")
         c.execute("RESET undo.session")
         emitting(14, None)  # erased: no tag at all
         emitting(15, lambda xid: "not a tag")  # malformed
@@ -144,9 +143,10 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
         ("0", victim_sid, "trusted", None),
         ("1", mallory, "trusted", None),
         ("10", victim_sid, "untrusted", "forged"),
-        ("11", victim_sid, "untrusted", "forged"),
+        ("11", victim_sid, "untrusted", "replayed"),
         ("12", mallory, "untrusted", "replayed"),
         ("13", victim_sid, "untrusted", "forged"),
+        ("16", mallory, "trusted", None),
         ("14", None, "none", "missing"),
         ("15", None, "untrusted", "malformed"),
     ]
@@ -163,7 +163,8 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
         if r["session_id"] == victim_sid
     ) == [
         (victim_sid, "trusted", None, 1),
-        (victim_sid, "untrusted", "forged", 3),
+        (victim_sid, "untrusted", "forged", 2),
+        (victim_sid, "untrusted", "replayed", 1),
     ]  # the forged transactions are their own row, never counted as the victim's
     by_session = json.loads(source.undo_cli("activity", "--by", "session", "--json").stdout)
     counted = {}
@@ -171,7 +172,7 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
         counted[r["session"]] = counted.get(r["session"], 0) + r["inserts"]
     assert counted[victim_sid] == 1 and counted[f"untrusted:{victim_sid}"] == 3
     status = json.loads(source.undo_cli("status", "--json").stdout)
-    assert status["untrusted_writes"] == {"forged": 3, "malformed": 1, "missing": 1, "replayed": 1}
+    assert status["untrusted_writes"] == {"forged": 2, "malformed": 1, "missing": 1, "replayed": 2}
 
 
 def test_show_counts_a_session_without_the_forged_transactions_that_claim_it(source):
@@ -187,17 +188,19 @@ def test_show_counts_a_session_without_the_forged_transactions_that_claim_it(sou
     with source.connect(application_name="cron") as victim:
         victim.execute("INSERT INTO t VALUES (0)")  # the session's one trusted change
         victim_sid = session_id(victim)
+        ((pid, start),) = source.sql(
+            "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::bigint"
+            " FROM pg_stat_activity WHERE pid = %s",
+            (victim.info.backend_pid,),
+        )
     params = dict(psycopg.conninfo.conninfo_to_dict(source.dsn), user=role)
     with psycopg.connect(**params, autocommit=True, application_name="cron") as c:
-        c.execute("INSERT INTO t VALUES (1)")  # her own session, which fills her cache
-        fragment = c.execute("SELECT current_setting('undo.session')").fetchone()[0][256:]
-        claim = json.dumps({**json.loads(fragment), "session_id": victim_sid})
+        c.execute("INSERT INTO t VALUES (1)")  # her own session
+        claim = json.dumps({"pid": pid, "backend_start": start, "user": role, "xid": 0})
         for value in (10, 11, 12):
-            with c.transaction():
-                c.execute("SET LOCAL undo.tagged = '1'")  # silence the real tag
-                c.execute(
-                    "SELECT pg_logical_emit_message(true, 'undo', %s)", ("0" * 64 + claim + "\n{}",)
-                )
+            with c.transaction():  # silence the real tag
+                c.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
+                c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", ("0" * 64 + claim,))
                 c.execute("INSERT INTO t VALUES (%s)", (value,))
     source.capture()
 

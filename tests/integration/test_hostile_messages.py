@@ -32,7 +32,8 @@ def _emit(conn, transactional, prefix, content, then_write=None):
     """Emit one message (text or bytes) and, in the same transaction, write a row."""
     with conn.transaction():
         if then_write is not None:
-            conn.execute("SET LOCAL undo.tagged = '1'")  # no real tag: the message is the tag
+            # no real tag: the message is the tag
+            conn.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
         conn.execute("SELECT pg_logical_emit_message(%s, %s, %s)", (transactional, prefix, content))
         if then_write is not None:
             conn.execute("INSERT INTO t VALUES (%s)", (then_write,))

@@ -39,8 +39,15 @@ _json = st.recursive(
 )
 
 
-def sign(session: object, body: object, key: bytes = KEY) -> bytes:
-    """A message as undo's SQL signs it, under the session key derived from ``key``."""
+def sign(prefix: str, doc: object, key: bytes = KEY) -> bytes:
+    """A message as undo's SQL signs it: HMAC(master key, prefix LF payload) in hex, payload."""
+    payload = json.dumps(doc).encode()
+    mac = hmac.new(key, prefix.encode() + b"\n" + payload, hashlib.sha256).hexdigest()
+    return mac.encode() + payload
+
+
+def legacy(session: object, body: object, key: bytes = KEY) -> bytes:
+    """A message as undo signed it before: under the session's key, session JSON LF body."""
     head = json.dumps(session).encode()
     msg = head + b"\n" + json.dumps(body).encode()
     session_key = hmac.new(key, head, hashlib.sha256).digest()
@@ -54,27 +61,42 @@ def test_any_bytes_are_read_without_raising(prefix, content):
     assert signed.untrusted in ("malformed", "forged")
 
 
+SESSION = {"pid": 0x9D7, "backend_start": 0x6B071524 * 10**6 + 5, "user": "u"}
+
+
 def test_a_good_tag_is_trusted_and_its_fields_kept():
-    session = {"session_id": "6b0.1", "pid": 1, "user": "u"}
-    signed = messages.read_signed(
-        "undo", sign(session, {"application_name": "cron", "xid": 2**32 + 7}), KEY, 7
-    )
+    tag = {**SESSION, "application_name": "cron", "xid": 2**32 + 7}
+    signed = messages.read_signed("undo", sign("undo", tag), KEY, 7)
     assert signed.untrusted is None and signed.problem is None
-    assert signed.fields["application_name"] == "cron" and signed.session["session_id"] == "6b0.1"
-    replayed = messages.read_signed("undo", sign(session, {"xid": 8}), KEY, 7)
+    assert signed.fields["application_name"] == "cron"
+    assert signed.session["session_id"] == "6b071524.9d7"
+    assert signed.session["backend_start"] == "2026-11-25T17:04:36.000005Z"
+    replayed = messages.read_signed("undo", sign("undo", {**tag, "xid": 8}), KEY, 7)
     assert replayed.untrusted == "replayed"
-    forged = messages.read_signed("undo", sign(session, {"xid": 7}, key=b"x"), KEY, 7)
-    assert forged.untrusted == "forged"
+    forged = messages.read_signed("undo", sign("undo", tag, key=b"x"), KEY, 7)
+    assert forged.untrusted == "forged" and forged.session["session_id"] == "6b071524.9d7"
+    # signed as another kind of message: never this one
+    other = messages.read_signed("undo", sign("undo.ddl", tag), KEY, 7)
+    assert other.untrusted == "forged"
+
+
+def test_a_tag_signed_the_way_before_is_forged():
+    """Tags of the format before were signed under a key any code in the session could read:
+    what they claim is kept, never trusted."""
+    old = legacy({"session_id": "6b0.1", "pid": 1}, {"application_name": "cron", "xid": 7})
+    signed = messages.read_signed("undo", old, KEY, 7)
+    assert signed.untrusted == "forged" and signed.problem is None
+    assert signed.session["session_id"] == "6b0.1" and signed.fields["application_name"] == "cron"
 
 
 def test_a_field_of_the_wrong_type_is_malformed_even_when_signed():
-    """A role can read its own session's key today (#23): a good HMAC says nothing of types."""
+    """A good HMAC says nothing of types: every field is checked."""
     signed = messages.read_signed(
-        "undo", sign({"session_id": "6b0.1"}, {"application_name": ["x"], "xid": 7}), KEY, 7
+        "undo", sign("undo", {**SESSION, "application_name": ["x"], "xid": 7}), KEY, 7
     )
     assert signed.untrusted == "malformed"
     assert signed.problem == "message.application_name: expected a string, got list"
-    assert signed.fields == {} and signed.claimed_session == "6b0.1"
+    assert signed.fields == {} and signed.claimed_session == "6b071524.9d7"
 
 
 @settings(
@@ -82,11 +104,15 @@ def test_a_field_of_the_wrong_type_is_malformed_even_when_signed():
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-@given(st.sampled_from(SIGNED), _json, _json, st.booleans())
-def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, trusted_key):
-    """Signed with the right key or not, any JSON in the two parts: either it is malformed, or
-    the writer stores it (tag, DDL record or refusal) without an error."""
-    content = sign(session, body, KEY if trusted_key else b"other")
+@given(st.sampled_from(SIGNED), _json, _json, st.sampled_from(["good", "other", "legacy"]))
+def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, how):
+    """Signed with the right key or not, or the way before, any JSON: either it is malformed,
+    or the writer stores it (tag, DDL record or refusal) without an error."""
+    if how == "legacy":
+        content = legacy(session, body)
+    else:
+        doc = {**session, **body} if isinstance(session, dict) and isinstance(body, dict) else body
+        content = sign(prefix, doc, KEY if how == "good" else b"other")
     signed = messages.read_signed(prefix, content, KEY, 7)
     with tempfile.TemporaryDirectory() as tmp:
         db = open_store(os.path.join(tmp, "s.db"), create=True)

@@ -362,10 +362,16 @@ def _statements(txns: list[dict[str, Any]], expand: bool) -> Iterator[str]:
             f"  {t['user'] or ''}  tag {words.tag(t['tag'], t.get('tag_reason'))}"
             f"  {ops(t['changes'])}"
         )
-        first, *rest = (t["statement"] or "").splitlines() or [""]
-        yield f"  statement: {first}"
-        for line in rest:
-            yield f"             {line}"
+        # the transaction's first statement, then each later one that changed rows
+        said = [t["statement"]]
+        for c in t["changes"]:
+            if c.get("statement") is not None and c["statement"] not in said:
+                said.append(c["statement"])
+        for statement in said:
+            first, *rest = (statement or "").splitlines() or [""]
+            yield f"  statement: {first}"
+            for line in rest:
+                yield f"             {line}"
 
 
 def _transactions(
@@ -384,10 +390,14 @@ def _transactions(
         if not expand:
             yield (f"xid {t['xid']}  {second(t['commit_time'])}")
         records = []
+        statement = t["statement"]
         for c in t["changes"]:
             if limit is not None and shown[0] >= limit:
                 break
             shown[0] += 1
+            if not expand and c.get("statement", statement) != statement:
+                statement = c["statement"]  # a later statement's changes
+                yield f"  statement: {(statement or '').splitlines()[0] if statement else ''}"
             if expand:
                 records.append(
                     {

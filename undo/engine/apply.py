@@ -626,7 +626,6 @@ def _settings(
     pairs = [("lock_timeout", lock_timeout), ("statement_timeout", statement_timeout)]
     pairs += list(pg.PINNED_SETTINGS.items())
     pairs.append(("work_mem", WORK_MEM))
-    pairs.append(("undo.undoing", json.dumps(target.describe(), separators=(",", ":"))))
     if not fire_triggers:
         pairs.append(("session_replication_role", "replica"))
     # SET LOCAL, which is set_config(k, v, true) with no result row for psql to print
@@ -634,6 +633,16 @@ def _settings(
         sql.SQL("SET LOCAL {} = {}").format(sql.Identifier(*k.split(".")), sql.Literal(v))
         for k, v in pairs
     ]
+
+
+def _undoing(target: Target) -> sql.Composed:
+    """What the undo undoes, for its tag: stamped with the transaction's start, so that
+    undo.tag() takes it for this transaction only (a value other code set for the session is
+    no claim). One row, which the printed script keeps in a psql variable."""
+    return sql.SQL(
+        "SELECT set_config('undo.undoing', transaction_timestamp()::text || ' ' || {}, true)"
+        " AS undo_undoing"
+    ).format(sql.Literal(json.dumps(target.describe(), separators=(",", ":"))))
 
 
 def _ledger_call(plan: Plan) -> sql.Composed:
@@ -858,6 +867,7 @@ def _apply(
     try:
         for q in settings_sql:
             conn.execute(q)
+        conn.execute(_undoing(plan.target))
     except psycopg.errors.InsufficientPrivilege:
         conn.rollback()
         user = conn.info.user
@@ -966,6 +976,7 @@ def _print(
     printer = _Printer(out, conn, db, report, on_conflict, checked)
     for q in settings_sql:
         printer.statement(q)
+    printer.kept(_undoing(plan.target))
     printer.statement(sql.SQL(_FAIL_FUNCTION))
     try:
         _run(printer, conn, db, plan, tables, fire_triggers, None)

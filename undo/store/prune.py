@@ -67,6 +67,7 @@ def _delete(db: Database, before: str, victims: list[tuple[int, int, int]]) -> i
             cur = db.execute("DELETE FROM changes WHERE id BETWEEN ? AND ?", [first, last])
             changes += cur.rowcount
         db.execute("DELETE FROM txn_changes WHERE txn IN (SELECT value FROM json_each(?))", [ids])
+        db.execute("DELETE FROM statements WHERE txn IN (SELECT value FROM json_each(?))", [ids])
         db.execute("DELETE FROM transactions WHERE id IN (SELECT value FROM json_each(?))", [ids])
         # undo table --to refuses times before it
         db.execute(

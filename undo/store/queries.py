@@ -207,14 +207,22 @@ def transactions_by_xid(db: Database, xids: list[int]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["commit_lsn"])
 
 
+#: a change ``c``'s statement, in a query that has its transaction as ``t``: the statement that
+#: made it (statements, m013), or the transaction's first
+STATEMENT_OF_CHANGE = (
+    "coalesce((SELECT s.statement FROM statements s WHERE s.txn = c.txn AND s.first_ord <= c.ord"
+    " ORDER BY s.first_ord DESC LIMIT 1), t.statement) AS statement"
+)
+
+
 def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> list[dict[str, Any]]:
     """One page of a set of transactions' changes, in commit order."""
     out: list[dict[str, Any]] = []
     for r in _rows(
         db,
-        "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
-        " r.table_name, r.columns, r.key_columns FROM changes c"
-        " JOIN relations r ON r.id = c.relation"
+        "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"  # noqa: S608
+        " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM changes c"
+        " JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = c.txn"
         " WHERE c.id IN (SELECT c2.id FROM transactions t JOIN changes c2"
         "   ON c2.id BETWEEN t.first_change AND t.last_change"
         "   WHERE t.id IN (SELECT value FROM json_each(?)) ORDER BY c2.id LIMIT ? OFFSET ?)"
@@ -237,6 +245,7 @@ def _change(r: dict[str, Any]) -> dict[str, Any]:
         "key_columns": [cols[i] for i in json.loads(r["key_columns"])]
         if r.get("key_columns")
         else None,
+        "statement": r.get("statement"),
         "old": old,
         "new": new,
     }
@@ -254,8 +263,8 @@ def changes_of(db: Database, txn_ids: list[int]) -> list[dict[str, Any]]:
             for r in _rows(
                 db,
                 "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
-                " r.table_name, r.columns, r.key_columns FROM changes c"
-                " JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = ?"
+                " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM"
+                " changes c JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = ?"
                 " WHERE c.id BETWEEN t.first_change AND t.last_change ORDER BY c.id",
                 [txn],
             )
@@ -482,8 +491,9 @@ def history(
         for r in _rows(
             db,
             "SELECT c.op, c.old, c.new, c.unchanged, t.xid, t.commit_time, t.session_id,"  # noqa: S608
-            " t.application_name, t.user_name, t.statement, t.undo_of, t.tag, t.commit_lsn,"
-            " c.ord FROM changes c JOIN transactions t ON t.id = c.txn WHERE " + where,
+            " t.application_name, t.user_name, " + STATEMENT_OF_CHANGE + ", t.undo_of, t.tag,"
+            " t.commit_lsn, c.ord FROM changes c JOIN transactions t ON t.id = c.txn WHERE "
+            + where,
             params,
         ):
             old, new = shown_images(cols, r["old"], r["new"], r["unchanged"])

@@ -346,6 +346,38 @@ def m012_relation_roots(db: Database) -> None:
     )
 
 
+@migrations()
+def m013_statements(db: Database) -> None:
+    """statements: where a trusted transaction's changes were made by a later statement than
+    its first (transactions.statement), one row from the first change each such statement made
+    (``first_ord``: its ``changes.ord``); a change's statement is the row with the greatest
+    ``first_ord`` not past its own, else the transaction's. ``change_log`` gives it per change.
+    guard_refusals gains the refusal's nonce: a trusted refusal is stored once."""
+    db.executescript(
+        """
+        CREATE TABLE statements (
+            txn INTEGER NOT NULL REFERENCES transactions (id),
+            first_ord INTEGER NOT NULL,
+            statement TEXT,
+            PRIMARY KEY (txn, first_ord)
+        ) WITHOUT ROWID;
+        ALTER TABLE guard_refusals ADD COLUMN nonce TEXT;
+        CREATE UNIQUE INDEX guard_refusals_nonce ON guard_refusals (nonce)
+            WHERE tag = 'trusted';
+        DROP VIEW IF EXISTS change_log;
+        CREATE VIEW change_log AS
+            SELECT c.id, t.xid, t.commit_time, t.session_id, t.application_name, t.user_name,
+                   r.schema_name, r.table_name, c.op, c.key, r.columns, c.old, c.new, c.unchanged,
+                   coalesce((SELECT s.statement FROM statements s
+                              WHERE s.txn = t.id AND s.first_ord <= c.ord
+                              ORDER BY s.first_ord DESC LIMIT 1), t.statement) AS statement
+              FROM transactions t
+              JOIN changes c ON c.id BETWEEN t.first_change AND t.last_change
+              JOIN relations r ON r.id = c.relation;
+        """
+    )
+
+
 PAGE_SIZE = 8192
 
 # SQLite's primary result codes (sqlite3.h). Python 3.11's sqlite3 gives an error's extended

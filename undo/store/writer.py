@@ -71,6 +71,7 @@ class _Txn:
         "malformed",
         "ord",
         "reason",
+        "statements",
         "tag",
         "trusted",
         "without_old",
@@ -98,6 +99,9 @@ class _Txn:
         #: undo's messages in it that were not what undo's SQL writes: (lsn, prefix, session
         #: id claimed, what was wrong, content)
         self.malformed: list[tuple[int, str, str | None, str, bytes]] = []
+        #: the statements of its changes, in order: [ord of the first change it made, text]
+        #: (markers and trusted tags; kept only if the transaction's tag is trusted)
+        self.statements: list[list[Any]] = []
 
 
 class StoreWriter:
@@ -252,6 +256,33 @@ class StoreWriter:
         assert txn is not None
         if txn.tag is None or not txn.trusted:
             txn.tag, txn.trusted, txn.reason = tag, untrusted is None, untrusted
+        if untrusted is None:  # a statement of its own, like a marker
+            self.add_statement(tag.get("statement"))
+
+    def add_statement(self, statement: str | None) -> None:
+        """The statement of the transaction's changes from here on (a marker, undo.stmt)."""
+        txn = self.txn
+        assert txn is not None
+        marks = txn.statements
+        if marks and marks[-1][0] == txn.ord + 1:  # the one before made no change
+            marks[-1][1] = statement
+        else:
+            marks.append([txn.ord + 1, statement])
+
+    def _write_statements(self, txn: _Txn, first: str | None) -> None:
+        """Where the statement of a trusted transaction's changes is not its first one
+        (``first``, in transactions.statement): one row from each change that starts another."""
+        rows, current = [], first
+        for ord_, statement in txn.statements:
+            if ord_ > txn.ord:
+                break  # no change after it
+            if statement != current:
+                rows.append((txn.id, ord_, statement))
+                current = statement
+        if rows:
+            self.conn.executemany(
+                "INSERT INTO statements (txn, first_ord, statement) VALUES (?, ?, ?)", rows
+            )
 
     def add_ddl(
         self, doc: dict[str, Any], untrusted: str | None, problems: Sequence[tuple[str, str]] = ()
@@ -410,13 +441,24 @@ class StoreWriter:
 
     def add_refusal(self, lsn: int, tag: dict[str, Any], untrusted: str | None) -> None:
         """A write a guard refused (a non-transactional message, outside any transaction):
-        stored with the batch; sent again after a restart, it is the same row (its LSN)."""
+        stored with the batch; sent again after a restart, it is the same row (its LSN). A
+        trusted refusal's nonce is stored once: the same refusal emitted again (another LSN)
+        is stored untrusted, 'replayed'."""
         self._open_batch()
         session: dict[str, Any] = tag.get("session") or {}
+        nonce = tag.get("nonce")
+        if untrusted is None and (
+            nonce is None
+            or self.conn.execute(
+                "SELECT 1 FROM guard_refusals WHERE nonce = ? AND tag = 'trusted' AND lsn <> ?",
+                (nonce, lsn),
+            ).fetchone()
+        ):
+            untrusted = "replayed"
         self.conn.execute(
             "INSERT INTO guard_refusals (lsn, refused_at, guard, reason, session_id,"
-            " application_name, user_name, client_addr, backend_pid, statement, tag, tag_reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (lsn) DO NOTHING",
+            " application_name, user_name, client_addr, backend_pid, statement, tag, tag_reason,"
+            " nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (lsn) DO NOTHING",
             (
                 lsn,
                 tag.get("at") or iso(datetime.now(UTC)),
@@ -430,6 +472,7 @@ class StoreWriter:
                 tag.get("statement"),
                 "trusted" if untrusted is None else "untrusted",
                 untrusted,
+                nonce,
             ),
         )
 
@@ -537,6 +580,8 @@ class StoreWriter:
                 "missing" if trusted is None else txn.reason,
             ),
         )
+        if trusted and txn.statements:
+            self._write_statements(txn, tag.get("statement"))
         self.conn.executemany(
             "INSERT INTO txn_changes (txn, relation, op, n, without_old) VALUES (?, ?, ?, ?, ?)",
             [

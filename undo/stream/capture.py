@@ -46,7 +46,14 @@ from undo.store.schema import get_meta, open_store
 from undo.store.writer import StoreWriter
 from undo.stream import messages, pgoutput, wal2json
 from undo.stream._protocol import parse_keepalive, status_update
-from undo.stream.messages import DDL_PREFIX, LEDGER_PREFIX, MARK_PREFIX, TAG_PREFIX, TRANSACTIONAL
+from undo.stream.messages import (
+    DDL_PREFIX,
+    LEDGER_PREFIX,
+    MARK_PREFIX,
+    STMT_PREFIX,
+    TAG_PREFIX,
+    TRANSACTIONAL,
+)
 from undo.stream.slot import check_slot, read_key
 
 log = logging.getLogger(__name__)
@@ -153,7 +160,6 @@ class _Session:
         self.wal_end = 0  # the server's WAL end, from its last keepalive
         self.last_report = time.monotonic()
         self.reported_changes = 0
-        self.session_keys: dict[bytes, bytes] = {}  # session JSON -> its signing key
         self.ddl_checked = 0  # the transaction whose forged DDL record had the catalog checked
 
     def _relation(self, rel: Relation) -> int | None:
@@ -250,8 +256,14 @@ class _Session:
                 )
             writer.set_ledger(doc, rec.content, why)
             return
+        if rec.prefix == STMT_PREFIX:
+            try:
+                writer.add_statement(messages.read_statement(rec.content))
+            except messages.Malformed as e:
+                writer.add_malformed(rec.lsn, rec.prefix, None, str(e), rec.content)
+            return
         xid = writer.txn_xid if in_txn else None
-        signed = messages.read_signed(rec.prefix, rec.content, self.key, xid, self.session_keys)
+        signed = messages.read_signed(rec.prefix, rec.content, self.key, xid)
         if signed.problem is not None:
             writer.add_malformed(
                 rec.lsn, rec.prefix, signed.claimed_session, signed.problem, rec.content
@@ -272,21 +284,19 @@ class _Session:
         self, doc: dict[str, Any], why: str | None
     ) -> tuple[dict[str, Any], str | None, list[tuple[str, str]]]:
         """An undo.ddl record as the writer takes it: its commands and states only where undo's
-        own key signed them (``signed`` and ``mac``, undo.emit_ddl), else it is 'forged' (a
-        session can sign a record of its own session with its session key); and, whatever it
+        key signed it (undo.on_ddl, as undo's owner), else it is untrusted; and, whatever it
         says, the problems the source's catalog shows now for the audited tables it names (for
         a record undo did not make: every audited table, once per transaction)."""
-        body = messages.read_ddl_body(doc, self.key) if why is None else None
-        if body is None:
+        if why is not None:
             txn = self.writer.txn
             if txn is None or self.ddl_checked == txn.id:
                 return doc, why or "forged", []
             self.ddl_checked = txn.id
             return doc, why or "forged", self.catalog.problems(None)
-        commands, states = body["ddl"], body["state"]
+        commands, states = doc["ddl"], doc["state"]
         stated = [s["oid"] for s in states]
         named = {c["oid"] for c in commands + states if c["oid"] and c["oid"] not in stated}
-        return {**doc, "ddl": commands, "state": states}, None, self.catalog.problems(sorted(named))
+        return doc, None, self.catalog.problems(sorted(named))
 
     def _forget_relations(self) -> None:
         for rel in self.decoder.relations.values():

@@ -8,9 +8,22 @@ LSN, prefix, session and what was wrong, in the store's ``malformed`` table) and
 frame the replication protocol cannot parse stops capture: that is the server's stream, not a
 role's message.
 
-A signed message (a tag, a DDL record, a guard's refusal) is ``HMAC || session JSON || "\\n" ||
-message JSON``: the HMAC-SHA256 (hex) is under the session's key, HMAC-SHA256(master key,
-session JSON), which ``undo.session_tag()`` gives a session for its own session part only.
+A signed message (a tag, a DDL record, a guard's refusal; the ledger's, later) is
+``hex(HMAC) || payload``: the payload one JSON object, the HMAC-SHA256 under the master key
+(``undo.secret``) over the prefix, a newline and the payload, so that a message of one kind never
+passes as another. Only undo's own code, running as undo's owner, signs: from facts the server
+gives (the session part: pid, backend start, user, client), never from a setting the session
+can write. A transactional message is bound to its transaction by the 64-bit xid inside (else
+'replayed'); a refusal, outside any transaction, by a nonce the store keeps once.
+``verified`` and ``bound`` are the two checks, for any signed prefix.
+
+A marker (prefix ``undo.stmt``) is not signed: the text of a later statement of a transaction,
+so that each change carries the statement that made it; capture keeps markers only in a
+transaction whose tag it trusts.
+
+Messages signed before this format (``HMAC || session JSON || "\n" || message JSON``, under a
+per-session key any code in that session could read) are read as their claims and never
+trusted: 'forged'.
 """
 
 from __future__ import annotations
@@ -21,9 +34,9 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from undo.core.wal import is_xid_of
 from undo.store.writer import ledger_entry
 
 TAG_PREFIX = "undo"
@@ -31,10 +44,17 @@ MARK_PREFIX = "undo.mark"  # capture --once: its own non-transactional mark
 DDL_PREFIX = "undo.ddl"  # undo.on_ddl(): DDL on audited schemas, in its transaction
 GUARD_PREFIX = "undo.guard"  # undo.tag(): a write a guard refused (non-transactional)
 LEDGER_PREFIX = "undo.ledger"  # undo.record_undo: an undo's ledger entries, mirrored in undos
+STMT_PREFIX = "undo.stmt"  # undo.tag(): a later statement of a tagged transaction (its text)
 #: the prefixes capture reads (wal2json is asked for these only; pgoutput sends every message)
-PREFIXES = (TAG_PREFIX, MARK_PREFIX, LEDGER_PREFIX, GUARD_PREFIX, DDL_PREFIX)
+PREFIXES = (TAG_PREFIX, MARK_PREFIX, LEDGER_PREFIX, GUARD_PREFIX, DDL_PREFIX, STMT_PREFIX)
 #: which of undo's messages are transactional: one of the other kind is not undo's
-TRANSACTIONAL = {TAG_PREFIX: True, DDL_PREFIX: True, LEDGER_PREFIX: True, GUARD_PREFIX: False}
+TRANSACTIONAL = {
+    TAG_PREFIX: True,
+    DDL_PREFIX: True,
+    LEDGER_PREFIX: True,
+    GUARD_PREFIX: False,
+    STMT_PREFIX: True,
+}
 
 
 class Malformed(ValueError):
@@ -140,21 +160,17 @@ def record(fields: dict[str, Check]) -> Check:
 
 
 # -- what each message holds ------------------------------------------------------------------
-#: the session part of every signed message: facts undo.session_tag() read from the server
-SESSION = record(
-    {
-        "session_id": text,
-        "pid": integer,
-        "backend_start": text,
-        "user": text,
-        "client_addr": text,
-        "client_port": integer,
-    }
-)
+#: the session part of every signed message, facts undo's SQL reads from the server: pid,
+#: backend start (µs since 1970), the session's login role, client address and port
+SESSION_FIELDS: dict[str, Check] = {
+    "pid": integer,
+    "backend_start": integer,
+    "user": text,
+    "client_addr": text,
+    "client_port": integer,
+}
 _COMMON = {"application_name": text, "xid": integer, "statement": text}
-TAG = record({**_COMMON, "undo": any_json})
-GUARD = record({**_COMMON, "guard": required_text, "reason": text, "at": utc_time})
-_DDL_BODY = {
+_DDL = {
     "ddl": list_of(
         record({"command": required_text, "object_type": text, "object": text, "oid": oid})
     ),
@@ -169,21 +185,35 @@ _DDL_BODY = {
         )
     ),
 }
-#: a DDL record: its commands and the tables' states are in ``signed`` (JSON text), which undo's
-#: master key signs in ``mac`` (undo.emit_ddl): a session's own key signs the envelope only.
-#: What a record says outside ``signed`` is kept (checked) to show an untrusted one, never used.
-DDL = record({**_COMMON, "signed": text, "mac": text, **_DDL_BODY})
-DDL_BODY = record(_DDL_BODY)
-
-
-#: the message part's fields, by prefix
-BODIES: dict[str, Check] = {TAG_PREFIX: TAG, GUARD_PREFIX: GUARD, DDL_PREFIX: DDL}
+_GUARD = {"guard": required_text, "reason": text, "at": utc_time}
+#: the payload's fields (besides the session part), by prefix
+BODIES: dict[str, Check] = {
+    TAG_PREFIX: record({**SESSION_FIELDS, **_COMMON, "undo": any_json}),
+    GUARD_PREFIX: record({**SESSION_FIELDS, **_COMMON, **_GUARD, "nonce": text}),
+    DDL_PREFIX: record({**SESSION_FIELDS, **_COMMON, **_DDL}),
+}
+#: the format before (claims only, never trusted): session JSON, newline, message JSON
+LEGACY_SESSION = record(
+    {
+        "session_id": text,
+        "pid": integer,
+        "backend_start": text,
+        "user": text,
+        "client_addr": text,
+        "client_port": integer,
+    }
+)
+LEGACY_BODIES: dict[str, Check] = {
+    TAG_PREFIX: record({**_COMMON, "undo": any_json}),
+    GUARD_PREFIX: record({**_COMMON, **_GUARD}),
+    DDL_PREFIX: record({**_COMMON, **_DDL}),
+}
 
 
 @dataclass(frozen=True)
 class Signed:
-    """A signed message after its checks. ``fields``: its message part (the fields of its kind,
-    checked), with ``session`` its session part; both empty when it is malformed.
+    """A signed message after its checks. ``fields``: its fields of its kind, checked, with
+    ``session`` its session part (``session_id`` derived); both empty when it is malformed.
     ``untrusted``: None when verified, else 'forged', 'replayed' or 'malformed'; ``problem``:
     what was wrong with a malformed one."""
 
@@ -198,57 +228,128 @@ class Signed:
         return self.fields.get("session") or {}
 
 
-def _claimed(head: bytes) -> str | None:
+def session_id(pid: int | None, backend_start: int | None) -> str | None:
+    """The %c of log_line_prefix: hex seconds of the backend's start, '.', hex pid.
+
+    >>> session_id(0x9d7, 0x6b071524 * 10**6 + 999_999)
+    '6b071524.9d7'
+    """
+    if pid is None or backend_start is None or pid < 0 or backend_start < 0:
+        return None
+    return f"{backend_start // 10**6:x}.{pid:x}"
+
+
+def start_time(backend_start: int | None) -> str | None:
+    """µs since 1970 as the store writes times.
+
+    >>> start_time(1_700_000_000_123_456)
+    '2023-11-14T22:13:20.123456Z'
+    """
+    if backend_start is None:
+        return None
     try:
-        session = json.loads(head)
-        return text(session.get("session_id"), "session_id") if type(session) is dict else None
+        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=backend_start)
+    except OverflowError:
+        return None
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def verified(prefix: str, content: bytes, key: bytes | None) -> bytes | None:
+    """The payload of ``content`` if its HMAC is good: HMAC-SHA256(``key``, prefix || LF ||
+    payload), in hex, before the payload. None if not (or no key)."""
+    if key is None:
+        return None
+    mac, payload = content[:64], content[64:]
+    good = hmac.new(key, prefix.encode() + b"\n" + payload, hashlib.sha256).hexdigest()
+    return payload if hmac.compare_digest(good.encode(), mac) else None
+
+
+def bound(full_xid: Any, xid: int | None) -> bool:
+    """Whether a message's 64-bit xid is the transaction's (the stream gives its low 32 bits;
+    ``xid`` None: a message outside any transaction, nothing to bind)."""
+    if xid is None:
+        return True
+    return type(full_xid) is int and full_xid % 2**32 == xid
+
+
+def _parse(prefix: str, payload: bytes) -> dict[str, Any]:
+    """The payload's fields, checked, with its session part apart (raises Malformed)."""
+    try:
+        doc = json.loads(payload)
     except (ValueError, RecursionError):
+        raise Malformed("not JSON") from None
+    body: dict[str, Any] = BODIES[prefix](doc, "message")
+    session = {k: body.pop(k) for k in SESSION_FIELDS}
+    session["session_id"] = session_id(session["pid"], session["backend_start"])
+    session["backend_start"] = start_time(session["backend_start"])
+    body["session"] = session
+    return body
+
+
+def _parse_legacy(prefix: str, payload: bytes) -> dict[str, Any]:
+    """A message of the format before: session JSON, newline, message JSON (raises
+    Malformed)."""
+    head, sep, rest = payload.partition(b"\n")
+    if not sep:
+        raise Malformed("no newline between the session part and the message part")
+    try:
+        session_doc, body_doc = json.loads(head), json.loads(rest)
+    except (ValueError, RecursionError):
+        raise Malformed("not JSON") from None
+    body: dict[str, Any] = LEGACY_BODIES[prefix](body_doc, "message")
+    body["session"] = LEGACY_SESSION(session_doc, "session")
+    return body
+
+
+def _claimed(payload: bytes) -> str | None:
+    """The session id a message that failed its checks claims, if one can be read."""
+    try:
+        doc = json.loads(payload.partition(b"\n")[0])
+    except (ValueError, RecursionError):
+        return None
+    if type(doc) is not dict:
+        return None
+    try:
+        if "session_id" in doc:
+            return text(doc["session_id"], "session_id")
+        return session_id(integer(doc.get("pid"), "pid"), integer(doc.get("backend_start"), "s"))
+    except Malformed:
         return None
 
 
-def read_signed(
-    prefix: str,
-    content: bytes,
-    key: bytes | None,
-    xid: int | None,
-    session_keys: dict[bytes, bytes] | None = None,
-) -> Signed:
+def read_signed(prefix: str, content: bytes, key: bytes | None, xid: int | None) -> Signed:
     """Parse, check and verify a signed message of ``prefix``.
 
-    Its HMAC must be good under the key of the session part it carries (else 'forged'), and
-    the 64-bit xid inside must be the transaction's own (else 'replayed'; ``xid`` None: a
-    message outside any transaction, nothing to bind). ``session_keys`` caches derived keys.
+    Its HMAC must be good under the master key (else 'forged': what it claims is kept, checked,
+    never trusted), and its xid the transaction's own (else 'replayed'; ``xid`` None: a message
+    outside any transaction). A message whose fields fail their checks is 'malformed'.
     """
-    mac, msg = content[:64], content[64:]
-    head, sep, rest = msg.partition(b"\n")
+    good = verified(prefix, content, key)
+    payload = content[64:]
     try:
-        if not sep:
-            raise Malformed("no newline between the session part and the message part")
-        try:
-            session_doc, body_doc = json.loads(head), json.loads(rest)
-        except (ValueError, RecursionError):
-            raise Malformed("not JSON") from None
-        body = BODIES[prefix](body_doc, "message")
-        body["session"] = SESSION(session_doc, "session")
+        if good is not None:
+            body = _parse(prefix, payload)
+        else:
+            try:
+                body = _parse(prefix, payload)
+            except Malformed:
+                if not payload.lstrip().startswith(b"{") or b"\n" not in payload:
+                    raise
+                body = _parse_legacy(prefix, payload)  # signed before this format
+            return Signed(body, "forged")
     except Malformed as e:
-        return Signed(untrusted="malformed", problem=str(e), claimed_session=_claimed(head))
-    if key is None:
-        return Signed(body, "forged")
-    keys = session_keys if session_keys is not None else {}
-    session_key = keys.get(head)
-    if session_key is None:
-        session_key = hmac.new(key, head, hashlib.sha256).digest()
-        if len(keys) > 10_000:
-            keys.clear()
-        keys[head] = session_key
-    good = hmac.new(session_key, msg, hashlib.sha256).hexdigest().encode()
-    if not hmac.compare_digest(good, mac):
-        return Signed(body, "forged")
-    if xid is None:
-        return Signed(body)
-    if not is_xid_of(body.get("xid"), xid):
+        return Signed(untrusted="malformed", problem=str(e), claimed_session=_claimed(payload))
+    if not bound(body.get("xid"), xid):
         return Signed(body, "replayed")
     return Signed(body)
+
+
+def read_statement(content: bytes) -> str:
+    """A marker's statement (raises Malformed)."""
+    try:
+        return content.decode()
+    except UnicodeDecodeError:
+        raise Malformed("the statement is not UTF-8") from None
 
 
 def problem_of_kind(prefix: str, transactional: bool) -> str | None:
@@ -297,19 +398,3 @@ def read_ledger(
     if full % 2**32 != xid:
         return found, "replayed"
     return found, None
-
-
-def read_ddl_body(fields: dict[str, Any], key: bytes) -> dict[str, Any] | None:
-    """The commands and states of a DDL record whose envelope verified, if undo's master key
-    signed them (HMAC-SHA256 over ``xid || "\\n" || signed``, made by undo.emit_ddl, which runs
-    as undo's owner), checked like every field; None when unsigned, forged or malformed."""
-    signed, mac = fields.get("signed"), fields.get("mac")
-    if signed is None or mac is None:
-        return None
-    good = hmac.new(key, f"{fields.get('xid')}\n{signed}".encode(), hashlib.sha256)
-    if not hmac.compare_digest(good.hexdigest(), mac):
-        return None
-    try:
-        return DDL_BODY(json.loads(signed), "signed")  # type: ignore[no-any-return]
-    except (ValueError, RecursionError):  # Malformed is a ValueError
-        return None
