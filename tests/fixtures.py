@@ -67,3 +67,20 @@ CREATE TABLE "Odd Schema"."we""ird.x]" (
     "x]" integer
 );
 """
+
+
+def read_terminal(fd: int) -> bytes:
+    """Everything a pseudo-terminal's main side got until its other side closed; closes it."""
+    import os
+
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(fd)
+    return seen

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.fixtures import read_terminal
 from undo.cli import cli
 
 COMMANDS = [
@@ -145,16 +146,7 @@ def _on_a_terminal(store: str, rows: int, env: dict[str, str]) -> tuple[bytes, i
         timeout=60,
     )
     os.close(side)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(main)
+    seen = read_terminal(main)
     return seen, proc.returncode
 
 

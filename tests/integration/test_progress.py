@@ -16,6 +16,7 @@ import termios
 import threading
 import time
 
+from tests.fixtures import read_terminal
 from tests.integration.test_undo import _as_session
 from undo.engine.apply import undo
 from undo.engine.plan import Target
@@ -68,16 +69,7 @@ def test_undo_shows_a_progress_bar_on_a_terminal_only(pgo):
         timeout=120,
     )
     os.close(side)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(main)
+    seen = read_terminal(main)
     assert proc.returncode == 0
     assert b"undo: writing:" in seen and b"/1 [" in seen  # the bar (done/total), cleared
     assert b"undo: committing:" in seen
