@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import psycopg
 import pytest
 from psycopg import conninfo, sql
@@ -28,6 +29,25 @@ from undo.core.errors import NotReady
 from undo.demo.cluster import TempCluster, find_bindir
 
 _counter = itertools.count(1)
+
+# Every property test's settings but its number of examples, in one profile (a test's own
+# `suppress_health_check` would replace this list, not add to it: a test in
+# tests/unit/test_hypothesis_profile.py keeps them out). On two cores shared by several runs,
+# how long an example takes says nothing of the code under test: no deadline, no too_slow.
+# The property tests reuse their database, slot or writer across examples on purpose (one
+# database per example would cost seconds) and are written for it: function_scoped_fixture.
+# The recursive JSON strategies (test_messages) throw away many oversized examples:
+# filter_too_much.
+hypothesis.settings.register_profile(
+    "undo",
+    deadline=None,
+    suppress_health_check=[
+        hypothesis.HealthCheck.too_slow,
+        hypothesis.HealthCheck.function_scoped_fixture,
+        hypothesis.HealthCheck.filter_too_much,
+    ],
+)
+hypothesis.settings.load_profile("undo")
 
 
 @dataclass
