@@ -82,8 +82,12 @@ def docker_problem() -> str | None:
             finally:
                 client.close()
         except Exception as e:  # docker.errors.DockerException, or what the transport raised
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            problem = f"Docker is not reachable here ({reason})"
+            host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+            if host.startswith("unix://") and not os.path.exists(host.removeprefix("unix://")):
+                problem = f"no Docker daemon here ({host} does not exist)"
+            else:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                problem = f"Docker does not answer at {host} ({reason})"
         gc.collect()
     return problem
 
