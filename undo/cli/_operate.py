@@ -39,7 +39,7 @@ from undo.store.schema import open_store
 @click.option(
     "--failover",
     is_flag=True,
-    help="PostgreSQL 17+: a failover slot, kept in step on standbys (see README).",
+    help="PostgreSQL 17+: a failover slot, kept in step on standbys (see docs/operations.md).",
 )
 @pass_settings
 def init_cmd(
@@ -92,7 +92,8 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool, keep: str | No
     Exit codes: 0 stopped by a signal (or --once done); 75 the source database went away
     and reconnecting failed, or a capture that exited still holds the slot (a restart puts it
     right); 1 a gap refused, another consumer holds the slot; 2 bad options, the store
-    corrupt, full or read-only (a person must act). See README "Running capture as a service".
+    corrupt, full or read-only (a person must act). See docs/operations.md, "Running capture as a
+    service".
 
     Example: undo capture --keep 90d
     """
