@@ -20,7 +20,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import waitress.adjustments
+import waitress.channel
 import waitress.server
+import waitress.task
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from prometheus_client.exposition import generate_latest
@@ -436,24 +439,115 @@ def make_app(
     return App(settings, token, allowed_hosts)
 
 
-class Server:
-    """waitress serving the app: bounded request bodies and headers, idle connections closed,
-    a pool of threads. ``serve_forever`` runs it; ``shutdown`` (from any thread) stops it and
-    waits for ``serve_forever`` to return; ``server_close`` does the same."""
+#: a request (its headers and its small body) must have arrived this long after its first byte
+REQUEST_DEADLINE = 10.0
+CONNECTION_LIMIT = 100
 
-    def __init__(self, app: App, host: str, port: int) -> None:
-        self._server: Any = waitress.server.create_server(
-            app,
+
+class _Channel(waitress.channel.HTTPChannel):  # type: ignore[misc]  # waitress has no types
+    """waitress's connection, knowing since when its request has been arriving."""
+
+    request_started = 0.0
+
+    def received(self, data: bytes) -> bool:
+        before = self.request
+        done: bool = super().received(data)
+        if self.request is not None and self.request is not before:
+            self.request_started = time.time()  # a new request began in these bytes
+        return done
+
+    def waiting_since(self) -> float | None:
+        """Since when this connection holds its place without being served: the first byte of
+        the request it is sending, or its last activity when it sends nothing; None while a
+        request of it is served or its response is sent."""
+        if self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed:
+            return None
+        return self.request_started if self.request is not None else float(self.last_activity)
+
+
+class _Listener(waitress.server.TcpWSGIServer):  # type: ignore[misc]
+    """waitress's listening socket, and two defences against clients that send slowly (one
+    header line every few seconds, each one resetting waitress's idle timeout):
+
+    - a request still arriving ``request_deadline`` seconds after its first byte is closed;
+    - at the connection limit waitress stops accepting, and every new connection (a
+      Prometheus probe, a person) waits in the kernel's backlog behind the slow ones. Here the
+      connection waiting longest without being served is closed instead, so a new one is
+      always let in; connections being served are never closed, and when every one is, new
+      ones wait as in waitress.
+    """
+
+    channel_class = _Channel
+    request_deadline = REQUEST_DEADLINE
+    next_channel_cleanup: float
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # idle connections: channel_timeout
+        for channel in list(self.active_channels.values()):
+            since = channel.waiting_since()
+            partial = channel.request is not None  # idle ones: channel_timeout, above
+            if partial and since is not None and now - since > self.request_deadline:
+                channel.will_close = True
+
+    def readable(self) -> bool:
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        if not self.accepting:
+            return False
+        live = [c for c in self.active_channels.values() if not c.will_close]
+        if len(live) < self.adj.connection_limit:
+            return True
+        waiting = [(since, c) for c in live if (since := c.waiting_since()) is not None]
+        if not waiting:
+            return False  # every connection is being served: new ones wait their turn
+        min(waiting, key=lambda w: w[0])[1].will_close = True  # closed on the loop's next turn
+        log.debug("connection limit reached: closed the connection waiting longest")
+        return True
+
+
+class Server:
+    """waitress serving the app: bounded request bodies and headers, a deadline for each
+    request, idle connections closed, a pool of threads. ``serve_forever`` runs it;
+    ``shutdown`` (from any thread) stops it and waits for ``serve_forever`` to return;
+    ``server_close`` does the same."""
+
+    def __init__(
+        self,
+        app: App,
+        host: str,
+        port: int,
+        request_deadline: float = REQUEST_DEADLINE,
+    ) -> None:
+        adj = waitress.adjustments.Adjustments(
             host=host,
             port=port,
             threads=4,
             channel_timeout=30,
+            cleanup_interval=1,  # how often the deadlines are checked
             max_request_body_size=MAX_FORM_BYTES,
             max_request_header_size=16384,
-            connection_limit=100,
+            connection_limit=CONNECTION_LIMIT,
             ident="undo",
         )
-        self.server_port: int = self._server.effective_port
+        dispatcher = waitress.task.ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(adj.threads)
+        socket_map: dict[int, Any] = {}
+        listeners: list[_Listener] = []
+        try:
+            for sockinfo in adj.listen:
+                listener = _Listener(
+                    app, socket_map, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo
+                )
+                listener.request_deadline = request_deadline
+                listeners.append(listener)
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            raise
+        self._server = listeners[0]
+        self.server_port: int = int(self._server.effective_port)
         self._running = threading.Event()
         self._done = threading.Event()
 

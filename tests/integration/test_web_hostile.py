@@ -1,0 +1,187 @@
+"""The dashboard under hostile clients: slow senders, a forged X-Forwarded-Proto, guessed
+tokens, absurd query parameters; over real HTTP against a real store."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import selectors
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.integration.test_web import _scenario
+from undo.web import serve
+from undo.web.app import Server, make_app
+
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def site(pgo):
+    sid = _scenario(pgo)
+    servers = []
+
+    def start(token=TOKEN):
+        server = serve(pgo.settings, "127.0.0.1", 0, token)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server.server_port
+
+    yield pgo, sid, start
+    for s in servers:
+        s.shutdown()
+
+
+def _request(port, method, path, headers=None, body=None, source="127.0.0.1", timeout=10):
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=timeout, source_address=(source, 0)
+    )
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read().decode()
+    finally:
+        conn.close()
+
+
+class SlowClients:
+    """``count`` connections that each send a request line, then one header line every
+    ``every`` seconds and never the blank line that ends the headers (slowloris); one the
+    server closes comes back a second later, as an attacker's would."""
+
+    def __init__(self, port: int, count: int, every: float) -> None:
+        self.port, self.count, self.every = port, count, every
+        self.stop = threading.Event()
+        self.lines_sent = 0
+        self.reconnects = 0
+        self.open = 0  # connections open now
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SlowClients:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            self._attack()
+        except BaseException as e:  # reported by the test
+            self.errors.append(e)
+
+    def _attack(self) -> None:
+        sel = selectors.DefaultSelector()
+        due: dict[socket.socket, float] = {}  # the next header line
+        comeback: list[float] = []  # when a closed one reconnects
+
+        def connect() -> None:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+            due[s] = time.monotonic() + random.uniform(0, self.every)
+
+        def closed(s: socket.socket) -> None:
+            sel.unregister(s)
+            s.close()
+            del due[s]
+            comeback.append(time.monotonic() + 1)
+
+        for _ in range(self.count):
+            connect()
+        while not self.stop.is_set():
+            for key, _ in sel.select(timeout=0.1):  # readable: closed by the server
+                s = key.fileobj
+                assert isinstance(s, socket.socket)
+                try:
+                    data = s.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    closed(s)
+            now = time.monotonic()
+            for s, when in list(due.items()):
+                if when <= now:
+                    try:
+                        s.send(b"X-Slow: %d\r\n" % self.lines_sent)
+                        self.lines_sent += 1
+                        due[s] = now + self.every
+                    except OSError:
+                        closed(s)
+            while comeback and comeback[0] <= now:
+                comeback.pop(0)
+                connect()
+                self.reconnects += 1
+            self.open = len(due)
+        for s in list(due):
+            sel.unregister(s)
+            s.close()
+
+
+def test_metrics_answer_within_5_s_while_150_connections_send_headers_slowly(site):
+    """The trial: slow connections took every place waitress keeps (100) and each header line
+    reset its idle timeout, so every /metrics probe waited in the backlog until it timed out.
+    Now the connection waiting longest is closed to let a new one in, and a request must have
+    arrived 10 s after its first byte."""
+    _src, _sid, start = site
+    port = start()
+    answers = []
+    held = []  # slow connections open at each probe
+    with SlowClients(port, count=150, every=2.0) as attack:
+        time.sleep(2)  # every slow connection is in
+        end = time.monotonic() + 40
+        while time.monotonic() < end:
+            held.append(attack.open)
+            t0 = time.monotonic()
+            try:
+                status, _h, body = _request(port, "GET", "/metrics", AUTH, timeout=5)
+                answers.append((round(time.monotonic() - t0, 2), status))
+                assert "undo_changes_total" in body
+            except (TimeoutError, OSError) as e:
+                answers.append((round(time.monotonic() - t0, 2), repr(e)))
+            time.sleep(max(0.0, 1 - (time.monotonic() - t0)))
+    assert not attack.errors, attack.errors
+    late = [a for a in answers if a[1] != 200 or a[0] >= 5]
+    assert not late, f"{len(late)} of {len(answers)} probes failed or came late: {late[:5]}"
+    assert len(answers) >= 20
+    # as many as the server keeps (100) throughout: those it closes come back
+    assert min(held) >= 90 and attack.reconnects > 150, (held, attack.reconnects)
+
+
+def test_a_request_still_arriving_after_the_deadline_is_closed(pgo):
+    """A client that sends a header line every half second: waitress's idle timeout never
+    fires, the deadline does (2 s here, 10 s by default)."""
+    _scenario(pgo)
+    server = Server(make_app(pgo.settings), "127.0.0.1", 0, request_deadline=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        s = socket.create_connection(("127.0.0.1", server.server_port), timeout=0.5)
+        t0 = time.monotonic()
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        closed_after = None
+        while time.monotonic() - t0 < 10:
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+                if s.recv(4096) == b"":
+                    closed_after = time.monotonic() - t0
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed_after = time.monotonic() - t0
+                break
+        s.close()
+        assert closed_after is not None, "still open after 10 s"
+        assert 2 <= closed_after < 5
+        # a request that arrives whole is served as before
+        status, _h, _b = _request(server.server_port, "GET", "/metrics")
+        assert status == 200
+    finally:
+        server.shutdown()
