@@ -4,14 +4,19 @@ tokens, absurd query parameters; over real HTTP against a real store."""
 from __future__ import annotations
 
 import http.client
+import os
 import random
+import re
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from tests.conftest import run_cli
 from tests.integration.test_web import _scenario
 from undo.web import serve
 from undo.web.app import Server, make_app
@@ -25,8 +30,8 @@ def site(pgo):
     sid = _scenario(pgo)
     servers = []
 
-    def start(token=TOKEN):
-        server = serve(pgo.settings, "127.0.0.1", 0, token)
+    def start(token=TOKEN, trusted_proxy=None):
+        server = serve(pgo.settings, "127.0.0.1", 0, token, trusted_proxy=trusted_proxy)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server.server_port
@@ -185,3 +190,64 @@ def test_a_request_still_arriving_after_the_deadline_is_closed(pgo):
         assert status == 200
     finally:
         server.shutdown()
+
+
+def _login(port, headers=None, token=TOKEN, source="127.0.0.1"):
+    return _request(
+        port,
+        "POST",
+        "/login",
+        {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})},
+        body=f"token={token}",
+        source=source,
+    )
+
+
+def test_the_cookie_is_secure_behind_the_trusted_proxy_only(site):
+    """X-Forwarded-Proto: https marks the cookie Secure when the peer is --trusted-proxy (here
+    loopback: the test plays the proxy); from any other peer it is ignored."""
+    _src, _sid, start = site
+    behind = start(trusted_proxy="127.0.0.1")
+    status, headers, _b = _login(behind, {"X-Forwarded-Proto": "https"})
+    assert status == 303 and "Secure" in headers["Set-Cookie"], headers
+    status, headers, _b = _login(behind, {"X-Forwarded-Proto": "http"})
+    assert status == 303 and "Secure" not in headers["Set-Cookie"]
+    # another proxy is trusted: the header of this peer is anyone's word
+    elsewhere = start(trusted_proxy="192.0.2.10")
+    status, headers, _b = _login(elsewhere, {"X-Forwarded-Proto": "https"})
+    assert status == 303 and "Secure" not in headers["Set-Cookie"]
+    # and none at all
+    status, headers, _b = _login(start(), {"X-Forwarded-Proto": "https"})
+    assert status == 303 and "Secure" not in headers["Set-Cookie"]
+
+
+def test_undo_serve_takes_the_trusted_proxy_from_its_option_or_the_environment(site):
+    src, _sid, _start = site
+    done = run_cli(src, "serve", "--trusted-proxy", "proxy.example")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [
+        "Error: --trusted-proxy takes the proxy's IP address (10.0.0.5, ::1), not 'proxy.example'"
+    ]
+    env = dict(
+        os.environ,
+        UNDO_DSN=src.dsn,
+        UNDO_STORE=src.store,
+        UNDO_SLOT=src.slot,
+        UNDO_TOKEN=TOKEN,
+        UNDO_TRUSTED_PROXY="127.0.0.1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "undo", "serve", "--port", "0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        port = int(re.search(r":(\d+)/", line).group(1))  # type: ignore[union-attr]
+        status, headers, _b = _login(port, {"X-Forwarded-Proto": "https"})
+        assert status == 303 and "Secure" in headers["Set-Cookie"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import threading
@@ -231,9 +232,9 @@ class App:
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             return self.page("login.html", "Sign in", 401, message="Wrong token.")
         response = redirect("/", 303)
-        over_tls = request.scheme == "https" or (
-            request.headers.get("X-Forwarded-Proto", "").lower() == "https"
-        )
+        # https when served over TLS, or behind --trusted-proxy saying so (waitress drops
+        # X-Forwarded-Proto from any other peer)
+        over_tls = request.scheme == "https"
         response.set_cookie(
             "undo_token", given, httponly=True, samesite="Strict", path="/", secure=over_tls
         )
@@ -511,13 +512,18 @@ class Server:
     """waitress serving the app: bounded request bodies and headers, a deadline for each
     request, idle connections closed, a pool of threads. ``serve_forever`` runs it;
     ``shutdown`` (from any thread) stops it and waits for ``serve_forever`` to return;
-    ``server_close`` does the same."""
+    ``server_close`` does the same.
+
+    ``trusted_proxy``: the address of a reverse proxy whose ``X-Forwarded-Proto`` (https: the
+    cookie is marked Secure) and ``X-Forwarded-For`` (the client's address, for the limit on
+    failed sign-ins) are believed; from any other peer these headers are dropped."""
 
     def __init__(
         self,
         app: App,
         host: str,
         port: int,
+        trusted_proxy: str | None = None,
         request_deadline: float = REQUEST_DEADLINE,
     ) -> None:
         adj = waitress.adjustments.Adjustments(
@@ -530,6 +536,14 @@ class Server:
             max_request_header_size=16384,
             connection_limit=CONNECTION_LIMIT,
             ident="undo",
+            **(
+                {
+                    "trusted_proxy": trusted_proxy,
+                    "trusted_proxy_headers": {"x-forwarded-proto", "x-forwarded-for"},
+                }
+                if trusted_proxy
+                else {}
+            ),
         )
         dispatcher = waitress.task.ThreadedTaskDispatcher()
         dispatcher.set_thread_count(adj.threads)
@@ -585,15 +599,26 @@ def serve(
     port: int,
     token: str | None,
     allowed_hosts: Iterable[str] = (),
+    trusted_proxy: str | None = None,
 ) -> Server:
     """The server for the app; the caller runs ``serve_forever``. Requests must name a loopback
-    host, the address served (unless a wildcard), or one of allowed_hosts."""
+    host, the address served (unless a wildcard), or one of allowed_hosts. ``trusted_proxy``:
+    the IP address of the TLS proxy in front, whose X-Forwarded-Proto and X-Forwarded-For are
+    believed."""
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise BadInput(f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN)")
+    if trusted_proxy:
+        try:
+            trusted_proxy = str(ipaddress.ip_address(trusted_proxy))  # as waitress sees peers
+        except ValueError:
+            raise BadInput(
+                f"--trusted-proxy takes the proxy's IP address (10.0.0.5, ::1), not"
+                f" {trusted_proxy!r}"
+            ) from None
     hosts = [*allowed_hosts, *([host] if host not in ("0.0.0.0", "::", "") else [])]
     app = make_app(settings, token, hosts)
     try:
-        return Server(app, host, port)
+        return Server(app, host, port, trusted_proxy)
     except OSError as e:
         why = {
             errno.EADDRINUSE: "another process listens there: choose another --port, or stop it",
