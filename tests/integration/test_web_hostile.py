@@ -251,3 +251,35 @@ def test_undo_serve_takes_the_trusted_proxy_from_its_option_or_the_environment(s
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def _cookie(headers):
+    """The session cookie's value from a Set-Cookie header."""
+    return re.match(r"undo_session=([^;]*);", headers["Set-Cookie"]).group(1)  # type: ignore[union-attr]
+
+
+def test_the_cookie_holds_a_session_value_not_the_token(site, monkeypatch):
+    _src, sid, start = site
+    port = start()
+    status, headers, _b = _login(port)
+    assert status == 303
+    value = _cookie(headers)
+    assert value and TOKEN not in value and value != TOKEN
+    assert "Max-Age=43200" in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"]
+    assert _cookie(_login(port)[1]) != value  # one per sign-in
+    cookie = {"Cookie": f"undo_session={value}"}
+    status, _h, body = _request(port, "GET", "/sessions", cookie)
+    assert status == 200 and sid in body and "Sign out" in body
+    # the token itself in the cookie is no way in
+    for forged in (f"undo_session={TOKEN}", f"undo_token={TOKEN}"):
+        assert _request(port, "GET", "/sessions", {"Cookie": forged})[0] == 401
+    # signing out ends the session on the server, not only in the browser
+    status, headers, _b = _request(port, "POST", "/logout", cookie)
+    assert status == 303 and re.search(r"undo_session=;", headers["Set-Cookie"])
+    assert _request(port, "GET", "/sessions", cookie)[0] == 401
+    # and a session ends by itself
+    monkeypatch.setattr("undo.web.app.SESSION_SECONDS", 1)
+    short = {"Cookie": f"undo_session={_cookie(_login(port)[1])}"}
+    assert _request(port, "GET", "/sessions", short)[0] == 200
+    time.sleep(1.2)
+    assert _request(port, "GET", "/sessions", short)[0] == 401

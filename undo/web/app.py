@@ -3,17 +3,20 @@ pages, waitress to serve them. Server-rendered HTML with inline SVG charts: noth
 from the network, so it works on closed machines. Read-only: nothing is applied from the web.
 
 Any address other than loopback needs a token, checked on every request (``Authorization:
-Bearer`` or the cookie the login form sets); without it a request sees no data.
+Bearer``, or the session cookie the sign-in form sets: a random value, never the token);
+without it a request sees no data.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import hmac
 import io
 import ipaddress
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterable
@@ -55,6 +58,7 @@ CSS = Markup(
     "pre{background:#fff;border:1px solid #dde;padding:8px;overflow:auto;max-height:480px}"
     ".cards{display:flex;flex-wrap:wrap;gap:12px}.card{background:#fff;border:1px solid #dde;"
     "padding:8px}.muted{color:#667}form.filters input{width:140px}code{font-size:12px}"
+    "header form{display:inline;float:right}"
 )
 OP_COLORS = {"inserts": "#2a9d3a", "updates": "#e0a000", "deletes": "#d03030"}
 
@@ -70,6 +74,9 @@ SECURITY_HEADERS = {
 }
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 MAX_FORM_BYTES = 4096  # the login form; waitress refuses a larger body before reading it
+COOKIE = "undo_session"
+SESSION_SECONDS = 12 * 3600  # a sign-in lasts this long (or until sign-out, or a restart)
+MAX_SESSIONS = 1000
 
 URLS = Map(
     [
@@ -79,6 +86,7 @@ URLS = Map(
         Rule("/history/<path:table>", endpoint="history"),
         Rule("/metrics", endpoint="metrics"),
         Rule("/login", endpoint="login", methods=["GET", "POST"]),
+        Rule("/logout", endpoint="logout", methods=["POST"]),
     ],
     strict_slashes=False,
 )
@@ -154,6 +162,41 @@ def _page_number(q: Any, name: str = "page") -> int:
         raise BadInput(f"{name} must be a number, not {q.get(name)!r}") from None
 
 
+class Sessions:
+    """Signed-in browsers. Each sign-in gets a random value for its cookie; this keeps only a
+    hash of it and its expiry, so neither the cookie nor this map can be turned into the
+    token, and signing out (or a restart) ends the session."""
+
+    def __init__(self) -> None:
+        self._expiry: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(value: str) -> bytes:
+        return hashlib.sha256(value.encode()).digest()
+
+    def new(self) -> str:
+        value = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, e in self._expiry.items() if e <= now]:
+                del self._expiry[key]
+            while len(self._expiry) >= MAX_SESSIONS:  # the oldest sign-in ends
+                del self._expiry[next(iter(self._expiry))]
+            self._expiry[self._key(value)] = now + SESSION_SECONDS
+        return value
+
+    def valid(self, value: str) -> bool:
+        if not value:
+            return False
+        with self._lock:
+            return self._expiry.get(self._key(value), 0.0) > time.monotonic()
+
+    def end(self, value: str) -> None:
+        with self._lock:
+            self._expiry.pop(self._key(value), None)
+
+
 class App:
     """The WSGI application: routing, the host allowlist, the token, the pages."""
 
@@ -167,6 +210,7 @@ class App:
         # a request naming another host is refused: DNS rebinding reaches a loopback dashboard
         # through a name the attacker controls
         self.allowed_hosts = LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}
+        self.signed_in = Sessions()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         request = Request(environ)
@@ -178,7 +222,10 @@ class App:
 
     # -- plumbing ------------------------------------------------------------------------------
     def page(self, template: str, title: str, status: int = 200, **context: Any) -> Response:
-        html = self.templates.get_template(template).render(title=title, css=CSS, **context)
+        signout = self.token is not None and template != "login.html"
+        html = self.templates.get_template(template).render(
+            title=title, css=CSS, signout=signout, **context
+        )
         return Response(html, status=status, mimetype="text/html")
 
     def dispatch(self, request: Request) -> Response:
@@ -194,10 +241,12 @@ class App:
             endpoint, args = URLS.bind_to_environ(request.environ).match()
         except HTTPException as e:
             return self.page("message.html", e.name, e.code or 404, message=None)
-        if self.token is not None and not self._authorized(request):
-            if endpoint == "login" and request.method == "POST":
-                return self.login(request)
-            return self.page("login.html", "Sign in", 401, message=None)
+        if endpoint == "logout":
+            return self.logout(request)
+        if self.token is not None:
+            refused = self._authenticate(request, endpoint)
+            if refused is not None:
+                return refused
         try:
             if endpoint == "metrics":
                 return Response(
@@ -215,28 +264,52 @@ class App:
         except UndoError as e:
             return self.page("message.html", "Refused", 409, message=str(e))
 
-    def _authorized(self, request: Request) -> bool:
-        assert self.token is not None
+    def _authenticate(self, request: Request, endpoint: str) -> Response | None:
+        """None when the request may go on (a live session cookie, or the token as a Bearer
+        header); else the answer: the sign-in page or a new session."""
+        if self.signed_in.valid(request.cookies.get(COOKIE, "")):
+            return None
         auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth.startswith("Bearer ") else ""
-        if not given:
-            given = request.cookies.get("undo_token", "")
+        bearer = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        signing_in = endpoint == "login" and request.method == "POST"
+        if not bearer and not signing_in:
+            return self.page("login.html", "Sign in", 401, message=None)
+        if signing_in:
+            return self.login(request)
+        if self._is_token(bearer):
+            return None
+        return self.page("login.html", "Sign in", 401, message="Wrong token.")
+
+    def _is_token(self, given: str) -> bool:
+        assert self.token is not None
         return hmac.compare_digest(given.encode(), self.token.encode())
 
     def login(self, request: Request) -> Response:
         size = request.content_length
         if size is None or size > MAX_FORM_BYTES:  # never read a body of unknown or large size
             return self.page("message.html", "Bad request", 400, message="Bad form.")
-        given = request.form.get("token", "")
-        assert self.token is not None
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
+        if not self._is_token(request.form.get("token", "")):
             return self.page("login.html", "Sign in", 401, message="Wrong token.")
         response = redirect("/", 303)
-        # https when served over TLS, or behind --trusted-proxy saying so (waitress drops
-        # X-Forwarded-Proto from any other peer)
-        over_tls = request.scheme == "https"
         response.set_cookie(
-            "undo_token", given, httponly=True, samesite="Strict", path="/", secure=over_tls
+            COOKIE,
+            self.signed_in.new(),
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="Strict",
+            path="/",
+            # https when served over TLS, or behind --trusted-proxy saying so (waitress drops
+            # X-Forwarded-Proto from any other peer)
+            secure=request.scheme == "https",
+        )
+        return response
+
+    def logout(self, request: Request) -> Response:
+        """Ends the session of this cookie (a POST: SameSite=Strict keeps other sites out)."""
+        self.signed_in.end(request.cookies.get(COOKIE, ""))
+        response = redirect("/", 303)
+        response.delete_cookie(
+            COOKIE, path="/", httponly=True, samesite="Strict", secure=request.scheme == "https"
         )
         return response
 
