@@ -283,3 +283,48 @@ def test_the_cookie_holds_a_session_value_not_the_token(site, monkeypatch):
     assert _request(port, "GET", "/sessions", short)[0] == 200
     time.sleep(1.2)
     assert _request(port, "GET", "/sessions", short)[0] == 401
+
+
+def test_wrong_tokens_are_limited_per_client_address(site, monkeypatch):
+    """The trial guessed 424 tokens a second. Now 5 wrong ones, then one a second: 429 with
+    Retry-After, nothing checked meanwhile (not even a right token); other addresses go on."""
+    _src, _sid, start = site
+    port = start()
+    # hammering: about one try a second gets checked
+    t0 = time.monotonic()
+    answers = [_login(port, token="guess")[0] for _ in range(60)]
+    checked = answers.count(401)
+    assert set(answers) == {401, 429} and checked <= 6 + (time.monotonic() - t0), answers
+    # a slower refill for the steps below, so that a slow machine does not refill the bucket
+    # between two of them
+    monkeypatch.setattr("undo.web.app.FAILED_PER_SECOND", 0.5)
+    wrong = {"Authorization": "Bearer guess"}
+    source = "127.0.0.2"
+    answers = [_request(port, "GET", "/metrics", wrong, source=source)[0] for _ in range(5)]
+    assert answers == [401] * 5
+    status, headers, body = _request(port, "GET", "/metrics", wrong, source=source)
+    assert status == 429 and headers["Retry-After"] == "2"
+    assert "Too many wrong tokens from 127.0.0.2: try again in 2 s." in body
+    assert _request(port, "GET", "/metrics", AUTH, source=source)[0] == 429  # not checked
+    assert _login(port, source=source)[0] == 429  # the form is the same door
+    assert _request(port, "GET", "/metrics", AUTH, source="127.0.0.3")[0] == 200  # another
+    assert _login(port, token="guess", source="127.0.0.3")[0] == 401
+    time.sleep(2.1)
+    assert _request(port, "GET", "/metrics", AUTH, source=source)[0] == 200
+
+
+def test_behind_the_trusted_proxy_the_limit_is_per_forwarded_client(site, monkeypatch):
+    monkeypatch.setattr("undo.web.app.FAILED_PER_SECOND", 0.1)  # none refilled meanwhile
+    _src, _sid, start = site
+    port = start(trusted_proxy="127.0.0.1")
+    one, two = {"X-Forwarded-For": "203.0.113.1"}, {"X-Forwarded-For": "203.0.113.2"}
+    answers = [_login(port, one, token="guess")[0] for _ in range(6)]
+    assert answers == [401] * 5 + [429]
+    assert _login(port, two)[0] == 303
+    # from a peer that is not the proxy, X-Forwarded-For is not believed: its own address
+    # counts, whatever it claims
+    port = start(trusted_proxy="192.0.2.10")
+    answers = [
+        _login(port, {"X-Forwarded-For": f"203.0.113.{i}"}, token="guess")[0] for i in range(6)
+    ]
+    assert answers == [401] * 5 + [429]

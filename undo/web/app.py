@@ -4,7 +4,7 @@ from the network, so it works on closed machines. Read-only: nothing is applied 
 
 Any address other than loopback needs a token, checked on every request (``Authorization:
 Bearer``, or the session cookie the sign-in form sets: a random value, never the token);
-without it a request sees no data.
+without it a request sees no data. Wrong tokens are limited per client address.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -77,6 +78,9 @@ MAX_FORM_BYTES = 4096  # the login form; waitress refuses a larger body before r
 COOKIE = "undo_session"
 SESSION_SECONDS = 12 * 3600  # a sign-in lasts this long (or until sign-out, or a restart)
 MAX_SESSIONS = 1000
+FAILED_BURST = 5  # wrong tokens a client address may give at once,
+FAILED_PER_SECOND = 1.0  # and then this many a second (more: 429 and Retry-After)
+MAX_CLIENTS = 10000  # addresses remembered by the limit
 
 URLS = Map(
     [
@@ -197,6 +201,37 @@ class Sessions:
             self._expiry.pop(self._key(value), None)
 
 
+class FailedTokens:
+    """Wrong tokens per client address: a bucket of FAILED_BURST tries, refilled at
+    FAILED_PER_SECOND; an empty bucket is told to wait (nothing is checked meanwhile)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # address: tries left, when
+        self._lock = threading.Lock()
+
+    def _left(self, client: str, now: float) -> float:
+        left, when = self._buckets.get(client, (FAILED_BURST, now))
+        return min(FAILED_BURST, left + (now - when) * FAILED_PER_SECOND)
+
+    def wait(self, client: str) -> float:
+        """Seconds before this client may try a token again (0: now)."""
+        with self._lock:
+            left = self._left(client, time.monotonic())
+        return 0.0 if left >= 1 else (1 - left) / FAILED_PER_SECOND
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            left = self._left(client, now)
+            self._buckets.pop(client, None)  # to the end: the dict's order is the last try's
+            self._buckets[client] = (left - 1, now)
+            if len(self._buckets) > MAX_CLIENTS:  # those refilled are forgotten first
+                for c in [c for c in self._buckets if self._left(c, now) >= FAILED_BURST]:
+                    del self._buckets[c]
+                while len(self._buckets) > MAX_CLIENTS:
+                    del self._buckets[next(iter(self._buckets))]
+
+
 class App:
     """The WSGI application: routing, the host allowlist, the token, the pages."""
 
@@ -211,6 +246,7 @@ class App:
         # through a name the attacker controls
         self.allowed_hosts = LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}
         self.signed_in = Sessions()
+        self.failed = FailedTokens()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         request = Request(environ)
@@ -266,7 +302,8 @@ class App:
 
     def _authenticate(self, request: Request, endpoint: str) -> Response | None:
         """None when the request may go on (a live session cookie, or the token as a Bearer
-        header); else the answer: the sign-in page or a new session."""
+        header); else the answer: the sign-in page, a new session, or 429 to a client
+        address that gave too many wrong tokens."""
         if self.signed_in.valid(request.cookies.get(COOKIE, "")):
             return None
         auth = request.headers.get("Authorization", "")
@@ -274,21 +311,34 @@ class App:
         signing_in = endpoint == "login" and request.method == "POST"
         if not bearer and not signing_in:
             return self.page("login.html", "Sign in", 401, message=None)
+        client = request.remote_addr or ""
+        wait = math.ceil(self.failed.wait(client))
+        if wait:
+            response = self.page(
+                "message.html",
+                "Too many requests",
+                429,
+                message=f"Too many wrong tokens from {client}: try again in {wait} s.",
+            )
+            response.headers["Retry-After"] = str(wait)
+            return response
         if signing_in:
-            return self.login(request)
+            return self.login(request, client)
         if self._is_token(bearer):
             return None
+        self.failed.failed(client)
         return self.page("login.html", "Sign in", 401, message="Wrong token.")
 
     def _is_token(self, given: str) -> bool:
         assert self.token is not None
         return hmac.compare_digest(given.encode(), self.token.encode())
 
-    def login(self, request: Request) -> Response:
+    def login(self, request: Request, client: str) -> Response:
         size = request.content_length
         if size is None or size > MAX_FORM_BYTES:  # never read a body of unknown or large size
             return self.page("message.html", "Bad request", 400, message="Bad form.")
         if not self._is_token(request.form.get("token", "")):
+            self.failed.failed(client)
             return self.page("login.html", "Sign in", 401, message="Wrong token.")
         response = redirect("/", 303)
         response.set_cookie(
