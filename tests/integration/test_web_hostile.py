@@ -3,6 +3,7 @@ tokens, absurd query parameters; over real HTTP against a real store."""
 
 from __future__ import annotations
 
+import html
 import http.client
 import os
 import random
@@ -328,3 +329,47 @@ def test_behind_the_trusted_proxy_the_limit_is_per_forwarded_client(site, monkey
         _login(port, {"X-Forwarded-For": f"203.0.113.{i}"}, token="guess")[0] for i in range(6)
     ]
     assert answers == [401] * 5 + [429]
+
+
+BIG = "99999999999999999999999"
+BAD_PARAMETERS = [
+    ("/sessions", f"page={BIG}", "page must be a whole number from 1 to 1000000000"),
+    ("/sessions", "page=-1", "page must be a whole number"),
+    ("/sessions", "page=0", "page must be a whole number"),
+    ("/sessions", "page=abc", "page must be a whole number"),
+    ("/sessions", "page=1e3", "page must be a whole number"),
+    ("/sessions", "page=%C2%B2", "page must be a whole number"),  # a superscript 2
+    ("/sessions", f"page={'9' * 5000}", "..."),
+    ("/sessions", "since=0001-01-01", "since is not a time undo can use: '0001-01-01'"),
+    ("/sessions", "until=0999-12-31", "until is not a time undo can use"),
+    ("/sessions", "until=soon", "malformed time"),
+    ("/", "since=0001-01-01", "since is not a time undo can use"),
+    ("/", "since=-5m", "malformed time"),
+    ("/", f"since={BIG}d", "before the year 1"),
+    ("/sessions/{sid}", f"page={BIG}", "page must be a whole number"),
+    ("/sessions/{sid}", "page=-3", "page must be a whole number"),
+    ("/sessions/{sid}", f"tpage={BIG}", "tpage must be a whole number"),
+    ("/sessions/{sid}", "tpage=-1", "tpage must be a whole number"),
+]
+
+
+@pytest.mark.parametrize(("path", "query", "says"), BAD_PARAMETERS)
+def test_a_bad_query_parameter_is_a_400_of_one_line(site, path, query, says):
+    """`?page=99999999999999999999999` was a 500 (SQLite's OFFSET overflowed), a negative
+    page was taken for 1, and a year SQLite cannot hold was a 500."""
+    _src, sid, start = site
+    port = start(token=None)
+    status, _h, body = _request(port, "GET", path.format(sid=sid) + "?" + query)
+    message = re.search(r"<main><h1>Bad request</h1>\s*<p>(.*?)</p>", body, re.S)
+    assert status == 400 and message is not None, (status, body[:300])
+    assert "\n" not in message.group(1) and len(message.group(1)) < 200
+    assert says in html.unescape(message.group(1))
+
+
+def test_good_query_parameters_still_answer(site):
+    _src, sid, start = site
+    port = start(token=None)
+    for path in ("/sessions?page=1", "/sessions?page=2&since=1h", f"/sessions/{sid}?tpage=1"):
+        assert _request(port, "GET", path)[0] == 200, path
+    assert _request(port, "GET", "/?since=2999-01-01")[0] == 200  # a time to come: no bars
+    assert _request(port, "GET", "/?since=")[0] == 200  # an empty form: the last 24 hours

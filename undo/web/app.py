@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -159,11 +160,32 @@ def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "tag_text": words.tag(r["tag"], r["tag_reason"])} for r in rows]
 
 
+MAX_PAGE = 10**9  # pages past it hold nothing, and SQLite's OFFSET takes 64 bits at most
+
+
+def _shown(text: str) -> str:
+    """A query parameter as an error quotes it: at most 40 characters."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
 def _page_number(q: Any, name: str = "page") -> int:
+    text = q.get(name) or "1"
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= MAX_PAGE:
+        raise BadInput(f"{name} must be a whole number from 1 to {MAX_PAGE}, not {_shown(text)}")
+    return int(text)
+
+
+def _time(q: Any, name: str, default: str | None = None) -> str | None:
+    """A time parameter (ISO 8601 or an age) as the store's text; None when not given."""
+    text = q.get(name) or default
+    if not text:
+        return None
     try:
-        return max(1, int(q.get(name) or 1))
-    except ValueError:
-        raise BadInput(f"{name} must be a number, not {q.get(name)!r}") from None
+        stored = parse_time(text)
+        epoch(stored)  # years before 1000 come out of parse_time in a form nothing reads back
+    except (ValueError, OverflowError):
+        raise BadInput(f"{name} is not a time undo can use: {_shown(text)}") from None
+    return stored
 
 
 class Sessions:
@@ -365,15 +387,16 @@ class App:
 
     # -- pages ---------------------------------------------------------------------------------
     def overview(self, q: Any) -> Response:
-        since_text = q.get("since", "24h")
-        since = parse_time(since_text)
+        since_text = q.get("since") or "24h"
+        since = _time(q, "since", "24h")
+        assert since is not None
         db = open_store(self.settings.store)
         try:
             now = time.time()
             span = now - epoch(since)
             bucket = max(60, int(span / 48) // 60 * 60)
             first = int(epoch(since)) // bucket * bucket
-            count = int(now - first) // bucket + 1
+            count = max(1, int(now - first) // bucket + 1)  # a time to come: one bucket
             rows = queries.activity(db, by="app", since=since, bucket_seconds=bucket)
             health = queries.status(db)
             refused = queries.guard_refusals(db)[-20:][::-1]
@@ -431,8 +454,8 @@ class App:
         try:
             rows = queries.sessions(
                 db,
-                since=parse_time(q["since"]) if q.get("since") else None,
-                until=parse_time(q["until"]) if q.get("until") else None,
+                since=_time(q, "since"),
+                until=_time(q, "until"),
                 app=q.get("app") or None,
                 user=q.get("user") or None,
                 tables=[q["table"]] if q.get("table") else None,
