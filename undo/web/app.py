@@ -705,6 +705,7 @@ class Server:
         except BaseException:
             for listener in listeners:
                 listener.close()
+            dispatcher.shutdown(timeout=5)  # its threads
             raise
         self._server = listeners[0]
         self.server_port: int = int(self._server.effective_port)
