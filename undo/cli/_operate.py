@@ -255,17 +255,31 @@ def prune_cmd(settings: Settings, before: str) -> None:
     multiple=True,
     help="A host name requests may use besides loopback and the address served (repeatable).",
 )
+@click.option(
+    "--trusted-proxy",
+    envvar="UNDO_TRUSTED_PROXY",
+    show_envvar=True,
+    metavar="ADDR",
+    help="IP address of the TLS proxy in front: its X-Forwarded-Proto (https: the sign-in"
+    " cookie is Secure) and X-Forwarded-For are believed; from any other peer, ignored.",
+)
 @pass_settings
 def serve_cmd(
-    settings: Settings, host: str, port: int, token: str | None, allowed_hosts: tuple[str, ...]
+    settings: Settings,
+    host: str,
+    port: int,
+    token: str | None,
+    allowed_hosts: tuple[str, ...],
+    trusted_proxy: str | None,
 ) -> None:
-    """The dashboard and Prometheus /metrics (read-only).
+    """The dashboard and Prometheus /metrics (read-only). Exposed beyond this machine, put a
+    TLS proxy in front (and give --trusted-proxy).
 
-    Example: undo serve --port 8080
+    Example: undo serve --host 127.0.0.1 --port 8080 --trusted-proxy 127.0.0.1
     """
     from undo.web import serve
 
-    server = serve(settings, host, port, token, allowed_hosts)
+    server = serve(settings, host, port, token, allowed_hosts, trusted_proxy)
     info(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()
