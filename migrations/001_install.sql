@@ -169,6 +169,42 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION undo.undoing_json(text, text) FROM PUBLIC;
 
+-- How much of a transaction's statements the tag marks: undo.statements_mode(), 'each' (a
+-- marker at each later statement, so that every change carries its own statement) or 'first'
+-- (none: after the first, a statement only checks undo.tagged, and every change carries the
+-- transaction's first statement). Set by `undo init --statements` through
+-- undo.make_statements(), which only undo's owner may call; for the whole database (every
+-- slot and store on it). Like undo.guarded() (003_guard.sql), the mode is no setting and no
+-- query: a constant SQL function that undo.tag_statement() inlines into its plan (PostgreSQL
+-- plans it again when the function is replaced, so a session opened before a switch follows
+-- it from its next statement), in schema undo, where only undo's owner may create or replace
+-- a function, and called schema-qualified. Anyone may call it: `undo status` and `check`
+-- show the mode. A new install marks each statement; `undo init` again keeps the mode.
+CREATE OR REPLACE FUNCTION undo.make_statements(mode text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF mode IS NULL OR mode NOT IN ('each', 'first') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('statements must be each or first, not %s', mode);
+    END IF;
+    IF to_regprocedure('undo.statements_mode()') IS NOT NULL THEN
+        IF (SELECT p.prosrc FROM pg_proc p
+             WHERE p.oid = 'undo.statements_mode()'::regprocedure)
+           = format('SELECT %L::pg_catalog.text', mode) THEN
+            RETURN false;  -- unchanged: no session's plans invalidated
+        END IF;
+    END IF;
+    EXECUTE format('CREATE OR REPLACE FUNCTION undo.statements_mode() RETURNS pg_catalog.text'
+                   ' LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
+                   format('SELECT %L::pg_catalog.text', mode));
+    RETURN true;
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.make_statements(text) FROM PUBLIC;
+SELECT undo.make_statements('each') WHERE to_regprocedure('undo.statements_mode()') IS NULL;
+
 -- The statement trigger's function, on every audited table. SECURITY DEFINER, so that it signs
 -- as undo's owner (reading undo.secret); no SET clause (PostgreSQL saves and restores settings
 -- around every call of a function that has one: tens of µs a call), so it runs with the
@@ -187,8 +223,10 @@ REVOKE ALL ON FUNCTION undo.undoing_json(text, text) FROM PUBLIC;
 -- current_query() (the top-level statement) and, for an undo, what it undoes. Each later
 -- statement emits a marker (prefix undo.stmt, unsigned: its text), so that every change carries
 -- the statement that made it; capture accepts markers only inside a transaction whose tag it
--- trusts. Both settings are set with is_local, so a rolled-back savepoint rolls them back with
--- the messages it held, and the next statement emits them again. Code in the session can write
+-- trusts. With undo.statements_mode() 'first' (`undo init --statements first`), a later
+-- statement returns once it has checked undo.tagged: no marker, no undo.stmt. Both settings
+-- are set with is_local, so a rolled-back savepoint rolls them back with the messages it held,
+-- and the next statement emits them again. Code in the session can write
 -- them: it can erase its own transaction's tag (its writes are stored untagged, 'missing') or
 -- have a marker emitted twice, never make another's writes trusted; a value set for the session
 -- (by a table owner's trigger running in it, say) matches no later statement or transaction: it
@@ -220,6 +258,13 @@ DECLARE
     ip pg_catalog.bytea;
     op pg_catalog.bytea;
 BEGIN
+    -- statements first: once the transaction is tagged, a statement does nothing more (the
+    -- condition is the undo.tagged check alone; with each, a constant false)
+    IF undo.statements_mode() OPERATOR(pg_catalog.=) 'first'
+       AND pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=)
+            pg_catalog.transaction_timestamp()::pg_catalog.text THEN
+        RETURN NULL;
+    END IF;
     t := pg_catalog.encode(pg_catalog.timestamptz_send(pg_catalog.statement_timestamp()), 'hex');
     IF pg_catalog.current_setting('undo.stmt', true) OPERATOR(pg_catalog.=) t THEN
         RETURN NULL;  -- this statement is marked already

@@ -41,6 +41,14 @@ from undo.store.schema import open_store
     is_flag=True,
     help="PostgreSQL 17+: a failover slot, kept in step on standbys (see docs/operations.md).",
 )
+@click.option(
+    "--statements",
+    type=click.Choice(["each", "first"]),
+    help="Which statements of a transaction its changes are attributed to, for the whole"
+    " database: each (every change its own statement) or first (the transaction's first"
+    " statement: cheaper for many-statement transactions, see docs/performance.md).  [default:"
+    " each on a new install; kept when not given]",
+)
 @pass_settings
 def init_cmd(
     settings: Settings,
@@ -48,6 +56,7 @@ def init_cmd(
     tables: tuple[str, ...],
     uninstall: bool,
     failover: bool,
+    statements: str | None,
 ) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
@@ -63,7 +72,7 @@ def init_cmd(
         done = do_uninstall(settings)
         click.echo("\n".join(done) if done else "nothing to remove")
         return
-    report = init(settings, list(schemas), list(tables), failover=failover)
+    report = init(settings, list(schemas), list(tables), failover=failover, statements=statements)
     for w in report.warnings:
         echo_err(f"warning: {w}")
     if report.nothing_to_do:
