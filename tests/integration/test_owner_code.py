@@ -185,6 +185,25 @@ def test_always_rule_is_refused(pgo):
     assert not _super(pgo, mallory)
 
 
+def test_rewinds_refuse_too(pgo):
+    """undo table --to (apply and print) and --as-of (a rewind rolled back) write the table:
+    refused the same way; --fire-triggers is the opt-in for each."""
+    mallory, mdsn, adsn = _roles(pgo)
+    at = pgo.now()
+    _alice(pgo, adsn, "DELETE FROM notes WHERE id = 1")
+    _plant(pgo, mdsn, mallory)
+    for args in (("--to", at, "--apply"), ("--to", at), ("--as-of", at)):
+        got = pgo.undo_cli("table", "public.notes", *args)
+        assert got.returncode == 1, (args, got.stderr)
+        assert "trigger zz_trojan (ENABLE ALWAYS)" in got.stderr, args
+        assert "Traceback" not in got.stderr
+        assert not _super(pgo, mallory), args
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(2,), (3,)]
+    seen = pgo.undo_cli("table", "public.notes", "--as-of", at, "--fire-triggers")
+    assert seen.returncode == 0, seen.stderr
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(2,), (3,)]  # rolled back
+
+
 def test_a_name_holding_the_guards_quote_tag_cannot_end_it(pgo):
     """The guard is dollar-quoted and names the tables: a table named with the tag in it
     ($undo$, then $undo_$) gets a longer tag, so the script still runs as printed."""
