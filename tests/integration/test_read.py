@@ -369,6 +369,32 @@ def test_history_takes_a_partitioned_table_and_follows_a_row_across_partitions(s
     assert source.undo_cli("history", "public.invoices", "id=150").returncode == 2
 
 
+def test_metrics_count_a_partitions_changes_under_its_partitioned_table(source):
+    """/metrics labels a partition's changes with its partitioned table (the root capture
+    recorded, m012), so a table is one series however many partitions it has and Grafana's
+    labels stay bounded; on 6305851 each partition was a series of its own."""
+    from prometheus_client import generate_latest
+
+    from undo.web.metrics import registry
+
+    source.sql(_INVOICES)
+    source.init()
+    with source.connect(application_name="billing") as c:
+        c.execute("INSERT INTO invoices VALUES (1, '2026-09-05', 10), (2, '2026-10-05', 20)")
+        c.execute("UPDATE invoices SET issued_at = '2026-10-06' WHERE id = 1")  # moves it
+    source.capture()
+    text = generate_latest(registry(source.settings)).decode()
+    series = {
+        (labels["table"], labels["operation"]): float(value)
+        for line in text.splitlines()
+        if line.startswith("undo_changes_total{")
+        for labels, value in [(dict(re.findall(r'(\w+)="([^"]*)"', line)), line.rsplit(" ", 1)[1])]
+    }
+    assert {table for table, _ in series} == {"public.invoices"}
+    # the move is a delete in one partition and an insert in the other
+    assert series["public.invoices", "insert"] == 3 and series["public.invoices", "delete"] == 1
+
+
 def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):
     pgo.sql(
         "CREATE TABLE payments (id bigint, issued_at timestamptz, PRIMARY KEY (id, issued_at));"

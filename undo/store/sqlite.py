@@ -273,8 +273,11 @@ class SqliteStore:
         db = self.db
         return MetricsFigures(
             changes=tuple(
+                # a partition under its partitioned table (m012's roots): a label per table,
+                # however many partitions it has or will have
                 db.execute(
-                    "SELECT a.application_name, qualified_name(r.schema_name, r.table_name),"
+                    "SELECT a.application_name, qualified_name(coalesce(r.root_schema,"
+                    " r.schema_name), coalesce(r.root_table, r.table_name)),"
                     " sum(a.inserts), sum(a.updates), sum(a.deletes), sum(a.truncates)"
                     " FROM activity a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
                 )
