@@ -35,12 +35,12 @@ COMMANDS = [
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_every_command_has_help_and_is_in_the_readme(command):
+def test_every_command_has_help_and_is_in_the_reference(command):
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Example:" in result.output or command == ["show"]
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert f"undo {' '.join(command)}" in readme
+    reference = (Path(__file__).parents[2] / "docs" / "reference.md").read_text()
+    assert f"undo {' '.join(command)}" in reference
 
 
 def _run(tmp_path, *args, env=None):

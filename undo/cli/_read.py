@@ -253,7 +253,7 @@ def history_cmd(
     Example: undo history public.invoices id=150 issued_at=2026-10-20
 
     Values are compared in their column type's text form: read by the source's own type
-    (--dsn, when it answers), else in the forms the README lists.
+    (--dsn, when it answers), else in the forms docs/reference.md lists.
     """
     from undo.core.errors import DatabaseUnreachable
     from undo.source import keyforms, pg
@@ -268,7 +268,9 @@ def history_cmd(
             conn = pg.connect(settings.dsn, **_connect_timeout(settings.dsn, 5))
             normalise = keyforms.through_source(conn)
         except DatabaseUnreachable as e:
-            echo_err(f"warning: {e}; values compared in the forms the README lists (history)")
+            echo_err(
+                f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
+            )
     try:
         rows = db.history(table, pairs, normalise)
     finally:

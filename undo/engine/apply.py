@@ -177,7 +177,7 @@ class _Writes:
 _LOST_TO_DECODER = (
     "the table holds NaN or Infinity in {} where the audit store has NULL, and is as the undone"
     " change left it otherwise: wal2json before 2.6 sends NaN and ±Infinity of float and"
-    " numeric columns as null (README, Decoders), so undo cannot match the row; not a later"
+    " numeric columns as null (docs/design.md, Decoders), so undo cannot match the row; not a later"
     " change. Undo the rest with --on-conflict skip"
 )
 
@@ -926,7 +926,7 @@ def _apply(
         if isinstance(e, psycopg.errors.IntegrityError):
             raise Refused(
                 f"the undo would break a constraint ({e.diag.message_primary}): nothing changed"
-                ' (see "Undo" in the README for the orders undo cannot write in)'
+                ' (see docs/design.md, "The undo engine", for the orders undo cannot write in)'
             ) from None
         if isinstance(e, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
             raise Refused(

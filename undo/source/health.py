@@ -210,6 +210,14 @@ def judge(
     row = conn.execute("SELECT schemas FROM undo.config").fetchone()
     schemas = list(row[0]) if row else []
     audits["schemas"] = schemas
+    # which statements the tag marks (undo init --statements): first attributes each change
+    # to its transaction's first statement
+    audits["statements"] = install.statements_mode(conn)
+    if audits["statements"] == "first":
+        notes.append(
+            "statements first: a change made by a transaction's later statement is shown with"
+            " its first statement (`undo init --statements each` marks every statement)"
+        )
     if publication is not None:
         row = conn.execute(
             "SELECT schemas FROM undo.publications WHERE name = %s", (publication,)

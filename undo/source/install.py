@@ -190,12 +190,34 @@ def _tables(conn: psycopg.Connection[Any], schemas: list[str], tables: list[str]
     return oids
 
 
+#: `undo init --statements`: which statements of a transaction the tag marks (001_install.sql,
+#: undo.statements_mode()): each (every change carries its own statement), first (none after
+#: the first: cheaper, and every change carries the transaction's first statement)
+STATEMENTS = ("each", "first")
+
+
+def statements_mode(conn: psycopg.Connection[Any]) -> str | None:
+    """The source's mode (undo.statements_mode()), or None where undo is not installed or was
+    installed before the mode (it marks each statement, or, older still, none)."""
+    if conn.execute("SELECT to_regprocedure('undo.statements_mode()')").fetchone() == (None,):
+        return None
+    row = conn.execute("SELECT undo.statements_mode()").fetchone()
+    return str(row[0]) if row else None
+
+
 def init(
-    settings: Settings, schemas: list[str], tables: list[str], failover: bool = False
+    settings: Settings,
+    schemas: list[str],
+    tables: list[str],
+    failover: bool = False,
+    statements: str | None = None,
 ) -> InitReport:
     """Prepare the source database and the store; idempotent. ``failover``: a slot that
     PostgreSQL 17+ keeps in step on standbys (sync_replication_slots), so capture can go on
-    from a promoted standby."""
+    from a promoted standby. ``statements``: switch the tag's mode (STATEMENTS) for the whole
+    database; None keeps it (each on a new install)."""
+    if statements is not None and statements not in STATEMENTS:
+        raise BadInput(f"--statements must be {' or '.join(STATEMENTS)}, not {statements!r}")
     report = InitReport()
     # an existing store remembers its decoder; a new one is created only once the source passed
     # its checks, so a refused init leaves nothing behind
@@ -229,6 +251,15 @@ def init(
                     conn.execute(text.encode())
                 if not (installed and installed[0]):
                     report.changed.append("installed the undo schema and tagging function")
+                if statements is not None:
+                    row = conn.execute("SELECT undo.make_statements(%s)", (statements,)).fetchone()
+                    if row and row[0]:
+                        report.changed.append(
+                            "statements first: the tag marks no statement after a transaction's"
+                            " first (its changes carry the first)"
+                            if statements == "first"
+                            else "statements each: every change carries its own statement"
+                        )
                 prior = conn.execute("SELECT schemas FROM undo.config").fetchone()
                 merged = sorted(set(prior[0] if prior else []) | set(schemas))
                 conn.execute(

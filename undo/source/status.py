@@ -14,7 +14,7 @@ from undo.core.config import Settings
 from undo.core.errors import StoreCorrupt
 from undo.core.times import epoch, iso
 from undo.source import health, pg
-from undo.source.install import unprepared, unpublishable
+from undo.source.install import statements_mode, unprepared, unpublishable
 from undo.store import is_corrupt, open_store
 from undo.store.api import Store
 
@@ -147,6 +147,8 @@ def status(settings: Settings) -> dict[str, Any]:
         result["unpublishable_tables"] = [
             {"table": t, "reason": why} for t, why in unpublishable(conn, schemas)
         ]
+        # undo init --statements: each, first (None: not installed, or before the mode)
+        result["statements"] = statements_mode(conn)
         # what `undo check` says is wrong, with its fixes (lag judged by check alone: status
         # shows it, the threshold is the caller's)
         found = health.judge(conn, db, settings, slot, result, None, result["gaps"], deep=False)
