@@ -118,10 +118,10 @@ def test_malformed_dsn_is_one_line_without_the_password(tmp_path, dsn, command):
 
 
 def _listing_store(tmp_path: Path) -> str:
-    from undo.store.schema import open_store
+    from undo.store import open_store
 
     path = str(tmp_path / "empty.db")
-    open_store(path, create=True).conn.close()
+    open_store(path, create=True).close()
     return path
 
 

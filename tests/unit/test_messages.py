@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from undo.core.records import Begin, Commit
-from undo.store.schema import open_store
-from undo.store.writer import StoreWriter
+from undo.store import open_store
 from undo.stream import messages
 
 KEY = b"k" * 32
@@ -112,7 +111,7 @@ def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, how):
     signed = messages.read_signed(prefix, content, KEY, 7)
     with tempfile.TemporaryDirectory() as tmp:
         db = open_store(os.path.join(tmp, "s.db"), create=True)
-        writer = StoreWriter(db)
+        writer = db.writer()
         if signed.problem is not None:
             writer.add_malformed(10, prefix, signed.claimed_session, signed.problem, content)
         elif prefix == messages.GUARD_PREFIX:
@@ -127,4 +126,4 @@ def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, how):
             writer.add_malformed(11, prefix, signed.claimed_session, signed.problem, content)
         writer.commit(Commit(100, 101, "2026-01-01T00:00:00.000000Z"))
         writer.flush()
-        db.conn.close()
+        db.close()

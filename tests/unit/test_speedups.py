@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from undo import _speedups as speedups
 from undo.core.records import Begin, Relation
-from undo.store.schema import open_store
-from undo.store.writer import StoreWriter
+from undo.store import open_store
 from undo.stream import pgoutput, wal2json
 
 # a column: NULL, unchanged TOAST, or a text value (any code point but the surrogates,
@@ -98,7 +97,7 @@ def change(op: str, old: list | None, new: list | None, old_kind: bytes = b"O") 
 
 @pytest.fixture(scope="module")
 def writer(tmp_path_factory):
-    return StoreWriter(open_store(str(tmp_path_factory.mktemp("s") / "s.db"), create=True))
+    return open_store(str(tmp_path_factory.mktemp("s") / "s.db"), create=True).writer()
 
 
 def python_path(writer, message: bytes, key: tuple[int, ...] | None, ncols: int = 0):

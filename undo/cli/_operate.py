@@ -18,7 +18,7 @@ from undo.cli._app import (
 )
 from undo.core.config import Settings
 from undo.core.times import parse_age, parse_time
-from undo.store.schema import open_store
+from undo.store import open_store
 
 
 @cli.command("init")
@@ -233,9 +233,7 @@ def prune_cmd(settings: Settings, before: str) -> None:
 
     Example: undo prune --before 90d
     """
-    from undo.store.prune import prune
-
-    r = prune(open_store(settings.store), parse_time(before))
+    r = open_store(settings.store).prune(parse_time(before))
     click.echo(
         f"removed {r.transactions} transaction(s), {r.changes} change(s) of"
         f" {r.sessions} session(s); kept {r.kept_sessions} session(s) that go on after"

@@ -35,7 +35,8 @@ from undo.engine import inverse
 from undo.engine.inverse import Step, TableUndo
 from undo.engine.plan import Plan, Target, changes, later_writer, select
 from undo.source import pg
-from undo.store.schema import get_meta, open_store
+from undo.store import open_store
+from undo.store.api import Store
 
 log = logging.getLogger(__name__)
 COPY_CHUNK = 2000  # lines per write to the COPY stream
@@ -181,7 +182,7 @@ _LOST_TO_DECODER = (
 )
 
 
-def _diagnose(w: _Writes, db: Any, report: UndoReport) -> dict[int, list[int]]:
+def _diagnose(w: _Writes, db: Store, report: UndoReport) -> dict[int, list[int]]:
     """Find the conflicts on the live rows as they are, with nothing of the undo written:
     each statement's, then the rows that depend on them (or that nothing would hold to)
     through foreign keys, until none is left. Takes them out of the nets (into the skip tables),
@@ -195,7 +196,7 @@ def _diagnose(w: _Writes, db: Any, report: UndoReport) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
 
     # wal2json before 2.6 (no numbers_as_strings) stored NaN and ±Infinity as null
-    nan_lost = get_meta(db, "decoder") == "wal2json" and get_meta(db, "numbers_as_strings") != "1"
+    nan_lost = db.meta("decoder") == "wal2json" and db.meta("numbers_as_strings") != "1"
 
     def leave_out(
         u: TableUndo, found: list[tuple[Any, ...]], name_writer: bool, kind: str | None = None
@@ -292,7 +293,7 @@ class _Applier(_Runner):
     copies_directly = True
 
     def __init__(
-        self, conn: psycopg.Connection[Any], db: Any, report: UndoReport, on_conflict: str
+        self, conn: psycopg.Connection[Any], db: Store, report: UndoReport, on_conflict: str
     ) -> None:
         self.conn = conn
         self.db = db
@@ -427,7 +428,7 @@ class _Printer(_Runner):
         self,
         out: TextIO,
         conn: psycopg.Connection[Any],
-        db: Any,
+        db: Store,
         report: UndoReport,
         on_conflict: str,
         checked: set[int],
@@ -747,14 +748,14 @@ def _undoing(target: Target) -> sql.Composed:
 
 def _ledger_call(plan: Plan) -> sql.Composed:
     """undo.record_undo(target, [[commit LSN, table OID, op, xid], ...])."""
-    by_id = {t["id"]: t for t in plan.transactions}
+    by_id = {t.id: t for t in plan.transactions}
     entries = sorted(
         {
             (
-                wal.int_to_lsn(by_id[txn]["commit_lsn"]),
+                wal.int_to_lsn(by_id[txn].commit_lsn),
                 plan.tables[rel].oid,
                 op,
-                by_id[txn]["xid"],
+                by_id[txn].xid,
             )
             for (txn, rel, op) in plan.counts
         },
@@ -801,7 +802,7 @@ def _stage(runner: _Runner, u: TableUndo, lines: Iterator[str]) -> None:
 def _run(
     runner: _Runner,
     conn: psycopg.Connection[Any],
-    db: Any,
+    db: Store,
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     fire_triggers: bool,
@@ -815,7 +816,7 @@ def _run(
     row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
     by_xmin = plan.by_xmin(int(row[0]) if row else 0)
     # a keyless table's stage carries every xid: rows written since are known by their xmin
-    every_xid = {t["id"]: t["xid"] for t in plan.transactions}
+    every_xid = {t.id: t.xid for t in plan.transactions}
     undos: dict[int, TableUndo] = {}
     staged: set[int] = set()
     done = [0]
@@ -844,9 +845,7 @@ def _run(
             staged=staged,
             stage=stage,
             copy_rows=lambda rel: lines(rel, undos[rel], rows=True),
-            xids=lambda rel: [
-                t["xid"] for t in plan.transactions if (t["id"], rel, "D") in plan.counts
-            ],
+            xids=lambda rel: [t.xid for t in plan.transactions if (t.id, rel, "D") in plan.counts],
             check_keys=check_keys and not fire_triggers,
             progress=progress,
             checked=runner.checked,
@@ -952,7 +951,7 @@ def undo(
 
 def _apply(
     conn: psycopg.Connection[Any],
-    db: Any,
+    db: Store,
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     report: UndoReport,
@@ -1054,7 +1053,7 @@ def _apply(
 
 def _print(
     conn: psycopg.Connection[Any],
-    db: Any,
+    db: Store,
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     report: UndoReport,
@@ -1129,9 +1128,7 @@ def _cleared(
     out = set()
     for rel, lt in tables.items():
         txns = [
-            t["id"]
-            for t in plan.transactions
-            if any((t["id"], rel, o) in plan.counts for o in "IUD")
+            t.id for t in plan.transactions if any((t.id, rel, o) in plan.counts for o in "IUD")
         ]
         if (lt.version.key is not None and not lt.unique_key) or not all(
             t in by_xmin for t in txns

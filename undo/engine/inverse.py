@@ -35,7 +35,7 @@ from psycopg import sql
 from undo.core import names
 from undo.core.errors import Refused
 from undo.core.images import Value, image_text, load, merged_new
-from undo.engine.plan import StoredChange, TableVersion
+from undo.store.api import StoredChange, TableVersion
 
 #: jsonb_build_array is variadic, and a function takes at most 100 arguments
 _MAX_ARGS = 100

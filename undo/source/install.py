@@ -8,7 +8,6 @@ trigger calls for tables created later), creates the publication and the slot, a
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,8 +20,7 @@ from undo.core import names, wal
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotReady, UndoError
 from undo.source import pg
-from undo.store.schema import get_meta, open_store, set_meta
-from undo.store.writer import record_gap
+from undo.store import exists, open_store
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +221,7 @@ def init(
     report = InitReport()
     # an existing store remembers its decoder; a new one is created only once the source passed
     # its checks, so a refused init leaves nothing behind
-    known = (
-        get_meta(open_store(settings.store), "decoder") if os.path.exists(settings.store) else None
-    )
+    known = open_store(settings.store).meta("decoder") if exists(settings.store) else None
     decoder = settings.decoder or known or "pgoutput"
     if known is not None and known != decoder:
         raise UndoError(
@@ -392,7 +388,7 @@ def init(
             " FROM pg_replication_slots s WHERE slot_name = %s AND database = current_database()",
             (settings.slot,),
         ).fetchone()
-        position = get_meta(db, "position")
+        position = db.meta("position")
         if slot is not None and slot[2] == "lost":
             conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot,))
             slot = None
@@ -424,35 +420,34 @@ def init(
             assert row is not None
             new_position = wal.lsn_to_int(row[0])
             if position is not None:
-                record_gap(db, int(position), new_position, f"slot {settings.slot} re-created")
+                db.record_gap(int(position), new_position, f"slot {settings.slot} re-created")
                 report.warnings.append(
                     f"the slot was missing or lost: changes between {wal.int_to_lsn(int(position))}"
                     f" and {row[0]} are not in the audit trail (recorded as a gap)"
                 )
-            with db.atomic():
-                set_meta(db, "position", str(new_position))
-                if position is None:  # the store's history starts here (undo table --to)
-                    now = conn.execute(
-                        "SELECT to_char(now() AT TIME ZONE 'UTC',"
-                        ' \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\')'
-                    ).fetchone()
-                    set_meta(db, "history_from", now[0] if now else None)
+            moved: dict[str, str | None] = {"position": str(new_position)}
+            if position is None:  # the store's history starts here (undo table --to)
+                now = conn.execute(
+                    "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+                ).fetchone()
+                moved["history_from"] = now[0] if now else None
+            db.set_meta(moved)
             report.changed.append(f"created slot {settings.slot} ({decoder})")
         conn.execute(
             "INSERT INTO undo.slots (name, decoder) VALUES (%s, %s)"
             " ON CONFLICT (name) DO UPDATE SET decoder = excluded.decoder",
             (settings.slot, decoder),
         )
-        with db.atomic():
-            for k, v in {
+        db.set_meta(
+            {
                 "decoder": decoder,
                 "slot": settings.slot,
                 "publication": settings.slot if decoder == "pgoutput" else None,
                 "numbers_as_strings": "1" if numbers_as_strings else "0",
                 "server_version": conn.info.parameter_status("server_version") or "",
                 "settings": " ".join(f"{k}={v}" for k, v in pg.PINNED_SETTINGS.items()),
-            }.items():
-                set_meta(db, k, v)
+            }
+        )
     return report
 
 

@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from undo.core.times import iso
-from undo.store.writer import ledger_entry
+from undo.store.api import ledger_entry
 
 TAG_PREFIX = "undo"
 MARK_PREFIX = "undo.mark"  # capture --once: its own non-transactional mark

@@ -43,8 +43,9 @@ from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotRecorded, UndoError
 from undo.core.times import epoch, parse_time
 from undo.core.wal import int_to_lsn
-from undo.store import queries
-from undo.store.schema import open_store
+from undo.source import keyforms
+from undo.store import open_store
+from undo.store.api import split_claims
 from undo.web import metrics
 
 log = logging.getLogger(__name__)
@@ -397,11 +398,11 @@ class App:
             bucket = max(60, int(span / 48) // 60 * 60)
             first = int(epoch(since)) // bucket * bucket
             count = max(1, int(now - first) // bucket + 1)  # a time to come: one bucket
-            rows = queries.activity(db, by="app", since=since, bucket_seconds=bucket)
-            health = queries.status(db)
-            refused = queries.guard_refusals(db)[-20:][::-1]
+            rows = db.activity(by="app", since=since, bucket_seconds=bucket)
+            health = db.status()
+            refused = db.guard_refusals()[-20:][::-1]
         finally:
-            db.conn.close()
+            db.close()
         by_app: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by_app.setdefault(r["app"] or "(untagged)", []).append(r)
@@ -452,8 +453,7 @@ class App:
         page = _page_number(q)
         db = open_store(self.settings.store)
         try:
-            rows = queries.sessions(
-                db,
+            rows = db.sessions(
                 since=_time(q, "since"),
                 until=_time(q, "until"),
                 app=q.get("app") or None,
@@ -463,7 +463,7 @@ class App:
                 offset=(page - 1) * PAGE,
             )
         finally:
-            db.conn.close()
+            db.close()
         fields = ["app", "user", "table", "since", "until"]
         for r in rows:
             r["undone_text"] = words.undone(r["undone"])
@@ -483,26 +483,26 @@ class App:
         tpage = _page_number(q, "tpage")
         db = open_store(self.settings.store)
         try:
-            refused = queries.guard_refusals(db, session_id)
-            ddl = queries.ddl_of(db, session_id)
+            refused = db.guard_refusals(session_id)
+            ddl = db.ddl_of(session_id)
             try:
-                txns = queries.transactions_of_session(db, session_id)
+                txns = db.transactions_of_session(session_id)
             except NotFound:
                 if not refused and not ddl:
                     raise
                 txns = []
-            undone = queries.undone_sessions(db).get((session_id, "trusted"))
+            undone = db.undone_sessions().get((session_id, "trusted"))
             # the session is its trusted transactions: those that only claim it (forged,
             # replayed, malformed tags) are listed apart and not counted in its totals
-            txns, claims = queries.split_claims(txns)
+            txns, claims = split_claims(txns)
             total = sum(t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in txns)
             claimed = sum(
                 t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in claims
             )
-            changes = queries.changes_page(db, [t["id"] for t in txns], PAGE, (page - 1) * PAGE)
-            claim_changes = queries.changes_page(db, [t["id"] for t in claims], PAGE, 0)
+            changes = db.changes_page([t["id"] for t in txns], PAGE, (page - 1) * PAGE)
+            claim_changes = db.changes_page([t["id"] for t in claims], PAGE, 0)
         finally:
-            db.conn.close()
+            db.close()
         xid_of = {t["id"]: t["xid"] for t in txns + claims}
 
         def shown(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -571,9 +571,9 @@ class App:
     def history(self, q: Any, table: str) -> Response:
         db = open_store(self.settings.store)
         try:
-            rows = queries.history(db, table, q.to_dict())
+            rows = db.history(table, q.to_dict(), keyforms.offline)
         finally:
-            db.conn.close()
+            db.close()
         key = ", ".join(f"{k}={v}" for k, v in q.items())
         return self.page("history.html", f"History of {table} ({key})", rows=rows)
 
@@ -582,7 +582,7 @@ def make_app(
     settings: Settings, token: str | None = None, allowed_hosts: Iterable[str] = ()
 ) -> App:
     """The WSGI application for these settings."""
-    open_store(settings.store).conn.close()  # fail early on a missing store
+    open_store(settings.store).close()  # fail early on a missing store
     return App(settings, token, allowed_hosts)
 
 
