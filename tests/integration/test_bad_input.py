@@ -221,7 +221,21 @@ CASES = {
     "serve --port -1": Case(["serve", "--port", "-1"], 2, "0<=x<=65535"),
     "serve --port 99999": Case(["serve", "--port", "99999"], 2, "0<=x<=65535"),
     "serve on an address not ours": Case(
-        ["serve", "--host", "192.0.2.1", "--token", "t"], 2, "not an address of this machine"
+        ["serve", "--host", "192.0.2.1", "--token", "0123456789abcdef01234567"],
+        2,
+        "not an address of this machine",
+    ),
+    # a red team: these started, and `--token x` is guessed in a few tries
+    "serve --token of a space off loopback": Case(
+        ["serve", "--host", "192.0.2.1", "--token", " "], 2, "openssl rand -hex 24"
+    ),
+    "serve --token x off loopback": Case(
+        ["serve", "--host", "192.0.2.1", "--token", "x"], 2, "at least 16 characters"
+    ),
+    "serve --token with spaces around it": Case(
+        ["serve", "--host", "192.0.2.1", "--token", " 0123456789abcdef01234567 "],
+        2,
+        "no spaces around it",
     ),
     "activity --bucket 0m": Case(["activity", "--bucket", "0m"], 2, "zero"),
     "an age before year 1": Case(["sessions", "--since", "99999999d"], 2, "before the year 1"),

@@ -740,6 +740,10 @@ class Server:
         self.shutdown()
 
 
+#: the shortest token accepted off loopback: `--token x` is guessed in a few tries
+MIN_TOKEN = 16
+
+
 def serve(
     settings: Settings,
     host: str,
@@ -752,8 +756,13 @@ def serve(
     host, the address served (unless a wildcard), or one of allowed_hosts. ``trusted_proxy``:
     the IP address of the TLS proxy in front, whose X-Forwarded-Proto and X-Forwarded-For are
     believed."""
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        raise BadInput(f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN)")
+    if host not in ("127.0.0.1", "localhost", "::1") and (
+        not token or len(token) < MIN_TOKEN or token != token.strip()
+    ):
+        raise BadInput(
+            f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN) of at least"
+            f" {MIN_TOKEN} characters, no spaces around it (make one: openssl rand -hex 24)"
+        )
     if trusted_proxy:
         try:
             trusted_proxy = str(ipaddress.ip_address(trusted_proxy))  # as waitress sees peers
