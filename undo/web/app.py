@@ -160,6 +160,8 @@ def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "tag_text": words.tag(r["tag"], r["tag_reason"])} for r in rows]
 
 
+YEAR_1 = int(datetime(1, 1, 1, tzinfo=UTC).timestamp())  # the first time datetime holds
+
 MAX_PAGE = 10**9  # pages past it hold nothing, and SQLite's OFFSET takes 64 bits at most
 
 
@@ -396,6 +398,11 @@ class App:
             span = now - epoch(since)
             bucket = max(60, int(span / 48) // 60 * 60)
             first = int(epoch(since)) // bucket * bucket
+            if first < YEAR_1:  # the chart's first bucket must be a time too (0001-01-01: 500)
+                raise BadInput(
+                    f"since is not a time undo can use: {_shown(since_text)} (the chart would"
+                    " start before the year 1)"
+                )
             count = max(1, int(now - first) // bucket + 1)  # a time to come: one bucket
             rows = queries.activity(db, by="app", since=since, bucket_seconds=bucket)
             health = queries.status(db)
