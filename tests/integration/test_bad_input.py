@@ -238,6 +238,13 @@ CASES = {
         "no spaces around it",
     ),
     "activity --bucket 0m": Case(["activity", "--bucket", "0m"], 2, "zero"),
+    # a new user: 1s gave minute buckets, and 999999999d labelled this year's writes 1970-01-01
+    "activity --bucket 1s": Case(["activity", "--bucket", "1s"], 2, "not whole minutes"),
+    "activity --bucket 90s": Case(["activity", "--bucket", "90s"], 2, "not whole minutes"),
+    "activity --bucket 999999999d": Case(
+        ["activity", "--bucket", "999999999d"], 2, "wider than 366d"
+    ),
+    "activity --bucket 367d": Case(["activity", "--bucket", "367d"], 2, "wider than 366d"),
     "an age before year 1": Case(["sessions", "--since", "99999999d"], 2, "before the year 1"),
     "an xid too big": Case(["show", "xact", "99999999999999999999"], 2, "not in the range"),
     "an xid not a number": Case(["xact", "abc"], 2, "not a valid integer"),
