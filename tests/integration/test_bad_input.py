@@ -221,9 +221,30 @@ CASES = {
     "serve --port -1": Case(["serve", "--port", "-1"], 2, "0<=x<=65535"),
     "serve --port 99999": Case(["serve", "--port", "99999"], 2, "0<=x<=65535"),
     "serve on an address not ours": Case(
-        ["serve", "--host", "192.0.2.1", "--token", "t"], 2, "not an address of this machine"
+        ["serve", "--host", "192.0.2.1", "--token", "0123456789abcdef01234567"],
+        2,
+        "not an address of this machine",
+    ),
+    # a red team: these started, and `--token x` is guessed in a few tries
+    "serve --token of a space off loopback": Case(
+        ["serve", "--host", "192.0.2.1", "--token", " "], 2, "openssl rand -hex 24"
+    ),
+    "serve --token x off loopback": Case(
+        ["serve", "--host", "192.0.2.1", "--token", "x"], 2, "at least 16 characters"
+    ),
+    "serve --token with spaces around it": Case(
+        ["serve", "--host", "192.0.2.1", "--token", " 0123456789abcdef01234567 "],
+        2,
+        "no spaces around it",
     ),
     "activity --bucket 0m": Case(["activity", "--bucket", "0m"], 2, "zero"),
+    # a new user: 1s gave minute buckets, and 999999999d labelled this year's writes 1970-01-01
+    "activity --bucket 1s": Case(["activity", "--bucket", "1s"], 2, "not whole minutes"),
+    "activity --bucket 90s": Case(["activity", "--bucket", "90s"], 2, "not whole minutes"),
+    "activity --bucket 999999999d": Case(
+        ["activity", "--bucket", "999999999d"], 2, "wider than 366d"
+    ),
+    "activity --bucket 367d": Case(["activity", "--bucket", "367d"], 2, "wider than 366d"),
     "an age before year 1": Case(["sessions", "--since", "99999999d"], 2, "before the year 1"),
     "an xid too big": Case(["show", "xact", "99999999999999999999"], 2, "not in the range"),
     "an xid not a number": Case(["xact", "abc"], 2, "not a valid integer"),

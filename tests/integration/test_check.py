@@ -132,6 +132,30 @@ def test_the_slot_missing_or_another_databases(pgo, cluster):
             c.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(other)))
 
 
+def test_a_store_checked_with_another_slot_has_one_fix(pgo, cluster):
+    """A store made with --slot w2j, checked without --slot: the fix is `--slot w2j`, and
+    nothing about the slot named by mistake (it said `--slot undo_w2j` with `undo init`, a new
+    store, beside it), whether that slot is missing or another database's."""
+    _shop(pgo)
+    wrong = f"{pgo.slot}_not"
+    code, doc = _check(pgo, "--slot", wrong)
+    assert code == 1 and _problems(doc) == [("store", pgo.store)], doc["problems"]
+    assert doc["problems"][0]["fix"].startswith(f"--slot {pgo.slot} ")
+    other = f"{pgo.dbname}_other"
+    with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other)))
+    try:
+        with psycopg.connect(cluster.dsn(other), autocommit=True) as c:
+            c.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (wrong,))
+        code, doc = _check(pgo, "--slot", wrong)
+        assert code == 1 and _problems(doc) == [("store", pgo.store)], doc["problems"]
+        assert doc["problems"][0]["fix"].startswith(f"--slot {pgo.slot} ")
+    finally:
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+            c.execute("SELECT pg_drop_replication_slot(%s)", (wrong,))
+            c.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(other)))
+
+
 def test_lag_over_max_lag(pgo):
     _shop(pgo)
     pgo.sql("INSERT INTO t VALUES (2, 'b')")  # not captured: nothing holds the slot

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
+import undo.demo as demo
 from undo.cli.render import table
 from undo.demo import run_demo
 
@@ -22,6 +28,66 @@ def test_demo_restores_every_row_and_keeps_the_web_writes(cluster):
     assert "deleted rows restored exactly: yes" in text
     assert "web writes intact: yes" in text
     assert "usage-metrics" in text and "applied atomically" in text
+
+
+class _Racing:
+    """The script's connection, and the web's registration for an event the script deletes
+    arriving, from a connection of its own, right after the demo read the rows it is about to
+    delete (a busy machine: the demo said "2109 rows" restored after undoing 2110 deletes)."""
+
+    def __init__(self, conn: psycopg.Connection, dsn: str) -> None:
+        self.conn, self.dsn = conn, dsn
+        self.web: threading.Thread | None = None
+
+    def __enter__(self) -> _Racing:
+        self.conn.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.__exit__(*exc)  # type: ignore[arg-type]
+        if self.web is not None:
+            self.web.join(timeout=30)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+    def _register(self) -> None:
+        with (
+            REAL_CONNECT(self.dsn, autocommit=True, application_name="web") as c,
+            contextlib.suppress(psycopg.errors.ForeignKeyViolation),
+        ):
+            c.execute(
+                "INSERT INTO registrations (event_id, email) SELECT min(id),"
+                " 'race@example.net' FROM events WHERE account_id % 100 < 7"
+            )
+
+    def execute(self, query: str, *args: object) -> object:
+        cursor = self.conn.execute(query, *args)
+        if query == demo.AFFECTED:
+            self.web = threading.Thread(target=self._register, daemon=True)
+            self.web.start()
+            self.web.join(timeout=3)  # committed at once, unless the script holds a lock
+        return cursor
+
+
+REAL_CONNECT = psycopg.connect
+
+
+def test_the_rows_restored_are_the_rows_deleted(cluster, monkeypatch):
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        conn = REAL_CONNECT(*args, **kwargs)
+        if kwargs.get("application_name") == "usage-metrics":
+            return _Racing(conn, args[0])
+        return conn
+
+    monkeypatch.setattr(psycopg, "connect", connect)
+    lines: list[str] = []
+    assert run_demo(lines.append, table) is True
+    text = "\n".join(lines)
+    undone = sum(int(n) for n in re.findall(r"^   (\d+) delete\(s\) of \S+ undone$", text, re.M))
+    restored = re.search(r"deleted rows restored exactly: yes \((\d+) rows\)", text)
+    assert restored is not None and undone > 0, text
+    assert int(restored.group(1)) == undone, text
 
 
 def test_guarded_demo_loses_nothing_and_records_the_refusal(cluster):

@@ -458,3 +458,77 @@ def test_the_reference_names_every_command_and_option():
             if isinstance(option, click.Option):
                 for opt in option.opts:
                     assert opt in reference, f"{name} {opt}: not in docs/reference.md"
+
+
+UNIT = ROOT / "contrib" / "undo-capture.service"
+
+
+def _unit_steps() -> list[str]:
+    """The commands in the unit's opening comment (`#   command`, `\\` going on)."""
+    steps: list[str] = []
+    for line in UNIT.read_text().splitlines():
+        if not line.startswith("#   "):
+            continue
+        text = line[4:].strip()
+        if steps and steps[-1].endswith("\\"):
+            steps[-1] = steps[-1][:-1] + " " + text
+        else:
+            steps.append(text)
+    return steps
+
+
+def _page_steps(page: str) -> list[str]:
+    """The commands of the page's block that installs the unit."""
+    for block in blocks(page):
+        texts = [c.text.replace("\\\n", " ") for c in block.commands]
+        if any("contrib/undo-capture.service" in t for t in texts):
+            return texts
+    raise AssertionError(f"{page}: no block installs contrib/undo-capture.service")
+
+
+@pytest.mark.parametrize(
+    "where", ["README.md", "docs/operations.md", "contrib/undo-capture.service"]
+)
+def test_the_service_steps_make_what_the_unit_needs(where, tmp_path):
+    """The steps, as written, on an empty machine (/etc and /var under tmp_path; `install`
+    run for real, useradd and systemctl as what they make and need): `/etc/undo` was never
+    made (install failed) and the user `undo` the unit runs as never created."""
+    unit = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if re.match(r"^\w+=", line)
+    )
+    steps = _unit_steps() if where.endswith(".service") else _page_steps(where)
+    users: set[str] = set()
+    started = False
+    (tmp_path / "etc" / "systemd" / "system").mkdir(parents=True)
+    for step in steps:
+        argv = shlex.split(step, comments=True)
+        commands: list[list[str]] = [[]]
+        for word in argv:
+            if word == "&&":
+                commands.append([])
+            else:
+                commands[-1].append(word)
+        for command in commands:
+            if command and command[0] == "sudo":
+                command = command[1:]
+            if not command:
+                continue
+            name, args = command[0], command[1:]
+            if name == "useradd":
+                assert "--system" in args, step
+                users.add(args[-1])
+            elif name == "install":
+                rebased = [
+                    str(tmp_path) + a if a.startswith(("/etc/", "/var/")) else a for a in args
+                ]
+                done = subprocess.run(["install", *rebased], capture_output=True, text=True)
+                assert done.returncode == 0, f"{where}: {step}: {done.stderr}"
+            elif name == "cp":
+                assert (ROOT / args[0]).exists(), step
+            elif name == "systemctl" and "enable" in args:
+                assert unit["User"] in users and unit["Group"] in users, f"{where}: no useradd"
+                env_file = Path(str(tmp_path) + unit["EnvironmentFile"])
+                assert env_file.exists(), f"{where}: {unit['EnvironmentFile']} never made"
+                assert env_file.stat().st_mode & 0o077 == 0, "the DSN may hold a password"
+                started = True
+    assert started, f"{where}: the steps never start the unit"

@@ -12,11 +12,13 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from tests.integration.test_web import _scenario
 from undo.web import serve
 
 DASHBOARD = Path(__file__).parents[2] / "contrib" / "grafana" / "undo-dashboard.json"
+ALERTS = Path(__file__).parents[2] / "docker" / "prometheus-alerts.yml"
 #: labels Prometheus adds to every series it scrapes
 SCRAPE_LABELS = {"instance", "job"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and"}
@@ -144,3 +146,22 @@ def test_every_query_of_the_dashboard_names_series_and_labels_that_metrics_expos
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     assert {v["name"] for v in dashboard["templating"]["list"]} == {"datasource", "instance"}
+
+
+def test_the_alert_rules_parse_and_one_watches_the_scrape_itself(scraped):
+    """docker/prometheus-alerts.yml is YAML Prometheus reads, its rules name series /metrics
+    exposes; and when the scrape itself fails (undo serve down, a token refused, a job named
+    otherwise), an alert says so: every other rule is silent then."""
+    exposed = _exposed(scraped)
+    (group,) = yaml.safe_load(ALERTS.read_text())["groups"]
+    rules = {r["alert"]: r for r in group["rules"]}
+    assert len(rules) == len(group["rules"]) >= 7
+    for name, rule in rules.items():
+        names, labels = _parse(rule["expr"])
+        unknown = names - exposed.keys() - {"up"}
+        assert names and not unknown, f"{name}: {sorted(unknown)} not on /metrics"
+        assert labels <= SCRAPE_LABELS.union(*(exposed.get(n, set()) for n in names)), name
+    down = rules["UndoMetricsDown"]
+    expr = " ".join(down["expr"].split())
+    assert 'up{job="undo"} == 0' in expr and 'absent(up{job="undo"})' in expr, expr
+    assert down["labels"]["severity"] == "page" and down["for"]

@@ -12,6 +12,7 @@ import time
 import psycopg
 import pytest
 
+from tests.conftest import run_cli
 from tests.integration.test_undo import _as_session
 from undo.core.errors import NotRecorded
 from undo.core.times import epoch
@@ -451,6 +452,24 @@ def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):
     assert "2026-10-20 00:00:00+00" in found.stdout and "cannot connect" in found.stderr
     missed = pgo.undo_cli("history", "payments", "id=150", "issued_at=Oct 20 2026", *away)
     assert missed.returncode == 1
+    # libpq's variables alone stand in for --dsn, as for every other command: they said "no
+    # recorded change" (exit 1) for id=abc, with no warning
+    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE"}
+    names["password"] = "PGPASSWORD"
+    libpq = {names[k]: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(pgo.dsn).items()}
+    bad = run_cli(
+        pgo, "--dsn", "", "history", "payments", "id=abc", "issued_at=2026-10-20", env=libpq
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "id=abc" in bad.stderr
+    found = run_cli(
+        pgo, "--dsn", "", "history", "payments", "id=150", "issued_at=Oct 20 2026", env=libpq
+    )
+    assert found.returncode == 0 and "warning" not in found.stderr, found.stderr
+    away_libpq = {**libpq, "PGHOST": "127.0.0.1", "PGPORT": "1", "PGCONNECT_TIMEOUT": "2"}
+    found = run_cli(
+        pgo, "--dsn", "", "history", "payments", "id=150", "issued_at=2026-10-20", env=away_libpq
+    )
+    assert found.returncode == 0 and "cannot connect" in found.stderr, found.stderr
 
 
 _FORMS = {

@@ -340,10 +340,10 @@ BAD_PARAMETERS = [
     ("/sessions", "page=1e3", "page must be a whole number"),
     ("/sessions", "page=%C2%B2", "page must be a whole number"),  # a superscript 2
     ("/sessions", f"page={'9' * 5000}", "..."),
-    ("/sessions", "since=0001-01-01", "since is not a time undo can use: '0001-01-01'"),
-    ("/sessions", "until=0999-12-31", "until is not a time undo can use"),
     ("/sessions", "until=soon", "malformed time"),
-    ("/", "since=0001-01-01", "since is not a time undo can use"),
+    # the chart's first bucket fell before the year 1: ValueError, a 500
+    ("/", "since=0001-01-01", "since is not a time undo can use: '0001-01-01' (the chart"),
+    ("/", "since=0002-01-01", "since is not a time undo can use: '0002-01-01' (the chart"),
     ("/", "since=-5m", "malformed time"),
     ("/", f"since={BIG}d", "before the year 1"),
     ("/sessions/{sid}", f"page={BIG}", "page must be a whole number"),
@@ -372,4 +372,7 @@ def test_good_query_parameters_still_answer(site):
     for path in ("/sessions?page=1", "/sessions?page=2&since=1h", f"/sessions/{sid}?tpage=1"):
         assert _request(port, "GET", path)[0] == 200, path
     assert _request(port, "GET", "/?since=2999-01-01")[0] == 200  # a time to come: no bars
+    # years before 1000 are times the store holds (fix(times) 951bf12), the chart from year 100
+    for path in ("/sessions?since=0001-01-01", "/sessions?until=0999-12-31", "/?since=0100-01-01"):
+        assert _request(port, "GET", path)[0] == 200, path
     assert _request(port, "GET", "/?since=")[0] == 200  # an empty form: the last 24 hours

@@ -253,8 +253,10 @@ def history_cmd(
     Example: undo history public.invoices id=150 issued_at=2026-10-20
 
     Values are compared in their column type's text form: read by the source's own type
-    (--dsn, when it answers), else in the forms docs/reference.md lists.
+    (--dsn, or libpq's PGHOST, PGDATABASE, ..., when it answers), else in the forms
+    docs/reference.md lists.
     """
+    from undo.core.config import names_source
     from undo.core.errors import DatabaseUnreachable
     from undo.source import keyforms, pg
 
@@ -263,7 +265,7 @@ def history_cmd(
     pairs = parse_key(list(key))
     conn = None
     normalise: keyforms.Normalise = keyforms.offline
-    if settings.dsn:
+    if names_source(settings):
         try:
             conn = pg.connect(settings.dsn, **_connect_timeout(settings.dsn, 5))
             normalise = keyforms.through_source(conn)

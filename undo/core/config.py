@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 from psycopg import conninfo
 
 DECODERS = ("pgoutput", "wal2json")
+#: libpq's variables that name a server or a database: set, they stand in for --dsn
+LIBPQ_SOURCE = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 
 
@@ -37,6 +40,12 @@ class Settings:
                     f"malformed DSN ({_unquoted(str(e))}): use key=value pairs"
                     " (host=db dbname=shop) or a postgresql://user@host/dbname URI"
                 ) from None
+
+
+def names_source(settings: Settings) -> bool:
+    """Whether a source is named, by --dsn (UNDO_DSN) or libpq's variables (PGHOST,
+    PGDATABASE, ...): where a command may go without one (history), it goes to that one."""
+    return bool(settings.dsn) or any(os.environ.get(v) for v in LIBPQ_SOURCE)
 
 
 def _unquoted(message: str) -> str:

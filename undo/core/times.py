@@ -94,10 +94,24 @@ def parse_age(text: str, what: str, examples: str) -> int:
     return seconds
 
 
+#: the widest bucket: wider, every write since 1970 falls in one labelled 1970-01-01
+MAX_BUCKET = 366 * 86400
+
+
 def parse_bucket(text: str) -> int:
-    """A bucket width -> seconds.
+    """A bucket width -> seconds: whole minutes (the store counts writes per minute), at most
+    366 days.
 
     >>> parse_bucket("1m"), parse_bucket("1h")
     (60, 3600)
     """
-    return parse_age(text, "bucket", "a width such as 1m, 15m, 1h or 1d")
+    examples = "a width such as 1m, 15m, 1h or 1d"
+    seconds = parse_age(text, "bucket", examples)
+    if seconds % 60:
+        raise BadInput(
+            f"bucket {text!r} is not whole minutes (the store counts writes per minute):"
+            f" use {examples}"
+        )
+    if seconds > MAX_BUCKET:
+        raise BadInput(f"bucket {text!r} is wider than 366d: use {examples}")
+    return seconds

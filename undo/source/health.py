@@ -185,7 +185,8 @@ def judge(
         "tables": [],
     }
     # the store
-    if store_slot is not None and store_slot != settings.slot:
+    not_its_slot = store_slot is not None and store_slot != settings.slot
+    if not_its_slot:
         problems.append(
             Problem(
                 "store",
@@ -242,8 +243,11 @@ def judge(
             f"schemas not audited: {', '.join(others)} (hold tables; `undo init --schema S`"
             " audits one)"
         )
-    # the slot
-    if slot is None:
+    # the slot: only the store's own; another's state (missing, another database's) would
+    # ask for a fix of a slot the store never used, beside the right one (--slot above)
+    if not_its_slot:
+        pass
+    elif slot is None:
         problems.append(
             Problem(
                 "slot",

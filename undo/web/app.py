@@ -161,6 +161,8 @@ def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "tag_text": words.tag(r["tag"], r["tag_reason"])} for r in rows]
 
 
+YEAR_1 = int(datetime(1, 1, 1, tzinfo=UTC).timestamp())  # the first time datetime holds
+
 MAX_PAGE = 10**9  # pages past it hold nothing, and SQLite's OFFSET takes 64 bits at most
 
 
@@ -397,6 +399,11 @@ class App:
             span = now - epoch(since)
             bucket = max(60, int(span / 48) // 60 * 60)
             first = int(epoch(since)) // bucket * bucket
+            if first < YEAR_1:  # the chart's first bucket must be a time too (0001-01-01: 500)
+                raise BadInput(
+                    f"since is not a time undo can use: {_shown(since_text)} (the chart would"
+                    " start before the year 1)"
+                )
             count = max(1, int(now - first) // bucket + 1)  # a time to come: one bucket
             rows = db.activity(by="app", since=since, bucket_seconds=bucket)
             health = db.status()
@@ -740,6 +747,10 @@ class Server:
         self.shutdown()
 
 
+#: the shortest token accepted off loopback: `--token x` is guessed in a few tries
+MIN_TOKEN = 16
+
+
 def serve(
     settings: Settings,
     host: str,
@@ -752,8 +763,13 @@ def serve(
     host, the address served (unless a wildcard), or one of allowed_hosts. ``trusted_proxy``:
     the IP address of the TLS proxy in front, whose X-Forwarded-Proto and X-Forwarded-For are
     believed."""
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        raise BadInput(f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN)")
+    if host not in ("127.0.0.1", "localhost", "::1") and (
+        not token or len(token) < MIN_TOKEN or token != token.strip()
+    ):
+        raise BadInput(
+            f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN) of at least"
+            f" {MIN_TOKEN} characters, no spaces around it (make one: openssl rand -hex 24)"
+        )
     if trusted_proxy:
         try:
             trusted_proxy = str(ipaddress.ip_address(trusted_proxy))  # as waitress sees peers
