@@ -215,6 +215,9 @@ CASES = {
     "undo --table with a space": Case(["session", "ID", "--table", "foo bar"], 2, '"foo bar"'),
     "sessions --table with a space": Case(["sessions", "--table", "a b"], 2, '"a b"'),
     "history of a table with a space": Case(["history", "Tax Rates", "id=1"], 2, "quotes"),
+    "history by a column not the key": Case(
+        ["history", "public.t", "v=x"], 2, "for each key column: id"
+    ),
     "serve on a port in use": Case(
         ["serve", "--port", "{PORT}"], 2, "another process listens there", _port_in_use
     ),

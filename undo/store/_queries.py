@@ -502,9 +502,20 @@ def history(
                 }
             )
     if not usable:
+        keys = sorted(
+            {
+                ", ".join(json.loads(r["columns"])[i] for i in json.loads(r["key_columns"]))
+                for r in rels
+                if r["key_columns"] is not None
+            }
+        )
         raise BadInput(
             f"give the key of {names.quote(schema, name)} as COLUMN=VALUE for each key column"
-            " (for a table without a key: any of its columns)"
+            + (
+                f": {' or '.join(keys)}"
+                if keys
+                else " (for a table without a key: any of its columns)"
+            )
         )
     if not out:
         shown = ", ".join(f"{c}={'NULL' if v is None else v}" for c, v in key.items())
