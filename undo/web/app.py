@@ -185,7 +185,7 @@ def _time(q: Any, name: str, default: str | None = None) -> str | None:
         return None
     try:
         stored = parse_time(text)
-        epoch(stored)  # years before 1000 come out of parse_time in a form nothing reads back
+        epoch(stored)  # a time the store could not read back (out of range) is refused here
     except (ValueError, OverflowError):
         raise BadInput(f"{name} is not a time undo can use: {_shown(text)}") from None
     return stored
