@@ -324,7 +324,8 @@ def activity_cmd(
         since=parse_time(since) if since else None,
         bucket_seconds=parse_bucket(bucket),
     )
+    docs = [r.to_json() for r in rows]
     if as_json:
-        click.echo(render.to_json(rows))
+        click.echo(render.to_json(docs))
         return
-    click.echo(render.table(rows, ["bucket", by, "inserts", "updates", "deletes", "truncates"]))
+    click.echo(render.table(docs, ["bucket", by, "inserts", "updates", "deletes", "truncates"]))

@@ -14,7 +14,13 @@ from undo.core.images import OP_NAMES, shown_images
 from undo.core.times import epoch
 from undo.core.wal import lsn_to_int
 from undo.store._writer import ACTIVITY_SESSION_SQL
-from undo.store.api import Normalise, activity_session, ledger_entry, split_claims
+from undo.store.api import (
+    ActivityBucket,
+    Normalise,
+    activity_session,
+    ledger_entry,
+    split_claims,
+)
 
 
 def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
@@ -561,7 +567,7 @@ def _moves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def activity(
     db: Database, by: str = "app", since: str | None = None, bucket_seconds: int = 60
-) -> list[dict[str, Any]]:
+) -> list[ActivityBucket]:
     """Inserts, updates and deletes per bucket and per app, session or table.
 
     Reads the per-minute aggregates capture keeps, never the changes.
@@ -583,8 +589,17 @@ def activity(
         " FROM activity a JOIN relations r ON r.id = a.relation"
         " WHERE a.minute >= ? GROUP BY 1, 2 ORDER BY 1, 2"
     )
-    rows = _rows(db, query, [bucket_seconds, bucket_seconds, since_minute])
-    for r in rows:
-        r["bucket"] = datetime.fromtimestamp(r["bucket"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        r[by] = r.pop("name") or None
-    return rows
+    return [
+        ActivityBucket(
+            datetime.fromtimestamp(bucket, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            by,
+            name or None,
+            inserts,
+            updates,
+            deletes,
+            truncates,
+        )
+        for bucket, name, inserts, updates, deletes, truncates in db.execute(
+            query, [bucket_seconds, bucket_seconds, since_minute]
+        ).fetchall()
+    ]

@@ -20,6 +20,7 @@ from undo.core.times import iso
 from undo.store import _prune, _queries, _schema
 from undo.store._writer import StoreWriter
 from undo.store.api import (
+    ActivityBucket,
     Doc,
     Gap,
     LastWriter,
@@ -327,7 +328,7 @@ class SqliteStore:
 
     def activity(
         self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
-    ) -> list[Doc]:
+    ) -> list[ActivityBucket]:
         return _queries.activity(self.db, by, since, bucket_seconds)
 
     def status(self) -> Doc:

@@ -45,7 +45,7 @@ from undo.core.times import epoch, parse_time
 from undo.core.wal import int_to_lsn
 from undo.source import keyforms
 from undo.store import open_store
-from undo.store.api import split_claims
+from undo.store.api import ActivityBucket, split_claims
 from undo.web import metrics
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _templates() -> Environment:
 
 
 def chart(
-    points: list[dict[str, Any]],
+    points: list[ActivityBucket],
     start: int,
     bucket: int,
     count: int,
@@ -125,13 +125,13 @@ def chart(
     ``start`` is the first bucket (Unix time), ``count`` buckets of ``bucket`` seconds; buckets
     without writes are drawn empty, so the time axis is the range asked for.
 
-    >>> c = chart([{"bucket": "1970-01-01T00:01:00.000000Z", "inserts": 2, "updates": 0,
-    ...             "deletes": 1}], 0, 60, 2, width=100, height=10)
+    >>> c = chart([ActivityBucket("1970-01-01T00:01:00.000000Z", "app", "x", 2, 0, 1, 0)],
+    ...           0, 60, 2, width=100, height=10)
     >>> [(b["x"], b["h"], b["color"]) for b in c["bars"]]
     [('50.0', '6.0', '#2a9d3a'), ('82.3', '3.0', '#d03030')]
     """
-    by_bucket = {int(epoch(p["bucket"])): p for p in points}
-    top = max([max(p[k] for k in OP_COLORS) for p in points] or [0]) or 1
+    by_bucket = {int(epoch(p.bucket)): p for p in points}
+    top = max([max(_ops(p).values()) for p in points] or [0]) or 1
     slot = width / count
     bar = max(1.0, slot / 3 - 0.5)
     bars = []
@@ -139,9 +139,10 @@ def chart(
         p = by_bucket.get(start + i * bucket)
         if p is None:
             continue
+        counts = _ops(p)
         for j, (key, color) in enumerate(OP_COLORS.items()):
-            if p[key]:
-                h = max(1.0, p[key] * (height - 4) / top)
+            if counts[key]:
+                h = max(1.0, counts[key] * (height - 4) / top)
                 bars.append(
                     {
                         "x": f"{i * slot + j * bar:.1f}",
@@ -149,11 +150,16 @@ def chart(
                         "w": f"{bar:.1f}",
                         "h": f"{h:.1f}",
                         "color": color,
-                        "title": f"{p['bucket']}: {p[key]} {key}",
+                        "title": f"{p.bucket}: {counts[key]} {key}",
                     }
                 )
     first = datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d %H:%M")
     return {"width": width, "height": height, "bars": bars, "first": first, "top": top}
+
+
+def _ops(p: ActivityBucket) -> dict[str, int]:
+    """A bucket's counts by the names OP_COLORS gives them."""
+    return {"inserts": p.inserts, "updates": p.updates, "deletes": p.deletes}
 
 
 def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -403,15 +409,15 @@ class App:
             refused = db.guard_refusals()[-20:][::-1]
         finally:
             db.close()
-        by_app: dict[str, list[dict[str, Any]]] = {}
+        by_app: dict[str, list[ActivityBucket]] = {}
         for r in rows:
-            by_app.setdefault(r["app"] or "(untagged)", []).append(r)
+            by_app.setdefault(r.name or "(untagged)", []).append(r)
         apps = [
             {
                 "name": app,
-                "inserts": sum(p["inserts"] for p in pts),
-                "updates": sum(p["updates"] for p in pts),
-                "deletes": sum(p["deletes"] for p in pts),
+                "inserts": sum(p.inserts for p in pts),
+                "updates": sum(p.updates for p in pts),
+                "deletes": sum(p.deletes for p in pts),
                 "chart": chart(pts, first, bucket, count),
             }
             for app, pts in sorted(by_app.items())
