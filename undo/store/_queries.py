@@ -17,6 +17,8 @@ from undo.store._writer import ACTIVITY_SESSION_SQL
 from undo.store.api import (
     ActivityBucket,
     Normalise,
+    StatusGap,
+    StoreStatus,
     activity_session,
     ledger_entry,
     split_claims,
@@ -396,15 +398,14 @@ def totals(txns: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def status(db: Database) -> dict[str, Any]:
+def status(db: Database) -> StoreStatus:
     last = db.execute(
         "SELECT commit_time, end_lsn FROM transactions ORDER BY id DESC LIMIT 1"
     ).fetchone()
-    gaps = _rows(
-        db,
+    gaps = db.execute(
         'SELECT kind, table_name AS "table", session_id, from_lsn, to_lsn,'
         " detected_at AS at, reason, detected_at FROM gaps ORDER BY id",
-    )
+    ).fetchall()
     counts = db.execute(
         "SELECT count(*), coalesce(sum(inserts + updates + deletes + truncates), 0)"
         " FROM transactions"
@@ -416,22 +417,22 @@ def status(db: Database) -> dict[str, Any]:
             " WHERE tag <> 'trusted' GROUP BY 1 ORDER BY 1"
         ).fetchall()
     )
-    return {
-        "decoder": meta.get("decoder"),
-        "slot": meta.get("slot"),
-        "store_position": int(meta.get("position") or 0),
-        "last_commit_time": last[0] if last else None,
-        "transactions": counts[0],
-        "changes": counts[1],
+    return StoreStatus(
+        decoder=meta.get("decoder"),
+        slot=meta.get("slot"),
+        store_position=int(meta.get("position") or 0),
+        last_commit_time=last[0] if last else None,
+        transactions=counts[0],
+        changes=counts[1],
         # writes on audited tables without a trusted tag, by reason (forged, replayed,
         # malformed, missing): never counted under the session they claim
-        "untrusted_writes": untrusted,
+        untrusted_writes=untrusted,
         # messages with undo's prefixes that were not what undo's SQL writes, by prefix
-        "malformed_messages": dict(
+        malformed_messages=dict(
             db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1 ORDER BY 1").fetchall()
         ),
-        "gaps": gaps,
-    }
+        gaps=tuple(StatusGap(*g) for g in gaps),
+    )
 
 
 def history(

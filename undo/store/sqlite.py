@@ -29,6 +29,7 @@ from undo.store.api import (
     PruneReport,
     StepReport,
     StoredChange,
+    StoreStatus,
     TableGap,
     TableVersion,
     Transaction,
@@ -331,7 +332,7 @@ class SqliteStore:
     ) -> list[ActivityBucket]:
         return _queries.activity(self.db, by, since, bucket_seconds)
 
-    def status(self) -> Doc:
+    def status(self) -> StoreStatus:
         return _queries.status(self.db)
 
     def guard_refusals(self, session_id: str | None = None) -> list[Doc]:

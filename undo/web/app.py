@@ -423,15 +423,15 @@ class App:
             for app, pts in sorted(by_app.items())
         ]
         ago = ""
-        if health["last_commit_time"]:
-            ago = f"{time.time() - epoch(health['last_commit_time']):.0f} s ago"
+        if health.last_commit_time:
+            ago = f"{time.time() - epoch(health.last_commit_time):.0f} s ago"
         wal_held, capture_lag, unknown = self._source_health()
         return self.page(
             "overview.html",
             "Overview",
             health=health,
             ago=ago,
-            position=int_to_lsn(health["store_position"]),
+            position=int_to_lsn(health.store_position),
             wal_held=wal_held,
             capture_lag=capture_lag,
             unknown=unknown,
