@@ -19,7 +19,6 @@ from undo.cli._app import (
     json_option,
     pass_settings,
 )
-from undo.core import words
 from undo.core.config import Settings
 from undo.core.times import parse_time
 from undo.store import open_store
@@ -129,13 +128,11 @@ def sessions_cmd(
     )
     more = limit is not None and len(rows) > limit
     rows = rows[:limit] if limit is not None else rows
-    if fmt == "table":
-        for r in rows:
-            r["undone"] = words.undone(
-                r["undone"]
-                and {**r["undone"], "undone_at": render.second(r["undone"]["undone_at"])}
-            )
-    emit(render.listing(rows, _SESSION_COLUMNS, fmt, expand, more))
+    docs = [r.to_json() for r in rows]
+    if fmt == "table":  # what undid it, in a few words
+        for doc, r in zip(docs, rows, strict=True):
+            doc["undone"] = render.undone(r.undone)
+    emit(render.listing(docs, _SESSION_COLUMNS, fmt, expand, more))
 
 
 _SESSION_COLUMNS = [

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from undo.core import words
+from undo.store.api import Undone
 
 
 def to_json(value: Any) -> str:
@@ -312,6 +313,13 @@ def show(result: dict[str, Any], limit: int | None, expand: bool = False) -> Ite
 
 def _undone_shown(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, "undone_at": second(entry.get("undone_at"))}
+
+
+def undone(entry: Undone | None) -> str | None:
+    """What undid a session, in a few words, its time to the second (None: nothing did)."""
+    if entry is None:
+        return None
+    return words.undone({**entry.to_json(), "undone_at": second(entry.undone_at)})
 
 
 def ops(changes: Sequence[dict[str, Any]]) -> str:

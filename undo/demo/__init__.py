@@ -188,7 +188,7 @@ def run_demo(
         say("\n5. On-call: undo sessions --app usage-metrics")
         rows = open_store(settings.store).sessions(app="usage-metrics")
         for line in table(
-            rows,
+            [r.to_json() for r in rows],
             [
                 "session_id",
                 "application_name",
@@ -201,7 +201,8 @@ def run_demo(
             ],
         ).splitlines():
             say(f"   {line}")
-        sid = rows[0]["session_id"]
+        sid = rows[0].session_id
+        assert sid is not None  # the script's session: tagged
 
         say(f"\n6. undo session {sid}   (the script to review, first lines)")
         buf = io.StringIO()
@@ -251,7 +252,7 @@ def _guarded_end(
     db = open_store(settings.store)
     rows = db.sessions(app="usage-metrics")
     for line in table(
-        rows,
+        [r.to_json() for r in rows],
         ["session_id", "application_name", "user", "transactions", "deletes", "guard_refusals"],
     ).splitlines():
         say(f"   {line}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlite_utils import Database
 
@@ -17,8 +17,10 @@ from undo.store._writer import ACTIVITY_SESSION_SQL
 from undo.store.api import (
     ActivityBucket,
     Normalise,
+    SessionRow,
     StatusGap,
     StoreStatus,
+    Undone,
     activity_session,
     ledger_entry,
     split_claims,
@@ -56,7 +58,7 @@ def sessions(
     limit: int | None = None,
     offset: int = 0,
     undone_filter: bool | None = None,
-) -> list[dict[str, Any]]:
+) -> list[SessionRow]:
     """One row per session and tag that wrote, newest first (a forged tag claiming a session is
     its own row, never merged into the real one); filters apply to its transactions;
     ``undone_filter`` keeps only sessions some undo undid (True) or none did (False).
@@ -66,9 +68,9 @@ def sessions(
     Tables touched come from the activity aggregates, not from scanning the changes.
     """
 
-    def filters(time: str, alias: str) -> tuple[str, list[Any]]:
+    def filters(time: str, alias: str) -> tuple[str, list[object]]:
         where = ["1 = 1"]
-        params: list[Any] = []
+        params: list[object] = []
         for cond, value in (
             (f"{alias}.{time} >= ?", since or None),
             (f"{alias}.{time} < ?", until or None),
@@ -110,9 +112,10 @@ def sessions(
     if limit is not None:
         query += " LIMIT ? OFFSET ?"
         params += [limit, offset]
-    rows = _rows(db, query, params)
+    # session_id ... guard_refusals, tag, tag_reason: SessionRow's fields before tables
+    found = db.execute(query, params).fetchall()
     touched: dict[str, list[str]] = {}
-    ids = [activity_session(r["session_id"], r["tag"]) for r in rows]
+    ids = [activity_session(r[0], r[11]) for r in found]
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]
         for sid, table in db.execute(
@@ -123,15 +126,22 @@ def sessions(
         ):
             touched.setdefault(sid, []).append(table)
     undone = undone_sessions(db)
-    for r in rows:
-        r["tables"] = sorted(touched.get(activity_session(r["session_id"], r["tag"]), []))
-        r["undone"] = undone.get((r["session_id"], r["tag"]))
+    rows = [
+        SessionRow(
+            *(
+                *r,
+                tuple(sorted(touched.get(activity_session(r[0], r[11]), []))),  # tables
+                undone.get((r[0], r[11])),
+            )
+        )
+        for r in found
+    ]
     if undone_filter is not None:
-        rows = [r for r in rows if (r["undone"] is not None) == undone_filter]
+        rows = [r for r in rows if (r.undone is not None) == undone_filter]
     return rows
 
 
-def _ledger_entries(text: str | None) -> list[list[Any]]:
+def _ledger_entries(text: str | None) -> list[list[str]]:
     """A mirror's entries that are entries: whatever a row holds, reading it never fails."""
     try:
         entries = json.loads(text or "[]")
@@ -142,33 +152,42 @@ def _ledger_entries(text: str | None) -> list[list[Any]]:
     return [e for e in map(ledger_entry, entries) if e is not None]
 
 
-def live_undos(db: Database) -> list[dict[str, Any]]:
+class LiveUndo(TypedDict):
+    """An undo no later undo has undone: when, its xid, and what it undid as (commit LSN,
+    schema, table, op) pieces."""
+
+    applied_at: str
+    undo_xid: int
+    pieces: set[tuple[int, str, str, str]]
+
+
+def live_undos(db: Database) -> list[LiveUndo]:
     """The undos the store knows of that no later undo has undone, newest first: what they
     undid as (commit LSN, schema, table, op) pieces. Trusted mirrors only (signed by
     undo.record_undo in its own transaction): a forged one undoes nothing."""
-    undos = _rows(
-        db,
+    rows = db.execute(
         "SELECT applied_at, undo_xid, entries FROM undos WHERE tag = 'trusted' ORDER BY id DESC",
-    )
-    for u in undos:
-        u["entries"] = _ledger_entries(u["entries"])
-    undone_xids = {int(e[4]) for u in undos for e in u["entries"]}
-    out = []
-    for u in undos:
-        if u["undo_xid"] in undone_xids:
-            continue
-        u["pieces"] = {(lsn_to_int(e[0]), e[1], e[2], e[3]) for e in u.pop("entries")}
-        out.append(u)
-    return out
+    ).fetchall()
+    undos = [(applied_at, undo_xid, _ledger_entries(e)) for applied_at, undo_xid, e in rows]
+    undone_xids = {int(e[4]) for _, _, entries in undos for e in entries}
+    return [
+        {
+            "applied_at": applied_at,
+            "undo_xid": undo_xid,
+            "pieces": {(lsn_to_int(e[0]), e[1], e[2], e[3]) for e in entries},
+        }
+        for applied_at, undo_xid, entries in undos
+        if undo_xid not in undone_xids
+    ]
 
 
-def undone_sessions(db: Database) -> dict[tuple[str | None, str], dict[str, Any]]:
+def undone_sessions(db: Database) -> dict[tuple[str | None, str], Undone]:
     """(session id, tag) -> what undid it: the latest undo that undid any of its changes, and
     whether every change of it is undone (``all``)."""
     undos = live_undos(db)
     covered = {p for u in undos for p in u["pieces"]}
     lsns = sorted({p[0] for p in covered})
-    out: dict[tuple[str | None, str], dict[str, Any]] = {}
+    out: dict[tuple[str | None, str], Undone] = {}
     for i in range(0, len(lsns), 500):
         chunk = lsns[i : i + 500]
         for sid, tag in db.execute(
@@ -186,11 +205,7 @@ def undone_sessions(db: Database) -> dict[tuple[str | None, str], dict[str, Any]
                 )
             }
             latest = next(u for u in undos if u["pieces"] & pieces)
-            out[sid, tag] = {
-                "undone_at": latest["applied_at"],
-                "undo_xid": latest["undo_xid"],
-                "all": pieces <= covered,
-            }
+            out[sid, tag] = Undone(latest["applied_at"], latest["undo_xid"], pieces <= covered)
     return out
 
 
@@ -346,7 +361,7 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
     for c in changes:
         by_txn.setdefault(c.pop("txn"), []).append(c)
     sid = session_id if session_id is not None or not txns else txns[0]["session_id"]
-    undone = undone_sessions(db)
+    undone = {k: u.to_json() for k, u in undone_sessions(db).items()}
     # a session is its trusted transactions; those that only claim it are listed apart
     own, claims = split_claims(txns) if session_id is not None else (txns, [])
 

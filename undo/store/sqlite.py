@@ -27,6 +27,7 @@ from undo.store.api import (
     MetricsFigures,
     Normalise,
     PruneReport,
+    SessionRow,
     StepReport,
     StoredChange,
     StoreStatus,
@@ -34,6 +35,7 @@ from undo.store.api import (
     TableVersion,
     Transaction,
     TxnChanges,
+    Undone,
 )
 
 _TRANSACTION_COLUMNS = (
@@ -316,7 +318,7 @@ class SqliteStore:
         limit: int | None = None,
         offset: int = 0,
         undone_filter: bool | None = None,
-    ) -> list[Doc]:
+    ) -> list[SessionRow]:
         return _queries.sessions(
             self.db, since, until, app, user, tables, limit, offset, undone_filter
         )
@@ -344,7 +346,7 @@ class SqliteStore:
     def transactions_of_session(self, session_id: str) -> list[Doc]:
         return _queries.transactions_of_session(self.db, session_id)
 
-    def undone_sessions(self) -> dict[tuple[str | None, str], Doc]:
+    def undone_sessions(self) -> dict[tuple[str | None, str], Undone]:
         return _queries.undone_sessions(self.db)
 
     def changes_page(self, txn_ids: list[int], limit: int, offset: int) -> list[Doc]:

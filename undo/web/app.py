@@ -45,7 +45,15 @@ from undo.core.times import epoch, parse_time
 from undo.core.wal import int_to_lsn
 from undo.source import keyforms
 from undo.store import open_store
-from undo.store.api import ActivityBucket, split_claims
+from undo.store.api import (
+    ActivityBucket,
+    DdlCommand,
+    GuardRefusal,
+    SessionRow,
+    Transaction,
+    Undone,
+    split_claims,
+)
 from undo.web import metrics
 
 log = logging.getLogger(__name__)
@@ -109,6 +117,8 @@ def _templates() -> Environment:
     env.filters["q"] = lambda s: quote(str(s), safe="")  # one path segment
     env.filters["qs"] = urlencode  # a query string
     env.filters["jsontext"] = lambda v: json.dumps(v, ensure_ascii=False)
+    env.filters["tag_text"] = _tag_text
+    env.filters["undone_text"] = _undone_text
     return env
 
 
@@ -160,6 +170,16 @@ def chart(
 def _ops(p: ActivityBucket) -> dict[str, int]:
     """A bucket's counts by the names OP_COLORS gives them."""
     return {"inserts": p.inserts, "updates": p.updates, "deletes": p.deletes}
+
+
+def _tag_text(row: SessionRow | Transaction | GuardRefusal | DdlCommand) -> str:
+    """A row's tag as text ('untrusted (forged)')."""
+    return words.tag(row.tag, row.tag_reason)
+
+
+def _undone_text(entry: Undone | None) -> str | None:
+    """What undid a session, in a few words."""
+    return None if entry is None else words.undone(entry.to_json())
 
 
 def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -471,14 +491,12 @@ class App:
         finally:
             db.close()
         fields = ["app", "user", "table", "since", "until"]
-        for r in rows:
-            r["undone_text"] = words.undone(r["undone"])
         return self.page(
             "sessions.html",
             "Sessions",
             fields=fields,
             filters=q,
-            rows=_tagged(rows[:PAGE]),
+            rows=rows[:PAGE],
             page=page,
             more=len(rows) > PAGE,
             keep={k: v for k, v in q.items() if k in fields and v},
@@ -536,7 +554,7 @@ class App:
         return self.page(
             "session.html",
             f"Session {session_id}",
-            undone=words.undone(undone) if undone else None,
+            undone=_undone_text(undone),
             refused=_tagged(refused),
             ddl=_tagged(ddl),
             txns=_tagged(txns[(tpage - 1) * PAGE : tpage * PAGE]),  # the list is paged too
