@@ -22,7 +22,7 @@ from undo.cli._app import (
 from undo.core.config import Settings
 from undo.core.times import parse_time
 from undo.store import open_store
-from undo.store.api import parse_key
+from undo.store.api import Shown, parse_key
 
 
 def output_options(f: Any) -> Any:
@@ -171,9 +171,7 @@ def _show_options(f: Any) -> Any:
     return output_options(f)
 
 
-def _show(
-    result: dict[str, Any], limit: int | None, show_all: bool, fmt: str, expand: bool
-) -> None:
+def _show(result: Shown, limit: int | None, show_all: bool, fmt: str, expand: bool) -> None:
     if show_all:
         limit = None
     elif limit is None and fmt == "table":

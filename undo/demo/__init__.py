@@ -262,9 +262,9 @@ def _guarded_end(
     on_dashboard = b"usage-metrics*" in page
     for r in refusals:
         statement = " ".join(
-            line for line in (r["statement"] or "").splitlines() if not line.startswith("--")
+            line for line in (r.statement or "").splitlines() if not line.startswith("--")
         )
-        say(f"   {r['refused_at']}  {r['guard']}  {r['application_name']}:  {statement.strip()}")
+        say(f"   {r.refused_at}  {r.guard}  {r.application_name}:  {statement.strip()}")
     say("\n7. Check: nothing was lost")
     with psycopg.connect(dsn, autocommit=True) as c:
         after = sorted(c.execute(AFFECTED).fetchall())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
@@ -16,10 +18,20 @@ from undo.core.wal import lsn_to_int
 from undo.store._writer import ACTIVITY_SESSION_SQL
 from undo.store.api import (
     ActivityBucket,
+    DdlCommand,
+    GuardRefusal,
+    MalformedMessage,
     Normalise,
+    RowChange,
     SessionRow,
+    Shown,
+    ShownClaims,
+    ShownTotals,
+    ShownTransaction,
     StatusGap,
     StoreStatus,
+    TableOpRows,
+    Transaction,
     Undone,
     activity_session,
     ledger_entry,
@@ -31,6 +43,19 @@ def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
     cur = db.execute(query, params)
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+_TRANSACTION_FIELDS = tuple(f.name for f in fields(Transaction))
+
+
+def _transactions(db: Database, query: str, params: Sequence[object]) -> list[Transaction]:
+    """The transactions a query of the transactions table finds (SELECT *), by column name."""
+    cur = db.execute(query, params)
+    names = [d[0] for d in cur.description]
+    return [
+        Transaction(*(dict(zip(names, row, strict=True))[f] for f in _TRANSACTION_FIELDS))
+        for row in cur.fetchall()
+    ]
 
 
 def resolve_table(db: Database, text: str, roots: bool = False) -> tuple[str, str]:
@@ -209,8 +234,8 @@ def undone_sessions(db: Database) -> dict[tuple[str | None, str], Undone]:
     return out
 
 
-def transactions_of_session(db: Database, session_id: str) -> list[dict[str, Any]]:
-    rows = _rows(
+def transactions_of_session(db: Database, session_id: str) -> list[Transaction]:
+    rows = _transactions(
         db,
         "SELECT * FROM transactions WHERE session_id = ? ORDER BY commit_lsn",
         [session_id],
@@ -220,14 +245,16 @@ def transactions_of_session(db: Database, session_id: str) -> list[dict[str, Any
     return rows
 
 
-def transactions_by_xid(db: Database, xids: list[int]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def transactions_by_xid(db: Database, xids: list[int]) -> list[Transaction]:
+    rows: list[Transaction] = []
     for xid in xids:
-        found = _rows(db, "SELECT * FROM transactions WHERE xid = ? ORDER BY commit_lsn", [xid])
+        found = _transactions(
+            db, "SELECT * FROM transactions WHERE xid = ? ORDER BY commit_lsn", [xid]
+        )
         if not found:
             raise NotFound(f"unknown xid {xid}: no captured transaction has it")
         rows += found
-    return sorted(rows, key=lambda r: r["commit_lsn"])
+    return sorted(rows, key=lambda r: r.commit_lsn)
 
 
 #: a change ``c``'s statement, in a query that has its transaction as ``t``: the statement that
@@ -238,11 +265,10 @@ STATEMENT_OF_CHANGE = (
 )
 
 
-def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> list[dict[str, Any]]:
+def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> list[RowChange]:
     """One page of a set of transactions' changes, in commit order."""
-    out: list[dict[str, Any]] = []
-    for r in _rows(
-        db,
+    out: list[RowChange] = []
+    for r in db.execute(
         "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"  # noqa: S608
         " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM changes c"
         " JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = c.txn"
@@ -251,59 +277,70 @@ def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> l
         "   WHERE t.id IN (SELECT value FROM json_each(?)) ORDER BY c2.id LIMIT ? OFFSET ?)"
         " ORDER BY c.id",
         [json.dumps(txn_ids), limit, offset],
-    ):
-        out.append(_change(r))
+    ).fetchall():
+        out.append(_change(*r))
     return out
 
 
-def _change(r: dict[str, Any]) -> dict[str, Any]:
-    cols = json.loads(r["columns"])
-    old, new = shown_images(cols, r["old"], r["new"], r["unchanged"])
-    return {
-        "txn": r["txn"],
-        "ord": r["ord"],
-        "table": names.quote(r["schema_name"], r["table_name"]),
-        "op": OP_NAMES[r["op"]],
-        "key": json.loads(r["key"]) if r["key"] else None,
-        "key_columns": [cols[i] for i in json.loads(r["key_columns"])]
-        if r.get("key_columns")
-        else None,
-        "statement": r.get("statement"),
-        "old": old,
-        "new": new,
-    }
+def _change(
+    txn: int,
+    ord: int,
+    op: str,
+    key: str | None,
+    old_text: str | None,
+    new_text: str | None,
+    unchanged: str | None,
+    schema_name: str,
+    table_name: str,
+    columns: str,
+    key_columns: str | None,
+    statement: str | None,
+) -> RowChange:
+    """A change as the columns c.txn ... r.key_columns, statement of the queries above read it."""
+    cols = json.loads(columns)
+    old, new = shown_images(cols, old_text, new_text, unchanged)
+    return RowChange(
+        txn=txn,
+        ord=ord,
+        table=names.quote(schema_name, table_name),
+        op=OP_NAMES[op],
+        key=tuple(json.loads(key)) if key else None,
+        key_columns=tuple(cols[i] for i in json.loads(key_columns)) if key_columns else None,
+        statement=statement,
+        old=old,
+        new=new,
+    )
 
 
-def changes_of(db: Database, txn_ids: list[int]) -> list[dict[str, Any]]:
+def changes_of(db: Database, txn_ids: list[int]) -> list[RowChange]:
     """The row changes of these transactions, with their table, old and new values by name.
 
     A TOASTed value an update left unchanged is shown in ``new`` as the old value it kept.
     """
-    out: list[dict[str, Any]] = []
+    out: list[RowChange] = []
     for txn in txn_ids:
         out += [
-            _change(r)
-            for r in _rows(
-                db,
+            _change(*r)
+            for r in db.execute(
                 "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
                 " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM"
                 " changes c JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = ?"
                 " WHERE c.id BETWEEN t.first_change AND t.last_change ORDER BY c.id",
                 [txn],
-            )
+            ).fetchall()
         ]
     return out
 
 
-def guard_refusals(db: Database, session_id: str | None = None) -> list[dict[str, Any]]:
+def guard_refusals(db: Database, session_id: str | None = None) -> list[GuardRefusal]:
     """Writes a guard refused, oldest first (of one session, if given)."""
-    return _rows(
-        db,
+    rows = db.execute(
         "SELECT refused_at, guard, reason, session_id, application_name, user_name AS user,"
         " client_addr, statement, tag, tag_reason FROM guard_refusals"
         " WHERE ? IS NULL OR session_id = ? ORDER BY lsn",
         [session_id, session_id],
-    )
+    ).fetchall()
+    return [GuardRefusal(*r) for r in rows]
 
 
 #: the malformed messages `show` lists (any role can emit thousands claiming a session): the
@@ -313,36 +350,33 @@ MALFORMED_SHOWN = 100
 
 def malformed_of(
     db: Database, session_id: str | None = None, xid: int | None = None
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[MalformedMessage], int]:
     """Messages with undo's prefixes that claimed this session (or came in this transaction)
     and were not what undo's SQL writes: kept, never used (stream/messages.py). The first
     MALFORMED_SHOWN of them, and how many there are."""
     where = "(? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?)"
     params = [session_id, session_id, xid, xid]
     (count,) = db.execute(f"SELECT count(*) FROM malformed WHERE {where}", params).fetchone()  # noqa: S608
-    rows = _rows(
-        db,
+    rows = db.execute(
         "SELECT received_at, lsn, prefix, xid, session_id, problem, size FROM malformed"  # noqa: S608
         f" WHERE {where} ORDER BY lsn LIMIT ?",
         [*params, MALFORMED_SHOWN],
-    )
-    return rows, int(count)
+    ).fetchall()
+    return [MalformedMessage(*r) for r in rows], int(count)
 
 
-def ddl_of(
-    db: Database, session_id: str | None = None, xid: int | None = None
-) -> list[dict[str, Any]]:
+def ddl_of(db: Database, session_id: str | None = None, xid: int | None = None) -> list[DdlCommand]:
     """DDL a session (or a transaction) ran on audited schemas, in order."""
-    return _rows(
-        db,
+    rows = db.execute(
         "SELECT commit_time, xid, command, object_type, object, statement, tag, tag_reason"
         " FROM ddl WHERE (? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?)"
         " ORDER BY id",
         [session_id, session_id, xid, xid],
-    )
+    ).fetchall()
+    return [DdlCommand(*r) for r in rows]
 
 
-def show(db: Database, session_id: str | None = None, xid: int | None = None) -> dict[str, Any]:
+def show(db: Database, session_id: str | None = None, xid: int | None = None) -> Shown:
     refusals = guard_refusals(db, session_id) if session_id is not None else []
     ddl = ddl_of(db, session_id, xid)
     malformed, malformed_count = malformed_of(db, session_id, xid)
@@ -356,61 +390,61 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
         if not refusals and not ddl and not malformed:
             raise
         txns = []
-    changes = changes_of(db, [t["id"] for t in txns])
-    by_txn: dict[int, list[dict[str, Any]]] = {}
+    changes = changes_of(db, [t.id for t in txns])
+    by_txn: dict[int, list[RowChange]] = {}
     for c in changes:
-        by_txn.setdefault(c.pop("txn"), []).append(c)
-    sid = session_id if session_id is not None or not txns else txns[0]["session_id"]
-    undone = {k: u.to_json() for k, u in undone_sessions(db).items()}
+        by_txn.setdefault(c.txn, []).append(c)
+    sid = session_id if session_id is not None or not txns else txns[0].session_id
+    undone = undone_sessions(db)
     # a session is its trusted transactions; those that only claim it are listed apart
     own, claims = split_claims(txns) if session_id is not None else (txns, [])
 
-    def listed(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [
-            {
-                "xid": t["xid"],
-                "commit_time": t["commit_time"],
-                "application_name": t["application_name"],
-                "user": t["user_name"],
-                "statement": t["statement"],
-                "tag": t["tag"],
-                "tag_reason": t["tag_reason"],
-                "changes": by_txn.get(t["id"], []),
-            }
+    def listed(ts: list[Transaction]) -> tuple[ShownTransaction, ...]:
+        return tuple(
+            ShownTransaction(
+                xid=t.xid,
+                commit_time=t.commit_time,
+                application_name=t.application_name,
+                user=t.user_name,
+                statement=t.statement,
+                tag=t.tag,
+                tag_reason=t.tag_reason,
+                changes=tuple(by_txn.get(t.id, [])),
+            )
             for t in ts
-        ]
+        )
 
     mine, others = listed(own), listed(claims)
-    return {
-        "session_id": sid,
-        "undone": undone.get((sid, "trusted"))
+    return Shown(
+        session_id=sid,
+        undone=undone.get((sid, "trusted"))
         if session_id is not None
-        else (undone.get((sid, txns[0]["tag"])) if txns else None),
-        "totals": totals(mine),
-        "transactions": mine,
-        "untrusted": {
-            "undone": undone.get((sid, "untrusted")) if claims else None,
-            "totals": totals(others),
-            "transactions": others,
-        },
-        "guard_refusals": refusals,
-        "ddl": ddl,
-        "malformed": malformed,
-        "malformed_count": malformed_count,
-    }
+        else (undone.get((sid, txns[0].tag)) if txns else None),
+        totals=totals(mine),
+        transactions=mine,
+        untrusted=ShownClaims(
+            undone=undone.get((sid, "untrusted")) if claims else None,
+            totals=totals(others),
+            transactions=others,
+        ),
+        guard_refusals=tuple(refusals),
+        ddl=tuple(ddl),
+        malformed=tuple(malformed),
+        malformed_count=malformed_count,
+    )
 
 
-def totals(txns: list[dict[str, Any]]) -> dict[str, Any]:
+def totals(txns: Sequence[ShownTransaction]) -> ShownTotals:
     """Transactions, row changes, and rows per table and operation of ``show``'s transactions."""
     counts: dict[tuple[str, str], int] = {}
     for t in txns:
-        for c in t["changes"]:
-            counts[c["table"], c["op"]] = counts.get((c["table"], c["op"]), 0) + 1
-    return {
-        "transactions": len(txns),
-        "changes": sum(counts.values()),
-        "rows": [{"table": t, "operation": op, "rows": n} for (t, op), n in sorted(counts.items())],
-    }
+        for c in t.changes:
+            counts[c.table, c.op] = counts.get((c.table, c.op), 0) + 1
+    return ShownTotals(
+        transactions=len(txns),
+        changes=sum(counts.values()),
+        rows=tuple(TableOpRows(t, op, n) for (t, op), n in sorted(counts.items())),
+    )
 
 
 def status(db: Database) -> StoreStatus:

@@ -49,6 +49,7 @@ from undo.store.api import (
     ActivityBucket,
     DdlCommand,
     GuardRefusal,
+    RowChange,
     SessionRow,
     Transaction,
     Undone,
@@ -180,11 +181,6 @@ def _tag_text(row: SessionRow | Transaction | GuardRefusal | DdlCommand) -> str:
 def _undone_text(entry: Undone | None) -> str | None:
     """What undid a session, in a few words."""
     return None if entry is None else words.undone(entry.to_json())
-
-
-def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row with its tag as text ('untrusted (forged)')."""
-    return [{**r, "tag_text": words.tag(r["tag"], r["tag_reason"])} for r in rows]
 
 
 MAX_PAGE = 10**9  # pages past it hold nothing, and SQLite's OFFSET takes 64 bits at most
@@ -455,7 +451,7 @@ class App:
             wal_held=wal_held,
             capture_lag=capture_lag,
             unknown=unknown,
-            refused=_tagged(refused),
+            refused=refused,
             since=since_text,
             bucket_minutes=bucket // 60,
             apps=apps,
@@ -519,33 +515,34 @@ class App:
             # the session is its trusted transactions: those that only claim it (forged,
             # replayed, malformed tags) are listed apart and not counted in its totals
             txns, claims = split_claims(txns)
-            total = sum(t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in txns)
-            claimed = sum(
-                t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in claims
-            )
-            changes = db.changes_page([t["id"] for t in txns], PAGE, (page - 1) * PAGE)
-            claim_changes = db.changes_page([t["id"] for t in claims], PAGE, 0)
+            total = sum(t.inserts + t.updates + t.deletes + t.truncates for t in txns)
+            claimed = sum(t.inserts + t.updates + t.deletes + t.truncates for t in claims)
+            changes = db.changes_page([t.id for t in txns], PAGE, (page - 1) * PAGE)
+            claim_changes = db.changes_page([t.id for t in claims], PAGE, 0)
         finally:
             db.close()
-        xid_of = {t["id"]: t["xid"] for t in txns + claims}
+        xid_of = {t.id: t.xid for t in txns + claims}
 
-        def shown(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            rows = []
+        def shown(changes: list[RowChange]) -> list[dict[str, object]]:
+            """Each change as the page shows it: its xid, columns, what an update changed,
+            its key as text and the query of its row's history."""
+            rows: list[dict[str, object]] = []
             for c in changes:
-                cols = list((c["old"] or c["new"] or {}).keys())
-                old, new = c["old"] or {}, c["new"] or {}
-                key = c["key"] or []
+                cols = list((c.old or c.new or {}).keys())
+                old, new = c.old or {}, c.new or {}
+                key = c.key or ()
                 rows.append(
                     {
-                        **c,
-                        "xid": xid_of[c["txn"]],
+                        "xid": xid_of[c.txn],
+                        "table": c.table,
+                        "op": c.op,
+                        "old": c.old,
+                        "new": c.new,
                         "cols": cols,
-                        "diff": {
-                            k for k in cols if c["op"] == "update" and old.get(k) != new.get(k)
-                        },
+                        "diff": {k for k in cols if c.op == "update" and old.get(k) != new.get(k)},
                         "key": [str(k) for k in key],
-                        "history": dict(zip(c["key_columns"], key, strict=False))
-                        if c["key_columns"]
+                        "history": dict(zip(c.key_columns, key, strict=False))
+                        if c.key_columns
                         else None,
                     }
                 )
@@ -555,14 +552,14 @@ class App:
             "session.html",
             f"Session {session_id}",
             undone=_undone_text(undone),
-            refused=_tagged(refused),
-            ddl=_tagged(ddl),
-            txns=_tagged(txns[(tpage - 1) * PAGE : tpage * PAGE]),  # the list is paged too
+            refused=refused,
+            ddl=ddl,
+            txns=txns[(tpage - 1) * PAGE : tpage * PAGE],  # the list is paged too
             tpage=tpage,
             tpages=-(-len(txns) // PAGE),
             total=total,
             changes=shown(changes),
-            claims=_tagged(claims[:PAGE]),
+            claims=claims[:PAGE],
             claim_count=len(claims),
             claimed=claimed,
             claim_changes=shown(claim_changes),
