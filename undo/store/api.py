@@ -174,6 +174,20 @@ class StepReport:
 # -- the listings: what `sessions`, `show`, `history`, `activity` and `status` print --------
 
 
+def _doc(record: object) -> JsonDoc:
+    """A record's fields as a JSON document, in their order: records as objects, tuples as
+    lists (as --json prints them and as `undo status` lays them out)."""
+    return {k: _listed(v) for k, v in asdict(record).items()}  # type: ignore[call-overload]
+
+
+def _listed(v: object) -> object:
+    if isinstance(v, tuple | list):
+        return [_listed(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _listed(x) for k, x in v.items()}
+    return v
+
+
 @dataclass(frozen=True)
 class Undone:
     """What undid a session: the latest undo that undid any of its changes, and whether every
@@ -184,7 +198,7 @@ class Undone:
     all: bool
 
     def to_json(self) -> JsonDoc:
-        return asdict(self)
+        return _doc(self)
 
 
 @dataclass(frozen=True)
@@ -209,7 +223,7 @@ class SessionRow:
     undone: Undone | None
 
     def to_json(self) -> JsonDoc:
-        return asdict(self)
+        return _doc(self)
 
 
 @dataclass(frozen=True)
@@ -228,7 +242,7 @@ class GuardRefusal:
     tag_reason: str | None
 
     def to_json(self) -> JsonDoc:
-        return asdict(self)
+        return _doc(self)
 
 
 @dataclass(frozen=True)
@@ -245,7 +259,7 @@ class DdlCommand:
     tag_reason: str | None
 
     def to_json(self) -> JsonDoc:
-        return asdict(self)
+        return _doc(self)
 
 
 @dataclass(frozen=True)
@@ -261,7 +275,7 @@ class MalformedMessage:
     size: int
 
     def to_json(self) -> JsonDoc:
-        return asdict(self)
+        return _doc(self)
 
 
 @dataclass(frozen=True)
@@ -281,7 +295,7 @@ class RowChange:
 
     def to_json(self) -> JsonDoc:
         """As `show --json` prints it, under its transaction (no ``txn``)."""
-        doc = asdict(self)
+        doc = _doc(self)
         del doc["txn"]
         return doc
 
@@ -330,7 +344,7 @@ class ShownTotals:
     rows: tuple[TableOpRows, ...]
 
     def to_json(self) -> JsonDoc:
-        return asdict(self)
+        return _doc(self)
 
 
 @dataclass(frozen=True)
@@ -403,7 +417,7 @@ class HistoryVersion:
 
     def to_json(self) -> JsonDoc:
         """As `history --json` prints it: ``command`` only for DDL."""
-        doc = asdict(self)
+        doc = _doc(self)
         if self.op != "ddl":
             del doc["command"]
         return doc
@@ -464,7 +478,7 @@ class StoreStatus:
     gaps: tuple[StatusGap, ...]
 
     def to_json(self) -> JsonDoc:
-        return asdict(self)
+        return _doc(self)
 
 
 class StagedTxn(Protocol):
