@@ -88,7 +88,7 @@ def test_sessions_filters_and_show(pgo):
 def test_activity_counts_match_the_changes(pgo):
     _setup(pgo)
     rows = open_store(pgo.store).activity(by="app", bucket_seconds=3600)
-    got = {r["app"]: (r["inserts"], r["updates"], r["deletes"]) for r in rows}
+    got = {r.name: (r.inserts, r.updates, r.deletes) for r in rows}
     assert got == {"signup": (2, 0, 0), "support": (0, 1, 0), "usage-metrics": (0, 0, 1)}
     by_table = json.loads(
         pgo.undo_cli("activity", "--by", "table", "--bucket", "1d", "--json").stdout

@@ -19,11 +19,10 @@ from undo.cli._app import (
     json_option,
     pass_settings,
 )
-from undo.core import words
 from undo.core.config import Settings
 from undo.core.times import parse_time
 from undo.store import open_store
-from undo.store.api import parse_key
+from undo.store.api import Shown, parse_key
 
 
 def output_options(f: Any) -> Any:
@@ -129,13 +128,11 @@ def sessions_cmd(
     )
     more = limit is not None and len(rows) > limit
     rows = rows[:limit] if limit is not None else rows
-    if fmt == "table":
-        for r in rows:
-            r["undone"] = words.undone(
-                r["undone"]
-                and {**r["undone"], "undone_at": render.second(r["undone"]["undone_at"])}
-            )
-    emit(render.listing(rows, _SESSION_COLUMNS, fmt, expand, more))
+    docs = [r.to_json() for r in rows]
+    if fmt == "table":  # what undid it, in a few words
+        for doc, r in zip(docs, rows, strict=True):
+            doc["undone"] = render.undone(r.undone)
+    emit(render.listing(docs, _SESSION_COLUMNS, fmt, expand, more))
 
 
 _SESSION_COLUMNS = [
@@ -174,9 +171,7 @@ def _show_options(f: Any) -> Any:
     return output_options(f)
 
 
-def _show(
-    result: dict[str, Any], limit: int | None, show_all: bool, fmt: str, expand: bool
-) -> None:
+def _show(result: Shown, limit: int | None, show_all: bool, fmt: str, expand: bool) -> None:
     if show_all:
         limit = None
     elif limit is None and fmt == "table":
@@ -326,7 +321,8 @@ def activity_cmd(
         since=parse_time(since) if since else None,
         bucket_seconds=parse_bucket(bucket),
     )
+    docs = [r.to_json() for r in rows]
     if as_json:
-        click.echo(render.to_json(rows))
+        click.echo(render.to_json(docs))
         return
-    click.echo(render.table(rows, ["bucket", by, "inserts", "updates", "deletes", "truncates"]))
+    click.echo(render.table(docs, ["bucket", by, "inserts", "updates", "deletes", "truncates"]))

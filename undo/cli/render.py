@@ -9,10 +9,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, replace
 from typing import Any
 
 from undo.core import words
+from undo.store.api import Image, Shown, ShownTransaction, Undone
 
 
 def to_json(value: Any) -> str:
@@ -241,10 +243,9 @@ class JsonLogFormatter(logging.Formatter):
 # -- undo show ---------------------------------------------------------------------------
 
 
-def images(change: dict[str, Any], indent: str) -> Iterator[str]:
+def images(old: Image | None, new: Image | None, indent: str) -> Iterator[str]:
     """Old and new values as col=value (NULL for null; long values shortened: --json has them
     whole); for an update, the new row shows only what changed."""
-    old, new = change["old"], change["new"]
     if old is not None:
         yield (f"{indent}old: {pairs(old)}")
     if new is not None:
@@ -253,76 +254,79 @@ def images(change: dict[str, Any], indent: str) -> Iterator[str]:
         yield (f"{indent}new: {pairs(new) if new else '(no value changed)'}")
 
 
-def show(result: dict[str, Any], limit: int | None, expand: bool = False) -> Iterator[str]:
+def show(result: Shown, limit: int | None, expand: bool = False) -> Iterator[str]:
     """`undo show`: the summary, then every transaction and its statement, then the row
     changes (at most ``limit``), as the dashboard's session page: what ran is never cut by
     the limit, which cuts the changes only. ``expand``: transactions and changes as records."""
-    txns, totals = result["transactions"], result["totals"]
+    txns, totals = result.transactions, result.totals
     yield (
-        f"session {result['session_id']}: {totals['transactions']} transaction(s),"
-        f" {totals['changes']} change(s)"
+        f"session {result.session_id}: {totals.transactions} transaction(s),"
+        f" {totals.changes} change(s)"
     )
-    if result.get("undone"):
-        yield (f"undone: {words.undone(_undone_shown(result['undone']))}")
-    for d in result.get("ddl") or []:
+    if result.undone:
+        yield (f"undone: {undone(result.undone)}")
+    for d in result.ddl:
         yield (
-            f"DDL {d['command']} {d['object'] or ''}  xid {d['xid']}  {second(d['commit_time'])}"
-            f"  statement: {d['statement'] or ''}"
-            + ("" if d["tag"] == "trusted" else f"  tag {d['tag']} ({d['tag_reason']})")
+            f"DDL {d.command} {d.object or ''}  xid {d.xid}  {second(d.commit_time)}"
+            f"  statement: {d.statement or ''}"
+            + ("" if d.tag == "trusted" else f"  tag {d.tag} ({d.tag_reason})")
         )
-    for g in result.get("guard_refusals") or []:
+    for g in result.guard_refusals:
         yield (
-            f"refused by guard {g['guard']} at {second(g['refused_at'])}"
-            + (f" ({g['reason']})" if g["reason"] else "")
-            + f": {g['statement'] or ''}"
-            + ("" if g["tag"] == "trusted" else f"  tag {g['tag']} ({g['tag_reason']})")
+            f"refused by guard {g.guard} at {second(g.refused_at)}"
+            + (f" ({g.reason})" if g.reason else "")
+            + f": {g.statement or ''}"
+            + ("" if g.tag == "trusted" else f"  tag {g.tag} ({g.tag_reason})")
         )
-    malformed = result.get("malformed") or []
+    malformed = result.malformed
     for m in malformed[:10]:
         yield (
-            f"malformed {m['prefix']} message at {second(m['received_at'])}  xid {m['xid'] or ''}:"
-            f" {m['problem']} (kept in the store's malformed table, never used)"
+            f"malformed {m.prefix} message at {second(m.received_at)}  xid {m.xid or ''}:"
+            f" {m.problem} (kept in the store's malformed table, never used)"
         )
-    more = result.get("malformed_count", len(malformed)) - min(len(malformed), 10)
+    more = result.malformed_count - min(len(malformed), 10)
     if more > 0:
         yield f"({more} more malformed message(s): the store's malformed table has them all)"
-    if totals["rows"]:
-        yield ("\n" + table(totals["rows"], ["table", "operation", "rows"]))
+    if totals.rows:
+        yield ("\n" + table([asdict(r) for r in totals.rows], ["table", "operation", "rows"]))
     shown = [0]  # changes printed, by both lists: at most ``limit`` in all
     yield from _statements(txns, expand)
     yield from _transactions(txns, shown, limit, expand)
-    claims = result["untrusted"]
-    total = totals["changes"] + claims["totals"]["changes"]
-    if claims["transactions"]:  # listed apart: not the session's, not in its totals
-        c = claims["totals"]
+    claims = result.untrusted
+    total = totals.changes + claims.totals.changes
+    if claims.transactions:  # listed apart: not the session's, not in its totals
+        c = claims.totals
         yield (
-            f"\nuntrusted: {c['transactions']} transaction(s), {c['changes']} change(s), claim"
+            f"\nuntrusted: {c.transactions} transaction(s), {c.changes} change(s), claim"
             " this session with a tag that does not verify (not counted above; `undo session`"
             " leaves them out)"
         )
-        if claims.get("undone"):
-            yield (f"undone: {words.undone(_undone_shown(claims['undone']))}")
-        if c["rows"]:
-            yield (table(c["rows"], ["table", "operation", "rows"]))
-        yield from _statements(claims["transactions"], expand)
-        yield from _transactions(claims["transactions"], shown, limit, expand)
+        if claims.undone:
+            yield (f"undone: {undone(claims.undone)}")
+        if c.rows:
+            yield (table([asdict(r) for r in c.rows], ["table", "operation", "rows"]))
+        yield from _statements(claims.transactions, expand)
+        yield from _transactions(claims.transactions, shown, limit, expand)
     if shown[0] < total:
         yield (f"\n({total - shown[0]} more change(s): --limit N or --all to see them)")
 
 
-def _undone_shown(entry: dict[str, Any]) -> dict[str, Any]:
-    return {**entry, "undone_at": second(entry.get("undone_at"))}
+def undone(entry: Undone | None) -> str | None:
+    """What undid a session, in a few words, its time to the second (None: nothing did)."""
+    if entry is None:
+        return None
+    return words.undone({**entry.to_json(), "undone_at": second(entry.undone_at)})
 
 
-def ops(changes: Sequence[dict[str, Any]]) -> str:
-    """A transaction's changes by operation, in a few words.
+def ops(changes: Iterable[str]) -> str:
+    """A transaction's changes by operation (each change's op), in a few words.
 
-    >>> ops([{"op": "delete"}, {"op": "update"}, {"op": "delete"}])
+    >>> ops(["delete", "update", "delete"])
     '2 delete(s), 1 update(s)'
     """
     counts: dict[str, int] = {}
-    for c in changes:
-        counts[c["op"]] = counts.get(c["op"], 0) + 1
+    for op in changes:
+        counts[op] = counts.get(op, 0) + 1
     return ", ".join(f"{n} {op}(s)" for op, n in counts.items()) or "no row change"
 
 
@@ -337,7 +341,7 @@ _STATEMENT_FIELDS = [
 ]
 
 
-def _statements(txns: list[dict[str, Any]], expand: bool) -> Iterator[str]:
+def _statements(txns: Sequence[ShownTransaction], expand: bool) -> Iterator[str]:
     """Every transaction, what it changed, and its statement (whole; its lines indented)."""
     if not txns:
         return
@@ -346,10 +350,13 @@ def _statements(txns: list[dict[str, Any]], expand: bool) -> Iterator[str]:
         yield expanded(
             [
                 {
-                    **t,
-                    "commit_time": second(t["commit_time"]),
-                    "tag": words.tag(t["tag"], t.get("tag_reason")),
-                    "changes": ops(t["changes"]),
+                    "xid": t.xid,
+                    "commit_time": second(t.commit_time),
+                    "application_name": t.application_name,
+                    "user": t.user,
+                    "tag": words.tag(t.tag, t.tag_reason),
+                    "changes": ops(c.op for c in t.changes),
+                    "statement": t.statement,
                 }
                 for t in txns
             ],
@@ -358,15 +365,15 @@ def _statements(txns: list[dict[str, Any]], expand: bool) -> Iterator[str]:
         return
     for t in txns:
         yield (
-            f"xid {t['xid']}  {second(t['commit_time'])}  {t['application_name'] or ''}"
-            f"  {t['user'] or ''}  tag {words.tag(t['tag'], t.get('tag_reason'))}"
-            f"  {ops(t['changes'])}"
+            f"xid {t.xid}  {second(t.commit_time)}  {t.application_name or ''}"
+            f"  {t.user or ''}  tag {words.tag(t.tag, t.tag_reason)}"
+            f"  {ops(c.op for c in t.changes)}"
         )
         # the transaction's first statement, then each later one that changed rows
-        said = [t["statement"]]
-        for c in t["changes"]:
-            if c.get("statement") is not None and c["statement"] not in said:
-                said.append(c["statement"])
+        said = [t.statement]
+        for c in t.changes:
+            if c.statement is not None and c.statement not in said:
+                said.append(c.statement)
         for statement in said:
             first, *rest = (statement or "").splitlines() or [""]
             yield f"  statement: {first}"
@@ -375,43 +382,43 @@ def _statements(txns: list[dict[str, Any]], expand: bool) -> Iterator[str]:
 
 
 def _transactions(
-    txns: list[dict[str, Any]], shown: list[int], limit: int | None, expand: bool
+    txns: Sequence[ShownTransaction], shown: list[int], limit: int | None, expand: bool
 ) -> Iterator[str]:
     """Each transaction's changes, until ``shown[0]`` changes printed reach ``limit``."""
     started = False
     for t in txns:
         if limit is not None and shown[0] >= limit:
             break
-        if not t["changes"]:
+        if not t.changes:
             continue
         if not started:
             yield "\nchanges:"
             started = True
         if not expand:
-            yield (f"xid {t['xid']}  {second(t['commit_time'])}")
+            yield (f"xid {t.xid}  {second(t.commit_time)}")
         records = []
-        statement = t["statement"]
-        for c in t["changes"]:
+        statement = t.statement
+        for c in t.changes:
             if limit is not None and shown[0] >= limit:
                 break
             shown[0] += 1
-            if not expand and c.get("statement", statement) != statement:
-                statement = c["statement"]  # a later statement's changes
+            if not expand and c.statement != statement:
+                statement = c.statement  # a later statement's changes
                 yield f"  statement: {(statement or '').splitlines()[0] if statement else ''}"
             if expand:
                 records.append(
                     {
-                        "xid": t["xid"],
-                        "op": c["op"],
-                        "table": c["table"],
-                        "key": key(c["key_columns"], c["key"]),
-                        "old": None if c["old"] is None else pairs(c["old"]),
-                        "new": None if c["new"] is None else pairs(_changed(c)),
+                        "xid": t.xid,
+                        "op": c.op,
+                        "table": c.table,
+                        "key": key(c.key_columns, c.key),
+                        "old": None if c.old is None else pairs(c.old),
+                        "new": None if c.new is None else pairs(_changed(c.old, c.new)),
                     }
                 )
                 continue
-            yield (f"  {c['op']:8} {c['table']}  {key(c['key_columns'], c['key'])}")
-            yield from images(c, "    ")
+            yield (f"  {c.op:8} {c.table}  {key(c.key_columns, c.key)}")
+            yield from images(c.old, c.new, "    ")
         if records:
             yield _numbered(records, shown[0] - len(records))
 
@@ -427,9 +434,8 @@ def _numbered(records: list[dict[str, Any]], before: int) -> str:
     )
 
 
-def _changed(change: dict[str, Any]) -> dict[str, Any]:
+def _changed(old: Image | None, new: Image | None) -> Image:
     """An update's new row as far as it changed (the whole row otherwise)."""
-    old, new = change["old"], change["new"]
     if old is None or new is None:
         return dict(new or {})
     return {k: v for k, v in new.items() if old.get(k) != v}
@@ -451,60 +457,58 @@ _SHOW_CSV = [
 ]
 
 
-def show_csv(result: dict[str, Any], limit: int | None) -> str:
+def show_csv(result: Shown, limit: int | None) -> str:
     """`undo show --format csv`: one row per change (at most ``limit``), with its transaction
     (the session's, then those that claim it untrusted); key and images as JSON objects."""
     rows: list[dict[str, Any]] = []
-    for t in result["transactions"] + result["untrusted"]["transactions"]:
-        for c in t["changes"]:
+    for t in result.transactions + result.untrusted.transactions:
+        for c in t.changes:
             if limit is not None and len(rows) >= limit:
                 break
-            k = (
-                None
-                if c["key"] is None
-                else dict(zip(c["key_columns"] or [], c["key"], strict=False))
-            )
+            k = None if c.key is None else dict(zip(c.key_columns or [], c.key, strict=False))
             rows.append(
                 {
-                    **t,
-                    "table": c["table"],
-                    "op": c["op"],
+                    "xid": t.xid,
+                    "commit_time": t.commit_time,
+                    "application_name": t.application_name,
+                    "user": t.user,
+                    "tag": t.tag,
+                    "tag_reason": t.tag_reason,
+                    "statement": t.statement,
+                    "table": c.table,
+                    "op": c.op,
                     "key": k,
-                    "old": c["old"],
-                    "new": c["new"],
+                    "old": c.old,
+                    "new": c.new,
                 }
             )
     return to_csv(rows, _SHOW_CSV).rstrip("\n")
 
 
-def show_json(result: dict[str, Any], limit: int | None) -> str:
+def show_json(result: Shown, limit: int | None) -> str:
     """`undo show --json`: everything, or with --limit every transaction with its changes cut
     at ``limit`` in all (``changes_left_out`` says how many were)."""
     if limit is None:
-        return to_json(result)
+        return to_json(result.to_json())
     left = [limit]
     cut = 0
 
-    def take(txns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def take(txns: Sequence[ShownTransaction]) -> tuple[ShownTransaction, ...]:
         nonlocal cut
         out = []
         for t in txns:
-            kept = t["changes"][: left[0]]
+            kept = t.changes[: left[0]]
             left[0] -= len(kept)
-            cut += len(t["changes"]) - len(kept)
-            out.append({**t, "changes": kept})
-        return out
+            cut += len(t.changes) - len(kept)
+            out.append(replace(t, changes=kept))
+        return tuple(out)
 
-    mine = take(result["transactions"])
-    claims = take(result["untrusted"]["transactions"])
-    return to_json(
-        {
-            **result,
-            "transactions": mine,
-            "untrusted": {**result["untrusted"], "transactions": claims},
-            "changes_left_out": cut,
-        }
+    mine = take(result.transactions)
+    claims = take(result.untrusted.transactions)
+    shown = replace(
+        result, transactions=mine, untrusted=replace(result.untrusted, transactions=claims)
     )
+    return to_json({**shown.to_json(), "changes_left_out": cut})
 
 
 # -- undo history ------------------------------------------------------------------------
@@ -552,7 +556,7 @@ def history(rows: list[dict[str, Any]], more: bool) -> Iterator[str]:
             yield f"  undo of: {json.dumps(r['undo_of'], ensure_ascii=False)}"
         else:
             yield f"  statement: {r['statement']}"
-        yield from images(r, "  ")
+        yield from images(r["old"], r["new"], "  ")
     yield count(len(rows)) + (" (more with a higher --limit)" if more else "")
 
 

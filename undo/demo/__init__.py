@@ -194,7 +194,7 @@ def run_demo(
         say("\n5. On-call: undo sessions --app usage-metrics")
         rows = open_store(settings.store).sessions(app="usage-metrics")
         for line in table(
-            rows,
+            [r.to_json() for r in rows],
             [
                 "session_id",
                 "application_name",
@@ -207,7 +207,8 @@ def run_demo(
             ],
         ).splitlines():
             say(f"   {line}")
-        sid = rows[0]["session_id"]
+        sid = rows[0].session_id
+        assert sid is not None  # the script's session: tagged
 
         say(f"\n6. undo session {sid}   (the script to review, first lines)")
         buf = io.StringIO()
@@ -257,7 +258,7 @@ def _guarded_end(
     db = open_store(settings.store)
     rows = db.sessions(app="usage-metrics")
     for line in table(
-        rows,
+        [r.to_json() for r in rows],
         ["session_id", "application_name", "user", "transactions", "deletes", "guard_refusals"],
     ).splitlines():
         say(f"   {line}")
@@ -267,9 +268,9 @@ def _guarded_end(
     on_dashboard = b"usage-metrics*" in page
     for r in refusals:
         statement = " ".join(
-            line for line in (r["statement"] or "").splitlines() if not line.startswith("--")
+            line for line in (r.statement or "").splitlines() if not line.startswith("--")
         )
-        say(f"   {r['refused_at']}  {r['guard']}  {r['application_name']}:  {statement.strip()}")
+        say(f"   {r.refused_at}  {r.guard}  {r.application_name}:  {statement.strip()}")
     say("\n7. Check: nothing was lost")
     with psycopg.connect(dsn, autocommit=True) as c:
         after = sorted(c.execute(AFFECTED).fetchall())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from undo.core import wal
 from undo.core.config import Settings
 from undo.source import install
 from undo.store import recovery
-from undo.store.api import Store
+from undo.store.api import StatusGap, Store
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,12 @@ def judge(
     slot: tuple[Any, ...] | None,
     lag: dict[str, Any],
     max_lag: float | None,
-    gaps: list[dict[str, Any]],
+    gaps: Sequence[StatusGap],
     deep: bool,
 ) -> Health:
     """The checks, on what status gathered: ``slot`` (pg_replication_slots' row of that name:
     confirmed_flush_lsn, wal_status, active_pid, WAL held, database, whether it is this
-    database's, plugin), ``lag`` (status.lag), ``gaps`` (queries.status). ``max_lag``: lag
+    database's, plugin), ``lag`` (status.lag), ``gaps`` (the store's status). ``max_lag``: lag
     seconds over it is a problem (None: lag is not judged). ``deep``: SQLite's quick_check of
     the store too (it reads every page)."""
     problems: list[Problem] = []
@@ -366,15 +367,15 @@ def judge(
         )
     # the trail
     for gap in gaps:
-        if gap["to_lsn"] is not None:
+        if gap.to_lsn is not None:
             continue
-        if gap["kind"] == "table":
-            table = gap["table"] or "?"
+        if gap.kind == "table":
+            table = gap.table or "?"
             problems.append(
                 Problem(
                     "gap",
                     table,
-                    f"capture of {table} is incomplete since {gap['at']} ({gap['reason']})",
+                    f"capture of {table} is incomplete since {gap.at} ({gap.reason})",
                     "put the table right (its problem above; `undo init` does what it can):"
                     " the gap closes with the DDL that does",
                 )
@@ -384,11 +385,11 @@ def judge(
                 Problem(
                     "gap",
                     settings.slot,
-                    f"the audit trail has an open gap since {gap['at']} ({gap['reason']})",
+                    f"the audit trail has an open gap since {gap.at} ({gap.reason})",
                     "`undo init` (a new slot), then `undo capture`",
                 )
             )
-    closed = sum(1 for g in gaps if g["to_lsn"] is not None)
+    closed = sum(1 for g in gaps if g.to_lsn is not None)
     if closed:
         notes.append(
             f"{closed} closed gap(s) in the history (status lists them; rewinds refuse to"

@@ -107,8 +107,10 @@ def _slot_row(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | Non
 
 def status(settings: Settings) -> dict[str, Any]:
     db = open_store(settings.store)
-    result = db.status()
-    result["store_position"] = wal.int_to_lsn(result["store_position"])
+    stored = db.status()
+    # `undo status --json`: what the store says of itself, then what the source says
+    result: dict[str, Any] = stored.to_json()
+    result["store_position"] = wal.int_to_lsn(stored.store_position)
     result["store_bytes"] = db.size()
     with pg.connect(settings.dsn) as conn:
         # slot names are per cluster: a slot of this name may be another database's, and
@@ -151,7 +153,7 @@ def status(settings: Settings) -> dict[str, Any]:
         result["statements"] = statements_mode(conn)
         # what `undo check` says is wrong, with its fixes (lag judged by check alone: status
         # shows it, the threshold is the caller's)
-        found = health.judge(conn, db, settings, slot, result, None, result["gaps"], deep=False)
+        found = health.judge(conn, db, settings, slot, result, None, stored.gaps, deep=False)
         result["problems"] = [p.as_dict() for p in found.problems]
     return result
 
@@ -175,7 +177,7 @@ def check(settings: Settings, max_lag: float = MAX_LAG_SECONDS) -> dict[str, Any
         }
     measured: dict[str, Any] = {}
     try:
-        gaps = db.status()["gaps"]
+        gaps = db.status().gaps
         with pg.connect(settings.dsn) as conn:
             slot = _slot_row(conn, settings.slot)
             ours = slot is not None and bool(slot[5])

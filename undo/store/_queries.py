@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlite_utils import Database
 
@@ -14,13 +16,46 @@ from undo.core.images import OP_NAMES, shown_images
 from undo.core.times import epoch
 from undo.core.wal import lsn_to_int
 from undo.store._writer import ACTIVITY_SESSION_SQL
-from undo.store.api import Normalise, activity_session, ledger_entry, split_claims
+from undo.store.api import (
+    ActivityBucket,
+    DdlCommand,
+    GuardRefusal,
+    MalformedMessage,
+    Normalise,
+    RowChange,
+    SessionRow,
+    Shown,
+    ShownClaims,
+    ShownTotals,
+    ShownTransaction,
+    StatusGap,
+    StoreStatus,
+    TableOpRows,
+    Transaction,
+    Undone,
+    activity_session,
+    ledger_entry,
+    split_claims,
+)
 
 
 def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
     cur = db.execute(query, params)
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+_TRANSACTION_FIELDS = tuple(f.name for f in fields(Transaction))
+
+
+def _transactions(db: Database, query: str, params: Sequence[object]) -> list[Transaction]:
+    """The transactions a query of the transactions table finds (SELECT *), by column name."""
+    cur = db.execute(query, params)
+    names = [d[0] for d in cur.description]
+    return [
+        Transaction(*(dict(zip(names, row, strict=True))[f] for f in _TRANSACTION_FIELDS))
+        for row in cur.fetchall()
+    ]
 
 
 def resolve_table(db: Database, text: str, roots: bool = False) -> tuple[str, str]:
@@ -48,7 +83,7 @@ def sessions(
     limit: int | None = None,
     offset: int = 0,
     undone_filter: bool | None = None,
-) -> list[dict[str, Any]]:
+) -> list[SessionRow]:
     """One row per session and tag that wrote, newest first (a forged tag claiming a session is
     its own row, never merged into the real one); filters apply to its transactions;
     ``undone_filter`` keeps only sessions some undo undid (True) or none did (False).
@@ -58,9 +93,9 @@ def sessions(
     Tables touched come from the activity aggregates, not from scanning the changes.
     """
 
-    def filters(time: str, alias: str) -> tuple[str, list[Any]]:
+    def filters(time: str, alias: str) -> tuple[str, list[object]]:
         where = ["1 = 1"]
-        params: list[Any] = []
+        params: list[object] = []
         for cond, value in (
             (f"{alias}.{time} >= ?", since or None),
             (f"{alias}.{time} < ?", until or None),
@@ -102,9 +137,10 @@ def sessions(
     if limit is not None:
         query += " LIMIT ? OFFSET ?"
         params += [limit, offset]
-    rows = _rows(db, query, params)
+    # session_id ... guard_refusals, tag, tag_reason: SessionRow's fields before tables
+    found = db.execute(query, params).fetchall()
     touched: dict[str, list[str]] = {}
-    ids = [activity_session(r["session_id"], r["tag"]) for r in rows]
+    ids = [activity_session(r[0], r[11]) for r in found]
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]
         for sid, table in db.execute(
@@ -115,15 +151,22 @@ def sessions(
         ):
             touched.setdefault(sid, []).append(table)
     undone = undone_sessions(db)
-    for r in rows:
-        r["tables"] = sorted(touched.get(activity_session(r["session_id"], r["tag"]), []))
-        r["undone"] = undone.get((r["session_id"], r["tag"]))
+    rows = [
+        SessionRow(
+            *(
+                *r,
+                tuple(sorted(touched.get(activity_session(r[0], r[11]), []))),  # tables
+                undone.get((r[0], r[11])),
+            )
+        )
+        for r in found
+    ]
     if undone_filter is not None:
-        rows = [r for r in rows if (r["undone"] is not None) == undone_filter]
+        rows = [r for r in rows if (r.undone is not None) == undone_filter]
     return rows
 
 
-def _ledger_entries(text: str | None) -> list[list[Any]]:
+def _ledger_entries(text: str | None) -> list[list[str]]:
     """A mirror's entries that are entries: whatever a row holds, reading it never fails."""
     try:
         entries = json.loads(text or "[]")
@@ -134,33 +177,42 @@ def _ledger_entries(text: str | None) -> list[list[Any]]:
     return [e for e in map(ledger_entry, entries) if e is not None]
 
 
-def live_undos(db: Database) -> list[dict[str, Any]]:
+class LiveUndo(TypedDict):
+    """An undo no later undo has undone: when, its xid, and what it undid as (commit LSN,
+    schema, table, op) pieces."""
+
+    applied_at: str
+    undo_xid: int
+    pieces: set[tuple[int, str, str, str]]
+
+
+def live_undos(db: Database) -> list[LiveUndo]:
     """The undos the store knows of that no later undo has undone, newest first: what they
     undid as (commit LSN, schema, table, op) pieces. Trusted mirrors only (signed by
     undo.record_undo in its own transaction): a forged one undoes nothing."""
-    undos = _rows(
-        db,
+    rows = db.execute(
         "SELECT applied_at, undo_xid, entries FROM undos WHERE tag = 'trusted' ORDER BY id DESC",
-    )
-    for u in undos:
-        u["entries"] = _ledger_entries(u["entries"])
-    undone_xids = {int(e[4]) for u in undos for e in u["entries"]}
-    out = []
-    for u in undos:
-        if u["undo_xid"] in undone_xids:
-            continue
-        u["pieces"] = {(lsn_to_int(e[0]), e[1], e[2], e[3]) for e in u.pop("entries")}
-        out.append(u)
-    return out
+    ).fetchall()
+    undos = [(applied_at, undo_xid, _ledger_entries(e)) for applied_at, undo_xid, e in rows]
+    undone_xids = {int(e[4]) for _, _, entries in undos for e in entries}
+    return [
+        {
+            "applied_at": applied_at,
+            "undo_xid": undo_xid,
+            "pieces": {(lsn_to_int(e[0]), e[1], e[2], e[3]) for e in entries},
+        }
+        for applied_at, undo_xid, entries in undos
+        if undo_xid not in undone_xids
+    ]
 
 
-def undone_sessions(db: Database) -> dict[tuple[str | None, str], dict[str, Any]]:
+def undone_sessions(db: Database) -> dict[tuple[str | None, str], Undone]:
     """(session id, tag) -> what undid it: the latest undo that undid any of its changes, and
     whether every change of it is undone (``all``)."""
     undos = live_undos(db)
     covered = {p for u in undos for p in u["pieces"]}
     lsns = sorted({p[0] for p in covered})
-    out: dict[tuple[str | None, str], dict[str, Any]] = {}
+    out: dict[tuple[str | None, str], Undone] = {}
     for i in range(0, len(lsns), 500):
         chunk = lsns[i : i + 500]
         for sid, tag in db.execute(
@@ -178,16 +230,12 @@ def undone_sessions(db: Database) -> dict[tuple[str | None, str], dict[str, Any]
                 )
             }
             latest = next(u for u in undos if u["pieces"] & pieces)
-            out[sid, tag] = {
-                "undone_at": latest["applied_at"],
-                "undo_xid": latest["undo_xid"],
-                "all": pieces <= covered,
-            }
+            out[sid, tag] = Undone(latest["applied_at"], latest["undo_xid"], pieces <= covered)
     return out
 
 
-def transactions_of_session(db: Database, session_id: str) -> list[dict[str, Any]]:
-    rows = _rows(
+def transactions_of_session(db: Database, session_id: str) -> list[Transaction]:
+    rows = _transactions(
         db,
         "SELECT * FROM transactions WHERE session_id = ? ORDER BY commit_lsn",
         [session_id],
@@ -197,14 +245,16 @@ def transactions_of_session(db: Database, session_id: str) -> list[dict[str, Any
     return rows
 
 
-def transactions_by_xid(db: Database, xids: list[int]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def transactions_by_xid(db: Database, xids: list[int]) -> list[Transaction]:
+    rows: list[Transaction] = []
     for xid in xids:
-        found = _rows(db, "SELECT * FROM transactions WHERE xid = ? ORDER BY commit_lsn", [xid])
+        found = _transactions(
+            db, "SELECT * FROM transactions WHERE xid = ? ORDER BY commit_lsn", [xid]
+        )
         if not found:
             raise NotFound(f"unknown xid {xid}: no captured transaction has it")
         rows += found
-    return sorted(rows, key=lambda r: r["commit_lsn"])
+    return sorted(rows, key=lambda r: r.commit_lsn)
 
 
 #: a change ``c``'s statement, in a query that has its transaction as ``t``: the statement that
@@ -215,11 +265,10 @@ STATEMENT_OF_CHANGE = (
 )
 
 
-def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> list[dict[str, Any]]:
+def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> list[RowChange]:
     """One page of a set of transactions' changes, in commit order."""
-    out: list[dict[str, Any]] = []
-    for r in _rows(
-        db,
+    out: list[RowChange] = []
+    for r in db.execute(
         "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"  # noqa: S608
         " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM changes c"
         " JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = c.txn"
@@ -228,59 +277,70 @@ def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> l
         "   WHERE t.id IN (SELECT value FROM json_each(?)) ORDER BY c2.id LIMIT ? OFFSET ?)"
         " ORDER BY c.id",
         [json.dumps(txn_ids), limit, offset],
-    ):
-        out.append(_change(r))
+    ).fetchall():
+        out.append(_change(*r))
     return out
 
 
-def _change(r: dict[str, Any]) -> dict[str, Any]:
-    cols = json.loads(r["columns"])
-    old, new = shown_images(cols, r["old"], r["new"], r["unchanged"])
-    return {
-        "txn": r["txn"],
-        "ord": r["ord"],
-        "table": names.quote(r["schema_name"], r["table_name"]),
-        "op": OP_NAMES[r["op"]],
-        "key": json.loads(r["key"]) if r["key"] else None,
-        "key_columns": [cols[i] for i in json.loads(r["key_columns"])]
-        if r.get("key_columns")
-        else None,
-        "statement": r.get("statement"),
-        "old": old,
-        "new": new,
-    }
+def _change(
+    txn: int,
+    ord: int,
+    op: str,
+    key: str | None,
+    old_text: str | None,
+    new_text: str | None,
+    unchanged: str | None,
+    schema_name: str,
+    table_name: str,
+    columns: str,
+    key_columns: str | None,
+    statement: str | None,
+) -> RowChange:
+    """A change as the columns c.txn ... r.key_columns, statement of the queries above read it."""
+    cols = json.loads(columns)
+    old, new = shown_images(cols, old_text, new_text, unchanged)
+    return RowChange(
+        txn=txn,
+        ord=ord,
+        table=names.quote(schema_name, table_name),
+        op=OP_NAMES[op],
+        key=tuple(json.loads(key)) if key else None,
+        key_columns=tuple(cols[i] for i in json.loads(key_columns)) if key_columns else None,
+        statement=statement,
+        old=old,
+        new=new,
+    )
 
 
-def changes_of(db: Database, txn_ids: list[int]) -> list[dict[str, Any]]:
+def changes_of(db: Database, txn_ids: list[int]) -> list[RowChange]:
     """The row changes of these transactions, with their table, old and new values by name.
 
     A TOASTed value an update left unchanged is shown in ``new`` as the old value it kept.
     """
-    out: list[dict[str, Any]] = []
+    out: list[RowChange] = []
     for txn in txn_ids:
         out += [
-            _change(r)
-            for r in _rows(
-                db,
+            _change(*r)
+            for r in db.execute(
                 "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
                 " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM"
                 " changes c JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = ?"
                 " WHERE c.id BETWEEN t.first_change AND t.last_change ORDER BY c.id",
                 [txn],
-            )
+            ).fetchall()
         ]
     return out
 
 
-def guard_refusals(db: Database, session_id: str | None = None) -> list[dict[str, Any]]:
+def guard_refusals(db: Database, session_id: str | None = None) -> list[GuardRefusal]:
     """Writes a guard refused, oldest first (of one session, if given)."""
-    return _rows(
-        db,
+    rows = db.execute(
         "SELECT refused_at, guard, reason, session_id, application_name, user_name AS user,"
         " client_addr, statement, tag, tag_reason FROM guard_refusals"
         " WHERE ? IS NULL OR session_id = ? ORDER BY lsn",
         [session_id, session_id],
-    )
+    ).fetchall()
+    return [GuardRefusal(*r) for r in rows]
 
 
 #: the malformed messages `show` lists (any role can emit thousands claiming a session): the
@@ -290,36 +350,33 @@ MALFORMED_SHOWN = 100
 
 def malformed_of(
     db: Database, session_id: str | None = None, xid: int | None = None
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[MalformedMessage], int]:
     """Messages with undo's prefixes that claimed this session (or came in this transaction)
     and were not what undo's SQL writes: kept, never used (stream/messages.py). The first
     MALFORMED_SHOWN of them, and how many there are."""
     where = "(? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?)"
     params = [session_id, session_id, xid, xid]
     (count,) = db.execute(f"SELECT count(*) FROM malformed WHERE {where}", params).fetchone()  # noqa: S608
-    rows = _rows(
-        db,
+    rows = db.execute(
         "SELECT received_at, lsn, prefix, xid, session_id, problem, size FROM malformed"  # noqa: S608
         f" WHERE {where} ORDER BY lsn LIMIT ?",
         [*params, MALFORMED_SHOWN],
-    )
-    return rows, int(count)
+    ).fetchall()
+    return [MalformedMessage(*r) for r in rows], int(count)
 
 
-def ddl_of(
-    db: Database, session_id: str | None = None, xid: int | None = None
-) -> list[dict[str, Any]]:
+def ddl_of(db: Database, session_id: str | None = None, xid: int | None = None) -> list[DdlCommand]:
     """DDL a session (or a transaction) ran on audited schemas, in order."""
-    return _rows(
-        db,
+    rows = db.execute(
         "SELECT commit_time, xid, command, object_type, object, statement, tag, tag_reason"
         " FROM ddl WHERE (? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?)"
         " ORDER BY id",
         [session_id, session_id, xid, xid],
-    )
+    ).fetchall()
+    return [DdlCommand(*r) for r in rows]
 
 
-def show(db: Database, session_id: str | None = None, xid: int | None = None) -> dict[str, Any]:
+def show(db: Database, session_id: str | None = None, xid: int | None = None) -> Shown:
     refusals = guard_refusals(db, session_id) if session_id is not None else []
     ddl = ddl_of(db, session_id, xid)
     malformed, malformed_count = malformed_of(db, session_id, xid)
@@ -333,72 +390,71 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
         if not refusals and not ddl and not malformed:
             raise
         txns = []
-    changes = changes_of(db, [t["id"] for t in txns])
-    by_txn: dict[int, list[dict[str, Any]]] = {}
+    changes = changes_of(db, [t.id for t in txns])
+    by_txn: dict[int, list[RowChange]] = {}
     for c in changes:
-        by_txn.setdefault(c.pop("txn"), []).append(c)
-    sid = session_id if session_id is not None or not txns else txns[0]["session_id"]
+        by_txn.setdefault(c.txn, []).append(c)
+    sid = session_id if session_id is not None or not txns else txns[0].session_id
     undone = undone_sessions(db)
     # a session is its trusted transactions; those that only claim it are listed apart
     own, claims = split_claims(txns) if session_id is not None else (txns, [])
 
-    def listed(ts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [
-            {
-                "xid": t["xid"],
-                "commit_time": t["commit_time"],
-                "application_name": t["application_name"],
-                "user": t["user_name"],
-                "statement": t["statement"],
-                "tag": t["tag"],
-                "tag_reason": t["tag_reason"],
-                "changes": by_txn.get(t["id"], []),
-            }
+    def listed(ts: list[Transaction]) -> tuple[ShownTransaction, ...]:
+        return tuple(
+            ShownTransaction(
+                xid=t.xid,
+                commit_time=t.commit_time,
+                application_name=t.application_name,
+                user=t.user_name,
+                statement=t.statement,
+                tag=t.tag,
+                tag_reason=t.tag_reason,
+                changes=tuple(by_txn.get(t.id, [])),
+            )
             for t in ts
-        ]
+        )
 
     mine, others = listed(own), listed(claims)
-    return {
-        "session_id": sid,
-        "undone": undone.get((sid, "trusted"))
+    return Shown(
+        session_id=sid,
+        undone=undone.get((sid, "trusted"))
         if session_id is not None
-        else (undone.get((sid, txns[0]["tag"])) if txns else None),
-        "totals": totals(mine),
-        "transactions": mine,
-        "untrusted": {
-            "undone": undone.get((sid, "untrusted")) if claims else None,
-            "totals": totals(others),
-            "transactions": others,
-        },
-        "guard_refusals": refusals,
-        "ddl": ddl,
-        "malformed": malformed,
-        "malformed_count": malformed_count,
-    }
+        else (undone.get((sid, txns[0].tag)) if txns else None),
+        totals=totals(mine),
+        transactions=mine,
+        untrusted=ShownClaims(
+            undone=undone.get((sid, "untrusted")) if claims else None,
+            totals=totals(others),
+            transactions=others,
+        ),
+        guard_refusals=tuple(refusals),
+        ddl=tuple(ddl),
+        malformed=tuple(malformed),
+        malformed_count=malformed_count,
+    )
 
 
-def totals(txns: list[dict[str, Any]]) -> dict[str, Any]:
+def totals(txns: Sequence[ShownTransaction]) -> ShownTotals:
     """Transactions, row changes, and rows per table and operation of ``show``'s transactions."""
     counts: dict[tuple[str, str], int] = {}
     for t in txns:
-        for c in t["changes"]:
-            counts[c["table"], c["op"]] = counts.get((c["table"], c["op"]), 0) + 1
-    return {
-        "transactions": len(txns),
-        "changes": sum(counts.values()),
-        "rows": [{"table": t, "operation": op, "rows": n} for (t, op), n in sorted(counts.items())],
-    }
+        for c in t.changes:
+            counts[c.table, c.op] = counts.get((c.table, c.op), 0) + 1
+    return ShownTotals(
+        transactions=len(txns),
+        changes=sum(counts.values()),
+        rows=tuple(TableOpRows(t, op, n) for (t, op), n in sorted(counts.items())),
+    )
 
 
-def status(db: Database) -> dict[str, Any]:
+def status(db: Database) -> StoreStatus:
     last = db.execute(
         "SELECT commit_time, end_lsn FROM transactions ORDER BY id DESC LIMIT 1"
     ).fetchone()
-    gaps = _rows(
-        db,
+    gaps = db.execute(
         'SELECT kind, table_name AS "table", session_id, from_lsn, to_lsn,'
         " detected_at AS at, reason, detected_at FROM gaps ORDER BY id",
-    )
+    ).fetchall()
     counts = db.execute(
         "SELECT count(*), coalesce(sum(inserts + updates + deletes + truncates), 0)"
         " FROM transactions"
@@ -410,22 +466,22 @@ def status(db: Database) -> dict[str, Any]:
             " WHERE tag <> 'trusted' GROUP BY 1 ORDER BY 1"
         ).fetchall()
     )
-    return {
-        "decoder": meta.get("decoder"),
-        "slot": meta.get("slot"),
-        "store_position": int(meta.get("position") or 0),
-        "last_commit_time": last[0] if last else None,
-        "transactions": counts[0],
-        "changes": counts[1],
+    return StoreStatus(
+        decoder=meta.get("decoder"),
+        slot=meta.get("slot"),
+        store_position=int(meta.get("position") or 0),
+        last_commit_time=last[0] if last else None,
+        transactions=counts[0],
+        changes=counts[1],
         # writes on audited tables without a trusted tag, by reason (forged, replayed,
         # malformed, missing): never counted under the session they claim
-        "untrusted_writes": untrusted,
+        untrusted_writes=untrusted,
         # messages with undo's prefixes that were not what undo's SQL writes, by prefix
-        "malformed_messages": dict(
+        malformed_messages=dict(
             db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1 ORDER BY 1").fetchall()
         ),
-        "gaps": gaps,
-    }
+        gaps=tuple(StatusGap(*g) for g in gaps),
+    )
 
 
 def history(
@@ -572,7 +628,7 @@ def _moves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def activity(
     db: Database, by: str = "app", since: str | None = None, bucket_seconds: int = 60
-) -> list[dict[str, Any]]:
+) -> list[ActivityBucket]:
     """Inserts, updates and deletes per bucket and per app, session or table.
 
     Reads the per-minute aggregates capture keeps, never the changes.
@@ -594,8 +650,17 @@ def activity(
         " FROM activity a JOIN relations r ON r.id = a.relation"
         " WHERE a.minute >= ? GROUP BY 1, 2 ORDER BY 1, 2"
     )
-    rows = _rows(db, query, [bucket_seconds, bucket_seconds, since_minute])
-    for r in rows:
-        r["bucket"] = datetime.fromtimestamp(r["bucket"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        r[by] = r.pop("name") or None
-    return rows
+    return [
+        ActivityBucket(
+            datetime.fromtimestamp(bucket, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            by,
+            name or None,
+            inserts,
+            updates,
+            deletes,
+            truncates,
+        )
+        for bucket, name, inserts, updates, deletes, truncates in db.execute(
+            query, [bucket_seconds, bucket_seconds, since_minute]
+        ).fetchall()
+    ]

@@ -4,8 +4,8 @@ answers with. ``open_store`` (undo.store) gives a :class:`Store`; the SQLite fil
 outside undo/store/ holds store SQL or knows where or how a store keeps its data.
 
 Records are frozen dataclasses (a change read by an undo is a NamedTuple: millions are made
-in a tight loop). The listings (sessions, show, history, activity, status) are the JSON
-documents the commands print, :data:`Doc`.
+in a tight loop). The listings (sessions, show, history, activity, status...) are records too;
+each one's ``to_json()`` is the document `--json` prints, its keys in their order.
 """
 
 from __future__ import annotations
@@ -13,15 +13,22 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple, Protocol
 
 from undo.core import names
 from undo.core.errors import BadInput
+from undo.core.images import Value
 from undo.core.records import Begin, Change, Commit, Relation
 
-#: a listing as `--json` prints it (sessions, show, history, activity, status)
+#: a listing as `--json` prints it, until each listing is a record
 Doc = dict[str, Any]
+#: a value as JSON holds it
+Json = dict[str, "Json"] | list["Json"] | str | int | float | bool | None
+#: a record as `--json` prints it (its ``to_json()``)
+JsonDoc = dict[str, object]
+#: a row by column, as a change's images show it (undo.core.images.shown_images)
+Image = dict[str, Value]
 #: (column, type as format_type prints it, value as typed) -> the value's text form, as the
 #: store holds it (undo.source.keyforms)
 Normalise = Callable[[str, str, str], str]
@@ -162,6 +169,316 @@ class StepReport:
     changes: int
     more: bool  # transactions before that time are left to prune
     pages_freed: int
+
+
+# -- the listings: what `sessions`, `show`, `history`, `activity` and `status` print --------
+
+
+def _doc(record: object) -> JsonDoc:
+    """A record's fields as a JSON document, in their order: records as objects, tuples as
+    lists (as --json prints them and as `undo status` lays them out)."""
+    return {k: _listed(v) for k, v in asdict(record).items()}  # type: ignore[call-overload]
+
+
+def _listed(v: object) -> object:
+    if isinstance(v, tuple | list):
+        return [_listed(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _listed(x) for k, x in v.items()}
+    return v
+
+
+@dataclass(frozen=True)
+class Undone:
+    """What undid a session: the latest undo that undid any of its changes, and whether every
+    change of it is undone (``all``)."""
+
+    undone_at: str
+    undo_xid: int
+    all: bool
+
+    def to_json(self) -> JsonDoc:
+        return _doc(self)
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """A session and tag that wrote (a forged tag claiming a session is its own row), with its
+    totals, the tables it touched and what undid it; `undo sessions` prints one a line."""
+
+    session_id: str | None
+    application_name: str | None
+    user: str | None
+    client_addr: str | None
+    first_change_at: str
+    last_change_at: str
+    transactions: int
+    inserts: int
+    updates: int
+    deletes: int
+    guard_refusals: int  # its writes a guard refused
+    tag: str
+    tag_reason: str | None
+    tables: tuple[str, ...]
+    undone: Undone | None
+
+    def to_json(self) -> JsonDoc:
+        return _doc(self)
+
+
+@dataclass(frozen=True)
+class GuardRefusal:
+    """A write a guard refused."""
+
+    refused_at: str
+    guard: str | None
+    reason: str | None
+    session_id: str | None
+    application_name: str | None
+    user: str | None
+    client_addr: str | None
+    statement: str | None
+    tag: str
+    tag_reason: str | None
+
+    def to_json(self) -> JsonDoc:
+        return _doc(self)
+
+
+@dataclass(frozen=True)
+class DdlCommand:
+    """DDL a session ran on an audited schema."""
+
+    commit_time: str
+    xid: int
+    command: str | None
+    object_type: str | None
+    object: str | None
+    statement: str | None
+    tag: str
+    tag_reason: str | None
+
+    def to_json(self) -> JsonDoc:
+        return _doc(self)
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """A message with undo's prefix that was not what undo's SQL writes: kept, never used."""
+
+    received_at: str
+    lsn: int
+    prefix: str
+    xid: int | None
+    session_id: str | None
+    problem: str
+    size: int
+
+    def to_json(self) -> JsonDoc:
+        return _doc(self)
+
+
+@dataclass(frozen=True)
+class RowChange:
+    """A row change as `show` and the dashboard list it: its table, key and images by column
+    (a TOASTed value an update left unchanged shown in ``new`` as the old value it kept)."""
+
+    txn: int  # the transaction's store id (``Transaction.id``); `show` lists it under it
+    ord: int
+    table: str
+    op: str  # insert, update, delete, truncate
+    key: tuple[str | None, ...] | None
+    key_columns: tuple[str, ...] | None
+    statement: str | None
+    old: Image | None
+    new: Image | None
+
+    def to_json(self) -> JsonDoc:
+        """As `show --json` prints it, under its transaction (no ``txn``)."""
+        doc = _doc(self)
+        del doc["txn"]
+        return doc
+
+
+@dataclass(frozen=True)
+class ShownTransaction:
+    """A transaction as `show` lists it, with its row changes."""
+
+    xid: int
+    commit_time: str
+    application_name: str | None
+    user: str | None
+    statement: str | None
+    tag: str
+    tag_reason: str | None
+    changes: tuple[RowChange, ...]
+
+    def to_json(self) -> JsonDoc:
+        return {
+            "xid": self.xid,
+            "commit_time": self.commit_time,
+            "application_name": self.application_name,
+            "user": self.user,
+            "statement": self.statement,
+            "tag": self.tag,
+            "tag_reason": self.tag_reason,
+            "changes": [c.to_json() for c in self.changes],
+        }
+
+
+@dataclass(frozen=True)
+class TableOpRows:
+    """How many rows one operation changed in one table."""
+
+    table: str
+    operation: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class ShownTotals:
+    """Transactions, row changes, and rows per table and operation, of `show`'s transactions."""
+
+    transactions: int
+    changes: int
+    rows: tuple[TableOpRows, ...]
+
+    def to_json(self) -> JsonDoc:
+        return _doc(self)
+
+
+@dataclass(frozen=True)
+class ShownClaims:
+    """The transactions that claim a session with a tag that does not verify: listed apart,
+    never counted in its totals."""
+
+    undone: Undone | None
+    totals: ShownTotals
+    transactions: tuple[ShownTransaction, ...]
+
+    def to_json(self) -> JsonDoc:
+        return {
+            "undone": None if self.undone is None else self.undone.to_json(),
+            "totals": self.totals.to_json(),
+            "transactions": [t.to_json() for t in self.transactions],
+        }
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What `show session` (or `show xact`) prints: the session's transactions and their
+    changes, those that only claim it, the writes guards refused, its DDL, and the malformed
+    messages that claimed it (the first ones; ``malformed_count`` says how many)."""
+
+    session_id: str | None
+    undone: Undone | None
+    totals: ShownTotals
+    transactions: tuple[ShownTransaction, ...]
+    untrusted: ShownClaims
+    guard_refusals: tuple[GuardRefusal, ...]
+    ddl: tuple[DdlCommand, ...]
+    malformed: tuple[MalformedMessage, ...]
+    malformed_count: int
+
+    def to_json(self) -> JsonDoc:
+        return {
+            "session_id": self.session_id,
+            "undone": None if self.undone is None else self.undone.to_json(),
+            "totals": self.totals.to_json(),
+            "transactions": [t.to_json() for t in self.transactions],
+            "untrusted": self.untrusted.to_json(),
+            "guard_refusals": [g.to_json() for g in self.guard_refusals],
+            "ddl": [d.to_json() for d in self.ddl],
+            "malformed": [m.to_json() for m in self.malformed],
+            "malformed_count": self.malformed_count,
+        }
+
+
+@dataclass(frozen=True)
+class HistoryVersion:
+    """A recorded version of a row (a change of it), or DDL on its table (``op`` 'ddl', its
+    ``command``), with who made it. A row moved between partitions is one update
+    (``moved_from``: the partition it left)."""
+
+    op: str  # insert, update, delete, ddl
+    command: str | None  # DDL only
+    table: str
+    moved_from: str | None
+    xid: int
+    commit_time: str
+    session_id: str | None
+    application_name: str | None
+    user: str | None
+    tag: str
+    statement: str | None
+    undo_of: Json
+    old: Image | None
+    new: Image | None
+
+    def to_json(self) -> JsonDoc:
+        """As `history --json` prints it: ``command`` only for DDL."""
+        doc = _doc(self)
+        if self.op != "ddl":
+            del doc["command"]
+        return doc
+
+
+@dataclass(frozen=True)
+class ActivityBucket:
+    """Inserts, updates, deletes and truncates in one time bucket by one application, session
+    or table (``by``; ``name`` None: untagged)."""
+
+    bucket: str
+    by: str  # app, session, table
+    name: str | None
+    inserts: int
+    updates: int
+    deletes: int
+    truncates: int
+
+    def to_json(self) -> JsonDoc:
+        """As `activity --json` prints it: the name under the key ``by``, last."""
+        return {
+            "bucket": self.bucket,
+            "inserts": self.inserts,
+            "updates": self.updates,
+            "deletes": self.deletes,
+            "truncates": self.truncates,
+            self.by: self.name,
+        }
+
+
+@dataclass(frozen=True)
+class StatusGap:
+    """A gap as `status` lists it: of the stream, or of a table (``to_lsn`` None: open)."""
+
+    kind: str  # stream, table
+    table: str | None
+    session_id: str | None
+    from_lsn: int | None
+    to_lsn: int | None
+    at: str
+    reason: str
+    detected_at: str
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """What the store says of itself in `status`: where capture is, what it holds, the writes
+    without a trusted tag by reason, malformed messages by prefix, and the gaps."""
+
+    decoder: str | None
+    slot: str | None
+    store_position: int
+    last_commit_time: str | None
+    transactions: int
+    changes: int
+    untrusted_writes: dict[str | None, int]
+    malformed_messages: dict[str, int]
+    gaps: tuple[StatusGap, ...]
+
+    def to_json(self) -> JsonDoc:
+        return _doc(self)
 
 
 class StagedTxn(Protocol):
@@ -332,29 +649,29 @@ class Store(Protocol):
         limit: int | None = None,
         offset: int = 0,
         undone_filter: bool | None = None,
-    ) -> list[Doc]: ...
-    def show(self, session_id: str | None = None, xid: int | None = None) -> Doc: ...
+    ) -> list[SessionRow]: ...
+    def show(self, session_id: str | None = None, xid: int | None = None) -> Shown: ...
     def history(
         self, table: str, key: dict[str, str | None], normalise: Normalise
     ) -> list[Doc]: ...
     def activity(
         self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
-    ) -> list[Doc]: ...
-    def status(self) -> Doc: ...
-    def guard_refusals(self, session_id: str | None = None) -> list[Doc]: ...
-    def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[Doc]: ...
-    def transactions_of_session(self, session_id: str) -> list[Doc]: ...
-    def undone_sessions(self) -> dict[tuple[str | None, str], Doc]: ...
-    def changes_page(self, txn_ids: list[int], limit: int, offset: int) -> list[Doc]: ...
+    ) -> list[ActivityBucket]: ...
+    def status(self) -> StoreStatus: ...
+    def guard_refusals(self, session_id: str | None = None) -> list[GuardRefusal]: ...
+    def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[DdlCommand]: ...
+    def transactions_of_session(self, session_id: str) -> list[Transaction]: ...
+    def undone_sessions(self) -> dict[tuple[str | None, str], Undone]: ...
+    def changes_page(self, txn_ids: list[int], limit: int, offset: int) -> list[RowChange]: ...
 
 
 # -- shared by the implementations and their callers ----------------------------------------
 
 
-def split_claims(txns: list[Doc]) -> tuple[list[Doc], list[Doc]]:
+def split_claims(txns: list[Transaction]) -> tuple[list[Transaction], list[Transaction]]:
     """A session's transactions (trusted tags) and the others that claim its id (forged,
     replayed, malformed): never merged into it, nor counted in its totals."""
-    return [t for t in txns if t["tag"] == "trusted"], [t for t in txns if t["tag"] != "trusted"]
+    return [t for t in txns if t.tag == "trusted"], [t for t in txns if t.tag != "trusted"]
 
 
 def parse_key(pairs: list[str]) -> dict[str, str | None]:

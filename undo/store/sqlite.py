@@ -20,18 +20,26 @@ from undo.core.times import iso
 from undo.store import _prune, _queries, _schema
 from undo.store._writer import StoreWriter
 from undo.store.api import (
+    ActivityBucket,
+    DdlCommand,
     Doc,
     Gap,
+    GuardRefusal,
     LastWriter,
     MetricsFigures,
     Normalise,
     PruneReport,
+    RowChange,
+    SessionRow,
+    Shown,
     StepReport,
     StoredChange,
+    StoreStatus,
     TableGap,
     TableVersion,
     Transaction,
     TxnChanges,
+    Undone,
 )
 
 _TRANSACTION_COLUMNS = (
@@ -314,12 +322,12 @@ class SqliteStore:
         limit: int | None = None,
         offset: int = 0,
         undone_filter: bool | None = None,
-    ) -> list[Doc]:
+    ) -> list[SessionRow]:
         return _queries.sessions(
             self.db, since, until, app, user, tables, limit, offset, undone_filter
         )
 
-    def show(self, session_id: str | None = None, xid: int | None = None) -> Doc:
+    def show(self, session_id: str | None = None, xid: int | None = None) -> Shown:
         return _queries.show(self.db, session_id, xid)
 
     def history(self, table: str, key: dict[str, str | None], normalise: Normalise) -> list[Doc]:
@@ -327,23 +335,23 @@ class SqliteStore:
 
     def activity(
         self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
-    ) -> list[Doc]:
+    ) -> list[ActivityBucket]:
         return _queries.activity(self.db, by, since, bucket_seconds)
 
-    def status(self) -> Doc:
+    def status(self) -> StoreStatus:
         return _queries.status(self.db)
 
-    def guard_refusals(self, session_id: str | None = None) -> list[Doc]:
+    def guard_refusals(self, session_id: str | None = None) -> list[GuardRefusal]:
         return _queries.guard_refusals(self.db, session_id)
 
-    def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[Doc]:
+    def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[DdlCommand]:
         return _queries.ddl_of(self.db, session_id, xid)
 
-    def transactions_of_session(self, session_id: str) -> list[Doc]:
+    def transactions_of_session(self, session_id: str) -> list[Transaction]:
         return _queries.transactions_of_session(self.db, session_id)
 
-    def undone_sessions(self) -> dict[tuple[str | None, str], Doc]:
+    def undone_sessions(self) -> dict[tuple[str | None, str], Undone]:
         return _queries.undone_sessions(self.db)
 
-    def changes_page(self, txn_ids: list[int], limit: int, offset: int) -> list[Doc]:
+    def changes_page(self, txn_ids: list[int], limit: int, offset: int) -> list[RowChange]:
         return _queries.changes_page(self.db, txn_ids, limit, offset)

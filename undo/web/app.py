@@ -45,7 +45,16 @@ from undo.core.times import epoch, parse_time
 from undo.core.wal import int_to_lsn
 from undo.source import keyforms
 from undo.store import open_store
-from undo.store.api import split_claims
+from undo.store.api import (
+    ActivityBucket,
+    DdlCommand,
+    GuardRefusal,
+    RowChange,
+    SessionRow,
+    Transaction,
+    Undone,
+    split_claims,
+)
 from undo.web import metrics
 
 log = logging.getLogger(__name__)
@@ -109,11 +118,13 @@ def _templates() -> Environment:
     env.filters["q"] = lambda s: quote(str(s), safe="")  # one path segment
     env.filters["qs"] = urlencode  # a query string
     env.filters["jsontext"] = lambda v: json.dumps(v, ensure_ascii=False)
+    env.filters["tag_text"] = _tag_text
+    env.filters["undone_text"] = _undone_text
     return env
 
 
 def chart(
-    points: list[dict[str, Any]],
+    points: list[ActivityBucket],
     start: int,
     bucket: int,
     count: int,
@@ -125,13 +136,13 @@ def chart(
     ``start`` is the first bucket (Unix time), ``count`` buckets of ``bucket`` seconds; buckets
     without writes are drawn empty, so the time axis is the range asked for.
 
-    >>> c = chart([{"bucket": "1970-01-01T00:01:00.000000Z", "inserts": 2, "updates": 0,
-    ...             "deletes": 1}], 0, 60, 2, width=100, height=10)
+    >>> c = chart([ActivityBucket("1970-01-01T00:01:00.000000Z", "app", "x", 2, 0, 1, 0)],
+    ...           0, 60, 2, width=100, height=10)
     >>> [(b["x"], b["h"], b["color"]) for b in c["bars"]]
     [('50.0', '6.0', '#2a9d3a'), ('82.3', '3.0', '#d03030')]
     """
-    by_bucket = {int(epoch(p["bucket"])): p for p in points}
-    top = max([max(p[k] for k in OP_COLORS) for p in points] or [0]) or 1
+    by_bucket = {int(epoch(p.bucket)): p for p in points}
+    top = max([max(_ops(p).values()) for p in points] or [0]) or 1
     slot = width / count
     bar = max(1.0, slot / 3 - 0.5)
     bars = []
@@ -139,9 +150,10 @@ def chart(
         p = by_bucket.get(start + i * bucket)
         if p is None:
             continue
+        counts = _ops(p)
         for j, (key, color) in enumerate(OP_COLORS.items()):
-            if p[key]:
-                h = max(1.0, p[key] * (height - 4) / top)
+            if counts[key]:
+                h = max(1.0, counts[key] * (height - 4) / top)
                 bars.append(
                     {
                         "x": f"{i * slot + j * bar:.1f}",
@@ -149,16 +161,26 @@ def chart(
                         "w": f"{bar:.1f}",
                         "h": f"{h:.1f}",
                         "color": color,
-                        "title": f"{p['bucket']}: {p[key]} {key}",
+                        "title": f"{p.bucket}: {counts[key]} {key}",
                     }
                 )
     first = datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d %H:%M")
     return {"width": width, "height": height, "bars": bars, "first": first, "top": top}
 
 
-def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row with its tag as text ('untrusted (forged)')."""
-    return [{**r, "tag_text": words.tag(r["tag"], r["tag_reason"])} for r in rows]
+def _ops(p: ActivityBucket) -> dict[str, int]:
+    """A bucket's counts by the names OP_COLORS gives them."""
+    return {"inserts": p.inserts, "updates": p.updates, "deletes": p.deletes}
+
+
+def _tag_text(row: SessionRow | Transaction | GuardRefusal | DdlCommand) -> str:
+    """A row's tag as text ('untrusted (forged)')."""
+    return words.tag(row.tag, row.tag_reason)
+
+
+def _undone_text(entry: Undone | None) -> str | None:
+    """What undid a session, in a few words."""
+    return None if entry is None else words.undone(entry.to_json())
 
 
 YEAR_1 = int(datetime(1, 1, 1, tzinfo=UTC).timestamp())  # the first time datetime holds
@@ -410,33 +432,33 @@ class App:
             refused = db.guard_refusals()[-20:][::-1]
         finally:
             db.close()
-        by_app: dict[str, list[dict[str, Any]]] = {}
+        by_app: dict[str, list[ActivityBucket]] = {}
         for r in rows:
-            by_app.setdefault(r["app"] or "(untagged)", []).append(r)
+            by_app.setdefault(r.name or "(untagged)", []).append(r)
         apps = [
             {
                 "name": app,
-                "inserts": sum(p["inserts"] for p in pts),
-                "updates": sum(p["updates"] for p in pts),
-                "deletes": sum(p["deletes"] for p in pts),
+                "inserts": sum(p.inserts for p in pts),
+                "updates": sum(p.updates for p in pts),
+                "deletes": sum(p.deletes for p in pts),
                 "chart": chart(pts, first, bucket, count),
             }
             for app, pts in sorted(by_app.items())
         ]
         ago = ""
-        if health["last_commit_time"]:
-            ago = f"{time.time() - epoch(health['last_commit_time']):.0f} s ago"
+        if health.last_commit_time:
+            ago = f"{time.time() - epoch(health.last_commit_time):.0f} s ago"
         wal_held, capture_lag, unknown = self._source_health()
         return self.page(
             "overview.html",
             "Overview",
             health=health,
             ago=ago,
-            position=int_to_lsn(health["store_position"]),
+            position=int_to_lsn(health.store_position),
             wal_held=wal_held,
             capture_lag=capture_lag,
             unknown=unknown,
-            refused=_tagged(refused),
+            refused=refused,
             since=since_text,
             bucket_minutes=bucket // 60,
             apps=apps,
@@ -472,14 +494,12 @@ class App:
         finally:
             db.close()
         fields = ["app", "user", "table", "since", "until"]
-        for r in rows:
-            r["undone_text"] = words.undone(r["undone"])
         return self.page(
             "sessions.html",
             "Sessions",
             fields=fields,
             filters=q,
-            rows=_tagged(rows[:PAGE]),
+            rows=rows[:PAGE],
             page=page,
             more=len(rows) > PAGE,
             keep={k: v for k, v in q.items() if k in fields and v},
@@ -502,33 +522,34 @@ class App:
             # the session is its trusted transactions: those that only claim it (forged,
             # replayed, malformed tags) are listed apart and not counted in its totals
             txns, claims = split_claims(txns)
-            total = sum(t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in txns)
-            claimed = sum(
-                t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in claims
-            )
-            changes = db.changes_page([t["id"] for t in txns], PAGE, (page - 1) * PAGE)
-            claim_changes = db.changes_page([t["id"] for t in claims], PAGE, 0)
+            total = sum(t.inserts + t.updates + t.deletes + t.truncates for t in txns)
+            claimed = sum(t.inserts + t.updates + t.deletes + t.truncates for t in claims)
+            changes = db.changes_page([t.id for t in txns], PAGE, (page - 1) * PAGE)
+            claim_changes = db.changes_page([t.id for t in claims], PAGE, 0)
         finally:
             db.close()
-        xid_of = {t["id"]: t["xid"] for t in txns + claims}
+        xid_of = {t.id: t.xid for t in txns + claims}
 
-        def shown(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            rows = []
+        def shown(changes: list[RowChange]) -> list[dict[str, object]]:
+            """Each change as the page shows it: its xid, columns, what an update changed,
+            its key as text and the query of its row's history."""
+            rows: list[dict[str, object]] = []
             for c in changes:
-                cols = list((c["old"] or c["new"] or {}).keys())
-                old, new = c["old"] or {}, c["new"] or {}
-                key = c["key"] or []
+                cols = list((c.old or c.new or {}).keys())
+                old, new = c.old or {}, c.new or {}
+                key = c.key or ()
                 rows.append(
                     {
-                        **c,
-                        "xid": xid_of[c["txn"]],
+                        "xid": xid_of[c.txn],
+                        "table": c.table,
+                        "op": c.op,
+                        "old": c.old,
+                        "new": c.new,
                         "cols": cols,
-                        "diff": {
-                            k for k in cols if c["op"] == "update" and old.get(k) != new.get(k)
-                        },
+                        "diff": {k for k in cols if c.op == "update" and old.get(k) != new.get(k)},
                         "key": [str(k) for k in key],
-                        "history": dict(zip(c["key_columns"], key, strict=False))
-                        if c["key_columns"]
+                        "history": dict(zip(c.key_columns, key, strict=False))
+                        if c.key_columns
                         else None,
                     }
                 )
@@ -537,15 +558,15 @@ class App:
         return self.page(
             "session.html",
             f"Session {session_id}",
-            undone=words.undone(undone) if undone else None,
-            refused=_tagged(refused),
-            ddl=_tagged(ddl),
-            txns=_tagged(txns[(tpage - 1) * PAGE : tpage * PAGE]),  # the list is paged too
+            undone=_undone_text(undone),
+            refused=refused,
+            ddl=ddl,
+            txns=txns[(tpage - 1) * PAGE : tpage * PAGE],  # the list is paged too
             tpage=tpage,
             tpages=-(-len(txns) // PAGE),
             total=total,
             changes=shown(changes),
-            claims=_tagged(claims[:PAGE]),
+            claims=claims[:PAGE],
             claim_count=len(claims),
             claimed=claimed,
             claim_changes=shown(claim_changes),
