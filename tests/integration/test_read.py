@@ -419,7 +419,7 @@ def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):
         ["id=150", "issued_at=2026-10-20 00:00:00+00"],
     ):
         rows = db.history("payments", parse_key(key), keyforms.offline)
-        assert [r["op"] for r in rows] == ["insert"], key
+        assert [r.op for r in rows] == ["insert"], key
     for pair in (
         "n=007",
         "amount=7.5",
@@ -435,7 +435,7 @@ def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):
         "note=hi",
     ):
         rows = db.history("ledger", parse_key([pair]), keyforms.offline)
-        assert [r["op"] for r in rows] == ["insert"], pair
+        assert [r.op for r in rows] == ["insert"], pair
     for pair in ("note= hi", "x=15", "paid=no", "day=2026-10-21"):
         with pytest.raises(NotRecorded):
             db.history("ledger", parse_key([pair]), keyforms.offline)

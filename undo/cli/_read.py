@@ -278,7 +278,7 @@ def history_cmd(
     if fmt != "table" or expand:
         emit(
             render.listing(
-                [render.history_record(r) for r in rows] if fmt != "json" else rows,
+                [render.history_record(r) if fmt != "json" else r.to_json() for r in rows],
                 render.HISTORY_FIELDS,
                 fmt,
                 expand,

@@ -14,7 +14,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from undo.core import words
-from undo.store.api import Image, Shown, ShownTransaction, Undone
+from undo.store.api import HistoryVersion, Image, JsonDoc, Shown, ShownTransaction, Undone
 
 
 def to_json(value: Any) -> str:
@@ -530,33 +530,33 @@ HISTORY_FIELDS = [
 ]
 
 
-def history_record(r: dict[str, Any]) -> dict[str, Any]:
+def history_record(r: HistoryVersion) -> JsonDoc:
     """A version as a record (csv, -x), a DDL's command as its op."""
-    return {**r, "op": (r.get("command") or "ddl") if r["op"] == "ddl" else r["op"]}
+    return {**r.to_json(), "op": (r.command or "ddl") if r.op == "ddl" else r.op}
 
 
-def history(rows: list[dict[str, Any]], more: bool) -> Iterator[str]:
+def history(rows: list[HistoryVersion], more: bool) -> Iterator[str]:
     """`undo history`: each version on a line (time, op, xid, session, application, user,
     tag), then its statement (or what undo it was) and its values."""
     for r in rows:
         who = (
-            f"xid {r['xid']}  session {r['session_id'] or '(untagged)'}"
-            f"  {r['application_name'] or ''}  {r['user'] or ''}  tag {r['tag']}"
+            f"xid {r.xid}  session {r.session_id or '(untagged)'}"
+            f"  {r.application_name or ''}  {r.user or ''}  tag {r.tag}"
         )
-        if r["op"] == "ddl":
-            yield f"{second(r['commit_time'])}  {r['command']}  {who}"
-            yield f"  statement: {r['statement']}"
+        if r.op == "ddl":
+            yield f"{second(r.commit_time)}  {r.command}  {who}"
+            yield f"  statement: {r.statement}"
             continue
-        yield f"{second(r['commit_time'])}  {r['op']:6}  {who}"
-        if r["moved_from"] is not None:
-            yield f"  moved from {r['moved_from']} to {r['table']}"
-        elif len({x["table"] for x in rows}) > 1:
-            yield f"  in {r['table']}"
-        if r["undo_of"] is not None:  # its statement is only the undo's first one
-            yield f"  undo of: {json.dumps(r['undo_of'], ensure_ascii=False)}"
+        yield f"{second(r.commit_time)}  {r.op:6}  {who}"
+        if r.moved_from is not None:
+            yield f"  moved from {r.moved_from} to {r.table}"
+        elif len({x.table for x in rows}) > 1:
+            yield f"  in {r.table}"
+        if r.undo_of is not None:  # its statement is only the undo's first one
+            yield f"  undo of: {json.dumps(r.undo_of, ensure_ascii=False)}"
         else:
-            yield f"  statement: {r['statement']}"
-        yield from images(r["old"], r["new"], "  ")
+            yield f"  statement: {r.statement}"
+        yield from images(r.old, r.new, "  ")
     yield count(len(rows)) + (" (more with a higher --limit)" if more else "")
 
 

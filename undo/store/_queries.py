@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from sqlite_utils import Database
 
@@ -20,6 +20,7 @@ from undo.store.api import (
     ActivityBucket,
     DdlCommand,
     GuardRefusal,
+    HistoryVersion,
     MalformedMessage,
     Normalise,
     RowChange,
@@ -37,13 +38,6 @@ from undo.store.api import (
     ledger_entry,
     split_claims,
 )
-
-
-def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
-    cur = db.execute(query, params)
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
 
 _TRANSACTION_FIELDS = tuple(f.name for f in fields(Transaction))
 
@@ -489,7 +483,7 @@ def history(
     table: str,
     key: dict[str, str | None],
     normalise: Normalise,
-) -> list[dict[str, Any]]:
+) -> list[HistoryVersion]:
     """Every recorded version of one row, oldest first, with who changed it. A table with a key
     is asked by its whole key; a keyless one by any of its columns, and every change whose old
     or new row holds all the values given is shown. Values are compared in their type's text
@@ -497,72 +491,88 @@ def history(
     partitions (the roots capture recorded): a row moved between them, a delete in one and an
     insert in another in one transaction, is one update (``moved_from``)."""
     schema, name = resolve_table(db, table, roots=True)
-    rels = _rows(
-        db,
+    rels = db.execute(
         "SELECT id, schema_name, table_name, columns, types, key_columns FROM relations"
         " WHERE (schema_name = ? AND table_name = ?) OR (root_schema = ? AND root_table = ?)",
         [schema, name, schema, name],
-    )
-    out: list[dict[str, Any]] = []
+    ).fetchall()
+    out: list[tuple[tuple[int, int], HistoryVersion]] = []  # (commit_lsn, ord), version
     usable = False
-    for rel in rels:
-        cols = json.loads(rel["columns"])
-        types = dict(zip(cols, json.loads(rel["types"]), strict=False))
-        leaf = names.quote(rel["schema_name"], rel["table_name"])
+    for rel_id, rel_schema, rel_table, rel_columns, rel_types, rel_key_columns in rels:
+        cols = json.loads(rel_columns)
+        types = dict(zip(cols, json.loads(rel_types), strict=False))
+        leaf = names.quote(rel_schema, rel_table)
         if not set(key) <= set(cols):
             continue
         wanted = {
             c: None if v is None else normalise(c, types.get(c, ""), v) for c, v in key.items()
         }
-        if rel["key_columns"] is None:
-            where, params = "c.relation = ?", [rel["id"]]
+        if rel_key_columns is None:
+            where, params = "c.relation = ?", [rel_id]
         else:
-            key_cols = [cols[i] for i in json.loads(rel["key_columns"])]
+            key_cols = [cols[i] for i in json.loads(rel_key_columns)]
             if set(key_cols) != set(key):
                 continue
             key_json = json.dumps(
                 [wanted[c] for c in key_cols], ensure_ascii=False, separators=(",", ":")
             )
-            where, params = "c.relation = ? AND c.key = ?", [rel["id"], key_json]
+            where, params = "c.relation = ? AND c.key = ?", [rel_id, key_json]
         usable = True
-        for r in _rows(
-            db,
+        for (
+            op,
+            old_text,
+            new_text,
+            unchanged,
+            xid,
+            commit_time,
+            session_id,
+            application_name,
+            user_name,
+            statement,
+            undo_of,
+            tag,
+            commit_lsn,
+            ord_,
+        ) in db.execute(
             "SELECT c.op, c.old, c.new, c.unchanged, t.xid, t.commit_time, t.session_id,"  # noqa: S608
             " t.application_name, t.user_name, " + STATEMENT_OF_CHANGE + ", t.undo_of, t.tag,"
             " t.commit_lsn, c.ord FROM changes c JOIN transactions t ON t.id = c.txn WHERE "
             + where,
             params,
         ):
-            old, new = shown_images(cols, r["old"], r["new"], r["unchanged"])
-            if rel["key_columns"] is None and not any(
+            old, new = shown_images(cols, old_text, new_text, unchanged)
+            if rel_key_columns is None and not any(
                 image is not None and all(image.get(c) == v for c, v in wanted.items())
                 for image in (old, new)
             ):
                 continue
             out.append(
-                {
-                    "op": OP_NAMES[r["op"]],
-                    "table": leaf,
-                    "moved_from": None,
-                    "xid": r["xid"],
-                    "commit_time": r["commit_time"],
-                    "session_id": r["session_id"],
-                    "application_name": r["application_name"],
-                    "user": r["user_name"],
-                    "tag": r["tag"],
-                    "statement": r["statement"],
-                    "undo_of": json.loads(r["undo_of"]) if r["undo_of"] else None,
-                    "old": old,
-                    "new": new,
-                    "_order": (r["commit_lsn"], r["ord"]),
-                }
+                (
+                    (commit_lsn, ord_),
+                    HistoryVersion(
+                        op=OP_NAMES[op],
+                        command=None,
+                        table=leaf,
+                        moved_from=None,
+                        xid=xid,
+                        commit_time=commit_time,
+                        session_id=session_id,
+                        application_name=application_name,
+                        user=user_name,
+                        tag=tag,
+                        statement=statement,
+                        undo_of=json.loads(undo_of) if undo_of else None,
+                        old=old,
+                        new=new,
+                    ),
+                )
             )
     if not usable:
         keys = sorted(
             {
-                ", ".join(json.loads(r["columns"])[i] for i in json.loads(r["key_columns"]))
+                ", ".join(json.loads(r[3])[i] for i in json.loads(r[5]))
                 for r in rels
-                if r["key_columns"] is not None
+                if r[5] is not None
             }
         )
         raise BadInput(
@@ -576,53 +586,70 @@ def history(
     if not out:
         shown = ", ".join(f"{c}={'NULL' if v is None else v}" for c, v in key.items())
         raise NotRecorded(f"no recorded change of {names.quote(schema, name)} with {shown}")
-    out = _moves(sorted(out, key=lambda r: r["_order"]))
-    tables = sorted({names.quote(schema, name)} | {r["table"] for r in out})
-    for d in _rows(  # the tables' DDL, in order with the row's versions
-        db,
+    out = _moves(sorted(out, key=lambda r: r[0]))
+    tables = sorted({names.quote(schema, name)} | {v.table for _, v in out})
+    for (
+        commit_lsn,
+        commit_time,
+        xid,
+        session_id,
+        application_name,
+        user_name,
+        statement,
+        command,
+        tag,
+        obj,
+    ) in db.execute(  # the tables' DDL, in order with the row's versions
         "SELECT commit_lsn, commit_time, xid, session_id, application_name, user_name, statement,"
         " command, tag, object FROM ddl WHERE object_type = 'table'"
         " AND object IN (SELECT value FROM json_each(?)) AND commit_lsn >= ?",
-        [json.dumps(tables), min(r["_order"][0] for r in out)],
+        [json.dumps(tables), min(order[0] for order, _ in out)],
     ):
         out.append(
-            {
-                "op": "ddl",
-                "command": d["command"],
-                "table": d["object"],
-                "moved_from": None,
-                "xid": d["xid"],
-                "commit_time": d["commit_time"],
-                "session_id": d["session_id"],
-                "application_name": d["application_name"],
-                "user": d["user_name"],
-                "tag": d["tag"],
-                "statement": d["statement"],
-                "undo_of": None,
-                "old": None,
-                "new": None,
-                "_order": (d["commit_lsn"], 2**62),  # after the row changes of its transaction
-            }
+            (
+                (commit_lsn, 2**62),  # after the row changes of its transaction
+                HistoryVersion(
+                    op="ddl",
+                    command=command,
+                    table=obj,
+                    moved_from=None,
+                    xid=xid,
+                    commit_time=commit_time,
+                    session_id=session_id,
+                    application_name=application_name,
+                    user=user_name,
+                    tag=tag,
+                    statement=statement,
+                    undo_of=None,
+                    old=None,
+                    new=None,
+                ),
+            )
         )
-    out.sort(key=lambda r: r.pop("_order"))
-    return out
+    out.sort(key=lambda r: r[0])
+    return [v for _, v in out]
 
 
-def _moves(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _moves(
+    rows: list[tuple[tuple[int, int], HistoryVersion]],
+) -> list[tuple[tuple[int, int], HistoryVersion]]:
     """A delete in one partition followed, in the same transaction, by an insert of the row in
     another is how PostgreSQL moves a row (an update of its partition key): one update."""
-    out: list[dict[str, Any]] = []
-    for r in rows:
+    out: list[tuple[tuple[int, int], HistoryVersion]] = []
+    for order, r in rows:
         prev = out[-1] if out else None
         if (
             prev is not None
-            and (prev["op"], r["op"]) == ("delete", "insert")
-            and prev["_order"][0] == r["_order"][0]
-            and prev["table"] != r["table"]
+            and (prev[1].op, r.op) == ("delete", "insert")
+            and prev[0][0] == order[0]
+            and prev[1].table != r.table
         ):
-            prev.update(op="update", table=r["table"], moved_from=prev["table"], new=r["new"])
+            moved = replace(
+                prev[1], op="update", table=r.table, moved_from=prev[1].table, new=r.new
+            )
+            out[-1] = (prev[0], moved)
             continue
-        out.append(r)
+        out.append((order, r))
     return out
 
 

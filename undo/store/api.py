@@ -21,8 +21,6 @@ from undo.core.errors import BadInput
 from undo.core.images import Value
 from undo.core.records import Begin, Change, Commit, Relation
 
-#: a listing as `--json` prints it, until each listing is a record
-Doc = dict[str, Any]
 #: a value as JSON holds it
 Json = dict[str, "Json"] | list["Json"] | str | int | float | bool | None
 #: a record as `--json` prints it (its ``to_json()``)
@@ -653,7 +651,7 @@ class Store(Protocol):
     def show(self, session_id: str | None = None, xid: int | None = None) -> Shown: ...
     def history(
         self, table: str, key: dict[str, str | None], normalise: Normalise
-    ) -> list[Doc]: ...
+    ) -> list[HistoryVersion]: ...
     def activity(
         self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
     ) -> list[ActivityBucket]: ...

@@ -22,9 +22,9 @@ from undo.store._writer import StoreWriter
 from undo.store.api import (
     ActivityBucket,
     DdlCommand,
-    Doc,
     Gap,
     GuardRefusal,
+    HistoryVersion,
     LastWriter,
     MetricsFigures,
     Normalise,
@@ -330,7 +330,9 @@ class SqliteStore:
     def show(self, session_id: str | None = None, xid: int | None = None) -> Shown:
         return _queries.show(self.db, session_id, xid)
 
-    def history(self, table: str, key: dict[str, str | None], normalise: Normalise) -> list[Doc]:
+    def history(
+        self, table: str, key: dict[str, str | None], normalise: Normalise
+    ) -> list[HistoryVersion]:
         return _queries.history(self.db, table, key, normalise)
 
     def activity(
