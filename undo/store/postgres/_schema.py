@@ -141,11 +141,11 @@ CREATE TABLE undo_store.activity (
     application_name text NOT NULL,
     session_id text NOT NULL,
     relation bigint NOT NULL,
-    inserts bigint NOT NULL DEFAULT 0,
-    updates bigint NOT NULL DEFAULT 0,
-    deletes bigint NOT NULL DEFAULT 0,
-    truncates bigint NOT NULL DEFAULT 0,
-    transactions bigint NOT NULL DEFAULT 0,
+    inserts integer NOT NULL DEFAULT 0,
+    updates integer NOT NULL DEFAULT 0,
+    deletes integer NOT NULL DEFAULT 0,
+    truncates integer NOT NULL DEFAULT 0,
+    transactions integer NOT NULL DEFAULT 0,
     PRIMARY KEY (minute, application_name, session_id, relation)
 );
 CREATE INDEX activity_session ON undo_store.activity (session_id);
@@ -227,6 +227,14 @@ CREATE TABLE undo_store.malformed (
     UNIQUE (source, lsn, prefix)
 );
 CREATE INDEX malformed_session ON undo_store.malformed (session_id);
+-- a table's name as every listing shows it (undo.core.names.quote): quoted only where needed
+CREATE FUNCTION undo_store.quote_part(part text) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog
+    AS $$ SELECT CASE WHEN part COLLATE "C" ~ '^[a-z_][a-z0-9_]*$' THEN part
+                      ELSE '"' || replace(part, '"', '""') || '"' END $$;
+CREATE FUNCTION undo_store.qualified_name(schema_name text, table_name text) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT SET search_path = pg_catalog
+    AS $$ SELECT undo_store.quote_part(schema_name) || '.' || undo_store.quote_part(table_name) $$;
 CREATE VIEW undo_store.sessions AS
     SELECT s.name AS source, t.session_id,
            max(t.application_name) AS application_name,
