@@ -32,6 +32,12 @@ _REWRITES: list[tuple[re.Pattern[str], str]] = [
         r"\1::text IN (SELECT jsonb_array_elements_text(%s::jsonb))",
     ),
     (re.compile(r"\? IS (NOT )?NULL"), r"%s::text IS \1NULL"),
+    (re.compile(r"WHERE 0\)"), "WHERE false)"),  # SQLite's false
+    # PostgreSQL before 16 names every subquery in FROM (sessions' union)
+    (
+        re.compile(r"\) GROUP BY session_id, tag, tag_reason"),
+        ") AS u GROUP BY session_id, tag, tag_reason",
+    ),
     (re.compile(r" IS \?"), " IS NOT DISTINCT FROM %s"),
     (re.compile(r"\?"), "%s"),
 ]
