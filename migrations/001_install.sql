@@ -112,7 +112,7 @@ REVOKE ALL ON FUNCTION undo.note_session_start() FROM PUBLIC;
 -- The session part of a signed message, as JSON fields: pid, backend start (µs), user (the
 -- session's login role), client address and port; all from the server. Capture derives the
 -- session id from them: the %c of log_line_prefix, to_hex(seconds of backend_start) || '.' ||
--- to_hex(pid), the string the server log shows. undo.tag() builds the same inline.
+-- to_hex(pid), the string the server log shows. undo.tag_statement() builds the same inline.
 CREATE OR REPLACE FUNCTION undo.session_fields() RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -151,7 +151,7 @@ REVOKE ALL ON FUNCTION undo.sign(text, text) FROM PUBLIC;
 -- a space and the JSON; x is the tagged transaction's. A value set otherwise (for the session,
 -- or in another transaction) is no claim: NULL. A value that is not JSON becomes a JSON string,
 -- so a tag always parses. STRICT: not called at all when the setting was never set in the
--- session. Called by undo.tag() as undo's owner, with the caller's search_path: every name is
+-- session. Called by undo.tag_statement() as undo's owner, with the caller's search_path: every name is
 -- qualified.
 DROP FUNCTION IF EXISTS undo.undoing_json(text);
 CREATE OR REPLACE FUNCTION undo.undoing_json(u text, x text) RETURNS text
@@ -169,6 +169,42 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION undo.undoing_json(text, text) FROM PUBLIC;
 
+-- How much of a transaction's statements the tag marks: undo.statements_mode(), 'each' (a
+-- marker at each later statement, so that every change carries its own statement) or 'first'
+-- (none: after the first, a statement only checks undo.tagged, and every change carries the
+-- transaction's first statement). Set by `undo init --statements` through
+-- undo.make_statements(), which only undo's owner may call; for the whole database (every
+-- slot and store on it). Like undo.guarded() (003_guard.sql), the mode is no setting and no
+-- query: a constant SQL function that undo.tag_statement() inlines into its plan (PostgreSQL
+-- plans it again when the function is replaced, so a session opened before a switch follows
+-- it from its next statement), in schema undo, where only undo's owner may create or replace
+-- a function, and called schema-qualified. Anyone may call it: `undo status` and `check`
+-- show the mode. A new install marks each statement; `undo init` again keeps the mode.
+CREATE OR REPLACE FUNCTION undo.make_statements(mode text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF mode IS NULL OR mode NOT IN ('each', 'first') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('statements must be each or first, not %s', mode);
+    END IF;
+    IF to_regprocedure('undo.statements_mode()') IS NOT NULL THEN
+        IF (SELECT p.prosrc FROM pg_proc p
+             WHERE p.oid = 'undo.statements_mode()'::regprocedure)
+           = format('SELECT %L::pg_catalog.text', mode) THEN
+            RETURN false;  -- unchanged: no session's plans invalidated
+        END IF;
+    END IF;
+    EXECUTE format('CREATE OR REPLACE FUNCTION undo.statements_mode() RETURNS pg_catalog.text'
+                   ' LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
+                   format('SELECT %L::pg_catalog.text', mode));
+    RETURN true;
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.make_statements(text) FROM PUBLIC;
+SELECT undo.make_statements('each') WHERE to_regprocedure('undo.statements_mode()') IS NULL;
+
 -- The statement trigger's function, on every audited table. SECURITY DEFINER, so that it signs
 -- as undo's owner (reading undo.secret); no SET clause (PostgreSQL saves and restores settings
 -- around every call of a function that has one: tens of µs a call), so it runs with the
@@ -179,7 +215,7 @@ REVOKE ALL ON FUNCTION undo.undoing_json(text, text) FROM PUBLIC;
 -- fire for every role.
 --
 -- Per statement, it reads two transaction-local settings:
---   undo.stmt   the statement_timestamp() of the top-level statement marked last: a statement
+--   undo.stmt   the statement_timestamp() of the top-level statement marked last (as hex): a statement
 --               writing to several audited tables (or a cascade) is marked once;
 --   undo.tagged the transaction_timestamp() of the transaction once it is tagged.
 -- The transaction's first writing statement emits the tag: one transactional message (prefix
@@ -187,52 +223,69 @@ REVOKE ALL ON FUNCTION undo.undoing_json(text, text) FROM PUBLIC;
 -- current_query() (the top-level statement) and, for an undo, what it undoes. Each later
 -- statement emits a marker (prefix undo.stmt, unsigned: its text), so that every change carries
 -- the statement that made it; capture accepts markers only inside a transaction whose tag it
--- trusts. Both settings are set with is_local, so a rolled-back savepoint rolls them back with
--- the messages it held, and the next statement emits them again. Code in the session can write
+-- trusts. With undo.statements_mode() 'first' (`undo init --statements first`), a later
+-- statement returns once it has checked undo.tagged: no marker, no undo.stmt. Both settings
+-- are set with is_local, so a rolled-back savepoint rolls them back with the messages it held,
+-- and the next statement emits them again. Code in the session can write
 -- them: it can erase its own transaction's tag (its writes are stored untagged, 'missing') or
 -- have a marker emitted twice, never make another's writes trusted; a value set for the session
 -- (by a table owner's trigger running in it, say) matches no later statement or transaction: it
 -- would have to guess their start to the µs (an xid can be guessed).
 -- A guarded application may not write (003_guard.sql): undo.guarded() is generated from the
 -- guards (a constant NULL with none), and undo.refuse() records the attempt and fails.
--- Cost, per transaction (bench/tag, README): every expression of a PL/pgSQL function is
--- prepared again in each transaction, so the function is kept to few of them; and the trigger
--- has no WHEN clause, which PostgreSQL parses again for every statement.
-CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
+-- Cost, per transaction (bench/tag, performance docs): PL/pgSQL compiles a trigger function
+-- once per trigger (per table), and prepares each expression of each of those copies again
+-- in each transaction: in a transaction writing four tables, four copies each prepared their
+-- own. So the trigger is one call, and the work is in undo.tag_statement(), an ordinary
+-- function, compiled once per session, whose expressions are prepared once per transaction.
+-- The trigger returns NEW (null in a statement trigger) rather than NULL: no expression. No
+-- WHEN clause either, which PostgreSQL parses again for every statement.
+--
+-- undo.tag_statement(rel): called only by undo.tag(), so as undo's owner; not PUBLIC's to
+-- execute. STABLE only so that PL/pgSQL takes no new snapshot before each of its expressions
+-- (it reads nothing a snapshot decides but undo.secret, which changes only with `undo init`);
+-- it is not a function the planner may call fewer times: it is called from a PL/pgSQL
+-- assignment, once per call of the trigger. undo.stmt holds the statement_timestamp() as the hex
+-- of its 8 binary bytes (no time-zone formatting per statement; the same instant, the same
+-- meaning). The session's start and the key are read by one query.
+CREATE OR REPLACE FUNCTION undo.tag_statement(rel pg_catalog.oid) RETURNS pg_catalog.text
+LANGUAGE plpgsql STABLE
 AS $fn$
 DECLARE
-    t pg_catalog.text := pg_catalog.statement_timestamp()::pg_catalog.text;
-    x pg_catalog.text;
+    t pg_catalog.text;
     v pg_catalog.int8;
-    g pg_catalog.text;
     m pg_catalog.text;
     ip pg_catalog.bytea;
     op pg_catalog.bytea;
 BEGIN
+    -- statements first: once the transaction is tagged, a statement does nothing more (the
+    -- condition is the undo.tagged check alone; with each, a constant false)
+    IF undo.statements_mode() OPERATOR(pg_catalog.=) 'first'
+       AND pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=)
+            pg_catalog.transaction_timestamp()::pg_catalog.text THEN
+        RETURN NULL;
+    END IF;
+    t := pg_catalog.encode(pg_catalog.timestamptz_send(pg_catalog.statement_timestamp()), 'hex');
     IF pg_catalog.current_setting('undo.stmt', true) OPERATOR(pg_catalog.=) t THEN
         RETURN NULL;  -- this statement is marked already
     END IF;
-    x := pg_catalog.transaction_timestamp()::pg_catalog.text;
-    IF pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=) x THEN
-        -- an assignment, not PERFORM: PL/pgSQL evaluates a one-expression assignment without
-        -- the executor (PERFORM always runs a query: several µs more per statement)
-        m := pg_catalog.concat(pg_catalog.pg_logical_emit_message(true, 'undo.stmt',
-                                   coalesce(pg_catalog.current_query(), '')),
-                               pg_catalog.set_config('undo.stmt', t, true));
-        RETURN NULL;
+    IF pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=)
+            pg_catalog.transaction_timestamp()::pg_catalog.text THEN
+        -- one expression, no PERFORM (which always runs a query through the executor)
+        RETURN pg_catalog.concat(pg_catalog.pg_logical_emit_message(true, 'undo.stmt',
+                                     coalesce(pg_catalog.current_query(), '')),
+                                 pg_catalog.set_config('undo.stmt', t, true));
     END IF;
     -- the transaction's first tagged statement
     BEGIN
-        v := pg_catalog.currval('undo.session_start'::pg_catalog.regclass);
+        SELECT s.ipad, s.opad, pg_catalog.currval('undo.session_start'::pg_catalog.regclass)
+          INTO ip, op, v FROM undo.secret s;  -- the one query
     EXCEPTION WHEN object_not_in_prerequisite_state THEN
-        v := undo.note_session_start();
+        SELECT s.ipad, s.opad, undo.note_session_start() INTO ip, op, v FROM undo.secret s;
     END;
-    g := undo.guarded(pg_catalog.current_setting('application_name'));
-    IF g IS NOT NULL THEN
-        PERFORM undo.refuse(g, TG_RELID);
+    IF undo.guarded(pg_catalog.current_setting('application_name')) IS NOT NULL THEN
+        PERFORM undo.refuse(undo.guarded(pg_catalog.current_setting('application_name')), rel);
     END IF;
-    SELECT s.ipad, s.opad INTO ip, op FROM undo.secret s;  -- the one query
     m := pg_catalog.concat(
         '{"pid":', pg_catalog.pg_backend_pid(),
         ',"backend_start":', CASE WHEN v OPERATOR(pg_catalog.>) 0 THEN v::pg_catalog.text
@@ -246,17 +299,29 @@ BEGIN
         ',"statement":', coalesce(
             pg_catalog.to_json(pg_catalog.current_query())::pg_catalog.text, 'null'),
         ',"undo":', coalesce(undo.undoing_json(
-            pg_catalog.current_setting('undo.undoing', true), x), 'null'),
+            pg_catalog.current_setting('undo.undoing', true),
+            pg_catalog.transaction_timestamp()::pg_catalog.text), 'null'),
         '}');
-    m := pg_catalog.concat(
-        pg_catalog.pg_logical_emit_message(true, 'undo', pg_catalog.concat(
-            pg_catalog.encode(pg_catalog.sha256(pg_catalog.byteacat(op, pg_catalog.sha256(
-                pg_catalog.byteacat(ip, pg_catalog.convert_to(pg_catalog.concat(E'undo\n', m),
-                                                              'UTF8'))))), 'hex'),
-            m)),
-        pg_catalog.set_config('undo.tagged', x, true),
+    RETURN pg_catalog.concat(
+        pg_catalog.pg_logical_emit_message(true, 'undo', pg_catalog.encode(pg_catalog.sha256(
+            op OPERATOR(pg_catalog.||) pg_catalog.sha256(ip OPERATOR(pg_catalog.||)
+                pg_catalog.convert_to(E'undo\n' OPERATOR(pg_catalog.||) m, 'UTF8'))), 'hex')
+            OPERATOR(pg_catalog.||) m),
+        pg_catalog.set_config('undo.tagged', pg_catalog.transaction_timestamp()::pg_catalog.text,
+                              true),
         pg_catalog.set_config('undo.stmt', t, true));
-    RETURN NULL;
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.tag_statement(pg_catalog.oid) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION undo.tag() RETURNS trigger
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+AS $fn$
+DECLARE
+    m pg_catalog.text;
+BEGIN
+    m := undo.tag_statement(TG_RELID);
+    RETURN NEW;
 END
 $fn$;
 REVOKE ALL ON FUNCTION undo.tag() FROM PUBLIC;

@@ -1,8 +1,10 @@
-"""A real PostgreSQL for the tests: UNDO_TEST_DSN, else a throwaway initdb cluster.
+"""A real PostgreSQL for the tests: a throwaway initdb cluster, UNDO_TEST_DSN, or a container
+built from docker/Dockerfile with UNDO_TEST_PG=container (the choice: tests/pg_choice.py).
 
 The cluster has wal_level=logical, wal2json (when installed), 20 slots and WAL senders, and
 lives in a temp folder owned by the postgres user (initdb refuses to run as root). Each test
-gets a fresh database, slot and store. Without PostgreSQL the tests skip, except under CI=true.
+gets a fresh database, slot and store. Without PostgreSQL the tests skip, except under CI=true;
+so does the whole session, at its start, when a container is asked for where Docker does not run.
 """
 
 from __future__ import annotations
@@ -19,15 +21,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import psycopg
 import pytest
 from psycopg import conninfo, sql
 
+from tests import pg_choice
 from undo.core.config import Settings
 from undo.core.errors import NotReady
-from undo.demo.cluster import TempCluster, find_bindir
+from undo.demo.cluster import SERVER_OPTIONS, TempCluster, find_bindir
 
 _counter = itertools.count(1)
+
+# Every property test's settings but its number of examples, in one profile (a test's own
+# `suppress_health_check` would replace this list, not add to it: a test in
+# tests/unit/test_hypothesis_profile.py keeps them out). On two cores shared by several runs,
+# how long an example takes says nothing of the code under test: no deadline, no too_slow.
+# The property tests reuse their database, slot or writer across examples on purpose (one
+# database per example would cost seconds) and are written for it: function_scoped_fixture.
+# The recursive JSON strategies (test_messages) throw away many oversized examples:
+# filter_too_much.
+hypothesis.settings.register_profile(
+    "undo",
+    deadline=None,
+    suppress_health_check=[
+        hypothesis.HealthCheck.too_slow,
+        hypothesis.HealthCheck.function_scoped_fixture,
+        hypothesis.HealthCheck.filter_too_much,
+    ],
+)
+hypothesis.settings.load_profile("undo")
 
 
 @dataclass
@@ -46,13 +69,38 @@ class Cluster:
         return self.temp.pg_ctl()
 
 
+#: server options beyond undo.demo.cluster.SERVER_OPTIONS
+EXTRA_OPTIONS = {"wal_sender_timeout": "60s"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A bad UNDO_TEST_PG is a usage error; a container where Docker does not run skips the
+    whole session in one line (no test ran, none passed), or fails it under CI=true."""
+    try:
+        choice = pg_choice.choose(os.environ)
+    except pg_choice.BadChoice as e:
+        raise pytest.UsageError(str(e)) from None
+    if choice.kind == "container" and (problem := pg_choice.docker_problem()):
+        if os.environ.get("CI") == "true":
+            pytest.exit(f"UNDO_TEST_PG=container: {problem}", pytest.ExitCode.TESTS_FAILED)
+        pytest.exit(
+            f"UNDO_TEST_PG=container: every test skipped: {problem}",
+            pytest.ExitCode.NO_TESTS_COLLECTED,
+        )
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    if os.environ.get("UNDO_TEST_DSN"):
-        yield Cluster(os.environ["UNDO_TEST_DSN"])
+    choice = pg_choice.choose(os.environ)
+    if choice.dsn is not None:
+        yield Cluster(choice.dsn)
+        return
+    if choice.kind == "container":
+        with pg_choice.container({**SERVER_OPTIONS, **EXTRA_OPTIONS}) as dsn:
+            yield Cluster(dsn)
         return
     try:
-        temp = TempCluster({"wal_sender_timeout": "60s"}).start()
+        temp = TempCluster(EXTRA_OPTIONS).start()
     except NotReady as e:
         if os.environ.get("CI") == "true":
             pytest.fail(f"no PostgreSQL for the tests: {e}")
@@ -64,6 +112,9 @@ def cluster() -> Iterator[Cluster]:
 
 
 def pytest_report_header(config: Any) -> list[str]:
+    choice = pg_choice.choose(os.environ)
+    if choice.kind != "local":
+        return [f"postgresql: {choice.describe()}"]
     bindir = find_bindir()
     lines = [f"postgresql binaries: {bindir}"]
     if bindir:

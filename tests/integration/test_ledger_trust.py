@@ -25,8 +25,8 @@ from undo.engine.apply import undo
 from undo.engine.plan import Target
 from undo.source.install import init, uninstall
 from undo.source.pg import session_id
-from undo.store import queries
-from undo.store.schema import open_store
+from undo.store import _queries as queries
+from undo.store import open_store
 
 OPERATOR = "undo_operator"
 
@@ -354,7 +354,7 @@ def test_no_mirror_content_makes_capture_or_a_reader_fail(tmp_path):
     for content in samples:
         _doc, why = verify_ledger(content, key, 5)
         assert why is not None
-    db = open_store(str(tmp_path / "s.db"), create=True)
+    db = open_store(str(tmp_path / "s.db"), create=True).db  # type: ignore[attr-defined]
     for entries in [None, "not json", "[1]", '{"a": 1}', '[["zz"]]', '[["0/0","s","t","D","x"]]']:
         db.execute(
             "INSERT INTO undos (applied_at, target, selection, undo_xid, entries, tag)"
@@ -375,7 +375,7 @@ def test_mirrors_stored_before_they_were_signed_count_as_untrusted(tmp_path):
 
     from sqlite_utils import Database
 
-    from undo.store.schema import migrations
+    from undo.store._schema import migrations
 
     path = tmp_path / "old.db"
     db = Database(sqlite3.connect(path))
@@ -387,7 +387,7 @@ def test_mirrors_stored_before_they_were_signed_count_as_untrusted(tmp_path):
     )
     db.conn.commit()
     db.conn.close()
-    store = open_store(str(path))
+    store = open_store(str(path)).db  # type: ignore[attr-defined]
     assert store.execute("SELECT tag, tag_reason FROM undos").fetchall() == [
         ("untrusted", "unsigned")
     ]

@@ -15,11 +15,10 @@ import pytest
 from tests.integration.test_undo import _as_session
 from undo.core.errors import NotRecorded
 from undo.core.times import epoch
-from undo.source import pg
+from undo.source import keyforms, pg
 from undo.source.pg import session_id
-from undo.store import keyforms, queries
-from undo.store.prune import prune
-from undo.store.schema import open_store
+from undo.store import open_store
+from undo.store.api import parse_key
 from undo.stream.capture import capture
 
 
@@ -87,7 +86,7 @@ def test_sessions_filters_and_show(pgo):
 
 def test_activity_counts_match_the_changes(pgo):
     _setup(pgo)
-    rows = queries.activity(open_store(pgo.store), by="app", bucket_seconds=3600)
+    rows = open_store(pgo.store).activity(by="app", bucket_seconds=3600)
     got = {r["app"]: (r["inserts"], r["updates"], r["deletes"]) for r in rows}
     assert got == {"signup": (2, 0, 0), "support": (0, 1, 0), "usage-metrics": (0, 0, 1)}
     by_table = json.loads(
@@ -110,14 +109,15 @@ def test_status_reports_slot_and_capture(pgo):
 
 def test_prune_keeps_whole_sessions_and_the_ledger(pgo):
     _setup(pgo)
-    db = open_store(pgo.store)
+    store = open_store(pgo.store)
+    db = store.db  # type: ignore[attr-defined]  # the SQLite store's own
     db.execute(
         "INSERT INTO undos (applied_at, target, selection, undo_xid)"
         " VALUES ('2020-01-01T00:00:00.000000Z', '{}', '[]', 1)"
     )
     db.conn.commit()
     last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
-    report = prune(db, last)  # the last session's only transaction is at `last`: kept
+    report = store.prune(last)  # the last session's only transaction is at `last`: kept
     assert (report.transactions, report.changes) == (2, 3)
     assert db.execute("SELECT application_name FROM transactions").fetchall() == [
         ("usage-metrics",)
@@ -235,7 +235,7 @@ def test_lag_counts_a_transaction_capture_is_still_writing(source, monkeypatch):
     500,000-row update (its batch not committed yet), then 7.68. The lag is the age of the
     oldest commit not yet stored, which capture records when it starts writing it."""
     from undo.source.status import status
-    from undo.store import writer as writer_module
+    from undo.store import _writer as writer_module
 
     source.sql("CREATE TABLE t (id int PRIMARY KEY)")
     source.init()
@@ -369,6 +369,32 @@ def test_history_takes_a_partitioned_table_and_follows_a_row_across_partitions(s
     assert source.undo_cli("history", "public.invoices", "id=150").returncode == 2
 
 
+def test_metrics_count_a_partitions_changes_under_its_partitioned_table(source):
+    """/metrics labels a partition's changes with its partitioned table (the root capture
+    recorded, m012), so a table is one series however many partitions it has and Grafana's
+    labels stay bounded; on 6305851 each partition was a series of its own."""
+    from prometheus_client import generate_latest
+
+    from undo.web.metrics import registry
+
+    source.sql(_INVOICES)
+    source.init()
+    with source.connect(application_name="billing") as c:
+        c.execute("INSERT INTO invoices VALUES (1, '2026-09-05', 10), (2, '2026-10-05', 20)")
+        c.execute("UPDATE invoices SET issued_at = '2026-10-06' WHERE id = 1")  # moves it
+    source.capture()
+    text = generate_latest(registry(source.settings)).decode()
+    series = {
+        (labels["table"], labels["operation"]): float(value)
+        for line in text.splitlines()
+        if line.startswith("undo_changes_total{")
+        for labels, value in [(dict(re.findall(r'(\w+)="([^"]*)"', line)), line.rsplit(" ", 1)[1])]
+    }
+    assert {table for table, _ in series} == {"public.invoices"}
+    # the move is a delete in one partition and an insert in the other
+    assert series["public.invoices", "insert"] == 3 and series["public.invoices", "delete"] == 1
+
+
 def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):
     pgo.sql(
         "CREATE TABLE payments (id bigint, issued_at timestamptz, PRIMARY KEY (id, issued_at));"
@@ -391,7 +417,7 @@ def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):
         ["id= 150 ", "issued_at=2026-10-20 00:00:00.000Z"],
         ["id=150", "issued_at=2026-10-20 00:00:00+00"],
     ):
-        rows = queries.history(db, "payments", queries.parse_key(key))
+        rows = db.history("payments", parse_key(key), keyforms.offline)
         assert [r["op"] for r in rows] == ["insert"], key
     for pair in (
         "n=007",
@@ -407,11 +433,11 @@ def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):
         "code=ab",
         "note=hi",
     ):
-        rows = queries.history(db, "ledger", queries.parse_key([pair]))
+        rows = db.history("ledger", parse_key([pair]), keyforms.offline)
         assert [r["op"] for r in rows] == ["insert"], pair
     for pair in ("note= hi", "x=15", "paid=no", "day=2026-10-21"):
         with pytest.raises(NotRecorded):
-            queries.history(db, "ledger", queries.parse_key([pair]))
+            db.history("ledger", parse_key([pair]), keyforms.offline)
     # through the source: whatever the type's input function reads
     found = pgo.undo_cli("history", "payments", "id=150", "issued_at=Oct 20 2026", "--json")
     assert found.returncode == 0, found.stderr

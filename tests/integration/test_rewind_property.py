@@ -7,18 +7,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
 from tests.integration.test_undo_property import make_tables, scenario
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@settings(max_examples=25)  # deadline and health checks: the profile in tests/conftest.py
 @given(case=scenario(), cut=st.integers(0, 14), by_script=st.booleans())
 def test_rewind_puts_back_the_rows_as_they_were(source, case, cut, by_script):
     shape, types, seed, _duplicates, ops = case

@@ -11,7 +11,7 @@ from collections import Counter
 from decimal import Decimal
 
 import psycopg
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
@@ -102,11 +102,7 @@ def make_tables(source, shape, types):
     return tables, all_cols, only, keyed
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@settings(max_examples=40)  # deadline and health checks: the profile in tests/conftest.py
 @given(case=scenario(), by_script=st.booleans())
 def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
     shape, types, seed, duplicates, ops = case

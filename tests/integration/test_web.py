@@ -129,7 +129,9 @@ def test_token_is_required_off_loopback_and_checked_on_every_request(site):
     status, body = _get(base + "/sessions", {"Authorization": "Bearer s3cret"})
     assert status == 200 and sid in body
     assert _get(base + "/sessions", {"Authorization": "Bearer wrong"})[0] == 401
-    assert _get(base + "/sessions", {"Cookie": "undo_token=s3cret"})[0] == 200
+    # the cookie holds a session value, never the token (test_web_hostile.py)
+    assert _get(base + "/sessions", {"Cookie": "undo_token=s3cret"})[0] == 401
+    assert _get(base + "/sessions", {"Cookie": "undo_session=s3cret"})[0] == 401
 
 
 def _chromium():

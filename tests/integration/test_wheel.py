@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.request
 import venv
+import zipfile
+from email.parser import HeaderParser
 from pathlib import Path
 
 import pytest
@@ -22,15 +24,22 @@ REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="session")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bin folder of a fresh venv holding the wheel built from this checkout."""
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from this checkout."""
     root = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root), str(REPO)],
         check=True,
         capture_output=True,
     )
-    (wheel,) = root.glob("undo-*.whl")
+    (built,) = root.glob("undo-*.whl")
+    return built
+
+
+@pytest.fixture(scope="session")
+def installed(wheel: Path) -> Path:
+    """The bin folder of a fresh venv holding the wheel built from this checkout."""
+    root = wheel.parent
     venv.create(root / "venv", with_pip=True)
     bin_dir = root / "venv" / "bin"
     subprocess.run(
@@ -113,3 +122,18 @@ def test_the_installed_wheel_runs_every_command(installed, pgo, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_wheel_carries_the_licence(wheel):
+    """pyproject.toml says MIT: the wheel says so in its metadata and carries the text."""
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        headers = HeaderParser().parsestr(z.read(metadata).decode())
+        licences = [n for n in names if ".dist-info/licenses/" in n]
+        assert headers["License-Expression"] == "MIT"
+        assert headers.get_all("License-File") == ["LICENSE"]
+        assert [n.rpartition("/")[2] for n in licences] == ["LICENSE"]
+        text = z.read(licences[0]).decode()
+    assert text == (REPO / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) ") and "the undo authors" in text

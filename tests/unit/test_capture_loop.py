@@ -16,8 +16,7 @@ import pytest
 
 from undo.core.config import Settings
 from undo.core.records import Relation
-from undo.store.schema import open_store
-from undo.store.writer import StoreWriter
+from undo.store import open_store
 from undo.stream import capture as cap
 
 EPOCH_US = 0
@@ -127,8 +126,7 @@ def script(rnd: random.Random, n_txns: int, start: int) -> tuple[list[bytes | No
 def test_nothing_is_confirmed_before_it_is_stored(tmp_path, seed):
     rnd = random.Random(seed)
     store = str(tmp_path / "s.db")
-    db = open_store(store, create=True)
-    writer = StoreWriter(db)
+    writer = open_store(store, create=True).writer()
     frames, rows = script(rnd, 60, 1 << 20)
     # a crash anywhere: cut the script at a random frame, then replay the whole of it again
     cut = rnd.randrange(len(frames))
@@ -168,7 +166,7 @@ def test_a_malformed_frame_stops_capture_with_nothing_of_it_confirmed(
         monkeypatch.setattr(pgoutput, "_tuple", pgoutput._py_tuple)
         monkeypatch.setattr(pgoutput, "stage", no_stage)
     store = str(tmp_path / "s.db")
-    writer = StoreWriter(open_store(store, create=True))
+    writer = open_store(store, create=True).writer()
     frames, _ = script(random.Random(1), 3, 1 << 20)
     frames = [f for f in frames if f is not None and f[:1] == b"w"]  # no pause, no keepalive
     first_end = 0
@@ -210,7 +208,7 @@ def test_idle_capture_logs_no_progress_line(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(cap, "REPORT_SECONDS", 0.001)
     store = str(tmp_path / "s.db")
-    writer = StoreWriter(open_store(store, create=True))
+    writer = open_store(store, create=True).writer()
     busy, _ = script(random.Random(2), 1, 1 << 20)
     busy = [f for f in busy if f is not None]
     idle: list[bytes | None] = [None] * 20

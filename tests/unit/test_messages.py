@@ -9,12 +9,11 @@ import json
 import os
 import tempfile
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from undo.core.records import Begin, Commit
-from undo.store.schema import open_store
-from undo.store.writer import StoreWriter
+from undo.store import open_store
 from undo.stream import messages
 
 KEY = b"k" * 32
@@ -54,7 +53,7 @@ def legacy(session: object, body: object, key: bytes = KEY) -> bytes:
     return hmac.new(session_key, msg, hashlib.sha256).hexdigest().encode() + msg
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)  # deadline and health checks: the profile in tests/conftest.py
 @given(st.sampled_from(SIGNED), st.binary(max_size=200))
 def test_any_bytes_are_read_without_raising(prefix, content):
     signed = messages.read_signed(prefix, content, KEY, 7)
@@ -99,11 +98,7 @@ def test_a_field_of_the_wrong_type_is_malformed_even_when_signed():
     assert signed.fields == {} and signed.claimed_session == "6b071524.9d7"
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+@settings(max_examples=150)
 @given(st.sampled_from(SIGNED), _json, _json, st.sampled_from(["good", "other", "legacy"]))
 def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, how):
     """Signed with the right key or not, or the way before, any JSON: either it is malformed,
@@ -116,7 +111,7 @@ def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, how):
     signed = messages.read_signed(prefix, content, KEY, 7)
     with tempfile.TemporaryDirectory() as tmp:
         db = open_store(os.path.join(tmp, "s.db"), create=True)
-        writer = StoreWriter(db)
+        writer = db.writer()
         if signed.problem is not None:
             writer.add_malformed(10, prefix, signed.claimed_session, signed.problem, content)
         elif prefix == messages.GUARD_PREFIX:
@@ -131,4 +126,4 @@ def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, how):
             writer.add_malformed(11, prefix, signed.claimed_session, signed.problem, content)
         writer.commit(Commit(100, 101, "2026-01-01T00:00:00.000000Z"))
         writer.flush()
-        db.conn.close()
+        db.close()

@@ -9,13 +9,12 @@ import struct
 import tracemalloc
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from undo import _speedups as speedups
 from undo.core.records import Begin, Relation
-from undo.store.schema import open_store
-from undo.store.writer import StoreWriter
+from undo.store import open_store
 from undo.stream import pgoutput, wal2json
 
 # a column: NULL, unchanged TOAST, or a text value (any code point but the surrogates,
@@ -25,14 +24,6 @@ column = st.one_of(
     st.just(("u", None)),
     st.tuples(st.just("t"), st.text(st.characters(exclude_categories=["Cs"]), max_size=40)),
 )
-
-
-#: the property tests' settings: on a slow or loaded machine (two cores shared by several test
-#: runs) generating examples may be slow, which is no failure of the code under test
-ROBUST = {
-    "deadline": None,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-}
 
 
 def tuple_data(columns: list[tuple[str, str | None]], prefix: bytes = b"") -> bytes:
@@ -51,7 +42,6 @@ def test_capture_decodes_with_the_c_module():
     assert wal2json.Wal2JsonDecoder().stage is speedups.stage_wal2json
 
 
-@settings(**ROBUST)
 @given(st.lists(column, max_size=12), st.binary(max_size=7))
 def test_the_same_tokens_as_python(columns, prefix):
     buf = tuple_data(columns, prefix) + b"rest"
@@ -107,7 +97,7 @@ def change(op: str, old: list | None, new: list | None, old_kind: bytes = b"O") 
 
 @pytest.fixture(scope="module")
 def writer(tmp_path_factory):
-    return StoreWriter(open_store(str(tmp_path_factory.mktemp("s") / "s.db"), create=True))
+    return open_store(str(tmp_path_factory.mktemp("s") / "s.db"), create=True).writer()
 
 
 def python_path(writer, message: bytes, key: tuple[int, ...] | None, ncols: int = 0):
@@ -138,7 +128,7 @@ images = st.integers(1, 6).flatmap(
 )
 
 
-@settings(max_examples=300, **ROBUST)
+@settings(max_examples=300)  # deadline and health checks: the profile in tests/conftest.py
 @given(st.sampled_from("IUD"), images)
 def test_stage_appends_what_the_python_path_does(writer, op, image_pair):
     old, new, key = image_pair
@@ -247,7 +237,7 @@ def w2j_change(draw):
     return doc.encode(), wal2json.signature(schema, table, tuple(names)), key
 
 
-@settings(max_examples=300, **ROBUST)
+@settings(max_examples=300)
 @given(w2j_change())
 def test_stage_wal2json_appends_what_the_python_path_does(writer, change):
     message, sig, key = change

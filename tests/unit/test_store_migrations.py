@@ -7,7 +7,8 @@ import sqlite3
 import pytest
 from sqlite_utils import Database
 
-from undo.store.schema import migrations, open_store
+from undo.store import open_store
+from undo.store._schema import migrations
 
 
 def test_txn_changes_is_filled_from_the_changes_already_stored(tmp_path):
@@ -30,7 +31,7 @@ def test_txn_changes_is_filled_from_the_changes_already_stored(tmp_path):
     )
     db.conn.commit()
     db.conn.close()
-    store = open_store(str(path))
+    store = open_store(str(path)).db  # type: ignore[attr-defined]
     assert sorted(store.execute("SELECT * FROM txn_changes").fetchall()) == [
         (1, 1, "D", 1, 1),
         (1, 1, "I", 1, 0),
@@ -49,7 +50,7 @@ def test_versions_stored_before_roots_have_none_and_a_root_makes_a_new_version(t
     )
     db.conn.commit()
     db.conn.close()
-    store = open_store(str(path))
+    store = open_store(str(path)).db  # type: ignore[attr-defined]
     assert store.execute("SELECT root_schema, root_table FROM relations").fetchall() == [
         (None, None)
     ]

@@ -8,7 +8,6 @@ import functools
 import logging
 import os
 import re
-import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ from undo.cli import render
 from undo.core.config import Settings
 from undo.core.errors import Interrupted, UndoError
 from undo.source.pg import connect_failure
-from undo.store.schema import store_fault
+from undo.store import store_fault
 
 
 class UserError(click.ClickException):
@@ -51,7 +50,7 @@ def _one_line(ctx: click.Context, e: BaseException) -> UserError | None:
     if isinstance(e, KeyboardInterrupt):
         note = INTERRUPTED.get(ctx.command.name or "")
         e = Interrupted("interrupted (Ctrl-C)" + (f": {note}" if note else ""))
-    if isinstance(e, sqlite3.Error):
+    if not isinstance(e, UndoError):  # the store's own errors, by its result codes
         store = ctx.meta.get("undo.settings", ctx.find_root().obj)
         e = store_fault(e, store.store if store else "?") or e
     if isinstance(e, UndoError):

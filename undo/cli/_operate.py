@@ -18,7 +18,7 @@ from undo.cli._app import (
 )
 from undo.core.config import Settings
 from undo.core.times import parse_age, parse_time
-from undo.store.schema import open_store
+from undo.store import open_store
 
 
 @cli.command("init")
@@ -39,7 +39,15 @@ from undo.store.schema import open_store
 @click.option(
     "--failover",
     is_flag=True,
-    help="PostgreSQL 17+: a failover slot, kept in step on standbys (see README).",
+    help="PostgreSQL 17+: a failover slot, kept in step on standbys (see docs/operations.md).",
+)
+@click.option(
+    "--statements",
+    type=click.Choice(["each", "first"]),
+    help="Which statements of a transaction its changes are attributed to, for the whole"
+    " database: each (every change its own statement) or first (the transaction's first"
+    " statement: cheaper for many-statement transactions, see docs/performance.md).  [default:"
+    " each on a new install; kept when not given]",
 )
 @pass_settings
 def init_cmd(
@@ -48,6 +56,7 @@ def init_cmd(
     tables: tuple[str, ...],
     uninstall: bool,
     failover: bool,
+    statements: str | None,
 ) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
@@ -63,7 +72,7 @@ def init_cmd(
         done = do_uninstall(settings)
         click.echo("\n".join(done) if done else "nothing to remove")
         return
-    report = init(settings, list(schemas), list(tables), failover=failover)
+    report = init(settings, list(schemas), list(tables), failover=failover, statements=statements)
     for w in report.warnings:
         echo_err(f"warning: {w}")
     if report.nothing_to_do:
@@ -92,7 +101,8 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool, keep: str | No
     Exit codes: 0 stopped by a signal (or --once done); 75 the source database went away
     and reconnecting failed, or a capture that exited still holds the slot (a restart puts it
     right); 1 a gap refused, another consumer holds the slot; 2 bad options, the store
-    corrupt, full or read-only (a person must act). See README "Running capture as a service".
+    corrupt, full or read-only (a person must act). See docs/operations.md, "Running capture as a
+    service".
 
     Example: undo capture --keep 90d
     """
@@ -223,9 +233,7 @@ def prune_cmd(settings: Settings, before: str) -> None:
 
     Example: undo prune --before 90d
     """
-    from undo.store.prune import prune
-
-    r = prune(open_store(settings.store), parse_time(before))
+    r = open_store(settings.store).prune(parse_time(before))
     click.echo(
         f"removed {r.transactions} transaction(s), {r.changes} change(s) of"
         f" {r.sessions} session(s); kept {r.kept_sessions} session(s) that go on after"
@@ -254,17 +262,31 @@ def prune_cmd(settings: Settings, before: str) -> None:
     multiple=True,
     help="A host name requests may use besides loopback and the address served (repeatable).",
 )
+@click.option(
+    "--trusted-proxy",
+    envvar="UNDO_TRUSTED_PROXY",
+    show_envvar=True,
+    metavar="ADDR",
+    help="IP address of the TLS proxy in front: its X-Forwarded-Proto (https: the sign-in"
+    " cookie is Secure) and X-Forwarded-For are believed; from any other peer, ignored.",
+)
 @pass_settings
 def serve_cmd(
-    settings: Settings, host: str, port: int, token: str | None, allowed_hosts: tuple[str, ...]
+    settings: Settings,
+    host: str,
+    port: int,
+    token: str | None,
+    allowed_hosts: tuple[str, ...],
+    trusted_proxy: str | None,
 ) -> None:
-    """The dashboard and Prometheus /metrics (read-only).
+    """The dashboard and Prometheus /metrics (read-only). Exposed beyond this machine, put a
+    TLS proxy in front (and give --trusted-proxy).
 
-    Example: undo serve --port 8080
+    Example: undo serve --host 127.0.0.1 --port 8080 --trusted-proxy 127.0.0.1
     """
     from undo.web import serve
 
-    server = serve(settings, host, port, token, allowed_hosts)
+    server = serve(settings, host, port, token, allowed_hosts, trusted_proxy)
     info(f"serving http://{host}:{server.server_port}/ (Ctrl-C to stop)")
     try:
         server.serve_forever()

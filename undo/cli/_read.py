@@ -22,8 +22,8 @@ from undo.cli._app import (
 from undo.core import words
 from undo.core.config import Settings
 from undo.core.times import parse_time
-from undo.store import queries
-from undo.store.schema import open_store
+from undo.store import open_store
+from undo.store.api import parse_key
 
 
 def output_options(f: Any) -> Any:
@@ -117,8 +117,7 @@ def sessions_cmd(
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
     db = open_store(settings.store)
-    rows = queries.sessions(
-        db,
+    rows = db.sessions(
         since=parse_time(since) if since else None,
         until=parse_time(until) if until else None,
         app=app,
@@ -208,7 +207,7 @@ def show_session(
     Example: undo show session 6b071524.9d7
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    result = queries.show(open_store(settings.store), session_id=session_id)
+    result = open_store(settings.store).show(session_id=session_id)
     _show(result, limit, show_all, fmt, expand)
 
 
@@ -230,7 +229,7 @@ def show_xact(
     Example: undo show xact 7341
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    result = queries.show(open_store(settings.store), xid=xid)
+    result = open_store(settings.store).show(xid=xid)
     _show(result, limit, show_all, fmt, expand)
 
 
@@ -254,15 +253,14 @@ def history_cmd(
     Example: undo history public.invoices id=150 issued_at=2026-10-20
 
     Values are compared in their column type's text form: read by the source's own type
-    (--dsn, when it answers), else in the forms the README lists.
+    (--dsn, when it answers), else in the forms docs/reference.md lists.
     """
     from undo.core.errors import DatabaseUnreachable
-    from undo.source import pg
-    from undo.store import keyforms
+    from undo.source import keyforms, pg
 
     fmt, limit = _format(fmt, as_json), _limit(limit)
     db = open_store(settings.store)
-    pairs = queries.parse_key(list(key))
+    pairs = parse_key(list(key))
     conn = None
     normalise: keyforms.Normalise = keyforms.offline
     if settings.dsn:
@@ -270,9 +268,11 @@ def history_cmd(
             conn = pg.connect(settings.dsn, **_connect_timeout(settings.dsn, 5))
             normalise = keyforms.through_source(conn)
         except DatabaseUnreachable as e:
-            echo_err(f"warning: {e}; values compared in the forms the README lists (history)")
+            echo_err(
+                f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
+            )
     try:
-        rows = queries.history(db, table, pairs, normalise)
+        rows = db.history(table, pairs, normalise)
     finally:
         if conn is not None:
             conn.close()
@@ -319,8 +319,7 @@ def activity_cmd(
     """
     from undo.core.times import parse_bucket
 
-    rows = queries.activity(
-        open_store(settings.store),
+    rows = open_store(settings.store).activity(
         by=by,
         since=parse_time(since) if since else None,
         bucket_seconds=parse_bucket(bucket),

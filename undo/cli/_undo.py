@@ -38,7 +38,8 @@ _APPLYING = [
     click.option(
         "--fire-triggers",
         is_flag=True,
-        help="Let user triggers fire (no session_replication_role = replica).",
+        help="Let user triggers and rules fire, as you (no session_replication_role ="
+        " replica); without it, an undo refuses tables with ENABLE ALWAYS/REPLICA ones.",
     ),
     click.option("--lock-timeout", default="5s", show_default=True, callback=duration),
     click.option("--statement-timeout", default="0", show_default=True, callback=duration),
@@ -250,6 +251,7 @@ def table_cmd(
             tables[0],
             parse_time(as_of),
             where,
+            fire_triggers=options["fire_triggers"],
             lock_timeout=options["lock_timeout"],
             statement_timeout=options["statement_timeout"],
         )

@@ -36,6 +36,10 @@ class StoreFault(StoreUnreadable):
     reports an I/O error; a person must put that right."""
 
 
+class StoreBusy(StoreFault):
+    """Another process held the audit store for longer than undo waits: a retry later may do."""
+
+
 class StoreCorrupt(StoreFault):
     """SQLite reports the store malformed (SQLITE_CORRUPT, SQLITE_NOTADB)."""
 

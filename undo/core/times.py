@@ -30,8 +30,16 @@ def epoch(text: str) -> float:
 
 
 def iso(ts: datetime) -> str:
-    """The store's time text: UTC, microseconds, 'Z'; fixed width, so it sorts as text."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The store's time text: UTC, microseconds, 'Z'; fixed width, so it sorts as text (the
+    year too: strftime's %Y does not pad years before 1000 on Linux).
+
+    >>> iso(datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC))
+    '0999-01-02T03:04:05.000006Z'
+    >>> epoch(iso(datetime(1, 1, 1, tzinfo=UTC))) == datetime(1, 1, 1, tzinfo=UTC).timestamp()
+    True
+    """
+    t = ts.astimezone(UTC)
+    return f"{t.year:04d}-{t:%m-%dT%H:%M:%S.%f}Z"
 
 
 _AGE = re.compile(r"^(\d+)([smhdw])$")

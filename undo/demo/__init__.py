@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -29,8 +30,7 @@ from undo.engine.apply import undo
 from undo.engine.plan import Target
 from undo.source import guards
 from undo.source.install import init
-from undo.store import queries
-from undo.store.schema import open_store
+from undo.store import open_store
 from undo.stream.capture import capture
 from undo.web.app import make_app
 
@@ -186,7 +186,7 @@ def run_demo(
             logins = c.execute("SELECT id, last_login FROM accounts ORDER BY id").fetchall()
 
         say("\n5. On-call: undo sessions --app usage-metrics")
-        rows = queries.sessions(open_store(settings.store), app="usage-metrics")
+        rows = open_store(settings.store).sessions(app="usage-metrics")
         for line in table(
             rows,
             [
@@ -249,13 +249,13 @@ def _guarded_end(
     """The guarded incident after the script ran: nothing lost, the refusal recorded."""
     say("\n5. On-call: undo sessions --app usage-metrics")
     db = open_store(settings.store)
-    rows = queries.sessions(db, app="usage-metrics")
+    rows = db.sessions(app="usage-metrics")
     for line in table(
         rows,
         ["session_id", "application_name", "user", "transactions", "deletes", "guard_refusals"],
     ).splitlines():
         say(f"   {line}")
-    refusals = queries.guard_refusals(db)
+    refusals = db.guard_refusals()
     say("\n6. The dashboard (undo serve) lists it under 'Writes refused by guards':")
     page = Client(make_app(settings)).get("/", headers={"Host": "127.0.0.1"}).get_data()
     on_dashboard = b"usage-metrics*" in page
@@ -285,8 +285,5 @@ def _done(say: Callable[[str], None], settings: Settings, keep: bool, start: flo
         f"\nDone in {time.monotonic() - start:.1f}s. The audit store was {settings.store}"
         + ("" if keep else " (removed)")
     )
-    if not keep:
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(settings.store + suffix):
-                os.remove(settings.store + suffix)
-        os.rmdir(os.path.dirname(settings.store))
+    if not keep:  # the demo's own folder (mkdtemp), with whatever the store kept in it
+        shutil.rmtree(os.path.dirname(settings.store))

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 
-from undo.core import images, wal
+from undo.core import images, names, wal
 from undo.core.config import Settings
 from undo.core.errors import Refused
 from undo.core.images import OP_NAMES, load
@@ -35,7 +35,8 @@ from undo.engine import inverse
 from undo.engine.inverse import Step, TableUndo
 from undo.engine.plan import Plan, Target, changes, later_writer, select
 from undo.source import pg
-from undo.store.schema import get_meta, open_store
+from undo.store import open_store
+from undo.store.api import Store
 
 log = logging.getLogger(__name__)
 COPY_CHUNK = 2000  # lines per write to the COPY stream
@@ -176,12 +177,12 @@ class _Writes:
 _LOST_TO_DECODER = (
     "the table holds NaN or Infinity in {} where the audit store has NULL, and is as the undone"
     " change left it otherwise: wal2json before 2.6 sends NaN and ±Infinity of float and"
-    " numeric columns as null (README, Decoders), so undo cannot match the row; not a later"
+    " numeric columns as null (docs/design.md, Decoders), so undo cannot match the row; not a later"
     " change. Undo the rest with --on-conflict skip"
 )
 
 
-def _diagnose(w: _Writes, db: Any, report: UndoReport) -> dict[int, list[int]]:
+def _diagnose(w: _Writes, db: Store, report: UndoReport) -> dict[int, list[int]]:
     """Find the conflicts on the live rows as they are, with nothing of the undo written:
     each statement's, then the rows that depend on them (or that nothing would hold to)
     through foreign keys, until none is left. Takes them out of the nets (into the skip tables),
@@ -195,7 +196,7 @@ def _diagnose(w: _Writes, db: Any, report: UndoReport) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
 
     # wal2json before 2.6 (no numbers_as_strings) stored NaN and ±Infinity as null
-    nan_lost = get_meta(db, "decoder") == "wal2json" and get_meta(db, "numbers_as_strings") != "1"
+    nan_lost = db.meta("decoder") == "wal2json" and db.meta("numbers_as_strings") != "1"
 
     def leave_out(
         u: TableUndo, found: list[tuple[Any, ...]], name_writer: bool, kind: str | None = None
@@ -292,7 +293,7 @@ class _Applier(_Runner):
     copies_directly = True
 
     def __init__(
-        self, conn: psycopg.Connection[Any], db: Any, report: UndoReport, on_conflict: str
+        self, conn: psycopg.Connection[Any], db: Store, report: UndoReport, on_conflict: str
     ) -> None:
         self.conn = conn
         self.db = db
@@ -427,7 +428,7 @@ class _Printer(_Runner):
         self,
         out: TextIO,
         conn: psycopg.Connection[Any],
-        db: Any,
+        db: Store,
         report: UndoReport,
         on_conflict: str,
         checked: set[int],
@@ -635,6 +636,106 @@ def _settings(
     ]
 
 
+#: SQLSTATE of the refusal of user code that replica mode does not keep quiet (the script's)
+USER_CODE = "UN002"
+
+#: Triggers (but undo's own tag: its name, undo.tag(), no WHEN) and rules that fire under
+#: session_replication_role = replica, ENABLE ALWAYS ('A') or ENABLE REPLICA ('R'), on the
+#: tables an undo writes and the partitions under them: one line each, saying what to do.
+#: Foreign-key triggers are internal (tgisinternal), not a table owner's code.
+_USER_CODE = """
+WITH w(rel) AS (
+    SELECT DISTINCT x.rel FROM unnest({rels}::regclass[]) r(rel)
+     CROSS JOIN LATERAL (SELECT r.rel::oid UNION SELECT p.relid::oid
+                           FROM pg_partition_tree(r.rel) p) x(rel)),
+found(tab, what, name, line) AS (
+    SELECT format('%I.%I', n.nspname, c.relname), 'trigger', tg.tgname::text,
+           format('%I.%I: trigger %I (ENABLE %s) runs %I.%I(%s), owned by %I, as the role'
+                  ' undoing: review it, then ALTER TABLE %I.%I DISABLE TRIGGER %I;'
+                  ' or undo with --fire-triggers to let user triggers fire',
+                  n.nspname, c.relname, tg.tgname,
+                  CASE tg.tgenabled WHEN 'A' THEN 'ALWAYS' ELSE 'REPLICA' END,
+                  pn.nspname, pr.proname, pg_get_function_identity_arguments(pr.oid),
+                  pg_get_userbyid(pr.proowner), n.nspname, c.relname, tg.tgname)
+      FROM w JOIN pg_class c ON c.oid = w.rel JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_trigger tg ON tg.tgrelid = w.rel
+      JOIN pg_proc pr ON pr.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = pr.pronamespace
+     WHERE NOT tg.tgisinternal AND tg.tgenabled IN ('A', 'R')
+       AND NOT (tg.tgname = 'undo_tag' AND tg.tgfoid = to_regprocedure('undo.tag()')
+                AND tg.tgqual IS NULL)
+    UNION ALL
+    SELECT format('%I.%I', n.nspname, c.relname), 'rule', rw.rulename::text,
+           format('%I.%I: rule %I (ENABLE %s), owned by %I (the table''s owner), rewrites'
+                  ' what the undo writes, as the role undoing: review it, then ALTER TABLE'
+                  ' %I.%I DISABLE RULE %I; or undo with --fire-triggers to let user triggers'
+                  ' and rules fire',
+                  n.nspname, c.relname, rw.rulename,
+                  CASE rw.ev_enabled WHEN 'A' THEN 'ALWAYS' ELSE 'REPLICA' END,
+                  pg_get_userbyid(c.relowner), n.nspname, c.relname, rw.rulename)
+      FROM w JOIN pg_class c ON c.oid = w.rel JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_rewrite rw ON rw.ev_class = w.rel
+     WHERE rw.ev_enabled IN ('A', 'R'))
+SELECT regexp_replace(line, '[[:cntrl:]]', '?', 'g') FROM found ORDER BY tab, what, name
+"""
+
+#: the first line of the refusal; then one line per trigger or rule
+_USER_CODE_HEAD = (
+    "refused, nothing changed: user code on the tables the undo writes fires even under"
+    " session_replication_role = replica (ENABLE ALWAYS or ENABLE REPLICA) and would run as"
+    " the role undoing:"
+)
+
+
+def _written(tables: dict[int, inverse.LiveTable]) -> sql.Composed:
+    """The tables the undo writes, as an array of regclass text (resolved where it runs)."""
+    idents = sorted({(t.version.schema, t.version.name) for t in tables.values()})
+    return sql.SQL("ARRAY[{}]").format(
+        sql.SQL(", ").join(sql.Literal(names.quote(s, n)) for s, n in idents)
+    )
+
+
+def user_code(conn: psycopg.Connection[Any], tables: dict[int, inverse.LiveTable]) -> list[str]:
+    """One line per trigger or rule that would fire during the undo despite
+    session_replication_role = replica, on the tables it writes (see _USER_CODE)."""
+    q = sql.SQL(_USER_CODE).format(rels=_written(tables))
+    return [str(r[0]) for r in conn.execute(q).fetchall()]
+
+
+def _refuse_user_code(lines: list[str]) -> None:
+    if lines:
+        raise Refused("\n  ".join([_USER_CODE_HEAD, *lines]))
+
+
+def _user_code_guard(
+    conn: psycopg.Connection[Any], tables: dict[int, inverse.LiveTable]
+) -> sql.Composed:
+    """A DO block that takes ROW EXCLUSIVE on the tables the undo writes (CREATE TRIGGER,
+    ENABLE ALWAYS and CREATE RULE wait for it until the undo commits), then raises USER_CODE
+    if a trigger or rule on them would fire despite session_replication_role = replica. The
+    script runs it before it writes (the tables' triggers may have changed since it was
+    printed); --apply runs the same."""
+    body = sql.SQL(
+        "DECLARE r regclass; found text; BEGIN"
+        " FOR r IN SELECT DISTINCT x.rel FROM unnest({rels}::regclass[]) t(rel)"
+        " CROSS JOIN LATERAL (SELECT t.rel UNION SELECT p.relid FROM pg_partition_tree(t.rel) p)"
+        " x(rel) ORDER BY 1 LOOP"
+        " EXECUTE format('LOCK TABLE ONLY %s IN ROW EXCLUSIVE MODE', r); END LOOP;"
+        " SELECT string_agg(line, E'\\n  ') INTO found FROM ({query}) q(line);"
+        " IF found IS NOT NULL THEN RAISE EXCEPTION USING ERRCODE = {code},"
+        " MESSAGE = {head} || E'\\n  ' || found; END IF; END"
+    ).format(
+        rels=_written(tables),
+        query=sql.SQL(_USER_CODE.strip()).format(rels=_written(tables)),
+        code=sql.Literal(USER_CODE),
+        head=sql.Literal(_USER_CODE_HEAD),
+    )
+    text = body.as_string(conn)
+    tag = "$undo$"
+    while tag in text:  # a name holding the quote's tag cannot end the body
+        tag = tag[:-1] + "_$"
+    return sql.SQL("DO ") + sql.SQL(tag + text + tag)
+
+
 def _undoing(target: Target) -> sql.Composed:
     """What the undo undoes, for its tag: stamped with the transaction's start, so that
     undo.tag() takes it for this transaction only (a value other code set for the session is
@@ -647,14 +748,14 @@ def _undoing(target: Target) -> sql.Composed:
 
 def _ledger_call(plan: Plan) -> sql.Composed:
     """undo.record_undo(target, [[commit LSN, table OID, op, xid], ...])."""
-    by_id = {t["id"]: t for t in plan.transactions}
+    by_id = {t.id: t for t in plan.transactions}
     entries = sorted(
         {
             (
-                wal.int_to_lsn(by_id[txn]["commit_lsn"]),
+                wal.int_to_lsn(by_id[txn].commit_lsn),
                 plan.tables[rel].oid,
                 op,
-                by_id[txn]["xid"],
+                by_id[txn].xid,
             )
             for (txn, rel, op) in plan.counts
         },
@@ -701,7 +802,7 @@ def _stage(runner: _Runner, u: TableUndo, lines: Iterator[str]) -> None:
 def _run(
     runner: _Runner,
     conn: psycopg.Connection[Any],
-    db: Any,
+    db: Store,
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     fire_triggers: bool,
@@ -715,7 +816,7 @@ def _run(
     row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
     by_xmin = plan.by_xmin(int(row[0]) if row else 0)
     # a keyless table's stage carries every xid: rows written since are known by their xmin
-    every_xid = {t["id"]: t["xid"] for t in plan.transactions}
+    every_xid = {t.id: t.xid for t in plan.transactions}
     undos: dict[int, TableUndo] = {}
     staged: set[int] = set()
     done = [0]
@@ -744,9 +845,7 @@ def _run(
             staged=staged,
             stage=stage,
             copy_rows=lambda rel: lines(rel, undos[rel], rows=True),
-            xids=lambda rel: [
-                t["xid"] for t in plan.transactions if (t["id"], rel, "D") in plan.counts
-            ],
+            xids=lambda rel: [t.xid for t in plan.transactions if (t.id, rel, "D") in plan.counts],
             check_keys=check_keys and not fire_triggers,
             progress=progress,
             checked=runner.checked,
@@ -852,7 +951,7 @@ def undo(
 
 def _apply(
     conn: psycopg.Connection[Any],
-    db: Any,
+    db: Store,
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     report: UndoReport,
@@ -876,6 +975,19 @@ def _apply(
             f" during the undo: run GRANT SET ON PARAMETER session_replication_role TO {user};"
             " (PostgreSQL 15+, as a superuser), or pass --fire-triggers"
         ) from None
+    if not fire_triggers:  # before anything is written, under locks held to the commit
+        try:
+            conn.execute(_user_code_guard(conn, tables))
+        except psycopg.Error as e:
+            conn.rollback()
+            if e.sqlstate == USER_CODE:
+                raise Refused(e.diag.message_primary or _USER_CODE_HEAD) from None
+            if isinstance(e, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+                raise Refused(
+                    f"gave up waiting ({e.diag.message_primary}; --lock-timeout {lock_timeout}):"
+                    " nothing changed; retry once the other transaction is done"
+                ) from None
+            raise
     try:
         # what inspect reads is rolled back: rows whose parents other tables held may show
         _run(
@@ -927,7 +1039,7 @@ def _apply(
         if isinstance(e, psycopg.errors.IntegrityError):
             raise Refused(
                 f"the undo would break a constraint ({e.diag.message_primary}): nothing changed"
-                ' (see "Undo" in the README for the orders undo cannot write in)'
+                ' (see docs/design.md, "The undo engine", for the orders undo cannot write in)'
             ) from None
         if isinstance(e, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
             raise Refused(
@@ -941,7 +1053,7 @@ def _apply(
 
 def _print(
     conn: psycopg.Connection[Any],
-    db: Any,
+    db: Store,
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     report: UndoReport,
@@ -966,6 +1078,8 @@ def _print(
     )
     for q in check_settings:  # the script's own, without the replication role (reads only)
         conn.execute(q)
+    if not fire_triggers:
+        _refuse_user_code(user_code(conn, tables))
     out.write(
         "\\set ON_ERROR_STOP on\n"
         "\\set undo_quiet :QUIET\n"
@@ -976,6 +1090,15 @@ def _print(
     printer = _Printer(out, conn, db, report, on_conflict, checked)
     for q in settings_sql:
         printer.statement(q)
+    if not fire_triggers:
+        # terse: the refusal's lines only, no CONTEXT line
+        out.write(
+            "-- refuse, before writing, if a trigger or rule on the tables fires even under\n"
+            "-- session_replication_role = replica (ENABLE ALWAYS/REPLICA): it would run as you\n"
+            "\\set undo_verbosity :VERBOSITY\n\\set VERBOSITY terse\n"
+        )
+        printer.statement(_user_code_guard(conn, tables))
+        out.write("\\set VERBOSITY :undo_verbosity\n")
     printer.kept(_undoing(plan.target))
     printer.statement(sql.SQL(_FAIL_FUNCTION))
     try:
@@ -1005,9 +1128,7 @@ def _cleared(
     out = set()
     for rel, lt in tables.items():
         txns = [
-            t["id"]
-            for t in plan.transactions
-            if any((t["id"], rel, o) in plan.counts for o in "IUD")
+            t.id for t in plan.transactions if any((t.id, rel, o) in plan.counts for o in "IUD")
         ]
         if (lt.version.key is not None and not lt.unique_key) or not all(
             t in by_xmin for t in txns

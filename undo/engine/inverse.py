@@ -35,7 +35,7 @@ from psycopg import sql
 from undo.core import names
 from undo.core.errors import Refused
 from undo.core.images import Value, image_text, load, merged_new
-from undo.engine.plan import StoredChange, TableVersion
+from undo.store.api import StoredChange, TableVersion
 
 #: jsonb_build_array is variadic, and a function takes at most 100 arguments
 _MAX_ARGS = 100
@@ -508,12 +508,23 @@ class TableUndo:
         positions = set(self.t.writable) - set(self.key) - self.t.identity_always
         if not ({"I", "D"} <= self.ops):
             positions &= self.changed
-        if not positions:  # nothing but generated columns changed: a harmless assignment
-            positions = {self.key[0]}
+        itself = False
+        if not positions:  # nothing but generated columns changed: a harmless assignment,
+            # never of a GENERATED ALWAYS identity column, which PostgreSQL refuses to assign
+            # when it parses the statement, whatever rows match (the printed script runs it)
+            keys = [i for i in self.key if i not in self.t.identity_always]
+            others = sorted(set(self.t.writable) - self.t.identity_always)
+            if keys or not others:
+                positions = {keys[0] if keys else self.key[0]}
+            else:
+                positions, itself = {others[0]}, True
         self._set_names = {
-            f"s{i}": sql.SQL("{} = n.{}").format(
+            f"s{i}": sql.SQL("{} = {}.{}").format(
                 sql.Identifier(self.t.version.columns[i]),
-                sql.Identifier(f"k{i}" if i in self.key else f"c{i}"),
+                sql.Identifier("t" if itself else "n"),
+                sql.Identifier(
+                    self.t.version.columns[i] if itself else f"k{i}" if i in self.key else f"c{i}"
+                ),
             )
             for i in sorted(positions)
         }

@@ -7,36 +7,15 @@ each row's chain happens in PostgreSQL (inverse.py).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
-
-from sqlite_utils import Database
+from typing import Any
 
 from undo.core import names
 from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
 from undo.core.images import OP_NAMES, OPS
-from undo.store.queries import resolve_table
-
-
-@dataclass(frozen=True)
-class TableVersion:
-    """A table as capture recorded it: the store's relations row."""
-
-    id: int
-    oid: int | None
-    schema: str
-    name: str
-    columns: tuple[str, ...]
-    types: tuple[str, ...]
-    key: tuple[int, ...] | None
-    partial: bool
-
-    @property
-    def qualified(self) -> str:
-        return names.quote(self.schema, self.name)
+from undo.store.api import Store, StoredChange, TableVersion, Transaction
 
 
 @dataclass(frozen=True)
@@ -79,7 +58,7 @@ class Plan:
     filters, and how many changes of each (table version, operation) each transaction holds."""
 
     target: Target
-    transactions: list[dict[str, Any]]
+    transactions: list[Transaction]
     untrusted: int = 0
     untagged: int = 0
     tables: dict[int, TableVersion] = field(default_factory=dict)
@@ -98,9 +77,9 @@ class Plan:
         if self.target.only != frozenset(OPS.values()):
             return {}
         return {
-            t["id"]: t["xid"]
+            t.id: t.xid
             for t in self.transactions
-            if t.get("full_xid") is not None and 0 < next_xid - t["full_xid"] < 2**31
+            if t.full_xid is not None and 0 < next_xid - t.full_xid < 2**31
         }
 
     def ops(self) -> dict[int, set[str]]:
@@ -130,7 +109,7 @@ def parse_only(text: str | None) -> frozenset[str]:
     return frozenset(out)
 
 
-def select(db: Database, target: Target) -> Plan:
+def select(db: Store, target: Target) -> Plan:
     """Find the transactions, tables and changes to undo; refuse an empty selection.
 
     Table filters are resolved against the store first (unknown or ambiguous: bad input). What
@@ -167,10 +146,10 @@ def select(db: Database, target: Target) -> Plan:
             )
         raise NotFound(f"no transaction of application {target.app!r} in that time range")
     if target.xids:
-        missing = set(target.xids) - {r["xid"] for r in rows}
+        missing = set(target.xids) - {r.xid for r in rows}
         if missing:
             raise NotFound(f"unknown xid(s) {', '.join(map(str, sorted(missing)))}")
-    untrusted = [r for r in rows if r["tag"] == "untrusted"]
+    untrusted = [r for r in rows if r.tag == "untrusted"]
     rows = _picked(target, rows)
     if not rows:
         raise Refused(
@@ -181,7 +160,7 @@ def select(db: Database, target: Target) -> Plan:
         target,
         rows,
         untrusted=len(untrusted),
-        untagged=sum(1 for r in rows if r["tag"] == "none"),
+        untagged=sum(1 for r in rows if r.tag == "none"),
     )
     _inventory(db, plan, wanted)
     plan.not_undoable += refusals
@@ -190,204 +169,123 @@ def select(db: Database, target: Target) -> Plan:
     return plan
 
 
-def _picked(target: Target, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _picked(target: Target, rows: list[Transaction]) -> list[Transaction]:
     """`undo session` and `undo app` take trusted transactions only."""
     if target.session is not None or target.app is not None:
-        return [r for r in rows if r["tag"] == "trusted"]
+        return [r for r in rows if r.tag == "trusted"]
     return rows
 
 
 def _transactions(
-    db: Database, target: Target, wanted: set[tuple[str, str]] | None, filtered: bool
-) -> list[dict[str, Any]]:
+    db: Store, target: Target, wanted: set[tuple[str, str]] | None, filtered: bool
+) -> list[Transaction]:
     """The target's transactions, newest first; ``filtered``: narrowed by the tables and
     times asked (an app's times are its selection, always applied)."""
-    where: list[str] = ["1 = 1"]
-    params: list[Any] = []
-    if wanted is not None:  # only transactions that changed one of the tables
-        where.append(  # placeholders only
-            "id IN (SELECT x.txn FROM txn_changes x JOIN relations r ON r.id = x.relation"  # noqa: S608
-            " WHERE "
-            + " OR ".join(["(r.schema_name = ? AND r.table_name = ?)"] * len(wanted))
-            + ")"
-        )
-        params += [part for pair in sorted(wanted) for part in pair]
-    if target.after:
-        where.append("commit_time > ?")
-        params.append(target.after)
-    if target.session is not None:
-        where.append("session_id = ?")
-        params.append(target.session)
-    if target.xids:
-        where.append(f"xid IN ({','.join('?' * len(target.xids))})")
-        params += list(target.xids)
-    if target.app is not None:
-        where.append("application_name = ?")
-        params.append(target.app)
-    if filtered or target.app is not None:
-        if target.since:
-            where.append("commit_time >= ?")
-            params.append(target.since)
-        if target.until:
-            where.append("commit_time < ?")
-            params.append(target.until)
-    cur = db.execute(
-        "SELECT * FROM transactions WHERE " + " AND ".join(where) + " ORDER BY commit_lsn DESC",  # noqa: S608
-        params,
+    timed = filtered or target.app is not None
+    return db.transactions(
+        tables=wanted,
+        after=target.after,
+        session_id=target.session,
+        xids=target.xids,
+        app=target.app,
+        since=target.since if timed else None,
+        until=target.until if timed else None,
     )
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def _refusals(
-    db: Database, transactions: list[dict[str, Any]], wanted: set[tuple[str, str]] | None
+    db: Store, transactions: list[Transaction], wanted: set[tuple[str, str]] | None
 ) -> list[str]:
     """What cannot be undone from the change stream in these transactions (of the ``wanted``
     tables only, for a rewind): a TRUNCATE, updates and deletes without a full old row."""
     cache: dict[int, TableVersion] = {}
     out = []
     for txn in transactions:
-        for rel_id, op, no_old in db.execute(
-            "SELECT relation, op, without_old FROM txn_changes WHERE txn = ?"
-            " AND (op = 'T' OR (op IN ('U', 'D') AND without_old > 0)) ORDER BY relation, op",
-            [txn["id"]],
-        ):
+        for x in db.txn_changes(txn.id, refusable=True):
+            rel_id, op, no_old = x.relation, x.op, x.without_old
             tv = table_version(db, cache, rel_id)
             if wanted is not None and (tv.schema, tv.name) not in wanted:
                 continue
             if op == "T":  # a truncate empties the table whatever --only says
                 out.append(
-                    f"{tv.qualified} in xid {txn['xid']}: TRUNCATE cannot be undone from the"
+                    f"{tv.qualified} in xid {txn.xid}: TRUNCATE cannot be undone from the"
                     " change stream"
                 )
             else:
                 out.append(
-                    f"{tv.qualified} in xid {txn['xid']}: {no_old} {OP_NAMES[op]}(s) without a"
+                    f"{tv.qualified} in xid {txn.xid}: {no_old} {OP_NAMES[op]}(s) without a"
                     " full old row (the table lacked REPLICA IDENTITY FULL)"
                 )
     return out
 
 
-def _blind_spots(db: Database, target: Target, wanted: set[tuple[str, str]] | None) -> list[str]:
+def _blind_spots(db: Store, target: Target, wanted: set[tuple[str, str]] | None) -> list[str]:
     """What the selected session (or transactions) did by DDL that capture could not see
     (gaps of kind 'table': a rewrite, an unlogged table, the tag trigger off, ...)."""
-    params: list[Any]
-    if target.session is not None:
-        cond, params = "session_id = ?", [target.session]
-    elif target.xids:
-        cond, params = f"xid IN ({','.join('?' * len(target.xids))})", list(target.xids)
-    else:
+    if target.session is None and not target.xids:
         return []
     return [
-        f"{table} in xid {xid}: {reason} (DDL of this {'session' if target.session else 'xid'}"
-        ": what capture did not see cannot be undone)"
-        for table, xid, reason in db.execute(
-            "SELECT table_name, xid, reason FROM gaps WHERE kind = 'table' AND "  # noqa: S608
-            + cond
-            + " ORDER BY id",
-            params,
-        )
-        if wanted is None or names.parse(table) in wanted  # as (schema, table): quoting varies
+        f"{g.table} in xid {g.xid}: {g.reason} (DDL of this"
+        f" {'session' if target.session else 'xid'}: what capture did not see cannot be undone)"
+        for g in db.table_gaps(target.session, target.xids)
+        if wanted is None
+        or (g.table is not None and names.parse(g.table) in wanted)  # as (schema, table)
     ]
 
 
-def _resolve_tables(db: Database, tables: tuple[str, ...]) -> set[tuple[str, str]] | None:
-    return {resolve_table(db, t) for t in tables} if tables else None
+def _resolve_tables(db: Store, tables: tuple[str, ...]) -> set[tuple[str, str]] | None:
+    return {db.resolve_table(t) for t in tables} if tables else None
 
 
-def _inventory(db: Database, plan: Plan, wanted: set[tuple[str, str]] | None) -> None:
+def _inventory(db: Store, plan: Plan, wanted: set[tuple[str, str]] | None) -> None:
     """Count the selected changes per transaction, table version and operation (what cannot
     be undone among them is left out: ``_refusals`` names it)."""
     cache: dict[int, TableVersion] = {}
     for txn in plan.transactions:
-        for rel_id, op, n, no_old in db.execute(
-            "SELECT relation, op, n, without_old FROM txn_changes WHERE txn = ?", [txn["id"]]
-        ):
+        for x in db.txn_changes(txn.id):
+            rel_id, op, n, no_old = x.relation, x.op, x.n, x.without_old
             tv = table_version(db, cache, rel_id)
             if wanted is not None and (tv.schema, tv.name) not in wanted:
                 continue
             if op == "T" or op not in plan.target.only or (op in "UD" and no_old):
                 continue
             plan.tables[rel_id] = tv
-            plan.counts[txn["id"], rel_id, op] += n
+            plan.counts[txn.id, rel_id, op] += n
 
 
-def table_version(db: Database, cache: dict[int, TableVersion], rel_id: int) -> TableVersion:
+def table_version(db: Store, cache: dict[int, TableVersion], rel_id: int) -> TableVersion:
     tv = cache.get(rel_id)
     if tv is None:
-        r = db.execute(
-            "SELECT id, oid, schema_name, table_name, columns, types, key_columns, partial"
-            " FROM relations WHERE id = ?",
-            [rel_id],
-        ).fetchone()
-        tv = TableVersion(
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            tuple(json.loads(r[4])),
-            tuple(json.loads(r[5])),
-            None if r[6] is None else tuple(json.loads(r[6])),
-            bool(r[7]),
-        )
-        cache[rel_id] = tv
+        tv = cache[rel_id] = db.table_version(rel_id)
     return tv
 
 
-class StoredChange(NamedTuple):
-    """One change as the store holds it: images are JSON arrays of text forms (a tuple: a
-    session's worth of them is made in a tight loop)."""
-
-    id: int
-    op: str
-    old: str | None
-    new: str | None
-    unchanged: str | None
-    xid: int | None = None  # the transaction's xid, where a row version it wrote is known by it
-
-
 def changes(
-    db: Database, plan: Plan, rel_id: int, by_xmin: dict[int, int] | None = None
+    db: Store, plan: Plan, rel_id: int, by_xmin: dict[int, int] | None = None
 ) -> Iterator[StoredChange]:
     """The selected changes of one table version, oldest first across the whole selection;
     those of the transactions in ``by_xmin`` (see ``Plan.by_xmin``) carry their xid."""
     wanted = plan.target.only
     by_xmin = by_xmin or {}
-    make = StoredChange._make
     for txn in reversed(plan.transactions):
-        if not any(plan.counts.get((txn["id"], rel_id, op)) for op in wanted):
+        if not any(plan.counts.get((txn.id, rel_id, op)) for op in wanted):
             continue
-        xid = by_xmin.get(txn["id"])
-        # +relation: scan the transaction's id range; the index on relation would read the
-        # table's changes of all time and sort them
-        for row in db.execute(
-            "SELECT id, op, old, new, unchanged, ? FROM changes"
-            " WHERE id BETWEEN ? AND ? AND +relation = ? ORDER BY id",
-            [xid, txn["first_change"], txn["last_change"], rel_id],
-        ):
-            if row[1] in wanted:
-                yield make(row)
+        assert txn.first_change is not None and txn.last_change is not None
+        for change in db.changes(txn.first_change, txn.last_change, rel_id, by_xmin.get(txn.id)):
+            if change.op in wanted:
+                yield change
 
 
 def later_writer(
-    db: Database, tv: TableVersion, change_id: int, key: str | None, image: str | None = None
+    db: Store, tv: TableVersion, change_id: int, key: str | None, image: str | None = None
 ) -> str:
     """Who changed this row after the undone change, as far as the store knows (a keyless
     row: who wrote an identical one, ``image``)."""
     if tv.oid is None or (key is None and image is None):
         return "changed since by a session the store cannot name"
-    # a keyless row: a later change that wrote or removed an identical one
-    found = "c.key = ?" if key is not None else "c.key IS NULL AND (c.new = ? OR c.old = ?)"
-    row = db.execute(
-        "SELECT t.session_id, t.xid, t.application_name FROM changes c"  # noqa: S608
-        " JOIN transactions t ON t.id = c.txn"
-        " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND "
-        + found
-        + " AND c.id > ? ORDER BY c.id DESC LIMIT 1",
-        [tv.oid, *([key] if key is not None else [image, image]), change_id],
-    ).fetchone()
-    if row is None and key is None:
+    who = db.later_writer(tv.oid, change_id, key, image)
+    if who is None and key is None:
         return "changed since by a session the store cannot name"
-    if row is None:
+    if who is None:
         return "changed since (not in the audit store yet: run `undo capture`)"
-    return f"changed since by session {row[0]} ({row[2]}) in xid {row[1]}"
+    return f"changed since by session {who.session_id} ({who.application_name}) in xid {who.xid}"

@@ -20,21 +20,18 @@ from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
 from undo.engine.apply import UndoReport, undo
 from undo.engine.plan import Target
 from undo.source import pg
-from undo.store.queries import resolve_table
-from undo.store.schema import get_meta, open_store
+from undo.store import open_store
+from undo.store.api import Store
 
 
-def earliest(db: Any) -> str | None:
+def earliest(db: Store) -> str | None:
     """The earliest time a rewind can reach: where the store's history starts (the slot made
     by init; for stores made before that was recorded, their first commit), or the time
     history was pruned before, whichever is later."""
-    start = get_meta(db, "history_from")
-    if start is None:
-        start = db.execute("SELECT min(commit_time) FROM transactions").fetchone()[0]
-    return max(filter(None, (start, get_meta(db, "pruned_before"))), default=None)
+    return max(filter(None, (db.history_start(), db.meta("pruned_before"))), default=None)
 
 
-def check_reachable(db: Any, time: str, tables: tuple[str, ...] = ()) -> None:
+def check_reachable(db: Store, time: str, tables: tuple[str, ...] = ()) -> None:
     """Refuse a time before the store's history, or one a gap in the audit trail follows (a
     gap of the stream, or of one of ``tables``, qualified: DDL that capture could not see
     through, whether or not the store holds any change of the table)."""
@@ -44,21 +41,15 @@ def check_reachable(db: Any, time: str, tables: tuple[str, ...] = ()) -> None:
             f"{time} is before the audit store's history: the earliest time it can rewind to"
             f" is {first}"
         )
-    before = db.execute(
-        "SELECT coalesce(max(end_lsn), 0) FROM transactions WHERE commit_time <= ?", [time]
-    ).fetchone()[0]
+    before = db.position_at(time)
     # names compared as (schema, table): gaps name tables the way PostgreSQL quotes them
     wanted = {names.parse(t) for t in tables}
-    for at, reason, kind, table in db.execute(
-        "SELECT detected_at, reason, kind, table_name FROM gaps WHERE (detected_at > ?"
-        " AND (to_lsn IS NULL OR to_lsn > ?)) OR (kind = 'table' AND to_lsn IS NULL) ORDER BY id",
-        [time, before],
-    ):
-        if kind == "stream" or names.parse(table) in wanted:
-            where = "the audit trail" if kind == "stream" else table
+    for gap in db.gaps_after(time, before):
+        if gap.kind == "stream" or (gap.table is not None and names.parse(gap.table) in wanted):
+            where = "the audit trail" if gap.kind == "stream" else gap.table
             raise Refused(
-                f"{where} has a gap after {time} ({reason}; since {at}): changes in it are"
-                " unknown, so the tables cannot be rewound past it"
+                f"{where} has a gap after {time} ({gap.reason}; since {gap.detected_at}):"
+                " changes in it are unknown, so the tables cannot be rewound past it"
             )
 
 
@@ -92,7 +83,7 @@ def _recorded(settings: Settings, time: str, tables: tuple[str, ...]) -> tuple[s
     out = []
     for t in tables:
         with contextlib.suppress(NotFound):
-            resolve_table(db, t)
+            db.resolve_table(t)
             out.append(t)
     return tuple(out)
 

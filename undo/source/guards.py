@@ -8,7 +8,6 @@ that ran ``undo init``) may add or remove one.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import psycopg
@@ -16,7 +15,7 @@ import psycopg
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotReady, Refused
 from undo.source import pg
-from undo.store.schema import open_store
+from undo.store import exists, open_store
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -83,12 +82,13 @@ def list_guards(settings: Settings) -> list[dict[str, Any]]:
             {"pattern": p, "reason": r, "created_at": at, "created_by": by}
             for p, r, at, by in cur.fetchall()
         ]
-    counts: dict[str, int] | None = None
-    if os.path.exists(settings.store):
+    counts: dict[str | None, int] | None = None
+    if exists(settings.store):
         db = open_store(settings.store)
-        counts = dict(
-            db.execute("SELECT guard, count(*) FROM guard_refusals GROUP BY guard").fetchall()
-        )
+        try:
+            counts = db.guard_refusal_counts()
+        finally:
+            db.close()
     for r in rows:
         r["refusals"] = None if counts is None else counts.get(r["pattern"], 0)
     return rows

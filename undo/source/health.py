@@ -14,13 +14,12 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlite_utils import Database
 
 from undo.core import wal
 from undo.core.config import Settings
 from undo.source import install
-from undo.store import schema
-from undo.store.schema import get_meta
+from undo.store import recovery
+from undo.store.api import Store
 
 
 @dataclass(frozen=True)
@@ -134,13 +133,12 @@ def _alive(pid: int) -> bool:
 
 
 def corrupt(store: str, what: str) -> Problem:
-    """The store is malformed (SQLite says so)."""
+    """The store is malformed (it says so itself)."""
     return Problem(
         "store",
         store,
         what,
-        "stop capture; move the store aside, and either restore a copy or recover what SQLite"
-        f" can read (sqlite3 {store} .recover | sqlite3 NEW.db)",
+        f"stop capture; move the store aside, and either restore a copy or {recovery(store)}",
     )
 
 
@@ -156,7 +154,7 @@ class Health:
 
 def judge(
     conn: psycopg.Connection[Any],
-    db: Database,
+    db: Store,
     settings: Settings,
     slot: tuple[Any, ...] | None,
     lag: dict[str, Any],
@@ -171,9 +169,9 @@ def judge(
     the store too (it reads every page)."""
     problems: list[Problem] = []
     notes: list[str] = []
-    store_slot = get_meta(db, "slot")
-    decoder = get_meta(db, "decoder") or "pgoutput"
-    publication = get_meta(db, "publication") if decoder == "pgoutput" else None
+    store_slot = db.meta("slot")
+    decoder = db.meta("decoder") or "pgoutput"
+    publication = db.meta("publication") if decoder == "pgoutput" else None
     database = conn.info.dbname
     audits: dict[str, Any] = {
         "database": database,
@@ -198,14 +196,9 @@ def judge(
         )
     if deep:
         problems += [
-            corrupt(settings.store, f"SQLite's quick_check: {x}") for x in schema.quick_check(db)
+            corrupt(settings.store, f"{db.engine}'s quick_check: {x}") for x in db.quick_check()
         ]
-    if not schema.incremental_vacuum(db):
-        notes.append(
-            "the store was made before incremental vacuum: capture --keep frees space for"
-            " reuse but the file does not shrink (`undo prune` once, with capture stopped,"
-            " turns it on)"
-        )
+    notes += db.notes()
     # the source
     if conn.execute("SELECT to_regclass('undo.config')").fetchone() == (None,):
         problems.append(
@@ -217,6 +210,14 @@ def judge(
     row = conn.execute("SELECT schemas FROM undo.config").fetchone()
     schemas = list(row[0]) if row else []
     audits["schemas"] = schemas
+    # which statements the tag marks (undo init --statements): first attributes each change
+    # to its transaction's first statement
+    audits["statements"] = install.statements_mode(conn)
+    if audits["statements"] == "first":
+        notes.append(
+            "statements first: a change made by a transaction's later statement is shown with"
+            " its first statement (`undo init --statements each` marks every statement)"
+        )
     if publication is not None:
         row = conn.execute(
             "SELECT schemas FROM undo.publications WHERE name = %s", (publication,)
@@ -284,7 +285,7 @@ def judge(
                     f"`undo init --decoder {decoder} --slot NEW` (a slot of the store's decoder)",
                 )
             )
-        position = int(get_meta(db, "position") or 0)
+        position = int(db.meta("position") or 0)
         if confirmed and wal.lsn_to_int(confirmed) > position:
             problems.append(
                 Problem(
@@ -354,7 +355,7 @@ def judge(
                         "`undo init`",
                     )
                 )
-    if decoder == "wal2json" and get_meta(db, "numbers_as_strings") != "1":
+    if decoder == "wal2json" and db.meta("numbers_as_strings") != "1":
         notes.append(
             "wal2json older than 2.6: NaN and Infinity of float and numeric columns are stored"
             " as null and cannot be restored"

@@ -8,7 +8,6 @@ trigger calls for tables created later), creates the publication and the slot, a
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,8 +20,7 @@ from undo.core import names, wal
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotReady, UndoError
 from undo.source import pg
-from undo.store.schema import get_meta, open_store, set_meta
-from undo.store.writer import record_gap
+from undo.store import exists, open_store
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +190,38 @@ def _tables(conn: psycopg.Connection[Any], schemas: list[str], tables: list[str]
     return oids
 
 
+#: `undo init --statements`: which statements of a transaction the tag marks (001_install.sql,
+#: undo.statements_mode()): each (every change carries its own statement), first (none after
+#: the first: cheaper, and every change carries the transaction's first statement)
+STATEMENTS = ("each", "first")
+
+
+def statements_mode(conn: psycopg.Connection[Any]) -> str | None:
+    """The source's mode (undo.statements_mode()), or None where undo is not installed or was
+    installed before the mode (it marks each statement, or, older still, none)."""
+    if conn.execute("SELECT to_regprocedure('undo.statements_mode()')").fetchone() == (None,):
+        return None
+    row = conn.execute("SELECT undo.statements_mode()").fetchone()
+    return str(row[0]) if row else None
+
+
 def init(
-    settings: Settings, schemas: list[str], tables: list[str], failover: bool = False
+    settings: Settings,
+    schemas: list[str],
+    tables: list[str],
+    failover: bool = False,
+    statements: str | None = None,
 ) -> InitReport:
     """Prepare the source database and the store; idempotent. ``failover``: a slot that
     PostgreSQL 17+ keeps in step on standbys (sync_replication_slots), so capture can go on
-    from a promoted standby."""
+    from a promoted standby. ``statements``: switch the tag's mode (STATEMENTS) for the whole
+    database; None keeps it (each on a new install)."""
+    if statements is not None and statements not in STATEMENTS:
+        raise BadInput(f"--statements must be {' or '.join(STATEMENTS)}, not {statements!r}")
     report = InitReport()
     # an existing store remembers its decoder; a new one is created only once the source passed
     # its checks, so a refused init leaves nothing behind
-    known = (
-        get_meta(open_store(settings.store), "decoder") if os.path.exists(settings.store) else None
-    )
+    known = open_store(settings.store).meta("decoder") if exists(settings.store) else None
     decoder = settings.decoder or known or "pgoutput"
     if known is not None and known != decoder:
         raise UndoError(
@@ -233,6 +251,15 @@ def init(
                     conn.execute(text.encode())
                 if not (installed and installed[0]):
                     report.changed.append("installed the undo schema and tagging function")
+                if statements is not None:
+                    row = conn.execute("SELECT undo.make_statements(%s)", (statements,)).fetchone()
+                    if row and row[0]:
+                        report.changed.append(
+                            "statements first: the tag marks no statement after a transaction's"
+                            " first (its changes carry the first)"
+                            if statements == "first"
+                            else "statements each: every change carries its own statement"
+                        )
                 prior = conn.execute("SELECT schemas FROM undo.config").fetchone()
                 merged = sorted(set(prior[0] if prior else []) | set(schemas))
                 conn.execute(
@@ -361,7 +388,7 @@ def init(
             " FROM pg_replication_slots s WHERE slot_name = %s AND database = current_database()",
             (settings.slot,),
         ).fetchone()
-        position = get_meta(db, "position")
+        position = db.meta("position")
         if slot is not None and slot[2] == "lost":
             conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot,))
             slot = None
@@ -393,35 +420,34 @@ def init(
             assert row is not None
             new_position = wal.lsn_to_int(row[0])
             if position is not None:
-                record_gap(db, int(position), new_position, f"slot {settings.slot} re-created")
+                db.record_gap(int(position), new_position, f"slot {settings.slot} re-created")
                 report.warnings.append(
                     f"the slot was missing or lost: changes between {wal.int_to_lsn(int(position))}"
                     f" and {row[0]} are not in the audit trail (recorded as a gap)"
                 )
-            with db.atomic():
-                set_meta(db, "position", str(new_position))
-                if position is None:  # the store's history starts here (undo table --to)
-                    now = conn.execute(
-                        "SELECT to_char(now() AT TIME ZONE 'UTC',"
-                        ' \'YYYY-MM-DD"T"HH24:MI:SS.US"Z"\')'
-                    ).fetchone()
-                    set_meta(db, "history_from", now[0] if now else None)
+            moved: dict[str, str | None] = {"position": str(new_position)}
+            if position is None:  # the store's history starts here (undo table --to)
+                now = conn.execute(
+                    "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+                ).fetchone()
+                moved["history_from"] = now[0] if now else None
+            db.set_meta(moved)
             report.changed.append(f"created slot {settings.slot} ({decoder})")
         conn.execute(
             "INSERT INTO undo.slots (name, decoder) VALUES (%s, %s)"
             " ON CONFLICT (name) DO UPDATE SET decoder = excluded.decoder",
             (settings.slot, decoder),
         )
-        with db.atomic():
-            for k, v in {
+        db.set_meta(
+            {
                 "decoder": decoder,
                 "slot": settings.slot,
                 "publication": settings.slot if decoder == "pgoutput" else None,
                 "numbers_as_strings": "1" if numbers_as_strings else "0",
                 "server_version": conn.info.parameter_status("server_version") or "",
                 "settings": " ".join(f"{k}={v}" for k, v in pg.PINNED_SETTINGS.items()),
-            }.items():
-                set_meta(db, k, v)
+            }
+        )
     return report
 
 

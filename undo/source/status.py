@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from sqlite_utils import Database
 
 from undo.core import wal
 from undo.core.config import Settings
 from undo.core.errors import StoreCorrupt
 from undo.core.times import epoch, iso
 from undo.source import health, pg
-from undo.source.install import unprepared, unpublishable
-from undo.store import queries
-from undo.store.schema import get_meta, is_corrupt, open_store, quick_check
+from undo.source.install import statements_mode, unprepared, unpublishable
+from undo.store import is_corrupt, open_store
+from undo.store.api import Store
 
 PEEK_ROWS = 10_000
 
 
 def lag(
     conn: psycopg.Connection[Any],
-    db: Database,
+    db: Store,
     settings: Settings,
     active: bool,
     peek: bool = True,
@@ -43,9 +40,9 @@ def lag(
     consuming it (None where the slot cannot be peeked: missing, just taken, no privilege;
     or not ``peek``: another database's slot, never taken even for a moment)."""
     out: dict[str, Any] = {"lag_bytes": None, "lag_seconds": None}
-    out["lag_bytes"] = pg.wal_after(conn, int(get_meta(db, "position") or 0))
+    out["lag_bytes"] = pg.wal_after(conn, int(db.meta("position") or 0))
     if active:
-        report = json.loads(get_meta(db, "capture_lag") or "null")
+        report = json.loads(db.meta("capture_lag") or "null")
         if report is not None:
             pending = report.get("pending_since")
             out["lag_seconds"] = (
@@ -57,7 +54,7 @@ def lag(
         return out
     if not peek:
         return out
-    decoder = get_meta(db, "decoder") or "pgoutput"
+    decoder = db.meta("decoder") or "pgoutput"
     # The first pending transaction that changes a row: a decoder also sends transactions that
     # change nothing audited (wal2json every one, pgoutput on 14 the empty ones), which capture
     # reads past without storing. Up to PEEK_ROWS rows are decoded (whole transactions).
@@ -75,7 +72,7 @@ def lag(
         params: tuple[Any, ...] = (
             settings.slot,
             PEEK_ROWS,
-            get_meta(db, "publication") or settings.slot,
+            db.meta("publication") or settings.slot,
         )
     else:
         query = (
@@ -110,11 +107,9 @@ def _slot_row(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | Non
 
 def status(settings: Settings) -> dict[str, Any]:
     db = open_store(settings.store)
-    result = queries.status(db)
+    result = db.status()
     result["store_position"] = wal.int_to_lsn(result["store_position"])
-    result["store_bytes"] = sum(
-        os.path.getsize(p) for p in (settings.store, settings.store + "-wal") if os.path.exists(p)
-    )
+    result["store_bytes"] = db.size()
     with pg.connect(settings.dsn) as conn:
         # slot names are per cluster: a slot of this name may be another database's, and
         # then it is not this database's slot (slot: null), but status says whose it is
@@ -152,6 +147,8 @@ def status(settings: Settings) -> dict[str, Any]:
         result["unpublishable_tables"] = [
             {"table": t, "reason": why} for t, why in unpublishable(conn, schemas)
         ]
+        # undo init --statements: each, first (None: not installed, or before the mode)
+        result["statements"] = statements_mode(conn)
         # what `undo check` says is wrong, with its fixes (lag judged by check alone: status
         # shows it, the threshold is the caller's)
         found = health.judge(conn, db, settings, slot, result, None, result["gaps"], deep=False)
@@ -165,7 +162,8 @@ MAX_LAG_SECONDS = 300.0
 
 def check(settings: Settings, max_lag: float = MAX_LAG_SECONDS) -> dict[str, Any]:
     """`undo check`: what this store audits, what is wrong with each fix (health.judge), and
-    notes; the store checked by SQLite's quick_check too. ``ok`` when nothing is wrong."""
+    notes; the store checked by its own check too (SQLite's quick_check). ``ok`` when nothing
+    is wrong."""
     try:
         db = open_store(settings.store)
     except StoreCorrupt as e:  # not even its schema can be read
@@ -177,7 +175,7 @@ def check(settings: Settings, max_lag: float = MAX_LAG_SECONDS) -> dict[str, Any
         }
     measured: dict[str, Any] = {}
     try:
-        gaps = queries.status(db)["gaps"]
+        gaps = db.status()["gaps"]
         with pg.connect(settings.dsn) as conn:
             slot = _slot_row(conn, settings.slot)
             ours = slot is not None and bool(slot[5])
@@ -189,21 +187,21 @@ def check(settings: Settings, max_lag: float = MAX_LAG_SECONDS) -> dict[str, Any
                 peek=ours,
             )
             found = health.judge(conn, db, settings, slot, measured, max_lag, gaps, deep=True)
-    except sqlite3.DatabaseError as e:
-        if not is_corrupt(e):
+    except Exception as e:
+        if not is_corrupt(e, settings.store):
             raise
-        # a store too broken to read what the other checks need: what SQLite says of it
+        # a store too broken to read what the other checks need: what the store says of it
         found = health.Health(
             {"store": settings.store},
-            [health.corrupt(settings.store, f"SQLite: {e}")]
+            [health.corrupt(settings.store, f"{db.engine}: {e}")]
             + [
-                health.corrupt(settings.store, f"SQLite's quick_check: {x}")
-                for x in quick_check(db)
+                health.corrupt(settings.store, f"{db.engine}'s quick_check: {x}")
+                for x in db.quick_check()
             ],
             [],
         )
     finally:
-        db.conn.close()
+        db.close()
     return {
         "ok": not found.problems,
         "audits": found.audits,

@@ -10,12 +10,10 @@ gap in the audit trail, recorded and refused.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import secrets
 import select
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from undo.core.errors import (
     BadInput,
     DatabaseUnreachable,
     SlotInUse,
+    StoreBusy,
     StoreCorrupt,
     TryAgain,
     UndoError,
@@ -40,10 +39,8 @@ from undo.core.times import epoch, iso
 from undo.source import pg
 from undo.source.catalog import Catalog
 from undo.source.health import capture_application_name
-from undo.store import schema
-from undo.store.prune import prune_step
-from undo.store.schema import get_meta, open_store
-from undo.store.writer import StoreWriter
+from undo.store import open_store, recovery, store_fault
+from undo.store.api import Store, Writer
 from undo.stream import messages, pgoutput, wal2json
 from undo.stream._protocol import parse_keepalive, status_update
 from undo.stream.messages import (
@@ -79,21 +76,17 @@ class ConnectionLost(Exception):
     pass
 
 
-class _Probe(Exception):
-    """Rolls back the write that shows the store can be written."""
-
-
 class Retention:
     """capture --keep: history older than ``seconds`` pruned by capture itself, one small step
-    (store.prune.prune_step) at a time between batches, so the stream is never held up long;
+    (Store.prune_step) at a time between batches, so the stream is never held up long;
     free pages handed back by incremental vacuum where the store has it."""
 
-    def __init__(self, db: Any, seconds: int) -> None:
+    def __init__(self, db: Store, seconds: int) -> None:
         self.db = db
         self.seconds = seconds
         self.next_at = 0.0
         self.pruned = [0, 0]  # transactions, changes (this round, for the log)
-        if not schema.incremental_vacuum(db):
+        if not db.returns_space():
             log.warning(
                 "this store was made before incremental vacuum: --keep deletes old history and"
                 " its space is used again, but the file does not shrink; to turn it on, stop"
@@ -107,7 +100,7 @@ class Retention:
         if now < self.next_at:
             return
         before = iso(datetime.now(UTC) - timedelta(seconds=self.seconds))
-        r = prune_step(self.db, before)
+        r = self.db.prune_step(before)
         self.pruned[0] += r.transactions
         self.pruned[1] += r.changes
         if not r.more and self.pruned[0]:
@@ -135,7 +128,7 @@ class _Session:
     def __init__(
         self,
         settings: Settings,
-        writer: StoreWriter,
+        writer: Writer,
         decoder_name: str,
         options: list[tuple[str, str]],
         key: bytes,
@@ -477,33 +470,32 @@ def capture(
         return _capture(
             settings, db, once, accept_gap, should_stop, on_progress, max_attempts, keep
         )
-    except sqlite3.Error as e:
-        position = get_meta_safely(db)
-        fault = schema.store_fault(e, settings.store)
+    except Exception as e:
+        fault = store_fault(e, settings.store)
         if fault is None:
             raise
-        if schema.error_code(e) in (schema.SQLITE_BUSY, schema.SQLITE_LOCKED):
+        if isinstance(fault, StoreBusy):
             raise TryAgain(f"capture stopped: {fault}") from None
+        position = get_meta_safely(db)
         raise type(fault)(
             f"capture stopped: {fault}; nothing after {position} was confirmed to the server,"
             " so the slot keeps those changes"
         ) from None
     finally:
-        with contextlib.suppress(sqlite3.Error):
-            db.conn.close()  # an open batch is rolled back: its position was never confirmed
+        db.close()  # an open batch is rolled back: its position was never confirmed
 
 
-def get_meta_safely(db: Any) -> str:
+def get_meta_safely(db: Store) -> str:
     """The store's position for a message about a store that failed, if it can be read."""
     try:
-        return wal.int_to_lsn(int(get_meta(db, "position") or 0))
-    except (sqlite3.Error, ValueError):
+        return wal.int_to_lsn(int(db.meta("position") or 0))
+    except Exception:  # whatever the failed store raises now: the message is about the first
         return "the last position it confirmed"
 
 
 def _capture(
     settings: Settings,
-    db: Any,
+    db: Store,
     once: bool,
     accept_gap: bool,
     should_stop: Callable[[], bool],
@@ -511,31 +503,28 @@ def _capture(
     max_attempts: int | None,
     keep: int | None,
 ) -> CaptureReport:
-    decoder = get_meta(db, "decoder") or "pgoutput"
-    slot = get_meta(db, "slot")
+    decoder = db.meta("decoder") or "pgoutput"
+    slot = db.meta("slot")
     if slot is not None and slot != settings.slot:
         raise BadInput(
             f"the store belongs to slot {slot!r}, not {settings.slot!r}: use --slot {slot}"
         )
-    problems = schema.quick_check(db)
+    problems = db.quick_check()
     if problems:
         raise StoreCorrupt(
-            f"the audit store {settings.store} is corrupt (SQLite's quick_check:"
+            f"the audit store {settings.store} is corrupt ({db.engine}'s quick_check:"
             f" {'; '.join(problems[:3])}):"
             " capture confirms nothing from it; move it aside, and either restore a copy or"
-            f" recover what SQLite can read (sqlite3 {settings.store} .recover | sqlite3 NEW.db);"
-            " then `undo check`"
+            f" {recovery(settings.store)}; then `undo check`"
         )
     # a store it cannot write (read-only file or mount) is found before anything is streamed
-    with contextlib.suppress(_Probe), db.atomic():
-        db.execute("UPDATE meta SET value = value WHERE key = 'slot'")
-        raise _Probe  # rolled back
+    db.probe_write()
     if decoder == "pgoutput":
-        options = pgoutput.plugin_options(get_meta(db, "publication") or settings.slot)
+        options = pgoutput.plugin_options(db.meta("publication") or settings.slot)
     else:
-        options = wal2json.plugin_options(get_meta(db, "numbers_as_strings") == "1")
+        options = wal2json.plugin_options(db.meta("numbers_as_strings") == "1")
         options.append(("add-msg-prefixes", ",".join(messages.PREFIXES)))
-    writer = StoreWriter(db)
+    writer = db.writer()
     retention = Retention(db, keep) if keep else None
     transactions = changes = 0
     attempt = 0

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from undo.store.writer import ledger_entry
+from undo.core.times import iso
+from undo.store.api import ledger_entry
 
 TAG_PREFIX = "undo"
 MARK_PREFIX = "undo.mark"  # capture --once: its own non-transactional mark
@@ -251,7 +252,7 @@ def start_time(backend_start: int | None) -> str | None:
         at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=backend_start)
     except OverflowError:
         return None
-    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return iso(at)
 
 
 def verified(prefix: str, content: bytes, key: bytes | None) -> bytes | None:

@@ -15,7 +15,7 @@ import psycopg
 from undo.core import wal
 from undo.core.errors import NotReady, SlotGap, SlotInUse, TryAgain
 from undo.source.health import slot_holder
-from undo.store.writer import record_gap
+from undo.store.api import Store
 
 #: how long capture waits for a slot another process holds for a moment (a peek by status)
 SLOT_BUSY_SECONDS = 5.0
@@ -30,7 +30,7 @@ def _slot_state(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | N
 
 
 def check_slot(
-    conn: psycopg.Connection[Any], db: Any, slot: str, position: int, accept_gap: bool
+    conn: psycopg.Connection[Any], db: Store, slot: str, position: int, accept_gap: bool
 ) -> int:
     """Refuse a slot that cannot continue the store's trail; return the start position.
 
@@ -42,14 +42,14 @@ def check_slot(
         time.sleep(0.2)
         state = _slot_state(conn, slot)
     if state is None:
-        record_gap(db, position, None, f"slot {slot} missing")
+        db.record_gap(position, None, f"slot {slot} missing")
         raise SlotGap(
             f"replication slot {slot!r} does not exist: changes since {wal.int_to_lsn(position)}"
             " are lost to the audit trail; run `undo init` to create a new slot (recorded as a gap)"
         )
     confirmed, wal_status, active_pid = state
     if wal_status == "lost":
-        record_gap(db, position, None, f"slot {slot} invalidated (wal_status lost)")
+        db.record_gap(position, None, f"slot {slot} invalidated (wal_status lost)")
         raise SlotGap(
             f"replication slot {slot!r} was invalidated (max_slot_wal_keep_size): changes since"
             f" {wal.int_to_lsn(position)} are lost; run `undo init` to create a new slot"
@@ -67,9 +67,9 @@ def check_slot(
     confirmed_lsn = wal.lsn_to_int(confirmed) if confirmed else 0
     if confirmed_lsn > position:
         if accept_gap:
-            record_gap(db, position, confirmed_lsn, f"slot {slot} ahead of the store (accepted)")
+            db.record_gap(position, confirmed_lsn, f"slot {slot} ahead of the store (accepted)")
             return confirmed_lsn
-        record_gap(db, position, confirmed_lsn, f"slot {slot} ahead of the store")
+        db.record_gap(position, confirmed_lsn, f"slot {slot} ahead of the store")
         raise SlotGap(
             f"replication slot {slot!r} is at {confirmed}, ahead of the store at"
             f" {wal.int_to_lsn(position)}: it was consumed, advanced or re-created elsewhere, and"

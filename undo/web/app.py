@@ -3,16 +3,22 @@ pages, waitress to serve them. Server-rendered HTML with inline SVG charts: noth
 from the network, so it works on closed machines. Read-only: nothing is applied from the web.
 
 Any address other than loopback needs a token, checked on every request (``Authorization:
-Bearer`` or the cookie the login form sets); without it a request sees no data.
+Bearer``, or the session cookie the sign-in form sets: a random value, never the token);
+without it a request sees no data. Wrong tokens are limited per client address.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
+import math
+import re
+import secrets
 import threading
 import time
 from collections.abc import Iterable
@@ -20,7 +26,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import waitress.adjustments
+import waitress.channel
 import waitress.server
+import waitress.task
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from prometheus_client.exposition import generate_latest
@@ -34,8 +43,9 @@ from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotRecorded, UndoError
 from undo.core.times import epoch, parse_time
 from undo.core.wal import int_to_lsn
-from undo.store import queries
-from undo.store.schema import open_store
+from undo.source import keyforms
+from undo.store import open_store
+from undo.store.api import split_claims
 from undo.web import metrics
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,7 @@ CSS = Markup(
     "pre{background:#fff;border:1px solid #dde;padding:8px;overflow:auto;max-height:480px}"
     ".cards{display:flex;flex-wrap:wrap;gap:12px}.card{background:#fff;border:1px solid #dde;"
     "padding:8px}.muted{color:#667}form.filters input{width:140px}code{font-size:12px}"
+    "header form{display:inline;float:right}"
 )
 OP_COLORS = {"inserts": "#2a9d3a", "updates": "#e0a000", "deletes": "#d03030"}
 
@@ -66,6 +77,12 @@ SECURITY_HEADERS = {
 }
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 MAX_FORM_BYTES = 4096  # the login form; waitress refuses a larger body before reading it
+COOKIE = "undo_session"
+SESSION_SECONDS = 12 * 3600  # a sign-in lasts this long (or until sign-out, or a restart)
+MAX_SESSIONS = 1000
+FAILED_BURST = 5  # wrong tokens a client address may give at once,
+FAILED_PER_SECOND = 1.0  # and then this many a second (more: 429 and Retry-After)
+MAX_CLIENTS = 10000  # addresses remembered by the limit
 
 URLS = Map(
     [
@@ -75,6 +92,7 @@ URLS = Map(
         Rule("/history/<path:table>", endpoint="history"),
         Rule("/metrics", endpoint="metrics"),
         Rule("/login", endpoint="login", methods=["GET", "POST"]),
+        Rule("/logout", endpoint="logout", methods=["POST"]),
     ],
     strict_slashes=False,
 )
@@ -143,11 +161,98 @@ def _tagged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "tag_text": words.tag(r["tag"], r["tag_reason"])} for r in rows]
 
 
+MAX_PAGE = 10**9  # pages past it hold nothing, and SQLite's OFFSET takes 64 bits at most
+
+
+def _shown(text: str) -> str:
+    """A query parameter as an error quotes it: at most 40 characters."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
 def _page_number(q: Any, name: str = "page") -> int:
+    text = q.get(name) or "1"
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= MAX_PAGE:
+        raise BadInput(f"{name} must be a whole number from 1 to {MAX_PAGE}, not {_shown(text)}")
+    return int(text)
+
+
+def _time(q: Any, name: str, default: str | None = None) -> str | None:
+    """A time parameter (ISO 8601 or an age) as the store's text; None when not given."""
+    text = q.get(name) or default
+    if not text:
+        return None
     try:
-        return max(1, int(q.get(name) or 1))
-    except ValueError:
-        raise BadInput(f"{name} must be a number, not {q.get(name)!r}") from None
+        stored = parse_time(text)
+        epoch(stored)  # years before 1000 come out of parse_time in a form nothing reads back
+    except (ValueError, OverflowError):
+        raise BadInput(f"{name} is not a time undo can use: {_shown(text)}") from None
+    return stored
+
+
+class Sessions:
+    """Signed-in browsers. Each sign-in gets a random value for its cookie; this keeps only a
+    hash of it and its expiry, so neither the cookie nor this map can be turned into the
+    token, and signing out (or a restart) ends the session."""
+
+    def __init__(self) -> None:
+        self._expiry: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(value: str) -> bytes:
+        return hashlib.sha256(value.encode()).digest()
+
+    def new(self) -> str:
+        value = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, e in self._expiry.items() if e <= now]:
+                del self._expiry[key]
+            while len(self._expiry) >= MAX_SESSIONS:  # the oldest sign-in ends
+                del self._expiry[next(iter(self._expiry))]
+            self._expiry[self._key(value)] = now + SESSION_SECONDS
+        return value
+
+    def valid(self, value: str) -> bool:
+        if not value:
+            return False
+        with self._lock:
+            return self._expiry.get(self._key(value), 0.0) > time.monotonic()
+
+    def end(self, value: str) -> None:
+        with self._lock:
+            self._expiry.pop(self._key(value), None)
+
+
+class FailedTokens:
+    """Wrong tokens per client address: a bucket of FAILED_BURST tries, refilled at
+    FAILED_PER_SECOND; an empty bucket is told to wait (nothing is checked meanwhile)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # address: tries left, when
+        self._lock = threading.Lock()
+
+    def _left(self, client: str, now: float) -> float:
+        left, when = self._buckets.get(client, (FAILED_BURST, now))
+        return min(FAILED_BURST, left + (now - when) * FAILED_PER_SECOND)
+
+    def wait(self, client: str) -> float:
+        """Seconds before this client may try a token again (0: now)."""
+        with self._lock:
+            left = self._left(client, time.monotonic())
+        return 0.0 if left >= 1 else (1 - left) / FAILED_PER_SECOND
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            left = self._left(client, now)
+            self._buckets.pop(client, None)  # to the end: the dict's order is the last try's
+            self._buckets[client] = (left - 1, now)
+            if len(self._buckets) > MAX_CLIENTS:  # those refilled are forgotten first
+                for c in [c for c in self._buckets if self._left(c, now) >= FAILED_BURST]:
+                    del self._buckets[c]
+                while len(self._buckets) > MAX_CLIENTS:
+                    del self._buckets[next(iter(self._buckets))]
 
 
 class App:
@@ -163,6 +268,8 @@ class App:
         # a request naming another host is refused: DNS rebinding reaches a loopback dashboard
         # through a name the attacker controls
         self.allowed_hosts = LOOPBACK_NAMES | {h.lower() for h in allowed_hosts}
+        self.signed_in = Sessions()
+        self.failed = FailedTokens()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         request = Request(environ)
@@ -174,7 +281,10 @@ class App:
 
     # -- plumbing ------------------------------------------------------------------------------
     def page(self, template: str, title: str, status: int = 200, **context: Any) -> Response:
-        html = self.templates.get_template(template).render(title=title, css=CSS, **context)
+        signout = self.token is not None and template != "login.html"
+        html = self.templates.get_template(template).render(
+            title=title, css=CSS, signout=signout, **context
+        )
         return Response(html, status=status, mimetype="text/html")
 
     def dispatch(self, request: Request) -> Response:
@@ -190,10 +300,12 @@ class App:
             endpoint, args = URLS.bind_to_environ(request.environ).match()
         except HTTPException as e:
             return self.page("message.html", e.name, e.code or 404, message=None)
-        if self.token is not None and not self._authorized(request):
-            if endpoint == "login" and request.method == "POST":
-                return self.login(request)
-            return self.page("login.html", "Sign in", 401, message=None)
+        if endpoint == "logout":
+            return self.logout(request)
+        if self.token is not None:
+            refused = self._authenticate(request, endpoint)
+            if refused is not None:
+                return refused
         try:
             if endpoint == "metrics":
                 return Response(
@@ -211,47 +323,86 @@ class App:
         except UndoError as e:
             return self.page("message.html", "Refused", 409, message=str(e))
 
-    def _authorized(self, request: Request) -> bool:
-        assert self.token is not None
+    def _authenticate(self, request: Request, endpoint: str) -> Response | None:
+        """None when the request may go on (a live session cookie, or the token as a Bearer
+        header); else the answer: the sign-in page, a new session, or 429 to a client
+        address that gave too many wrong tokens."""
+        if self.signed_in.valid(request.cookies.get(COOKIE, "")):
+            return None
         auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth.startswith("Bearer ") else ""
-        if not given:
-            given = request.cookies.get("undo_token", "")
+        bearer = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        signing_in = endpoint == "login" and request.method == "POST"
+        if not bearer and not signing_in:
+            return self.page("login.html", "Sign in", 401, message=None)
+        client = request.remote_addr or ""
+        wait = math.ceil(self.failed.wait(client))
+        if wait:
+            response = self.page(
+                "message.html",
+                "Too many requests",
+                429,
+                message=f"Too many wrong tokens from {client}: try again in {wait} s.",
+            )
+            response.headers["Retry-After"] = str(wait)
+            return response
+        if signing_in:
+            return self.login(request, client)
+        if self._is_token(bearer):
+            return None
+        self.failed.failed(client)
+        return self.page("login.html", "Sign in", 401, message="Wrong token.")
+
+    def _is_token(self, given: str) -> bool:
+        assert self.token is not None
         return hmac.compare_digest(given.encode(), self.token.encode())
 
-    def login(self, request: Request) -> Response:
+    def login(self, request: Request, client: str) -> Response:
         size = request.content_length
         if size is None or size > MAX_FORM_BYTES:  # never read a body of unknown or large size
             return self.page("message.html", "Bad request", 400, message="Bad form.")
-        given = request.form.get("token", "")
-        assert self.token is not None
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
+        if not self._is_token(request.form.get("token", "")):
+            self.failed.failed(client)
             return self.page("login.html", "Sign in", 401, message="Wrong token.")
         response = redirect("/", 303)
-        over_tls = request.scheme == "https" or (
-            request.headers.get("X-Forwarded-Proto", "").lower() == "https"
-        )
         response.set_cookie(
-            "undo_token", given, httponly=True, samesite="Strict", path="/", secure=over_tls
+            COOKIE,
+            self.signed_in.new(),
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="Strict",
+            path="/",
+            # https when served over TLS, or behind --trusted-proxy saying so (waitress drops
+            # X-Forwarded-Proto from any other peer)
+            secure=request.scheme == "https",
+        )
+        return response
+
+    def logout(self, request: Request) -> Response:
+        """Ends the session of this cookie (a POST: SameSite=Strict keeps other sites out)."""
+        self.signed_in.end(request.cookies.get(COOKIE, ""))
+        response = redirect("/", 303)
+        response.delete_cookie(
+            COOKIE, path="/", httponly=True, samesite="Strict", secure=request.scheme == "https"
         )
         return response
 
     # -- pages ---------------------------------------------------------------------------------
     def overview(self, q: Any) -> Response:
-        since_text = q.get("since", "24h")
-        since = parse_time(since_text)
+        since_text = q.get("since") or "24h"
+        since = _time(q, "since", "24h")
+        assert since is not None
         db = open_store(self.settings.store)
         try:
             now = time.time()
             span = now - epoch(since)
             bucket = max(60, int(span / 48) // 60 * 60)
             first = int(epoch(since)) // bucket * bucket
-            count = int(now - first) // bucket + 1
-            rows = queries.activity(db, by="app", since=since, bucket_seconds=bucket)
-            health = queries.status(db)
-            refused = queries.guard_refusals(db)[-20:][::-1]
+            count = max(1, int(now - first) // bucket + 1)  # a time to come: one bucket
+            rows = db.activity(by="app", since=since, bucket_seconds=bucket)
+            health = db.status()
+            refused = db.guard_refusals()[-20:][::-1]
         finally:
-            db.conn.close()
+            db.close()
         by_app: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             by_app.setdefault(r["app"] or "(untagged)", []).append(r)
@@ -302,10 +453,9 @@ class App:
         page = _page_number(q)
         db = open_store(self.settings.store)
         try:
-            rows = queries.sessions(
-                db,
-                since=parse_time(q["since"]) if q.get("since") else None,
-                until=parse_time(q["until"]) if q.get("until") else None,
+            rows = db.sessions(
+                since=_time(q, "since"),
+                until=_time(q, "until"),
                 app=q.get("app") or None,
                 user=q.get("user") or None,
                 tables=[q["table"]] if q.get("table") else None,
@@ -313,7 +463,7 @@ class App:
                 offset=(page - 1) * PAGE,
             )
         finally:
-            db.conn.close()
+            db.close()
         fields = ["app", "user", "table", "since", "until"]
         for r in rows:
             r["undone_text"] = words.undone(r["undone"])
@@ -333,26 +483,26 @@ class App:
         tpage = _page_number(q, "tpage")
         db = open_store(self.settings.store)
         try:
-            refused = queries.guard_refusals(db, session_id)
-            ddl = queries.ddl_of(db, session_id)
+            refused = db.guard_refusals(session_id)
+            ddl = db.ddl_of(session_id)
             try:
-                txns = queries.transactions_of_session(db, session_id)
+                txns = db.transactions_of_session(session_id)
             except NotFound:
                 if not refused and not ddl:
                     raise
                 txns = []
-            undone = queries.undone_sessions(db).get((session_id, "trusted"))
+            undone = db.undone_sessions().get((session_id, "trusted"))
             # the session is its trusted transactions: those that only claim it (forged,
             # replayed, malformed tags) are listed apart and not counted in its totals
-            txns, claims = queries.split_claims(txns)
+            txns, claims = split_claims(txns)
             total = sum(t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in txns)
             claimed = sum(
                 t["inserts"] + t["updates"] + t["deletes"] + t["truncates"] for t in claims
             )
-            changes = queries.changes_page(db, [t["id"] for t in txns], PAGE, (page - 1) * PAGE)
-            claim_changes = queries.changes_page(db, [t["id"] for t in claims], PAGE, 0)
+            changes = db.changes_page([t["id"] for t in txns], PAGE, (page - 1) * PAGE)
+            claim_changes = db.changes_page([t["id"] for t in claims], PAGE, 0)
         finally:
-            db.conn.close()
+            db.close()
         xid_of = {t["id"]: t["xid"] for t in txns + claims}
 
         def shown(changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -421,9 +571,9 @@ class App:
     def history(self, q: Any, table: str) -> Response:
         db = open_store(self.settings.store)
         try:
-            rows = queries.history(db, table, q.to_dict())
+            rows = db.history(table, q.to_dict(), keyforms.offline)
         finally:
-            db.conn.close()
+            db.close()
         key = ", ".join(f"{k}={v}" for k, v in q.items())
         return self.page("history.html", f"History of {table} ({key})", rows=rows)
 
@@ -432,28 +582,133 @@ def make_app(
     settings: Settings, token: str | None = None, allowed_hosts: Iterable[str] = ()
 ) -> App:
     """The WSGI application for these settings."""
-    open_store(settings.store).conn.close()  # fail early on a missing store
+    open_store(settings.store).close()  # fail early on a missing store
     return App(settings, token, allowed_hosts)
 
 
-class Server:
-    """waitress serving the app: bounded request bodies and headers, idle connections closed,
-    a pool of threads. ``serve_forever`` runs it; ``shutdown`` (from any thread) stops it and
-    waits for ``serve_forever`` to return; ``server_close`` does the same."""
+#: a request (its headers and its small body) must have arrived this long after its first byte
+REQUEST_DEADLINE = 10.0
+CONNECTION_LIMIT = 100
 
-    def __init__(self, app: App, host: str, port: int) -> None:
-        self._server: Any = waitress.server.create_server(
-            app,
+
+class _Channel(waitress.channel.HTTPChannel):  # type: ignore[misc]  # waitress has no types
+    """waitress's connection, knowing since when its request has been arriving."""
+
+    request_started = 0.0
+
+    def received(self, data: bytes) -> bool:
+        before = self.request
+        done: bool = super().received(data)
+        if self.request is not None and self.request is not before:
+            self.request_started = time.time()  # a new request began in these bytes
+        return done
+
+    def waiting_since(self) -> float | None:
+        """Since when this connection holds its place without being served: the first byte of
+        the request it is sending, or its last activity when it sends nothing; None while a
+        request of it is served or its response is sent."""
+        if self.requests or self.total_outbufs_len or self.will_close or self.close_when_flushed:
+            return None
+        return self.request_started if self.request is not None else float(self.last_activity)
+
+
+class _Listener(waitress.server.TcpWSGIServer):  # type: ignore[misc]
+    """waitress's listening socket, and two defences against clients that send slowly (one
+    header line every few seconds, each one resetting waitress's idle timeout):
+
+    - a request still arriving ``request_deadline`` seconds after its first byte is closed;
+    - at the connection limit waitress stops accepting, and every new connection (a
+      Prometheus probe, a person) waits in the kernel's backlog behind the slow ones. Here the
+      connection waiting longest without being served is closed instead, so a new one is
+      always let in; connections being served are never closed, and when every one is, new
+      ones wait as in waitress.
+    """
+
+    channel_class = _Channel
+    request_deadline = REQUEST_DEADLINE
+    next_channel_cleanup: float
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # idle connections: channel_timeout
+        for channel in list(self.active_channels.values()):
+            since = channel.waiting_since()
+            partial = channel.request is not None  # idle ones: channel_timeout, above
+            if partial and since is not None and now - since > self.request_deadline:
+                channel.will_close = True
+
+    def readable(self) -> bool:
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        if not self.accepting:
+            return False
+        live = [c for c in self.active_channels.values() if not c.will_close]
+        if len(live) < self.adj.connection_limit:
+            return True
+        waiting = [(since, c) for c in live if (since := c.waiting_since()) is not None]
+        if not waiting:
+            return False  # every connection is being served: new ones wait their turn
+        min(waiting, key=lambda w: w[0])[1].will_close = True  # closed on the loop's next turn
+        log.debug("connection limit reached: closed the connection waiting longest")
+        return True
+
+
+class Server:
+    """waitress serving the app: bounded request bodies and headers, a deadline for each
+    request, idle connections closed, a pool of threads. ``serve_forever`` runs it;
+    ``shutdown`` (from any thread) stops it and waits for ``serve_forever`` to return;
+    ``server_close`` does the same.
+
+    ``trusted_proxy``: the address of a reverse proxy whose ``X-Forwarded-Proto`` (https: the
+    cookie is marked Secure) and ``X-Forwarded-For`` (the client's address, for the limit on
+    failed sign-ins) are believed; from any other peer these headers are dropped."""
+
+    def __init__(
+        self,
+        app: App,
+        host: str,
+        port: int,
+        trusted_proxy: str | None = None,
+        request_deadline: float = REQUEST_DEADLINE,
+    ) -> None:
+        adj = waitress.adjustments.Adjustments(
             host=host,
             port=port,
             threads=4,
             channel_timeout=30,
+            cleanup_interval=1,  # how often the deadlines are checked
             max_request_body_size=MAX_FORM_BYTES,
             max_request_header_size=16384,
-            connection_limit=100,
+            connection_limit=CONNECTION_LIMIT,
             ident="undo",
+            **(
+                {
+                    "trusted_proxy": trusted_proxy,
+                    "trusted_proxy_headers": {"x-forwarded-proto", "x-forwarded-for"},
+                }
+                if trusted_proxy
+                else {}
+            ),
         )
-        self.server_port: int = self._server.effective_port
+        dispatcher = waitress.task.ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(adj.threads)
+        socket_map: dict[int, Any] = {}
+        listeners: list[_Listener] = []
+        try:
+            for sockinfo in adj.listen:
+                listener = _Listener(
+                    app, socket_map, dispatcher=dispatcher, adj=adj, sockinfo=sockinfo
+                )
+                listener.request_deadline = request_deadline
+                listeners.append(listener)
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            dispatcher.shutdown(timeout=5)  # its threads
+            raise
+        self._server = listeners[0]
+        self.server_port: int = int(self._server.effective_port)
         self._running = threading.Event()
         self._done = threading.Event()
 
@@ -491,15 +746,26 @@ def serve(
     port: int,
     token: str | None,
     allowed_hosts: Iterable[str] = (),
+    trusted_proxy: str | None = None,
 ) -> Server:
     """The server for the app; the caller runs ``serve_forever``. Requests must name a loopback
-    host, the address served (unless a wildcard), or one of allowed_hosts."""
+    host, the address served (unless a wildcard), or one of allowed_hosts. ``trusted_proxy``:
+    the IP address of the TLS proxy in front, whose X-Forwarded-Proto and X-Forwarded-For are
+    believed."""
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise BadInput(f"serving on {host} exposes customer data: give --token (or UNDO_TOKEN)")
+    if trusted_proxy:
+        try:
+            trusted_proxy = str(ipaddress.ip_address(trusted_proxy))  # as waitress sees peers
+        except ValueError:
+            raise BadInput(
+                f"--trusted-proxy takes the proxy's IP address (10.0.0.5, ::1), not"
+                f" {trusted_proxy!r}"
+            ) from None
     hosts = [*allowed_hosts, *([host] if host not in ("0.0.0.0", "::", "") else [])]
     app = make_app(settings, token, hosts)
     try:
-        return Server(app, host, port)
+        return Server(app, host, port, trusted_proxy)
     except OSError as e:
         why = {
             errno.EADDRINUSE: "another process listens there: choose another --port, or stop it",

@@ -12,7 +12,8 @@ from undo.core.config import Settings
 from undo.core.times import epoch
 from undo.source import pg
 from undo.source.status import lag
-from undo.store.schema import open_store
+from undo.store import open_store
+from undo.store.api import Store
 
 
 class StoreCollector(Collector):
@@ -24,16 +25,13 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[Any]:
         db = open_store(self.settings.store)
         try:
+            figures = db.metrics()
             changes = CounterMetricFamily(
                 "undo_changes",
                 "Row changes captured, by application, table and operation",
                 labels=["application", "table", "operation"],
             )
-            for app, table, ins, upd, dele, trunc in db.execute(
-                "SELECT a.application_name, qualified_name(r.schema_name, r.table_name),"
-                " sum(a.inserts), sum(a.updates), sum(a.deletes), sum(a.truncates)"
-                " FROM activity a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
-            ):
+            for app, table, ins, upd, dele, trunc in figures.changes:
                 for op, n in (
                     ("insert", ins),
                     ("update", upd),
@@ -45,9 +43,7 @@ class StoreCollector(Collector):
             txns = CounterMetricFamily(
                 "undo_transactions", "Transactions captured, by application", labels=["application"]
             )
-            for app, n in db.execute(
-                "SELECT application_name, sum(transactions) FROM activity GROUP BY 1"
-            ):
+            for app, n in figures.transactions:
                 txns.add_metric([app], n)
             yield txns
             untrusted = CounterMetricFamily(
@@ -55,10 +51,7 @@ class StoreCollector(Collector):
                 "Row changes on audited tables without a trusted tag, by reason",
                 labels=["reason"],
             )
-            for reason, n in db.execute(
-                "SELECT tag_reason, sum(inserts + updates + deletes + truncates) FROM transactions"
-                " WHERE tag <> 'trusted' GROUP BY 1"
-            ):
+            for reason, n in figures.untrusted:
                 untrusted.add_metric([reason or "unknown"], n)
             yield untrusted
             refusals = CounterMetricFamily(
@@ -66,36 +59,32 @@ class StoreCollector(Collector):
                 "Transactions a guard refused to let write, by guard and application",
                 labels=["guard", "application"],
             )
-            # trusted refusals only: any role can emit a forged one naming any application
-            for guard, app, n in db.execute(
-                "SELECT guard, application_name, count(*) FROM guard_refusals"
-                " WHERE tag = 'trusted' GROUP BY 1, 2"
-            ):
-                refusals.add_metric([guard or "", app or ""], n)
+            for guard, refused_app, n in figures.guard_refusals:
+                refusals.add_metric([guard or "", refused_app or ""], n)
             yield refusals
             malformed = CounterMetricFamily(
                 "undo_malformed_messages",
                 "Messages with undo's prefixes that were not what undo's SQL writes, by prefix",
                 labels=["prefix"],
             )
-            for prefix, n in db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1"):
+            for prefix, n in figures.malformed:
                 malformed.add_metric([prefix], n)
             yield malformed
-            last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
-            gaps = db.execute("SELECT count(*) FROM gaps").fetchone()[0]
-            if last:
+            if figures.last_commit_time:
                 yield GaugeMetricFamily(
                     "undo_last_commit_timestamp_seconds",
                     "Commit time of the last captured transaction",
-                    value=epoch(last),
+                    value=epoch(figures.last_commit_time),
                 )
-            yield GaugeMetricFamily("undo_gaps", "Gaps recorded in the audit trail", value=gaps)
+            yield GaugeMetricFamily(
+                "undo_gaps", "Gaps recorded in the audit trail", value=figures.gaps
+            )
             if self.settings.dsn:
                 yield from self._source(db)
         finally:
-            db.conn.close()
+            db.close()
 
-    def _source(self, db: Any) -> Iterator[Any]:
+    def _source(self, db: Store) -> Iterator[Any]:
         """What needs the source: the WAL the slot holds, and the lag (as `undo status`)."""
         try:
             with pg.connect(self.settings.dsn, connect_timeout=2) as conn:

@@ -15,7 +15,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from undo.core import names
-from undo.core.errors import StoreCorrupt, StoreFault, StoreUnreadable
+from undo.core.errors import StoreBusy, StoreCorrupt, StoreFault, StoreUnreadable
 
 migrations = Migrations("undo")
 
@@ -436,7 +436,7 @@ def store_fault(e: BaseException, path: str) -> StoreFault | None:
             " `undo check`"
         )
     if code in (SQLITE_BUSY, SQLITE_LOCKED):
-        return StoreFault(
+        return StoreBusy(
             f"the audit store {path} stayed locked by another process for 10 s (SQLite: {e}):"
             " a prune or a copy holding it; run the command again when it is done"
         )
@@ -465,7 +465,7 @@ def incremental_vacuum(db: Database) -> bool:
     return int(db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2
 
 
-def open_store(path: str, create: bool = False) -> Database:
+def open_database(path: str, create: bool = False) -> Database:
     """Open the store (WAL mode, synchronous FULL), creating it with mode 0600 if asked."""
     p = Path(path)
     new = not p.exists()

@@ -4,36 +4,18 @@ a time, in batches."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from sqlite_utils import Database
 
 from undo.core.times import epoch
-from undo.store.schema import incremental_vacuum
+from undo.store._schema import incremental_vacuum
+from undo.store.api import PruneReport, StepReport
 
 BATCH = 500
 #: capture --keep: a step deletes whole transactions of at most about this many changes in all
 #: (one bigger transaction alone), and hands back at most VACUUM_PAGES free pages
 STEP_CHANGES = 20_000
 VACUUM_PAGES = 2_560  # 20 MB of 8 KB pages
-
-
-@dataclass(frozen=True)
-class PruneReport:
-    transactions: int
-    changes: int
-    sessions: int
-    kept_sessions: int
-    bytes_before: int
-    bytes_after: int
-
-
-@dataclass(frozen=True)
-class StepReport:
-    transactions: int
-    changes: int
-    more: bool  # transactions before that time are left to prune
-    pages_freed: int
 
 
 def _size(db: Database) -> int:

@@ -1,4 +1,4 @@
-"""The read side of the store: sessions, show, status. Plain SQL with parameters."""
+"""The SQLite store's reads: sessions, show, status. Plain SQL with parameters."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from undo.core.errors import BadInput, NotFound, NotRecorded
 from undo.core.images import OP_NAMES, shown_images
 from undo.core.times import epoch
 from undo.core.wal import lsn_to_int
-from undo.store import keyforms
-from undo.store.writer import ACTIVITY_SESSION_SQL, activity_session, ledger_entry
+from undo.store._writer import ACTIVITY_SESSION_SQL
+from undo.store.api import Normalise, activity_session, ledger_entry, split_claims
 
 
 def _rows(db: Database, query: str, params: Any = ()) -> list[dict[str, Any]]:
@@ -377,14 +377,6 @@ def show(db: Database, session_id: str | None = None, xid: int | None = None) ->
     }
 
 
-def split_claims(
-    txns: list[dict[str, Any]],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A session's transactions (trusted tags) and the others that claim its id (forged,
-    replayed, malformed): never merged into it, nor counted in its totals."""
-    return [t for t in txns if t["tag"] == "trusted"], [t for t in txns if t["tag"] != "trusted"]
-
-
 def totals(txns: list[dict[str, Any]]) -> dict[str, Any]:
     """Transactions, row changes, and rows per table and operation of ``show``'s transactions."""
     counts: dict[tuple[str, str], int] = {}
@@ -436,29 +428,18 @@ def status(db: Database) -> dict[str, Any]:
     }
 
 
-def parse_key(pairs: list[str]) -> dict[str, str | None]:
-    """['id=42', 'region=eu'] -> {'id': '42', 'region': 'eu'}; 'col=' + NULL spelled \\N."""
-    out: dict[str, str | None] = {}
-    for p in pairs:
-        name, sep, value = p.partition("=")
-        if not sep or not name:
-            raise BadInput(f"malformed key {p!r}: write COLUMN=VALUE, e.g. id=42")
-        out[name] = None if value == "\\N" else value
-    return out
-
-
 def history(
     db: Database,
     table: str,
     key: dict[str, str | None],
-    normalise: keyforms.Normalise = keyforms.offline,
+    normalise: Normalise,
 ) -> list[dict[str, Any]]:
     """Every recorded version of one row, oldest first, with who changed it. A table with a key
     is asked by its whole key; a keyless one by any of its columns, and every change whose old
     or new row holds all the values given is shown. Values are compared in their type's text
-    form (``normalise``: keyforms). A partitioned table's name covers its partitions (the
-    roots capture recorded): a row moved between them, a delete in one and an insert in
-    another in one transaction, is one update (``moved_from``)."""
+    form (``normalise``: undo.source.keyforms). A partitioned table's name covers its
+    partitions (the roots capture recorded): a row moved between them, a delete in one and an
+    insert in another in one transaction, is one update (``moved_from``)."""
     schema, name = resolve_table(db, table, roots=True)
     rels = _rows(
         db,

@@ -9,7 +9,6 @@ transaction sits in a savepoint, so a stop in the middle of one leaves no part o
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import time
 from collections import defaultdict
@@ -23,7 +22,8 @@ from undo.core.images import key_of_tokens
 from undo.core.records import Begin, Change, Commit, Relation
 from undo.core.times import epoch, iso
 from undo.core.wal import is_xid_of, lsn_to_int
-from undo.store.schema import get_meta
+from undo.store._schema import get_meta
+from undo.store.api import activity_session
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 #: Keep the activity aggregates. Only bench/serve turns this off, to measure what they cost.
@@ -671,57 +671,11 @@ class StoreWriter:
         return self.position
 
 
-#: how activity files a transaction's session: an untrusted tag never under the session it claims,
-#: an untagged one under ''. ACTIVITY_SESSION_SQL is the same for a transactions row ``t``.
+#: how activity files a transaction's session (api.activity_session), for a transactions row ``t``
 ACTIVITY_SESSION_SQL = (
     "(CASE t.tag WHEN 'trusted' THEN coalesce(t.session_id, '')"
     " WHEN 'untrusted' THEN 'untrusted:' || coalesce(t.session_id, '') ELSE '' END)"
 )
-
-
-def activity_session(session_id: str | None, tag: str) -> str:
-    """The session activity files a transaction under.
-
-    >>> activity_session("6b0.1", "untrusted"), activity_session("6b0.1", "none")
-    ('untrusted:6b0.1', '')
-    """
-    if tag == "trusted":
-        return session_id or ""
-    return f"untrusted:{session_id or ''}" if tag == "untrusted" else ""
-
-
-def record_gap(db: Database, from_lsn: int | None, to_lsn: int | None, reason: str) -> None:
-    """Record a stretch of the source's history that the audit trail does not hold."""
-    with db.atomic():
-        db.execute(
-            "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason) VALUES (?, ?, ?, ?)",
-            (iso(datetime.now(UTC)), from_lsn, to_lsn, reason),
-        )
-
-
-_LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
-
-
-def ledger_entry(e: Any) -> list[Any] | None:
-    """A ledger mirror's entry, ``[commit LSN, schema, table, op, xid]`` (the xid a string of
-    digits, as undo.record_undo writes it), or None when it is not one: whatever the mirror
-    holds, nothing that reads it may fail.
-
-    >>> ledger_entry(["0/16B3748", "public", "t", "D", "731"]), ledger_entry(["zz"])
-    (['0/16B3748', 'public', 't', 'D', '731'], None)
-    """
-    if not (isinstance(e, list) and len(e) == 5 and all(isinstance(v, str) for v in e)):
-        return None
-    lsn, _, _, op, xid = e
-    if not (
-        _LSN.fullmatch(lsn)
-        and op in ("I", "U", "D")
-        and 0 < len(xid) <= 20
-        and xid.isascii()
-        and xid.isdigit()
-    ):
-        return None
-    return e
 
 
 def _full_xid(tag: dict[str, Any], xid: int) -> int | None:

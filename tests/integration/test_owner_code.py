@@ -1,0 +1,220 @@
+"""An undo never runs a table owner's ENABLE ALWAYS / ENABLE REPLICA triggers or rules as the
+role undoing. session_replication_role = replica silences ORIGIN triggers only: an ALWAYS one
+fires in every mode, a REPLICA one only in replica mode (so during an undo), and rules alike.
+Played by real roles: mallory (LOGIN, owns public.notes, her own schema mal), alice (LOGIN, DML
+on notes, whose deletes are undone), and the on-call, a superuser (the tests' own role), who
+undoes with `--apply` or runs the printed script with psql."""
+
+from __future__ import annotations
+
+import subprocess
+
+import psycopg
+from psycopg import sql
+
+from tests.conftest import Source
+from tests.integration.test_undo import _as_session
+from undo.source.pg import session_id
+
+#: the red team's attack, as mallory runs it on her own table ({role}: her role's name)
+ATTACK = """
+CREATE FUNCTION mal.trojan() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN IF (SELECT rolsuper FROM pg_roles WHERE rolname=current_user) THEN EXECUTE 'alter role {role} superuser'; END IF; RETURN NULL; END $$;
+CREATE TRIGGER zz_trojan AFTER INSERT OR UPDATE OR DELETE ON public.notes FOR EACH STATEMENT EXECUTE FUNCTION mal.trojan();
+ALTER TABLE public.notes ENABLE {mode} TRIGGER zz_trojan;
+"""  # noqa: E501 (the attack as found)
+
+#: the same through a rule: its action calls her function, which runs as the role writing
+RULE = """
+CREATE FUNCTION mal.rule_trojan() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN IF (SELECT rolsuper FROM pg_roles WHERE rolname=current_user) THEN EXECUTE 'alter role {role} superuser'; END IF; RETURN true; END $$;
+CREATE RULE zz_rule AS ON UPDATE TO public.notes DO ALSO SELECT mal.rule_trojan();
+ALTER TABLE public.notes ENABLE {mode} RULE zz_rule;
+"""  # noqa: E501
+
+
+def _roles(src: Source) -> tuple[str, str, str]:
+    """mallory owns public.notes (3 rows) and schema mal; alice may write notes. Returns
+    (mallory's name, mallory's dsn, alice's dsn)."""
+    mallory, alice = f"mallory_{src.dbname}", f"alice_{src.dbname}"
+    src.sql("CREATE TABLE public.notes (id int PRIMARY KEY, body text)")
+    src.init()
+    src.sql("INSERT INTO notes VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    with src.connect() as c:
+        for role in (mallory, alice):
+            c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        c.execute(sql.SQL("ALTER TABLE notes OWNER TO {}").format(sql.Identifier(mallory)))
+        c.execute(sql.SQL("CREATE SCHEMA mal AUTHORIZATION {}").format(sql.Identifier(mallory)))
+        c.execute(sql.SQL("GRANT ALL ON notes TO {}").format(sql.Identifier(alice)))
+    return mallory, _dsn(src, mallory), _dsn(src, alice)
+
+
+def _dsn(src: Source, role: str) -> str:
+    return psycopg.conninfo.make_conninfo(src.dsn, user=role)
+
+
+def _plant(src: Source, dsn: str, role: str, code: str = ATTACK, mode: str = "ALWAYS") -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(code.replace("{role}", role).replace("{mode}", mode).encode())
+
+
+def _alice(src: Source, dsn: str, statement: str) -> str:
+    """alice's session, which the on-call undoes."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        sid = session_id(c)
+        c.execute(statement.encode())
+    src.capture()
+    return sid
+
+
+def _super(src: Source, role: str) -> bool:
+    return src.sql("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)) == [(True,)]
+
+
+def _psql(src: Source, script: str) -> subprocess.CompletedProcess[str]:
+    return src.psql(script, "-v", "ON_ERROR_STOP=1")
+
+
+def test_always_trigger_is_refused_by_apply(source):
+    """The attack as found: alice deletes notes, on-call (superuser) undoes her session with
+    --apply. Before the fix the rows came back and mallory was superuser. Now it refuses
+    (exit 1, the trigger named with its function's owner and the fix), printing refuses too
+    (nothing on stdout), and --fire-triggers (the opt-in) runs it, her trigger with it."""
+    mallory, mdsn, adsn = _roles(source)
+    _plant(source, mdsn, mallory)
+    sid = _alice(source, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    applied = source.undo_cli("session", sid, "--apply")
+    assert applied.returncode == 1, applied.stderr
+    assert "Traceback" not in applied.stderr
+    assert (
+        f"public.notes: trigger zz_trojan (ENABLE ALWAYS) runs mal.trojan(), owned by {mallory}"
+        in applied.stderr
+    )
+    assert "ALTER TABLE public.notes DISABLE TRIGGER zz_trojan;" in applied.stderr
+    assert "--fire-triggers" in applied.stderr
+    assert source.sql("SELECT id FROM notes ORDER BY id") == [(3,)]
+    assert not _super(source, mallory)
+    assert source.sql("SELECT count(*) FROM undo.ledger") == [(0,)]
+
+    printed = source.undo_cli("session", sid)
+    assert printed.returncode == 1 and printed.stdout == ""
+    assert "trigger zz_trojan (ENABLE ALWAYS)" in printed.stderr
+
+    # the opt-in: user triggers fire, as the role undoing (here: what mallory wanted)
+    fired = source.undo_cli("session", sid, "--apply", "--fire-triggers")
+    assert fired.returncode == 0, fired.stderr
+    assert source.sql("SELECT id FROM notes ORDER BY id") == [(1,), (2,), (3,)]
+    assert _super(source, mallory)
+
+
+def test_always_trigger_is_refused_by_the_printed_script(source):
+    """The script is printed before mallory plants her trigger and run later with psql, as
+    on-call runs it: its guard refuses before anything is written (before the fix: the rows came
+    back and mallory was superuser). Once the trigger is disabled, the same script runs."""
+    mallory, mdsn, adsn = _roles(source)
+    sid = _alice(source, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    script = source.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    assert "ERRCODE = 'UN002'" in script.stdout
+    _plant(source, mdsn, mallory)
+    ran = _psql(source, script.stdout)
+    assert ran.returncode != 0
+    assert "trigger zz_trojan (ENABLE ALWAYS) runs mal.trojan()" in ran.stderr
+    assert source.sql("SELECT id FROM notes ORDER BY id") == [(3,)]
+    assert not _super(source, mallory)
+    assert source.sql("SELECT count(*) FROM undo.ledger") == [(0,)]
+    source.sql("ALTER TABLE notes DISABLE TRIGGER zz_trojan")  # the fix the refusal names
+    again = _psql(source, script.stdout)
+    assert again.returncode == 0, again.stderr
+    assert source.sql("SELECT id FROM notes ORDER BY id") == [(1,), (2,), (3,)]
+    assert not _super(source, mallory)
+
+
+def test_replica_trigger_fires_only_in_replica_mode_so_it_is_refused(pgo):
+    """ENABLE REPLICA: silent in a plain session, it fires under session_replication_role =
+    replica, i.e. in exactly the undo. Refused by --apply and by the script; after the fix the
+    refusal names (ALTER TABLE ... DISABLE TRIGGER), the undo runs and nothing of hers ran."""
+    mallory, mdsn, adsn = _roles(pgo)
+    _plant(pgo, mdsn, mallory, mode="REPLICA")
+    sid = _alice(pgo, adsn, "UPDATE notes SET body = 'x'")
+    printed = pgo.undo_cli("session", sid)
+    assert printed.returncode == 1 and printed.stdout == ""
+    assert "trigger zz_trojan (ENABLE REPLICA)" in printed.stderr
+    applied = pgo.undo_cli("session", sid, "--apply")
+    assert applied.returncode == 1
+    assert "trigger zz_trojan (ENABLE REPLICA)" in applied.stderr
+    assert pgo.sql("SELECT DISTINCT body FROM notes") == [("x",)]
+    assert not _super(pgo, mallory)
+    # --fire-triggers: no replica mode, so a REPLICA trigger stays quiet
+    script = pgo.undo_cli("session", sid, "--fire-triggers")
+    assert script.returncode == 0, script.stderr
+    assert "ERRCODE = 'UN002'" not in script.stdout
+    pgo.sql("ALTER TABLE notes DISABLE TRIGGER zz_trojan")  # the fix the refusal names
+    ok = pgo.undo_cli("session", sid, "--apply")
+    assert ok.returncode == 0, ok.stderr
+    assert pgo.sql("SELECT body FROM notes ORDER BY id") == [("a",), ("b",), ("c",)]
+    assert not _super(pgo, mallory)
+
+
+def test_always_rule_is_refused(pgo):
+    """A rule ENABLE ALWAYS whose action calls her function: an UPDATE's undo rewritten to run
+    it as the role undoing. Refused by --apply and by printing, and a script printed before the
+    rule refuses in psql."""
+    mallory, mdsn, adsn = _roles(pgo)
+    sid = _alice(pgo, adsn, "UPDATE notes SET body = 'x' WHERE id = 1")
+    script = pgo.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    _plant(pgo, mdsn, mallory, code=RULE)
+    applied = pgo.undo_cli("session", sid, "--apply")
+    assert applied.returncode == 1, applied.stderr
+    assert (
+        f"public.notes: rule zz_rule (ENABLE ALWAYS), owned by {mallory} (the table's owner)"
+        in applied.stderr
+    )
+    assert "ALTER TABLE public.notes DISABLE RULE zz_rule;" in applied.stderr
+    assert not _super(pgo, mallory)
+    printed = pgo.undo_cli("session", sid)
+    assert printed.returncode == 1 and "rule zz_rule (ENABLE ALWAYS)" in printed.stderr
+    ran = _psql(pgo, script.stdout)
+    assert ran.returncode != 0 and "rule zz_rule (ENABLE ALWAYS)" in ran.stderr
+    assert pgo.sql("SELECT body FROM notes WHERE id = 1") == [("x",)]
+    assert not _super(pgo, mallory)
+    pgo.sql("ALTER TABLE notes ENABLE REPLICA RULE zz_rule")
+    replica = pgo.undo_cli("session", sid, "--apply")
+    assert replica.returncode == 1 and "rule zz_rule (ENABLE REPLICA)" in replica.stderr
+    assert not _super(pgo, mallory)
+
+
+def test_rewinds_refuse_too(pgo):
+    """undo table --to (apply and print) and --as-of (a rewind rolled back) write the table:
+    refused the same way; --fire-triggers is the opt-in for each."""
+    mallory, mdsn, adsn = _roles(pgo)
+    at = pgo.now()
+    _alice(pgo, adsn, "DELETE FROM notes WHERE id = 1")
+    _plant(pgo, mdsn, mallory)
+    for args in (("--to", at, "--apply"), ("--to", at), ("--as-of", at)):
+        got = pgo.undo_cli("table", "public.notes", *args)
+        assert got.returncode == 1, (args, got.stderr)
+        assert "trigger zz_trojan (ENABLE ALWAYS)" in got.stderr, args
+        assert "Traceback" not in got.stderr
+        assert not _super(pgo, mallory), args
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(2,), (3,)]
+    seen = pgo.undo_cli("table", "public.notes", "--as-of", at, "--fire-triggers")
+    assert seen.returncode == 0, seen.stderr
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(2,), (3,)]  # rolled back
+
+
+def test_a_name_holding_the_guards_quote_tag_cannot_end_it(pgo):
+    """The guard is dollar-quoted and names the tables: a table named with the tag in it
+    ($undo$, then $undo_$) gets a longer tag, so the script still runs as printed."""
+    pgo.sql('CREATE TABLE "t$undo$ $undo_$" (id int PRIMARY KEY)')
+    pgo.init()
+    pgo.sql('INSERT INTO "t$undo$ $undo_$" VALUES (1)')
+    sid = _as_session(pgo, 'DELETE FROM "t$undo$ $undo_$"')
+    pgo.capture()
+    script = pgo.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    assert "DO $undo__$" in script.stdout
+    ran = _psql(pgo, script.stdout)
+    assert ran.returncode == 0, ran.stderr
+    assert pgo.sql('SELECT id FROM "t$undo$ $undo_$"') == [(1,)]

@@ -1,0 +1,405 @@
+"""The audit store's interface: what the rest of undo may ask of a store, and the records it
+answers with. ``open_store`` (undo.store) gives a :class:`Store`; the SQLite file
+(undo/store/sqlite.py) is one implementation, a PostgreSQL database (#16) another. Nothing
+outside undo/store/ holds store SQL or knows where or how a store keeps its data.
+
+Records are frozen dataclasses (a change read by an undo is a NamedTuple: millions are made
+in a tight loop). The listings (sessions, show, history, activity, status) are the JSON
+documents the commands print, :data:`Doc`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from undo.core import names
+from undo.core.errors import BadInput
+from undo.core.records import Begin, Change, Commit, Relation
+
+#: a listing as `--json` prints it (sessions, show, history, activity, status)
+Doc = dict[str, Any]
+#: (column, type as format_type prints it, value as typed) -> the value's text form, as the
+#: store holds it (undo.source.keyforms)
+Normalise = Callable[[str, str, str], str]
+
+
+@dataclass(frozen=True)
+class TableVersion:
+    """A table as capture recorded it: one version of its columns, types, key and root."""
+
+    id: int
+    oid: int | None
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    key: tuple[int, ...] | None
+    partial: bool
+
+    @property
+    def qualified(self) -> str:
+        return names.quote(self.schema, self.name)
+
+
+class StoredChange(NamedTuple):
+    """One change as the store holds it: images are JSON arrays of text forms (a tuple: a
+    session's worth of them is made in a tight loop)."""
+
+    id: int
+    op: str
+    old: str | None
+    new: str | None
+    unchanged: str | None
+    xid: int | None = None  # the transaction's xid, where a row version it wrote is known by it
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """A source transaction as stored: its attribution (from its tag), trust, counts, and its
+    changes as the id range first_change..last_change."""
+
+    id: int
+    xid: int
+    commit_lsn: int
+    end_lsn: int
+    commit_time: str
+    session_id: str | None
+    application_name: str | None
+    user_name: str | None
+    client_addr: str | None
+    client_port: int | None
+    backend_pid: int | None
+    backend_start: str | None
+    statement: str | None
+    tag: str  # trusted, untrusted or none
+    tag_reason: str | None
+    undo_of: str | None
+    inserts: int
+    updates: int
+    deletes: int
+    truncates: int
+    first_change: int | None
+    last_change: int | None
+    full_xid: int | None
+
+
+@dataclass(frozen=True)
+class TxnChanges:
+    """How many changes of one operation a transaction made to one table version, and how many
+    of its updates or deletes came without a full old row."""
+
+    relation: int
+    op: str
+    n: int
+    without_old: int
+
+
+@dataclass(frozen=True)
+class TableGap:
+    """A table capture could not follow (DDL: a rewrite, unlogged, the tag trigger off...)."""
+
+    table: str | None
+    xid: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A stretch of history the audit trail does not hold: of the stream, or of one table."""
+
+    detected_at: str
+    reason: str
+    kind: str  # stream, table
+    table: str | None
+
+
+@dataclass(frozen=True)
+class LastWriter:
+    """Who changed a row last, as far as the store knows."""
+
+    session_id: str | None
+    xid: int
+    application_name: str | None
+
+
+@dataclass(frozen=True)
+class MetricsFigures:
+    """What /metrics reports of the store, from the aggregates capture keeps (never the
+    changes). A partition's changes count under its partitioned table (its root), so that a
+    table's label stays one however many partitions it has."""
+
+    #: (application, table, inserts, updates, deletes, truncates)
+    changes: tuple[tuple[str, str, int, int, int, int], ...]
+    #: (application, transactions)
+    transactions: tuple[tuple[str, int], ...]
+    #: (reason, row changes) of writes without a trusted tag
+    untrusted: tuple[tuple[str | None, int], ...]
+    #: (guard, application, refusals), trusted refusals only
+    guard_refusals: tuple[tuple[str | None, str | None, int], ...]
+    #: (prefix, messages)
+    malformed: tuple[tuple[str, int], ...]
+    last_commit_time: str | None
+    gaps: int
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    transactions: int
+    changes: int
+    sessions: int
+    kept_sessions: int
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass(frozen=True)
+class StepReport:
+    transactions: int
+    changes: int
+    more: bool  # transactions before that time are left to prune
+    pages_freed: int
+
+
+class StagedTxn(Protocol):
+    """The source transaction a writer is writing, as capture's C stage sees it."""
+
+    id: int
+    xid: int
+    ord: int
+    #: (relation id, op) -> changes staged
+    counts: Any
+
+
+class Writer(Protocol):
+    """What capture calls to write the stream: source transactions batched into store
+    transactions, each committed with the position it reaches (``flush``), nothing of a source
+    transaction kept unless it is whole (``abort``).
+
+    ``rows`` is the staged changes, flat, nine values a change (id, txn, ord, relation, op,
+    key, old, new, unchanged; '' for a NULL image or key, never a value: they are JSON
+    arrays): ``add`` appends them and so does the C stage (undo._speedups.stage), which then
+    calls ``add_staged``. A writer writes them when they fill a chunk, at ``commit`` and at
+    ``flush``: SQLite as multi-row INSERTs, PostgreSQL as COPY text (NULL '').
+    """
+
+    position: int  # committed: what capture may confirm
+    rows: list[Any]
+    batch_open: bool
+    batch_started: float  # time.monotonic() of the batch's first write
+    batch_changes: int
+    next_change: int
+    txn: Any  # StagedTxn | None: the source transaction being written
+
+    def relation_id(self, rel: Relation, key: tuple[int, ...] | None, partial: bool) -> int: ...
+    def relation_oid(self, rel_id: int, oid: int | None) -> None: ...
+    def already_stored(self, begin: Begin) -> bool: ...
+    def begin(self, begin: Begin) -> None: ...
+    def add(self, ch: Change, rel_id: int, key_positions: tuple[int, ...] | None) -> None: ...
+    def add_staged(self) -> None: ...
+    def add_truncate(self, rel_id: int) -> None: ...
+    @property
+    def txn_xid(self) -> int: ...
+    def set_tag(self, tag: dict[str, Any], untrusted: str | None) -> None: ...
+    def add_statement(self, statement: str | None) -> None: ...
+    def add_ddl(
+        self, doc: dict[str, Any], untrusted: str | None, problems: Sequence[tuple[str, str]] = ()
+    ) -> None: ...
+    def set_ledger(
+        self, doc: dict[str, Any] | None, content: bytes, untrusted: str | None
+    ) -> None: ...
+    def add_malformed(
+        self, lsn: int, prefix: str, session_id: str | None, problem: str, content: bytes
+    ) -> None: ...
+    def add_gap(self, table: str, reason: str) -> None: ...
+    def add_refusal(self, lsn: int, tag: dict[str, Any], untrusted: str | None) -> None: ...
+    def commit(self, commit: Commit) -> bool: ...
+    def abort(self) -> None: ...
+    def advance(self, lsn: int) -> None: ...
+    @property
+    def unstored_since(self) -> str | None: ...
+    def flush(self) -> int: ...
+
+
+class Store(Protocol):
+    """An audit store: its reads, its metadata, its gaps, pruning, its health, and a writer."""
+
+    #: where it is, as given (a path; a PostgreSQL conninfo for #16)
+    location: str
+    #: what it is, as messages name it ("SQLite")
+    engine: str
+
+    def close(self) -> None:
+        """Let go of the store; an open batch is rolled back. Never fails."""
+
+    def atomic(self) -> AbstractContextManager[Any]:
+        """One store transaction around the calls made inside it."""
+
+    # -- metadata, gaps --------------------------------------------------------------------
+    def meta(self, key: str) -> str | None: ...
+    def set_meta(self, values: Mapping[str, str | None]) -> None:
+        """Set these keys, in one store transaction."""
+
+    def record_gap(self, from_lsn: int | None, to_lsn: int | None, reason: str) -> None:
+        """A stretch of the source's history that the audit trail does not hold."""
+
+    def history_start(self) -> str | None:
+        """Where the store's history starts: the slot made by init (meta 'history_from'), else
+        its first commit."""
+
+    def position_at(self, time: str) -> int:
+        """The end LSN of the last transaction committed at or before ``time`` (0: none)."""
+
+    def gaps_after(self, time: str, lsn: int) -> list[Gap]:
+        """Gaps detected after ``time`` not closed by ``lsn``, and open gaps of tables."""
+
+    def table_gaps(self, session_id: str | None, xids: Sequence[int]) -> list[TableGap]:
+        """Table gaps a session's (or these transactions') DDL opened, in order."""
+
+    # -- the store itself ------------------------------------------------------------------
+    def size(self) -> int:
+        """Bytes the store takes."""
+
+    def quick_check(self) -> list[str]:
+        """[] when the store is sound, else what is wrong, a line each (at most 10): the
+        engine's own check ("SQLite's quick_check"), which may read every page."""
+
+    def returns_space(self) -> bool:
+        """Whether space pruned by capture --keep goes back to the file system."""
+
+    def notes(self) -> list[str]:
+        """What is worth knowing about this store and needs nothing done (`undo check`)."""
+
+    def probe_write(self) -> None:
+        """Raise the store's error if it cannot be written (nothing is changed)."""
+
+    def writer(self) -> Writer: ...
+    def prune(self, before: str) -> PruneReport: ...
+    def prune_step(self, before: str) -> StepReport: ...
+
+    # -- what an undo reads ----------------------------------------------------------------
+    def resolve_table(self, text: str, roots: bool = False) -> tuple[str, str]:
+        """A table name as the user typed it -> (schema, table) among the tables the store
+        holds (with ``roots``, partitioned tables whose partitions it holds too)."""
+
+    def transactions(
+        self,
+        *,
+        tables: set[tuple[str, str]] | None = None,
+        after: str | None = None,
+        session_id: str | None = None,
+        xids: Sequence[int] = (),
+        app: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> list[Transaction]:
+        """The transactions that match all of these, newest first: ``tables`` changed one of
+        them, committed after ``after``, at or after ``since`` and before ``until``."""
+
+    def txn_changes(self, txn_id: int, refusable: bool = False) -> list[TxnChanges]:
+        """A transaction's changes per table version and operation (``refusable``: only its
+        truncates and its updates and deletes without a full old row), by relation and op."""
+
+    def table_version(self, rel_id: int) -> TableVersion: ...
+    def changes(
+        self, first: int, last: int, rel_id: int, xid: int | None
+    ) -> Iterator[StoredChange]:
+        """The changes of one table version among the ids first..last (a transaction's range),
+        oldest first, each with ``xid``."""
+
+    def later_writer(
+        self, oid: int, change_id: int, key: str | None, image: str | None
+    ) -> LastWriter | None:
+        """Who last changed the row of this key (a keyless row: who wrote or removed one
+        identical to ``image``) in a table of this OID, after the change ``change_id``."""
+
+    def guard_refusal_counts(self) -> dict[str | None, int]:
+        """Refusals stored per guard pattern."""
+
+    def metrics(self) -> MetricsFigures: ...
+
+    # -- listings --------------------------------------------------------------------------
+    def sessions(
+        self,
+        since: str | None = None,
+        until: str | None = None,
+        app: str | None = None,
+        user: str | None = None,
+        tables: list[str] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        undone_filter: bool | None = None,
+    ) -> list[Doc]: ...
+    def show(self, session_id: str | None = None, xid: int | None = None) -> Doc: ...
+    def history(
+        self, table: str, key: dict[str, str | None], normalise: Normalise
+    ) -> list[Doc]: ...
+    def activity(
+        self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
+    ) -> list[Doc]: ...
+    def status(self) -> Doc: ...
+    def guard_refusals(self, session_id: str | None = None) -> list[Doc]: ...
+    def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[Doc]: ...
+    def transactions_of_session(self, session_id: str) -> list[Doc]: ...
+    def undone_sessions(self) -> dict[tuple[str | None, str], Doc]: ...
+    def changes_page(self, txn_ids: list[int], limit: int, offset: int) -> list[Doc]: ...
+
+
+# -- shared by the implementations and their callers ----------------------------------------
+
+
+def split_claims(txns: list[Doc]) -> tuple[list[Doc], list[Doc]]:
+    """A session's transactions (trusted tags) and the others that claim its id (forged,
+    replayed, malformed): never merged into it, nor counted in its totals."""
+    return [t for t in txns if t["tag"] == "trusted"], [t for t in txns if t["tag"] != "trusted"]
+
+
+def parse_key(pairs: list[str]) -> dict[str, str | None]:
+    """['id=42', 'region=eu'] -> {'id': '42', 'region': 'eu'}; 'col=' + NULL spelled \\N."""
+    out: dict[str, str | None] = {}
+    for p in pairs:
+        name, sep, value = p.partition("=")
+        if not sep or not name:
+            raise BadInput(f"malformed key {p!r}: write COLUMN=VALUE, e.g. id=42")
+        out[name] = None if value == "\\N" else value
+    return out
+
+
+_LSN = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
+
+
+def ledger_entry(e: Any) -> list[Any] | None:
+    """A ledger mirror's entry, ``[commit LSN, schema, table, op, xid]`` (the xid a string of
+    digits, as undo.record_undo writes it), or None when it is not one: whatever the mirror
+    holds, nothing that reads it may fail.
+
+    >>> ledger_entry(["0/16B3748", "public", "t", "D", "731"]), ledger_entry(["zz"])
+    (['0/16B3748', 'public', 't', 'D', '731'], None)
+    """
+    if not (isinstance(e, list) and len(e) == 5 and all(isinstance(v, str) for v in e)):
+        return None
+    lsn, _, _, op, xid = e
+    if not (
+        _LSN.fullmatch(lsn)
+        and op in ("I", "U", "D")
+        and 0 < len(xid) <= 20
+        and xid.isascii()
+        and xid.isdigit()
+    ):
+        return None
+    return e
+
+
+def activity_session(session_id: str | None, tag: str) -> str:
+    """The session activity files a transaction under: an untrusted tag never under the
+    session it claims, an untagged one under ''.
+
+    >>> activity_session("6b0.1", "untrusted"), activity_session("6b0.1", "none")
+    ('untrusted:6b0.1', '')
+    """
+    if tag == "trusted":
+        return session_id or ""
+    return f"untrusted:{session_id or ''}" if tag == "untrusted" else ""

@@ -1,0 +1,349 @@
+"""The audit store as one SQLite file (WAL mode): the :class:`~undo.store.api.Store` of a path.
+
+Its schema and migrations are _schema.py, its writer _writer.py, its listings _queries.py,
+pruning _prune.py; this module is the rest of what undo asks of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlite_utils import Database
+
+from undo.core.times import iso
+from undo.store import _prune, _queries, _schema
+from undo.store._writer import StoreWriter
+from undo.store.api import (
+    Doc,
+    Gap,
+    LastWriter,
+    MetricsFigures,
+    Normalise,
+    PruneReport,
+    StepReport,
+    StoredChange,
+    TableGap,
+    TableVersion,
+    Transaction,
+    TxnChanges,
+)
+
+_TRANSACTION_COLUMNS = (
+    "id, xid, commit_lsn, end_lsn, commit_time, session_id, application_name, user_name,"
+    " client_addr, client_port, backend_pid, backend_start, statement, tag, tag_reason, undo_of,"
+    " inserts, updates, deletes, truncates, first_change, last_change, full_xid"
+)
+
+
+def recovery(path: str) -> str:
+    """How to get back what SQLite can still read of a corrupt store."""
+    return f"recover what SQLite can read (sqlite3 {path} .recover | sqlite3 NEW.db)"
+
+
+class SqliteStore:
+    """The store in the SQLite file at ``location``."""
+
+    engine = "SQLite"
+
+    def __init__(self, location: str, create: bool = False) -> None:
+        self.location = location
+        self.db: Database = _schema.open_database(location, create)
+
+    # -- the store itself ------------------------------------------------------------------
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.db.conn.close()
+
+    def atomic(self) -> contextlib.AbstractContextManager[Any]:
+        return self.db.atomic()
+
+    def size(self) -> int:
+        p = self.location
+        return sum(os.path.getsize(f) for f in (p, p + "-wal") if os.path.exists(f))
+
+    def quick_check(self) -> list[str]:
+        return _schema.quick_check(self.db)
+
+    def returns_space(self) -> bool:
+        return _schema.incremental_vacuum(self.db)
+
+    def notes(self) -> list[str]:
+        if self.returns_space():
+            return []
+        return [
+            "the store was made before incremental vacuum: capture --keep frees space for"
+            " reuse but the file does not shrink (`undo prune` once, with capture stopped,"
+            " turns it on)"
+        ]
+
+    def probe_write(self) -> None:
+        class _Probe(Exception):
+            """Rolls back the write that shows the store can be written."""
+
+        with contextlib.suppress(_Probe), self.db.atomic():
+            self.db.execute("UPDATE meta SET value = value WHERE key = 'slot'")
+            raise _Probe
+
+    def writer(self) -> StoreWriter:
+        return StoreWriter(self.db)
+
+    def prune(self, before: str) -> PruneReport:
+        return _prune.prune(self.db, before)
+
+    def prune_step(self, before: str) -> StepReport:
+        return _prune.prune_step(self.db, before)
+
+    # -- metadata, gaps --------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        return _schema.get_meta(self.db, key)
+
+    def set_meta(self, values: Mapping[str, str | None]) -> None:
+        with self.db.atomic():
+            for k, v in values.items():
+                _schema.set_meta(self.db, k, v)
+
+    def record_gap(self, from_lsn: int | None, to_lsn: int | None, reason: str) -> None:
+        with self.db.atomic():
+            self.db.execute(
+                "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason) VALUES (?, ?, ?, ?)",
+                (iso(datetime.now(UTC)), from_lsn, to_lsn, reason),
+            )
+
+    def history_start(self) -> str | None:
+        start = self.meta("history_from")
+        if start is None:
+            start = self.db.execute("SELECT min(commit_time) FROM transactions").fetchone()[0]
+        return start
+
+    def position_at(self, time: str) -> int:
+        return int(
+            self.db.execute(
+                "SELECT coalesce(max(end_lsn), 0) FROM transactions WHERE commit_time <= ?",
+                [time],
+            ).fetchone()[0]
+        )
+
+    def gaps_after(self, time: str, lsn: int) -> list[Gap]:
+        return [
+            Gap(*r)
+            for r in self.db.execute(
+                "SELECT detected_at, reason, kind, table_name FROM gaps WHERE (detected_at > ?"
+                " AND (to_lsn IS NULL OR to_lsn > ?)) OR (kind = 'table' AND to_lsn IS NULL)"
+                " ORDER BY id",
+                [time, lsn],
+            )
+        ]
+
+    def table_gaps(self, session_id: str | None, xids: Sequence[int]) -> list[TableGap]:
+        params: list[Any]
+        if session_id is not None:
+            cond, params = "session_id = ?", [session_id]
+        elif xids:
+            cond, params = f"xid IN ({','.join('?' * len(xids))})", list(xids)
+        else:
+            return []
+        return [
+            TableGap(*r)
+            for r in self.db.execute(
+                "SELECT table_name, xid, reason FROM gaps WHERE kind = 'table' AND "  # noqa: S608
+                + cond
+                + " ORDER BY id",
+                params,
+            )
+        ]
+
+    # -- what an undo reads ----------------------------------------------------------------
+    def resolve_table(self, text: str, roots: bool = False) -> tuple[str, str]:
+        return _queries.resolve_table(self.db, text, roots)
+
+    def transactions(
+        self,
+        *,
+        tables: set[tuple[str, str]] | None = None,
+        after: str | None = None,
+        session_id: str | None = None,
+        xids: Sequence[int] = (),
+        app: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> list[Transaction]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if tables is not None:  # only transactions that changed one of the tables
+            where.append(  # placeholders only
+                "id IN (SELECT x.txn FROM txn_changes x JOIN relations r ON r.id = x.relation"  # noqa: S608
+                " WHERE "
+                + " OR ".join(["(r.schema_name = ? AND r.table_name = ?)"] * len(tables))
+                + ")"
+            )
+            params += [part for pair in sorted(tables) for part in pair]
+        for cond, value in (
+            ("commit_time > ?", after or None),
+            ("session_id = ?", session_id),
+            ("application_name = ?", app),
+            ("commit_time >= ?", since or None),
+            ("commit_time < ?", until or None),
+        ):
+            if value is not None:
+                where.append(cond)
+                params.append(value)
+        if xids:
+            where.append(f"xid IN ({','.join('?' * len(xids))})")
+            params += list(xids)
+        return [
+            Transaction(*r)
+            for r in self.db.execute(
+                f"SELECT {_TRANSACTION_COLUMNS} FROM transactions WHERE "  # noqa: S608
+                + " AND ".join(where)
+                + " ORDER BY commit_lsn DESC",
+                params,
+            )
+        ]
+
+    def txn_changes(self, txn_id: int, refusable: bool = False) -> list[TxnChanges]:
+        return [
+            TxnChanges(*r)
+            for r in self.db.execute(
+                "SELECT relation, op, n, without_old FROM txn_changes WHERE txn = ?"
+                " AND (op = 'T' OR (op IN ('U', 'D') AND without_old > 0)) ORDER BY relation, op"
+                if refusable
+                else "SELECT relation, op, n, without_old FROM txn_changes WHERE txn = ?",
+                [txn_id],
+            )
+        ]
+
+    def table_version(self, rel_id: int) -> TableVersion:
+        r = self.db.execute(
+            "SELECT id, oid, schema_name, table_name, columns, types, key_columns, partial"
+            " FROM relations WHERE id = ?",
+            [rel_id],
+        ).fetchone()
+        return TableVersion(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            tuple(json.loads(r[4])),
+            tuple(json.loads(r[5])),
+            None if r[6] is None else tuple(json.loads(r[6])),
+            bool(r[7]),
+        )
+
+    def changes(
+        self, first: int, last: int, rel_id: int, xid: int | None
+    ) -> Iterator[StoredChange]:
+        # +relation: scan the transaction's id range; the index on relation would read the
+        # table's changes of all time and sort them
+        return map(
+            StoredChange._make,
+            self.db.execute(
+                "SELECT id, op, old, new, unchanged, ? FROM changes"
+                " WHERE id BETWEEN ? AND ? AND +relation = ? ORDER BY id",
+                [xid, first, last, rel_id],
+            ),
+        )
+
+    def later_writer(
+        self, oid: int, change_id: int, key: str | None, image: str | None
+    ) -> LastWriter | None:
+        # a keyless row: a later change that wrote or removed an identical one
+        found = "c.key = ?" if key is not None else "c.key IS NULL AND (c.new = ? OR c.old = ?)"
+        row = self.db.execute(
+            "SELECT t.session_id, t.xid, t.application_name FROM changes c"  # noqa: S608
+            " JOIN transactions t ON t.id = c.txn"
+            " WHERE c.relation IN (SELECT id FROM relations WHERE oid = ?) AND "
+            + found
+            + " AND c.id > ? ORDER BY c.id DESC LIMIT 1",
+            [oid, *([key] if key is not None else [image, image]), change_id],
+        ).fetchone()
+        return None if row is None else LastWriter(*row)
+
+    def guard_refusal_counts(self) -> dict[str | None, int]:
+        return dict(
+            self.db.execute("SELECT guard, count(*) FROM guard_refusals GROUP BY guard").fetchall()
+        )
+
+    def metrics(self) -> MetricsFigures:
+        db = self.db
+        return MetricsFigures(
+            changes=tuple(
+                # a partition under its partitioned table (m012's roots): a label per table,
+                # however many partitions it has or will have
+                db.execute(
+                    "SELECT a.application_name, qualified_name(coalesce(r.root_schema,"
+                    " r.schema_name), coalesce(r.root_table, r.table_name)),"
+                    " sum(a.inserts), sum(a.updates), sum(a.deletes), sum(a.truncates)"
+                    " FROM activity a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
+                )
+            ),
+            transactions=tuple(
+                db.execute("SELECT application_name, sum(transactions) FROM activity GROUP BY 1")
+            ),
+            untrusted=tuple(
+                db.execute(
+                    "SELECT tag_reason, sum(inserts + updates + deletes + truncates)"
+                    " FROM transactions WHERE tag <> 'trusted' GROUP BY 1"
+                )
+            ),
+            # trusted refusals only: any role can emit a forged one naming any application
+            guard_refusals=tuple(
+                db.execute(
+                    "SELECT guard, application_name, count(*) FROM guard_refusals"
+                    " WHERE tag = 'trusted' GROUP BY 1, 2"
+                )
+            ),
+            malformed=tuple(db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1")),
+            last_commit_time=db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0],
+            gaps=int(db.execute("SELECT count(*) FROM gaps").fetchone()[0]),
+        )
+
+    # -- listings --------------------------------------------------------------------------
+    def sessions(
+        self,
+        since: str | None = None,
+        until: str | None = None,
+        app: str | None = None,
+        user: str | None = None,
+        tables: list[str] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        undone_filter: bool | None = None,
+    ) -> list[Doc]:
+        return _queries.sessions(
+            self.db, since, until, app, user, tables, limit, offset, undone_filter
+        )
+
+    def show(self, session_id: str | None = None, xid: int | None = None) -> Doc:
+        return _queries.show(self.db, session_id, xid)
+
+    def history(self, table: str, key: dict[str, str | None], normalise: Normalise) -> list[Doc]:
+        return _queries.history(self.db, table, key, normalise)
+
+    def activity(
+        self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
+    ) -> list[Doc]:
+        return _queries.activity(self.db, by, since, bucket_seconds)
+
+    def status(self) -> Doc:
+        return _queries.status(self.db)
+
+    def guard_refusals(self, session_id: str | None = None) -> list[Doc]:
+        return _queries.guard_refusals(self.db, session_id)
+
+    def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[Doc]:
+        return _queries.ddl_of(self.db, session_id, xid)
+
+    def transactions_of_session(self, session_id: str) -> list[Doc]:
+        return _queries.transactions_of_session(self.db, session_id)
+
+    def undone_sessions(self) -> dict[tuple[str | None, str], Doc]:
+        return _queries.undone_sessions(self.db)
+
+    def changes_page(self, txn_ids: list[int], limit: int, offset: int) -> list[Doc]:
+        return _queries.changes_page(self.db, txn_ids, limit, offset)
