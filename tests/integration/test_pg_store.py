@@ -21,10 +21,10 @@ from undo import _speedups as speedups
 from undo.core.errors import BadInput, StoreUnreadable
 from undo.core.records import Begin, Change, Commit, Relation
 from undo.core.times import iso
+from undo.store._schema import open_database as open_store
+from undo.store._writer import StoreWriter
 from undo.store.postgres import _schema, _writer
 from undo.store.postgres._writer import PgStoreWriter
-from undo.store.schema import open_store
-from undo.store.writer import StoreWriter
 
 _counter = itertools.count(1)
 
@@ -399,7 +399,7 @@ def test_a_second_writer_goes_on_after_the_first(pg_store):
 def test_the_listings_answer_as_on_sqlite(pg_store, tmp_path):
     """The SQLite store's reads, run on the PostgreSQL store through its dialect, give the
     same documents for the same history."""
-    from undo.store import queries
+    from undo.store import _queries as queries
     from undo.store.postgres._dialect import Dialect
 
     db = open_store(str(tmp_path / "s.db"), create=True)

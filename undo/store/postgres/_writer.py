@@ -27,9 +27,10 @@ from undo.core.images import key_of_tokens
 from undo.core.records import Begin, Change, Commit, Relation
 from undo.core.times import epoch, iso
 from undo.core.wal import lsn_to_int
-from undo.store import writer as sqlite_writer
+from undo.store import _writer as sqlite_writer
+from undo.store._writer import KEPT_BYTES, NULL, _full_xid, _minute
+from undo.store.api import activity_session
 from undo.store.postgres import _schema
-from undo.store.writer import KEPT_BYTES, NULL, _full_xid, _minute, activity_session
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _FIELDS = 9  # values per staged change, as StoreWriter's (the C stage appends these)
