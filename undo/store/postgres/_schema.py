@@ -546,3 +546,17 @@ def ensure_partitions(
 def iter_sources(conn: psycopg.Connection[Any]) -> Iterator[tuple[int, str]]:
     for r in conn.execute("SELECT id, name FROM undo_store.sources ORDER BY id"):
         yield int(r[0]), str(r[1])
+
+
+def holds_store(location: str) -> bool:
+    """Whether the database at ``location`` holds an audit store (an unreachable one, or a
+    refused login, is StoreUnreadable, one line, password masked)."""
+    with connect(location) as conn:
+        return applied(conn) is not None
+
+
+def store_fault(e: BaseException, location: str) -> StoreFault | None:
+    """What an error of a PostgreSQL store means, as one line; None for one that is not the
+    store's (the source's errors are psycopg's too: told apart by undo's own exceptions, which
+    the store raises for its connection: StoreUnreadable, StoreFault)."""
+    return None
