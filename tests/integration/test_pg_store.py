@@ -4,11 +4,13 @@ cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import struct
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -555,3 +557,91 @@ def test_every_command_on_a_postgresql_store_answers_as_on_sqlite(pgo, pg_store)
     assert row["undone"] is not None and row["undone"]["all"] is True
     again = run_cli(pgo, "session", support["session_id"], "--apply", env=pg_env)
     assert again.returncode == 1 and "already undone" in again.stderr, again.stderr
+
+
+def _newer(pg_store: str) -> None:
+    with _schema.open_connection(pg_store, create=True) as conn:
+        conn.execute("INSERT INTO undo_store.migrations (version, name) VALUES (999, 'future')")
+
+
+STORE_REFUSALS = {
+    # (the store: {host}, {port} the cluster's socket folder and port, {db} the store's
+    # database; what to make there first; what the one line says)
+    "unreachable": (
+        "postgresql://undo_pw_test:s3cret-pw@127.0.0.1:1/x?connect_timeout=3",
+        None,
+        "cannot connect to the audit store",
+    ),
+    "wrong password": (
+        "postgresql://undo_pw_test:s3cret-pw@/{db}?host={host}&port={port}",
+        None,
+        "password authentication failed",
+    ),
+    "not a store": (
+        "host={host} port={port} dbname={db} user=undo_pw_test password=right-one",
+        None,
+        "holds no undo audit store",
+    ),
+    "made by a newer undo": (
+        "postgresql://undo_pw_test:right-one@/{db}?host={host}&port={port}",
+        _newer,
+        "made by a newer undo",
+    ),
+}
+
+
+@contextlib.contextmanager
+def _password_role(cluster: Cluster) -> Iterator[None]:
+    """The role undo_pw_test, whose logins need its password (right-one): a line of its own
+    first in the throwaway cluster's pg_hba.conf, taken out again after."""
+    if cluster.temp is None:
+        pytest.skip("needs the throwaway cluster (its pg_hba.conf)")
+    with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+        (hba,) = c.execute("SHOW hba_file").fetchone() or ("",)
+        c.execute("DROP ROLE IF EXISTS undo_pw_test")
+        c.execute("SET password_encryption = 'scram-sha-256'")
+        c.execute("CREATE ROLE undo_pw_test SUPERUSER LOGIN PASSWORD 'right-one'")
+        with open(hba) as f:
+            before = f.read()
+        with open(hba, "w") as f:
+            f.write("local all undo_pw_test scram-sha-256\n" + before)
+        c.execute("SELECT pg_reload_conf()")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with open(hba, "w") as f:
+            f.write(before)
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+            c.execute("SELECT pg_reload_conf()")
+            c.execute("DROP ROLE IF EXISTS undo_pw_test")
+
+
+@pytest.mark.parametrize("case", STORE_REFUSALS.values(), ids=STORE_REFUSALS.keys())
+@pytest.mark.parametrize("command", [["sessions"], ["capture", "--once"]])
+def test_a_store_undo_cannot_use_is_one_line_exit_2_password_masked(
+    pgo, pg_store, cluster, case, command
+):
+    from urllib.parse import quote
+
+    from tests.conftest import run_cli
+
+    store, prepare, says = case
+    with _password_role(cluster):
+        if prepare is not None:
+            prepare(pg_store)
+        p = psycopg.conninfo.conninfo_to_dict(pg_store)
+        host = str(p.get("host") or "")
+        store = store.format(
+            host=quote(host, safe="") if store.startswith("postgresql:") else host,
+            port=p.get("port") or 5432,
+            db=p["dbname"],
+        )
+        done = run_cli(pgo, *command, env={"UNDO_STORE": store})
+        lines = done.stderr.splitlines()
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert lines[-1].startswith("Error: ") and says in lines[-1], done.stderr
+        assert [x for x in lines if x.startswith("Error")] == [lines[-1]]
+        assert "s3cret-pw" not in done.stderr + done.stdout
+        assert "right-one" not in done.stderr + done.stdout
