@@ -645,3 +645,26 @@ def test_a_store_undo_cannot_use_is_one_line_exit_2_password_masked(
         assert [x for x in lines if x.startswith("Error")] == [lines[-1]]
         assert "s3cret-pw" not in done.stderr + done.stdout
         assert "right-one" not in done.stderr + done.stdout
+
+
+def test_init_of_a_second_source_is_refused_until_commands_choose_one(pg_store):
+    """Every command but init acts on the store's only source: a second registered would stop
+    the first one's capture (several sources in one store: later, issue #22)."""
+    from undo.store import open_store as open_any
+
+    first = open_any(pg_store, create=True)
+    assert first.register_source(None, "7300000000000000001", "shop") == "shop"
+    assert first.register_source("shop", "7300000000000000001", "shop") == "shop"  # again
+    first.close()
+    second = open_any(pg_store, create=True, source="billing")
+    try:
+        with pytest.raises(BadInput, match="holds the source 'shop'"):
+            second.register_source("billing", "7300000000000000001", "billing")
+    finally:
+        second.close()
+    store = open_any(pg_store)
+    try:
+        store.set_meta({"slot": "undo"})  # the first source's store still
+        assert store.meta("slot") == "undo"
+    finally:
+        store.close()

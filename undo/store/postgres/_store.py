@@ -133,7 +133,7 @@ class PgStore(SqliteStore):
                     self.source_name = source  # not registered: `undo init --source` does
             elif len(known) == 1:
                 self._bind(*known[0])
-            elif known:
+            elif known:  # made by a later undo, or by hand: which one is not guessed
                 raise BadInput(self._which(known, "several sources in"))
         except BaseException:
             self.conn.close()
@@ -160,6 +160,15 @@ class PgStore(SqliteStore):
 
     def register_source(self, name: str | None, system_identifier: str, database: str) -> str:
         name = name or self.source_name or database
+        others = [n for _, n in _schema.iter_sources(self.conn) if n != name]
+        if others:
+            # every command but init acts on the store's only source until commands choose
+            # one (--source, or the --dsn database's): a second would stop the first's capture
+            raise BadInput(
+                f"the audit store {masked_dsn(self.location)} holds the source {others[0]!r}:"
+                " this undo keeps one source a store (several: issue #22); give this database"
+                " a store of its own (another database, or another --store file)"
+            )
         self._bind(_schema.register_source(self.conn, name, system_identifier, database), name)
         return name
 
