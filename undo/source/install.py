@@ -21,7 +21,7 @@ from undo.core import names, wal
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotReady, UndoError
 from undo.source import pg
-from undo.store import exists, open_store
+from undo.store import exists, open_store, shown
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ def init(
     decoder = settings.decoder or known or "pgoutput"
     if known is not None and known != decoder:
         raise UndoError(
-            f"the store at {settings.store} was made with decoder {known}: use --decoder {known}"
-            " or a new --store"
+            f"the store at {shown(settings.store)} was made with decoder {known}: use --decoder"
+            f" {known} or a new --store"
         )
     defaulted = not schemas and not tables
     if defaulted:

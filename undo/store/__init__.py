@@ -21,6 +21,19 @@ def is_postgres(location: str) -> bool:
     return is_location(location)
 
 
+def shown(location: str) -> str:
+    """The store as messages and listings may name it: a PostgreSQL store's password masked.
+
+    >>> shown("postgresql://u:secret@db/audit"), shown("undo.db")
+    ('dbname=audit host=db password=*** user=u', 'undo.db')
+    """
+    if is_postgres(location):
+        from undo.core.config import masked_dsn
+
+        return masked_dsn(location)
+    return location
+
+
 def open_store(location: str, create: bool = False, source: str | None = None) -> Store:
     """The store at ``location`` (a path: an SQLite file; a ``postgresql://`` URI or a libpq
     conninfo: the schema undo_store of that database), made if ``create``; StoreUnreadable when
