@@ -678,3 +678,63 @@ def test_init_of_a_second_source_is_refused_until_commands_choose_one(pg_store):
         assert store.meta("slot") == "undo"
     finally:
         store.close()
+
+
+def _pg_count(store: str) -> tuple[int, int]:
+    with psycopg.connect(store) as c:
+        row = c.execute("SELECT count(*), count(DISTINCT key) FROM undo_store.changes").fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+
+def test_a_capture_that_loses_its_store_stops_and_the_restart_loses_nothing(pgo, pg_store):
+    """The store's server going away mid-stream (its backends terminated): capture stops with
+    one line naming the store (75: a restart does it), having confirmed nothing the store does
+    not hold; the next capture stores every change once."""
+    import signal
+    import subprocess
+    import sys
+
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    env = dict(os.environ, UNDO_DSN=pgo.dsn, UNDO_STORE=_uri(pg_store), UNDO_SLOT=pgo.slot)
+    made = subprocess.run(
+        [sys.executable, "-m", "undo", "init"], env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "undo", "capture"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pgo.sql("INSERT INTO t SELECT generate_series(1, 1000)")
+        for _ in range(100):
+            if _pg_count(pg_store) == (1000, 1000):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("capture stored nothing")
+        with psycopg.connect(pg_store, autocommit=True) as c:
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'undo store' AND pid <> pg_backend_pid()"
+            )
+        pgo.sql("INSERT INTO t SELECT generate_series(1001, 2000)")
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    last = err.strip().splitlines()[-1]
+    assert code == 75, err
+    assert last.startswith("Error: capture stopped: lost the audit store"), err
+    assert "Traceback" not in err
+    again = subprocess.run(
+        [sys.executable, "-m", "undo", "capture", "--once"], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    assert _pg_count(pg_store) == (2000, 2000)

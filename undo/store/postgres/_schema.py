@@ -16,6 +16,7 @@ differences, each for a reason:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +25,7 @@ import psycopg
 from psycopg import errors, sql
 
 from undo.core.config import masked_dsn
-from undo.core.errors import StoreFault, StoreUnreadable
+from undo.core.errors import StoreBusy, StoreFault, StoreUnreadable
 
 SCHEMA = "undo_store"
 READER_ROLE = "undo_store_reader"
@@ -555,8 +556,25 @@ def holds_store(location: str) -> bool:
         return applied(conn) is not None
 
 
+#: locations of stores whose connection broke in this process (PgStore.close notes them)
+LOST: set[str] = set()
+#: the stores open in this process (PgStore), to ask whether their connection broke
+OPEN: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def store_fault(e: BaseException, location: str) -> StoreFault | None:
     """What an error of a PostgreSQL store means, as one line; None for one that is not the
-    store's (the source's errors are psycopg's too: told apart by undo's own exceptions, which
-    the store raises for its connection: StoreUnreadable, StoreFault)."""
-    return None
+    store's. psycopg's errors do not say which connection raised them (the source's are
+    psycopg's too): a connection error is the store's when the store's connection broke."""
+    if not isinstance(e, psycopg.OperationalError):
+        return None
+    if e.sqlstate is not None and e.sqlstate[:2] not in ("08", "57"):
+        return None
+    if location not in LOST and not any(
+        s.location == location and s.conn.broken for s in list(OPEN)
+    ):
+        return None
+    return StoreBusy(
+        f"lost the audit store {masked_dsn(location)}: {_first_line(e)} (its server restarted"
+        " or the connection broke); run the command again once it answers"
+    )

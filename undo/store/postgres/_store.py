@@ -121,6 +121,7 @@ class PgStore(SqliteStore):
     def __init__(self, location: str, create: bool = False, source: str | None = None) -> None:
         self.location = location
         self.conn = _schema.open_connection(location, create)
+        _schema.OPEN.add(self)
         self.source_id: int | None = None
         self.source_name: str | None = None
         try:
@@ -187,6 +188,8 @@ class PgStore(SqliteStore):
 
     # -- the store itself ------------------------------------------------------------------
     def close(self) -> None:
+        if self.conn.broken:  # so that the error it raised is named as the store's
+            _schema.LOST.add(self.location)
         with contextlib.suppress(psycopg.Error):
             self.conn.close()
 
