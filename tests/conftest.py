@@ -202,7 +202,17 @@ class Source:
             self.sql(stmt)
         return len(rows)
 
+    @property
+    def pg_store(self) -> bool:
+        """The store is a PostgreSQL database (store_kind "postgresql"), not a file."""
+        return "=" in self.store
+
     def store_rows(self, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        """A query of the store's tables as the SQLite store names them (on a PostgreSQL
+        store: in its schema undo_store, the one source's rows; placeholders ``?``)."""
+        if self.pg_store:
+            with psycopg.connect(self.store, options="-c search_path=undo_store") as c:
+                return c.execute(query.replace("?", "%s"), list(params) or None).fetchall()
         import sqlite3
 
         with sqlite3.connect(self.store) as c:
@@ -224,14 +234,14 @@ class Source:
 def run_cli(
     src: Source, *args: str, input: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    e = dict(
-        os.environ,
-        UNDO_DSN=src.dsn,
-        UNDO_STORE=src.store,
-        UNDO_SLOT=src.slot,
-        UNDO_DECODER=src.decoder,
-        **(env or {}),
-    )
+    e = {
+        **os.environ,
+        "UNDO_DSN": src.dsn,
+        "UNDO_STORE": src.store,
+        "UNDO_SLOT": src.slot,
+        "UNDO_DECODER": src.decoder,
+        **(env or {}),  # over the source's own
+    }
     return subprocess.run(
         [sys.executable, "-m", "undo", *args],
         capture_output=True,
@@ -242,13 +252,19 @@ def run_cli(
     )
 
 
-def _make_source(cluster: Cluster, tmp_path: Path, decoder: str) -> Iterator[Source]:
+def _make_source(
+    cluster: Cluster, tmp_path: Path, decoder: str, store_kind: str = "sqlite"
+) -> Iterator[Source]:
     n = next(_counter)
     dbname = f"undo_test_{os.getpid()}_{n}"
     slot = f"undo_t{os.getpid()}_{n}"
+    store = str(tmp_path / "undo.db")
     with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
         c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    src = Source(cluster.dsn(dbname), dbname, str(tmp_path / "undo.db"), slot, decoder, cluster)
+        if store_kind == "postgresql":  # the store in a database of its own
+            c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname + "_store")))
+            store = cluster.dsn(dbname + "_store")
+    src = Source(cluster.dsn(dbname), dbname, store, slot, decoder, cluster)
     try:
         yield src
     finally:
@@ -263,18 +279,32 @@ def _make_source(cluster: Cluster, tmp_path: Path, decoder: str) -> Iterator[Sou
                 )
                 with contextlib.suppress(psycopg.Error):
                     c.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-            c.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
-            )
+            for name in (dbname, dbname + "_store"):
+                c.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
 
 
-@pytest.fixture(params=["pgoutput", "wal2json"])
-def source(request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path) -> Iterator[Source]:
-    """A fresh database for each decoder."""
-    yield from _make_source(cluster, tmp_path, request.param)
+#: the kinds of audit store; a test runs on both with
+#: ``@pytest.mark.parametrize("store_kind", STORES, indirect=True)``
+STORES = ["sqlite", "postgresql"]
 
 
 @pytest.fixture
-def pgo(cluster: Cluster, tmp_path: Path) -> Iterator[Source]:
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The store the ``source`` and ``pgo`` fixtures use: SQLite unless a test asks for both."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture(params=["pgoutput", "wal2json"])
+def source(
+    request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path, store_kind: str
+) -> Iterator[Source]:
+    """A fresh database for each decoder."""
+    yield from _make_source(cluster, tmp_path, request.param, store_kind)
+
+
+@pytest.fixture
+def pgo(cluster: Cluster, tmp_path: Path, store_kind: str) -> Iterator[Source]:
     """A fresh database, pgoutput only (for tests about one decoder's behaviour or the CLI)."""
-    yield from _make_source(cluster, tmp_path, "pgoutput")
+    yield from _make_source(cluster, tmp_path, "pgoutput", store_kind)

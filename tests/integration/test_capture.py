@@ -13,6 +13,7 @@ import time
 import psycopg
 import pytest
 
+from tests.conftest import STORES
 from tests.fixtures import TYPES_SCHEMA
 from undo.source.pg import session_id
 
@@ -452,6 +453,7 @@ def _start_capture(src, stderr=subprocess.DEVNULL):
     )
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_kill_9_mid_stream_then_restart_stores_every_change_once(source):
     source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     source.init()

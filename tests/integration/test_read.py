@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import STORES, run_cli
 from tests.integration.test_undo import _as_session
 from undo.core.errors import NotRecorded
 from undo.core.times import epoch
@@ -35,6 +35,7 @@ def _setup(src):
     src.capture()
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_history_of_one_row_oldest_first(pgo):
     _setup(pgo)
     result = pgo.undo_cli("history", "public.accounts", "id=42", "--json")
@@ -52,6 +53,7 @@ def test_history_of_one_row_oldest_first(pgo):
     assert bad.returncode == 2 and "key" in bad.stderr
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_sessions_filters_and_show(pgo):
     _setup(pgo)
     result = pgo.undo_cli("sessions", "--app", "usage-metrics", "--json")

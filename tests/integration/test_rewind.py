@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import psycopg
+import pytest
 
+from tests.conftest import STORES
 from tests.integration.test_undo import _as_session
 from undo.stream.capture import capture
 
@@ -28,6 +30,7 @@ def _web(source, n: int) -> None:
         c.execute("INSERT INTO seen VALUES (1, '2026-01-01'), (1, '2026-01-01')")
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_rewind_to_a_time_between_the_webs_writes_and_the_scripts_delete(source):
     source.sql(SCHEMA)
     source.init()
@@ -71,6 +74,7 @@ def test_rewind_to_a_time_between_the_webs_writes_and_the_scripts_delete(source)
     assert again.returncode == 1 and "already undone" in again.stderr
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_rewind_applies_and_refuses_what_it_cannot_reach(pgo, tmp_path):
     pgo.sql(SCHEMA)
     early = pgo.now()
@@ -151,6 +155,7 @@ def test_prune_moves_the_earliest_reachable_time(pgo):
         assert c.execute("SELECT name FROM accounts").fetchall() == [("b",)]
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_a_partitioned_table_is_rewound_through_its_partitions(source):
     """The stream carries a partitioned table's changes under its partitions' names: the table's
     name covers them all (pagila's payment is such a table)."""

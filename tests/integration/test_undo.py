@@ -10,6 +10,7 @@ import subprocess
 import psycopg
 import pytest
 
+from tests.conftest import STORES
 from tests.fixtures import HOSTILE_SCHEMA, TYPES_SCHEMA
 from undo.core.errors import NotFound, Refused
 from undo.engine.apply import undo
@@ -29,6 +30,7 @@ def _apply(src, **target):
     return undo(src.settings, Target(**target), apply=True)
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_every_type_round_trips_through_delete_update_insert(source):
     source.sql(TYPES_SCHEMA)
     source.init()
@@ -66,6 +68,7 @@ def test_small_update_beside_a_2mb_toasted_value(source):
     assert source.sql("SELECT length(body) FROM docs") == [(2097152,)]
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_identity_generated_nokey_uniqueindex_partitioned_hostile(source):
     source.sql(HOSTILE_SCHEMA)
     source.sql(
@@ -150,6 +153,7 @@ def _conflict_setup(src):
     return sid, later
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_conflict_abort_changes_nothing_and_names_the_later_session(source):
     sid, later = _conflict_setup(source)
     before = source.snapshot("t")
@@ -209,6 +213,7 @@ def test_printed_script_fails_on_conflict(pgo):
     assert pgo.snapshot("t") == before
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_undo_of_undo_and_double_undo_refused(source):
     source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     source.init()
@@ -233,6 +238,7 @@ def test_undo_of_undo_and_double_undo_refused(source):
     assert source.snapshot("t") == original
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_undo_xact_and_app_since(pgo):
     pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     pgo.init()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import STORES
 from tests.integration.test_undo import _as_session
 from undo.core.errors import BadInput
 from undo.source.pg import session_id
@@ -63,6 +64,7 @@ def _get(url, headers=None):
         return e.code, body
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_every_page_answers(site):
     _src, sid, start = site
     base = start()
@@ -92,6 +94,7 @@ def _metric(text, name, **labels):
     raise AssertionError(f"{name} {labels} not in /metrics")
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_metrics_match_the_store(site):
     src, _, start = site
     status, text = _get(start() + "/metrics")

@@ -134,7 +134,8 @@ Group.group_class = Group
     show_envvar=True,
     default="undo.db",
     show_default=True,
-    help="The audit store (SQLite file).",
+    help="The audit store: a SQLite file, or a PostgreSQL database (postgresql:// URI or"
+    " conninfo string; the schema undo_store there).",
 )
 @click.option(
     "--slot",

@@ -49,6 +49,12 @@ from undo.store import open_store
     " statement: cheaper for many-statement transactions, see docs/performance.md).  [default:"
     " each on a new install; kept when not given]",
 )
+@click.option(
+    "--source",
+    envvar="UNDO_SOURCE",
+    help="The name the store registers this database under (a PostgreSQL store holds many)."
+    "  [default: the database's name]",
+)
 @pass_settings
 def init_cmd(
     settings: Settings,
@@ -57,6 +63,7 @@ def init_cmd(
     uninstall: bool,
     failover: bool,
     statements: str | None,
+    source: str | None,
 ) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
@@ -72,7 +79,14 @@ def init_cmd(
         done = do_uninstall(settings)
         click.echo("\n".join(done) if done else "nothing to remove")
         return
-    report = init(settings, list(schemas), list(tables), failover=failover, statements=statements)
+    report = init(
+        settings,
+        list(schemas),
+        list(tables),
+        failover=failover,
+        statements=statements,
+        source=source,
+    )
     for w in report.warnings:
         echo_err(f"warning: {w}")
     if report.nothing_to_do:

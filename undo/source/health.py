@@ -19,7 +19,7 @@ from psycopg import sql
 from undo.core import wal
 from undo.core.config import Settings
 from undo.source import install
-from undo.store import recovery
+from undo.store import recovery, shown
 from undo.store.api import StatusGap, Store
 
 
@@ -177,7 +177,7 @@ def judge(
     audits: dict[str, Any] = {
         "database": database,
         "server_version": conn.info.parameter_status("server_version"),
-        "store": settings.store,
+        "store": shown(settings.store),
         "slot": settings.slot,
         "slot_database": None if slot is None else slot[4],
         "decoder": decoder,
@@ -191,7 +191,7 @@ def judge(
         problems.append(
             Problem(
                 "store",
-                settings.store,
+                shown(settings.store),
                 f"the store belongs to slot {store_slot}, not {settings.slot}",
                 f"--slot {store_slot} (or the store of slot {settings.slot})",
             )

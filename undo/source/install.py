@@ -7,6 +7,7 @@ trigger calls for tables created later), creates the publication and the slot, a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from undo.core import names, wal
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotReady, UndoError
 from undo.source import pg
-from undo.store import exists, open_store
+from undo.store import exists, open_store, shown
 
 log = logging.getLogger(__name__)
 
@@ -205,33 +206,50 @@ def statements_mode(conn: psycopg.Connection[Any]) -> str | None:
     return str(row[0]) if row else None
 
 
+def _database_name(dsn: str) -> str | None:
+    """The database a DSN names, as far as it says (libpq's defaults aside)."""
+    from psycopg import conninfo
+
+    name = conninfo.conninfo_to_dict(dsn).get("dbname")
+    return str(name) if name else None
+
+
 def init(
     settings: Settings,
     schemas: list[str],
     tables: list[str],
     failover: bool = False,
     statements: str | None = None,
+    source: str | None = None,
 ) -> InitReport:
     """Prepare the source database and the store; idempotent. ``failover``: a slot that
     PostgreSQL 17+ keeps in step on standbys (sync_replication_slots), so capture can go on
     from a promoted standby. ``statements``: switch the tag's mode (STATEMENTS) for the whole
-    database; None keeps it (each on a new install)."""
+    database; None keeps it (each on a new install). ``source``: the name the store registers
+    the source database under (default: its name)."""
     if statements is not None and statements not in STATEMENTS:
         raise BadInput(f"--statements must be {' or '.join(STATEMENTS)}, not {statements!r}")
     report = InitReport()
     # an existing store remembers its decoder; a new one is created only once the source passed
     # its checks, so a refused init leaves nothing behind
-    known = open_store(settings.store).meta("decoder") if exists(settings.store) else None
+    name = source or _database_name(settings.dsn)
+    known = None
+    if exists(settings.store):
+        store = open_store(settings.store, source=name)
+        try:
+            known = store.meta("decoder")
+        finally:
+            store.close()
     decoder = settings.decoder or known or "pgoutput"
     if known is not None and known != decoder:
         raise UndoError(
-            f"the store at {settings.store} was made with decoder {known}: use --decoder {known}"
-            " or a new --store"
+            f"the store at {shown(settings.store)} was made with decoder {known}: use --decoder"
+            f" {known} or a new --store"
         )
     defaulted = not schemas and not tables
     if defaulted:
         schemas = ["public"]
-    with pg.connect(settings.dsn) as conn:
+    with pg.connect(settings.dsn) as conn, contextlib.ExitStack() as closing:
         report.warnings += pg.check_ready(conn, decoder)
         if failover and pg.server_version(conn) < 170000:
             raise NotReady(
@@ -240,7 +258,10 @@ def init(
             )
         # before anything is made here or in the store: never adopt another database's slot
         _refuse_foreign_slot(conn, settings.slot)
-        db = open_store(settings.store, create=True)
+        db = open_store(settings.store, create=True, source=name)
+        closing.callback(db.close)
+        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+        db.register_source(source or conn.info.dbname, row[0] if row else "", conn.info.dbname)
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         superuser = bool(row and row[0])
         numbers_as_strings = decoder == "wal2json" and pg.wal2json_numbers_as_strings(conn)

@@ -1,4 +1,8 @@
-"""The SQLite store's reads: sessions, show, status. Plain SQL with parameters."""
+"""The store's reads: sessions, show, status. Plain SQL with ``?`` parameters, one text for both
+stores: SQLite runs it as it is, a PostgreSQL store through its runner (postgres/_store.py),
+which adapts the placeholders and scopes the tables to one source. The few constructs the two
+engines spell differently are named fragments (:data:`SQLITE`), each store giving its own.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from datetime import UTC, datetime
-from typing import TypedDict
-
-from sqlite_utils import Database
+from typing import Any, Protocol, TypedDict
 
 from undo.core import names
 from undo.core.errors import BadInput, NotFound, NotRecorded
@@ -40,6 +42,27 @@ from undo.store.api import (
 )
 
 _TRANSACTION_FIELDS = tuple(f.name for f in fields(Transaction))
+
+
+class Database(Protocol):
+    """What the reads run on: the SQLite store's sqlite_utils Database, or a PostgreSQL store's
+    runner. ``fragments`` (optional; SQLite's when absent): the store's spelling of
+    :data:`SQLITE`'s constructs."""
+
+    def execute(self, sql: str, parameters: Any = ...) -> Any: ...
+
+
+#: the constructs the engines spell differently, as SQLite spells them: the elements of a JSON
+#: array given as one parameter, as integers (``ids_of_json``) or as text (``texts_of_json``)
+SQLITE = {
+    "ids_of_json": "SELECT value FROM json_each(?)",
+    "texts_of_json": "SELECT value FROM json_each(?)",
+}
+
+
+def fragment(db: Database, name: str) -> str:
+    """The store's spelling of one of :data:`SQLITE`'s constructs."""
+    return str(getattr(db, "fragments", SQLITE)[name])
 
 
 def _transactions(db: Database, query: str, params: Sequence[object]) -> list[Transaction]:
@@ -112,7 +135,7 @@ def sessions(
     # writes a guard refused count under the session that tried (no table: not with --table)
     g_where, g_params = filters("refused_at", "g")
     if tables:
-        g_where = "0"
+        g_where = "1 = 0"
         g_params = []
     query = (
         "SELECT session_id, max(application_name) AS application_name,"  # noqa: S608
@@ -124,7 +147,7 @@ def sessions(
         " t.commit_time AS at, 1 AS txn, t.inserts, t.updates, t.deletes, t.tag, t.tag_reason"
         " FROM transactions t WHERE " + where + " UNION ALL"
         " SELECT g.session_id, g.application_name, g.user_name, g.client_addr, g.refused_at,"
-        " 0, 0, 0, 0, g.tag, g.tag_reason FROM guard_refusals g WHERE " + g_where + ")"
+        " 0, 0, 0, 0, g.tag, g.tag_reason FROM guard_refusals g WHERE " + g_where + ") AS u"
         " GROUP BY session_id, tag, tag_reason ORDER BY last_change_at DESC"
     )
     params += g_params
@@ -217,10 +240,12 @@ def undone_sessions(db: Database) -> dict[tuple[str | None, str], Undone]:
             pieces = {
                 (lsn, schema, table, op)
                 for lsn, schema, table, op in db.execute(
-                    "SELECT t.commit_lsn, r.schema_name, r.table_name, x.op FROM transactions t"
+                    "SELECT t.commit_lsn, r.schema_name, r.table_name, x.op FROM transactions t"  # noqa: S608
                     " JOIN txn_changes x ON x.txn = t.id JOIN relations r ON r.id = x.relation"
-                    " WHERE t.session_id IS ? AND t.tag = ? AND x.op <> 'T'",
-                    [sid, tag],
+                    " WHERE "
+                    + ("t.session_id IS NULL" if sid is None else "t.session_id = ?")
+                    + " AND t.tag = ? AND x.op <> 'T'",
+                    [tag] if sid is None else [sid, tag],
                 )
             }
             latest = next(u for u in undos if u["pieces"] & pieces)
@@ -268,7 +293,8 @@ def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> l
         " JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = c.txn"
         " WHERE c.id IN (SELECT c2.id FROM transactions t JOIN changes c2"
         "   ON c2.id BETWEEN t.first_change AND t.last_change"
-        "   WHERE t.id IN (SELECT value FROM json_each(?)) ORDER BY c2.id LIMIT ? OFFSET ?)"
+        "   WHERE t.id IN (" + fragment(db, "ids_of_json") + ")"
+        "   ORDER BY c2.id LIMIT ? OFFSET ?)"
         " ORDER BY c.id",
         [json.dumps(txn_ids), limit, offset],
     ).fetchall():
@@ -331,7 +357,7 @@ def guard_refusals(db: Database, session_id: str | None = None) -> list[GuardRef
     rows = db.execute(
         "SELECT refused_at, guard, reason, session_id, application_name, user_name AS user,"
         " client_addr, statement, tag, tag_reason FROM guard_refusals"
-        " WHERE ? IS NULL OR session_id = ? ORDER BY lsn",
+        " WHERE CAST(? AS TEXT) IS NULL OR session_id = ? ORDER BY lsn",
         [session_id, session_id],
     ).fetchall()
     return [GuardRefusal(*r) for r in rows]
@@ -348,7 +374,10 @@ def malformed_of(
     """Messages with undo's prefixes that claimed this session (or came in this transaction)
     and were not what undo's SQL writes: kept, never used (stream/messages.py). The first
     MALFORMED_SHOWN of them, and how many there are."""
-    where = "(? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?)"
+    where = (
+        "(CAST(? AS TEXT) IS NOT NULL AND session_id = ?)"
+        " OR (CAST(? AS BIGINT) IS NOT NULL AND xid = ?)"
+    )
     params = [session_id, session_id, xid, xid]
     (count,) = db.execute(f"SELECT count(*) FROM malformed WHERE {where}", params).fetchone()  # noqa: S608
     rows = db.execute(
@@ -363,7 +392,8 @@ def ddl_of(db: Database, session_id: str | None = None, xid: int | None = None) 
     """DDL a session (or a transaction) ran on audited schemas, in order."""
     rows = db.execute(
         "SELECT commit_time, xid, command, object_type, object, statement, tag, tag_reason"
-        " FROM ddl WHERE (? IS NOT NULL AND session_id = ?) OR (? IS NOT NULL AND xid = ?)"
+        " FROM ddl WHERE (CAST(? AS TEXT) IS NOT NULL AND session_id = ?)"
+        " OR (CAST(? AS BIGINT) IS NOT NULL AND xid = ?)"
         " ORDER BY id",
         [session_id, session_id, xid, xid],
     ).fetchall()
@@ -600,9 +630,9 @@ def history(
         tag,
         obj,
     ) in db.execute(  # the tables' DDL, in order with the row's versions
-        "SELECT commit_lsn, commit_time, xid, session_id, application_name, user_name, statement,"
+        "SELECT commit_lsn, commit_time, xid, session_id, application_name, user_name, statement,"  # noqa: S608 (constant fragments)
         " command, tag, object FROM ddl WHERE object_type = 'table'"
-        " AND object IN (SELECT value FROM json_each(?)) AND commit_lsn >= ?",
+        " AND object IN (" + fragment(db, "texts_of_json") + ") AND commit_lsn >= ?",
         [json.dumps(tables), min(order[0] for order, _ in out)],
     ):
         out.append(

@@ -542,9 +542,9 @@ class Writer(Protocol):
 class Store(Protocol):
     """An audit store: its reads, its metadata, its gaps, pruning, its health, and a writer."""
 
-    #: where it is, as given (a path; a PostgreSQL conninfo for #16)
+    #: where it is, as given (a path; a PostgreSQL URI or conninfo)
     location: str
-    #: what it is, as messages name it ("SQLite")
+    #: what it is, as messages name it ("SQLite", "PostgreSQL")
     engine: str
 
     def close(self) -> None:
@@ -590,6 +590,10 @@ class Store(Protocol):
 
     def probe_write(self) -> None:
         """Raise the store's error if it cannot be written (nothing is changed)."""
+
+    def register_source(self, name: str | None, system_identifier: str, database: str) -> str:
+        """Register the source database (`undo init`) under ``name`` (None: the database's
+        name) and act for it; the name. A name another database holds is BadInput."""
 
     def writer(self) -> Writer: ...
     def prune(self, before: str) -> PruneReport: ...

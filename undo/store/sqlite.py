@@ -98,6 +98,10 @@ class SqliteStore:
             self.db.execute("UPDATE meta SET value = value WHERE key = 'slot'")
             raise _Probe
 
+    def register_source(self, name: str | None, system_identifier: str, database: str) -> str:
+        # one source a file for now: its name is not kept (many sources: issue #22)
+        return name or database
+
     def writer(self) -> StoreWriter:
         return StoreWriter(self.db)
 

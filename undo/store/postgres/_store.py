@@ -1,0 +1,258 @@
+"""The audit store in a PostgreSQL database: the :class:`~undo.store.api.Store` of a conninfo.
+
+It holds many sources; a PgStore acts for one of them (``source``: a name; else the store's
+only source). Capture writes with PgStoreWriter (_writer.py). The reads are the store's one set
+of queries (undo/store/_queries.py and the SQL of sqlite.py), run by :class:`Runner`, which
+- scopes every table to the source: temporary views of its rows under the table names the
+  queries use (the session's own; ``pg_temp`` is searched first), over ``undo_store``;
+- adapts the placeholders (``?`` -> ``%s``), in one place, and gives PostgreSQL's spelling of
+  the few constructs that differ (:data:`FRAGMENTS`);
+- reads values as the SQLite store gives them: times as the store's time text, JSON as text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.adapt import Loader
+
+from undo.core.config import masked_dsn
+from undo.core.errors import BadInput, UndoError
+from undo.core.times import iso
+from undo.store.api import PruneReport, StepReport
+from undo.store.postgres import _schema
+from undo.store.postgres._writer import PgStoreWriter
+from undo.store.sqlite import SqliteStore
+
+#: PostgreSQL's spelling of the constructs _queries.SQLITE names
+FRAGMENTS = {
+    "ids_of_json": "SELECT CAST(value AS bigint) FROM jsonb_array_elements_text(CAST(? AS jsonb))"
+    " AS j(value)",
+    "texts_of_json": "SELECT value FROM jsonb_array_elements_text(CAST(? AS jsonb)) AS j(value)",
+}
+
+
+class _TimeText(Loader):
+    """timestamptz -> the store's time text ('2026-01-19T10:25:31.000000Z')."""
+
+    def load(self, data: Any) -> str:
+        return iso(datetime.fromisoformat(bytes(data).decode()))
+
+
+#: JSON text as the SQLite store holds it (undo.store._writer): compact, not ASCII-escaped
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class _JsonText(Loader):
+    """jsonb -> its text as the SQLite store holds it. Not jsonb's own text (``["a", "b"]``):
+    an undo compares images it composes (a TOASTed value an update kept) with stored ones as
+    text, and a key given on the command line is compared with stored keys as text."""
+
+    def load(self, data: Any) -> str:
+        return _dumps(json.loads(bytes(data)))
+
+
+#: the tables the queries name, as views of one source's rows (``{s}``: its id, ``{lo}``..
+#: ``{hi}``: its span of transaction and change ids)
+_SCOPED = {
+    "meta": "SELECT key, value FROM undo_store.meta WHERE source = {s}",
+    "relations": "SELECT * FROM undo_store.relations WHERE source = {s}",
+    "transactions": "SELECT * FROM undo_store.transactions WHERE source = {s}",
+    "changes": "SELECT * FROM undo_store.changes WHERE id > {lo} AND id <= {hi}",
+    "txn_changes": "SELECT * FROM undo_store.txn_changes WHERE txn > {lo} AND txn <= {hi}",
+    "statements": "SELECT * FROM undo_store.statements WHERE txn > {lo} AND txn <= {hi}",
+    "activity": "SELECT a.* FROM undo_store.activity a WHERE a.relation IN"
+    " (SELECT id FROM undo_store.relations WHERE source = {s})",
+    "gaps": "SELECT * FROM undo_store.gaps WHERE source = {s}",
+    "undos": "SELECT * FROM undo_store.undos WHERE source = {s}",
+    "guard_refusals": "SELECT * FROM undo_store.guard_refusals WHERE source = {s}",
+    "ddl": "SELECT * FROM undo_store.ddl WHERE source = {s}",
+    "malformed": "SELECT * FROM undo_store.malformed WHERE source = {s}",
+}
+
+
+class Runner:
+    """What the store's reads call (``execute``, ``fragments``), on a PostgreSQL store's
+    connection, scoped to one source."""
+
+    fragments = FRAGMENTS
+
+    def __init__(self, conn: psycopg.Connection[Any], source: int) -> None:
+        self.conn = conn
+        self.source = source
+        conn.execute("SET search_path = pg_catalog, undo_store")
+        lo = _schema.id_base(conn, source)
+        values = {
+            "s": sql.Literal(source),
+            "lo": sql.Literal(lo),
+            "hi": sql.Literal(lo + _schema.ID_SPAN),
+        }
+        for name, text in _SCOPED.items():
+            conn.execute(
+                sql.SQL("CREATE OR REPLACE TEMP VIEW {} AS ").format(sql.Identifier(name))
+                + sql.SQL(text).format(**values)  # constant text
+            )
+
+    def execute(self, query: str, parameters: Any = ()) -> psycopg.Cursor[Any]:
+        # the loaders on this cursor only: the writer reads times as datetimes
+        cur = self.conn.cursor()
+        cur.adapters.register_loader("timestamptz", _TimeText)
+        cur.adapters.register_loader("jsonb", _JsonText)
+        params = list(parameters or ())
+        # the one adaptation every query takes: the store's SQL holds '?' only as placeholders
+        text = query.replace("%", "%%").replace("?", "%s") if params else query
+        return cur.execute(text.encode(), params or None)
+
+
+class PgStore(SqliteStore):
+    """The store in the schema undo_store of the database at ``location``, for one source.
+
+    The SQL reads of SqliteStore are the same text here, run by :class:`Runner` (``self.db``);
+    what the engine does otherwise (size, checks, writing, pruning, meta) is its own."""
+
+    engine = "PostgreSQL"
+
+    def __init__(self, location: str, create: bool = False, source: str | None = None) -> None:
+        self.location = location
+        self.conn = _schema.open_connection(location, create)
+        _schema.OPEN.add(self)
+        self.source_id: int | None = None
+        self.source_name: str | None = None
+        try:
+            known = list(_schema.iter_sources(self.conn))
+            if source is not None:
+                found = [i for i, n in known if n == source]
+                if found:
+                    self._bind(found[0], source)
+                else:
+                    self.source_name = source  # not registered: `undo init --source` does
+            elif len(known) == 1:
+                self._bind(*known[0])
+            elif known:  # made by a later undo, or by hand: which one is not guessed
+                raise BadInput(self._which(known, "several sources in"))
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _which(self, known: list[tuple[int, str]], what: str) -> str:
+        names = ", ".join(n for _, n in known) or "none"
+        return (
+            f"{what} the audit store {masked_dsn(self.location)} (its sources: {names}):"
+            " name one with --source"
+        )
+
+    def _bind(self, source: int, name: str) -> None:
+        self.source_id, self.source_name = source, name
+        self._runner: Runner | None = None
+
+    @property
+    def db(self) -> Any:  # type: ignore[override]
+        """The reads' runner, made on first use."""
+        self.source  # noqa: B018 (raises when there is none)
+        if getattr(self, "_runner", None) is None:
+            self._runner = Runner(self.conn, self.source)
+        return self._runner
+
+    def register_source(self, name: str | None, system_identifier: str, database: str) -> str:
+        name = name or self.source_name or database
+        others = [n for _, n in _schema.iter_sources(self.conn) if n != name]
+        if others:
+            # every command but init acts on the store's only source until commands choose
+            # one (--source, or the --dsn database's): a second would stop the first's capture
+            raise BadInput(
+                f"the audit store {masked_dsn(self.location)} holds the source {others[0]!r}:"
+                " this undo keeps one source a store (several: issue #22); give this database"
+                " a store of its own (another database, or another --store file)"
+            )
+        self._bind(_schema.register_source(self.conn, name, system_identifier, database), name)
+        return name
+
+    @property
+    def source(self) -> int:
+        if self.source_id is None:
+            if self.source_name is not None:
+                raise BadInput(
+                    f"no source {self.source_name!r} in the audit store"
+                    f" {masked_dsn(self.location)}: run `undo init --source {self.source_name}`"
+                )
+            raise BadInput(
+                f"the audit store {masked_dsn(self.location)} has no source yet: run `undo init`"
+            )
+        return self.source_id
+
+    # -- the store itself ------------------------------------------------------------------
+    def close(self) -> None:
+        if self.conn.broken:  # so that the error it raised is named as the store's
+            _schema.LOST.add(self.location)
+        with contextlib.suppress(psycopg.Error):
+            self.conn.close()
+
+    def __del__(self) -> None:
+        # callers drop a store as they drop an SQLite one, which closes with its object
+        if getattr(self, "conn", None) is not None:
+            self.close()
+
+    def atomic(self) -> contextlib.AbstractContextManager[Any]:
+        return self.conn.transaction()
+
+    def size(self) -> int:
+        row = self.conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'undo_store' AND c.relkind IN ('r', 'm')"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def quick_check(self) -> list[str]:
+        return []  # PostgreSQL checks its own pages (data checksums, amcheck)
+
+    def returns_space(self) -> bool:
+        return True
+
+    def notes(self) -> list[str]:
+        return []
+
+    def probe_write(self) -> None:
+        with contextlib.suppress(_Probe), self.conn.transaction():
+            self.conn.execute(
+                "UPDATE undo_store.meta SET value = value WHERE source = %s AND key = 'slot'",
+                (self.source,),
+            )
+            raise _Probe
+
+    def writer(self) -> PgStoreWriter:  # type: ignore[override]
+        return PgStoreWriter(self.conn, self.source)
+
+    def prune(self, before: str) -> PruneReport:
+        raise UndoError("undo prune of a PostgreSQL store is not built yet (issue #22)")
+
+    def prune_step(self, before: str) -> StepReport:
+        raise UndoError("capture --keep into a PostgreSQL store is not built yet (issue #22)")
+
+    # -- metadata, gaps --------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        if self.source_id is None:
+            return None
+        return _schema.get_meta(self.conn, self.source_id, key)
+
+    def set_meta(self, values: Mapping[str, str | None]) -> None:
+        with self.conn.transaction():
+            for k, v in values.items():
+                _schema.set_meta(self.conn, self.source, k, v)
+
+    def record_gap(self, from_lsn: int | None, to_lsn: int | None, reason: str) -> None:
+        self.conn.execute(
+            "INSERT INTO undo_store.gaps (source, detected_at, from_lsn, to_lsn, reason)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (self.source, datetime.now(UTC), from_lsn, to_lsn, reason),
+        )
+
+
+class _Probe(Exception):
+    """Rolls back the write that shows the store can be written."""
