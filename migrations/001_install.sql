@@ -205,6 +205,41 @@ $fn$;
 REVOKE ALL ON FUNCTION undo.make_statements(text) FROM PUBLIC;
 SELECT undo.make_statements('each') WHERE to_regprocedure('undo.statements_mode()') IS NULL;
 
+-- The key of the tag's own state (undo.tagged, undo.stmt below): 128 random bits in two
+-- sequences no other role may read (their values are the key; they are never advanced). Read
+-- with pg_sequence_last_value(), a function call, no query, that cannot fail for undo's owner
+-- (currval, the session's own state, fails in a session that has not set it: a forged setting
+-- would then make the victim's statement fail). Made once; `undo init` again keeps it.
+CREATE SEQUENCE IF NOT EXISTS undo.state_key_a AS bigint MINVALUE -9223372036854775808;
+CREATE SEQUENCE IF NOT EXISTS undo.state_key_b AS bigint MINVALUE -9223372036854775808;
+REVOKE ALL ON SEQUENCE undo.state_key_a, undo.state_key_b FROM PUBLIC;
+SELECT pg_catalog.setval(k, ('x' || pg_catalog.substr(pg_catalog.md5(
+           pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text), 1, 16))
+           ::bit(64)::bigint)
+  FROM pg_catalog.unnest(ARRAY['undo.state_key_a', 'undo.state_key_b']::regclass[]) k
+ WHERE pg_catalog.pg_sequence_last_value(k) IS NULL;
+
+-- Whether g is the digest of a state bound to bound and set at a trigger depth from 1 to d:
+-- undo.tag_statement() checks its own depth itself, and calls this only for the rest (a
+-- cascade, a trigger's own write: at depth 2 or more, rare), so that its expressions are
+-- prepared only then.
+CREATE OR REPLACE FUNCTION undo.state_within(g pg_catalog.text, bound pg_catalog.bytea,
+                                             d pg_catalog.int4) RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $fn$
+BEGIN
+    FOR i IN 1 .. d LOOP
+        IF g OPERATOR(pg_catalog.=) pg_catalog.md5(bound OPERATOR(pg_catalog.||)
+                                                   pg_catalog.int4send(i)) THEN
+            RETURN true;
+        END IF;
+    END LOOP;
+    RETURN false;
+END
+$fn$;
+REVOKE ALL ON FUNCTION undo.state_within(pg_catalog.text, pg_catalog.bytea, pg_catalog.int4)
+    FROM PUBLIC;
+
 -- The statement trigger's function, on every audited table. SECURITY DEFINER, so that it signs
 -- as undo's owner (reading undo.secret); no SET clause (PostgreSQL saves and restores settings
 -- around every call of a function that has one: tens of µs a call), so it runs with the
@@ -214,23 +249,44 @@ SELECT undo.make_statements('each') WHERE to_regprocedure('undo.statements_mode(
 -- (PostgreSQL checks EXECUTE when a trigger is made, not when it fires); the triggers init made
 -- fire for every role.
 --
--- Per statement, it reads two transaction-local settings:
---   undo.stmt   the statement_timestamp() of the top-level statement marked last (as hex): a statement
---               writing to several audited tables (or a cascade) is marked once;
---   undo.tagged the transaction_timestamp() of the transaction once it is tagged.
+-- Per statement, it checks the guards first (before it trusts any state: a guarded application
+-- is refused at every statement, whatever the settings say), then two transaction-local
+-- settings, the tag's own state:
+--   undo.stmt   this top-level statement is marked: a statement writing to several audited
+--               tables (or a cascade) is marked once;
+--   undo.tagged this transaction is tagged.
+-- Any code in the session can read and write a setting (the role's own, or a table owner's
+-- trigger or default running in it: a trigger that sorts before undo_tag sets them before
+-- undo's trigger reads them). So neither holds a fact such code could write: each holds a
+-- digest, md5 of the state key (undo.state_key_a/_b, which only undo's owner reads) and what
+-- the state is bound to, which the trigger computes again to check it:
+--   undo.stmt   the transaction's full xid, the statement_timestamp() and the trigger depth
+--               (pg_trigger_depth()) it was set at; it counts at that depth and deeper (a
+--               cascade, a trigger's own write to an audited table), never shallower;
+--   undo.tagged 't' and the digest of the xid, when the tag was emitted right under the
+--               client's statement (GET DIAGNOSTICS PG_CONTEXT: this function and undo.tag(),
+--               nothing else): for the whole transaction; 'd' and the digest of the xid, the
+--               statement and the depth, when it was emitted under other code (a function, a
+--               trigger, a default, a DO block): for that statement, at that depth and deeper,
+--               and under other code only (the context is read again in that case only).
+-- A value written by other code is then one undo made for this very transaction (and
+-- statement), or it counts for nothing: such code can at worst have a genuine tag or marker
+-- emitted again, never skip one. The bindings are what keeps a value undo made from being put
+-- back where it no longer holds: code that writes to an audited table inside a subtransaction
+-- it rolls back (taking the tag or marker with it) can keep the values undo set there and write
+-- them back, but they were set under its own code, so they hold only there (deeper, or in that
+-- statement), not for the client's statements. Only the client itself, with a savepoint around
+-- its own statement, can so erase its own tag (its writes are stored untagged, 'missing').
 -- The transaction's first writing statement emits the tag: one transactional message (prefix
 -- undo), signed, with the session part, application_name (the session's own claim), the xid,
 -- current_query() (the top-level statement) and, for an undo, what it undoes. Each later
 -- statement emits a marker (prefix undo.stmt, unsigned: its text), so that every change carries
 -- the statement that made it; capture accepts markers only inside a transaction whose tag it
--- trusts. With undo.statements_mode() 'first' (`undo init --statements first`), a later
--- statement returns once it has checked undo.tagged: no marker, no undo.stmt. Both settings
--- are set with is_local, so a rolled-back savepoint rolls them back with the messages it held,
--- and the next statement emits them again. Code in the session can write
--- them: it can erase its own transaction's tag (its writes are stored untagged, 'missing') or
--- have a marker emitted twice, never make another's writes trusted; a value set for the session
--- (by a table owner's trigger running in it, say) matches no later statement or transaction: it
--- would have to guess their start to the µs (an xid can be guessed).
+-- trusts (a tag emitted again is a statement of its own, like a marker). With
+-- undo.statements_mode() 'first' (`undo init --statements first`), a later statement returns
+-- once it has checked undo.tagged: no marker, no undo.stmt. Both settings are set with
+-- is_local, so a rolled-back savepoint rolls them back with the messages it held, and the next
+-- statement emits them again.
 -- A guarded application may not write (003_guard.sql): undo.guarded() is generated from the
 -- guards (a constant NULL with none), and undo.refuse() records the attempt and fails.
 -- Cost, per transaction (bench/tag, performance docs): PL/pgSQL compiles a trigger function
@@ -245,47 +301,96 @@ SELECT undo.make_statements('each') WHERE to_regprocedure('undo.statements_mode(
 -- execute. STABLE only so that PL/pgSQL takes no new snapshot before each of its expressions
 -- (it reads nothing a snapshot decides but undo.secret, which changes only with `undo init`);
 -- it is not a function the planner may call fewer times: it is called from a PL/pgSQL
--- assignment, once per call of the trigger. undo.stmt holds the statement_timestamp() as the hex
--- of its 8 binary bytes (no time-zone formatting per statement; the same instant, the same
--- meaning). The session's start and the key are read by one query.
+-- assignment, once per call of the trigger. The session's start and the key are read by one
+-- query, in the tag only.
 CREATE OR REPLACE FUNCTION undo.tag_statement(rel pg_catalog.oid) RETURNS pg_catalog.text
 LANGUAGE plpgsql STABLE
 AS $fn$
 DECLARE
-    t pg_catalog.text;
+    d pg_catalog.int4 := pg_catalog.pg_trigger_depth();
+    k pg_catalog.bytea;
+    kt pg_catalog.bytea;
+    st pg_catalog.text;
+    x pg_catalog.text;
+    top boolean;
     v pg_catalog.int8;
     m pg_catalog.text;
     ip pg_catalog.bytea;
     op pg_catalog.bytea;
 BEGIN
-    -- statements first: once the transaction is tagged, a statement does nothing more (the
-    -- condition is the undo.tagged check alone; with each, a constant false)
-    IF undo.statements_mode() OPERATOR(pg_catalog.=) 'first'
-       AND pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=)
-            pg_catalog.transaction_timestamp()::pg_catalog.text THEN
-        RETURN NULL;
+    -- the guards first, whatever the state says
+    IF undo.guarded(pg_catalog.current_setting('application_name')) IS NOT NULL THEN
+        PERFORM undo.refuse(undo.guarded(pg_catalog.current_setting('application_name')), rel);
     END IF;
-    t := pg_catalog.encode(pg_catalog.timestamptz_send(pg_catalog.statement_timestamp()), 'hex');
-    IF pg_catalog.current_setting('undo.stmt', true) OPERATOR(pg_catalog.=) t THEN
-        RETURN NULL;  -- this statement is marked already
+    -- what the state is bound to: the state key and the transaction; the statement
+    k := pg_catalog.int8send(pg_catalog.pg_sequence_last_value(
+             'undo.state_key_a'::pg_catalog.regclass)) OPERATOR(pg_catalog.||)
+         pg_catalog.int8send(pg_catalog.pg_sequence_last_value(
+             'undo.state_key_b'::pg_catalog.regclass)) OPERATOR(pg_catalog.||)
+         pg_catalog.xid8send(pg_catalog.pg_current_xact_id());
+    kt := k OPERATOR(pg_catalog.||) pg_catalog.timestamptz_send(pg_catalog.statement_timestamp());
+    IF undo.statements_mode() OPERATOR(pg_catalog.<>) 'first' THEN
+        st := pg_catalog.md5(kt OPERATOR(pg_catalog.||) pg_catalog.int4send(d));
+        IF pg_catalog.current_setting('undo.stmt', true) OPERATOR(pg_catalog.=) st THEN
+            RETURN NULL;  -- this statement is marked already
+        END IF;
+        IF d OPERATOR(pg_catalog.>) 1 THEN  -- marked a level above (a cascade, a trigger's write)
+            IF undo.state_within(pg_catalog.current_setting('undo.stmt', true), kt,
+                                 d OPERATOR(pg_catalog.-) 1) THEN
+                RETURN NULL;
+            END IF;
+        END IF;
     END IF;
-    IF pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=)
-            pg_catalog.transaction_timestamp()::pg_catalog.text THEN
+    x := 't' OPERATOR(pg_catalog.||) pg_catalog.md5(k);
+    IF pg_catalog.current_setting('undo.tagged', true) OPERATOR(pg_catalog.=) x THEN
+        IF st IS NULL THEN
+            RETURN NULL;  -- statements first: nothing more once the transaction is tagged
+        END IF;
         -- one expression, no PERFORM (which always runs a query through the executor)
         RETURN pg_catalog.concat(pg_catalog.pg_logical_emit_message(true, 'undo.stmt',
                                      coalesce(pg_catalog.current_query(), '')),
-                                 pg_catalog.set_config('undo.stmt', t, true));
+                                 pg_catalog.set_config('undo.stmt', st, true));
     END IF;
-    -- the transaction's first tagged statement
+    -- Called right under the client's statement (the context is this function and undo.tag(),
+    -- nothing else), or under other code (a function, a trigger, a default, a DO block): read
+    -- only when the transaction's state is not the client's (rare: under other code), and for
+    -- the tag
+    IF pg_catalog.starts_with(pg_catalog.current_setting('undo.tagged', true), 'd') THEN
+        GET DIAGNOSTICS m = PG_CONTEXT;
+        top := pg_catalog.strpos(pg_catalog.substr(m, pg_catalog.strpos(m, E'\n')
+                                                      OPERATOR(pg_catalog.+) 1), E'\n')
+               OPERATOR(pg_catalog.=) 0;
+        -- tagged under other code in this statement, at this depth or above: holds under
+        -- other code only
+        IF NOT top AND undo.state_within(
+                pg_catalog.substr(pg_catalog.current_setting('undo.tagged', true), 2), kt, d) THEN
+            IF st IS NULL THEN
+                RETURN NULL;
+            END IF;
+            RETURN pg_catalog.concat(pg_catalog.pg_logical_emit_message(true, 'undo.stmt',
+                                         coalesce(pg_catalog.current_query(), '')),
+                                     pg_catalog.set_config('undo.stmt', st, true));
+        END IF;
+    END IF;
+    -- the transaction's first tagged statement. Right under the client's statement, the state
+    -- holds for the whole transaction; under other code, for this statement at this depth and
+    -- deeper, under other code
+    IF top IS NULL THEN
+        GET DIAGNOSTICS m = PG_CONTEXT;
+        top := pg_catalog.strpos(pg_catalog.substr(m, pg_catalog.strpos(m, E'\n')
+                                                      OPERATOR(pg_catalog.+) 1), E'\n')
+               OPERATOR(pg_catalog.=) 0;
+    END IF;
+    IF NOT top THEN
+        x := 'd' OPERATOR(pg_catalog.||)
+             pg_catalog.md5(kt OPERATOR(pg_catalog.||) pg_catalog.int4send(d));
+    END IF;
     BEGIN
         SELECT s.ipad, s.opad, pg_catalog.currval('undo.session_start'::pg_catalog.regclass)
           INTO ip, op, v FROM undo.secret s;  -- the one query
     EXCEPTION WHEN object_not_in_prerequisite_state THEN
         SELECT s.ipad, s.opad, undo.note_session_start() INTO ip, op, v FROM undo.secret s;
     END;
-    IF undo.guarded(pg_catalog.current_setting('application_name')) IS NOT NULL THEN
-        PERFORM undo.refuse(undo.guarded(pg_catalog.current_setting('application_name')), rel);
-    END IF;
     m := pg_catalog.concat(
         '{"pid":', pg_catalog.pg_backend_pid(),
         ',"backend_start":', CASE WHEN v OPERATOR(pg_catalog.>) 0 THEN v::pg_catalog.text
@@ -307,9 +412,8 @@ BEGIN
             op OPERATOR(pg_catalog.||) pg_catalog.sha256(ip OPERATOR(pg_catalog.||)
                 pg_catalog.convert_to(E'undo\n' OPERATOR(pg_catalog.||) m, 'UTF8'))), 'hex')
             OPERATOR(pg_catalog.||) m),
-        pg_catalog.set_config('undo.tagged', pg_catalog.transaction_timestamp()::pg_catalog.text,
-                              true),
-        pg_catalog.set_config('undo.stmt', t, true));
+        pg_catalog.set_config('undo.tagged', x, true),
+        pg_catalog.set_config('undo.stmt', coalesce(st, ''), true));
 END
 $fn$;
 REVOKE ALL ON FUNCTION undo.tag_statement(pg_catalog.oid) FROM PUBLIC;

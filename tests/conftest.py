@@ -129,6 +129,19 @@ def pytest_report_header(config: Any) -> list[str]:
     return lines
 
 
+def erase_own_tag(conn: psycopg.Connection[Any], table: str = "t") -> None:
+    """Leave the rest of this transaction untagged, as a role can in its own session (a
+    client's savepoint; docs/security.md): write to an audited table inside a savepoint, keep
+    the state undo's trigger set, roll the savepoint back (the tag with it) and set the state
+    again. The transaction's later writes are stored untagged ('missing')."""
+    conn.execute("SAVEPOINT erase_own_tag")
+    conn.execute(sql.SQL("INSERT INTO {} SELECT WHERE false").format(sql.Identifier(table)))
+    row = conn.execute("SELECT current_setting('undo.tagged')").fetchone()
+    assert row is not None
+    conn.execute("ROLLBACK TO SAVEPOINT erase_own_tag")
+    conn.execute("SELECT set_config('undo.tagged', %s, true)", (row[0],))
+
+
 @dataclass
 class Source:
     """One test's database, slot and store, and helpers to drive undo on them."""

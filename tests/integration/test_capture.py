@@ -13,7 +13,7 @@ import time
 import psycopg
 import pytest
 
-from tests.conftest import STORES
+from tests.conftest import STORES, erase_own_tag
 from tests.fixtures import TYPES_SCHEMA
 from undo.source.pg import session_id
 
@@ -117,7 +117,7 @@ def test_forged_replayed_erased_and_malformed_tags_are_never_a_real_sessions(sou
 
         def emitting(value, message):
             with c.transaction():  # silence the real tag
-                c.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
+                erase_own_tag(c)
                 if message is not None:
                     xid = c.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
                     c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", (message(xid),))
@@ -200,7 +200,7 @@ def test_show_counts_a_session_without_the_forged_transactions_that_claim_it(sou
         claim = json.dumps({"pid": pid, "backend_start": start, "user": role, "xid": 0})
         for value in (10, 11, 12):
             with c.transaction():  # silence the real tag
-                c.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
+                erase_own_tag(c)
                 c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", ("0" * 64 + claim,))
                 c.execute("INSERT INTO t VALUES (%s)", (value,))
     source.capture()

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import yaml
 
+from tests.conftest import erase_own_tag
 from tests.integration.test_web import _scenario
 from undo.web import serve
 
@@ -100,7 +101,7 @@ def scraped(pgo) -> str:
     ):
         c.execute("DELETE FROM accounts")
     with pgo.connect(application_name="web") as c, c.transaction():
-        c.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
+        erase_own_tag(c, "accounts")
         c.execute("SELECT pg_logical_emit_message(true, 'undo', 'not a tag')")
         c.execute("INSERT INTO accounts VALUES (100, 'x', 'free')")
     pgo.capture()

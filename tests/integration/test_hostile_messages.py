@@ -14,6 +14,7 @@ import psycopg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import erase_own_tag
 from undo.source.pg import session_id
 
 PREFIXES = ["undo", "undo.ddl", "undo.guard", "undo.ledger"]
@@ -33,7 +34,7 @@ def _emit(conn, transactional, prefix, content, then_write=None):
     with conn.transaction():
         if then_write is not None:
             # no real tag: the message is the tag
-            conn.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
+            erase_own_tag(conn)
         conn.execute("SELECT pg_logical_emit_message(%s, %s, %s)", (transactional, prefix, content))
         if then_write is not None:
             conn.execute("INSERT INTO t VALUES (%s)", (then_write,))

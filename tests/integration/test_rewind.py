@@ -7,7 +7,7 @@ import json
 import psycopg
 import pytest
 
-from tests.conftest import STORES
+from tests.conftest import STORES, erase_own_tag
 from tests.integration.test_undo import _as_session
 from undo.stream.capture import capture
 
@@ -50,7 +50,7 @@ def test_rewind_to_a_time_between_the_webs_writes_and_the_scripts_delete(source)
     with source.connect(application_name="usage-metrics") as c:
         c.execute("DELETE FROM accounts WHERE id % 100 < 7")  # and their events, by cascade
     with source.connect() as c, c.transaction():  # its tag erased: untagged, rewound too
-        c.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
+        erase_own_tag(c, "events")
         c.execute("UPDATE events SET title = 'who?' WHERE id = 29")
     _web(source, 3)
     source.capture()

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from prometheus_client.exposition import generate_latest
 
+from tests.conftest import erase_own_tag
 from undo.source.pg import session_id
 from undo.web.metrics import registry
 
@@ -158,9 +159,7 @@ def test_a_table_owners_trigger_in_the_victims_session_gets_nothing_to_sign_with
         for n, erase in ((10, False), (11, True)):
             with c.transaction():
                 if erase:  # her own tag erased: the forgery is the transaction's only tag
-                    c.execute(
-                        "SELECT set_config('undo.tagged', transaction_timestamp()::text, true)"
-                    )
+                    erase_own_tag(c)
                 (xid,) = c.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
                 for content in _forgeries(loot, claim, xid):  # before her write, her real tag
                     c.execute("SELECT pg_logical_emit_message(true, 'undo', %s)", (content,))
@@ -461,7 +460,7 @@ def test_markers_count_only_in_a_trusted_transaction(source):
     source.init()
     with source.connect() as c:
         with c.transaction():  # no tag at all: its own markers count for nothing
-            c.execute("SELECT set_config('undo.tagged', transaction_timestamp()::text, true)")
+            erase_own_tag(c)
             c.execute("SELECT pg_logical_emit_message(true, 'undo.stmt', 'SELECT 1')")
             c.execute("INSERT INTO t VALUES (1)")
         with c.transaction():  # a trusted transaction mislabelling its own statement
