@@ -33,6 +33,8 @@ class Relation:
     partial: bool = False
     #: pgoutput's replica identity of the table at the change ('f': FULL), None from wal2json
     replident: str | None = None
+    #: wal2json: the columns of a new tuple (an INSERT's), every column the table had then
+    whole: bool = False
     #: (schema, name) of the top of its partition tree when it is a partition (capture's catalog)
     root: tuple[str, str] | None = None
 

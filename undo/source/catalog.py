@@ -82,22 +82,47 @@ class Catalog:
             "SELECT EXISTS (SELECT 1 FROM undo.audited WHERE relid = %s)", (rel.oid,)
         ).fetchone()
         attnames = {a[0]: a[1] for a in attrs}
-        complete = (
-            tuple(a[1] for a in attrs),
-            tuple(a[1] for a in attrs if not a[2]),
-        )
-        # wal2json sends stored generated columns, pgoutput (15) does not: both are complete.
-        partial = bool(rel.columns) and rel.columns not in complete
-        if not attrs and rel.replident is not None:
-            # the table is gone since: pgoutput says what its replica identity was then
+        # Whether old images lack columns is a fact of the time the changes were written, not
+        # of the catalog now: DDL committed since (ADD, DROP, RENAME, ALTER COLUMN TYPE) makes
+        # the stream's column list differ from today's, with every old image whole.
+        if rel.replident is not None:
+            # pgoutput: the table's replica identity then (its Relation message); only FULL
+            # sends old rows whole ('O'), the others key-only ('K') or none
             partial = rel.replident != "f"
+        else:
+            partial = bool(rel.columns) and not rel.whole and self._key_only(rel, attrs)
         key = None
         row = self.conn.execute(_KEY_QUERY, {"oid": rel.oid}).fetchone()
         if row is not None:
             cols = [attnames.get(n) for n in row[0]]
             if all(c in rel.columns for c in cols):
                 key = tuple(rel.columns.index(c) for c in cols if c is not None)
+            else:  # renamed since: the same columns, of the same types, in the same places
+                for shape in (attrs, [a for a in attrs if not a[2]]):
+                    if rel.type_oids == tuple(a[3] for a in shape):
+                        at = {a[0]: i for i, a in enumerate(shape)}
+                        key = tuple(at[n] for n in row[0]) if set(row[0]) <= set(at) else None
+                        break
         return bool(audited and audited[0]), key, partial
+
+    def _key_only(self, rel: Relation, attrs: list[Any]) -> bool:
+        """Whether wal2json's old images of this column list may be key-only (the table's
+        replica identity was DEFAULT or INDEX then). wal2json sends no replica identity: under
+        FULL an old image has every column the table had then, under the others the columns of
+        one unique index. A list that is the columns of a unique index of the table's, which
+        has more columns, is taken for key-only; so is any while the table is not FULL now."""
+        row = self.conn.execute(
+            "SELECT c.relreplident = 'f', ARRAY(SELECT ARRAY(SELECT a.attname::text"
+            "  FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
+            "  ORDER BY a.attnum) FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique"
+            "  AND i.indexprs IS NULL AND i.indpred IS NULL)"
+            " FROM pg_class c WHERE c.oid = %s",
+            (rel.oid,),
+        ).fetchone()
+        if row is None or not row[0]:
+            return True
+        names = set(rel.columns)
+        return any(set(k) == names for k in row[1]) and any(a[1] not in names for a in attrs)
 
     def problems(self, oids: list[int] | None) -> list[tuple[str, str]]:
         """What is wrong now with the audited tables of these OIDs (None: every audited table),

@@ -148,6 +148,7 @@ class Wal2JsonDecoder:
             if action == "I":
                 cols = doc["columns"]
                 rel = self._relation(doc, cols)
+                rel.whole = True
                 return Change(rel, "I", None, _tokens(cols))
             if action == "U":
                 ident = doc.get("identity") or []
