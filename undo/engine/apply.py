@@ -34,8 +34,7 @@ from undo.core.images import OP_NAMES, load
 from undo.engine import inverse
 from undo.engine.inverse import Step, TableUndo
 from undo.engine.plan import Plan, Target, changes, later_writer, select
-from undo.source import pg
-from undo.store import open_store
+from undo.source import pg, sources
 from undo.store.api import Store
 
 log = logging.getLogger(__name__)
@@ -888,7 +887,7 @@ def undo(
     a report whose conflicts are not empty. With ``inspect`` (and ``apply``), the undo runs,
     ``inspect`` sees the database as it left it, and everything is rolled back.
     """
-    db = open_store(settings.store)
+    db = sources.open_for(settings)
     if target.tables:  # a partitioned table: its partitions, whose changes the stream carries
         with pg.connect(settings.dsn) as conn:
             target = dataclasses.replace(target, tables=pg.with_partitions(conn, target.tables))

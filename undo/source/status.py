@@ -13,7 +13,7 @@ from undo.core import wal
 from undo.core.config import Settings
 from undo.core.errors import StoreCorrupt
 from undo.core.times import epoch, iso
-from undo.source import health, pg
+from undo.source import health, pg, sources
 from undo.source.install import statements_mode, unprepared, unpublishable
 from undo.store import is_corrupt, open_store
 from undo.store.api import Store
@@ -106,13 +106,13 @@ def _slot_row(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | Non
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    db = open_store(settings.store)
-    stored = db.status()
-    # `undo status --json`: what the store says of itself, then what the source says
-    result: dict[str, Any] = stored.to_json()
-    result["store_position"] = wal.int_to_lsn(stored.store_position)
-    result["store_bytes"] = db.size()
     with pg.connect(settings.dsn) as conn:
+        db = sources.open_for(settings, conn)
+        stored = db.status()
+        # `undo status --json`: what the store says of itself, then what the source says
+        result: dict[str, Any] = stored.to_json()
+        result["store_position"] = wal.int_to_lsn(stored.store_position)
+        result["store_bytes"] = db.size()
         # slot names are per cluster: a slot of this name may be another database's, and
         # then it is not this database's slot (slot: null), but status says whose it is
         slot = _slot_row(conn, settings.slot)
@@ -177,8 +177,9 @@ def check(settings: Settings, max_lag: float = MAX_LAG_SECONDS) -> dict[str, Any
         }
     measured: dict[str, Any] = {}
     try:
-        gaps = db.status().gaps
         with pg.connect(settings.dsn) as conn:
+            sources.bind(db, settings, conn)
+            gaps = db.status().gaps
             slot = _slot_row(conn, settings.slot)
             ours = slot is not None and bool(slot[5])
             measured = lag(
