@@ -21,8 +21,9 @@ from undo.cli._app import (
 )
 from undo.core.config import Settings
 from undo.core.times import parse_time
-from undo.store import open_store
-from undo.store.api import Shown, parse_key
+from undo.source import sources
+from undo.store import across, open_store
+from undo.store.api import Shown, Store, parse_key
 
 
 def output_options(f: Any) -> Any:
@@ -116,7 +117,9 @@ def sessions_cmd(
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
     db = open_store(settings.store)
-    rows = db.sessions(
+    rows = across.sessions(
+        db,
+        sources.selected(db, settings),
         since=parse_time(since) if since else None,
         until=parse_time(until) if until else None,
         app=app,
@@ -132,7 +135,13 @@ def sessions_cmd(
     if fmt == "table":  # what undid it, in a few words
         for doc, r in zip(docs, rows, strict=True):
             doc["undone"] = render.undone(r.undone)
-    emit(render.listing(docs, _SESSION_COLUMNS, fmt, expand, more))
+    emit(render.listing(docs, _sourced(db, _SESSION_COLUMNS), fmt, expand, more))
+
+
+def _sourced(db: Store, columns: list[str]) -> list[str]:
+    """A listing's columns, ``source`` first where the store holds more than one (--json
+    always carries it)."""
+    return ["source", *columns] if len(db.sources()) > 1 else columns
 
 
 _SESSION_COLUMNS = [
@@ -171,7 +180,9 @@ def _show_options(f: Any) -> Any:
     return output_options(f)
 
 
-def _show(result: Shown, limit: int | None, show_all: bool, fmt: str, expand: bool) -> None:
+def _show(
+    result: Shown, limit: int | None, show_all: bool, fmt: str, expand: bool, sourced: bool
+) -> None:
     if show_all:
         limit = None
     elif limit is None and fmt == "table":
@@ -181,7 +192,7 @@ def _show(result: Shown, limit: int | None, show_all: bool, fmt: str, expand: bo
     elif fmt == "csv":
         emit(render.show_csv(result, limit))
     else:
-        emit("\n".join(render.show(result, limit, expand)))
+        emit("\n".join(render.show(result, limit, expand, sourced)))
 
 
 @show_group.command("session")
@@ -202,8 +213,9 @@ def show_session(
     Example: undo show session 6b071524.9d7
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    result = open_store(settings.store).show(session_id=session_id)
-    _show(result, limit, show_all, fmt, expand)
+    db = open_store(settings.store)
+    result = across.show(db, sources.selected(db, settings), session_id=session_id)
+    _show(result, limit, show_all, fmt, expand, len(db.sources()) > 1)
 
 
 @show_group.command("xact")
@@ -224,8 +236,9 @@ def show_xact(
     Example: undo show xact 7341
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    result = open_store(settings.store).show(xid=xid)
-    _show(result, limit, show_all, fmt, expand)
+    db = open_store(settings.store)
+    result = across.show(db, sources.selected(db, settings), xid=xid)
+    _show(result, limit, show_all, fmt, expand, len(db.sources()) > 1)
 
 
 @cli.command("history")
@@ -269,7 +282,7 @@ def history_cmd(
                 f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
             )
     try:
-        rows = db.history(table, pairs, normalise)
+        rows = across.history(db, sources.selected(db, settings), table, pairs, normalise)
     finally:
         if conn is not None:
             conn.close()
@@ -279,14 +292,14 @@ def history_cmd(
         emit(
             render.listing(
                 [render.history_record(r) if fmt != "json" else r.to_json() for r in rows],
-                render.HISTORY_FIELDS,
+                _sourced(db, render.HISTORY_FIELDS),
                 fmt,
                 expand,
                 more,
             )
         )
         return
-    emit("\n".join(render.history(rows, more)))
+    emit("\n".join(render.history(rows, more, sourced=len(db.sources()) > 1)))
 
 
 def _connect_timeout(dsn: str, seconds: int) -> dict[str, Any]:
@@ -316,7 +329,10 @@ def activity_cmd(
     """
     from undo.core.times import parse_bucket
 
-    rows = open_store(settings.store).activity(
+    db = open_store(settings.store)
+    rows = across.activity(
+        db,
+        sources.selected(db, settings),
         by=by,
         since=parse_time(since) if since else None,
         bucket_seconds=parse_bucket(bucket),
@@ -325,4 +341,8 @@ def activity_cmd(
     if as_json:
         click.echo(render.to_json(docs))
         return
-    click.echo(render.table(docs, ["bucket", by, "inserts", "updates", "deletes", "truncates"]))
+    click.echo(
+        render.table(
+            docs, _sourced(db, ["bucket", by, "inserts", "updates", "deletes", "truncates"])
+        )
+    )

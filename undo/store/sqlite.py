@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -467,25 +468,28 @@ class SqliteStore:
         offset: int = 0,
         undone_filter: bool | None = None,
     ) -> list[SessionRow]:
-        return _queries.sessions(
+        rows = _queries.sessions(
             self.db, since, until, app, user, tables, limit, offset, undone_filter
         )
+        return [replace(r, source=self.source_name) for r in rows]
 
     def show(self, session_id: str | None = None, xid: int | None = None) -> Shown:
-        return _queries.show(self.db, session_id, xid)
+        return replace(_queries.show(self.db, session_id, xid), source=self.source_name)
 
     def history(
         self, table: str, key: dict[str, str | None], normalise: Normalise
     ) -> list[HistoryVersion]:
-        return _queries.history(self.db, table, key, normalise)
+        rows = _queries.history(self.db, table, key, normalise)
+        return [replace(r, source=self.source_name) for r in rows]
 
     def activity(
         self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
     ) -> list[ActivityBucket]:
-        return _queries.activity(self.db, by, since, bucket_seconds)
+        rows = _queries.activity(self.db, by, since, bucket_seconds)
+        return [replace(r, source=self.source_name) for r in rows]
 
     def status(self) -> StoreStatus:
-        return _queries.status(self.db)
+        return replace(_queries.status(self.db), source=self.source_name)
 
     def guard_refusals(self, session_id: str | None = None) -> list[GuardRefusal]:
         return _queries.guard_refusals(self.db, session_id)
