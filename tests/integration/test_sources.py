@@ -8,9 +8,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -197,3 +199,32 @@ def test_two_sources_captured_one_after_the_other_into_one_sqlite_file(source, t
 @pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
 def test_two_sources_captured_at_once_into_one_postgresql_store(source, tmp_path):
     _listed_by_source(source, tmp_path, at_once=True)
+
+
+def test_a_second_capture_into_one_sqlite_file_is_refused_while_the_first_runs(pgo, tmp_path):
+    _ready(pgo)
+    with _beside(pgo, tmp_path, "b") as b:
+        _ready(b)
+        env = {**os.environ, "UNDO_DSN": pgo.dsn, "UNDO_STORE": pgo.store, "UNDO_SLOT": pgo.slot}
+        first = subprocess.Popen(
+            [sys.executable, "-m", "undo", "capture"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            for _ in range(200):  # until the first has written its first batch
+                if pgo.meta("position") and pgo.store_rows("SELECT count(*) FROM transactions")[
+                    0
+                ] != (0,):
+                    break
+                time.sleep(0.1)
+            second = b.undo_cli("capture", "--once")
+            assert second.returncode == 1, second.stderr
+            assert "being written by another capture" in second.stderr
+            assert "Traceback" not in second.stderr
+        finally:
+            first.send_signal(signal.SIGTERM)
+            first.communicate(timeout=60)
+        assert first.returncode == 0
+        # the first stopped: the second goes on
+        done = b.undo_cli("capture", "--once")
+        assert done.returncode == 0, done.stderr
+        assert {r[0] for r in pgo.store_rows("SELECT source FROM transactions")} == {1, 2}
