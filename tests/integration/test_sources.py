@@ -228,3 +228,51 @@ def test_a_second_capture_into_one_sqlite_file_is_refused_while_the_first_runs(p
         done = b.undo_cli("capture", "--once")
         assert done.returncode == 0, done.stderr
         assert {r[0] for r in pgo.store_rows("SELECT source FROM transactions")} == {1, 2}
+
+
+def test_the_dashboard_shows_the_source_of_everything_and_filters_by_it(pgo, tmp_path):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from undo.web import serve
+
+    def get(url: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            body = e.read().decode()
+            e.close()
+            return e.code, body
+
+    with _beside(pgo, tmp_path, "b") as b:
+        sid_a, sid_b = _two_sources(pgo, b, at_once=False)
+        server = serve(b.settings, "127.0.0.1", 0, None, ())
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_port}"
+        try:
+            status, page = get(base + "/sessions")
+            assert status == 200 and sid_a in page and sid_b in page
+            assert f"<td>{pgo.dbname}</td>" in page and f"<td>{b.dbname}</td>" in page
+            status, page = get(base + f"/sessions?source={b.dbname}")
+            assert status == 200 and sid_b in page and sid_a not in page
+            status, page = get(base + "/")
+            assert f"Capture health: {pgo.dbname}" in page
+            assert f"Capture health: {b.dbname}" in page
+            status, page = get(base + f"/sessions/{sid_a}?source={pgo.dbname}")
+            assert status == 200 and f'source: <a href="?source={pgo.dbname}"' in page
+            status, page = get(base + "/history/public.t?id=1")
+            assert status == 200 and f"<td>{pgo.dbname}</td>" in page
+            assert f"<td>{b.dbname}</td>" in page
+            status, page = get(base + "/sessions?source=nope")
+            assert status == 400 and "no source" in page
+            status, text = get(base + "/metrics")
+            counted = [x for x in text.splitlines() if x.startswith("undo_transactions_total{")]
+            for name in (pgo.dbname, b.dbname):
+                assert any(f'source="{name}"' in x for x in counted), counted
+            # the lag is the --dsn database's
+            assert f'undo_capture_lag_bytes{{source="{b.dbname}"}}' in text
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -1,4 +1,5 @@
-"""/metrics: Prometheus text read from the store (and the source) at scrape time."""
+"""/metrics: Prometheus text read from the store (and the source) at scrape time, every series
+labelled with its source's name in the store (``source``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from undo.core.config import Settings
 from undo.core.times import epoch
-from undo.source import pg
+from undo.source import pg, sources
 from undo.source.status import lag
 from undo.store import open_store
 from undo.store.api import Store
@@ -23,62 +24,69 @@ class StoreCollector(Collector):
         self.settings = settings
 
     def collect(self) -> Iterator[Any]:
+        """Every series with the label ``source`` (the source's name in the store), first."""
         db = open_store(self.settings.store)
         try:
-            figures = db.metrics()
             changes = CounterMetricFamily(
                 "undo_changes",
                 "Row changes captured, by application, table and operation",
-                labels=["application", "table", "operation"],
+                labels=["source", "application", "table", "operation"],
             )
-            for app, table, ins, upd, dele, trunc in figures.changes:
-                for op, n in (
-                    ("insert", ins),
-                    ("update", upd),
-                    ("delete", dele),
-                    ("truncate", trunc),
-                ):
-                    changes.add_metric([app, table, op], n)
-            yield changes
             txns = CounterMetricFamily(
-                "undo_transactions", "Transactions captured, by application", labels=["application"]
+                "undo_transactions",
+                "Transactions captured, by application",
+                labels=["source", "application"],
             )
-            for app, n in figures.transactions:
-                txns.add_metric([app], n)
-            yield txns
             untrusted = CounterMetricFamily(
                 "undo_untrusted_writes",
                 "Row changes on audited tables without a trusted tag, by reason",
-                labels=["reason"],
+                labels=["source", "reason"],
             )
-            for reason, n in figures.untrusted:
-                untrusted.add_metric([reason or "unknown"], n)
-            yield untrusted
             refusals = CounterMetricFamily(
                 "undo_guard_refusals",
                 "Transactions a guard refused to let write, by guard and application",
-                labels=["guard", "application"],
+                labels=["source", "guard", "application"],
             )
-            for guard, refused_app, n in figures.guard_refusals:
-                refusals.add_metric([guard or "", refused_app or ""], n)
-            yield refusals
             malformed = CounterMetricFamily(
                 "undo_malformed_messages",
                 "Messages with undo's prefixes that were not what undo's SQL writes, by prefix",
-                labels=["prefix"],
+                labels=["source", "prefix"],
             )
-            for prefix, n in figures.malformed:
-                malformed.add_metric([prefix], n)
-            yield malformed
-            if figures.last_commit_time:
-                yield GaugeMetricFamily(
-                    "undo_last_commit_timestamp_seconds",
-                    "Commit time of the last captured transaction",
-                    value=epoch(figures.last_commit_time),
-                )
-            yield GaugeMetricFamily(
-                "undo_gaps", "Gaps recorded in the audit trail", value=figures.gaps
+            last = GaugeMetricFamily(
+                "undo_last_commit_timestamp_seconds",
+                "Commit time of the last captured transaction",
+                labels=["source"],
             )
+            gaps = GaugeMetricFamily(
+                "undo_gaps", "Gaps recorded in the audit trail", labels=["source"]
+            )
+            for source in db.sources():
+                db.use(source.name)
+                figures = db.metrics()
+                s = source.name
+                for app, table, ins, upd, dele, trunc in figures.changes:
+                    for op, n in (
+                        ("insert", ins),
+                        ("update", upd),
+                        ("delete", dele),
+                        ("truncate", trunc),
+                    ):
+                        changes.add_metric([s, app, table, op], n)
+                for app, n in figures.transactions:
+                    txns.add_metric([s, app], n)
+                for reason, n in figures.untrusted:
+                    untrusted.add_metric([s, reason or "unknown"], n)
+                for guard, refused_app, n in figures.guard_refusals:
+                    refusals.add_metric([s, guard or "", refused_app or ""], n)
+                for prefix, n in figures.malformed:
+                    malformed.add_metric([s, prefix], n)
+                if figures.last_commit_time:
+                    last.add_metric([s], epoch(figures.last_commit_time))
+                gaps.add_metric([s], figures.gaps)
+            yield from (changes, txns, untrusted, refusals, malformed)
+            if last.samples:
+                yield last
+            yield gaps
             if self.settings.dsn:
                 yield from self._source(db)
         finally:
@@ -94,24 +102,30 @@ class StoreCollector(Collector):
                     " AND database = current_database()",  # not another database's slot
                     (self.settings.slot,),
                 ).fetchone()
+                # the --dsn database's source: its position, and its name as the label
+                source = sources.bind(db, self.settings, conn).name
                 behind = lag(conn, db, self.settings, active=bool(row and row[1]), peek=bool(row))
         except Exception:
             return
+
+        def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, text, labels=["source"])
+            g.add_metric([source], value)
+            return g
+
         if row is not None and row[0] is not None:
-            yield GaugeMetricFamily(
-                "undo_slot_wal_held_bytes", "WAL the slot keeps on the source", value=row[0]
-            )
+            yield gauge("undo_slot_wal_held_bytes", "WAL the slot keeps on the source", row[0])
         if behind["lag_bytes"] is not None:
-            yield GaugeMetricFamily(
+            yield gauge(
                 "undo_capture_lag_bytes",
                 "The source's current WAL position minus the store's position",
-                value=behind["lag_bytes"],
+                behind["lag_bytes"],
             )
         if behind["lag_seconds"] is not None:
-            yield GaugeMetricFamily(
+            yield gauge(
                 "undo_capture_lag_seconds",
                 "Age of the oldest commit not yet stored (0 when caught up)",
-                value=behind["lag_seconds"],
+                behind["lag_seconds"],
             )
 
 
