@@ -54,6 +54,10 @@ _TRANSACTION_COLUMNS = (
 )
 
 
+#: the file beside the store whose flock the one capture writing the store holds
+LOCK_SUFFIX = "-capture"
+
+
 def recovery(path: str) -> str:
     """How to get back what SQLite can still read of a corrupt store."""
     return f"recover what SQLite can read (sqlite3 {path} .recover | sqlite3 NEW.db)"
@@ -220,13 +224,15 @@ class SqliteStore:
         """The writer of the source it acts for. SQLite takes one writer at a time: a second
         capture into the same file (another source's too) is refused at its first write while
         the first runs (after its slot's own check, which names the capture that holds a
-        slot): an flock of the file, let go when this process closes it or exits."""
+        slot): an flock of the file LOCK_SUFFIX beside the store, let go when this process
+        closes the store or exits. Never of the store's own file: closing a descriptor of it
+        would drop the POSIX locks SQLite's connections in this process hold on it."""
         return StoreWriter(self.file, self.source, self._take_lock)
 
     def _take_lock(self) -> None:
         if self._lock is not None:
             return
-        fd = os.open(self.location, os.O_RDONLY)
+        fd = os.open(self.location + LOCK_SUFFIX, os.O_RDONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
