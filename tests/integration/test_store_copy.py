@@ -1,0 +1,251 @@
+"""`undo store copy --to STORE` (issue 22, "Moving up"): a whole store into an empty one of
+either kind, from one snapshot; the copy answers every listing as the original did and capture
+goes on into it from the snapshot's position."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tests.conftest import STORES, Cluster, Source, run_cli
+from tests.integration.test_ddl import _owner
+from tests.integration.test_guard import _delete_as
+from undo.source.pg import session_id
+
+_counter = itertools.count(1)
+
+#: status fields that say how big the store is or how long ago something was: not content
+_MOMENTARY = {"store_bytes", "lag_bytes", "lag_seconds", "capture_lag", "last_capture", "slot"}
+
+
+@pytest.fixture
+def new_pg(cluster: Cluster) -> Iterator[Callable[[], str]]:
+    """Makes empty databases of the test cluster for PostgreSQL stores; their conninfos."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"undo_copy_{os.getpid()}_{next(_counter)}"
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+            c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        made.append(name)
+        return cluster.dsn(name)
+
+    yield make
+    with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+        for name in made:
+            c.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def _copy(src: Source, origin: str, target: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(src, "store", "copy", "--to", target, env={"UNDO_STORE": origin})
+
+
+def _listings(src: Source, store: str, sessions: list[str]) -> dict[str, Any]:
+    """Every listing's --json on ``store``, as comparable documents."""
+
+    def cli(*args: str) -> Any:
+        done = run_cli(src, *args, "--json", env={"UNDO_STORE": store})
+        assert done.returncode == 0, (args, done.stderr)
+        return json.loads(done.stdout)
+
+    status = cli("status")
+    return {
+        "sessions": cli("sessions"),
+        "show": {sid: cli("show", "session", sid) for sid in sessions},
+        "history": [cli("history", "t", f"id={k}") for k in (1, 2, 3)],
+        "activity": {by: cli("activity", "--by", by) for by in ("app", "session", "table")},
+        "guards": cli("guard", "list"),
+        "status": {k: v for k, v in status.items() if k not in _MOMENTARY},
+    }
+
+
+def _sqlite_tables(path: str) -> dict[str, list[tuple[Any, ...]]]:
+    with sqlite3.connect(path) as c:
+        names = [
+            r[0]
+            for r in c.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                " AND name NOT LIKE 'sqlite%' AND name <> '_sqlite_migrations'"
+            )
+        ]
+        return {n: sorted(c.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
+
+
+def _history(src: Source) -> list[str]:
+    """A store with every kind of record: inserts, updates, deletes, TOASTed values, NULLs, a
+    table gap and a DDL record, a guard refusal and an undo; the sessions that wrote."""
+    src.sql("CREATE TABLE t (id int PRIMARY KEY, v text, big text, n int)")
+    src.init()
+    big = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 3000) g)"
+    sids = []
+    with src.connect(application_name="signup") as c:
+        sids.append(session_id(c))
+        c.execute(
+            f"INSERT INTO t VALUES (1, 'a', {big}, NULL), (2, NULL, NULL, 2), (3, 'c', 'x', 3)"
+        )
+    with src.connect(application_name="support") as c:
+        sids.append(session_id(c))
+        c.execute("UPDATE t SET v = 'a2', n = 1 WHERE id = 1")  # big: TOASTed, unchanged
+        c.execute("UPDATE t SET v = NULL WHERE id = 3")
+    with src.connect(application_name="cleanup") as c:
+        sids.append(session_id(c))
+        c.execute("DELETE FROM t WHERE id IN (2, 3)")
+    assert src.undo_cli("guard", "add", "usage-metrics*", "--reason", "read only").returncode == 0
+    refused = _delete_as(src, "usage-metrics-nightly")
+    assert isinstance(refused, psycopg.errors.ReadOnlySqlTransaction)
+    sids.append(refused.__notes__[0])
+    src.capture()
+    undone = src.undo_cli("session", sids[2], "--apply")
+    assert undone.returncode == 0, undone.stderr
+    with _owner(src) as c:  # a rewrite: a DDL record and a gap of the table
+        sids.append(session_id(c))
+        c.execute("ALTER TABLE t ALTER COLUMN n TYPE bigint USING n + 1")
+    src.capture()
+    return sids
+
+
+def test_a_store_copied_to_postgresql_and_back_answers_every_listing_the_same(source, new_pg):
+    sids = _history(source)
+    before = _listings(source, source.store, sids)
+    assert before["status"]["gaps"] and before["guards"][0]["refusals"] == 1
+    shown = before["show"]
+    assert shown[sids[2]]["undone"]["all"] is True and shown[sids[4]]["ddl"]
+    assert any(r["new"] and r["new"]["big"] for h in before["history"] for r in h)
+
+    pg = new_pg()
+    up = _copy(source, source.store, pg)
+    assert up.returncode == 0, up.stderr
+    assert "copying changes:" in up.stderr and "rows" in up.stderr  # progress, by table
+    assert _listings(source, pg, sids) == before
+
+    back = source.store + ".back.db"
+    down = _copy(source, pg, back)
+    assert down.returncode == 0, down.stderr
+    assert _listings(source, back, sids) == before
+    # and row for row: ids, times, images, the position and the slot's meta
+    assert _sqlite_tables(back) == _sqlite_tables(source.store)
+
+
+def test_capture_goes_on_into_the_copy_without_loss_or_duplicates(pgo, new_pg):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 50) g")
+    pgo.capture()
+    pg = new_pg()
+    assert _copy(pgo, pgo.store, pg).returncode == 0
+    pgo.sql("INSERT INTO t SELECT g, 'w' FROM generate_series(51, 80) g")
+    pgo.sql("UPDATE t SET v = 'u' WHERE id <= 10")
+    moved = dataclasses.replace(pgo, store=pg)
+    moved.capture()
+    rows = moved.store_rows(
+        "SELECT r.table_name, c.op, c.key, count(*) FROM changes c"
+        " JOIN relations r ON r.id = c.relation GROUP BY 1, 2, 3"
+    )
+    assert all(n == 1 for *_, n in rows)  # nothing twice
+    assert sorted(
+        (op, (k if isinstance(k, list) else json.loads(k))[0]) for _, op, k, _ in rows
+    ) == sorted([("I", str(i)) for i in range(1, 81)] + [("U", str(i)) for i in range(1, 11)])
+    # the changes' ids go on where the copy's ended, in one range a transaction
+    txns = moved.store_rows("SELECT first_change, last_change FROM transactions ORDER BY id")
+    assert [a for a, _ in txns[1:]] == [b + 1 for _, b in txns[:-1]]
+    status = run_cli(pgo, "status", "--json", env={"UNDO_STORE": pg})
+    assert json.loads(status.stdout)["transactions"] == 3
+
+
+def test_a_target_that_holds_anything_is_refused_and_left_as_it_was(pgo, new_pg):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1)")
+    pgo.capture()
+    pg = new_pg()
+    assert _copy(pgo, pgo.store, pg).returncode == 0
+    with psycopg.connect(pg) as c:
+        before = c.execute("SELECT count(*) FROM undo_store.transactions").fetchone()
+    again = _copy(pgo, pgo.store, pg)
+    assert again.returncode == 1, again.stderr
+    assert again.stderr.count("\n") == 1 and "not empty" in again.stderr
+    with psycopg.connect(pg) as c:
+        assert c.execute("SELECT count(*) FROM undo_store.transactions").fetchone() == before
+    # an SQLite store that holds anything, the original itself
+    other = pgo.store + ".other.db"
+    assert _copy(pgo, pg, other).returncode == 0
+    size = os.path.getsize(other)
+    into = _copy(pgo, pg, other)
+    assert into.returncode == 1 and "not empty" in into.stderr
+    assert _sqlite_tables(other) == _sqlite_tables(pgo.store)
+    assert os.path.getsize(other) == size
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_copy_while_capture_writes_is_one_snapshot(pgo, new_pg, tmp_path):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    stop = threading.Event()
+
+    def write() -> None:
+        with pgo.connect(application_name="writer") as c:
+            for i in itertools.count(1):
+                if stop.is_set():
+                    return
+                c.execute(
+                    "INSERT INTO t SELECT %s * 100 + g, 'v' FROM generate_series(1, 20) g", (i,)
+                )
+
+    env = {
+        **os.environ,
+        "UNDO_DSN": pgo.dsn,
+        "UNDO_STORE": pgo.store,
+        "UNDO_SLOT": pgo.slot,
+        "UNDO_DECODER": pgo.decoder,
+    }
+    capture = subprocess.Popen(
+        [sys.executable, "-m", "undo", "capture"], env=env, stderr=subprocess.DEVNULL
+    )
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not pgo.store_rows("SELECT 1 FROM transactions LIMIT 1"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        target = new_pg() if not pgo.pg_store else str(tmp_path / "copy.db")
+        copied = _copy(pgo, pgo.store, target)
+        assert copied.returncode == 0, copied.stderr
+    finally:
+        stop.set()
+        writer.join()
+        capture.terminate()
+        capture.wait(timeout=30)
+    moved = dataclasses.replace(pgo, store=target)
+    (position,) = moved.store_rows("SELECT value FROM meta WHERE key = 'position'")[0]
+    txns = moved.store_rows(
+        "SELECT id, end_lsn, first_change, last_change, inserts FROM transactions ORDER BY id"
+    )
+    assert txns and all(t[4] == 20 and t[3] - t[2] == 19 for t in txns)  # each whole
+    (changes,) = moved.store_rows("SELECT count(*) FROM changes")[0]
+    assert changes == 20 * len(txns)
+    # exactly what the original held at that position: none missing, none past it
+    held = pgo.store_rows(
+        "SELECT id, end_lsn, first_change, last_change, inserts FROM transactions"
+        " WHERE end_lsn <= ? ORDER BY id",
+        (int(position),),
+    )
+    assert [tuple(t) for t in txns] == [tuple(t) for t in held]
+    assert max(t[1] for t in txns) <= int(position)
+    more = pgo.store_rows("SELECT count(*) FROM transactions")[0][0]
+    assert more > len(txns)  # capture went on after the snapshot
