@@ -151,6 +151,9 @@ def test_capture_goes_on_into_the_copy_without_loss_or_duplicates(pgo, new_pg):
     pgo.sql("INSERT INTO t SELECT g, 'w' FROM generate_series(51, 80) g")
     pgo.sql("UPDATE t SET v = 'u' WHERE id <= 10")
     moved = dataclasses.replace(pgo, store=pg)
+    # the copy registers the source as the database it is (init knows it, nothing to change)
+    again = run_cli(moved, "init")
+    assert again.returncode == 0, again.stderr
     moved.capture()
     rows = moved.store_rows(
         "SELECT r.table_name, c.op, c.key, count(*) FROM changes c"
