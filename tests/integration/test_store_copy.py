@@ -252,3 +252,35 @@ def test_a_copy_while_capture_writes_is_one_snapshot(pgo, new_pg, tmp_path):
     assert max(t[1] for t in txns) <= int(position)
     more = pgo.store_rows("SELECT count(*) FROM transactions")[0][0]
     assert more > len(txns)  # capture went on after the snapshot
+
+
+def test_history_of_days_past_lands_in_partitions_made_for_it(pgo, new_pg):
+    """A PostgreSQL store keeps changes in partitions by commit time: the copy makes those
+    its history needs (here: two days years ago, which no capture made)."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    for i in (1, 2, 3):
+        with pgo.connect(application_name=f"app{i}") as c:
+            c.execute("INSERT INTO t VALUES (%s)", (i,))
+    pgo.capture()
+    with sqlite3.connect(pgo.store) as c:  # as a store a capture filled in 2020 would be
+        c.execute(
+            "UPDATE transactions SET commit_time = '2020-03-01T10:00:00.000001Z' WHERE id = 1"
+        )
+        c.execute(
+            "UPDATE transactions SET commit_time = '2020-03-02T23:59:59.999999Z' WHERE id = 2"
+        )
+        c.execute(
+            "UPDATE activity SET minute = 1583056800"
+            " WHERE minute = (SELECT min(minute) FROM activity)"
+        )
+    before = run_cli(pgo, "sessions", "--json").stdout
+    pg = new_pg()
+    copied = _copy(pgo, pgo.store, pg)
+    assert copied.returncode == 0, copied.stderr
+    assert run_cli(pgo, "sessions", "--json", env={"UNDO_STORE": pg}).stdout == before
+    with psycopg.connect(pg) as c:
+        parts = c.execute(
+            "SELECT count(*) FROM undo_store.change_partitions WHERE upper <= '2021-01-01'"
+        ).fetchone()
+    assert parts == (2,)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from undo.core.errors import BadInput, Refused
@@ -103,7 +103,7 @@ class Export:
         raise NotImplementedError
 
     def commit_times(self) -> Iterator[str]:
-        """The commit times of the transactions (by the hour at least), as time text."""
+        """The commit times of the transactions (to the minute at least), as time text."""
         raise NotImplementedError
 
 
@@ -189,9 +189,9 @@ class SqliteExport(Export):
 
     def commit_times(self) -> Iterator[str]:
         for (t,) in self.conn.execute(
-            "SELECT DISTINCT substr(commit_time, 1, 13) FROM transactions"
+            "SELECT DISTINCT substr(commit_time, 1, 16) FROM transactions"
         ):
-            yield t + ":00:00.000000Z"  # by the hour: every partition width is whole hours
+            yield t + ":00.000000Z"  # by the minute: a partition is whole minutes
 
 
 def sqlite_empty(db: Any) -> list[str]:
@@ -345,7 +345,7 @@ class PgExport(Export):
         from undo.core.times import iso
 
         for (t,) in self.conn.execute(
-            "SELECT DISTINCT date_trunc('hour', commit_time) FROM undo_store.transactions"
+            "SELECT DISTINCT date_trunc('minute', commit_time) FROM undo_store.transactions"
         ):
             yield iso(t)
 
@@ -396,8 +396,14 @@ def load_pg(conn: Any, export: Export, progress: Progress) -> dict[str, int]:
     mine = _pg_tables(conn)
     _refuse_lost_tables(export, mine)
     bases = _id_bases(export)
-    times = {datetime.fromisoformat(t.replace("Z", "+00:00")) for t in export.commit_times()}
-    _schema.ensure_partitions(conn, *sorted(times), ahead=0) if times else None
+    # a time in each partition the changes need (the target's width), made before the copy's
+    # transaction as capture makes them: each in its own, locking out no reader
+    width = _schema.partition_seconds(conn)
+    starts = {_epoch(t) // width * width for t in export.commit_times()}
+    if starts:
+        _schema.ensure_partitions(
+            conn, *(datetime.fromtimestamp(s, UTC) for s in sorted(starts)), ahead=0
+        )
     copied: dict[str, int] = {}
     with conn.transaction():
         # nothing else registers a source or writes meanwhile (init, capture take this lock)
@@ -430,6 +436,10 @@ def load_pg(conn: Any, export: Export, progress: Progress) -> dict[str, int]:
         _check_spans(conn)
         _reset_identities(conn)
     return copied
+
+
+def _epoch(t: str) -> int:
+    return int(datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp())
 
 
 def _pg_value(v: Any) -> Any:
