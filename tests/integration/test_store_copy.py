@@ -141,13 +141,21 @@ def test_a_store_copied_to_postgresql_and_back_answers_every_listing_the_same(so
     assert _sqlite_tables(back) == _sqlite_tables(source.store)
 
 
-def test_capture_goes_on_into_the_copy_without_loss_or_duplicates(pgo, new_pg):
+@pytest.mark.parametrize(
+    "store_kind, target_kind",
+    [("sqlite", "postgresql"), ("postgresql", "sqlite"), ("postgresql", "postgresql")],
+    indirect=["store_kind"],
+)
+def test_capture_goes_on_into_the_copy_without_loss_or_duplicates(
+    pgo, new_pg, tmp_path, target_kind
+):
     pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     pgo.init()
     pgo.sql("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 50) g")
     pgo.capture()
-    pg = new_pg()
-    assert _copy(pgo, pgo.store, pg).returncode == 0
+    pg = new_pg() if target_kind == "postgresql" else str(tmp_path / "copy.db")
+    copied = _copy(pgo, pgo.store, pg)
+    assert copied.returncode == 0, copied.stderr
     pgo.sql("INSERT INTO t SELECT g, 'w' FROM generate_series(51, 80) g")
     pgo.sql("UPDATE t SET v = 'u' WHERE id <= 10")
     moved = dataclasses.replace(pgo, store=pg)
