@@ -292,3 +292,87 @@ def test_history_of_days_past_lands_in_partitions_made_for_it(pgo, new_pg):
             "SELECT count(*) FROM undo_store.change_partitions WHERE upper <= '2021-01-01'"
         ).fetchone()
     assert parts == (2,)
+
+
+def _as_two_sources(path: str) -> None:
+    """Make a one-source SQLite store look as one holding two sources whose transactions
+    interleave (one sequence of ids, as an SQLite store with many sources keeps them):
+    every other transaction is source 2's."""
+    with sqlite3.connect(path) as c:
+        c.executescript(
+            """
+            CREATE TABLE sources (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                system_identifier TEXT NOT NULL, database_name TEXT NOT NULL,
+                registered_at TEXT NOT NULL);
+            INSERT INTO sources VALUES (1, 'a', '7001', 'a', '2026-01-01T00:00:00.000000Z'),
+                                       (2, 'b', '7002', 'b', '2026-01-01T00:00:00.000000Z');
+            CREATE TABLE source_meta (source INTEGER NOT NULL, key TEXT NOT NULL, value TEXT,
+                PRIMARY KEY (source, key)) WITHOUT ROWID;
+            INSERT INTO source_meta SELECT s.id, m.key, m.value FROM meta m, sources s;
+            DELETE FROM meta;
+            """
+        )
+        for table in ("transactions", "relations", "gaps", "undos", "guard_refusals", "ddl"):
+            c.execute(f"ALTER TABLE {table} ADD COLUMN source INTEGER NOT NULL DEFAULT 1")
+        c.execute("ALTER TABLE malformed ADD COLUMN source INTEGER NOT NULL DEFAULT 1")
+        c.execute("UPDATE transactions SET source = 2 WHERE id % 2 = 0")
+
+
+def test_sources_whose_ids_interleave_are_renumbered_into_spans_of_their_own(pgo, new_pg):
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    for i in range(1, 7):
+        with pgo.connect(application_name=f"app{i}") as c:
+            c.execute("INSERT INTO t SELECT %s * 10 + g, 'v' FROM generate_series(1, %s) g", (i, i))
+    sid = _as_session_deleting(pgo)
+    pgo.capture()
+    assert pgo.undo_cli("session", sid, "--apply").returncode == 0
+    pgo.capture()
+    origin = pgo.store_rows(
+        "SELECT end_lsn, inserts + updates + deletes, commit_time FROM transactions ORDER BY id"
+    )
+    (undone,) = pgo.store_rows("SELECT selection FROM undos")[0]
+    undone_lsns = sorted(
+        pgo.store_rows(f"SELECT end_lsn FROM transactions WHERE id IN ({undone[1:-1]})")
+    )
+    _as_two_sources(pgo.store)
+
+    pg = new_pg()
+    copied = _copy(pgo, pgo.store, pg)
+    assert copied.returncode == 0, copied.stderr
+    with psycopg.connect(pg) as c:
+        bases = dict(c.execute("SELECT name, id_base FROM undo_store.sources").fetchall())
+        assert bases == {"a": 0, "b": 1 << 40}
+        # every transaction in its source's span, its changes one range there, whole
+        bad = c.execute(
+            "SELECT t.id FROM undo_store.transactions t JOIN undo_store.sources s"
+            " ON s.id = t.source"
+            " WHERE t.id <= s.id_base OR t.id > s.id_base + 1000"
+            " OR (SELECT count(*) FROM undo_store.changes x WHERE x.txn = t.id)"
+            "    <> t.last_change - t.first_change + 1"
+            " OR EXISTS (SELECT 1 FROM undo_store.changes x WHERE x.txn = t.id"
+            "            AND x.id NOT BETWEEN t.first_change AND t.last_change)"
+        ).fetchall()
+        assert bad == []
+        copied_rows = c.execute(
+            "SELECT end_lsn, inserts + updates + deletes, commit_time FROM undo_store.transactions"
+            " ORDER BY commit_lsn"
+        ).fetchall()
+        assert [(a, b) for a, b, _ in copied_rows] == [(a, b) for a, b, _ in origin]
+        (selection,) = c.execute("SELECT selection FROM undo_store.undos").fetchone() or ("",)
+        lsns = c.execute(
+            "SELECT end_lsn FROM undo_store.transactions WHERE id = ANY(%s) ORDER BY 1",
+            (json.loads(selection),),
+        ).fetchall()
+        assert [r[0] for r in lsns] == [r[0] for r in undone_lsns]  # the same transactions
+    # two sources do not fit an SQLite store of this undo: refused, one line
+    down = _copy(pgo, pg, pgo.store + ".two.db")
+    assert down.returncode == 2 and down.stderr.count("\n") == 1, down.stderr
+    assert "2 sources" in down.stderr
+
+
+def _as_session_deleting(src: Source) -> str:
+    with src.connect(application_name="cleanup") as c:
+        sid = session_id(c)
+        c.execute("DELETE FROM t WHERE id IN (11, 21, 22)")
+    return sid

@@ -21,6 +21,7 @@ one is refused, nothing written.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,6 +48,8 @@ ORDER = (
 )
 #: the store's structure, not its content: made by the target's own migrations and partitioning
 _STRUCTURE = {"migrations", "change_partitions", "_sqlite_migrations"}
+#: JSON as the stores write it (compact, not ASCII-escaped)
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 #: rows per progress line and per write
 CHUNK = 50_000
 #: the source every row of a store without a registry belongs to
@@ -133,6 +136,11 @@ class SqliteExport(Export):
                 if n not in _STRUCTURE
             }
             self.registry = "sources" in self.tables
+            # a store with a registry keeps each source's keys in source_meta (its meta is
+            # the store's own, which a target keeps its own of): that is the content's meta
+            self.meta_table = "source_meta" if "source_meta" in self.tables else "meta"
+            if self.meta_table == "source_meta":
+                self.tables["meta"] = self.tables.pop("source_meta")
             if not self.registry:  # one source, named by the caller
                 self.tables["sources"] = ("id", "name", "system_identifier", "database_name")
                 for name in ORDER[1:]:
@@ -153,6 +161,7 @@ class SqliteExport(Export):
     def count(self, table: str) -> int:
         if table == "sources" and not self.registry:
             return 1
+        table = self.meta_table if table == "meta" else table
         return int(self.conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])  # noqa: S608 (a table name read from sqlite_master)
 
     def rows(self, table: str, columns: Sequence[str]) -> Iterator[tuple[Any, ...]]:
@@ -175,6 +184,8 @@ class SqliteExport(Export):
             else:
                 exprs.append('x."' + c.replace('"', '""') + '"')
         order = "ORDER BY x.rowid" if table not in ("txn_changes", "statements") else ""
+        if table == "meta":
+            table, order = self.meta_table, "ORDER BY x.key" if "source" not in columns else ""
         query = f'SELECT {", ".join(exprs)} FROM "{table}" x {order}'  # noqa: S608 (names from the store's own schema)
         cur = self.conn.execute(query)
         while batch := cur.fetchmany(CHUNK):
@@ -202,10 +213,13 @@ def sqlite_empty(db: Any) -> list[str]:
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
         )
     ]
+    # with source_meta, meta holds the store's own keys: not content
+    own = {"meta"} if "source_meta" in names else set()
     return [
         n
         for n in names
-        if n not in _STRUCTURE and db.execute(f'SELECT EXISTS (SELECT 1 FROM "{n}")').fetchone()[0]  # noqa: S608
+        if n not in _STRUCTURE | own
+        and db.execute(f'SELECT EXISTS (SELECT 1 FROM "{n}")').fetchone()[0]  # noqa: S608
     ]
 
 
@@ -224,6 +238,8 @@ def load_sqlite(db: Any, export: Export, progress: Progress) -> dict[str, int]:
             ).fetchall()
             if n not in _STRUCTURE
         }
+        if "source_meta" in mine:  # each source's keys: the content's meta
+            mine["meta"] = mine.pop("source_meta")
         sources = export.sources()
         if len(sources) > 1 and "sources" not in mine:
             raise BadInput(
@@ -237,8 +253,9 @@ def load_sqlite(db: Any, export: Export, progress: Progress) -> dict[str, int]:
             columns = [c for c in export.tables[table] if c in mine[table]]
             total = export.count(table)
             progress(table, 0, total)
+            into = "source_meta" if table == "meta" and "source" in mine["meta"] else table
             text = (
-                f'INSERT INTO "{table}" ({", ".join(_quoted(c) for c in columns)})'  # noqa: S608
+                f'INSERT INTO "{into}" ({", ".join(_quoted(c) for c in columns)})'  # noqa: S608
                 f" VALUES ({', '.join('?' * len(columns))})"
             )
             n = 0
@@ -395,7 +412,7 @@ def load_pg(conn: Any, export: Export, progress: Progress) -> dict[str, int]:
         raise Refused(_not_empty(held))
     mine = _pg_tables(conn)
     _refuse_lost_tables(export, mine)
-    bases = _id_bases(export)
+    bases, remap = _id_plan(export)
     # a time in each partition the changes need (the target's width), made before the copy's
     # transaction as capture makes them: each in its own, locking out no reader
     width = _schema.partition_seconds(conn)
@@ -423,10 +440,13 @@ def load_pg(conn: Any, export: Export, progress: Progress) -> dict[str, int]:
                 sql.Identifier("undo_store", table),
                 sql.SQL(", ").join(sql.Identifier(c) for c in columns),
             )
+            renumber = _renumbering(table, given, remap)
             with conn.cursor() as cur, cur.copy(copy) as out:
                 for row in export.rows(table, given):
                     if table == "sources" and len(columns) > len(given):
                         row = (*row, bases[row[given.index("id")]])
+                    if renumber is not None:
+                        row = renumber(row)
                     out.write_row(tuple(_pg_value(v) for v in row))
                     n += 1
                     if n % CHUNK == 0:
@@ -450,28 +470,108 @@ def _pg_value(v: Any) -> Any:
     return v
 
 
-def _id_bases(export: Export) -> dict[int, int]:
-    """Each source's span of ids in a PostgreSQL store: as kept, else the span its first
-    transaction's id lies in (ids are kept), else a free one."""
+#: a transaction's old id -> its new id and how far its changes' ids move
+Remap = dict[int, tuple[int, int]]
+
+
+def _id_plan(export: Export) -> tuple[dict[int, int], Remap | None]:
+    """Each source's span of ids in a PostgreSQL store, and the renumbering its transactions
+    and changes need (None: none). A PostgreSQL store's spans are kept. Else (an SQLite store,
+    whose sources share one sequence of ids) the ids are kept where each source's lie in a span
+    no other's do (one source, always); otherwise each source's transactions and changes are
+    numbered anew from the start of a span of its own, in their order, each transaction's
+    changes still one range."""
     from undo.store.postgres._schema import ID_SPAN
 
     sources = export.sources()
     if sources and all(s.get("id_base") is not None for s in sources):
-        return {s["id"]: int(s["id_base"]) for s in sources}
+        return {s["id"]: int(s["id_base"]) for s in sources}, None
     first = export.first_ids()
     bases: dict[int, int] = {}
     for sid, low in sorted(first.items(), key=lambda kv: (kv[1] is None, kv[0])):
-        if low is None:
-            base = max([*bases.values(), -ID_SPAN]) + ID_SPAN
-        else:
-            base = (int(low) - 1) // ID_SPAN * ID_SPAN
+        base = (
+            max([*bases.values(), -ID_SPAN]) + ID_SPAN
+            if low is None
+            else (int(low) - 1) // ID_SPAN * ID_SPAN
+        )
         if base in bases.values():
-            raise Refused(
-                "the sources' ids interleave in this store, and a PostgreSQL store gives each"
-                " source a span of its own: nothing was copied"
-            )
+            break  # two sources' ids in one span: renumbered
         bases[sid] = base
-    return bases
+    else:
+        return bases, None
+    bases = {s["id"]: i * ID_SPAN for i, s in enumerate(sorted(sources, key=lambda s: s["id"]))}
+    columns = export.tables["transactions"]
+    want = ["id", "source", "first_change", "last_change"]
+    if "source" not in columns:
+        want[1] = "id"  # one source (never here: one source keeps its ids)
+    txns: dict[int, int] = dict.fromkeys(bases, 0)
+    changes: dict[int, int] = dict.fromkeys(bases, 0)
+    remap: Remap = {}
+    for tid, src, lo, hi in export.rows("transactions", want):
+        sid = src if "source" in columns else ONLY_SOURCE
+        txns[sid] += 1
+        delta = 0
+        if lo is not None:
+            delta = bases[sid] + changes[sid] + 1 - lo
+            changes[sid] += hi - lo + 1
+        remap[tid] = (bases[sid] + txns[sid], delta)
+    return bases, remap
+
+
+def _renumbering(
+    table: str, columns: Sequence[str], remap: Remap | None
+) -> Callable[[tuple[Any, ...]], tuple[Any, ...]] | None:
+    """What renumbers a table's rows by ``remap`` (None: nothing to)."""
+    if remap is None:
+        return None
+    at = {c: i for i, c in enumerate(columns)}
+
+    def txn(tid: Any) -> Any:
+        return remap[tid][0] if tid in remap else tid
+
+    def each(fix: Callable[[list[Any]], None]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+        def run(row: tuple[Any, ...]) -> tuple[Any, ...]:
+            values = list(row)
+            fix(values)
+            return tuple(values)
+
+        return run
+
+    if table == "transactions":
+
+        def fix(v: list[Any]) -> None:
+            new, delta = remap[v[at["id"]]]
+            v[at["id"]] = new
+            for c in ("first_change", "last_change"):
+                if c in at and v[at[c]] is not None:
+                    v[at[c]] += delta
+
+        return each(fix)
+    if table == "changes":
+
+        def fix_change(v: list[Any]) -> None:
+            new, delta = remap[v[at["txn"]]]
+            v[at["txn"]] = new
+            v[at["id"]] += delta
+
+        return each(fix_change)
+    if table in ("txn_changes", "statements"):
+
+        def fix_txn(v: list[Any]) -> None:
+            v[at["txn"]] = txn(v[at["txn"]])
+
+        return each(fix_txn)
+    if table == "undos" and "selection" in at:
+
+        def fix_selection(v: list[Any]) -> None:
+            # the undone transactions' ids; anything else is kept as it came
+            with contextlib.suppress(ValueError, TypeError):
+                ids = json.loads(v[at["selection"]])
+                if isinstance(ids, list):
+                    v[at["selection"]] = _dumps(sorted(txn(i) for i in ids))
+
+        return each(fix_selection)
+    return None
 
 
 def _check_spans(conn: Any) -> None:
