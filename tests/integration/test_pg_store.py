@@ -738,3 +738,54 @@ def test_a_capture_that_loses_its_store_stops_and_the_restart_loses_nothing(pgo,
     )
     assert again.returncode == 0, again.stderr
     assert _pg_count(pg_store) == (2000, 2000)
+
+
+#: store-side errors raised in the store while capture writes a batch: (ERRCODE, what the one
+#: line says); each is the store's, never "the source database refused"
+STORE_SIDE = {
+    "disk-full": ("disk_full", "the disk holding the audit store"),
+    "read-only": ("read_only_sql_transaction", "cannot be written"),
+    "timeout": ("query_canceled", "the audit store"),
+}
+
+
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("case", STORE_SIDE.values(), ids=STORE_SIDE.keys())
+def test_a_store_side_error_during_capture_is_the_stores_exit_2(pgo, case):
+    """A PostgreSQL store that refuses a batch (its disk full: SQLSTATE 53100, raised here by a
+    trigger on the store as the server raises it) stops capture with one line naming the store,
+    exit 2 (a person frees space), nothing confirmed to the source; on b6ddbd6 it was taken for
+    the source going away (reconnects, then "lost the source database", exit 75)."""
+    from tests.conftest import run_cli
+
+    errcode, says = case
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    with psycopg.connect(pgo.store, autocommit=True) as c:
+        c.execute(
+            sql.SQL(
+                "CREATE FUNCTION public.store_refuses() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$BEGIN RAISE EXCEPTION 'refused by the test''s trigger'"
+                " USING ERRCODE = {}; END$$"
+            ).format(sql.Literal(errcode))
+        )
+        c.execute(
+            "CREATE TRIGGER refuses BEFORE INSERT ON undo_store.transactions"
+            " FOR EACH STATEMENT EXECUTE FUNCTION public.store_refuses()"
+        )
+    confirmed = "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s"
+    before = pgo.sql(confirmed, (pgo.slot,))
+    pgo.sql("INSERT INTO t SELECT generate_series(1, 10)")
+    done = run_cli(pgo, "capture", "--once")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "source database" not in done.stderr
+    assert [x for x in lines if x.startswith("Error")] == [lines[-1]]
+    assert lines[-1].startswith("Error: capture stopped: ") and says in lines[-1], done.stderr
+    assert "so the slot keeps those changes" in lines[-1]
+    assert pgo.sql(confirmed, (pgo.slot,)) == before
+    with psycopg.connect(pgo.store, autocommit=True) as c:
+        c.execute("DROP TRIGGER refuses ON undo_store.transactions")
+    again = run_cli(pgo, "capture", "--once")
+    assert again.returncode == 0, again.stderr
+    assert _pg_count(pgo.store) == (10, 10)
