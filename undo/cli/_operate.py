@@ -247,7 +247,8 @@ def prune_cmd(settings: Settings, before: str) -> None:
 
     Example: undo prune --before 90d
     """
-    r = open_store(settings.store).prune(parse_time(before))
+    with open_store(settings.store) as db:
+        r = db.prune(parse_time(before))
     click.echo(
         f"removed {r.transactions} transaction(s), {r.changes} change(s) of"
         f" {r.sessions} session(s); kept {r.kept_sessions} session(s) that go on after"

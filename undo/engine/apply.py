@@ -888,7 +888,36 @@ def undo(
     a report whose conflicts are not empty. With ``inspect`` (and ``apply``), the undo runs,
     ``inspect`` sees the database as it left it, and everything is rolled back.
     """
-    db = open_store(settings.store)
+    with open_store(settings.store) as db:  # closed however it ends (a caller keeps errors)
+        return _undo(
+            db,
+            settings,
+            target,
+            apply=apply,
+            on_conflict=on_conflict,
+            fire_triggers=fire_triggers,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+            out=out,
+            progress=progress,
+            inspect=inspect,
+        )
+
+
+def _undo(
+    db: Store,
+    settings: Settings,
+    target: Target,
+    *,
+    apply: bool,
+    on_conflict: str,
+    fire_triggers: bool,
+    lock_timeout: str,
+    statement_timeout: str,
+    out: TextIO | None,
+    progress: Progress | None,
+    inspect: Callable[[psycopg.Connection[Any]], None] | None,
+) -> UndoReport:
     if target.tables:  # a partitioned table: its partitions, whose changes the stream carries
         with pg.connect(settings.dsn) as conn:
             target = dataclasses.replace(target, tables=pg.with_partitions(conn, target.tables))

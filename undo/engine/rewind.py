@@ -78,13 +78,13 @@ def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
 def _recorded(settings: Settings, time: str, tables: tuple[str, ...]) -> tuple[str, ...]:
     """Those of the tables the store holds any change of, once the store's history reaches
     back to ``time`` with no gap after it (check_reachable)."""
-    db = open_store(settings.store)
-    check_reachable(db, time, tables)
-    out = []
-    for t in tables:
-        with contextlib.suppress(NotFound):
-            db.resolve_table(t)
-            out.append(t)
+    with open_store(settings.store) as db:
+        check_reachable(db, time, tables)
+        out = []
+        for t in tables:
+            with contextlib.suppress(NotFound):
+                db.resolve_table(t)
+                out.append(t)
     return tuple(out)
 
 

@@ -106,7 +106,11 @@ def _slot_row(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | Non
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    db = open_store(settings.store)
+    with open_store(settings.store) as db:  # closed however it ends (a caller keeps errors)
+        return _status(settings, db)
+
+
+def _status(settings: Settings, db: Store) -> dict[str, Any]:
     stored = db.status()
     # `undo status --json`: what the store says of itself, then what the source says
     result: dict[str, Any] = stored.to_json()

@@ -550,6 +550,13 @@ class Store(Protocol):
     def close(self) -> None:
         """Let go of the store; an open batch is rolled back. Never fails."""
 
+    def __enter__(self) -> Store:
+        """The store, closed when the ``with`` block ends (``with open_store(...) as db``),
+        however it ends: a PostgreSQL store's connection ends then, not when the store is
+        dropped (an exception's traceback keeps the store, and a caller may keep the error)."""
+
+    def __exit__(self, *exc: object) -> None: ...
+
     def atomic(self) -> AbstractContextManager[Any]:
         """One store transaction around the calls made inside it."""
 

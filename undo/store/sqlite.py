@@ -12,7 +12,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from sqlite_utils import Database
 
@@ -67,6 +67,12 @@ class SqliteStore:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.db.conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def atomic(self) -> contextlib.AbstractContextManager[Any]:
         return self.db.atomic()
