@@ -376,3 +376,34 @@ def _as_session_deleting(src: Source) -> str:
         sid = session_id(c)
         c.execute("DELETE FROM t WHERE id IN (11, 21, 22)")
     return sid
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_what_capture_commits_while_a_copy_reads_is_not_in_the_copy(pgo, new_pg, tmp_path):
+    """Capture commits a batch (transactions, changes, position) between the copy's reading
+    of one table and the next: the copy holds none of it, nor a position past what it holds."""
+    from undo.store.copy import copy_store
+
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO t SELECT generate_series(1, 5)")
+    pgo.capture()
+    before = pgo.store_rows("SELECT id, end_lsn FROM transactions ORDER BY id")
+    (position,) = pgo.store_rows("SELECT value FROM meta WHERE key = 'position'")[0]
+    done: list[str] = []
+
+    def meanwhile(table: str, n: int, total: int) -> None:
+        if table in ("relations", "changes") and n == 0:  # after meta, after transactions
+            first = 10 * (len(done) + 1)
+            pgo.sql("INSERT INTO t SELECT generate_series(%s::int, %s::int)", (first, first + 4))
+            pgo.capture()
+            done.append(table)
+
+    target = str(tmp_path / "copy.db") if pgo.pg_store else new_pg()
+    copy_store(pgo.store, target, meanwhile)
+    assert done == ["relations", "changes"]
+    assert len(pgo.store_rows("SELECT id FROM transactions")) == len(before) + 2
+    moved = dataclasses.replace(pgo, store=target)
+    assert moved.store_rows("SELECT id, end_lsn FROM transactions ORDER BY id") == before
+    assert moved.store_rows("SELECT value FROM meta WHERE key = 'position'") == [(position,)]
+    assert moved.store_rows("SELECT count(*) FROM changes") == [(5,)]
