@@ -348,9 +348,7 @@ def test_a_table_put_under_an_audited_one_while_capture_runs_is_captured(source)
     def stored_up_to_now():
         (lsn,) = source.sql("SELECT pg_current_wal_lsn()::text")[0]
         for _ in range(300):
-            if int(source.store_rows("SELECT value FROM meta WHERE key = 'position'")[0][0]) >= (
-                lsn_to_int(lsn)
-            ):
+            if int(source.meta("position") or 0) >= (lsn_to_int(lsn)):
                 return
             time.sleep(0.1)
         raise AssertionError("capture did not catch up")

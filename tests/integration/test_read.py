@@ -113,10 +113,10 @@ def test_status_reports_slot_and_capture(pgo):
 def test_prune_keeps_whole_sessions_and_the_ledger(pgo):
     _setup(pgo)
     store = open_store(pgo.store)
-    db = store.db  # type: ignore[attr-defined]  # the SQLite store's own
+    db = store.file  # type: ignore[attr-defined]  # the SQLite store's own
     db.execute(
-        "INSERT INTO undos (applied_at, target, selection, undo_xid)"
-        " VALUES ('2020-01-01T00:00:00.000000Z', '{}', '[]', 1)"
+        "INSERT INTO undos (applied_at, target, selection, undo_xid, source)"
+        " VALUES ('2020-01-01T00:00:00.000000Z', '{}', '[]', 1, 1)"
     )
     db.conn.commit()
     last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]

@@ -50,10 +50,10 @@ from undo.store import open_store
     " each on a new install; kept when not given]",
 )
 @click.option(
-    "--source",
-    envvar="UNDO_SOURCE",
-    help="The name the store registers this database under (a PostgreSQL store holds many)."
-    "  [default: the database's name]",
+    "--reregister",
+    is_flag=True,
+    help="Give the source named by --source this database's identity: the same database on a"
+    " new server (pg_upgrade, a restore). Capture goes on from this slot's position.",
 )
 @pass_settings
 def init_cmd(
@@ -63,7 +63,7 @@ def init_cmd(
     uninstall: bool,
     failover: bool,
     statements: str | None,
-    source: str | None,
+    reregister: bool,
 ) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
@@ -85,7 +85,8 @@ def init_cmd(
         list(tables),
         failover=failover,
         statements=statements,
-        source=source,
+        source=settings.source,
+        reregister=reregister,
     )
     for w in report.warnings:
         echo_err(f"warning: {w}")

@@ -22,6 +22,21 @@ class Settings:
     store: str = "undo.db"
     slot: str = "undo"
     decoder: str | None = None
+    #: --source (UNDO_SOURCE), repeatable: the sources a listing covers (none: every one), or
+    #: the one a command acts on (:meth:`source`)
+    sources: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str | None:
+        """The one source named (--source), for a command that acts on one; None: not named."""
+        from undo.core.errors import BadInput
+
+        if len(set(self.sources)) > 1:
+            raise BadInput(
+                f"this command acts on one source, and --source names {len(set(self.sources))}"
+                f" ({', '.join(dict.fromkeys(self.sources))}): give one"
+            )
+        return self.sources[0] if self.sources else None
 
     def __post_init__(self) -> None:
         from undo.core.errors import BadInput

@@ -34,8 +34,7 @@ from undo.core.images import OP_NAMES, load
 from undo.engine import inverse
 from undo.engine.inverse import Step, TableUndo
 from undo.engine.plan import Plan, Target, changes, later_writer, select
-from undo.source import pg
-from undo.store import open_store
+from undo.source import pg, sources
 from undo.store.api import Store
 
 log = logging.getLogger(__name__)
@@ -888,7 +887,7 @@ def undo(
     a report whose conflicts are not empty. With ``inspect`` (and ``apply``), the undo runs,
     ``inspect`` sees the database as it left it, and everything is rolled back.
     """
-    with open_store(settings.store) as db:  # closed however it ends (a caller keeps errors)
+    with sources.open_for(settings) as db:  # closed however it ends (a caller keeps errors)
         return _undo(
             db,
             settings,

@@ -19,8 +19,7 @@ from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
 from undo.engine.apply import UndoReport, undo
 from undo.engine.plan import Target
-from undo.source import pg
-from undo.store import open_store
+from undo.source import pg, sources
 from undo.store.api import Store
 
 
@@ -78,7 +77,7 @@ def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
 def _recorded(settings: Settings, time: str, tables: tuple[str, ...]) -> tuple[str, ...]:
     """Those of the tables the store holds any change of, once the store's history reaches
     back to ``time`` with no gap after it (check_reachable)."""
-    with open_store(settings.store) as db:
+    with sources.open_for(settings) as db:
         check_reachable(db, time, tables)
         out = []
         for t in tables:

@@ -33,6 +33,22 @@ Normalise = Callable[[str, str, str], str]
 
 
 @dataclass(frozen=True)
+class Source:
+    """A source database the store holds the history of: its name in the store, and what tells
+    it apart (the server's system identifier and the database's name; '' each for a store made
+    before sources, until a command connected to it claims it)."""
+
+    id: int
+    name: str
+    system_identifier: str
+    database_name: str
+
+    @property
+    def claimed(self) -> bool:
+        return bool(self.system_identifier)
+
+
+@dataclass(frozen=True)
 class TableVersion:
     """A table as capture recorded it: one version of its columns, types, key and root."""
 
@@ -598,9 +614,24 @@ class Store(Protocol):
     def probe_write(self) -> None:
         """Raise the store's error if it cannot be written (nothing is changed)."""
 
-    def register_source(self, name: str | None, system_identifier: str, database: str) -> str:
+    def register_source(
+        self, name: str | None, system_identifier: str, database: str, reregister: bool = False
+    ) -> str:
         """Register the source database (`undo init`) under ``name`` (None: the database's
-        name) and act for it; the name. A name another database holds is BadInput."""
+        name) and act for it; the name. A name another database holds is BadInput, unless
+        ``reregister`` (the same database name, moved to a new server: pg_upgrade, a restore),
+        which gives the name this identity. An unclaimed source (a store made before sources)
+        takes this identity and, unless ``name`` is given, the database's name."""
+
+    def sources(self) -> list[Source]:
+        """The sources the store holds, in the order they were registered."""
+
+    def use(self, name: str) -> Source:
+        """Act for the source ``name`` from now on: every read, meta and the writer are its.
+        An unknown name is BadInput naming the sources."""
+
+    #: the name of the source it acts for (None: not chosen; reads cover every source)
+    source_name: str | None
 
     def writer(self) -> Writer: ...
     def prune(self, before: str) -> PruneReport: ...

@@ -432,24 +432,41 @@ def open_connection(location: str, create: bool = False) -> psycopg.Connection[A
 
 # -- sources ---------------------------------------------------------------------------------
 def register_source(
-    conn: psycopg.Connection[Any], name: str, system_identifier: str, database_name: str
+    conn: psycopg.Connection[Any],
+    name: str | None,
+    system_identifier: str,
+    database_name: str,
+    reregister: bool = False,
+    where: str = "",
 ) -> int:
-    """The store's id of a source database, registering it under ``name`` the first time; a
-    name taken by another database (system identifier and database name) is refused."""
+    """Register a source database under ``name`` (None: its own name, or the name it is
+    registered under): its id. The rules are the SQLite store's (undo.store._schema
+    .register_source); the ids of a new source are a span of their own."""
     from undo.core.errors import BadInput
+    from undo.store._schema import taken
 
     for _ in range(3):
-        row = conn.execute(
-            "SELECT id, system_identifier, database_name FROM undo_store.sources WHERE name = %s",
-            (name,),
-        ).fetchone()
-        if row is not None:
-            if (row[1], row[2]) != (system_identifier, database_name):
-                raise BadInput(
-                    f"the source name {name!r} is taken in this store by database {row[2]} of"
-                    f" the server with system identifier {row[1]}: choose another --source"
+        rows = conn.execute(
+            "SELECT id, name, system_identifier, database_name FROM undo_store.sources ORDER BY id"
+        ).fetchall()
+        same = [r for r in rows if (r[2], r[3]) == (system_identifier, database_name)]
+        if same and name not in (None, same[0][1]):
+            raise BadInput(
+                f"database {database_name} is the source {same[0][1]!r} of the audit store"
+                f" {where}: use --source {same[0][1]}"
+            )
+        if same:
+            return int(same[0][0])
+        wanted = name or database_name
+        held = next((r for r in rows if r[1] == wanted), None)
+        if held is not None:
+            if reregister and held[3] == database_name:
+                conn.execute(
+                    "UPDATE undo_store.sources SET system_identifier = %s WHERE id = %s",
+                    (system_identifier, held[0]),
                 )
-            return int(row[0])
+                return int(held[0])
+            raise BadInput(taken(wanted, held[3], held[2], where or "here", database_name))
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
@@ -459,7 +476,7 @@ def register_source(
                 (sid,) = conn.execute(
                     "INSERT INTO undo_store.sources (name, system_identifier, database_name,"
                     " id_base) VALUES (%s, %s, %s, %s) RETURNING id",
-                    (name, system_identifier, database_name, int(n) * ID_SPAN),
+                    (wanted, system_identifier, database_name, int(n) * ID_SPAN),
                 ).fetchone() or (0,)
                 return int(sid)
         except errors.UniqueViolation:
