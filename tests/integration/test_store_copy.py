@@ -445,3 +445,57 @@ def test_what_capture_commits_while_a_copy_reads_is_not_in_the_copy(pgo, new_pg,
     assert moved.store_rows("SELECT id, end_lsn FROM transactions ORDER BY id") == before
     assert _position(moved) == [(position,)]
     assert moved.store_rows("SELECT count(*) FROM changes") == [(5,)]
+
+
+def test_every_source_of_a_store_is_copied_and_each_capture_goes_on(pgo, new_pg, tmp_path):
+    """Two databases captured into one SQLite file in turns (their ids interleave), copied to
+    PostgreSQL and back: every listing of every source answers the same, and each source's
+    capture goes on into the copy from its own position."""
+    from tests.integration.test_sources import _beside, _ready
+
+    with _beside(pgo, tmp_path, "b") as b:
+        sids = [_ready(pgo), _ready(b)]
+        for src in (pgo, b, pgo, b):
+            src.sql("INSERT INTO t SELECT max(id) + 1, 'n' FROM t")
+            src.capture()
+
+        def listed(store: str) -> Any:
+            out = {}
+            for src in (pgo, b):
+                asks = [["sessions"], ["activity"], ["history", "t", "id=1"]]
+                asks += [["show", "session", s] for s in sids]
+                for args in asks:
+                    done = run_cli(
+                        src, "--source", src.dbname, *args, "--json", env={"UNDO_STORE": store}
+                    )
+                    assert done.returncode == 0, (src.dbname, args, done.stderr)
+                    out[src.dbname, *args] = json.loads(done.stdout)
+            return out
+
+        before = listed(pgo.store)
+        assert all(before[src.dbname, "sessions"] for src in (pgo, b))
+        pg = new_pg()
+        up = _copy(pgo, pgo.store, pg)
+        assert up.returncode == 0, up.stderr
+        assert f"{pgo.dbname} at" in up.stderr and f"{b.dbname} at" in up.stderr
+        per_source = (
+            "SELECT s.name, count(*), sum(t.inserts + t.updates) FROM transactions t"
+            " JOIN sources s ON s.id = t.source GROUP BY 1 ORDER BY 1"
+        )
+        copied = dataclasses.replace(pgo, store=pg)
+        assert copied.store_rows(per_source) == pgo.store_rows(per_source)
+        back = str(tmp_path / "back.db")
+        assert _copy(pgo, pg, back).returncode == 0
+        assert listed(back) == before
+        # each source's capture goes on into the copy: nothing lost, nothing twice
+        for src in (pgo, b):
+            src.sql("INSERT INTO t SELECT max(id) + 1, 'after' FROM t")
+            dataclasses.replace(src, store=pg).capture()
+        inserted = copied.store_rows(
+            "SELECT source, key::text, new::text FROM change_log WHERE op = 'I' ORDER BY 1, 2"
+        )
+        assert inserted == [
+            (name, f'["{k}"]', f'["{k}", "{v}"]')
+            for name in sorted((pgo.dbname, b.dbname))
+            for k, v in ((1, "a"), (2, "b"), (3, "n"), (4, "n"), (5, "after"))
+        ]
