@@ -358,7 +358,7 @@ def store_copy(settings: Settings, target: str) -> None:
         if not quiet:
             echo_err(f"copying {table}: {n}/{total} rows")
 
-    done = copy_store(settings.store, target, progress, lambda: _source_identity(settings))
+    done = copy_store(settings.store, target, progress)
     positions = ", ".join(
         f"{name} at {'none' if lsn is None else int_to_lsn(int(lsn))}"
         for name, lsn in done.positions.items()
@@ -368,15 +368,3 @@ def store_copy(settings: Settings, target: str) -> None:
         f" {done.rows.get('changes', 0)} change(s) to {shown(target)}; capture into it goes on"
         f" from: {positions or 'no source'}"
     )
-
-
-def _source_identity(settings: Settings) -> Any:
-    """The source database of a store that keeps no registry of its sources, from --dsn."""
-    from undo.source import pg
-    from undo.store.copy import SourceIdentity
-
-    if not settings.dsn:
-        return None
-    with pg.connect(settings.dsn) as conn:
-        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
-        return SourceIdentity(conn.info.dbname, row[0] if row else "", conn.info.dbname)

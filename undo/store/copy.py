@@ -8,14 +8,17 @@ The logical content is the stores' tables by name, each a set of columns, with v
 SQLite store holds them: times as the store's time text ('2026-01-19T10:25:31.000000Z'), JSON
 (images, keys, column lists) as compact text, booleans as 0/1, bytes as bytes. A table is copied
 in the columns both stores have; what one kind keeps and the other derives is given by the
-export (``source`` of a store without a registry; a change's ``commit_time``, PostgreSQL's
-partition key, from its transaction) and dropped by an import that has no column for it.
+export (a change's ``commit_time``, PostgreSQL's partition key, from its transaction) and
+dropped by an import that has no column for it. Each source's keys (slot, decoder, position...)
+are the content's ``meta`` (SQLite: source_meta; PostgreSQL: meta of sources but 0); the
+store's own keys stay the target's.
 
-Ids are kept: a change, a transaction, a table version keeps its id, so that everything naming
-one (a transaction's change range, an undo's selection) names the same thing in the copy, and
-capture into the copy goes on from the ids and the position the snapshot held. A PostgreSQL
-store gives each source a span of ids (postgres/_schema.ID_SPAN): a source whose ids do not fit
-one is refused, nothing written.
+Ids are kept where they can be: a change, a transaction, a table version keeps its id, so that
+everything naming one (a transaction's change range, an undo's selection) names the same thing
+in the copy, and capture into the copy goes on from the ids and the position the snapshot held.
+A PostgreSQL store gives each source a span of ids (postgres/_schema.ID_SPAN) and an SQLite
+store one sequence for all: sources whose ids interleave are numbered anew into spans of their
+own on the way into PostgreSQL, in their order, references following (_id_plan).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from undo.core.errors import BadInput, Refused
+from undo.core.errors import Refused
 
 #: tables in the order they are copied (what names a row comes before it); any other table the
 #: two stores share comes after these
@@ -52,22 +55,10 @@ _STRUCTURE = {"migrations", "change_partitions", "_sqlite_migrations"}
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 #: rows per progress line and per write
 CHUNK = 50_000
-#: the source every row of a store without a registry belongs to
-ONLY_SOURCE = 1
 
 #: (table, rows copied so far, rows it holds): told at the start and end of each table and
 #: every CHUNK rows
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class SourceIdentity:
-    """What names a source whose store does not keep it (a store made before sources were
-    registered): given by the caller from the source database (``--dsn``)."""
-
-    name: str
-    system_identifier: str
-    database_name: str
 
 
 class Export:
@@ -117,9 +108,8 @@ class SqliteExport(Export):
 
     engine = "SQLite"
 
-    def __init__(self, db: Any, identity: SourceIdentity | None) -> None:
+    def __init__(self, db: Any) -> None:
         self.conn = db.conn
-        self.identity = identity
         self.conn.execute("BEGIN")
         self.open = True
         try:
@@ -135,17 +125,9 @@ class SqliteExport(Export):
                 for n in names
                 if n not in _STRUCTURE
             }
-            self.registry = "sources" in self.tables
-            # a store with a registry keeps each source's keys in source_meta (its meta is
-            # the store's own, which a target keeps its own of): that is the content's meta
-            self.meta_table = "source_meta" if "source_meta" in self.tables else "meta"
-            if self.meta_table == "source_meta":
-                self.tables["meta"] = self.tables.pop("source_meta")
-            if not self.registry:  # one source, named by the caller
-                self.tables["sources"] = ("id", "name", "system_identifier", "database_name")
-                for name in ORDER[1:]:
-                    if name in self.tables and "source" not in self.tables[name]:
-                        self.tables[name] += ("source",)
+            # each source's keys are in source_meta (meta is the store's own, which a target
+            # keeps its own of): that is the content's meta
+            self.tables["meta"] = self.tables.pop("source_meta")
             if "commit_time" not in self.tables.get("changes", ("commit_time",)):
                 self.tables["changes"] += ("commit_time",)
         except BaseException:
@@ -159,42 +141,25 @@ class SqliteExport(Export):
                 self.conn.execute("ROLLBACK")
 
     def count(self, table: str) -> int:
-        if table == "sources" and not self.registry:
-            return 1
-        table = self.meta_table if table == "meta" else table
+        table = "source_meta" if table == "meta" else table
         return int(self.conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0])  # noqa: S608 (a table name read from sqlite_master)
 
     def rows(self, table: str, columns: Sequence[str]) -> Iterator[tuple[Any, ...]]:
-        if table == "sources" and not self.registry:
-            ident = self.identity or SourceIdentity("default", "", "")
-            row = {
-                "id": ONLY_SOURCE,
-                "name": ident.name,
-                "system_identifier": ident.system_identifier,
-                "database_name": ident.database_name,
-            }
-            yield tuple(row.get(c) for c in columns)
-            return
         exprs = []
         for c in columns:
             if table == "changes" and c == "commit_time":
                 exprs.append("(SELECT t.commit_time FROM transactions t WHERE t.id = x.txn)")
-            elif c == "source" and not self.registry:
-                exprs.append(str(ONLY_SOURCE))
             else:
                 exprs.append('x."' + c.replace('"', '""') + '"')
         order = "ORDER BY x.rowid" if table not in ("txn_changes", "statements") else ""
         if table == "meta":
-            table, order = self.meta_table, "ORDER BY x.key" if "source" not in columns else ""
+            table, order = "source_meta", ""
         query = f'SELECT {", ".join(exprs)} FROM "{table}" x {order}'  # noqa: S608 (names from the store's own schema)
         cur = self.conn.execute(query)
         while batch := cur.fetchmany(CHUNK):
             yield from batch
 
     def first_ids(self) -> dict[int, int | None]:
-        if not self.registry or "source" not in self.tables.get("transactions", ()):
-            (first,) = self.conn.execute("SELECT min(id) FROM transactions").fetchone()
-            return {s["id"]: first for s in self.sources()}
         found = dict(self.conn.execute("SELECT source, min(id) FROM transactions GROUP BY source"))
         return {s["id"]: found.get(s["id"]) for s in self.sources()}
 
@@ -206,19 +171,18 @@ class SqliteExport(Export):
 
 
 def sqlite_empty(db: Any) -> list[str]:
-    """The tables of an SQLite store that hold rows (of those a copy writes)."""
+    """The tables of an SQLite store that hold rows (of those a copy writes; meta holds the
+    store's own keys)."""
     names = [
         r[0]
         for r in db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
         )
     ]
-    # with source_meta, meta holds the store's own keys: not content
-    own = {"meta"} if "source_meta" in names else set()
     return [
         n
         for n in names
-        if n not in _STRUCTURE | own
+        if n not in _STRUCTURE | {"meta"}
         and db.execute(f'SELECT EXISTS (SELECT 1 FROM "{n}")').fetchone()[0]  # noqa: S608
     ]
 
@@ -238,22 +202,14 @@ def load_sqlite(db: Any, export: Export, progress: Progress) -> dict[str, int]:
             ).fetchall()
             if n not in _STRUCTURE
         }
-        if "source_meta" in mine:  # each source's keys: the content's meta
-            mine["meta"] = mine.pop("source_meta")
-        sources = export.sources()
-        if len(sources) > 1 and "sources" not in mine:
-            raise BadInput(
-                f"the store holds {len(sources)} sources ({', '.join(s['name'] for s in sources)})"
-                " and an SQLite store of this undo holds one: copy into a PostgreSQL store"
-            )
-        # one source and no registry: the file is that source's
-        _refuse_lost_tables(export, mine, frozenset({"sources"}))
+        mine["meta"] = mine.pop("source_meta")  # each source's keys: the content's meta
+        _refuse_lost_tables(export, mine)
         copied: dict[str, int] = {}
         for table in _order(export, mine):
             columns = [c for c in export.tables[table] if c in mine[table]]
             total = export.count(table)
             progress(table, 0, total)
-            into = "source_meta" if table == "meta" and "source" in mine["meta"] else table
+            into = "source_meta" if table == "meta" else table
             text = (
                 f'INSERT INTO "{into}" ({", ".join(_quoted(c) for c in columns)})'  # noqa: S608
                 f" VALUES ({', '.join('?' * len(columns))})"
@@ -500,15 +456,11 @@ def _id_plan(export: Export) -> tuple[dict[int, int], Remap | None]:
     else:
         return bases, None
     bases = {s["id"]: i * ID_SPAN for i, s in enumerate(sorted(sources, key=lambda s: s["id"]))}
-    columns = export.tables["transactions"]
     want = ["id", "source", "first_change", "last_change"]
-    if "source" not in columns:
-        want[1] = "id"  # one source (never here: one source keeps its ids)
     txns: dict[int, int] = dict.fromkeys(bases, 0)
     changes: dict[int, int] = dict.fromkeys(bases, 0)
     remap: Remap = {}
-    for tid, src, lo, hi in export.rows("transactions", want):
-        sid = src if "source" in columns else ONLY_SOURCE
+    for tid, sid, lo, hi in export.rows("transactions", want):
         txns[sid] += 1
         delta = 0
         if lo is not None:
@@ -623,15 +575,11 @@ def _order(export: Export, mine: dict[str, tuple[str, ...]]) -> list[str]:
     return [t for t in ORDER if t in shared] + sorted(t for t in shared if t not in ORDER)
 
 
-def _refuse_lost_tables(
-    export: Export,
-    mine: dict[str, tuple[str, ...]],
-    implied: frozenset[str] = frozenset(),
-) -> None:
+def _refuse_lost_tables(export: Export, mine: dict[str, tuple[str, ...]]) -> None:
     """A table of the export the target has no place for, holding anything, would be lost:
     refused, nothing written (a store of another undo version)."""
     for table in export.tables:
-        if table in mine or table in implied or export.count(table) == 0:
+        if table in mine or export.count(table) == 0:
             continue
         raise Refused(
             f"the target store has no table {table!r} (made by another undo version?): nothing"
@@ -655,15 +603,9 @@ class Copied:
     positions: dict[str, str | None]
 
 
-def copy_store(
-    origin: str,
-    target: str,
-    progress: Progress,
-    identity: Callable[[], SourceIdentity | None] = lambda: None,
-) -> Copied:
+def copy_store(origin: str, target: str, progress: Progress) -> Copied:
     """Copy the store at ``origin`` into the store at ``target`` (made when there is none),
-    which must hold nothing (Refused, exit 1, nothing written). ``identity``: names the source
-    of an SQLite store that keeps no registry (asked only then)."""
+    which must hold nothing (Refused, exit 1, nothing written)."""
     from undo.store import is_postgres
 
     with contextlib.ExitStack() as stack:
@@ -677,8 +619,7 @@ def copy_store(
 
             db = lite.open_database(origin)
             stack.callback(db.conn.close)
-            ident = None if "sources" in _sqlite_tables(db) else identity()
-            content = stack.enter_context(SqliteExport(db, ident))
+            content = stack.enter_context(SqliteExport(db))
         if is_postgres(target):
             from undo.store.postgres import _schema as pg
 
@@ -693,18 +634,11 @@ def copy_store(
         return Copied(rows, positions(content))
 
 
-def _sqlite_tables(db: Any) -> set[str]:
-    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
 def positions(content: Export) -> dict[str, str | None]:
     """Each source's position (meta 'position') in the content, by source name."""
-    columns = content.tables.get("meta", ())
-    want = [c for c in ("source", "key", "value") if c in columns]
     names = {s["id"]: s["name"] for s in content.sources()}
     out: dict[str, str | None] = dict.fromkeys(names.values())
-    for row in content.rows("meta", want):
-        r = dict(zip(want, row, strict=True))
-        if r["key"] == "position":
-            out[names.get(r.get("source", ONLY_SOURCE), "?")] = r["value"]
+    for source, key, value in content.rows("meta", ("source", "key", "value")):
+        if key == "position":
+            out[names[source]] = value
     return out
