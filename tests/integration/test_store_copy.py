@@ -466,3 +466,27 @@ def test_every_source_of_a_store_is_copied_and_each_capture_goes_on(pgo, new_pg,
             for name in sorted((pgo.dbname, b.dbname))
             for k, v in ((1, "a"), (2, "b"), (3, "n"), (4, "n"), (5, "after"))
         ]
+
+
+def test_a_source_not_yet_claimed_is_claimed_before_it_goes_to_postgresql(pgo, new_pg):
+    """A store made before sources names its one source 'default' with no identity until a
+    command connects to its database: a PostgreSQL store could never tell it; refused (exit
+    2, saying how), then copied once claimed."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1)")
+    pgo.capture()
+    with sqlite3.connect(pgo.store) as c:  # as m014 leaves a store made before it
+        c.execute("UPDATE sources SET name = 'default', system_identifier = '', database_name = ''")
+    pg = new_pg()
+    refused = _copy(pgo, pgo.store, pg)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "'default'" in refused.stderr and "undo status" in refused.stderr
+    assert run_cli(pgo, "status").returncode == 0  # claims it
+    copied = _copy(pgo, pgo.store, pg)
+    assert copied.returncode == 0, copied.stderr
+    moved = dataclasses.replace(pgo, store=pg)
+    assert moved.store_rows("SELECT name, database_name FROM sources") == [(pgo.dbname, pgo.dbname)]
+    pgo.sql("INSERT INTO t VALUES (2)")
+    moved.capture()
+    assert moved.store_rows("SELECT count(*) FROM changes") == [(2,)]

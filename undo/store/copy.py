@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from undo.core.errors import Refused
+from undo.core.errors import BadInput, Refused
 
 #: tables in the order they are copied (what names a row comes before it); any other table the
 #: two stores share comes after these
@@ -368,6 +368,14 @@ def load_pg(conn: Any, export: Export, progress: Progress) -> dict[str, int]:
         raise Refused(_not_empty(held))
     mine = _pg_tables(conn)
     _refuse_lost_tables(export, mine)
+    unclaimed = [s["name"] for s in export.sources() if not s.get("system_identifier")]
+    if unclaimed:
+        # a PostgreSQL store knows a source by its identity only: it could not claim it later
+        raise BadInput(
+            f"the source {unclaimed[0]!r} came from a store made before sources were registered"
+            " and no command has connected to its database since, so its identity is unknown:"
+            " run `undo status` with its --dsn once (which records it), then copy"
+        )
     bases, remap = _id_plan(export)
     # a time in each partition the changes need (the target's width), made before the copy's
     # transaction as capture makes them: each in its own, locking out no reader
