@@ -2,7 +2,8 @@
 
 Each store kind exports its logical content from one consistent snapshot (:class:`Export`:
 SQLite, one read transaction; PostgreSQL, one REPEATABLE READ transaction) and imports another's
-(:func:`load`) in one transaction of its own, so that a copy is whole or nothing.
+(:func:`load_sqlite`, :func:`load_pg`) in one transaction of its own, so that a copy is whole
+or nothing; :func:`copy_store` is the two together.
 
 The logical content is the stores' tables by name, each a set of columns, with values as the
 SQLite store holds them: times as the store's time text ('2026-01-19T10:25:31.000000Z'), JSON
