@@ -127,7 +127,10 @@ def as_of(
             # it can neither end this transaction nor run anything after it
             cur = conn.cursor().execute(query, binary=True)
         except psycopg.Error as e:
-            raise BadInput(f"--where {where!r}: {e.diag.message_primary or e}") from None
+            # the condition, or what the read runs without one (a row security policy's
+            # function that writes, in this read-only transaction)
+            what = f"--where {where!r}" if where else f"reading {names.quote(schema, name)}"
+            raise BadInput(f"{what}: {e.diag.message_primary or e}") from None
         out["columns"] = [d.name for d in cur.description or []]
         out["rows"] = cur.fetchall()
 

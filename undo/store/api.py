@@ -155,11 +155,12 @@ class MetricsFigures:
 
     #: (application, table, inserts, updates, deletes, truncates)
     changes: tuple[tuple[str, str, int, int, int, int], ...]
-    #: (application, transactions)
+    #: (application, transactions), first seen first (the minute of its first change, then
+    #: its name): a key an application keeps for good, so /metrics names the same ones
     transactions: tuple[tuple[str, int], ...]
     #: (reason, row changes) of writes without a trusted tag
     untrusted: tuple[tuple[str | None, int], ...]
-    #: (guard, application, refusals), trusted refusals only
+    #: (guard, application, refusals), trusted refusals only, first refused first
     guard_refusals: tuple[tuple[str | None, str | None, int], ...]
     #: (prefix, messages)
     malformed: tuple[tuple[str, int], ...]

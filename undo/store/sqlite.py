@@ -441,7 +441,11 @@ class SqliteStore:
                 )
             ),
             transactions=tuple(
-                db.execute("SELECT application_name, sum(transactions) FROM activity GROUP BY 1")
+                # first seen first (then by name): /metrics names the first applications
+                db.execute(
+                    "SELECT application_name, sum(transactions) FROM activity GROUP BY 1"
+                    " ORDER BY min(minute), 1"
+                )
             ),
             untrusted=tuple(
                 db.execute(
@@ -453,7 +457,7 @@ class SqliteStore:
             guard_refusals=tuple(
                 db.execute(
                     "SELECT guard, application_name, count(*) FROM guard_refusals"
-                    " WHERE tag = 'trusted' GROUP BY 1, 2"
+                    " WHERE tag = 'trusted' GROUP BY 1, 2 ORDER BY min(id)"
                 )
             ),
             malformed=tuple(db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1")),

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
-from undo.core.config import masked_dsn
+from undo.core.config import malformed, masked_dsn
 from undo.core.errors import StoreBusy, StoreFault, StoreUnreadable
 
 SCHEMA = "undo_store"
@@ -316,7 +316,14 @@ class StoreConnection(psycopg.Connection[Any]):
 
 def connect(location: str) -> psycopg.Connection[Any]:
     """A connection to the store's database (autocommit: the writer opens its own
-    transactions); an unreachable server or a refused login is one line, password masked."""
+    transactions); an unreachable server or a refused login is one line, password masked
+    (a malformed one too: libpq's complaint quotes the whole string, password and all)."""
+    if complaint := malformed(location):
+        raise StoreUnreadable(
+            f"malformed store location ({complaint}): use key=value pairs"
+            " (host=db dbname=audit) or a postgresql://user@host/dbname URI"
+            " (check --store/UNDO_STORE)"
+        )
     try:
         conn = StoreConnection.connect(
             location, autocommit=True, options=OPTIONS, application_name="undo store"
