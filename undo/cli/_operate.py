@@ -324,3 +324,47 @@ def demo_cmd(keep: bool, guard: bool) -> None:
 
     if not run_demo(click.echo, render.table, keep=keep, guard=guard):
         sys.exit(1)
+
+
+@cli.group("store")
+def store_group() -> None:
+    """The audit store as a whole: copy it into another (SQLite file or PostgreSQL database)."""
+
+
+@store_group.command("copy")
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    help="The store to copy into: an SQLite file or a PostgreSQL database (postgresql:// URI or"
+    " conninfo), made when there is none; it must hold nothing.",
+)
+@pass_settings
+def store_copy(settings: Settings, target: str) -> None:
+    """Copy the whole store (every source, transaction, change, gap, DDL record, guard refusal
+    and undo, and where capture is) into an empty store, from one consistent snapshot: capture
+    may go on writing meanwhile. Capture pointed at the copy goes on from the snapshot's
+    position.
+
+    Example: undo --store undo.db store copy --to postgresql://undo@audit-db/audit
+    """
+    from undo.core.wal import int_to_lsn
+    from undo.store import shown
+    from undo.store.copy import copy_store
+
+    quiet = click.get_current_context().find_root().meta.get("undo.quiet")
+
+    def progress(table: str, n: int, total: int) -> None:
+        if not quiet:
+            echo_err(f"copying {table}: {n}/{total} rows")
+
+    done = copy_store(settings.store, target, progress)
+    positions = ", ".join(
+        f"{name} at {'none' if lsn is None else int_to_lsn(int(lsn))}"
+        for name, lsn in done.positions.items()
+    )
+    info(
+        f"copied {done.rows.get('transactions', 0)} transaction(s) and"
+        f" {done.rows.get('changes', 0)} change(s) to {shown(target)}; capture into it goes on"
+        f" from: {positions or 'no source'}"
+    )
