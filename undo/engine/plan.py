@@ -258,7 +258,7 @@ def _pruned(db: Store, target: Target) -> list[str]:
         return []
     if target.session is not None:
         began = _session_start(target.session)
-        if began is None or began < epoch(cut):
+        if began is None or began <= int(epoch(cut)):  # to the second: may be before it
             return [
                 f"session {target.session} began before {cut}, where the audit store's history"
                 " was pruned (undo prune): what it committed before then is gone, only its later"

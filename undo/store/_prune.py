@@ -3,21 +3,23 @@ time, a transaction at a time, in batches.
 
 The rule, the same on both stores (a PostgreSQL store's is postgres/_prune.py): a prune cuts
 history at one time, the cut (here ``before`` itself; on PostgreSQL the start of the partition
-that holds it). Everything recorded before the cut goes, per transaction: its changes, counts
-and statements, the DDL records, malformed messages, closed gaps and the minutes of activity
-wholly before it. A session the cut went through keeps only its later transactions (an undo of
-it refuses, engine/plan.py). Kept: the ledger of applied undos, guard refusals (their nonces
-tell a replayed refusal), open table gaps, table versions, and the totals of what went
-(pruned_counts), so that /metrics' counters never go down.
+that holds it; never in the future: :func:`cut_of`). Everything
+recorded before the cut goes, per transaction: its changes, counts and statements, the DDL
+records, malformed messages, closed gaps and the minutes of activity wholly before it. A session
+the cut went through keeps only its later transactions (an undo of it refuses, engine/plan.py).
+Kept: the ledger of applied undos, guard refusals (their nonces tell a replayed refusal), open
+table gaps, table versions, and the totals of what went (pruned_counts), so that /metrics'
+counters never go down.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from sqlite_utils import Database
 
-from undo.core.times import epoch
+from undo.core.times import epoch, iso
 from undo.store._schema import incremental_vacuum
 from undo.store.api import PruneReport, StepReport
 
@@ -44,6 +46,13 @@ def _victims(db: Database, cut: str, limit: int = -1) -> list[tuple[int, int, in
             [cut, limit],
         )
     ]
+
+
+def cut_of(before: str) -> str:
+    """Where a prune before ``before`` cuts: there, but never in the future (an undo of a
+    session that began before the cut refuses). A PostgreSQL store's cut falls on a partition
+    boundary at or before it (postgres/_prune.py)."""
+    return min(before, iso(datetime.now(UTC)))
 
 
 def _mark(db: Database, cut: str) -> None:
@@ -113,23 +122,36 @@ def _forget_before(db: Database, cut: str) -> None:
         _mark(db, cut)
 
 
+def session_prefix(cut: datetime) -> str:
+    """What the id of every session that began before ``cut`` (or in its second) sorts before:
+    a session's id begins with its backend's start time in whole seconds, 8 hex digits until
+    2106 (PostgreSQL's %c).
+
+    >>> session_prefix(datetime(2026, 12, 5, tzinfo=UTC)) > "6b071524.9d7"
+    True
+    """
+    return format(int(cut.timestamp()) + 1, "x")
+
+
 def _through(db: Database, cut: str) -> int:
-    """Sessions the cut goes through: with transactions on both sides of it."""
+    """Sessions that began before the cut and go on after it: those an undo refuses
+    (engine/plan.py), which keep their later transactions only."""
     return int(
         db.execute(
-            "SELECT count(DISTINCT session_id) FROM transactions WHERE commit_time < ?"
-            " AND session_id IN (SELECT session_id FROM transactions WHERE commit_time >= ?)",
-            [cut, cut],
+            "SELECT count(DISTINCT session_id) FROM transactions WHERE session_id < ?"
+            " AND commit_time >= ?",
+            [session_prefix(datetime.fromtimestamp(epoch(cut), UTC)), cut],
         ).fetchone()[0]
     )
 
 
 def prune(db: Database, before: str) -> PruneReport:
-    """Delete what was recorded before ``before`` (the cut), a transaction at a time: a
-    session that goes on after it keeps its later transactions only. The ledger of applied
-    undos is kept. Space is reclaimed by VACUUM, which also turns on incremental vacuum in a
-    store made before it (capture --keep)."""
+    """Delete what was recorded before the cut (``before``, or earlier: :func:`cut_of`), a
+    transaction at a time: a session that goes on after it keeps its later transactions only.
+    The ledger of applied undos is kept. Space is reclaimed by VACUUM, which also turns on
+    incremental vacuum in a store made before it (capture --keep)."""
     size = _size(db)
+    before = cut_of(before)
     through = _through(db, before)
     victims = _victims(db, before)
     sessions = db.execute(
@@ -155,6 +177,7 @@ def prune_step(
     transaction; then hand up to ``vacuum_pages`` free pages back to the file system where the
     store has incremental vacuum. Never a full VACUUM, which would hold the store for as long
     as it takes to copy it."""
+    before = cut_of(before)
     victims: list[tuple[int, int, int]] = []
     total = 0
     candidates = _victims(db, before, 1000)

@@ -11,7 +11,7 @@ which capture, however far behind, may still write. A prune covers every source 
 (the cut is a time).
 
 Order, so that an interrupted prune leaves nothing a listing shows half: the transactions before
-the cut and their small rows go first (in batches, each one store transaction), then the rest
+the cut and their small rows go first (one store transaction; a step of --keep: some), then the rest
 recorded before it, then each partition: ``DETACH PARTITION ... CONCURRENTLY`` (which waits for
 the readers and writers that may see it, but blocks none of them), then ``DROP TABLE``. A
 detach left pending (interrupted, or --keep's lock timeout) is finished by the next prune.
@@ -19,7 +19,6 @@ detach left pending (interrupted, or --keep's lock timeout) is finished by the n
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,11 +26,11 @@ import psycopg
 from psycopg import errors, sql
 
 from undo.core.times import iso
+from undo.store._prune import session_prefix
 from undo.store.api import PruneReport, StepReport
 from undo.store.postgres._schema import SCHEMA, iter_sources, partitions
 
-#: transactions deleted per store transaction by `undo prune`, and per step of --keep
-BATCH = 50_000
+#: transactions deleted per step of --keep (`undo prune` deletes them in one statement)
 STEP = 5_000
 #: a step of capture --keep waits this long at most for the readers of a partition it detaches
 STEP_LOCK_TIMEOUT = "2s"
@@ -44,20 +43,9 @@ def _time(text: str) -> datetime:
 
 
 def stored_up_to(conn: psycopg.Connection[Any], source: int) -> datetime | None:
-    """A time before which the store holds every transaction of the source, as its capture
-    last recorded (meta capture_lag: the oldest commit it had not stored, else when it was
-    caught up); else its newest stored transaction, else when init made its slot."""
-    lag = conn.execute(
-        "SELECT value FROM undo_store.meta WHERE source = %s AND key = 'capture_lag'", (source,)
-    ).fetchone()
-    try:
-        doc = json.loads(lag[0]) if lag and lag[0] else {}
-        if doc.get("pending_since"):
-            return _time(str(doc["pending_since"]))
-        if doc.get("at") is not None and doc.get("lag_seconds") is not None:
-            return datetime.fromtimestamp(float(doc["at"]) - float(doc["lag_seconds"]), UTC)
-    except (ValueError, TypeError, AttributeError):
-        pass  # written by capture; anything else is read as no record
+    """The commit time of the source's newest stored transaction (capture stores in commit
+    order: what it has still to store, however far behind, commits at or after it); for a
+    source with none, when init made its slot."""
     row = conn.execute(
         "SELECT max(commit_time) FROM undo_store.transactions WHERE source = %s", (source,)
     ).fetchone()
@@ -69,22 +57,22 @@ def stored_up_to(conn: psycopg.Connection[Any], source: int) -> datetime | None:
     return _time(began[0]) if began and began[0] else None
 
 
-def cut_of(conn: psycopg.Connection[Any], before: datetime) -> tuple[datetime, str | None]:
+def cut_of(conn: psycopg.Connection[Any], before: datetime) -> datetime:
     """Where a prune before ``before`` cuts: the start of the partition holding it (itself
-    when none does), and no later than the start of the partition holding the time up to which
-    any source is stored (:func:`stored_up_to`): its capture, however far behind, writes into
-    that partition or later ones. The cut, and the source that held it back, if one did."""
+    when none does), and no later than the start of the partition holding any source's newest
+    stored transaction (:func:`stored_up_to`): its capture, however far behind, writes into
+    that partition or later ones."""
     parts = partitions(conn)
 
     def start(t: datetime) -> datetime:
         return next((lo for lo, hi in parts if lo <= t < hi), t)
 
-    cut, held = start(before), None
-    for sid, name in list(iter_sources(conn)):
+    cut = start(before)
+    for sid, _ in list(iter_sources(conn)):
         stored = stored_up_to(conn, sid)
-        if stored is not None and start(stored) < cut:
-            cut, held = start(stored), name
-    return cut, held
+        if stored is not None:
+            cut = min(cut, start(stored))
+    return cut
 
 
 def _finish_pending(conn: psycopg.Connection[Any]) -> list[str]:
@@ -141,30 +129,47 @@ def _old_partitions(conn: psycopg.Connection[Any], cut: datetime) -> list[str]:
 
 
 def _delete_transactions(
-    conn: psycopg.Connection[Any], cut: datetime, limit: int
-) -> tuple[int, int]:
-    """Delete up to ``limit`` of the oldest transactions committed before the cut, with their
-    per-table counts and statements, in one store transaction; their untrusted row changes go
-    to pruned_counts. (transactions, changes) deleted; their changes are in partitions wholly
-    before the cut, dropped after."""
+    conn: psycopg.Connection[Any], cut: datetime, limit: int | None
+) -> tuple[int, int, int]:
+    """Delete the oldest transactions committed before the cut (``limit`` of them at most;
+    None: all, in one statement), with their per-table counts and statements, in one store
+    transaction; their untrusted row changes go to pruned_counts. Their changes are in
+    partitions wholly before the cut, dropped after. (transactions, changes, sessions)."""
     with conn.transaction():
         row = conn.execute(
-            "WITH gone AS (DELETE FROM undo_store.transactions WHERE id IN (SELECT id FROM"
-            "   undo_store.transactions WHERE commit_time < %(cut)s ORDER BY commit_time"
-            "   LIMIT %(limit)s)"
-            "  RETURNING id, source, tag, tag_reason, inserts + updates + deletes + truncates AS n,"
+            # LIMIT NULL: no limit
+            "WITH gone AS (DELETE FROM undo_store.transactions WHERE id IN (SELECT id"
+            "  FROM undo_store.transactions WHERE commit_time < %(cut)s ORDER BY commit_time"
+            "  LIMIT %(limit)s)"
+            "  RETURNING id, source, session_id, tag, tag_reason,"
+            "  inserts + updates + deletes + truncates AS n,"
             "  coalesce(last_change - first_change + 1, 0) AS changes),"
-            " counts AS (DELETE FROM undo_store.txn_changes x USING gone WHERE x.txn = gone.id),"
+            " counts AS (DELETE FROM undo_store.txn_changes x USING gone"
+            "  WHERE x.txn = gone.id),"
             " stmts AS (DELETE FROM undo_store.statements s USING gone WHERE s.txn = gone.id),"
             " untrusted AS (INSERT INTO undo_store.pruned_counts (source, kind, label, n)"
             "  SELECT source, 'untrusted', coalesce(tag_reason, ''), sum(n) FROM gone"
             "  WHERE tag <> 'trusted' GROUP BY 1, 3"
             "  ON CONFLICT (source, kind, application_name, relation, label)"
             "  DO UPDATE SET n = pruned_counts.n + excluded.n)"
-            " SELECT count(*), coalesce(sum(changes), 0) FROM gone",
+            " SELECT (SELECT count(*) FROM gone), (SELECT coalesce(sum(changes), 0) FROM gone),"
+            " (SELECT count(*) FROM (SELECT DISTINCT source, session_id FROM gone"
+            "  WHERE session_id IS NOT NULL) s)",
             {"cut": cut, "limit": limit},
         ).fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 0)
+    return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+
+
+def _through(conn: psycopg.Connection[Any], cut: datetime) -> int:
+    """Sessions that began before the cut and go on after it (those an undo refuses:
+    engine/plan.py): a session's id begins with its start time in hex (PostgreSQL's %c), so
+    the ids of sessions that began before the cut sort before the cut's."""
+    row = conn.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT source, session_id FROM undo_store.transactions"
+        " WHERE session_id < %s AND commit_time >= %s) s",
+        (session_prefix(cut), cut),
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _forget_before(conn: psycopg.Connection[Any], cut: datetime) -> None:
@@ -211,19 +216,6 @@ def _forget_before(conn: psycopg.Connection[Any], cut: datetime) -> None:
         )
 
 
-def _summary(conn: psycopg.Connection[Any], cut: datetime) -> tuple[int, int]:
-    """(sessions with transactions before the cut, of them those the cut goes through)."""
-    row = conn.execute(
-        "SELECT count(DISTINCT (source, session_id)),"
-        " count(DISTINCT (source, session_id)) FILTER (WHERE EXISTS (SELECT FROM"
-        "  undo_store.transactions l WHERE l.source = t.source AND l.session_id = t.session_id"
-        "  AND l.commit_time >= %(cut)s))"
-        " FROM undo_store.transactions t WHERE commit_time < %(cut)s AND session_id IS NOT NULL",
-        {"cut": cut},
-    ).fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 0)
-
-
 def _lock(conn: psycopg.Connection[Any], wait: bool) -> bool:
     if wait:
         conn.execute("SELECT pg_advisory_lock(%s)", (_PRUNE_LOCK,))
@@ -243,14 +235,9 @@ def prune(conn: psycopg.Connection[Any], before: str, size: Any) -> PruneReport:
     try:
         _finish_pending(conn)
         bytes_before = size()
-        cut, _ = cut_of(conn, _time(before))
-        sessions, through = _summary(conn, cut)
-        transactions = changes = 0
-        while True:
-            t, c = _delete_transactions(conn, cut, BATCH)
-            transactions, changes = transactions + t, changes + c
-            if t < BATCH:
-                break
+        cut = cut_of(conn, _time(before))
+        through = _through(conn, cut)
+        transactions, changes, sessions = _delete_transactions(conn, cut, None)
         _forget_before(conn, cut)
         for name in _old_partitions(conn, cut):
             _detach_and_drop(conn, name)
@@ -268,8 +255,8 @@ def prune_step(conn: psycopg.Connection[Any], before: str) -> StepReport:
     if not _lock(conn, wait=False):
         return StepReport(0, 0, False, 0)
     try:
-        cut, _ = cut_of(conn, _time(before))
-        t, c = _delete_transactions(conn, cut, STEP)
+        cut = cut_of(conn, _time(before))
+        t, c, _ = _delete_transactions(conn, cut, STEP)
         if t == STEP:
             return StepReport(t, c, True, 0)
         _forget_before(conn, cut)
