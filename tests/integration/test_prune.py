@@ -208,3 +208,23 @@ def test_prune_waits_for_a_reader_of_the_partition_and_blocks_no_other(pgo):
     assert proc.returncode == 0, err
     assert "removed 1 transaction(s)" in out
     assert pgo.store_rows("SELECT count(*) FROM changes") == [(2,)]
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_prune_before_a_time_to_come_cuts_no_later_than_now(pgo):
+    """A cut in the future would make every later session one that "began before the cut"."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1)")
+    pgo.capture()
+    pruned = pgo.undo_cli("prune", "--before", "2099-01-01T00:00:00Z")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "committed before 2099" not in pruned.stdout
+    time.sleep(1.1)  # a session that began in the cut's second may have begun before it
+    with pgo.connect(application_name="later") as c:
+        sid = session_id(c)
+        c.execute("DELETE FROM t")
+    pgo.capture()
+    undone = pgo.undo_cli("session", sid, "--apply")
+    assert undone.returncode == 0, undone.stderr
+    assert pgo.sql("SELECT id FROM t") == [(1,)]
