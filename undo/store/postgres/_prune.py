@@ -11,8 +11,8 @@ which capture, however far behind, may still write. A prune covers every source 
 (the cut is a time).
 
 Order, so that an interrupted prune leaves nothing a listing shows half: the transactions before
-the cut and their small rows go first (one store transaction; a step of --keep: some), then the rest
-recorded before it, then each partition: ``DETACH PARTITION ... CONCURRENTLY`` (which waits for
+the cut and their small rows go first (one store transaction; a step of --keep: some), then the
+rest recorded before it, then each partition: ``DETACH PARTITION ... CONCURRENTLY`` (which waits for
 the readers and writers that may see it, but blocks none of them), then ``DROP TABLE``. A
 detach left pending (interrupted, or --keep's lock timeout) is finished by the next prune.
 """
