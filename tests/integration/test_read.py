@@ -110,7 +110,7 @@ def test_status_reports_slot_and_capture(pgo):
     assert st["unprepared_tables"] == ["public.unaudited"]
 
 
-def test_prune_keeps_whole_sessions_and_the_ledger(pgo):
+def test_prune_removes_what_committed_before_the_cut_and_keeps_the_ledger(pgo):
     _setup(pgo)
     store = open_store(pgo.store)
     db = store.file  # type: ignore[attr-defined]  # the SQLite store's own
@@ -120,7 +120,7 @@ def test_prune_keeps_whole_sessions_and_the_ledger(pgo):
     )
     db.conn.commit()
     last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
-    report = store.prune(last)  # the last session's only transaction is at `last`: kept
+    report = store.prune(last)  # the last transaction committed at `last`: kept
     assert (report.transactions, report.changes) == (2, 3)
     assert db.execute("SELECT application_name FROM transactions").fetchall() == [
         ("usage-metrics",)

@@ -107,7 +107,7 @@ def init_cmd(
     "--keep",
     metavar="AGE",
     help="Prune history older than this (90d, 12w) as it goes, a small batch at a time"
-    " (whole sessions only, as `undo prune`).",
+    " (by the rule of `undo prune`).",
 )
 @pass_settings
 def capture_cmd(settings: Settings, once: bool, accept_gap: bool, keep: str | None) -> None:
@@ -244,7 +244,10 @@ def guard_list(settings: Settings, as_json: bool) -> None:
 @click.option("--before", required=True, help="ISO 8601 time or age (30d).")
 @pass_settings
 def prune_cmd(settings: Settings, before: str) -> None:
-    """Delete history committed before a time, whole sessions only; keeps the undo ledger.
+    """Delete history recorded before a time, per transaction; keeps the undo ledger.
+
+    A session that goes on after the cut keeps only its later transactions. On a PostgreSQL
+    store the cut is the start of the partition that holds the time (partitions are dropped).
 
     Example: undo prune --before 90d
     """
@@ -252,8 +255,9 @@ def prune_cmd(settings: Settings, before: str) -> None:
         r = db.prune(parse_time(before))
     click.echo(
         f"removed {r.transactions} transaction(s), {r.changes} change(s) of"
-        f" {r.sessions} session(s); kept {r.kept_sessions} session(s) that go on after"
-        f" that time; store {r.bytes_before} -> {r.bytes_after} bytes"
+        f" {r.sessions} session(s) committed before {r.cut}; {r.kept_sessions} session(s)"
+        f" go on after it and keep their later transactions only; store {r.bytes_before}"
+        f" -> {r.bytes_after} bytes"
     )
 
 

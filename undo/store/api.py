@@ -170,12 +170,18 @@ class MetricsFigures:
 
 @dataclass(frozen=True)
 class PruneReport:
+    """What a prune removed. ``cut``: history recorded before it went (on SQLite the time
+    asked; on PostgreSQL the start of the partition that holds it, or earlier: see
+    postgres/_prune.py); ``kept_sessions``: sessions the cut went through, which keep their
+    later transactions only."""
+
     transactions: int
     changes: int
     sessions: int
     kept_sessions: int
     bytes_before: int
     bytes_after: int
+    cut: str
 
 
 @dataclass(frozen=True)

@@ -272,8 +272,31 @@ CREATE VIEW undo_store.change_log AS
       JOIN undo_store.sources s ON s.id = t.source;
 """
 
+#: what pruning took out of the totals /metrics reports, per source (the SQLite store's m014):
+#: /metrics' counters never go down. The reader role reads it as it reads the rest.
+_M002 = """
+CREATE TABLE undo_store.pruned_counts (
+    source integer NOT NULL,
+    kind text NOT NULL,                -- activity, untrusted, malformed
+    application_name text NOT NULL DEFAULT '',
+    relation bigint NOT NULL DEFAULT 0,
+    label text NOT NULL DEFAULT '',    -- untrusted: tag_reason; malformed: prefix
+    inserts bigint NOT NULL DEFAULT 0,
+    updates bigint NOT NULL DEFAULT 0,
+    deletes bigint NOT NULL DEFAULT 0,
+    truncates bigint NOT NULL DEFAULT 0,
+    n bigint NOT NULL DEFAULT 0,       -- activity: transactions; untrusted: row changes
+    PRIMARY KEY (source, kind, application_name, relation, label)
+);
+DO $$ BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'undo_store_reader') THEN
+        GRANT SELECT ON undo_store.pruned_counts TO undo_store_reader;
+    END IF;
+END $$;
+"""
+
 #: (version, name, SQL): applied in order, each once, recorded in undo_store.migrations
-MIGRATIONS: list[tuple[int, str, str]] = [(1, "initial", _M001)]
+MIGRATIONS: list[tuple[int, str, str]] = [(1, "initial", _M001), (2, "pruned_counts", _M002)]
 LATEST = MIGRATIONS[-1][0]
 
 
