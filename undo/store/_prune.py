@@ -71,10 +71,10 @@ def _delete(db: Database, cut: str, victims: list[tuple[int, int, int]]) -> int:
     ids = json.dumps([v[0] for v in victims])
     with db.atomic():
         db.execute(
-            "INSERT INTO pruned_counts (kind, label, n) SELECT 'untrusted',"
+            "INSERT INTO pruned_counts (source, kind, label, n) SELECT source, 'untrusted',"
             " coalesce(tag_reason, ''), sum(inserts + updates + deletes + truncates)"
             " FROM transactions WHERE tag <> 'trusted' AND id IN (SELECT value FROM json_each(?))"
-            " GROUP BY 2 ON CONFLICT (kind, application_name, relation, label)"
+            " GROUP BY 1, 3 ON CONFLICT (source, kind, application_name, relation, label)"
             " DO UPDATE SET n = n + excluded.n",
             [ids],
         )
@@ -95,11 +95,12 @@ def _forget_before(db: Database, cut: str) -> None:
     with db.atomic():
         last = int(epoch(cut)) - 60  # by the minute (activity_key's first column)
         db.execute(
-            "INSERT INTO pruned_counts (kind, application_name, relation, inserts, updates,"
-            " deletes, truncates, n) SELECT 'activity', application_name, relation,"
-            " sum(inserts), sum(updates), sum(deletes), sum(truncates), sum(transactions)"
-            " FROM activity WHERE minute <= ? GROUP BY application_name, relation"
-            " ON CONFLICT (kind, application_name, relation, label) DO UPDATE SET"
+            "INSERT INTO pruned_counts (source, kind, application_name, relation, inserts,"
+            " updates, deletes, truncates, n) SELECT r.source, 'activity', a.application_name,"
+            " a.relation, sum(a.inserts), sum(a.updates), sum(a.deletes), sum(a.truncates),"
+            " sum(a.transactions) FROM activity a JOIN relations r ON r.id = a.relation"
+            " WHERE a.minute <= ? GROUP BY r.source, a.application_name, a.relation"
+            " ON CONFLICT (source, kind, application_name, relation, label) DO UPDATE SET"
             " inserts = inserts + excluded.inserts, updates = updates + excluded.updates,"
             " deletes = deletes + excluded.deletes, truncates = truncates + excluded.truncates,"
             " n = n + excluded.n",
@@ -107,9 +108,9 @@ def _forget_before(db: Database, cut: str) -> None:
         )
         db.execute("DELETE FROM activity WHERE minute <= ?", [last])
         db.execute(
-            "INSERT INTO pruned_counts (kind, label, n) SELECT 'malformed', prefix, count(*)"
-            " FROM malformed WHERE received_at < ? GROUP BY prefix"
-            " ON CONFLICT (kind, application_name, relation, label)"
+            "INSERT INTO pruned_counts (source, kind, label, n) SELECT source, 'malformed',"
+            " prefix, count(*) FROM malformed WHERE received_at < ? GROUP BY source, prefix"
+            " ON CONFLICT (source, kind, application_name, relation, label)"
             " DO UPDATE SET n = n + excluded.n",
             [cut],
         )

@@ -565,6 +565,7 @@ def m015_pruned_counts(db: Database) -> None:
     db.executescript(
         """
         CREATE TABLE pruned_counts (
+            source INTEGER NOT NULL,
             kind TEXT NOT NULL,
             application_name TEXT NOT NULL DEFAULT '',
             relation INTEGER NOT NULL DEFAULT 0,
@@ -574,7 +575,7 @@ def m015_pruned_counts(db: Database) -> None:
             deletes INTEGER NOT NULL DEFAULT 0,
             truncates INTEGER NOT NULL DEFAULT 0,
             n INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (kind, application_name, relation, label)
+            PRIMARY KEY (source, kind, application_name, relation, label)
         ) WITHOUT ROWID;
         """
     )

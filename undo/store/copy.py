@@ -152,7 +152,11 @@ class SqliteExport(Export):
                 exprs.append("(SELECT t.commit_time FROM transactions t WHERE t.id = x.txn)")
             else:
                 exprs.append('x."' + c.replace('"', '""') + '"')
-        order = "ORDER BY x.rowid" if table not in ("txn_changes", "statements") else ""
+        order = (
+            "ORDER BY x.rowid"
+            if table not in ("txn_changes", "statements", "pruned_counts")
+            else ""
+        )
         if table == "meta":
             table, order = "source_meta", ""
         query = f'SELECT {", ".join(exprs)} FROM "{table}" x {order}'  # noqa: S608 (names from the store's own schema)
