@@ -607,7 +607,10 @@ def not_operator(conn: psycopg.Connection[Any]) -> str:
     """What to tell a role that may not call undo.record_undo (its transaction is rolled back),
     in the words the printed script uses."""
     conn.rollback()
-    row = conn.execute("SELECT current_user, quote_ident(current_user)").fetchone()
+    pg.pin_path(conn)
+    row = conn.execute(
+        "SELECT current_user, pg_catalog.quote_ident(current_user::pg_catalog.text)"
+    ).fetchone()
     role, ident = row if row else (conn.info.user, conn.info.user)
     return _NOT_OPERATOR.format(role=role, ident=ident)
 
@@ -935,8 +938,14 @@ def _undo(
             + "; ".join(report.not_undoable[:5])
             + " (use --on-conflict skip to undo the rest)"
         )
-    conn = pg.connect(settings.dsn, autocommit=False, application_name="undo")
+    conn = pg.connect(
+        settings.dsn,
+        autocommit=False,
+        application_name="undo",
+        options=pg.PINNED_PATH_OPTIONS,
+    )
     try:
+        pg.pin_path(conn)  # first: nothing of undo's runs on another schema's functions
         tables = {rel: inverse.live_table(conn, tv) for rel, tv in plan.tables.items()}
         settings_sql = _settings(fire_triggers, lock_timeout, statement_timeout, plan.target)
         if apply:
@@ -1114,6 +1123,9 @@ def _print(
         "\\set undo_quiet :QUIET\n"
         "\\set QUIET on\n"
         "SET application_name = 'undo';\nBEGIN;\n"
+        # first in the transaction: no other schema's function or operator stands in for
+        # pg_catalog's in anything the script runs (docs/security.md)
+        f"{pg.PIN_PATH};\n"
     )
     checked = set(tables) - _cleared(conn, plan, tables)
     printer = _Printer(out, conn, db, report, on_conflict, checked)
