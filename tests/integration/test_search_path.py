@@ -243,3 +243,15 @@ def test_user_types_stay_exact(source):
     assert fk.returncode == 1, fk.stderr
     assert "foreign key" in fk.stderr and "Traceback" not in fk.stderr, fk.stderr
     assert source.sql("SELECT count(*) FROM people WHERE email = 'dan@x'") == [(1,)]
+
+
+def test_history_runs_no_function_of_hers(pgo):
+    """`undo history accounts id=20` reads the value through the source's own type
+    (concat(CAST('20' AS integer))): her exact-type concat ran as the operator."""
+    mallory, dsn = _mallory(pgo)
+    _script(pgo, dsn)
+    got = pgo.undo_cli("history", "public.accounts", "id=20")
+    assert got.returncode == 0, got.stderr
+    assert "delete" in got.stdout.lower(), got.stdout
+    assert not _ran(pgo)
+    assert not _super(pgo, mallory)
