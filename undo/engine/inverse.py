@@ -141,7 +141,7 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
         identity_always=frozenset(i for i, c in enumerate(tv.columns) if live[c][2] == "a"),
         stage_types=tuple(stage),
         types=tuple(live[c][1] for c in tv.columns),
-        eq=tuple(equality(*(live[c][9] or ("pg_catalog", "="))) for c in tv.columns),
+        eq=tuple(equality(*live[c][9]) if live[c][9] else CATALOG_EQ for c in tv.columns),
         unique_key=bool(unique_key),
         references=bool(references),
     )
@@ -171,7 +171,9 @@ def equality(schema: str, name: str) -> sql.Composable:
     return sql.SQL("OPERATOR({}.{})").format(sql.Identifier(schema), sql.SQL(name))
 
 
-#: pg_catalog's equality, for the types whose own is pg_catalog's (and xid, jsonb, text)
+#: pg_catalog's equality: for a type with no default operator class of its own (an enum, a
+#: composite, an array, varchar: pg_catalog's polymorphic or binary-compatible one, which calls
+#: the type's own where it has one)
 CATALOG_EQ = equality("pg_catalog", "=")
 
 
