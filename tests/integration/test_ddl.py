@@ -47,6 +47,27 @@ def _gaps(source):
     return json.loads(status.stdout)["gaps"]
 
 
+def test_creating_a_table_in_an_audited_schema_tells_the_user_nothing(pgo):
+    """The event trigger prepares the new table without a NOTICE: every CREATE TABLE showed
+    `trigger "undo_tag" for relation ... does not exist, skipping` (its DROP TRIGGER IF
+    EXISTS). A trigger that is there and not undo's is still made again."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    with _owner(pgo) as c:
+        notices: list[str] = []
+        c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        c.execute("CREATE TABLE fresh (id int PRIMARY KEY)")
+        c.execute("CREATE TABLE parted (id int) PARTITION BY RANGE (id)")
+        c.execute("CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (10)")
+        assert notices == []
+        c.execute("ALTER TABLE fresh DISABLE TRIGGER undo_tag")
+    pgo.init()  # undo.audit_table drops it and makes it again
+    assert pgo.sql(
+        "SELECT tgrelid::regclass::text, tgenabled FROM pg_trigger WHERE tgname = 'undo_tag'"
+        " ORDER BY 1"
+    ) == [("fresh", "A"), ("parted", "A"), ("parted_1", "A"), ("t", "A")]
+
+
 def test_ddl_is_recorded_with_its_session(source):
     source.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
     source.init()

@@ -756,3 +756,117 @@ def test_a_capture_that_loses_its_store_stops_and_the_restart_loses_nothing(pgo,
     )
     assert again.returncode == 0, again.stderr
     assert _pg_count(pg_store) == (2000, 2000)
+
+
+#: store-side errors raised in the store while capture writes a batch: (ERRCODE, what the one
+#: line says); each is the store's, never "the source database refused"
+STORE_SIDE = {
+    "disk-full": ("disk_full", "the disk holding the audit store"),
+    "read-only": ("read_only_sql_transaction", "cannot be written"),
+    "timeout": ("query_canceled", "the audit store"),
+}
+
+
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("case", STORE_SIDE.values(), ids=STORE_SIDE.keys())
+def test_a_store_side_error_during_capture_is_the_stores_exit_2(pgo, case):
+    """A PostgreSQL store that refuses a batch (its disk full: SQLSTATE 53100, raised here by a
+    trigger on the store as the server raises it) stops capture with one line naming the store,
+    exit 2 (a person frees space), nothing confirmed to the source; on b6ddbd6 it was taken for
+    the source going away (reconnects, then "lost the source database", exit 75)."""
+    from tests.conftest import run_cli
+
+    errcode, says = case
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    with psycopg.connect(pgo.store, autocommit=True) as c:
+        c.execute(
+            sql.SQL(
+                "CREATE FUNCTION public.store_refuses() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$BEGIN RAISE EXCEPTION 'refused by the test''s trigger'"
+                " USING ERRCODE = {}; END$$"
+            ).format(sql.Literal(errcode))
+        )
+        c.execute(
+            "CREATE TRIGGER refuses BEFORE INSERT ON undo_store.transactions"
+            " FOR EACH STATEMENT EXECUTE FUNCTION public.store_refuses()"
+        )
+    confirmed = "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s"
+    before = pgo.sql(confirmed, (pgo.slot,))
+    pgo.sql("INSERT INTO t SELECT generate_series(1, 10)")
+    done = run_cli(pgo, "capture", "--once")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "source database" not in done.stderr
+    assert [x for x in lines if x.startswith("Error")] == [lines[-1]]
+    assert lines[-1].startswith("Error: capture stopped: ") and says in lines[-1], done.stderr
+    assert "so the slot keeps those changes" in lines[-1]
+    assert pgo.sql(confirmed, (pgo.slot,)) == before
+    with psycopg.connect(pgo.store, autocommit=True) as c:
+        c.execute("DROP TRIGGER refuses ON undo_store.transactions")
+    again = run_cli(pgo, "capture", "--once")
+    assert again.returncode == 0, again.stderr
+    assert _pg_count(pgo.store) == (10, 10)
+
+
+def _store_connections(store: str) -> int:
+    """The backends of undo's store connections to the store's database, once those closed
+    have gone (a backend ends a moment after its client says goodbye)."""
+    n = 0
+    with psycopg.connect(store, autocommit=True) as c:
+        for _ in range(50):
+            (n,) = c.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'undo store'"
+            ).fetchone() or (0,)
+            if n == 0:
+                break
+            time.sleep(0.05)
+    return int(n)
+
+
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+def test_commands_called_in_process_close_the_store(pgo):
+    """A command (or an engine function) run as a library in a long-lived process lets go of
+    the store's connection when it returns or fails, whatever still holds its exception (a
+    test's CliRunner result, a caller's except): on b6ddbd6 every failed listing or undo left
+    its connection open while the error lived."""
+    from click.testing import CliRunner
+
+    from undo.cli import cli
+    from undo.core.errors import NotFound, NotRecorded
+    from undo.engine.apply import undo
+    from undo.engine.plan import Target
+    from undo.source.status import status
+    from undo.store import open_store as open_any
+
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    pgo.capture()
+    assert _store_connections(pgo.store) == 0
+    args = ["--dsn", pgo.dsn, "--store", pgo.store, "--slot", pgo.slot]
+    kept = []  # each result, its exception and what that holds, alive while the store is asked
+    for command, code in (
+        (["sessions", "--json"], 0),
+        (["sessions", "--table", "public.nope"], 2),
+        (["show", "session", "nope.1"], 2),
+        (["show", "xact", "1"], 2),
+        (["history", "public.t", "id=3"], 1),
+        (["activity", "--json"], 0),
+        (["session", "nope.1"], 2),
+        (["table", "t", "--to", "2000-01-01T00:00:00Z"], 1),
+    ):
+        result = CliRunner().invoke(cli, [*args, *command])
+        assert result.exit_code == code, (command, result.output)
+        kept.append(result)
+        assert _store_connections(pgo.store) == 0, command
+    with pytest.raises(NotFound) as failed:
+        undo(pgo.settings, Target(session="nope.1"))
+    assert _store_connections(pgo.store) == 0
+    with pytest.raises(NotRecorded) as unknown, open_any(pgo.store) as store:
+        store.history("public.t", {"id": "3"}, lambda column, type_, value: value)
+    assert _store_connections(pgo.store) == 0
+    assert status(pgo.settings)["store_position"]
+    assert _store_connections(pgo.store) == 0
+    assert failed.value and unknown.value and kept

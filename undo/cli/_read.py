@@ -23,7 +23,7 @@ from undo.core.config import Settings
 from undo.core.times import parse_time
 from undo.source import sources
 from undo.store import across, open_store
-from undo.store.api import Shown, Store, parse_key
+from undo.store.api import Shown, parse_key
 
 
 def output_options(f: Any) -> Any:
@@ -116,32 +116,33 @@ def sessions_cmd(
     Example: undo sessions --app usage-metrics --since 4h --limit 20
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    db = open_store(settings.store)
-    rows = across.sessions(
-        db,
-        sources.selected(db, settings),
-        since=parse_time(since) if since else None,
-        until=parse_time(until) if until else None,
-        app=app,
-        user=user,
-        tables=list(tables),
-        # one more than shown says whether there are more (--undone filters after the query)
-        limit=None if limit is None or undone is not None else limit + 1,
-        undone_filter=undone,
-    )
+    with open_store(settings.store) as db:
+        several = len(db.sources()) > 1
+        rows = across.sessions(
+            db,
+            sources.selected(db, settings),
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+            app=app,
+            user=user,
+            tables=list(tables),
+            # one more than shown says whether there are more (--undone filters after the query)
+            limit=None if limit is None or undone is not None else limit + 1,
+            undone_filter=undone,
+        )
     more = limit is not None and len(rows) > limit
     rows = rows[:limit] if limit is not None else rows
     docs = [r.to_json() for r in rows]
     if fmt == "table":  # what undid it, in a few words
         for doc, r in zip(docs, rows, strict=True):
             doc["undone"] = render.undone(r.undone)
-    emit(render.listing(docs, _sourced(db, _SESSION_COLUMNS), fmt, expand, more))
+    emit(render.listing(docs, _sourced(several, _SESSION_COLUMNS), fmt, expand, more))
 
 
-def _sourced(db: Store, columns: list[str]) -> list[str]:
-    """A listing's columns, ``source`` first where the store holds more than one (--json
-    always carries it)."""
-    return ["source", *columns] if len(db.sources()) > 1 else columns
+def _sourced(several: bool, columns: list[str]) -> list[str]:
+    """A listing's columns, ``source`` first where the store holds more than one source
+    (--json always carries it)."""
+    return ["source", *columns] if several else columns
 
 
 _SESSION_COLUMNS = [
@@ -213,9 +214,10 @@ def show_session(
     Example: undo show session 6b071524.9d7
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    db = open_store(settings.store)
-    result = across.show(db, sources.selected(db, settings), session_id=session_id)
-    _show(result, limit, show_all, fmt, expand, len(db.sources()) > 1)
+    with open_store(settings.store) as db:
+        several = len(db.sources()) > 1
+        result = across.show(db, sources.selected(db, settings), session_id=session_id)
+    _show(result, limit, show_all, fmt, expand, several)
 
 
 @show_group.command("xact")
@@ -236,9 +238,10 @@ def show_xact(
     Example: undo show xact 7341
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    db = open_store(settings.store)
-    result = across.show(db, sources.selected(db, settings), xid=xid)
-    _show(result, limit, show_all, fmt, expand, len(db.sources()) > 1)
+    with open_store(settings.store) as db:
+        several = len(db.sources()) > 1
+        result = across.show(db, sources.selected(db, settings), xid=xid)
+    _show(result, limit, show_all, fmt, expand, several)
 
 
 @cli.command("history")
@@ -269,37 +272,38 @@ def history_cmd(
     from undo.source import keyforms, pg
 
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    db = open_store(settings.store)
-    pairs = parse_key(list(key))
-    conn = None
-    normalise: keyforms.Normalise = keyforms.offline
-    if names_source(settings):
+    with open_store(settings.store) as db:
+        pairs = parse_key(list(key))
+        conn = None
+        normalise: keyforms.Normalise = keyforms.offline
+        if names_source(settings):
+            try:
+                conn = pg.connect(settings.dsn, **_connect_timeout(settings.dsn, 5))
+                normalise = keyforms.through_source(conn)
+            except DatabaseUnreachable as e:
+                echo_err(
+                    f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
+                )
         try:
-            conn = pg.connect(settings.dsn, **_connect_timeout(settings.dsn, 5))
-            normalise = keyforms.through_source(conn)
-        except DatabaseUnreachable as e:
-            echo_err(
-                f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
-            )
-    try:
-        rows = across.history(db, sources.selected(db, settings), table, pairs, normalise)
-    finally:
-        if conn is not None:
-            conn.close()
+            several = len(db.sources()) > 1
+            rows = across.history(db, sources.selected(db, settings), table, pairs, normalise)
+        finally:
+            if conn is not None:
+                conn.close()
     more = limit is not None and len(rows) > limit
     rows = rows[:limit] if limit is not None else rows
     if fmt != "table" or expand:
         emit(
             render.listing(
                 [render.history_record(r) if fmt != "json" else r.to_json() for r in rows],
-                _sourced(db, render.HISTORY_FIELDS),
+                _sourced(several, render.HISTORY_FIELDS),
                 fmt,
                 expand,
                 more,
             )
         )
         return
-    emit("\n".join(render.history(rows, more, sourced=len(db.sources()) > 1)))
+    emit("\n".join(render.history(rows, more, sourced=several)))
 
 
 def _connect_timeout(dsn: str, seconds: int) -> dict[str, Any]:
@@ -329,20 +333,21 @@ def activity_cmd(
     """
     from undo.core.times import parse_bucket
 
-    db = open_store(settings.store)
-    rows = across.activity(
-        db,
-        sources.selected(db, settings),
-        by=by,
-        since=parse_time(since) if since else None,
-        bucket_seconds=parse_bucket(bucket),
-    )
+    with open_store(settings.store) as db:
+        several = len(db.sources()) > 1
+        rows = across.activity(
+            db,
+            sources.selected(db, settings),
+            by=by,
+            since=parse_time(since) if since else None,
+            bucket_seconds=parse_bucket(bucket),
+        )
     docs = [r.to_json() for r in rows]
     if as_json:
         click.echo(render.to_json(docs))
         return
     click.echo(
         render.table(
-            docs, _sourced(db, ["bucket", by, "inserts", "updates", "deletes", "truncates"])
+            docs, _sourced(several, ["bucket", by, "inserts", "updates", "deletes", "truncates"])
         )
     )

@@ -555,6 +555,32 @@ def m014_sources(db: Database) -> None:
     db.execute(f"DELETE FROM meta WHERE key IN ({','.join('?' * len(SOURCE_KEYS))})", SOURCE_KEYS)  # noqa: S608
 
 
+@migrations()
+def m015_pruned_counts(db: Database) -> None:
+    """pruned_counts: what pruning took out of the totals /metrics reports, so that its
+    counters never go down (a Prometheus counter that drops is read as a reset): per
+    application and table version the activity folded in (``kind`` 'activity': its
+    inserts..truncates, ``n`` its transactions), per tag_reason the row changes of untrusted
+    transactions ('untrusted', ``label``), per prefix the malformed messages ('malformed')."""
+    db.executescript(
+        """
+        CREATE TABLE pruned_counts (
+            source INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            application_name TEXT NOT NULL DEFAULT '',
+            relation INTEGER NOT NULL DEFAULT 0,
+            label TEXT NOT NULL DEFAULT '',
+            inserts INTEGER NOT NULL DEFAULT 0,
+            updates INTEGER NOT NULL DEFAULT 0,
+            deletes INTEGER NOT NULL DEFAULT 0,
+            truncates INTEGER NOT NULL DEFAULT 0,
+            n INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (source, kind, application_name, relation, label)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
 PAGE_SIZE = 8192
 
 # SQLite's primary result codes (sqlite3.h). Python 3.11's sqlite3 gives an error's extended

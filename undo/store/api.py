@@ -155,11 +155,12 @@ class MetricsFigures:
 
     #: (application, table, inserts, updates, deletes, truncates)
     changes: tuple[tuple[str, str, int, int, int, int], ...]
-    #: (application, transactions)
+    #: (application, transactions), first seen first (the minute of its first change, then
+    #: its name): a key an application keeps for good, so /metrics names the same ones
     transactions: tuple[tuple[str, int], ...]
     #: (reason, row changes) of writes without a trusted tag
     untrusted: tuple[tuple[str | None, int], ...]
-    #: (guard, application, refusals), trusted refusals only
+    #: (guard, application, refusals), trusted refusals only, first refused first
     guard_refusals: tuple[tuple[str | None, str | None, int], ...]
     #: (prefix, messages)
     malformed: tuple[tuple[str, int], ...]
@@ -169,12 +170,18 @@ class MetricsFigures:
 
 @dataclass(frozen=True)
 class PruneReport:
+    """What a prune removed. ``cut``: history recorded before it went (on SQLite the time
+    asked; on PostgreSQL the start of the partition that holds it, or earlier: see
+    postgres/_prune.py); ``kept_sessions``: sessions the cut went through, which keep their
+    later transactions only."""
+
     transactions: int
     changes: int
     sessions: int
     kept_sessions: int
     bytes_before: int
     bytes_after: int
+    cut: str
 
 
 @dataclass(frozen=True)
@@ -576,6 +583,13 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Let go of the store; an open batch is rolled back. Never fails."""
+
+    def __enter__(self) -> Store:
+        """The store, closed when the ``with`` block ends (``with open_store(...) as db``),
+        however it ends: a PostgreSQL store's connection ends then, not when the store is
+        dropped (an exception's traceback keeps the store, and a caller may keep the error)."""
+
+    def __exit__(self, *exc: object) -> None: ...
 
     def atomic(self) -> AbstractContextManager[Any]:
         """One store transaction around the calls made inside it."""

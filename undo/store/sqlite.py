@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from sqlite_utils import Database
 
@@ -179,6 +179,12 @@ class SqliteStore:
             with contextlib.suppress(OSError):
                 os.close(self._lock)  # type: ignore[arg-type]
             self._lock = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def atomic(self) -> contextlib.AbstractContextManager[Any]:
         return self.file.atomic()
@@ -429,35 +435,60 @@ class SqliteStore:
         )
 
     def metrics(self) -> MetricsFigures:
+        # each counter: what the store holds plus what pruning took out of it (pruned_counts),
+        # so that it never goes down (sums cast: PostgreSQL's sum of a bigint is a numeric)
         db = self.db
+        activity = (
+            "SELECT application_name, relation, inserts, updates, deletes, truncates,"
+            " transactions, minute FROM activity UNION ALL SELECT application_name, relation,"
+            " inserts, updates, deletes, truncates, n, NULL FROM pruned_counts"
+            " WHERE kind = 'activity'"
+        )
         return MetricsFigures(
             changes=tuple(
                 # a partition under its partitioned table (m012's roots): a label per table,
                 # however many partitions it has or will have
                 db.execute(
-                    "SELECT a.application_name, qualified_name(coalesce(r.root_schema,"
+                    "SELECT a.application_name, qualified_name(coalesce(r.root_schema,"  # noqa: S608
                     " r.schema_name), coalesce(r.root_table, r.table_name)),"
-                    " sum(a.inserts), sum(a.updates), sum(a.deletes), sum(a.truncates)"
-                    " FROM activity a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
+                    " CAST(sum(a.inserts) AS bigint), CAST(sum(a.updates) AS bigint),"
+                    " CAST(sum(a.deletes) AS bigint), CAST(sum(a.truncates) AS bigint)"
+                    f" FROM ({activity}) a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
                 )
             ),
             transactions=tuple(
-                db.execute("SELECT application_name, sum(transactions) FROM activity GROUP BY 1")
+                # first seen first (then by name): /metrics names the first applications; an
+                # application whose every minute was pruned counts as seen first
+                db.execute(
+                    "SELECT application_name, CAST(sum(transactions) AS bigint)"  # noqa: S608
+                    f" FROM ({activity}) a GROUP BY 1 ORDER BY min(minute) IS NULL DESC,"
+                    " min(minute), 1"
+                )
             ),
             untrusted=tuple(
                 db.execute(
-                    "SELECT tag_reason, sum(inserts + updates + deletes + truncates)"
-                    " FROM transactions WHERE tag <> 'trusted' GROUP BY 1"
+                    "SELECT reason, CAST(sum(n) AS bigint) FROM (SELECT"
+                    " coalesce(tag_reason, '') AS reason,"
+                    " inserts + updates + deletes + truncates AS n FROM transactions"
+                    " WHERE tag <> 'trusted' UNION ALL SELECT label, n FROM pruned_counts"
+                    " WHERE kind = 'untrusted') u GROUP BY 1"
                 )
             ),
             # trusted refusals only: any role can emit a forged one naming any application
             guard_refusals=tuple(
                 db.execute(
                     "SELECT guard, application_name, count(*) FROM guard_refusals"
-                    " WHERE tag = 'trusted' GROUP BY 1, 2"
+                    " WHERE tag = 'trusted' GROUP BY 1, 2 ORDER BY min(id)"
                 )
             ),
-            malformed=tuple(db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1")),
+            malformed=tuple(
+                db.execute(
+                    "SELECT prefix, CAST(sum(n) AS bigint) FROM (SELECT prefix, 1 AS n"
+                    " FROM malformed UNION ALL SELECT label, n FROM pruned_counts"
+                    " WHERE kind = 'malformed') m"
+                    " GROUP BY 1"
+                )
+            ),
             last_commit_time=db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0],
             gaps=int(db.execute("SELECT count(*) FROM gaps").fetchone()[0]),
         )

@@ -610,6 +610,8 @@ def _capture(
                 SlotInUse,
                 TryAgain,
             ) as e:
+                if store_fault(e, settings.store) is not None:
+                    raise  # the store's (its disk full, its server gone), not the source's
                 if isinstance(e, DatabaseUnreachable) and not connected:
                     # at start: a server down for a moment looks like a wrong host or port to
                     # libpq (no SQLSTATE): a service manager tries again (exit 75)

@@ -3,7 +3,7 @@ labelled with its source's name in the store (``source``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,6 +16,36 @@ from undo.source.status import lag
 from undo.store import open_store
 from undo.store.api import Store
 
+#: the application labels a metric family names: application_name is any writer's to choose,
+#: and a series each would grow /metrics without bound. The first APPLICATIONS seen keep their
+#: label for good; the rest count under OTHER. Not the busiest: an application moving in or out
+#: of a top would make its series, or OTHER's, go down (a counter reset to Prometheus).
+APPLICATIONS = 100
+OTHER = "(other)"
+
+
+def _named(apps: Iterable[str | None]) -> set[str | None]:
+    """The first APPLICATIONS distinct applications of ``apps`` (first seen first)."""
+    named: dict[str | None, None] = {}
+    for app in apps:
+        if len(named) >= APPLICATIONS:
+            break
+        named.setdefault(app)
+    return set(named)
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], samples: Iterable[tuple[tuple[str, ...], int]]
+) -> CounterMetricFamily:
+    """A counter family of ``samples``, those with the same labels summed (OTHER's)."""
+    sums: dict[tuple[str, ...], int] = {}
+    for key, n in samples:
+        sums[key] = sums.get(key, 0) + n
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in sums.items():
+        family.add_metric(list(key), n)
+    return family
+
 
 class StoreCollector(Collector):
     """Reads the aggregates capture keeps; never scans the changes."""
@@ -24,28 +54,17 @@ class StoreCollector(Collector):
         self.settings = settings
 
     def collect(self) -> Iterator[Any]:
-        """Every series with the label ``source`` (the source's name in the store), first."""
+        """Every series with the label ``source`` (the source's name in the store), first;
+        each source names its own first APPLICATIONS applications."""
         db = open_store(self.settings.store)
         try:
-            changes = CounterMetricFamily(
-                "undo_changes",
-                "Row changes captured, by application, table and operation",
-                labels=["source", "application", "table", "operation"],
-            )
-            txns = CounterMetricFamily(
-                "undo_transactions",
-                "Transactions captured, by application",
-                labels=["source", "application"],
-            )
+            changes: list[tuple[tuple[str, ...], int]] = []
+            txns: list[tuple[tuple[str, ...], int]] = []
+            refusals: list[tuple[tuple[str, ...], int]] = []
             untrusted = CounterMetricFamily(
                 "undo_untrusted_writes",
                 "Row changes on audited tables without a trusted tag, by reason",
                 labels=["source", "reason"],
-            )
-            refusals = CounterMetricFamily(
-                "undo_guard_refusals",
-                "Transactions a guard refused to let write, by guard and application",
-                labels=["source", "guard", "application"],
             )
             malformed = CounterMetricFamily(
                 "undo_malformed_messages",
@@ -62,28 +81,54 @@ class StoreCollector(Collector):
             )
             for source in db.sources():
                 db.use(source.name)
-                figures = db.metrics()
                 s = source.name
-                for app, table, ins, upd, dele, trunc in figures.changes:
+                figures = db.metrics()
+                named = _named(app for app, _ in figures.transactions)
+                changes += [
+                    ((s, app if app in named else OTHER, table, op), n)
+                    for app, table, ins, upd, dele, trunc in figures.changes
                     for op, n in (
                         ("insert", ins),
                         ("update", upd),
                         ("delete", dele),
                         ("truncate", trunc),
-                    ):
-                        changes.add_metric([s, app, table, op], n)
-                for app, n in figures.transactions:
-                    txns.add_metric([s, app], n)
+                    )
+                ]
+                txns += [
+                    ((s, app if app in named else OTHER), n) for app, n in figures.transactions
+                ]
                 for reason, n in figures.untrusted:
                     untrusted.add_metric([s, reason or "unknown"], n)
-                for guard, refused_app, n in figures.guard_refusals:
-                    refusals.add_metric([s, guard or "", refused_app or ""], n)
+                refused = _named(app for _, app, _ in figures.guard_refusals)
+                refusals += [
+                    ((s, guard or "", (app or "") if app in refused else OTHER), n)
+                    for guard, app, n in figures.guard_refusals
+                ]
                 for prefix, n in figures.malformed:
                     malformed.add_metric([s, prefix], n)
                 if figures.last_commit_time:
                     last.add_metric([s], epoch(figures.last_commit_time))
                 gaps.add_metric([s], figures.gaps)
-            yield from (changes, txns, untrusted, refusals, malformed)
+            yield _counter(
+                "undo_changes",
+                "Row changes captured, by application, table and operation",
+                ["source", "application", "table", "operation"],
+                changes,
+            )
+            yield _counter(
+                "undo_transactions",
+                "Transactions captured, by application",
+                ["source", "application"],
+                txns,
+            )
+            yield untrusted
+            yield _counter(
+                "undo_guard_refusals",
+                "Transactions a guard refused to let write, by guard and application",
+                ["source", "guard", "application"],
+                refusals,
+            )
+            yield malformed
             if last.samples:
                 yield last
             yield gaps

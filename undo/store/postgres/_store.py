@@ -24,10 +24,10 @@ from psycopg import sql
 from psycopg.adapt import Loader
 
 from undo.core.config import masked_dsn
-from undo.core.errors import BadInput, UndoError
+from undo.core.errors import BadInput
 from undo.core.times import iso
 from undo.store.api import PruneReport, Source, StepReport
-from undo.store.postgres import _schema
+from undo.store.postgres import _prune, _schema
 from undo.store.postgres._writer import PgStoreWriter
 from undo.store.sqlite import SqliteStore, unknown_source
 
@@ -75,6 +75,7 @@ _SCOPED = {
     "guard_refusals": "SELECT * FROM undo_store.guard_refusals WHERE source = {s}",
     "ddl": "SELECT * FROM undo_store.ddl WHERE source = {s}",
     "malformed": "SELECT * FROM undo_store.malformed WHERE source = {s}",
+    "pruned_counts": "SELECT * FROM undo_store.pruned_counts WHERE source = {s}",
 }
 
 
@@ -233,10 +234,11 @@ class PgStore(SqliteStore):
         return PgStoreWriter(self.conn, self.source)
 
     def prune(self, before: str) -> PruneReport:
-        raise UndoError("undo prune of a PostgreSQL store is not built yet (issue #22)")
+        """Every source's history before the cut (postgres/_prune.py: partitions dropped)."""
+        return _prune.prune(self.conn, before, self.size)
 
     def prune_step(self, before: str) -> StepReport:
-        raise UndoError("capture --keep into a PostgreSQL store is not built yet (issue #22)")
+        return _prune.prune_step(self.conn, before)
 
     # -- metadata, gaps --------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
