@@ -176,7 +176,10 @@ def test_ddl_that_blinds_capture_is_a_gap_of_its_table(source):
         "SELECT t.tag FROM transactions t JOIN changes c ON c.txn = t.id"
         " JOIN relations r ON r.id = c.relation WHERE r.table_name = 'm'"
     ) == [("trusted",)]
-    assert "undo_gaps 3.0" in generate_latest(registry(source.settings)).decode()
+    assert (
+        f'undo_gaps{{source="{source.dbname}"}} 3.0'
+        in generate_latest(registry(source.settings)).decode()
+    )
 
 
 def test_set_unlogged_and_back_is_a_closed_gap_where_allowed(source):

@@ -75,8 +75,8 @@ def test_guarded_application_cannot_write_and_the_attempt_is_recorded(source):
     assert source.undo_cli("session", sid).returncode == 2
     metrics = generate_latest(registry(source.settings)).decode()
     assert (
-        'undo_guard_refusals_total{application="usage-metrics-nightly",guard="usage-metrics*"}'
-        " 1.0" in metrics
+        'undo_guard_refusals_total{application="usage-metrics-nightly",guard="usage-metrics*",'
+        f'source="{source.dbname}"}} 1.0' in metrics
     )
     guards = json.loads(source.undo_cli("guard", "list", "--json").stdout)
     assert [(g["pattern"], g["reason"], g["refusals"]) for g in guards] == [

@@ -7,8 +7,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+
+import pytest
 
 from tests.conftest import Source, _make_source
 from undo.source.pg import session_id
@@ -78,7 +85,7 @@ def test_none_decides_exit_2_naming_the_sources(pgo, tmp_path):
         for src in (pgo, b):
             st = src.undo_cli("status", "--json")
             assert st.returncode == 0, st.stderr
-            assert json.loads(st.stdout)["store_position"]
+            assert json.loads(st.stdout)["source"] == src.dbname
         # two --source for a command acting on one
         two = pgo.undo_cli("--source", pgo.dbname, "--source", b.dbname, "status")
         assert two.returncode == 2 and "acts on one source" in two.stderr
@@ -114,3 +121,158 @@ def test_init_of_a_name_another_database_holds_is_refused(pgo, tmp_path):
         assert taken.returncode == 2
         assert f"the source name {pgo.dbname!r} is taken" in taken.stderr
         assert f"by database {pgo.dbname}" in taken.stderr
+
+
+def _two_sources(a: Source, b: Source, at_once: bool) -> tuple[str, str]:
+    """Both initialised into a's store and captured (at once: two capture processes side by
+    side; else one after the other): each one's session id."""
+    sid_a, sid_b = _ready(a), _ready(b)
+    if at_once:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "undo", "capture", "--once"],
+                env={
+                    **os.environ,
+                    "UNDO_DSN": s.dsn,
+                    "UNDO_STORE": s.store,
+                    "UNDO_SLOT": s.slot,
+                    "UNDO_DECODER": s.decoder,
+                },
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for s in (a, b)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+    else:
+        for s in (a, b):
+            done = s.undo_cli("capture", "--once")
+            assert done.returncode == 0, done.stderr
+    return sid_a, sid_b
+
+
+def _listed_by_source(src: Source, tmp_path, at_once: bool) -> None:
+    with _beside(src, tmp_path, "b") as b:
+        sid_a, sid_b = _two_sources(src, b, at_once)
+        a_name, b_name = src.dbname, b.dbname
+        # without --source: every source, each row naming its own
+        every = json.loads(src.undo_cli("sessions", "--json").stdout)
+        assert sorted((r["source"], r["session_id"]) for r in every) == sorted(
+            [(a_name, sid_a), (b_name, sid_b)]
+        )
+        assert all(next(iter(r)) == "source" for r in every)
+        table = src.undo_cli("sessions").stdout
+        assert table.splitlines()[0].split()[:2] == ["source", "session_id"]
+        # --source, repeatable
+        only_b = json.loads(src.undo_cli("sessions", "--source", b_name, "--json").stdout)
+        assert [(r["source"], r["session_id"]) for r in only_b] == [(b_name, sid_b)]
+        both = src.undo_cli("sessions", "--source", a_name, "--source", b_name, "--json")
+        assert len(json.loads(both.stdout)) == 2
+        shown = json.loads(src.undo_cli("show", "session", sid_b, "--json").stdout)
+        assert (shown["source"], shown["totals"]["changes"]) == (b_name, 3)
+        history = json.loads(src.undo_cli("history", "t", "id=1", "--json").stdout)
+        assert sorted({(v["source"], v["op"]) for v in history}) == sorted(
+            [(a_name, "insert"), (a_name, "update"), (b_name, "insert"), (b_name, "update")]
+        )
+        activity = json.loads(src.undo_cli("activity", "--json").stdout)
+        assert {r["source"] for r in activity} == {a_name, b_name}
+        assert json.loads(b.undo_cli("status", "--json").stdout)["source"] == b_name
+        # undone by source: b's session, applied to b (its --dsn), a untouched
+        undone = b.undo_cli("session", sid_b, "--apply")
+        assert undone.returncode == 0, undone.stderr
+        assert b.sql("SELECT count(*) FROM t") == [(0,)]
+        assert src.sql("SELECT id, v FROM t ORDER BY id") == [(1, "changed"), (2, "b")]
+        # a's session with b's --dsn: looked up within b, where it is not
+        missing = b.undo_cli("session", sid_a)
+        assert missing.returncode == 2 and f"unknown session {sid_a!r}" in missing.stderr
+        undone = src.undo_cli("--source", a_name, "session", sid_a, "--apply")
+        assert undone.returncode == 0, undone.stderr
+        assert src.sql("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_two_sources_captured_one_after_the_other_into_one_sqlite_file(source, tmp_path):
+    _listed_by_source(source, tmp_path, at_once=False)
+
+
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+def test_two_sources_captured_at_once_into_one_postgresql_store(source, tmp_path):
+    _listed_by_source(source, tmp_path, at_once=True)
+
+
+def test_a_second_capture_into_one_sqlite_file_is_refused_while_the_first_runs(pgo, tmp_path):
+    _ready(pgo)
+    with _beside(pgo, tmp_path, "b") as b:
+        _ready(b)
+        env = {**os.environ, "UNDO_DSN": pgo.dsn, "UNDO_STORE": pgo.store, "UNDO_SLOT": pgo.slot}
+        first = subprocess.Popen(
+            [sys.executable, "-m", "undo", "capture"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            for _ in range(200):  # until the first has written its first batch
+                if pgo.meta("position") and pgo.store_rows("SELECT count(*) FROM transactions")[
+                    0
+                ] != (0,):
+                    break
+                time.sleep(0.1)
+            second = b.undo_cli("capture", "--once")
+            assert second.returncode == 1, second.stderr
+            assert "being written by another capture" in second.stderr
+            assert "Traceback" not in second.stderr
+        finally:
+            first.send_signal(signal.SIGTERM)
+            first.communicate(timeout=60)
+        assert first.returncode == 0
+        # the first stopped: the second goes on
+        done = b.undo_cli("capture", "--once")
+        assert done.returncode == 0, done.stderr
+        assert {r[0] for r in pgo.store_rows("SELECT source FROM transactions")} == {1, 2}
+
+
+def test_the_dashboard_shows_the_source_of_everything_and_filters_by_it(pgo, tmp_path):
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from undo.web import serve
+
+    def get(url: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            body = e.read().decode()
+            e.close()
+            return e.code, body
+
+    with _beside(pgo, tmp_path, "b") as b:
+        sid_a, sid_b = _two_sources(pgo, b, at_once=False)
+        server = serve(b.settings, "127.0.0.1", 0, None, ())
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_port}"
+        try:
+            status, page = get(base + "/sessions")
+            assert status == 200 and sid_a in page and sid_b in page
+            assert f"<td>{pgo.dbname}</td>" in page and f"<td>{b.dbname}</td>" in page
+            status, page = get(base + f"/sessions?source={b.dbname}")
+            assert status == 200 and sid_b in page and sid_a not in page
+            status, page = get(base + "/")
+            assert f"Capture health: {pgo.dbname}" in page
+            assert f"Capture health: {b.dbname}" in page
+            status, page = get(base + f"/sessions/{sid_a}?source={pgo.dbname}")
+            assert status == 200 and f'source: <a href="?source={pgo.dbname}"' in page
+            status, page = get(base + "/history/public.t?id=1")
+            assert status == 200 and f"<td>{pgo.dbname}</td>" in page
+            assert f"<td>{b.dbname}</td>" in page
+            status, page = get(base + "/sessions?source=nope")
+            assert status == 400 and "no source" in page
+            status, text = get(base + "/metrics")
+            counted = [x for x in text.splitlines() if x.startswith("undo_transactions_total{")]
+            for name in (pgo.dbname, b.dbname):
+                assert any(f'source="{name}"' in x for x in counted), counted
+            # the lag is the --dsn database's
+            assert f'undo_capture_lag_bytes{{source="{b.dbname}"}}' in text
+        finally:
+            server.shutdown()
+            server.server_close()

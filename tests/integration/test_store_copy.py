@@ -428,9 +428,9 @@ def test_every_source_of_a_store_is_copied_and_each_capture_goes_on(pgo, new_pg,
 
         def listed(store: str) -> Any:
             out = {}
-            for src in (pgo, b):
+            for src, sid in zip((pgo, b), sids, strict=True):
                 asks = [["sessions"], ["activity"], ["history", "t", "id=1"]]
-                asks += [["show", "session", s] for s in sids]
+                asks += [["show", "session", sid]]  # looked up within its own source
                 for args in asks:
                     done = run_cli(
                         src, "--source", src.dbname, *args, "--json", env={"UNDO_STORE": store}

@@ -319,7 +319,10 @@ def test_a_refusal_is_stored_once_and_a_forged_one_is_not_counted(source):
         ("report*", "report-x", "untrusted", "forged"),
     ]
     metrics = generate_latest(registry(source.settings)).decode()
-    assert 'undo_guard_refusals_total{application="report-x",guard="report*"} 1.0' in metrics
+    assert (
+        'undo_guard_refusals_total{application="report-x",guard="report*",'
+        f'source="{source.dbname}"}} 1.0' in metrics
+    )
     assert len(doc["nonce"]) == 36 and doc["at"] < "2099"
 
 

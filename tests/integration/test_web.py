@@ -115,8 +115,10 @@ def test_metrics_match_the_store(site):
     )
     assert _metric(text, "undo_transactions_total", application="web") == 2
     assert _metric(text, "undo_transactions_total", application="usage-metrics") == 1
-    assert 0 <= _metric(text, "undo_capture_lag_seconds") < 600
-    assert _metric(text, "undo_slot_wal_held_bytes") > 0
+    assert 0 <= _metric(text, "undo_capture_lag_seconds", source=src.dbname) < 600
+    assert _metric(text, "undo_slot_wal_held_bytes", source=src.dbname) > 0
+    # every series names its source
+    assert all('source="' in line for line in text.splitlines() if line.startswith("undo_")), text
     (last,) = src.store_rows("SELECT max(commit_time) FROM transactions")[0]
     assert last is not None and _metric(text, "undo_last_commit_timestamp_seconds") > 0
 

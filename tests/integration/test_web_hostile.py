@@ -359,7 +359,11 @@ BAD_PARAMETERS = [
     ("/", "bucket=99999d", "unknown parameter 'bucket'"),
     ("/", "by=zzz", "unknown parameter 'by'"),
     ("/sessions", "sort=zzz", "unknown parameter 'sort': this page takes app, page, since"),
-    ("/sessions/{sid}", "limit=5", "unknown parameter 'limit': this page takes page, tpage"),
+    (
+        "/sessions/{sid}",
+        "limit=5",
+        "unknown parameter 'limit': this page takes page, source, tpage",
+    ),
 ]
 
 

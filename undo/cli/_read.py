@@ -21,7 +21,8 @@ from undo.cli._app import (
 )
 from undo.core.config import Settings
 from undo.core.times import parse_time
-from undo.store import open_store
+from undo.source import sources
+from undo.store import across, open_store
 from undo.store.api import Shown, parse_key
 
 
@@ -116,7 +117,10 @@ def sessions_cmd(
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
     with open_store(settings.store) as db:
-        rows = db.sessions(
+        several = len(db.sources()) > 1
+        rows = across.sessions(
+            db,
+            sources.selected(db, settings),
             since=parse_time(since) if since else None,
             until=parse_time(until) if until else None,
             app=app,
@@ -132,7 +136,13 @@ def sessions_cmd(
     if fmt == "table":  # what undid it, in a few words
         for doc, r in zip(docs, rows, strict=True):
             doc["undone"] = render.undone(r.undone)
-    emit(render.listing(docs, _SESSION_COLUMNS, fmt, expand, more))
+    emit(render.listing(docs, _sourced(several, _SESSION_COLUMNS), fmt, expand, more))
+
+
+def _sourced(several: bool, columns: list[str]) -> list[str]:
+    """A listing's columns, ``source`` first where the store holds more than one source
+    (--json always carries it)."""
+    return ["source", *columns] if several else columns
 
 
 _SESSION_COLUMNS = [
@@ -171,7 +181,9 @@ def _show_options(f: Any) -> Any:
     return output_options(f)
 
 
-def _show(result: Shown, limit: int | None, show_all: bool, fmt: str, expand: bool) -> None:
+def _show(
+    result: Shown, limit: int | None, show_all: bool, fmt: str, expand: bool, sourced: bool
+) -> None:
     if show_all:
         limit = None
     elif limit is None and fmt == "table":
@@ -181,7 +193,7 @@ def _show(result: Shown, limit: int | None, show_all: bool, fmt: str, expand: bo
     elif fmt == "csv":
         emit(render.show_csv(result, limit))
     else:
-        emit("\n".join(render.show(result, limit, expand)))
+        emit("\n".join(render.show(result, limit, expand, sourced)))
 
 
 @show_group.command("session")
@@ -203,8 +215,9 @@ def show_session(
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
     with open_store(settings.store) as db:
-        result = db.show(session_id=session_id)
-    _show(result, limit, show_all, fmt, expand)
+        several = len(db.sources()) > 1
+        result = across.show(db, sources.selected(db, settings), session_id=session_id)
+    _show(result, limit, show_all, fmt, expand, several)
 
 
 @show_group.command("xact")
@@ -226,8 +239,9 @@ def show_xact(
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
     with open_store(settings.store) as db:
-        result = db.show(xid=xid)
-    _show(result, limit, show_all, fmt, expand)
+        several = len(db.sources()) > 1
+        result = across.show(db, sources.selected(db, settings), xid=xid)
+    _show(result, limit, show_all, fmt, expand, several)
 
 
 @cli.command("history")
@@ -271,7 +285,8 @@ def history_cmd(
                     f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
                 )
         try:
-            rows = db.history(table, pairs, normalise)
+            several = len(db.sources()) > 1
+            rows = across.history(db, sources.selected(db, settings), table, pairs, normalise)
         finally:
             if conn is not None:
                 conn.close()
@@ -281,14 +296,14 @@ def history_cmd(
         emit(
             render.listing(
                 [render.history_record(r) if fmt != "json" else r.to_json() for r in rows],
-                render.HISTORY_FIELDS,
+                _sourced(several, render.HISTORY_FIELDS),
                 fmt,
                 expand,
                 more,
             )
         )
         return
-    emit("\n".join(render.history(rows, more)))
+    emit("\n".join(render.history(rows, more, sourced=several)))
 
 
 def _connect_timeout(dsn: str, seconds: int) -> dict[str, Any]:
@@ -319,7 +334,10 @@ def activity_cmd(
     from undo.core.times import parse_bucket
 
     with open_store(settings.store) as db:
-        rows = db.activity(
+        several = len(db.sources()) > 1
+        rows = across.activity(
+            db,
+            sources.selected(db, settings),
             by=by,
             since=parse_time(since) if since else None,
             bucket_seconds=parse_bucket(bucket),
@@ -328,4 +346,8 @@ def activity_cmd(
     if as_json:
         click.echo(render.to_json(docs))
         return
-    click.echo(render.table(docs, ["bucket", by, "inserts", "updates", "deletes", "truncates"]))
+    click.echo(
+        render.table(
+            docs, _sourced(several, ["bucket", by, "inserts", "updates", "deletes", "truncates"])
+        )
+    )

@@ -254,15 +254,20 @@ def images(old: Image | None, new: Image | None, indent: str) -> Iterator[str]:
         yield (f"{indent}new: {pairs(new) if new else '(no value changed)'}")
 
 
-def show(result: Shown, limit: int | None, expand: bool = False) -> Iterator[str]:
+def show(
+    result: Shown, limit: int | None, expand: bool = False, sourced: bool = False
+) -> Iterator[str]:
     """`undo show`: the summary, then every transaction and its statement, then the row
     changes (at most ``limit``), as the dashboard's session page: what ran is never cut by
-    the limit, which cuts the changes only. ``expand``: transactions and changes as records."""
+    the limit, which cuts the changes only. ``expand``: transactions and changes as records.
+    ``sourced``: the store holds several sources; the session's is named."""
     txns, totals = result.transactions, result.totals
     yield (
         f"session {result.session_id}: {totals.transactions} transaction(s),"
         f" {totals.changes} change(s)"
     )
+    if sourced:
+        yield f"source: {result.source}"
     if result.undone:
         yield (f"undone: {undone(result.undone)}")
     for d in result.ddl:
@@ -535,12 +540,14 @@ def history_record(r: HistoryVersion) -> JsonDoc:
     return {**r.to_json(), "op": (r.command or "ddl") if r.op == "ddl" else r.op}
 
 
-def history(rows: list[HistoryVersion], more: bool) -> Iterator[str]:
+def history(rows: list[HistoryVersion], more: bool, sourced: bool = False) -> Iterator[str]:
     """`undo history`: each version on a line (time, op, xid, session, application, user,
-    tag), then its statement (or what undo it was) and its values."""
+    tag), then its statement (or what undo it was) and its values. ``sourced``: the store
+    holds several sources; each line names its version's."""
     for r in rows:
         who = (
-            f"xid {r.xid}  session {r.session_id or '(untagged)'}"
+            (f"source {r.source}  " if sourced else "")
+            + f"xid {r.xid}  session {r.session_id or '(untagged)'}"
             f"  {r.application_name or ''}  {r.user or ''}  tag {r.tag}"
         )
         if r.op == "ddl":

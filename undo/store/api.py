@@ -197,8 +197,12 @@ class StepReport:
 
 def _doc(record: object) -> JsonDoc:
     """A record's fields as a JSON document, in their order: records as objects, tuples as
-    lists (as --json prints them and as `undo status` lays them out)."""
-    return {k: _listed(v) for k, v in asdict(record).items()}  # type: ignore[call-overload]
+    lists (as --json prints them and as `undo status` lays them out); a listing's ``source``
+    (its last field: the name of the source it is of) first."""
+    doc = {k: _listed(v) for k, v in asdict(record).items()}  # type: ignore[call-overload]
+    if "source" in doc:
+        doc = {"source": doc.pop("source"), **doc}
+    return doc
 
 
 def _listed(v: object) -> object:
@@ -242,6 +246,7 @@ class SessionRow:
     tag_reason: str | None
     tables: tuple[str, ...]
     undone: Undone | None
+    source: str | None = None  # the source's name in the store
 
     def to_json(self) -> JsonDoc:
         return _doc(self)
@@ -400,9 +405,11 @@ class Shown:
     ddl: tuple[DdlCommand, ...]
     malformed: tuple[MalformedMessage, ...]
     malformed_count: int
+    source: str | None = None
 
     def to_json(self) -> JsonDoc:
         return {
+            "source": self.source,
             "session_id": self.session_id,
             "undone": None if self.undone is None else self.undone.to_json(),
             "totals": self.totals.to_json(),
@@ -435,6 +442,7 @@ class HistoryVersion:
     undo_of: Json
     old: Image | None
     new: Image | None
+    source: str | None = None
 
     def to_json(self) -> JsonDoc:
         """As `history --json` prints it: ``command`` only for DDL."""
@@ -456,10 +464,12 @@ class ActivityBucket:
     updates: int
     deletes: int
     truncates: int
+    source: str | None = None
 
     def to_json(self) -> JsonDoc:
         """As `activity --json` prints it: the name under the key ``by``, last."""
         return {
+            "source": self.source,
             "bucket": self.bucket,
             "inserts": self.inserts,
             "updates": self.updates,
@@ -497,6 +507,7 @@ class StoreStatus:
     untrusted_writes: dict[str | None, int]
     malformed_messages: dict[str, int]
     gaps: tuple[StatusGap, ...]
+    source: str | None = None
 
     def to_json(self) -> JsonDoc:
         return _doc(self)

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Self
 
@@ -51,6 +52,10 @@ _TRANSACTION_COLUMNS = (
     " client_addr, client_port, backend_pid, backend_start, statement, tag, tag_reason, undo_of,"
     " inserts, updates, deletes, truncates, first_change, last_change, full_xid"
 )
+
+
+#: the file beside the store whose flock the one capture writing the store holds
+LOCK_SUFFIX = "-capture"
 
 
 def recovery(path: str) -> str:
@@ -225,13 +230,15 @@ class SqliteStore:
         """The writer of the source it acts for. SQLite takes one writer at a time: a second
         capture into the same file (another source's too) is refused at its first write while
         the first runs (after its slot's own check, which names the capture that holds a
-        slot): an flock of the file, let go when this process closes it or exits."""
+        slot): an flock of the file LOCK_SUFFIX beside the store, let go when this process
+        closes the store or exits. Never of the store's own file: closing a descriptor of it
+        would drop the POSIX locks SQLite's connections in this process hold on it."""
         return StoreWriter(self.file, self.source, self._take_lock)
 
     def _take_lock(self) -> None:
         if self._lock is not None:
             return
-        fd = os.open(self.location, os.O_RDONLY)
+        fd = os.open(self.location + LOCK_SUFFIX, os.O_RDONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -498,25 +505,28 @@ class SqliteStore:
         offset: int = 0,
         undone_filter: bool | None = None,
     ) -> list[SessionRow]:
-        return _queries.sessions(
+        rows = _queries.sessions(
             self.db, since, until, app, user, tables, limit, offset, undone_filter
         )
+        return [replace(r, source=self.source_name) for r in rows]
 
     def show(self, session_id: str | None = None, xid: int | None = None) -> Shown:
-        return _queries.show(self.db, session_id, xid)
+        return replace(_queries.show(self.db, session_id, xid), source=self.source_name)
 
     def history(
         self, table: str, key: dict[str, str | None], normalise: Normalise
     ) -> list[HistoryVersion]:
-        return _queries.history(self.db, table, key, normalise)
+        rows = _queries.history(self.db, table, key, normalise)
+        return [replace(r, source=self.source_name) for r in rows]
 
     def activity(
         self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
     ) -> list[ActivityBucket]:
-        return _queries.activity(self.db, by, since, bucket_seconds)
+        rows = _queries.activity(self.db, by, since, bucket_seconds)
+        return [replace(r, source=self.source_name) for r in rows]
 
     def status(self) -> StoreStatus:
-        return _queries.status(self.db)
+        return replace(_queries.status(self.db), source=self.source_name)
 
     def guard_refusals(self, session_id: str | None = None) -> list[GuardRefusal]:
         return _queries.guard_refusals(self.db, session_id)

@@ -9,6 +9,7 @@ without it a request sees no data. Wrong tokens are limited per client address.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import hmac
@@ -44,13 +45,14 @@ from undo.core.errors import BadInput, NotFound, NotRecorded, UndoError
 from undo.core.times import epoch, parse_time
 from undo.core.wal import int_to_lsn
 from undo.source import keyforms
-from undo.store import open_store
+from undo.store import across, open_store
 from undo.store.api import (
     ActivityBucket,
     DdlCommand,
     GuardRefusal,
     RowChange,
     SessionRow,
+    Store,
     Transaction,
     Undone,
     split_claims,
@@ -110,9 +112,9 @@ URLS = Map(
 #: the query parameters each page takes; any other is a 400 (ignored, `/?bucket=0m` looked
 #: like a chart of 0-minute buckets). A row's history takes its key's columns: any name.
 PARAMETERS = {
-    "overview": ("since",),
-    "sessions": ("app", "page", "since", "table", "until", "user"),
-    "session": ("page", "tpage"),
+    "overview": ("since", "source"),
+    "sessions": ("app", "page", "since", "source", "table", "until", "user"),
+    "session": ("page", "source", "tpage"),
 }
 
 
@@ -324,6 +326,7 @@ class App:
     # -- plumbing ------------------------------------------------------------------------------
     def page(self, template: str, title: str, status: int = 200, **context: Any) -> Response:
         signout = self.token is not None and template != "login.html"
+        context.setdefault("sources", ())  # the sources the page is of (base.html names them)
         html = self.templates.get_template(template).render(
             title=title, css=CSS, signout=signout, **context
         )
@@ -437,6 +440,20 @@ class App:
         return response
 
     # -- pages ---------------------------------------------------------------------------------
+    @staticmethod
+    def _sources(db: Store, q: Any) -> list[str]:
+        """The sources a page covers: ``?source=NAME`` (repeatable; an unknown one is a 400),
+        else every source of the store."""
+        known = [s.name for s in db.sources()]
+        wanted = list(dict.fromkeys(q.getlist("source")))
+        for name in wanted:
+            if name not in known:
+                raise BadInput(
+                    f"no source {_shown(name)} in the audit store (its sources:"
+                    f" {', '.join(known) or 'none'})"
+                )
+        return wanted or known
+
     def overview(self, q: Any) -> Response:
         since_text = q.get("since") or "24h"
         since = _time(q, "since", "24h")
@@ -453,14 +470,21 @@ class App:
                     " start before the year 1)"
                 )
             count = max(1, int(now - first) // bucket + 1)  # a time to come: one bucket
-            rows = db.activity(by="app", since=since, bucket_seconds=bucket)
-            health = db.status()
-            refused = db.guard_refusals()[-20:][::-1]
+            names = self._sources(db, q)
+            rows = across.activity(db, names, by="app", since=since, bucket_seconds=bucket)
+            healths = []
+            refused: list[GuardRefusal] = []
+            for name in names:
+                db.use(name)
+                healths.append(db.status())
+                refused += db.guard_refusals()
+            refused = sorted(refused, key=lambda g: g.refused_at)[-20:][::-1]
         finally:
             db.close()
         by_app: dict[str, list[ActivityBucket]] = {}
         for r in rows:
-            by_app.setdefault(r.name or "(untagged)", []).append(r)
+            app = r.name or "(untagged)"
+            by_app.setdefault(f"{r.source}: {app}" if len(names) > 1 else app, []).append(r)
         apps = [
             {
                 "name": app,
@@ -471,16 +495,21 @@ class App:
             }
             for app, pts in sorted(by_app.items())
         ]
-        ago = ""
-        if health.last_commit_time:
-            ago = f"{time.time() - epoch(health.last_commit_time):.0f} s ago"
         wal_held, capture_lag, unknown = self._source_health()
         return self.page(
             "overview.html",
             "Overview",
-            health=health,
-            ago=ago,
-            position=int_to_lsn(health.store_position),
+            sources=names,
+            healths=[
+                {
+                    "health": h,
+                    "ago": f"{time.time() - epoch(h.last_commit_time):.0f} s ago"
+                    if h.last_commit_time
+                    else "",
+                    "position": int_to_lsn(h.store_position),
+                }
+                for h in healths
+            ],
             wal_held=wal_held,
             capture_lag=capture_lag,
             unknown=unknown,
@@ -508,7 +537,10 @@ class App:
         page = _page_number(q)
         db = open_store(self.settings.store)
         try:
-            rows = db.sessions(
+            names = self._sources(db, q)
+            rows = across.sessions(
+                db,
+                names,
                 since=_time(q, "since"),
                 until=_time(q, "until"),
                 app=q.get("app") or None,
@@ -523,12 +555,13 @@ class App:
         return self.page(
             "sessions.html",
             "Sessions",
+            sources=names,
             fields=fields,
             filters=q,
             rows=rows[:PAGE],
             page=page,
             more=len(rows) > PAGE,
-            keep={k: v for k, v in q.items() if k in fields and v},
+            keep={k: v for k, v in q.items() if k in [*fields, "source"] and v},
         )
 
     def session(self, q: Any, session_id: str) -> Response:
@@ -536,14 +569,19 @@ class App:
         tpage = _page_number(q, "tpage")
         db = open_store(self.settings.store)
         try:
-            refused = db.guard_refusals(session_id)
-            ddl = db.ddl_of(session_id)
-            try:
-                txns = db.transactions_of_session(session_id)
-            except NotFound:
-                if not refused and not ddl:
-                    raise
-                txns = []
+            # the session in the first of the page's sources that has it
+            for name in self._sources(db, q):
+                db.use(name)
+                refused = db.guard_refusals(session_id)
+                ddl = db.ddl_of(session_id)
+                try:
+                    txns = db.transactions_of_session(session_id)
+                except NotFound:
+                    txns = []
+                if txns or refused or ddl:
+                    break
+            else:
+                raise NotFound(f"unknown session {session_id!r}")
             undone = db.undone_sessions().get((session_id, "trusted"))
             # the session is its trusted transactions: those that only claim it (forged,
             # replayed, malformed tags) are listed apart and not counted in its totals
@@ -599,11 +637,12 @@ class App:
             session_id=session_id,
             page=page,
             page_size=PAGE,
-            preview=self._preview(session_id, total),
+            preview=self._preview(session_id, total, name),
+            sources=[name],
         )
 
-    def _preview(self, session_id: str, total: int) -> dict[str, Any]:
-        cmd = f"undo session {session_id}"
+    def _preview(self, session_id: str, total: int, source: str) -> dict[str, Any]:
+        cmd = f"undo --source {source} session {session_id}"
         if total > PREVIEW_LIMIT:
             return {"command": cmd, "too_many": True}
         from undo.engine.apply import undo
@@ -611,7 +650,12 @@ class App:
 
         out = io.StringIO()
         try:
-            report = undo(self.settings, Target(session=session_id), out=out, on_conflict="skip")
+            report = undo(
+                dataclasses.replace(self.settings, sources=(source,)),
+                Target(session=session_id),
+                out=out,
+                on_conflict="skip",
+            )
         except UndoError as e:
             return {"command": cmd, "too_many": False, "error": str(e)}
         return {
@@ -625,11 +669,13 @@ class App:
     def history(self, q: Any, table: str) -> Response:
         db = open_store(self.settings.store)
         try:
-            rows = db.history(table, q.to_dict(), keyforms.offline)
+            names = self._sources(db, q)
+            key = {k: v for k, v in q.items() if k != "source"}
+            rows = across.history(db, names, table, key, keyforms.offline)
         finally:
             db.close()
-        key = ", ".join(f"{k}={v}" for k, v in q.items())
-        return self.page("history.html", f"History of {table} ({key})", rows=rows)
+        shown = ", ".join(f"{k}={v}" for k, v in key.items())
+        return self.page("history.html", f"History of {table} ({shown})", rows=rows, sources=names)
 
 
 def make_app(

@@ -1,4 +1,5 @@
-"""/metrics: Prometheus text read from the store (and the source) at scrape time."""
+"""/metrics: Prometheus text read from the store (and the source) at scrape time, every series
+labelled with its source's name in the store (``source``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from undo.core.config import Settings
 from undo.core.times import epoch
-from undo.source import pg
+from undo.source import pg, sources
 from undo.source.status import lag
 from undo.store import open_store
 from undo.store.api import Store
@@ -53,16 +54,38 @@ class StoreCollector(Collector):
         self.settings = settings
 
     def collect(self) -> Iterator[Any]:
+        """Every series with the label ``source`` (the source's name in the store), first;
+        each source names its own first APPLICATIONS applications."""
         db = open_store(self.settings.store)
         try:
-            figures = db.metrics()
-            named = _named(app for app, _ in figures.transactions)
-            yield _counter(
-                "undo_changes",
-                "Row changes captured, by application, table and operation",
-                ["application", "table", "operation"],
-                (
-                    ((app if app in named else OTHER, table, op), n)
+            changes: list[tuple[tuple[str, ...], int]] = []
+            txns: list[tuple[tuple[str, ...], int]] = []
+            refusals: list[tuple[tuple[str, ...], int]] = []
+            untrusted = CounterMetricFamily(
+                "undo_untrusted_writes",
+                "Row changes on audited tables without a trusted tag, by reason",
+                labels=["source", "reason"],
+            )
+            malformed = CounterMetricFamily(
+                "undo_malformed_messages",
+                "Messages with undo's prefixes that were not what undo's SQL writes, by prefix",
+                labels=["source", "prefix"],
+            )
+            last = GaugeMetricFamily(
+                "undo_last_commit_timestamp_seconds",
+                "Commit time of the last captured transaction",
+                labels=["source"],
+            )
+            gaps = GaugeMetricFamily(
+                "undo_gaps", "Gaps recorded in the audit trail", labels=["source"]
+            )
+            for source in db.sources():
+                db.use(source.name)
+                s = source.name
+                figures = db.metrics()
+                named = _named(app for app, _ in figures.transactions)
+                changes += [
+                    ((s, app if app in named else OTHER, table, op), n)
                     for app, table, ins, upd, dele, trunc in figures.changes
                     for op, n in (
                         ("insert", ins),
@@ -70,49 +93,45 @@ class StoreCollector(Collector):
                         ("delete", dele),
                         ("truncate", trunc),
                     )
-                ),
+                ]
+                txns += [
+                    ((s, app if app in named else OTHER), n) for app, n in figures.transactions
+                ]
+                for reason, n in figures.untrusted:
+                    untrusted.add_metric([s, reason or "unknown"], n)
+                refused = _named(app for _, app, _ in figures.guard_refusals)
+                refusals += [
+                    ((s, guard or "", (app or "") if app in refused else OTHER), n)
+                    for guard, app, n in figures.guard_refusals
+                ]
+                for prefix, n in figures.malformed:
+                    malformed.add_metric([s, prefix], n)
+                if figures.last_commit_time:
+                    last.add_metric([s], epoch(figures.last_commit_time))
+                gaps.add_metric([s], figures.gaps)
+            yield _counter(
+                "undo_changes",
+                "Row changes captured, by application, table and operation",
+                ["source", "application", "table", "operation"],
+                changes,
             )
             yield _counter(
                 "undo_transactions",
                 "Transactions captured, by application",
-                ["application"],
-                (((app if app in named else OTHER,), n) for app, n in figures.transactions),
+                ["source", "application"],
+                txns,
             )
-            untrusted = CounterMetricFamily(
-                "undo_untrusted_writes",
-                "Row changes on audited tables without a trusted tag, by reason",
-                labels=["reason"],
-            )
-            for reason, n in figures.untrusted:
-                untrusted.add_metric([reason or "unknown"], n)
             yield untrusted
-            refused = _named(app for _, app, _ in figures.guard_refusals)
             yield _counter(
                 "undo_guard_refusals",
                 "Transactions a guard refused to let write, by guard and application",
-                ["guard", "application"],
-                (
-                    ((guard or "", (app or "") if app in refused else OTHER), n)
-                    for guard, app, n in figures.guard_refusals
-                ),
+                ["source", "guard", "application"],
+                refusals,
             )
-            malformed = CounterMetricFamily(
-                "undo_malformed_messages",
-                "Messages with undo's prefixes that were not what undo's SQL writes, by prefix",
-                labels=["prefix"],
-            )
-            for prefix, n in figures.malformed:
-                malformed.add_metric([prefix], n)
             yield malformed
-            if figures.last_commit_time:
-                yield GaugeMetricFamily(
-                    "undo_last_commit_timestamp_seconds",
-                    "Commit time of the last captured transaction",
-                    value=epoch(figures.last_commit_time),
-                )
-            yield GaugeMetricFamily(
-                "undo_gaps", "Gaps recorded in the audit trail", value=figures.gaps
-            )
+            if last.samples:
+                yield last
+            yield gaps
             if self.settings.dsn:
                 yield from self._source(db)
         finally:
@@ -128,24 +147,30 @@ class StoreCollector(Collector):
                     " AND database = current_database()",  # not another database's slot
                     (self.settings.slot,),
                 ).fetchone()
+                # the --dsn database's source: its position, and its name as the label
+                source = sources.bind(db, self.settings, conn).name
                 behind = lag(conn, db, self.settings, active=bool(row and row[1]), peek=bool(row))
         except Exception:
             return
+
+        def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, text, labels=["source"])
+            g.add_metric([source], value)
+            return g
+
         if row is not None and row[0] is not None:
-            yield GaugeMetricFamily(
-                "undo_slot_wal_held_bytes", "WAL the slot keeps on the source", value=row[0]
-            )
+            yield gauge("undo_slot_wal_held_bytes", "WAL the slot keeps on the source", row[0])
         if behind["lag_bytes"] is not None:
-            yield GaugeMetricFamily(
+            yield gauge(
                 "undo_capture_lag_bytes",
                 "The source's current WAL position minus the store's position",
-                value=behind["lag_bytes"],
+                behind["lag_bytes"],
             )
         if behind["lag_seconds"] is not None:
-            yield GaugeMetricFamily(
+            yield gauge(
                 "undo_capture_lag_seconds",
                 "Age of the oldest commit not yet stored (0 when caught up)",
-                value=behind["lag_seconds"],
+                behind["lag_seconds"],
             )
 
 

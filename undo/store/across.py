@@ -1,0 +1,101 @@
+"""Listings over several sources of one store (#22): each source's rows, read as the store
+reads one source's (:meth:`~undo.store.api.Store.use`), merged in the listing's order. Every
+row carries its source's name; a session id or an xid is looked up within each source, and
+one found in more than one asks which."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from undo.core.errors import BadInput, NotFound, NotRecorded, StoreUnreadable, UndoError
+from undo.store.api import ActivityBucket, HistoryVersion, Normalise, SessionRow, Shown, Store
+
+T = TypeVar("T")
+
+
+def _gather(
+    store: Store, names: Sequence[str], read: Callable[[], list[T]]
+) -> tuple[list[T], list[UndoError]]:
+    """Each source's rows; the errors of those whose read failed on what the user asked (a
+    table it does not hold, a row it never changed)."""
+    rows: list[T] = []
+    errors: list[UndoError] = []
+    for name in names:
+        store.use(name)
+        try:
+            rows += read()
+        except (BadInput, NotRecorded) as e:
+            if len(names) == 1 or isinstance(e, StoreUnreadable):
+                raise
+            errors.append(e)
+    return rows, errors
+
+
+def _raise_if_none(found: bool, errors: list[UndoError]) -> None:
+    """Nothing found anywhere: the first error of a source that held what was asked for (not
+    an unknown table), else the first."""
+    if found or not errors:
+        return
+    raise next((e for e in errors if not isinstance(e, NotFound)), errors[0])
+
+
+def sessions(
+    store: Store, names: Sequence[str], limit: int | None = None, offset: int = 0, **kw: Any
+) -> list[SessionRow]:
+    """`undo sessions` over these sources, newest first."""
+    if len(names) == 1:
+        store.use(names[0])
+        return store.sessions(limit=limit, offset=offset, **kw)
+    wanted = None if limit is None else limit + offset
+    rows, errors = _gather(store, names, lambda: store.sessions(limit=wanted, **kw))
+    if kw.get("tables"):
+        _raise_if_none(len(errors) < len(names), errors)
+    rows.sort(key=lambda r: r.last_change_at, reverse=True)
+    return rows[offset : None if limit is None else offset + limit]
+
+
+def show(
+    store: Store, names: Sequence[str], session_id: str | None = None, xid: int | None = None
+) -> Shown:
+    """`undo show`: the session or transaction in the one source that has it."""
+    found: list[Shown] = []
+    errors: list[UndoError] = []
+    for name in names:
+        store.use(name)
+        try:
+            found.append(store.show(session_id=session_id, xid=xid))
+        except NotFound as e:
+            errors.append(e)
+    if len(found) > 1:
+        what = f"session {session_id}" if session_id is not None else f"xid {xid}"
+        raise BadInput(
+            f"{what} is in several sources ({', '.join(str(s.source) for s in found)}):"
+            " name one with --source"
+        )
+    if not found:
+        raise errors[0] if errors else NotFound("the audit store holds no source yet")
+    return found[0]
+
+
+def history(
+    store: Store,
+    names: Sequence[str],
+    table: str,
+    key: dict[str, str | None],
+    normalise: Normalise,
+) -> list[HistoryVersion]:
+    """`undo history` over these sources: the row's versions in each, oldest first."""
+    rows, errors = _gather(store, names, lambda: store.history(table, key, normalise))
+    _raise_if_none(bool(rows), errors)
+    if len(names) > 1:  # one source's are in its order already (commit LSN, then change)
+        rows.sort(key=lambda r: r.commit_time)
+    return rows
+
+
+def activity(store: Store, names: Sequence[str], **kw: Any) -> list[ActivityBucket]:
+    """`undo activity` over these sources, by bucket, then source."""
+    rows, _ = _gather(store, names, lambda: store.activity(**kw))
+    if len(names) > 1:
+        rows.sort(key=lambda r: (r.bucket, r.source or "", r.name or ""))
+    return rows
