@@ -247,7 +247,7 @@ def test_as_of_a_read_that_fails_says_so_without_naming_where(pgo):
         f"CREATE TABLE notes (id int PRIMARY KEY, v text); ALTER TABLE notes OWNER TO {role};"
         f" CREATE TABLE reads (at timestamptz); ALTER TABLE reads OWNER TO {role};"
         " CREATE FUNCTION logged() RETURNS boolean LANGUAGE sql"
-        " AS 'INSERT INTO reads VALUES (now()); SELECT true';"
+        " AS 'INSERT INTO public.reads VALUES (now()); SELECT true';"
         " ALTER TABLE notes ENABLE ROW LEVEL SECURITY; ALTER TABLE notes FORCE ROW LEVEL SECURITY;"
         " CREATE POLICY everyone ON notes USING (logged())"
     )
