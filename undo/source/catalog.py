@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from undo.core.records import Relation
+from undo.source import pg
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,20 @@ class Catalog:
                 for c, t in zip(rel.columns, rel.type_oids, strict=True)
             )
         if rel.types is None and rel.type_oids is not None:
-            rows = self.conn.execute(
-                "SELECT format_type(t, NULLIF(m, -1)) FROM unnest(%s::oid[], %s::int[])"
-                " WITH ORDINALITY AS u(t, m, i) ORDER BY i",
-                (list(rel.type_oids), list(rel.type_mods or ())),
-            ).fetchall()
+            # named as the capture role's own path shows them (public's citext as citext), as
+            # ever; the connection's path is pinned, so that path is set for this statement
+            # only, every name in which is schema-qualified and exactly typed
+            with pg.operator_path(self.conn):
+                rows = self.conn.execute(
+                    "SELECT pg_catalog.format_type(u.t, u.m) FROM ROWS FROM"
+                    " (pg_catalog.unnest(%s::pg_catalog.oid[]),"
+                    " pg_catalog.unnest(%s::pg_catalog.int4[])) WITH ORDINALITY AS u(t, m, i)"
+                    " ORDER BY u.i",
+                    (
+                        list(rel.type_oids),
+                        [None if m == -1 else m for m in rel.type_mods or ()],
+                    ),
+                ).fetchall()
             rel.types = tuple(r[0] for r in rows)
         if rel.oid is None:
             return False, None, True

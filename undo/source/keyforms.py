@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from undo.core.errors import BadInput
+from undo.source import pg
 
 #: (column, type as format_type prints it, value as typed) -> the value's text form
 Normalise = Callable[[str, str, str], str]
@@ -133,9 +134,11 @@ def through_source(conn: psycopg.Connection[Any]) -> Normalise:
     def normalise(column: str, type_name: str, value: str) -> str:
         if type_name not in known:
             try:
-                row = conn.execute(
-                    "SELECT pg_catalog.to_regtype(%s::pg_catalog.text) IS NOT NULL", (type_name,)
-                ).fetchone()
+                with pg.operator_path(conn):  # as recorded: capture's path, maybe the operator's
+                    row = conn.execute(
+                        "SELECT pg_catalog.to_regtype(%s::pg_catalog.text) IS NOT NULL",
+                        (type_name,),
+                    ).fetchone()
                 known[type_name] = bool(row and row[0])
             except psycopg.Error:
                 known[type_name] = False
@@ -144,15 +147,16 @@ def through_source(conn: psycopg.Connection[Any]) -> Normalise:
         if (type_name, value) not in cache:
             # to_regtype read type_name as one type name; the value goes in as a literal: no
             # parameters in a statement holding a name (README: Undo, Values). concat named with
-            # its schema: the type's name is read on the operator's search_path (as recorded),
-            # where another role's exact-type concat would run as the operator
-            # (docs/security.md)
+            # its schema: the type's name is read on the operator's search_path (as recorded;
+            # pg.operator_path: the connection's is pinned), where another role's exact-type
+            # concat would run as the operator (docs/security.md)
             try:
-                row = conn.execute(
-                    sql.SQL("SELECT pg_catalog.concat(CAST({} AS {}))").format(
-                        sql.Literal(value), sql.SQL(type_name)
-                    )
-                ).fetchone()
+                with pg.operator_path(conn):
+                    row = conn.execute(
+                        sql.SQL("SELECT pg_catalog.concat(CAST({} AS {}))").format(
+                            sql.Literal(value), sql.SQL(type_name)
+                        )
+                    ).fetchone()
             except psycopg.Error as e:
                 if e.sqlstate and e.sqlstate.startswith("22"):  # data exception
                     raise BadInput(f"{column}={value}: {e.diag.message_primary}") from None

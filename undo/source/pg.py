@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psycopg
@@ -42,16 +44,67 @@ PINNED_PATH_OPTIONS = PINNED_OPTIONS + " -c search_path=" + PINNED_PATH.replace(
 OPERATOR_ROLE = "undo_operator"
 
 
+#: The search_path each connection of connect()'s had before connect pinned it: the operator's
+#: (the role's and database's defaults), by which a name the user gave is read (operator_path)
+_OPERATOR_PATHS: weakref.WeakKeyDictionary[psycopg.Connection[Any], str] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
-    """Open a connection with the pinned settings; an unreachable server is a one-line error."""
-    kwargs.setdefault("options", PINNED_OPTIONS)
+    """Open a connection with the pinned settings; an unreachable server is a one-line error.
+
+    Its search_path is pinned (PINNED_PATH) for the session before anything else runs on it:
+    nothing undo runs on the source (init's migrations and checks, capture's catalog reads,
+    check, status, guards, the ledger) resolves a function, operator or type through a schema
+    a role may write (public.quote_ident(name) beats pg_catalog's for a name argument, an
+    operator =(oid, integer) beats oid = oid for an OID compared with a parameter). The path
+    it had is kept for operator_path. A replication connection gets the path in its startup
+    options (it reads no name the user gave)."""
+    replication = "replication" in kwargs
+    kwargs.setdefault("options", PINNED_PATH_OPTIONS if replication else PINNED_OPTIONS)
     kwargs.setdefault("autocommit", True)
     try:
-        return psycopg.connect(dsn, **kwargs)
+        conn = psycopg.connect(dsn, **kwargs)
     except psycopg.OperationalError as e:
         raise DatabaseUnreachable(
             f"cannot connect to {masked_dsn(dsn)}: {connect_failure(e)} (set --dsn or UNDO_DSN)"
         ) from None
+    if not replication:
+        try:
+            # SHOW and SET resolve no name: nothing of another schema's can run before the pin
+            row = conn.execute("SHOW search_path").fetchone()
+            conn.execute("SET search_path = " + PINNED_PATH)
+            if not conn.autocommit:
+                conn.commit()  # the session's, not only this transaction's
+        except BaseException:
+            conn.close()
+            raise
+        _OPERATOR_PATHS[conn] = str(row[0]) if row else ""
+    return conn
+
+
+@contextlib.contextmanager
+def operator_path(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """The search_path ``conn`` had before connect pinned it (the operator's), for the block;
+    pinned again after. For reading names the user gave as their SQL reads them: only calls
+    named with their schema and exactly typed (pg_catalog.to_regclass(... ::pg_catalog.text))
+    may run in it. A connection not of connect()'s keeps its path."""
+    path = _OPERATOR_PATHS.get(conn)
+    if path is None:
+        yield
+        return
+    _set_path(conn, path)
+    try:
+        yield
+    finally:
+        # a failed transaction's rollback restores the pinned path (set_config's is undone)
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.INERROR:
+            _set_path(conn, PINNED_PATH)
+
+
+def _set_path(conn: psycopg.Connection[Any], path: str) -> None:
+    conn.execute("SELECT pg_catalog.set_config('search_path', %s::pg_catalog.text, false)", (path,))
 
 
 def connect_failure(e: Exception) -> str:
@@ -76,16 +129,20 @@ def pin_path(conn: psycopg.Connection[Any]) -> None:
 
 
 def resolve_tables(conn: psycopg.Connection[Any], tables: Iterable[str]) -> list[int | None]:
-    """OIDs of tables named as the operator's SQL names them (their search_path), None where
-    there is none. Safe under any path: the function is schema-qualified and its argument
-    exactly typed, so no other schema's function can be chosen; nothing else is called."""
+    """OIDs of tables named as the operator's SQL names them (their search_path: operator_path),
+    None where there is none. Safe under any path: the function is schema-qualified and its
+    argument exactly typed, so no other schema's function can be chosen; nothing else is
+    called."""
+    tables = list(tables)
     out: list[int | None] = []
     for t in tables:
         names.parse(t)  # a malformed name is bad input here, not an error of the server's
-        row = conn.execute(
-            "SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", (t,)
-        ).fetchone()
-        out.append(None if row is None or row[0] is None else int(row[0]))
+    with operator_path(conn):
+        for t in tables:
+            row = conn.execute(
+                "SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", (t,)
+            ).fetchone()
+            out.append(None if row is None or row[0] is None else int(row[0]))
     return out
 
 
