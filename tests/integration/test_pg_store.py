@@ -399,6 +399,29 @@ def test_a_second_writer_goes_on_after_the_first(pg_store):
         assert _schema.get_meta(conn, b, "position") == "101"
 
 
+def test_a_reader_scopes_its_source_in_one_transaction(pg_store):
+    """The temporary views that scope a reader to its source (made by every listing and every
+    dashboard request) are one transaction, not one commit each: each commit of a catalog
+    change waited for the store's WAL flush, a dozen per request (up to 200 ms of a 200 ms
+    budget on a busy store, bench/serve)."""
+    from undo.store import open_store as open_any
+
+    store = open_any(pg_store, create=True)
+    try:
+        store.register_source("shop", "1", "shop")
+
+        def xid() -> int:
+            (x,) = store.conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            return int(x)
+
+        before = xid()
+        store.sessions()  # the first read makes the views
+        assert xid() - before - 1 <= 1  # transactions that wrote, between the two readings
+        assert store.sessions() == []
+    finally:
+        store.close()
+
+
 def test_the_listings_answer_as_on_sqlite(pg_store, tmp_path):
     """The store's reads, one SQL text run on both engines (PostgreSQL through its Runner: the
     placeholders, the few fragments, the source's rows), give the same documents for the same
