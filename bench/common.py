@@ -85,21 +85,23 @@ def pg_store(c: TempCluster, name: str) -> str:
     return c.dsn(name)
 
 
-def pg_store_bytes(location: str) -> tuple[int, int]:
+def pg_store_bytes(location: str) -> tuple[int, int, int, int]:
     """A PostgreSQL store's bytes: (the partitions of changes with their indexes and TOAST,
-    every relation of the schema undo_store)."""
+    every relation of the schema undo_store, the partitions' heap alone, their indexes)."""
     import psycopg
 
     with psycopg.connect(location, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits"
-            "        WHERE inhparent = 'undo_store.changes'::regclass),"
+            "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0),"
             " (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
             "  JOIN pg_namespace n ON n.oid = c.relnamespace"
-            "  WHERE n.nspname = 'undo_store' AND c.relkind IN ('r', 'm'))"
+            "  WHERE n.nspname = 'undo_store' AND c.relkind IN ('r', 'm')),"
+            " coalesce(sum(pg_relation_size(inhrelid)), 0),"
+            " coalesce(sum(pg_indexes_size(inhrelid)), 0)"
+            " FROM pg_inherits WHERE inhparent = 'undo_store.changes'::regclass"
         ).fetchone()
     assert row is not None
-    return int(row[0]), int(row[1])
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
 
 def _stat_cpu(fields: list[str]) -> tuple[int, int]:
