@@ -456,7 +456,7 @@ def test_table_names_are_computed_inline_whatever_the_search_path(pg_store, clus
             c.execute("DROP ROLE IF EXISTS undo_evil_reader")
 
 
-def test_a_reader_scopes_its_source_in_one_transaction(pg_store):
+def test_a_reader_scopes_its_source_in_one_transaction_and_runs_no_parallel_workers(pg_store):
     """The temporary views that scope a reader to its source (made by every listing and every
     dashboard request) are one transaction, not one commit each: each commit of a catalog
     change waited for the store's WAL flush, a dozen per request (up to 200 ms of a 200 ms
@@ -474,6 +474,8 @@ def test_a_reader_scopes_its_source_in_one_transaction(pg_store):
         before = xid()
         store.sessions()  # the first read makes the views
         assert xid() - before - 1 <= 1  # transactions that wrote, between the two readings
+        # and its queries start no parallel workers (their start cost more than they saved)
+        assert store.conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("0",)
         assert store.sessions() == []
     finally:
         store.close()

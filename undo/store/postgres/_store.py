@@ -87,6 +87,10 @@ class Runner:
         self.conn = conn
         self.source = source
         conn.execute("SET search_path = pg_catalog, undo_store")
+        # a listing's queries are small and indexed: starting parallel workers cost more than
+        # they saved (`undo show` of a session on a 5,000,000-change store: each transaction's
+        # query 160-200 ms with a worker, 45-85 without, bench/serve on 2 busy cores)
+        conn.execute("SET max_parallel_workers_per_gather = 0")
         lo = _schema.id_base(conn, source)
         values = {
             "s": sql.Literal(source),
