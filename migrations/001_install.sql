@@ -528,7 +528,11 @@ BEGIN
     -- missing, disabled, calling another function, row-level, with a WHEN clause (one made by
     -- an earlier version had one: see undo.tag), ...: dropped and made again
     IF EXISTS (SELECT 1 FROM undo.table_problems(ARRAY[rel::oid]) p WHERE p.code = 'trigger') THEN
-        EXECUTE format('DROP TRIGGER IF EXISTS undo_tag ON %s', rel);
+        -- not IF EXISTS: on a table just created its NOTICE ("does not exist, skipping")
+        -- reached whoever ran the CREATE TABLE
+        IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'undo_tag') THEN
+            EXECUTE format('DROP TRIGGER undo_tag ON %s', rel);
+        END IF;
         EXECUTE format('CREATE TRIGGER undo_tag BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE'
                        ' ON %s FOR EACH STATEMENT EXECUTE FUNCTION undo.tag()', rel);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER undo_tag', rel);

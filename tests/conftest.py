@@ -202,9 +202,14 @@ class Source:
 
     def nan_restorable(self) -> bool:
         """pgoutput always; wal2json only where it can send numbers as strings (2.6+)."""
-        return self.decoder == "pgoutput" or self.store_rows(
-            "SELECT value FROM meta WHERE key = 'numbers_as_strings'"
-        ) == [("1",)]
+        return self.decoder == "pgoutput" or self.meta("numbers_as_strings") == "1"
+
+    def meta(self, key: str) -> str | None:
+        """One of the store's keys of this source (the slot, the position...): in meta on a
+        PostgreSQL store (one source here), in source_meta on SQLite."""
+        table = "meta" if self.pg_store else "source_meta"
+        rows = self.store_rows(f"SELECT value FROM {table} WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
 
     def load_types(self) -> int:
         """Fill `everything` (tests.fixtures) after init; returns how many rows it holds."""

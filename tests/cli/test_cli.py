@@ -117,6 +117,26 @@ def test_malformed_dsn_is_one_line_without_the_password(tmp_path, dsn, command):
         assert "PASSWORD" not in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    "store",
+    [
+        "postgresql://u:Hunter2Pw@[::1/undo",
+        "host=db password=Hunter2Pw user",
+        "host='db password=Hunter2Pw",
+    ],
+)
+@pytest.mark.parametrize(
+    "command", [["sessions"], ["status"], ["capture", "--once"], ["--log-format", "json", "status"]]
+)
+def test_malformed_store_uri_is_one_line_without_the_password(store, command):
+    """The same masking as --dsn: libpq's complaint quotes the whole URI, password and all."""
+    for args in (["--store", store, *command], [*command, "--store", store]):
+        result = CliRunner().invoke(cli, args, env={"UNDO_DSN": "", "UNDO_STORE": ""})
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and "malformed" in result.stderr, result.stderr
+        assert "Hunter2Pw" not in result.output and "Traceback" not in result.output
+
+
 def _listing_store(tmp_path: Path) -> str:
     from undo.store import open_store
 

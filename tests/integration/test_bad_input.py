@@ -129,7 +129,9 @@ def _nothing_lost(src: Source, env: dict[str, str]) -> None:
     becomes the test source's store again)."""
     store = env["UNDO_STORE"]
     with contextlib.closing(sqlite3.connect(store)) as c:
-        position = int(c.execute("SELECT value FROM meta WHERE key = 'position'").fetchone()[0])
+        position = int(
+            c.execute("SELECT value FROM source_meta WHERE key = 'position'").fetchone()[0]
+        )
     ((confirmed,),) = src.sql(
         "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint FROM pg_replication_slots"
         " WHERE slot_name = %s",

@@ -68,14 +68,16 @@ def test_capture_stops_when_sqlite_reports_the_store_malformed_while_it_runs(sou
                     "SELECT rootpage FROM sqlite_master WHERE name IN ('changes', 'changes_row')"
                 )
             ]
-            position = int(c.execute("SELECT value FROM meta WHERE key = 'position'").fetchone()[0])
+            position = int(
+                c.execute("SELECT value FROM source_meta WHERE key = 'position'").fetchone()[0]
+            )
         with open(source.store, "r+b") as f:
             for page in roots:
                 f.seek((page - 1) * size)
                 f.write(b"\xa5" * size)
         with contextlib.closing(sqlite3.connect(source.store)) as c:
             # any write from another connection: capture's page cache is read again
-            c.execute("UPDATE meta SET value = value WHERE key = 'slot'")
+            c.execute("UPDATE source_meta SET value = value WHERE key = 'slot'")
             c.commit()
         confirmed = _confirmed(source)
         source.sql("INSERT INTO t SELECT g, 'w' FROM generate_series(2001, 2100) g")

@@ -110,17 +110,17 @@ def test_status_reports_slot_and_capture(pgo):
     assert st["unprepared_tables"] == ["public.unaudited"]
 
 
-def test_prune_keeps_whole_sessions_and_the_ledger(pgo):
+def test_prune_removes_what_committed_before_the_cut_and_keeps_the_ledger(pgo):
     _setup(pgo)
     store = open_store(pgo.store)
-    db = store.db  # type: ignore[attr-defined]  # the SQLite store's own
+    db = store.file  # type: ignore[attr-defined]  # the SQLite store's own
     db.execute(
-        "INSERT INTO undos (applied_at, target, selection, undo_xid)"
-        " VALUES ('2020-01-01T00:00:00.000000Z', '{}', '[]', 1)"
+        "INSERT INTO undos (applied_at, target, selection, undo_xid, source)"
+        " VALUES ('2020-01-01T00:00:00.000000Z', '{}', '[]', 1, 1)"
     )
     db.conn.commit()
     last = db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0]
-    report = store.prune(last)  # the last session's only transaction is at `last`: kept
+    report = store.prune(last)  # the last transaction committed at `last`: kept
     assert (report.transactions, report.changes) == (2, 3)
     assert db.execute("SELECT application_name FROM transactions").fetchall() == [
         ("usage-metrics",)
@@ -396,6 +396,35 @@ def test_metrics_count_a_partitions_changes_under_its_partitioned_table(source):
     assert {table for table, _ in series} == {"public.invoices"}
     # the move is a delete in one partition and an insert in the other
     assert series["public.invoices", "insert"] == 3 and series["public.invoices", "delete"] == 1
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_sessions_table_takes_a_partitioned_table_for_its_partitions(source):
+    """A partitioned table's changes are stored under its partitions (the stream's names):
+    `sessions --table PARENT` means all of them, as /metrics and history count them; on
+    b6ddbd6 it was exit 2, no table of that name."""
+    source.sql(_INVOICES + "; CREATE TABLE other (id int PRIMARY KEY)")
+    source.init()
+    with source.connect(application_name="billing") as c:
+        c.execute("INSERT INTO invoices VALUES (1, '2026-09-05', 10)")
+    with source.connect(application_name="october") as c:
+        c.execute("UPDATE invoices SET amount = 11 WHERE id = 1")
+        c.execute("INSERT INTO invoices VALUES (2, '2026-10-05', 20)")
+    with source.connect(application_name="elsewhere") as c:
+        c.execute("INSERT INTO other VALUES (1)")
+    source.capture()
+
+    def apps(*table: str) -> list[str]:
+        result = source.undo_cli("sessions", *table, "--json")
+        assert result.returncode == 0, result.stderr
+        return sorted(r["application_name"] for r in json.loads(result.stdout))
+
+    assert apps("--table", "invoices") == ["billing", "october"]
+    assert apps("--table", "public.invoices") == ["billing", "october"]
+    assert apps("--table", "invoices_2026_10") == ["october"]  # a partition: its own only
+    assert apps("--table", "invoices", "--table", "other") == []  # both: none touched both
+    (row,) = json.loads(source.undo_cli("sessions", "--app", "october", "--json").stdout)
+    assert row["tables"] == ["public.invoices_2026_09", "public.invoices_2026_10"]
 
 
 def test_history_reads_a_key_in_any_form_its_type_reads_the_same(pgo):

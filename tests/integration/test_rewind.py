@@ -235,3 +235,30 @@ def test_where_is_one_read_only_condition_that_cannot_end_the_transaction(pgo):
         assert [r["id"] for r in json.loads(some.stdout)] == ["43", "45"]
         assert json.loads(some.stdout)[0]["name"] in ("a43", "p43")  # accounts: as it was
     assert {t: pgo.snapshot(t) for t in tables} == then and ledger() == 0
+
+
+def test_as_of_a_read_that_fails_says_so_without_naming_where(pgo):
+    """A row security policy whose function writes (an access log) fails in --as-of's
+    read-only transaction: the error says the read failed; no --where was given, so it names
+    none (it said `--where None: ...`)."""
+    role = f"owner_{pgo.dbname}"
+    pgo.sql(f"CREATE ROLE {role} LOGIN")
+    pgo.sql(
+        f"CREATE TABLE notes (id int PRIMARY KEY, v text); ALTER TABLE notes OWNER TO {role};"
+        f" CREATE TABLE reads (at timestamptz); ALTER TABLE reads OWNER TO {role};"
+        " CREATE FUNCTION logged() RETURNS boolean LANGUAGE sql"
+        " AS 'INSERT INTO reads VALUES (now()); SELECT true';"
+        " ALTER TABLE notes ENABLE ROW LEVEL SECURITY; ALTER TABLE notes FORCE ROW LEVEL SECURITY;"
+        " CREATE POLICY everyone ON notes USING (logged())"
+    )
+    pgo.init()
+    pgo.sql(f"GRANT undo_operator TO {role}")
+    pgo.sql("INSERT INTO notes VALUES (1, 'a')")
+    pgo.capture()
+    at = pgo.now()
+    params = dict(psycopg.conninfo.conninfo_to_dict(pgo.dsn), user=role)
+    dsn = psycopg.conninfo.make_conninfo("", **params)
+    shown = pgo.undo_cli("--dsn", dsn, "table", "notes", "--as-of", at)
+    assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
+    assert "--where" not in shown.stderr and "None" not in shown.stderr, shown.stderr
+    assert "public.notes" in shown.stderr and "read-only" in shown.stderr, shown.stderr

@@ -121,6 +121,61 @@ def test_metrics_match_the_store(site):
     assert last is not None and _metric(text, "undo_last_commit_timestamp_seconds") > 0
 
 
+def _series(text, name):
+    """{labels: value} of every sample of a metric family in /metrics."""
+    return {
+        tuple(sorted(re.findall(r'(\w+)="([^"]*)"', line))): float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{")
+    }
+
+
+def _spam(src, names, updates=0, inserts=0):
+    """Writes as any role may: each under an application_name of its choosing."""
+    from psycopg import sql
+
+    with src.connect() as c:
+        for name in names:
+            c.execute(sql.SQL("SET application_name = {}").format(sql.Literal(name)))
+            for _ in range(updates):
+                c.execute("UPDATE accounts SET plan = plan WHERE id = 1")
+            for _ in range(inserts):
+                c.execute("INSERT INTO accounts SELECT max(id) + 1, 'spam', 'free' FROM accounts")
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_metrics_name_a_bounded_number_of_applications_and_never_go_down(site):
+    """application_name is any writer's to choose: 110 of them must not make 110 series per
+    family. The first APPLICATIONS seen keep their label, the rest count under "(other)"; the
+    totals stay exact, and no series goes down when the others write more (the 100 busiest
+    would not do: the updaters below overtaking the inserters would take their updates out of
+    "(other)", and the inserters would bring no updates in)."""
+    from undo.web.metrics import APPLICATIONS
+
+    src, _, start = site
+    base = start()
+    _spam(src, [f"spam-{i:03}" for i in range(100)], inserts=3)
+    _spam(src, [f"spam-{i:03}" for i in range(100, 110)], updates=2)
+    src.capture()
+    before = _get(base + "/metrics")[1]
+    _spam(src, [f"spam-{i:03}" for i in range(100, 110)], updates=2)
+    _spam(src, ["web"], updates=5)
+    _spam(src, [f"new-{i:02}" for i in range(20)] + ["(other)"], inserts=1)
+    src.capture()
+    after = _get(base + "/metrics")[1]
+    changes = 25 + 300 + 20
+    for text, expected in ((before, changes), (after, changes + 20 + 5 + 21)):
+        for family in ("undo_changes_total", "undo_transactions_total"):
+            apps = {dict(labels)["application"] for labels in _series(text, family)}
+            assert len(apps) <= APPLICATIONS + 1 and "(other)" in apps, (family, len(apps))
+        assert sum(_series(text, "undo_changes_total").values()) == expected
+        assert sum(_series(text, "undo_transactions_total").values()) == expected - 25 + 3
+    for family in ("undo_changes_total", "undo_transactions_total"):
+        later = _series(after, family)
+        for labels, value in _series(before, family).items():
+            assert later.get(labels, value) >= value, (family, labels)
+
+
 def test_token_is_required_off_loopback_and_checked_on_every_request(site):
     src, sid, start = site
     with pytest.raises(BadInput, match="--token"):

@@ -22,6 +22,13 @@ from undo.stream import capture as cap
 EPOCH_US = 0
 
 
+def _writer(store: str) -> Any:
+    """A new store's writer, for a source registered by hand."""
+    db = open_store(store, create=True)
+    db.register_source("s", "1", "s")
+    return db.writer()
+
+
 def _w(payload: bytes, lsn: int) -> bytes:
     return b"w" + struct.pack(">QQQ", lsn, lsn, 0) + payload
 
@@ -77,7 +84,7 @@ class FakeSource:
         flushed = struct.unpack(">Q", data[9:17])[0]
         committed = (
             sqlite3.connect(self.store)
-            .execute("SELECT value FROM meta WHERE key = 'position'")
+            .execute("SELECT value FROM source_meta WHERE key = 'position'")
             .fetchone()
         )
         durable = int(committed[0]) if committed else 0
@@ -126,7 +133,7 @@ def script(rnd: random.Random, n_txns: int, start: int) -> tuple[list[bytes | No
 def test_nothing_is_confirmed_before_it_is_stored(tmp_path, seed):
     rnd = random.Random(seed)
     store = str(tmp_path / "s.db")
-    writer = open_store(store, create=True).writer()
+    writer = _writer(store)
     frames, rows = script(rnd, 60, 1 << 20)
     # a crash anywhere: cut the script at a random frame, then replay the whole of it again
     cut = rnd.randrange(len(frames))
@@ -166,7 +173,7 @@ def test_a_malformed_frame_stops_capture_with_nothing_of_it_confirmed(
         monkeypatch.setattr(pgoutput, "_tuple", pgoutput._py_tuple)
         monkeypatch.setattr(pgoutput, "stage", no_stage)
     store = str(tmp_path / "s.db")
-    writer = open_store(store, create=True).writer()
+    writer = _writer(store)
     frames, _ = script(random.Random(1), 3, 1 << 20)
     frames = [f for f in frames if f is not None and f[:1] == b"w"]  # no pause, no keepalive
     first_end = 0
@@ -208,7 +215,7 @@ def test_idle_capture_logs_no_progress_line(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(cap, "REPORT_SECONDS", 0.001)
     store = str(tmp_path / "s.db")
-    writer = open_store(store, create=True).writer()
+    writer = _writer(store)
     busy, _ = script(random.Random(2), 1, 1 << 20)
     busy = [f for f in busy if f is not None]
     idle: list[bytes | None] = [None] * 20

@@ -111,6 +111,7 @@ def test_what_passes_the_checks_the_store_can_hold(prefix, session, body, how):
     signed = messages.read_signed(prefix, content, KEY, 7)
     with tempfile.TemporaryDirectory() as tmp:
         db = open_store(os.path.join(tmp, "s.db"), create=True)
+        db.register_source("s", "1", "s")
         writer = db.writer()
         if signed.problem is not None:
             writer.add_malformed(10, prefix, signed.claimed_session, signed.problem, content)

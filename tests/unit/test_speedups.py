@@ -97,7 +97,9 @@ def change(op: str, old: list | None, new: list | None, old_kind: bytes = b"O") 
 
 @pytest.fixture(scope="module")
 def writer(tmp_path_factory):
-    return open_store(str(tmp_path_factory.mktemp("s") / "s.db"), create=True).writer()
+    db = open_store(str(tmp_path_factory.mktemp("s") / "s.db"), create=True)
+    db.register_source("s", "1", "s")
+    return db.writer()
 
 
 def python_path(writer, message: bytes, key: tuple[int, ...] | None, ncols: int = 0):

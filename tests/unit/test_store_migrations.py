@@ -31,7 +31,7 @@ def test_txn_changes_is_filled_from_the_changes_already_stored(tmp_path):
     )
     db.conn.commit()
     db.conn.close()
-    store = open_store(str(path)).db  # type: ignore[attr-defined]
+    store = open_store(str(path)).file  # type: ignore[attr-defined]
     assert sorted(store.execute("SELECT * FROM txn_changes").fetchall()) == [
         (1, 1, "D", 1, 1),
         (1, 1, "I", 1, 0),
@@ -50,7 +50,7 @@ def test_versions_stored_before_roots_have_none_and_a_root_makes_a_new_version(t
     )
     db.conn.commit()
     db.conn.close()
-    store = open_store(str(path)).db  # type: ignore[attr-defined]
+    store = open_store(str(path)).file  # type: ignore[attr-defined]
     assert store.execute("SELECT root_schema, root_table FROM relations").fetchall() == [
         (None, None)
     ]
@@ -63,3 +63,43 @@ def test_versions_stored_before_roots_have_none_and_a_root_makes_a_new_version(t
             "INSERT INTO relations (oid, schema_name, table_name, columns, types, key_columns,"
             f" partial, root_schema, root_table) VALUES ({version}, 'public', 'invoices')"
         )
+
+
+def test_a_store_made_before_sources_holds_one_claimed_by_its_database(tmp_path):
+    """m014: a single-source file becomes one source, 'default' with an unknown identity, whose
+    keys (slot, position...) are its own; the first database registered claims it and names
+    it; a second database is a source beside it, and a name held by another is refused."""
+    from undo.core.errors import BadInput
+
+    path = tmp_path / "old.db"
+    db = Database(sqlite3.connect(path))
+    migrations.apply(db, stop_before="m014_sources")
+    db.execute("INSERT INTO meta (key, value) VALUES ('slot', 'undo'), ('position', '42')")
+    db.execute("INSERT INTO meta (key, value) VALUES ('pruned_before', '2026-01-01')")
+    db.execute(
+        "INSERT INTO transactions (id, xid, commit_lsn, end_lsn, commit_time, tag)"
+        " VALUES (1, 7, 1, 2, '2026-01-01T00:00:00Z', 'none')"
+    )
+    db.conn.commit()
+    db.conn.close()
+    store = open_store(str(path))
+    (only,) = store.sources()
+    assert (only.name, only.claimed) == ("default", False)
+    assert store.source_name == "default"  # the only source: acted for without a name
+    assert (store.meta("slot"), store.meta("position")) == ("undo", "42")
+    assert store.meta("pruned_before") == "2026-01-01"  # the store's own key stays the store's
+    assert store.db.execute("SELECT source, session_id FROM sessions").fetchall() == [
+        ("default", None)
+    ]
+    assert store.register_source(None, "7301", "shop") == "shop"
+    assert [(s.name, s.system_identifier, s.database_name) for s in store.sources()] == [
+        ("shop", "7301", "shop")
+    ]
+    assert store.register_source(None, "7301", "billing") == "billing"
+    assert store.meta("slot") is None  # billing's keys: none yet
+    store.use("shop")
+    assert store.meta("slot") == "undo"
+    with pytest.raises(BadInput, match=r"'shop' is taken .* by database shop"):
+        store.register_source("shop", "7302", "orders")
+    with pytest.raises(BadInput, match="database shop is the source 'shop'"):
+        store.register_source("shop2", "7301", "shop")

@@ -153,6 +153,16 @@ Group.group_class = Group
     default=None,
     help="Decoder, chosen at init and remembered in the store.  [default: pgoutput]",
 )
+@click.option(
+    "--source",
+    "sources",
+    envvar="UNDO_SOURCE",
+    show_envvar=True,
+    multiple=True,
+    help="A source of the store by its name (repeatable: listings cover these; without it,"
+    " every source). A command acting on one source: default the --dsn database's, else the"
+    " store's only one.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debugging detail too.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress: only warnings and errors.")
 @click.option(
@@ -170,6 +180,7 @@ def cli(
     store: str,
     slot: str,
     decoder: str | None,
+    sources: tuple[str, ...],
     verbose: bool,
     quiet: bool,
     log_format: str,
@@ -193,13 +204,13 @@ def cli(
     ctx.meta["undo.progress"] = not quiet and log_format == "text" and sys.stderr.isatty()
     ctx.meta["undo.quiet"] = quiet
     try:
-        ctx.obj = Settings(dsn=dsn, store=store, slot=slot, decoder=decoder)
+        ctx.obj = Settings(dsn=dsn, store=store, slot=slot, decoder=decoder, sources=sources)
     except UndoError as e:
         raise UserError(str(e), e.exit_code) from None
 
 
-#: --dsn, --store, --slot, --decoder also after the command name (`undo init --decoder wal2json`);
-#: there they win over the same option before it, which wins over the environment.
+#: --dsn, --store, --slot, --decoder, --source also after the command name (`undo init --decoder
+#: wal2json`); there they win over the same option before it, which wins over the environment.
 _AFTER = [
     click.option("--dsn", default=None, help="Source database (as before the command)."),
     click.option("--store", default=None, help="The audit store (as before the command)."),
@@ -209,6 +220,12 @@ _AFTER = [
         type=click.Choice(["pgoutput", "wal2json"]),
         default=None,
         help="Decoder (as before the command).",
+    ),
+    click.option(
+        "--source",
+        "sources",
+        multiple=True,
+        help="A source of the store (as before the command; repeatable for listings).",
     ),
 ]
 
@@ -220,8 +237,10 @@ def pass_settings(f: Any) -> Any:
     @click.pass_context
     @functools.wraps(f)
     def wrapper(ctx: click.Context, /, *args: Any, **kw: Any) -> Any:
-        given = {k: kw.pop(k) for k in ("dsn", "store", "slot", "decoder")}
-        settings = dataclasses.replace(ctx.obj, **{k: v for k, v in given.items() if v is not None})
+        given = {k: kw.pop(k) for k in ("dsn", "store", "slot", "decoder", "sources")}
+        settings = dataclasses.replace(
+            ctx.obj, **{k: v for k, v in given.items() if v is not None and v != ()}
+        )
         ctx.meta["undo.settings"] = settings  # the store an error names
         return f(settings, *args, **kw)
 

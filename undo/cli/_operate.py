@@ -50,10 +50,10 @@ from undo.store import open_store
     " each on a new install; kept when not given]",
 )
 @click.option(
-    "--source",
-    envvar="UNDO_SOURCE",
-    help="The name the store registers this database under (a PostgreSQL store holds many)."
-    "  [default: the database's name]",
+    "--reregister",
+    is_flag=True,
+    help="Give the source named by --source this database's identity: the same database on a"
+    " new server (pg_upgrade, a restore). Capture goes on from this slot's position.",
 )
 @pass_settings
 def init_cmd(
@@ -63,7 +63,7 @@ def init_cmd(
     uninstall: bool,
     failover: bool,
     statements: str | None,
-    source: str | None,
+    reregister: bool,
 ) -> None:
     """Make the source database ready: trigger, replica identity, publication, slot, store.
 
@@ -85,7 +85,8 @@ def init_cmd(
         list(tables),
         failover=failover,
         statements=statements,
-        source=source,
+        source=settings.source,
+        reregister=reregister,
     )
     for w in report.warnings:
         echo_err(f"warning: {w}")
@@ -106,7 +107,7 @@ def init_cmd(
     "--keep",
     metavar="AGE",
     help="Prune history older than this (90d, 12w) as it goes, a small batch at a time"
-    " (whole sessions only, as `undo prune`).",
+    " (by the rule of `undo prune`).",
 )
 @pass_settings
 def capture_cmd(settings: Settings, once: bool, accept_gap: bool, keep: str | None) -> None:
@@ -243,15 +244,20 @@ def guard_list(settings: Settings, as_json: bool) -> None:
 @click.option("--before", required=True, help="ISO 8601 time or age (30d).")
 @pass_settings
 def prune_cmd(settings: Settings, before: str) -> None:
-    """Delete history committed before a time, whole sessions only; keeps the undo ledger.
+    """Delete history recorded before a time, per transaction; keeps the undo ledger.
+
+    A session that goes on after the cut keeps only its later transactions. On a PostgreSQL
+    store the cut is the start of the partition that holds the time (partitions are dropped).
 
     Example: undo prune --before 90d
     """
-    r = open_store(settings.store).prune(parse_time(before))
+    with open_store(settings.store) as db:
+        r = db.prune(parse_time(before))
     click.echo(
         f"removed {r.transactions} transaction(s), {r.changes} change(s) of"
-        f" {r.sessions} session(s); kept {r.kept_sessions} session(s) that go on after"
-        f" that time; store {r.bytes_before} -> {r.bytes_after} bytes"
+        f" {r.sessions} session(s) committed before {r.cut}; {r.kept_sessions} session(s)"
+        f" go on after it and keep their later transactions only; store {r.bytes_before}"
+        f" -> {r.bytes_after} bytes"
     )
 
 
@@ -322,3 +328,47 @@ def demo_cmd(keep: bool, guard: bool) -> None:
 
     if not run_demo(click.echo, render.table, keep=keep, guard=guard):
         sys.exit(1)
+
+
+@cli.group("store")
+def store_group() -> None:
+    """The audit store as a whole: copy it into another (SQLite file or PostgreSQL database)."""
+
+
+@store_group.command("copy")
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    help="The store to copy into: an SQLite file or a PostgreSQL database (postgresql:// URI or"
+    " conninfo), made when there is none; it must hold nothing.",
+)
+@pass_settings
+def store_copy(settings: Settings, target: str) -> None:
+    """Copy the whole store (every source, transaction, change, gap, DDL record, guard refusal
+    and undo, and where capture is) into an empty store, from one consistent snapshot: capture
+    may go on writing meanwhile. Capture pointed at the copy goes on from the snapshot's
+    position.
+
+    Example: undo --store undo.db store copy --to postgresql://undo@audit-db/audit
+    """
+    from undo.core.wal import int_to_lsn
+    from undo.store import shown
+    from undo.store.copy import copy_store
+
+    quiet = click.get_current_context().find_root().meta.get("undo.quiet")
+
+    def progress(table: str, n: int, total: int) -> None:
+        if not quiet:
+            echo_err(f"copying {table}: {n}/{total} rows")
+
+    done = copy_store(settings.store, target, progress)
+    positions = ", ".join(
+        f"{name} at {'none' if lsn is None else int_to_lsn(int(lsn))}"
+        for name, lsn in done.positions.items()
+    )
+    info(
+        f"copied {done.rows.get('transactions', 0)} transaction(s) and"
+        f" {done.rows.get('changes', 0)} change(s) to {shown(target)}; capture into it goes on"
+        f" from: {positions or 'no source'}"
+    )

@@ -115,17 +115,17 @@ def sessions_cmd(
     Example: undo sessions --app usage-metrics --since 4h --limit 20
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    db = open_store(settings.store)
-    rows = db.sessions(
-        since=parse_time(since) if since else None,
-        until=parse_time(until) if until else None,
-        app=app,
-        user=user,
-        tables=list(tables),
-        # one more than shown says whether there are more (--undone filters after the query)
-        limit=None if limit is None or undone is not None else limit + 1,
-        undone_filter=undone,
-    )
+    with open_store(settings.store) as db:
+        rows = db.sessions(
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+            app=app,
+            user=user,
+            tables=list(tables),
+            # one more than shown says whether there are more (--undone filters after the query)
+            limit=None if limit is None or undone is not None else limit + 1,
+            undone_filter=undone,
+        )
     more = limit is not None and len(rows) > limit
     rows = rows[:limit] if limit is not None else rows
     docs = [r.to_json() for r in rows]
@@ -202,7 +202,8 @@ def show_session(
     Example: undo show session 6b071524.9d7
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    result = open_store(settings.store).show(session_id=session_id)
+    with open_store(settings.store) as db:
+        result = db.show(session_id=session_id)
     _show(result, limit, show_all, fmt, expand)
 
 
@@ -224,7 +225,8 @@ def show_xact(
     Example: undo show xact 7341
     """
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    result = open_store(settings.store).show(xid=xid)
+    with open_store(settings.store) as db:
+        result = db.show(xid=xid)
     _show(result, limit, show_all, fmt, expand)
 
 
@@ -256,23 +258,23 @@ def history_cmd(
     from undo.source import keyforms, pg
 
     fmt, limit = _format(fmt, as_json), _limit(limit)
-    db = open_store(settings.store)
-    pairs = parse_key(list(key))
-    conn = None
-    normalise: keyforms.Normalise = keyforms.offline
-    if names_source(settings):
+    with open_store(settings.store) as db:
+        pairs = parse_key(list(key))
+        conn = None
+        normalise: keyforms.Normalise = keyforms.offline
+        if names_source(settings):
+            try:
+                conn = pg.connect(settings.dsn, **_connect_timeout(settings.dsn, 5))
+                normalise = keyforms.through_source(conn)
+            except DatabaseUnreachable as e:
+                echo_err(
+                    f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
+                )
         try:
-            conn = pg.connect(settings.dsn, **_connect_timeout(settings.dsn, 5))
-            normalise = keyforms.through_source(conn)
-        except DatabaseUnreachable as e:
-            echo_err(
-                f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
-            )
-    try:
-        rows = db.history(table, pairs, normalise)
-    finally:
-        if conn is not None:
-            conn.close()
+            rows = db.history(table, pairs, normalise)
+        finally:
+            if conn is not None:
+                conn.close()
     more = limit is not None and len(rows) > limit
     rows = rows[:limit] if limit is not None else rows
     if fmt != "table" or expand:
@@ -316,11 +318,12 @@ def activity_cmd(
     """
     from undo.core.times import parse_bucket
 
-    rows = open_store(settings.store).activity(
-        by=by,
-        since=parse_time(since) if since else None,
-        bucket_seconds=parse_bucket(bucket),
-    )
+    with open_store(settings.store) as db:
+        rows = db.activity(
+            by=by,
+            since=parse_time(since) if since else None,
+            bucket_seconds=parse_bucket(bucket),
+        )
     docs = [r.to_json() for r in rows]
     if as_json:
         click.echo(render.to_json(docs))

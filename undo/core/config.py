@@ -22,6 +22,21 @@ class Settings:
     store: str = "undo.db"
     slot: str = "undo"
     decoder: str | None = None
+    #: --source (UNDO_SOURCE), repeatable: the sources a listing covers (none: every one), or
+    #: the one a command acts on (:meth:`source`)
+    sources: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str | None:
+        """The one source named (--source), for a command that acts on one; None: not named."""
+        from undo.core.errors import BadInput
+
+        if len(set(self.sources)) > 1:
+            raise BadInput(
+                f"this command acts on one source, and --source names {len(set(self.sources))}"
+                f" ({', '.join(dict.fromkeys(self.sources))}): give one"
+            )
+        return self.sources[0] if self.sources else None
 
     def __post_init__(self) -> None:
         from undo.core.errors import BadInput
@@ -32,20 +47,33 @@ class Settings:
             )
         if self.decoder is not None and self.decoder not in DECODERS:
             raise BadInput(f"unknown decoder {self.decoder!r}: use pgoutput or wal2json")
-        if self.dsn:
-            try:
-                conninfo.conninfo_to_dict(self.dsn)
-            except Exception as e:
-                raise BadInput(
-                    f"malformed DSN ({_unquoted(str(e))}): use key=value pairs"
-                    " (host=db dbname=shop) or a postgresql://user@host/dbname URI"
-                ) from None
+        if self.dsn and (complaint := malformed(self.dsn)):
+            raise BadInput(
+                f"malformed DSN ({complaint}): use key=value pairs"
+                " (host=db dbname=shop) or a postgresql://user@host/dbname URI"
+            )
 
 
 def names_source(settings: Settings) -> bool:
     """Whether a source is named, by --dsn (UNDO_DSN) or libpq's variables (PGHOST,
     PGDATABASE, ...): where a command may go without one (history), it goes to that one."""
     return bool(settings.dsn) or any(os.environ.get(v) for v in LIBPQ_SOURCE)
+
+
+def malformed(dsn: str) -> str | None:
+    """What libpq finds wrong with a conninfo string or URI (--dsn, a PostgreSQL --store),
+    without the parts it quotes (the password among them); None when it parses.
+
+    >>> malformed("postgresql://u:secret@[::1/x")
+    'end of string reached when looking for matching "..." in IPv6 host address in URI: "..."'
+    >>> malformed("host=db user=u") is None
+    True
+    """
+    try:
+        conninfo.conninfo_to_dict(dsn)
+    except Exception as e:
+        return _unquoted(str(e))
+    return None
 
 
 def _unquoted(message: str) -> str:

@@ -34,8 +34,7 @@ from undo.core.images import OP_NAMES, load
 from undo.engine import inverse
 from undo.engine.inverse import Step, TableUndo
 from undo.engine.plan import Plan, Target, changes, later_writer, select
-from undo.source import pg
-from undo.store import open_store
+from undo.source import pg, sources
 from undo.store.api import Store
 
 log = logging.getLogger(__name__)
@@ -607,7 +606,10 @@ def not_operator(conn: psycopg.Connection[Any]) -> str:
     """What to tell a role that may not call undo.record_undo (its transaction is rolled back),
     in the words the printed script uses."""
     conn.rollback()
-    row = conn.execute("SELECT current_user, quote_ident(current_user)").fetchone()
+    pg.pin_path(conn)
+    row = conn.execute(
+        "SELECT current_user, pg_catalog.quote_ident(current_user::pg_catalog.text)"
+    ).fetchone()
     role, ident = row if row else (conn.info.user, conn.info.user)
     return _NOT_OPERATOR.format(role=role, ident=ident)
 
@@ -645,37 +647,37 @@ USER_CODE = "UN002"
 #: Foreign-key triggers are internal (tgisinternal), not a table owner's code.
 _USER_CODE = """
 WITH w(rel) AS (
-    SELECT DISTINCT x.rel FROM unnest({rels}::regclass[]) r(rel)
+    SELECT DISTINCT x.rel FROM pg_catalog.unnest({rels}::regclass[]) r(rel)
      CROSS JOIN LATERAL (SELECT r.rel::oid UNION SELECT p.relid::oid
-                           FROM pg_partition_tree(r.rel) p) x(rel)),
+                           FROM pg_catalog.pg_partition_tree(r.rel) p) x(rel)),
 found(tab, what, name, line) AS (
-    SELECT format('%I.%I', n.nspname, c.relname), 'trigger', tg.tgname::text,
-           format('%I.%I: trigger %I (ENABLE %s) runs %I.%I(%s), owned by %I, as the role'
-                  ' undoing: review it, then ALTER TABLE %I.%I DISABLE TRIGGER %I;'
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), 'trigger', tg.tgname::text,
+           pg_catalog.format('%I.%I: trigger %I (ENABLE %s) runs %I.%I(%s), owned by %I,'
+                  ' as the role undoing: review it, then ALTER TABLE %I.%I DISABLE TRIGGER %I;'
                   ' or undo with --fire-triggers to let user triggers fire',
                   n.nspname, c.relname, tg.tgname,
                   CASE tg.tgenabled WHEN 'A' THEN 'ALWAYS' ELSE 'REPLICA' END,
-                  pn.nspname, pr.proname, pg_get_function_identity_arguments(pr.oid),
-                  pg_get_userbyid(pr.proowner), n.nspname, c.relname, tg.tgname)
+                  pn.nspname, pr.proname, pg_catalog.pg_get_function_identity_arguments(pr.oid),
+                  pg_catalog.pg_get_userbyid(pr.proowner), n.nspname, c.relname, tg.tgname)
       FROM w JOIN pg_class c ON c.oid = w.rel JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_trigger tg ON tg.tgrelid = w.rel
       JOIN pg_proc pr ON pr.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = pr.pronamespace
      WHERE NOT tg.tgisinternal AND tg.tgenabled IN ('A', 'R')
-       AND NOT (tg.tgname = 'undo_tag' AND tg.tgfoid = to_regprocedure('undo.tag()')
+       AND NOT (tg.tgname = 'undo_tag' AND tg.tgfoid = pg_catalog.to_regprocedure('undo.tag()')
                 AND tg.tgqual IS NULL)
     UNION ALL
-    SELECT format('%I.%I', n.nspname, c.relname), 'rule', rw.rulename::text,
-           format('%I.%I: rule %I (ENABLE %s), owned by %I (the table''s owner), rewrites'
-                  ' what the undo writes, as the role undoing: review it, then ALTER TABLE'
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), 'rule', rw.rulename::text,
+           pg_catalog.format('%I.%I: rule %I (ENABLE %s), owned by %I (the table''s owner),'
+                  ' rewrites what the undo writes, as the role undoing: review it, then ALTER TABLE'
                   ' %I.%I DISABLE RULE %I; or undo with --fire-triggers to let user triggers'
                   ' and rules fire',
                   n.nspname, c.relname, rw.rulename,
                   CASE rw.ev_enabled WHEN 'A' THEN 'ALWAYS' ELSE 'REPLICA' END,
-                  pg_get_userbyid(c.relowner), n.nspname, c.relname, rw.rulename)
+                  pg_catalog.pg_get_userbyid(c.relowner), n.nspname, c.relname, rw.rulename)
       FROM w JOIN pg_class c ON c.oid = w.rel JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_rewrite rw ON rw.ev_class = w.rel
      WHERE rw.ev_enabled IN ('A', 'R'))
-SELECT regexp_replace(line, '[[:cntrl:]]', '?', 'g') FROM found ORDER BY tab, what, name
+SELECT pg_catalog.regexp_replace(line, '[[:cntrl:]]', '?', 'g') FROM found ORDER BY tab, what, name
 """
 
 #: the first line of the refusal; then one line per trigger or rule
@@ -716,11 +718,11 @@ def _user_code_guard(
     printed); --apply runs the same."""
     body = sql.SQL(
         "DECLARE r regclass; found text; BEGIN"
-        " FOR r IN SELECT DISTINCT x.rel FROM unnest({rels}::regclass[]) t(rel)"
-        " CROSS JOIN LATERAL (SELECT t.rel UNION SELECT p.relid FROM pg_partition_tree(t.rel) p)"
-        " x(rel) ORDER BY 1 LOOP"
-        " EXECUTE format('LOCK TABLE ONLY %s IN ROW EXCLUSIVE MODE', r); END LOOP;"
-        " SELECT string_agg(line, E'\\n  ') INTO found FROM ({query}) q(line);"
+        " FOR r IN SELECT DISTINCT x.rel FROM pg_catalog.unnest({rels}::regclass[]) t(rel)"
+        " CROSS JOIN LATERAL (SELECT t.rel UNION SELECT p.relid"
+        " FROM pg_catalog.pg_partition_tree(t.rel) p) x(rel) ORDER BY 1 LOOP"
+        " EXECUTE pg_catalog.format('LOCK TABLE ONLY %s IN ROW EXCLUSIVE MODE', r); END LOOP;"
+        " SELECT pg_catalog.string_agg(line, E'\\n  ') INTO found FROM ({query}) q(line);"
         " IF found IS NOT NULL THEN RAISE EXCEPTION USING ERRCODE = {code},"
         " MESSAGE = {head} || E'\\n  ' || found; END IF; END"
     ).format(
@@ -888,7 +890,36 @@ def undo(
     a report whose conflicts are not empty. With ``inspect`` (and ``apply``), the undo runs,
     ``inspect`` sees the database as it left it, and everything is rolled back.
     """
-    db = open_store(settings.store)
+    with sources.open_for(settings) as db:  # closed however it ends (a caller keeps errors)
+        return _undo(
+            db,
+            settings,
+            target,
+            apply=apply,
+            on_conflict=on_conflict,
+            fire_triggers=fire_triggers,
+            lock_timeout=lock_timeout,
+            statement_timeout=statement_timeout,
+            out=out,
+            progress=progress,
+            inspect=inspect,
+        )
+
+
+def _undo(
+    db: Store,
+    settings: Settings,
+    target: Target,
+    *,
+    apply: bool,
+    on_conflict: str,
+    fire_triggers: bool,
+    lock_timeout: str,
+    statement_timeout: str,
+    out: TextIO | None,
+    progress: Progress | None,
+    inspect: Callable[[psycopg.Connection[Any]], None] | None,
+) -> UndoReport:
     if target.tables:  # a partitioned table: its partitions, whose changes the stream carries
         with pg.connect(settings.dsn) as conn:
             target = dataclasses.replace(target, tables=pg.with_partitions(conn, target.tables))
@@ -906,8 +937,14 @@ def undo(
             + "; ".join(report.not_undoable[:5])
             + " (use --on-conflict skip to undo the rest)"
         )
-    conn = pg.connect(settings.dsn, autocommit=False, application_name="undo")
+    conn = pg.connect(
+        settings.dsn,
+        autocommit=False,
+        application_name="undo",
+        options=pg.PINNED_PATH_OPTIONS,
+    )
     try:
+        pg.pin_path(conn)  # first: nothing of undo's runs on another schema's functions
         tables = {rel: inverse.live_table(conn, tv) for rel, tv in plan.tables.items()}
         settings_sql = _settings(fire_triggers, lock_timeout, statement_timeout, plan.target)
         if apply:
@@ -1085,6 +1122,9 @@ def _print(
         "\\set undo_quiet :QUIET\n"
         "\\set QUIET on\n"
         "SET application_name = 'undo';\nBEGIN;\n"
+        # first in the transaction: no other schema's function or operator stands in for
+        # pg_catalog's in anything the script runs (docs/security.md)
+        f"{pg.PIN_PATH};\n"
     )
     checked = set(tables) - _cleared(conn, plan, tables)
     printer = _Printer(out, conn, db, report, on_conflict, checked)

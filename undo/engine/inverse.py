@@ -51,7 +51,9 @@ class LiveTable:
     writable: tuple[int, ...]  # positions written back (generated columns left out)
     identity_always: frozenset[int]  # GENERATED ALWAYS AS IDENTITY positions
     stage_types: tuple[sql.Composable, ...]  # per position: base type (and collation)
-    types: tuple[str, ...]  # per position: format_type of the live column
+    types: tuple[str, ...]  # per position: format_type of the live column (pinned path)
+    #: per position: the equality the column's values are compared with (``equality``)
+    eq: tuple[sql.Composable, ...]
     unique_key: bool  # a unique index (or primary key) the key's columns satisfy, checked at once
     references: bool  # the table has foreign keys of its own (it is the child of one)
 
@@ -65,9 +67,25 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attidentity, a.attgene
              WHERE y.typtype = 'd')
         SELECT format_type(d.t, d.m) FROM d JOIN pg_type y ON y.oid = d.t
          WHERE y.typtype <> 'd'),
-       cn.nspname, co.collname, a.attcollation <> ty.typcollation AND a.attcollation <> 0
+       cn.nspname, co.collname, a.attcollation <> ty.typcollation AND a.attcollation <> 0,
+       quote_ident(tn.nspname) || '.',
+       (WITH RECURSIVE d(t) AS (
+            SELECT a.atttypid
+            UNION ALL
+            SELECT y.typbasetype FROM pg_type y JOIN d ON y.oid = d.t WHERE y.typtype = 'd')
+        SELECT ARRAY[en.nspname::text, o.oprname::text]
+          FROM d JOIN pg_type y ON y.oid = d.t AND y.typtype <> 'd'
+          JOIN pg_opclass oc ON oc.opcintype = d.t AND oc.opcdefault
+          JOIN pg_am am ON am.oid = oc.opcmethod AND am.amname IN ('btree', 'hash')
+          JOIN pg_amop ao ON ao.amopfamily = oc.opcfamily AND ao.amoplefttype = d.t
+           AND ao.amoprighttype = d.t
+           AND ao.amopstrategy = CASE am.amname WHEN 'btree' THEN 3 ELSE 1 END
+          JOIN pg_operator o ON o.oid = ao.amopopr
+          JOIN pg_namespace en ON en.oid = o.oprnamespace
+         ORDER BY am.amname = 'btree' DESC, o.oid LIMIT 1)
   FROM pg_attribute a
   JOIN pg_type ty ON ty.oid = a.atttypid
+  JOIN pg_namespace tn ON tn.oid = ty.typnamespace
   LEFT JOIN pg_collation co ON co.oid = a.attcollation
   LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
  WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
@@ -93,9 +111,8 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
     live = {a[0]: a for a in attrs}
     recorded = dict(zip(tv.columns, tv.types, strict=True))
     plain = [a[0] for a in attrs if a[3] == ""]
-    mismatched = [c for c in tv.columns if c not in live or live[c][1] != recorded[c]] + [
-        c for c in plain if c not in recorded
-    ]
+    mismatched = [c for c in tv.columns if c not in live or not _same_type(live[c], recorded[c])]
+    mismatched += [c for c in plain if c not in recorded]
     if mismatched:
         raise Refused(
             f"the columns of {tv.qualified} changed since capture ({', '.join(mismatched)}):"
@@ -103,7 +120,7 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
         )
     stage: list[sql.Composable] = []
     for c in tv.columns:
-        _, _, _, _, base, coll_schema, coll_name, own_collation = live[c]
+        _, _, _, _, base, coll_schema, coll_name, own_collation, _, _ = live[c]
         t: sql.Composable = sql.SQL(base)  # format_type's own, quoted text
         if own_collation:
             t = sql.SQL("{} COLLATE {}").format(t, sql.Identifier(coll_schema, coll_name))
@@ -124,9 +141,40 @@ def live_table(conn: psycopg.Connection[Any], tv: TableVersion) -> LiveTable:
         identity_always=frozenset(i for i, c in enumerate(tv.columns) if live[c][2] == "a"),
         stage_types=tuple(stage),
         types=tuple(live[c][1] for c in tv.columns),
+        eq=tuple(equality(*live[c][9]) if live[c][9] else CATALOG_EQ for c in tv.columns),
         unique_key=bool(unique_key),
         references=bool(references),
     )
+
+
+def _same_type(live: tuple[Any, ...], recorded: str) -> bool:
+    """Whether a live column's type is the one recorded at capture. format_type qualifies a type
+    its search_path does not show: capture's path (usually "$user", public) shows citext in
+    public as ``citext``, undo's pinned path (pg_catalog, pg_temp) as ``public.citext``; the
+    name recorded is either."""
+    name, prefix = str(live[1]), str(live[8])
+    return recorded == name or (prefix != "pg_catalog." and recorded == name.removeprefix(prefix))
+
+
+#: what an operator's name is made of (PostgreSQL allows nothing else in one)
+_OPERATOR_CHARS = frozenset("+-*/<>=~!@#%^&|`?")
+
+
+def equality(schema: str, name: str) -> sql.Composable:
+    """An operator named with its schema, ``OPERATOR(schema.name)``: under the pinned
+    search_path an unqualified ``=`` finds pg_catalog's only, which for a type of an extension
+    (citext) would be text's, by its implicit cast: case-sensitive, so no longer exact. Named
+    so, it resolves among that schema's operators of the name, where the column's own (an exact
+    match for its type) wins."""
+    if not name or not set(name) <= _OPERATOR_CHARS:
+        raise Refused(f"the equality operator {schema}.{name} is not one undo can name")
+    return sql.SQL("OPERATOR({}.{})").format(sql.Identifier(schema), sql.SQL(name))
+
+
+#: pg_catalog's equality: for a type with no default operator class of its own (an enum, a
+#: composite, an array, varchar: pg_catalog's polymorphic or binary-compatible one, which calls
+#: the type's own where it has one)
+CATALOG_EQ = equality("pg_catalog", "=")
 
 
 # -- COPY text ---------------------------------------------------------------------------------
@@ -408,9 +456,10 @@ class TableUndo:
     # pieces of statements ---------------------------------------------------------------------
     def _key_join(self, left: str, right: str) -> sql.Composed:
         return sql.SQL(" AND ").join(
-            sql.SQL("{}.{} = {}.{}").format(
+            sql.SQL("{}.{} {} {}.{}").format(
                 sql.Identifier(left),
                 sql.Identifier(self.t.version.columns[i] if left == "t" else f"k{i}"),
+                self.t.eq[i],
                 sql.Identifier(right),
                 sql.Identifier(f"k{i}"),
             )
@@ -614,6 +663,10 @@ class _ForeignKey:
     ccols: list[str]
     pcols: list[str]
     ptypes: list[str]
+    #: per column, the equalities PostgreSQL's own checks of the key use (OPERATOR(s.x)):
+    #: referenced = referencing, referenced = referenced (conpfeqop, conppeqop)
+    pf: list[sql.Composable]
+    pp: list[sql.Composable]
     child: TableUndo | None
     parent: TableUndo | None
 
@@ -638,9 +691,14 @@ class _ForeignKey:
         ]
 
 
-def _equal(left: Sequence[sql.Composable], right: Sequence[sql.Composable]) -> sql.Composed:
+def _equal(
+    left: Sequence[sql.Composable],
+    right: Sequence[sql.Composable],
+    ops: Sequence[sql.Composable],
+) -> sql.Composed:
+    """left = right, column by column, each by its own equality (``ops``: OPERATOR(s.x))."""
     return sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(a, b) for a, b in zip(left, right, strict=True)
+        sql.SQL("{} {} {}").format(a, op, b) for a, b, op in zip(left, right, ops, strict=True)
     )
 
 
@@ -661,7 +719,13 @@ def _foreign_keys(
         " (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.i)"
         "   FROM unnest(c.confkey) WITH ORDINALITY k(n, i)"
         "   JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n),"
-        " cn.nspname, cc.relname, pn.nspname, pc.relname"
+        " cn.nspname, cc.relname, pn.nspname, pc.relname,"
+        " (SELECT array_agg(ARRAY[n.nspname::text, o.oprname::text] ORDER BY k.i)"
+        "   FROM unnest(c.conpfeqop) WITH ORDINALITY k(op, i) JOIN pg_operator o ON o.oid = k.op"
+        "   JOIN pg_namespace n ON n.oid = o.oprnamespace),"
+        " (SELECT array_agg(ARRAY[n.nspname::text, o.oprname::text] ORDER BY k.i)"
+        "   FROM unnest(c.conppeqop) WITH ORDINALITY k(op, i) JOIN pg_operator o ON o.oid = k.op"
+        "   JOIN pg_namespace n ON n.oid = o.oprnamespace)"
         " FROM pg_constraint c JOIN pg_class cc ON cc.oid = c.conrelid"
         " JOIN pg_namespace cn ON cn.oid = cc.relnamespace"
         " JOIN pg_class pc ON pc.oid = c.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace"
@@ -669,7 +733,7 @@ def _foreign_keys(
         " ORDER BY c.oid",
         (oids, oids),
     ).fetchall()
-    for name, child, parent, ckind, pkind, ccols, pcols, ptypes, cs, ct, ps, pt in rows:
+    for name, child, parent, ckind, pkind, ccols, pcols, ptypes, cs, ct, ps, pt, pf, pp in rows:
         cu = undos.get(child)
         if cu is not None and not all(
             c in cu.t.version.columns and cu.t.version.columns.index(c) in cu.t.writable
@@ -691,6 +755,8 @@ def _foreign_keys(
             ccols=list(ccols),
             pcols=list(pcols),
             ptypes=list(ptypes),
+            pf=[equality(*op) for op in pf],
+            pp=[equality(*op) for op in pp],
             child=cu,
             parent=pu,
         )
@@ -720,7 +786,7 @@ def foreign_key_checks(
                         cond=sql.SQL(cu.written()),
                         nn=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(v) for v in vals),
                         p=fk.p_from,
-                        match=_equal(_columns("p", fk.pcols), vals),
+                        match=_equal(_columns("p", fk.pcols), vals, fk.pf),
                     ),
                 )
             )
@@ -739,9 +805,9 @@ def foreign_key_checks(
                         net=pu.net,
                         cond=sql.SQL(cond),
                         p=fk.p_from,
-                        pmatch=_equal(_columns("p", fk.pcols), vals),
+                        pmatch=_equal(_columns("p", fk.pcols), vals, fk.pp),
                         c=fk.c_from,
-                        cmatch=_equal(_columns("c", fk.ccols), vals),
+                        cmatch=_equal(vals, _columns("c", fk.ccols), fk.pf),
                     ),
                 )
             )
@@ -775,11 +841,11 @@ def foreign_key_skips(
                 p_img = "pre_img" if pu.keyed else "img"
                 provides = sql.SQL("{} AND {}").format(
                     sql.SQL(pu.written().replace("n.", "x.")),
-                    _equal(fk.parent_values("x", p_img), v),
+                    _equal(fk.parent_values("x", p_img), v, fk.pf),
                 )
                 kept = (
                     sql.SQL("x.has_post AND {}").format(
-                        _equal(fk.parent_values("x", "post_img"), v)
+                        _equal(fk.parent_values("x", "post_img"), v, fk.pf)
                     )
                     if pu.keyed
                     else sql.SQL("false")
@@ -794,8 +860,10 @@ def foreign_key_skips(
                 ).format(
                     pu.net,
                     sql.SQL(r_cond.replace("n.", "x.")),
-                    _equal(fk.parent_values("x", r_img), v),
-                    sql.SQL("x.has_pre AND {}").format(_equal(fk.parent_values("x", "pre_img"), v))
+                    _equal(fk.parent_values("x", r_img), v, fk.pf),
+                    sql.SQL("x.has_pre AND {}").format(
+                        _equal(fk.parent_values("x", "pre_img"), v, fk.pf)
+                    )
                     if pu.keyed
                     else sql.SQL("false"),
                 )
@@ -824,7 +892,7 @@ def foreign_key_skips(
                         nn=sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(x) for x in v),
                         restored=restored,
                         p=fk.p_from,
-                        match=_equal(_columns("p", fk.pcols), v),
+                        match=_equal(_columns("p", fk.pcols), v, fk.pf),
                         removed=removed,
                     ),
                 )
@@ -846,8 +914,9 @@ def foreign_key_skips(
                     kj=_equal(
                         _columns("c", [cu.t.version.columns[i] for i in cu.key]),
                         _columns("y", [f"k{i}" for i in cu.key]),
+                        [cu.t.eq[i] for i in cu.key],
                     ),
-                    same=_equal(fk.child_values("y"), w),
+                    same=_equal(w, fk.child_values("y"), fk.pf),
                 )
             else:
                 gone = sql.SQL(
@@ -857,7 +926,7 @@ def foreign_key_skips(
                 sql.SQL("EXISTS (SELECT 1 FROM {net} y WHERE {cond} AND {match})").format(
                     net=cu.net,
                     cond=sql.SQL(cu.written().replace("n.", "y.")),
-                    match=_equal(fk.child_values("y"), w),
+                    match=_equal(w, fk.child_values("y"), fk.pf),
                 )
                 if cu is not None
                 else sql.SQL("false")
@@ -882,14 +951,16 @@ def foreign_key_skips(
                         net=pu.net,
                         cond=sql.SQL(r_cond),
                         same=sql.SQL("n.has_pre AND {}").format(
-                            _equal(fk.parent_values("n", "pre_img"), w)
+                            _equal(fk.parent_values("n", "pre_img"), w, fk.pp)
                         )
                         if pu.keyed
                         else sql.SQL("false"),
                         written=sql.SQL(pu.written().replace("n.", "x.")),
-                        provides=_equal(fk.parent_values("x", "pre_img" if pu.keyed else "img"), w),
+                        provides=_equal(
+                            fk.parent_values("x", "pre_img" if pu.keyed else "img"), w, fk.pp
+                        ),
                         c=fk.c_from,
-                        cmatch=_equal(_columns("c", fk.ccols), w),
+                        cmatch=_equal(w, _columns("c", fk.ccols), fk.pf),
                         gone=gone,
                         back=back,
                     ),
@@ -927,15 +998,17 @@ def fk_order(conn: psycopg.Connection[Any], oids: Sequence[int]) -> list[int]:
 def _fingerprint(alias: str, columns: Sequence[str]) -> sql.Composed:
     """These columns of a live row as a jsonb array of their output texts (TableUndo's)."""
     cols = [
-        sql.SQL("CASE WHEN {0}.{1} IS NULL THEN NULL ELSE concat({0}.{1}) END").format(
+        sql.SQL("CASE WHEN {0}.{1} IS NULL THEN NULL ELSE pg_catalog.concat({0}.{1}) END").format(
             sql.Identifier(alias), sql.Identifier(c)
         )
         for c in columns
     ]
     parts: list[sql.Composable] = [
-        sql.SQL("jsonb_build_array({})").format(sql.SQL(", ").join(cols[i : i + _MAX_ARGS]))
+        sql.SQL("pg_catalog.jsonb_build_array({})").format(
+            sql.SQL(", ").join(cols[i : i + _MAX_ARGS])
+        )
         for i in range(0, len(cols), _MAX_ARGS)
-    ] or [sql.SQL("'[]'::jsonb")]
+    ] or [sql.SQL("'[]'::pg_catalog.jsonb")]
     return sql.SQL(" || ").join(parts)
 
 
@@ -957,7 +1030,7 @@ def lost_to_decoder(
     rest = [i for i in range(len(tv.columns)) if i not in lost]
 
     def special(i: int) -> sql.Composed:
-        return sql.SQL("concat(t.{}) IN ('NaN', 'Infinity', '-Infinity')").format(
+        return sql.SQL("pg_catalog.concat(t.{}) IN ('NaN', 'Infinity', '-Infinity')").format(
             sql.Identifier(tv.columns[i])
         )
 

@@ -15,6 +15,7 @@ from typing import Any
 from undo.core import names
 from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
 from undo.core.images import OP_NAMES, OPS
+from undo.core.times import epoch
 from undo.store.api import Store, StoredChange, TableVersion, Transaction
 
 
@@ -129,6 +130,8 @@ def select(db: Store, target: Target) -> Plan:
     whole = _transactions(db, target, None, filtered=False) if narrowed else rows
     blind = _blind_spots(db, target, wanted if rewind else None)
     refusals = _refusals(db, _picked(target, whole), wanted if rewind else None) + blind
+    if whole:
+        refusals += _pruned(db, target)
     if not rows and refusals:
         raise Refused("cannot undo: " + "; ".join(refusals))
     if not rows:
@@ -231,6 +234,42 @@ def _blind_spots(db: Store, target: Target, wanted: set[tuple[str, str]] | None)
         if wanted is None
         or (g.table is not None and names.parse(g.table) in wanted)  # as (schema, table)
     ]
+
+
+def _session_start(session_id: str) -> int | None:
+    """When a session began, to the second, from its id (PostgreSQL's %c: the backend's start
+    time and pid in hex); None for an id that is not one.
+
+    >>> _session_start("6b071524.9d7"), _session_start("nope")
+    (1795626276, None)
+    """
+    try:
+        return int(session_id.split(".")[0], 16)
+    except ValueError:
+        return None
+
+
+def _pruned(db: Store, target: Target) -> list[str]:
+    """A session that began before the cut of `undo prune`, or an application's time range
+    that starts before it: what it committed before the cut is gone from the store, so undoing
+    what is left would not undo what it did (--on-conflict skip undoes exactly what is left)."""
+    cut = db.meta("pruned_before")
+    if cut is None:
+        return []
+    if target.session is not None:
+        began = _session_start(target.session)
+        if began is None or began <= int(epoch(cut)):  # to the second: may be before it
+            return [
+                f"session {target.session} began before {cut}, where the audit store's history"
+                " was pruned (undo prune): what it committed before then is gone, only its later"
+                " transactions are kept"
+            ]
+    if target.app is not None and (target.since is None or target.since < cut):
+        return [
+            f"application {target.app!r} since {target.since}: the audit store's history before"
+            f" {cut} was pruned (undo prune): only what was committed after it is kept"
+        ]
+    return []
 
 
 def _resolve_tables(db: Store, tables: tuple[str, ...]) -> set[tuple[str, str]] | None:

@@ -9,6 +9,7 @@ reads the rows, and rolls it all back.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -19,8 +20,7 @@ from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
 from undo.engine.apply import UndoReport, undo
 from undo.engine.plan import Target
-from undo.source import pg
-from undo.store import open_store
+from undo.source import pg, sources
 from undo.store.api import Store
 
 
@@ -53,38 +53,45 @@ def check_reachable(db: Store, time: str, tables: tuple[str, ...] = ()) -> None:
             )
 
 
-def _audited(conn: psycopg.Connection[Any], table: str) -> tuple[int, str, str]:
-    """(OID, schema, name) of a table of the source that undo audits, named as in SQL."""
-    names.parse(table)  # a malformed name is bad input, not the server's syntax error
-    found = conn.execute(
-        "SELECT c.oid, n.nspname, c.relname FROM pg_class c"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)",
-        (table,),
-    ).fetchone()
-    if found is None:
-        raise NotFound(f"no table {table} in the source database")
-    audited = conn.execute(
-        "SELECT to_regclass('undo.audited') IS NOT NULL"
-        " AND EXISTS (SELECT FROM undo.audited WHERE relid = %s)",
-        (found[0],),
-    ).fetchone()
-    if not (audited and audited[0]):
-        raise Refused(
-            f"{names.quote(found[1], found[2])} is not audited by undo: its past is not recorded"
-        )
-    return found[0], found[1], found[2]
+def _audited(conn: psycopg.Connection[Any], tables: Sequence[str]) -> list[tuple[int, str, str]]:
+    """(OID, schema, name) of tables of the source that undo audits, named as in SQL. The names
+    are read as the operator's SQL reads them (their search_path), safely (pg.resolve_tables);
+    then the path is pinned for everything else on ``conn`` (docs/security.md)."""
+    oids = pg.resolve_tables(conn, tables)
+    pg.pin_path(conn)
+    out = []
+    for table, oid in zip(tables, oids, strict=True):
+        found = conn.execute(
+            "SELECT c.oid, n.nspname, c.relname FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s::oid",
+            (oid,),
+        ).fetchone()
+        if found is None:
+            raise NotFound(f"no table {table} in the source database")
+        audited = conn.execute(
+            "SELECT to_regclass('undo.audited') IS NOT NULL"
+            " AND EXISTS (SELECT FROM undo.audited WHERE relid = %s::oid)",
+            (found[0],),
+        ).fetchone()
+        if not (audited and audited[0]):
+            raise Refused(
+                f"{names.quote(found[1], found[2])} is not audited by undo: its past is not"
+                " recorded"
+            )
+        out.append((found[0], found[1], found[2]))
+    return out
 
 
 def _recorded(settings: Settings, time: str, tables: tuple[str, ...]) -> tuple[str, ...]:
     """Those of the tables the store holds any change of, once the store's history reaches
     back to ``time`` with no gap after it (check_reachable)."""
-    db = open_store(settings.store)
-    check_reachable(db, time, tables)
-    out = []
-    for t in tables:
-        with contextlib.suppress(NotFound):
-            db.resolve_table(t)
-            out.append(t)
+    with sources.open_for(settings) as db:
+        check_reachable(db, time, tables)
+        out = []
+        for t in tables:
+            with contextlib.suppress(NotFound):
+                db.resolve_table(t)
+                out.append(t)
     return tuple(out)
 
 
@@ -93,7 +100,9 @@ def rewind(settings: Settings, tables: tuple[str, ...], to: str, **options: Any)
     after ``to``; ``options`` as for ``undo`` (apply, on_conflict, out, ...). An audited table
     the store has no change of is as it was."""
     with pg.connect(settings.dsn) as conn:
-        covered = pg.with_partitions(conn, [names.quote(*_audited(conn, t)[1:]) for t in tables])
+        covered = pg.with_partitions(
+            conn, [names.quote(s, n) for _, s, n in _audited(conn, tables)]
+        )
     recorded = _recorded(settings, to, covered)
     if not recorded:
         return UndoReport(
@@ -114,7 +123,7 @@ def as_of(
     as long as it runs (``lock_timeout`` bounds the wait for them). Foreign keys are not
     checked: a row shows as it was even where its parent, in a table not rewound, is gone."""
     with pg.connect(settings.dsn) as conn:
-        oid, schema, name = _audited(conn, table)
+        ((oid, schema, name),) = _audited(conn, [table])
         query = _rows_query(conn, oid, schema, name, where)
         covered = pg.with_partitions(conn, [names.quote(schema, name)])
     recorded = _recorded(settings, time, covered)
@@ -128,7 +137,10 @@ def as_of(
             # it can neither end this transaction nor run anything after it
             cur = conn.cursor().execute(query, binary=True)
         except psycopg.Error as e:
-            raise BadInput(f"--where {where!r}: {e.diag.message_primary or e}") from None
+            # the condition, or what the read runs without one (a row security policy's
+            # function that writes, in this read-only transaction)
+            what = f"--where {where!r}" if where else f"reading {names.quote(schema, name)}"
+            raise BadInput(f"{what}: {e.diag.message_primary or e}") from None
         out["columns"] = [d.name for d in cur.description or []]
         out["rows"] = cur.fetchall()
 
@@ -139,6 +151,7 @@ def as_of(
             rewound = True
     if not rewound:
         with pg.connect(settings.dsn, autocommit=False) as conn:
+            pg.pin_path(conn)  # as in the undo's transaction: first, for the condition too
             read(conn)
             conn.rollback()
     return out["columns"], [dict(zip(out["columns"], r, strict=True)) for r in out["rows"]]
@@ -170,9 +183,9 @@ def _rows_query(
     only = sql.SQL("") if (partitioned.fetchone() or (False,))[0] else sql.SQL("ONLY ")
     return sql.SQL("SELECT {} FROM {}{} t WHERE {} ORDER BY {}").format(
         sql.SQL(", ").join(
-            sql.SQL("CASE WHEN t.{0} IS NULL THEN NULL ELSE concat(t.{0}) END AS {0}").format(
-                sql.Identifier(c)
-            )
+            sql.SQL(
+                "CASE WHEN t.{0} IS NULL THEN NULL ELSE pg_catalog.concat(t.{0}) END AS {0}"
+            ).format(sql.Identifier(c))
             for c in cols
         ),
         only,

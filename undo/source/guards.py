@@ -14,7 +14,7 @@ import psycopg
 
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotReady, Refused
-from undo.source import pg
+from undo.source import pg, sources
 from undo.store import exists, open_store
 
 
@@ -78,17 +78,21 @@ def list_guards(settings: Settings) -> list[dict[str, Any]]:
             "SELECT pattern, reason, to_char(created_at AT TIME ZONE 'UTC',"
             ' \'YYYY-MM-DD"T"HH24:MI:SS"Z"\'), created_by FROM undo.guards ORDER BY pattern'
         )
-        rows = [
-            {"pattern": p, "reason": r, "created_at": at, "created_by": by}
-            for p, r, at, by in cur.fetchall()
-        ]
-    counts: dict[str | None, int] | None = None
-    if exists(settings.store):
-        db = open_store(settings.store)
-        try:
-            counts = db.guard_refusal_counts()
-        finally:
-            db.close()
+        found = cur.fetchall()
+        counts: dict[str | None, int] | None = None
+        source: str | None = None
+        if exists(settings.store):
+            db = open_store(settings.store)
+            try:
+                # the guards are the --dsn database's: its source's refusals
+                source = sources.bind(db, settings, conn).name
+                counts = db.guard_refusal_counts()
+            finally:
+                db.close()
+    rows: list[dict[str, Any]] = [
+        {"source": source, "pattern": p, "reason": r, "created_at": at, "created_by": by}
+        for p, r, at, by in found
+    ]
     for r in rows:
         r["refusals"] = None if counts is None else counts.get(r["pattern"], 0)
     return rows

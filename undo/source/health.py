@@ -153,6 +153,44 @@ class Health:
     notes: list[str]
 
 
+def event_triggers(
+    conn: psycopg.Connection[Any], problems: list[Problem], notes: list[str]
+) -> None:
+    """init's event triggers (install.EVENT_TRIGGERS), which prepare a table created later
+    and record DDL. None at all: a non-superuser init, which warned; a note, since what is
+    audited now is whole (a table created since is a table problem). Some, or one disabled
+    or calling another function: someone undid a superuser's init; a problem."""
+    found = {
+        name: (event, enabled, function)
+        for name, event, enabled, function in conn.execute(
+            "SELECT evtname, evtevent, evtenabled,"
+            " CASE WHEN evtfoid <> 'undo.on_ddl'::regproc THEN evtfoid::regproc::text END"
+            " FROM pg_event_trigger WHERE evtname = ANY(%s)",
+            (list(install.EVENT_TRIGGERS),),
+        )
+    }
+    if not found:
+        notes.append(
+            "no event trigger (init ran without superuser): a table created from now on is not"
+            " audited until `undo init` runs again (run it after creating tables, or once as a"
+            " superuser)"
+        )
+        return
+    for name, event in install.EVENT_TRIGGERS.items():
+        fix = "`undo init` as a superuser"
+        if name not in found:
+            problem = f"event trigger {name} is missing: tables created now are not audited"
+        elif found[name][2] is not None or found[name][0] != event:
+            calls = found[name][2] or "undo.on_ddl"
+            problem = f"event trigger {name} is not undo's (on {found[name][0]}, calls {calls})"
+            fix = f"DROP EVENT TRIGGER {name}; then {fix}"
+        elif found[name][1] != "A":
+            problem = f"event trigger {name} is not ENABLE ALWAYS: DDL can go unrecorded"
+        else:
+            continue
+        problems.append(Problem("event trigger", name, problem, fix))
+
+
 def judge(
     conn: psycopg.Connection[Any],
     db: Store,
@@ -244,6 +282,7 @@ def judge(
             f"schemas not audited: {', '.join(others)} (hold tables; `undo init --schema S`"
             " audits one)"
         )
+    event_triggers(conn, problems, notes)
     # the slot: only the store's own; another's state (missing, another database's) would
     # ask for a fix of a slot the store never used, beside the right one (--slot above)
     if not_its_slot:

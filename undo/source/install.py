@@ -21,6 +21,7 @@ from undo.core import names, wal
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotReady, UndoError
 from undo.source import pg
+from undo.source.sources import identity
 from undo.store import exists, open_store, shown
 
 log = logging.getLogger(__name__)
@@ -221,12 +222,14 @@ def init(
     failover: bool = False,
     statements: str | None = None,
     source: str | None = None,
+    reregister: bool = False,
 ) -> InitReport:
     """Prepare the source database and the store; idempotent. ``failover``: a slot that
     PostgreSQL 17+ keeps in step on standbys (sync_replication_slots), so capture can go on
     from a promoted standby. ``statements``: switch the tag's mode (STATEMENTS) for the whole
     database; None keeps it (each on a new install). ``source``: the name the store registers
-    the source database under (default: its name)."""
+    the source database under (default: its name); ``reregister``: give that name this
+    database's identity (the same database on a new server)."""
     if statements is not None and statements not in STATEMENTS:
         raise BadInput(f"--statements must be {' or '.join(STATEMENTS)}, not {statements!r}")
     report = InitReport()
@@ -260,8 +263,9 @@ def init(
         _refuse_foreign_slot(conn, settings.slot)
         db = open_store(settings.store, create=True, source=name)
         closing.callback(db.close)
-        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
-        db.register_source(source or conn.info.dbname, row[0] if row else "", conn.info.dbname)
+        if reregister and source is None:
+            raise BadInput("--reregister needs --source: the name of the source to re-register")
+        db.register_source(source, *identity(conn), reregister=reregister)
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         superuser = bool(row and row[0])
         numbers_as_strings = decoder == "wal2json" and pg.wal2json_numbers_as_strings(conn)

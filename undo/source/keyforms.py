@@ -133,7 +133,9 @@ def through_source(conn: psycopg.Connection[Any]) -> Normalise:
     def normalise(column: str, type_name: str, value: str) -> str:
         if type_name not in known:
             try:
-                row = conn.execute("SELECT to_regtype(%s) IS NOT NULL", (type_name,)).fetchone()
+                row = conn.execute(
+                    "SELECT pg_catalog.to_regtype(%s::pg_catalog.text) IS NOT NULL", (type_name,)
+                ).fetchone()
                 known[type_name] = bool(row and row[0])
             except psycopg.Error:
                 known[type_name] = False
@@ -141,10 +143,13 @@ def through_source(conn: psycopg.Connection[Any]) -> Normalise:
             return offline(column, type_name, value)
         if (type_name, value) not in cache:
             # to_regtype read type_name as one type name; the value goes in as a literal: no
-            # parameters in a statement holding a name (README: Undo, Values)
+            # parameters in a statement holding a name (README: Undo, Values). concat named with
+            # its schema: the type's name is read on the operator's search_path (as recorded),
+            # where another role's exact-type concat would run as the operator
+            # (docs/security.md)
             try:
                 row = conn.execute(
-                    sql.SQL("SELECT concat(CAST({} AS {}))").format(
+                    sql.SQL("SELECT pg_catalog.concat(CAST({} AS {}))").format(
                         sql.Literal(value), sql.SQL(type_name)
                     )
                 ).fetchone()

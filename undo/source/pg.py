@@ -25,6 +25,19 @@ PINNED_SETTINGS = {
     "extra_float_digits": "3",
 }
 PINNED_OPTIONS = " ".join(f"-c {k}={v}" for k, v in PINNED_SETTINGS.items())
+#: The search_path undo's own SQL runs under wherever it runs as the operator on the source (the
+#: undo transaction, the printed script, a rewind's reads): pg_catalog first and pg_temp last,
+#: explicitly, so that no function, operator or type of another schema's (a role with CREATE on
+#: a schema of the operator's path: public on PostgreSQL 14) can stand in for pg_catalog's (an
+#: exact-type public.concat(integer) beats pg_catalog.concat(VARIADIC "any")). pg_temp is never
+#: searched for functions or operators; listed last it cannot shadow a table or a type either.
+PINNED_PATH = "pg_catalog, pg_temp"
+#: its statement, the first of every transaction of undo's on the source (SET LOCAL: a
+#: transaction's own; the script's too)
+PIN_PATH = "SET LOCAL search_path = " + PINNED_PATH
+#: connection options of undo's own transactions on the source: the pinned settings, and the
+#: path pinned for the session too (SET LOCAL ends with a rollback; this does not)
+PINNED_PATH_OPTIONS = PINNED_OPTIONS + " -c search_path=" + PINNED_PATH.replace(" ", "")
 #: The role whose members may undo (call undo.record_undo); made by init (002_ledger.sql).
 OPERATOR_ROLE = "undo_operator"
 
@@ -54,6 +67,26 @@ def connect_failure(e: Exception) -> str:
     first = lines[0].removeprefix("connection failed: ")
     hint = lines[1] if len(lines) > 1 and str(e).strip().splitlines()[1].startswith("\t") else ""
     return f"{first} ({hint[:1].lower()}{hint[1:]})" if hint else first
+
+
+def pin_path(conn: psycopg.Connection[Any]) -> None:
+    """Pin the search_path (PINNED_PATH) before anything else runs on ``conn``: for its
+    transaction (opened by this statement) or, on an autocommit connection, its session."""
+    conn.execute(PIN_PATH if not conn.autocommit else "SET search_path = " + PINNED_PATH)
+
+
+def resolve_tables(conn: psycopg.Connection[Any], tables: Iterable[str]) -> list[int | None]:
+    """OIDs of tables named as the operator's SQL names them (their search_path), None where
+    there is none. Safe under any path: the function is schema-qualified and its argument
+    exactly typed, so no other schema's function can be chosen; nothing else is called."""
+    out: list[int | None] = []
+    for t in tables:
+        names.parse(t)  # a malformed name is bad input here, not an error of the server's
+        row = conn.execute(
+            "SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", (t,)
+        ).fetchone()
+        out.append(None if row is None or row[0] is None else int(row[0]))
+    return out
 
 
 def wal_after(conn: psycopg.Connection[Any], position: int) -> int:
@@ -141,16 +174,23 @@ def session_id(conn: psycopg.Connection[Any]) -> str:
 def with_partitions(conn: psycopg.Connection[Any], tables: Iterable[str]) -> tuple[str, ...]:
     """Table names as the stream knows them: a name of the source's that is a partitioned table
     becomes its leaf partitions (their changes are what the stream carries), quoted; any other
-    name is kept as given."""
+    name is kept as given. Names are resolved on the operator's search_path (resolve_tables),
+    then the path is pinned (pin_path) for the rest: ``conn`` keeps it."""
+    tables = list(tables)
+    oids = resolve_tables(conn, tables)
+    pin_path(conn)
     out: list[str] = []
-    for t in tables:
-        names.parse(t)  # a malformed name is bad input here, not an error of the server's
-        rows = conn.execute(
-            "SELECT n.nspname, c.relname FROM pg_partition_tree(to_regclass(%s)) p"
-            " JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE p.isleaf AND (SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)) = 'p'"
-            " ORDER BY 1, 2",
-            (t, t),
-        ).fetchall()
+    for t, oid in zip(tables, oids, strict=True):
+        rows = (
+            conn.execute(
+                "SELECT n.nspname, c.relname FROM pg_partition_tree(%s::oid::regclass) p"
+                " JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE p.isleaf AND (SELECT relkind FROM pg_class WHERE oid = %s::oid) = 'p'"
+                " ORDER BY 1, 2",
+                (oid, oid),
+            ).fetchall()
+            if oid is not None
+            else []
+        )
         out += [names.quote(schema, name) for schema, name in rows] or [t]
     return tuple(out)

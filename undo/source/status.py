@@ -13,7 +13,7 @@ from undo.core import wal
 from undo.core.config import Settings
 from undo.core.errors import StoreCorrupt
 from undo.core.times import epoch, iso
-from undo.source import health, pg
+from undo.source import health, pg, sources
 from undo.source.install import statements_mode, unprepared, unpublishable
 from undo.store import is_corrupt, open_store
 from undo.store.api import Store
@@ -106,55 +106,58 @@ def _slot_row(conn: psycopg.Connection[Any], slot: str) -> tuple[Any, ...] | Non
 
 
 def status(settings: Settings) -> dict[str, Any]:
-    db = open_store(settings.store)
+    with pg.connect(settings.dsn) as conn, sources.open_for(settings, conn) as db:
+        return _status(settings, conn, db)
+
+
+def _status(settings: Settings, conn: psycopg.Connection[Any], db: Store) -> dict[str, Any]:
     stored = db.status()
     # `undo status --json`: what the store says of itself, then what the source says
     result: dict[str, Any] = stored.to_json()
     result["store_position"] = wal.int_to_lsn(stored.store_position)
     result["store_bytes"] = db.size()
-    with pg.connect(settings.dsn) as conn:
-        # slot names are per cluster: a slot of this name may be another database's, and
-        # then it is not this database's slot (slot: null), but status says whose it is
-        slot = _slot_row(conn, settings.slot)
-        ours = slot is not None and bool(slot[5])
-        result["slot"] = (
-            None
-            if slot is None or not ours
-            else {
-                "name": settings.slot,
-                "confirmed_flush_lsn": slot[0],
-                "wal_status": slot[1],
-                "active_pid": slot[2],
-                # who that walsender serves: another capture names its own pid and host
-                "held_by": None if slot[2] is None else health.slot_holder(conn, slot[2])[0],
-                "wal_held_bytes": slot[3],
-            }
+    # slot names are per cluster: a slot of this name may be another database's, and
+    # then it is not this database's slot (slot: null), but status says whose it is
+    slot = _slot_row(conn, settings.slot)
+    ours = slot is not None and bool(slot[5])
+    result["slot"] = (
+        None
+        if slot is None or not ours
+        else {
+            "name": settings.slot,
+            "confirmed_flush_lsn": slot[0],
+            "wal_status": slot[1],
+            "active_pid": slot[2],
+            # who that walsender serves: another capture names its own pid and host
+            "held_by": None if slot[2] is None else health.slot_holder(conn, slot[2])[0],
+            "wal_held_bytes": slot[3],
+        }
+    )
+    result["slot_database"] = None if slot is None else slot[4]
+    result.update(
+        lag(
+            conn,
+            db,
+            settings,
+            active=ours and slot is not None and slot[2] is not None,
+            peek=ours,
         )
-        result["slot_database"] = None if slot is None else slot[4]
-        result.update(
-            lag(
-                conn,
-                db,
-                settings,
-                active=ours and slot is not None and slot[2] is not None,
-                peek=ours,
-            )
-        )
-        installed = conn.execute("SELECT to_regclass('undo.config')").fetchone() != (None,)
-        schemas: list[str] = []
-        if installed:
-            row = conn.execute("SELECT schemas FROM undo.config").fetchone()
-            schemas = list(row[0]) if row else []
-        result["unprepared_tables"] = unprepared(conn, schemas) if installed else []
-        result["unpublishable_tables"] = [
-            {"table": t, "reason": why} for t, why in unpublishable(conn, schemas)
-        ]
-        # undo init --statements: each, first (None: not installed, or before the mode)
-        result["statements"] = statements_mode(conn)
-        # what `undo check` says is wrong, with its fixes (lag judged by check alone: status
-        # shows it, the threshold is the caller's)
-        found = health.judge(conn, db, settings, slot, result, None, stored.gaps, deep=False)
-        result["problems"] = [p.as_dict() for p in found.problems]
+    )
+    installed = conn.execute("SELECT to_regclass('undo.config')").fetchone() != (None,)
+    schemas: list[str] = []
+    if installed:
+        row = conn.execute("SELECT schemas FROM undo.config").fetchone()
+        schemas = list(row[0]) if row else []
+    result["unprepared_tables"] = unprepared(conn, schemas) if installed else []
+    result["unpublishable_tables"] = [
+        {"table": t, "reason": why} for t, why in unpublishable(conn, schemas)
+    ]
+    # undo init --statements: each, first (None: not installed, or before the mode)
+    result["statements"] = statements_mode(conn)
+    # what `undo check` says is wrong, with its fixes (lag judged by check alone: status
+    # shows it, the threshold is the caller's)
+    found = health.judge(conn, db, settings, slot, result, None, stored.gaps, deep=False)
+    result["problems"] = [p.as_dict() for p in found.problems]
     return result
 
 
@@ -177,8 +180,9 @@ def check(settings: Settings, max_lag: float = MAX_LAG_SECONDS) -> dict[str, Any
         }
     measured: dict[str, Any] = {}
     try:
-        gaps = db.status().gaps
         with pg.connect(settings.dsn) as conn:
+            sources.bind(db, settings, conn)
+            gaps = db.status().gaps
             slot = _slot_row(conn, settings.slot)
             ours = slot is not None and bool(slot[5])
             measured = lag(

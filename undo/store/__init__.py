@@ -37,15 +37,16 @@ def shown(location: str) -> str:
 def open_store(location: str, create: bool = False, source: str | None = None) -> Store:
     """The store at ``location`` (a path: an SQLite file; a ``postgresql://`` URI or a libpq
     conninfo: the schema undo_store of that database), made if ``create``; StoreUnreadable when
-    there is none, or it is not an undo store. ``source``: the source it acts for (PostgreSQL;
-    default: the store's only one)."""
+    there is none, or it is not an undo store. ``source``: the source it acts for (default: the
+    store's only one; with several and none named, reads cover every source and what acts on
+    one source asks for a name)."""
     if is_postgres(location):
         from undo.store.postgres._store import PgStore
 
         return PgStore(location, create, source)
     from undo.store.sqlite import SqliteStore
 
-    return SqliteStore(location, create)
+    return SqliteStore(location, create, source)
 
 
 def exists(location: str) -> bool:

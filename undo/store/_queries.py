@@ -126,12 +126,14 @@ def sessions(
 
     where, params = filters("commit_time", "t")
     for name in tables or []:
-        schema, table = resolve_table(db, name)
+        # a partitioned table's name covers its partitions, whose changes the store holds
+        schema, table = resolve_table(db, name, roots=True)
         where += (
             f" AND {ACTIVITY_SESSION_SQL} IN (SELECT a.session_id FROM activity a"  # noqa: S608 (a constant)
-            " JOIN relations r ON r.id = a.relation WHERE r.schema_name = ? AND r.table_name = ?)"
+            " JOIN relations r ON r.id = a.relation WHERE (r.schema_name = ? AND r.table_name = ?)"
+            " OR (r.root_schema = ? AND r.root_table = ?))"
         )
-        params += [schema, table]
+        params += [schema, table, schema, table]
     # writes a guard refused count under the session that tried (no table: not with --table)
     g_where, g_params = filters("refused_at", "g")
     if tables:

@@ -15,7 +15,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from undo.core import names
-from undo.core.errors import StoreBusy, StoreCorrupt, StoreFault, StoreUnreadable
+from undo.core.errors import BadInput, StoreBusy, StoreCorrupt, StoreFault, StoreUnreadable
 
 migrations = Migrations("undo")
 
@@ -378,6 +378,209 @@ def m013_statements(db: Database) -> None:
     )
 
 
+#: the name a store made before sources (m014) gives its one source, until a command that
+#: connects to that database claims it (undo.source.sources): then it takes the database's name
+UNCLAIMED = "default"
+#: meta keys that belong to one source (m014 moves them to source_meta); the rest are the store's
+SOURCE_KEYS = (
+    "slot",
+    "decoder",
+    "publication",
+    "numbers_as_strings",
+    "position",
+    "history_from",
+    "capture_lag",
+    "server_version",
+    "settings",
+)
+
+
+@migrations()
+def m014_sources(db: Database) -> None:
+    """sources: the databases whose history the store holds (#22), by name, with the server's
+    system identifier and the database name that tell them apart. Every table that is not
+    reached through a transaction or a relation gains ``source``; what was unique per store
+    (a transaction's end LSN, a refusal's LSN, a malformed message's LSN) is unique per source,
+    since two servers' LSNs may meet. The slot, decoder, position... are per source
+    (source_meta); meta keeps the store's own keys. A store made before this holds one source:
+    named UNCLAIMED, with an unknown identity, until a command connected to its database claims
+    it. The documented views gain ``source`` (its name) as their first column."""
+    has_data = db.execute(
+        "SELECT EXISTS (SELECT 1 FROM meta WHERE key = 'slot')"
+        " OR EXISTS (SELECT 1 FROM transactions) OR EXISTS (SELECT 1 FROM relations)"
+    ).fetchone()[0]
+    db.executescript(
+        """
+        CREATE TABLE sources (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            system_identifier TEXT NOT NULL,  -- pg_control_system(); '' until claimed
+            database_name TEXT NOT NULL,      -- '' until claimed
+            registered_at TEXT NOT NULL
+        );
+        CREATE TABLE source_meta (
+            source INTEGER NOT NULL REFERENCES sources (id),
+            key TEXT NOT NULL,
+            value TEXT,
+            PRIMARY KEY (source, key)
+        ) WITHOUT ROWID;
+        DROP VIEW IF EXISTS sessions;
+        DROP VIEW IF EXISTS change_log;
+        DROP VIEW IF EXISTS table_changes;
+        CREATE TABLE transactions_m014 (
+            id INTEGER PRIMARY KEY,
+            xid INTEGER NOT NULL,
+            commit_lsn INTEGER NOT NULL,
+            end_lsn INTEGER NOT NULL,
+            commit_time TEXT NOT NULL,
+            session_id TEXT,
+            application_name TEXT,
+            user_name TEXT,
+            client_addr TEXT,
+            client_port INTEGER,
+            backend_pid INTEGER,
+            backend_start TEXT,
+            statement TEXT,
+            tag TEXT NOT NULL,
+            undo_of TEXT,
+            inserts INTEGER NOT NULL DEFAULT 0,
+            updates INTEGER NOT NULL DEFAULT 0,
+            deletes INTEGER NOT NULL DEFAULT 0,
+            truncates INTEGER NOT NULL DEFAULT 0,
+            first_change INTEGER,
+            last_change INTEGER,
+            full_xid INTEGER,
+            tag_reason TEXT,
+            source INTEGER NOT NULL,
+            UNIQUE (source, end_lsn)
+        );
+        INSERT INTO transactions_m014 SELECT id, xid, commit_lsn, end_lsn, commit_time,
+            session_id, application_name, user_name, client_addr, client_port, backend_pid,
+            backend_start, statement, tag, undo_of, inserts, updates, deletes, truncates,
+            first_change, last_change, full_xid, tag_reason, 1 FROM transactions;
+        DROP TABLE transactions;
+        ALTER TABLE transactions_m014 RENAME TO transactions;
+        CREATE INDEX transactions_session ON transactions (session_id);
+        CREATE INDEX transactions_time ON transactions (commit_time);
+        CREATE INDEX transactions_app ON transactions (application_name, commit_time);
+        CREATE INDEX transactions_xid ON transactions (xid);
+        CREATE TABLE guard_refusals_m014 (
+            id INTEGER PRIMARY KEY,
+            lsn INTEGER NOT NULL,
+            refused_at TEXT NOT NULL,
+            guard TEXT,
+            reason TEXT,
+            session_id TEXT,
+            application_name TEXT,
+            user_name TEXT,
+            client_addr TEXT,
+            backend_pid INTEGER,
+            statement TEXT,
+            tag TEXT NOT NULL,
+            tag_reason TEXT,
+            nonce TEXT,
+            source INTEGER NOT NULL,
+            UNIQUE (source, lsn)
+        );
+        INSERT INTO guard_refusals_m014 SELECT id, lsn, refused_at, guard, reason, session_id,
+            application_name, user_name, client_addr, backend_pid, statement, tag, tag_reason,
+            nonce, 1 FROM guard_refusals;
+        DROP TABLE guard_refusals;
+        ALTER TABLE guard_refusals_m014 RENAME TO guard_refusals;
+        CREATE INDEX guard_refusals_time ON guard_refusals (refused_at);
+        CREATE INDEX guard_refusals_session ON guard_refusals (session_id);
+        CREATE UNIQUE INDEX guard_refusals_nonce ON guard_refusals (source, nonce)
+            WHERE tag = 'trusted';
+        ALTER TABLE relations ADD COLUMN source INTEGER NOT NULL DEFAULT 0;
+        UPDATE relations SET source = 1;
+        DROP INDEX relations_version;
+        CREATE UNIQUE INDEX relations_version ON relations
+            (source, oid, schema_name, table_name, columns, types, key_columns, partial,
+             root_schema, root_table);
+        ALTER TABLE gaps ADD COLUMN source INTEGER NOT NULL DEFAULT 0;
+        UPDATE gaps SET source = 1;
+        ALTER TABLE undos ADD COLUMN source INTEGER NOT NULL DEFAULT 0;
+        UPDATE undos SET source = 1;
+        ALTER TABLE ddl ADD COLUMN source INTEGER NOT NULL DEFAULT 0;
+        UPDATE ddl SET source = 1;
+        ALTER TABLE malformed ADD COLUMN source INTEGER NOT NULL DEFAULT 0;
+        UPDATE malformed SET source = 1;
+        DROP INDEX malformed_lsn;
+        CREATE UNIQUE INDEX malformed_lsn ON malformed (source, lsn, prefix);
+        CREATE VIEW sessions AS
+            SELECT s.name AS source, t.session_id,
+                   max(t.application_name) AS application_name,
+                   max(t.user_name) AS user_name,
+                   max(t.client_addr) AS client_addr,
+                   min(t.commit_time) AS first_change_at,
+                   max(t.commit_time) AS last_change_at,
+                   count(*) AS transactions,
+                   sum(t.inserts) AS inserts,
+                   sum(t.updates) AS updates,
+                   sum(t.deletes) AS deletes
+              FROM transactions t JOIN sources s ON s.id = t.source
+             GROUP BY s.name, t.session_id;
+        CREATE VIEW table_changes AS
+            SELECT s.name AS source, r.schema_name, r.table_name,
+                   sum(c.op = 'I') AS inserts, sum(c.op = 'U') AS updates,
+                   sum(c.op = 'D') AS deletes, sum(c.op = 'T') AS truncates
+              FROM changes c JOIN relations r ON r.id = c.relation
+              JOIN sources s ON s.id = r.source
+             GROUP BY s.name, r.schema_name, r.table_name;
+        CREATE VIEW change_log AS
+            SELECT s.name AS source, c.id, t.xid, t.commit_time, t.session_id,
+                   t.application_name, t.user_name, r.schema_name, r.table_name, c.op, c.key,
+                   r.columns, c.old, c.new, c.unchanged,
+                   coalesce((SELECT st.statement FROM statements st
+                              WHERE st.txn = t.id AND st.first_ord <= c.ord
+                              ORDER BY st.first_ord DESC LIMIT 1), t.statement) AS statement
+              FROM transactions t
+              JOIN changes c ON c.id BETWEEN t.first_change AND t.last_change
+              JOIN relations r ON r.id = c.relation
+              JOIN sources s ON s.id = t.source;
+        """
+    )
+    if has_data:
+        db.execute(
+            "INSERT INTO sources (id, name, system_identifier, database_name, registered_at)"
+            " VALUES (1, ?, '', '', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+            [UNCLAIMED],
+        )
+        keys = ",".join("?" * len(SOURCE_KEYS))
+        db.execute(
+            "INSERT INTO source_meta (source, key, value) SELECT 1, key, value FROM meta"  # noqa: S608
+            f" WHERE key IN ({keys})",
+            list(SOURCE_KEYS),
+        )
+    db.execute(f"DELETE FROM meta WHERE key IN ({','.join('?' * len(SOURCE_KEYS))})", SOURCE_KEYS)  # noqa: S608
+
+
+@migrations()
+def m015_pruned_counts(db: Database) -> None:
+    """pruned_counts: what pruning took out of the totals /metrics reports, so that its
+    counters never go down (a Prometheus counter that drops is read as a reset): per
+    application and table version the activity folded in (``kind`` 'activity': its
+    inserts..truncates, ``n`` its transactions), per tag_reason the row changes of untrusted
+    transactions ('untrusted', ``label``), per prefix the malformed messages ('malformed')."""
+    db.executescript(
+        """
+        CREATE TABLE pruned_counts (
+            source INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            application_name TEXT NOT NULL DEFAULT '',
+            relation INTEGER NOT NULL DEFAULT 0,
+            label TEXT NOT NULL DEFAULT '',
+            inserts INTEGER NOT NULL DEFAULT 0,
+            updates INTEGER NOT NULL DEFAULT 0,
+            deletes INTEGER NOT NULL DEFAULT 0,
+            truncates INTEGER NOT NULL DEFAULT 0,
+            n INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (source, kind, application_name, relation, label)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
 PAGE_SIZE = 8192
 
 # SQLite's primary result codes (sqlite3.h). Python 3.11's sqlite3 gives an error's extended
@@ -526,4 +729,82 @@ def set_meta(db: Database, key: str, value: str | None) -> None:
         "INSERT INTO meta (key, value) VALUES (?, ?) "
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         [key, value],
+    )
+
+
+def get_source_meta(db: Database, source: int, key: str) -> str | None:
+    row = db.execute(
+        "SELECT value FROM source_meta WHERE source = ? AND key = ?", [source, key]
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def set_source_meta(db: Database, source: int, key: str, value: str | None) -> None:
+    db.execute(
+        "INSERT INTO source_meta (source, key, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (source, key) DO UPDATE SET value = excluded.value",
+        [source, key, value],
+    )
+
+
+def register_source(
+    db: Database,
+    name: str | None,
+    system_identifier: str,
+    database: str,
+    reregister: bool,
+    where: str,
+) -> str:
+    """Register a source database (sources): its name. One already registered under this
+    identity is found by it (under ``name``, or any name when ``name`` is None); an unclaimed
+    one (m014) takes this identity; a name another database holds is BadInput, unless
+    ``reregister`` and that database has this one's name (its server changed)."""
+    rows = db.execute(
+        "SELECT id, name, system_identifier, database_name FROM sources ORDER BY id"
+    ).fetchall()
+    same = [r for r in rows if (r[2], r[3]) == (system_identifier, database)]
+    if same and name not in (None, same[0][1]):
+        raise BadInput(
+            f"database {database} is the source {same[0][1]!r} of the audit store {where}:"
+            f" use --source {same[0][1]}"
+        )
+    if same:
+        return str(same[0][1])
+    wanted = name or database
+    held = next((r for r in rows if r[1] == wanted), None)
+    unclaimed = [r for r in rows if r[2] == ""]
+    if held is None and name is None and unclaimed and not same:
+        held = unclaimed[0]  # a store made before sources: its one source is this database
+    if held is not None:
+        if (held[2], held[3]) == (system_identifier, database):
+            return str(held[1])
+        if held[2] == "" or (reregister and held[3] == database):
+            db.execute(
+                "UPDATE sources SET name = ?, system_identifier = ?, database_name = ?"
+                " WHERE id = ?",
+                [wanted, system_identifier, database, held[0]],
+            )
+            return wanted
+        raise BadInput(taken(wanted, held[3], held[2], where, database))
+    db.execute(
+        "INSERT INTO sources (name, system_identifier, database_name, registered_at)"
+        " VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+        [wanted, system_identifier, database],
+    )
+    return wanted
+
+
+def taken(name: str, held_db: str, held_sysid: str, where: str, database: str) -> str:
+    """The refusal of a source name another database holds."""
+    if held_db == database:
+        return (
+            f"the source {name!r} of the audit store {where} is database {held_db} of the server"
+            f" with system identifier {held_sysid}, and this server's differs (pg_upgrade, or a"
+            f" restore into a new cluster?): if it is the same database, register it again with"
+            f" `undo init --source {name} --reregister` (capture then starts from a new slot's"
+            " position; what happened between is a gap)"
+        )
+    return (
+        f"the source name {name!r} is taken in the audit store {where} by database {held_db}"
+        f" of the server with system identifier {held_sysid}: choose another --source"
     )

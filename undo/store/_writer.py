@@ -12,7 +12,7 @@ import json
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +22,7 @@ from undo.core.images import key_of_tokens
 from undo.core.records import Begin, Change, Commit, Relation
 from undo.core.times import epoch, iso
 from undo.core.wal import is_xid_of, lsn_to_int
-from undo.store._schema import get_meta
+from undo.store._schema import get_source_meta
 from undo.store.api import activity_session
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -107,13 +107,16 @@ class _Txn:
 class StoreWriter:
     """Batches source transactions into SQLite transactions."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, source: int, lock: Callable[[], None] | None = None) -> None:
         self.db = db
+        self.source = source
+        #: called before the first write (the store's one-writer lock), then forgotten
+        self.lock = lock
         self.conn: sqlite3.Connection = db.conn
         # A batch dirties more pages than SQLite's default 2 MB cache holds; spilling them to
         # the WAL mid-transaction made each insert cost 40% more on random keys (bench/capture).
         self.conn.execute("PRAGMA cache_size = -65536")
-        self.position = int(get_meta(db, "position") or 0)
+        self.position = int(get_source_meta(db, source, "position") or 0)
         self.next_txn = (
             self.conn.execute("SELECT max(id) FROM transactions").fetchone()[0] or 0
         ) + 1
@@ -149,21 +152,24 @@ class StoreWriter:
         row = self.conn.execute(
             "SELECT id FROM relations WHERE oid IS ? AND schema_name = ? AND table_name = ?"
             " AND columns = ? AND types = ? AND key_columns IS ? AND partial = ?"
-            " AND root_schema IS ? AND root_table IS ?",
-            values,
+            " AND root_schema IS ? AND root_table IS ? AND source = ?",
+            (*values, self.source),
         ).fetchone()
         if row is not None:
             return int(row[0])
         self._open_batch()
         cur = self.conn.execute(
             "INSERT INTO relations (oid, schema_name, table_name, columns, types, key_columns,"
-            " partial, root_schema, root_table) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            values,
+            " partial, root_schema, root_table, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*values, self.source),
         )
         return int(cur.lastrowid or 0)
 
     # -- transactions ------------------------------------------------------------------------
     def _open_batch(self) -> None:
+        if self.lock is not None:
+            self.lock()
+            self.lock = None
         if not self.batch_open:
             self.conn.execute("BEGIN")
             self.batch_open = True
@@ -188,11 +194,17 @@ class StoreWriter:
         position moved on) is committed first, as flush would."""
         if self.batch_open:
             self.flush()
+        if self.lock is not None:
+            self.lock()
+            self.lock = None
         self.pending_since = commit_time
         self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('capture_lag', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (json.dumps({"at": time.time(), "lag_seconds": None, "pending_since": commit_time}),),
+            "INSERT INTO source_meta (source, key, value) VALUES (?, 'capture_lag', ?)"
+            " ON CONFLICT (source, key) DO UPDATE SET value = excluded.value",
+            (
+                self.source,
+                json.dumps({"at": time.time(), "lag_seconds": None, "pending_since": commit_time}),
+            ),
         )
 
     def add(self, ch: Change, rel_id: int, key_positions: tuple[int, ...] | None) -> None:
@@ -321,13 +333,14 @@ class StoreWriter:
                     self.conn.execute(
                         "INSERT INTO ddl (commit_lsn, commit_time, xid, session_id,"
                         " application_name, user_name, statement, command, object_type, object,"
-                        " tag, tag_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " tag, tag_reason, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             *who,
                             cmd.get("command") or "",
                             cmd.get("object_type"),
                             cmd.get("object"),
                             *tag,
+                            self.source,
                         ),
                     )
             if why is None:  # only a trusted record's state: a forged one must not close gaps
@@ -347,8 +360,14 @@ class StoreWriter:
         if not state.get("rewrite"):
             self.conn.execute(
                 "UPDATE gaps SET to_lsn = ? WHERE kind = 'table' AND table_name = ?"
-                " AND to_lsn IS NULL AND reason NOT IN (SELECT value FROM json_each(?))",
-                (commit.commit_lsn, table, _dumps([p for p in problems if isinstance(p, str)])),
+                " AND to_lsn IS NULL AND reason NOT IN (SELECT value FROM json_each(?))"
+                " AND source = ?",
+                (
+                    commit.commit_lsn,
+                    table,
+                    _dumps([p for p in problems if isinstance(p, str)]),
+                    self.source,
+                ),
             )
         for problem in problems:
             self._open_gap(table, problem, txn, commit, session_id, bool(state.get("rewrite")))
@@ -366,8 +385,8 @@ class StoreWriter:
         (``point``: one at this transaction only)."""
         if not self.conn.execute(
             "SELECT 1 FROM gaps WHERE kind = 'table' AND table_name = ? AND reason = ?"
-            " AND to_lsn IS NULL",
-            (table, problem),
+            " AND to_lsn IS NULL AND source = ?",
+            (table, problem, self.source),
         ).fetchone():
             at, lsn = commit.commit_time, commit.commit_lsn
             self._table_gap(table, problem, at, lsn, lsn if point else None, session_id, txn.xid)
@@ -385,8 +404,8 @@ class StoreWriter:
         """A gap of one table in the audit trail (to_lsn None: still open)."""
         self.conn.execute(
             "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason, kind, table_name,"
-            " session_id, xid) VALUES (?, ?, ?, ?, 'table', ?, ?, ?)",
-            (at, from_lsn, to_lsn, reason, table, session_id, xid),
+            " session_id, xid, source) VALUES (?, ?, ?, ?, 'table', ?, ?, ?, ?)",
+            (at, from_lsn, to_lsn, reason, table, session_id, xid, self.source),
         )
 
     def set_ledger(self, doc: dict[str, Any] | None, content: bytes, untrusted: str | None) -> None:
@@ -424,8 +443,19 @@ class StoreWriter:
     ) -> None:
         self.conn.execute(
             "INSERT INTO malformed (lsn, prefix, received_at, xid, session_id, problem, size,"
-            " content) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (lsn, prefix) DO NOTHING",
-            (lsn, prefix, at, xid, session_id, problem, len(content), content[:KEPT_BYTES]),
+            " content, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (source, lsn, prefix) DO NOTHING",
+            (
+                lsn,
+                prefix,
+                at,
+                xid,
+                session_id,
+                problem,
+                len(content),
+                content[:KEPT_BYTES],
+                self.source,
+            ),
         )
 
     def relation_oid(self, rel_id: int, oid: int | None) -> None:
@@ -450,15 +480,17 @@ class StoreWriter:
         if untrusted is None and (
             nonce is None
             or self.conn.execute(
-                "SELECT 1 FROM guard_refusals WHERE nonce = ? AND tag = 'trusted' AND lsn <> ?",
-                (nonce, lsn),
+                "SELECT 1 FROM guard_refusals WHERE nonce = ? AND tag = 'trusted' AND lsn <> ?"
+                " AND source = ?",
+                (nonce, lsn, self.source),
             ).fetchone()
         ):
             untrusted = "replayed"
         self.conn.execute(
             "INSERT INTO guard_refusals (lsn, refused_at, guard, reason, session_id,"
             " application_name, user_name, client_addr, backend_pid, statement, tag, tag_reason,"
-            " nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (lsn) DO NOTHING",
+            " nonce, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (source, lsn) DO NOTHING",
             (
                 lsn,
                 tag.get("at") or iso(datetime.now(UTC)),
@@ -473,6 +505,7 @@ class StoreWriter:
                 "trusted" if untrusted is None else "untrusted",
                 untrusted,
                 nonce,
+                self.source,
             ),
         )
 
@@ -489,14 +522,14 @@ class StoreWriter:
                 ids += [
                     r[0]
                     for r in self.conn.execute(
-                        "SELECT id FROM transactions WHERE commit_lsn IN"  # noqa: S608
+                        "SELECT id FROM transactions WHERE source = ? AND commit_lsn IN"  # noqa: S608
                         f" ({','.join('?' * len(chunk))})",
-                        chunk,
+                        [self.source, *chunk],
                     )
                 ]
             self.conn.execute(
                 "INSERT INTO undos (applied_at, target, selection, undo_xid, entries, tag,"
-                " tag_reason, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " tag_reason, message, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     commit.commit_time,
                     doc["target"] if doc is not None else "null",
@@ -506,6 +539,7 @@ class StoreWriter:
                     "trusted" if why is None else "untrusted",
                     why,
                     None if why is None else content.decode("utf-8", "replace"),
+                    self.source,
                 ),
             )
 
@@ -551,8 +585,8 @@ class StoreWriter:
             "INSERT INTO transactions (id, xid, commit_lsn, end_lsn, commit_time, session_id,"
             " application_name, user_name, client_addr, client_port, backend_pid, backend_start,"
             " statement, tag, undo_of, inserts, updates, deletes, truncates, first_change,"
-            " last_change, full_xid, tag_reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " last_change, full_xid, tag_reason, source)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 txn.id,
                 txn.xid,
@@ -578,6 +612,7 @@ class StoreWriter:
                 _full_xid(tag, txn.xid) if trusted else None,
                 # writes on audited tables with no tag at all: erased (undo.tagged set by hand)
                 "missing" if trusted is None else txn.reason,
+                self.source,
             ),
         )
         if trusted and txn.statements:
@@ -650,9 +685,9 @@ class StoreWriter:
             self._write_activity()
             if self.batch_position != self.position:
                 self.conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('position', ?)"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (str(self.batch_position),),
+                    "INSERT INTO source_meta (source, key, value) VALUES (?, 'position', ?)"
+                    " ON CONFLICT (source, key) DO UPDATE SET value = excluded.value",
+                    (self.source, str(self.batch_position)),
                 )
             # what `status` shows while this capture holds the slot: how old the oldest commit
             # not yet stored was, until this batch stored it (0: it had nothing waiting)
@@ -660,9 +695,9 @@ class StoreWriter:
             oldest = self.unstored_since
             lag = 0.0 if oldest is None else now - epoch(oldest)
             self.conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('capture_lag', ?)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (json.dumps({"at": now, "lag_seconds": round(max(0.0, lag), 3)}),),
+                "INSERT INTO source_meta (source, key, value) VALUES (?, 'capture_lag', ?)"
+                " ON CONFLICT (source, key) DO UPDATE SET value = excluded.value",
+                (self.source, json.dumps({"at": now, "lag_seconds": round(max(0.0, lag), 3)})),
             )
             self.oldest_unstored = self.pending_since = None
             self.conn.execute("COMMIT")

@@ -33,6 +33,22 @@ Normalise = Callable[[str, str, str], str]
 
 
 @dataclass(frozen=True)
+class Source:
+    """A source database the store holds the history of: its name in the store, and what tells
+    it apart (the server's system identifier and the database's name; '' each for a store made
+    before sources, until a command connected to it claims it)."""
+
+    id: int
+    name: str
+    system_identifier: str
+    database_name: str
+
+    @property
+    def claimed(self) -> bool:
+        return bool(self.system_identifier)
+
+
+@dataclass(frozen=True)
 class TableVersion:
     """A table as capture recorded it: one version of its columns, types, key and root."""
 
@@ -139,11 +155,12 @@ class MetricsFigures:
 
     #: (application, table, inserts, updates, deletes, truncates)
     changes: tuple[tuple[str, str, int, int, int, int], ...]
-    #: (application, transactions)
+    #: (application, transactions), first seen first (the minute of its first change, then
+    #: its name): a key an application keeps for good, so /metrics names the same ones
     transactions: tuple[tuple[str, int], ...]
     #: (reason, row changes) of writes without a trusted tag
     untrusted: tuple[tuple[str | None, int], ...]
-    #: (guard, application, refusals), trusted refusals only
+    #: (guard, application, refusals), trusted refusals only, first refused first
     guard_refusals: tuple[tuple[str | None, str | None, int], ...]
     #: (prefix, messages)
     malformed: tuple[tuple[str, int], ...]
@@ -153,12 +170,18 @@ class MetricsFigures:
 
 @dataclass(frozen=True)
 class PruneReport:
+    """What a prune removed. ``cut``: history recorded before it went (on SQLite the time
+    asked; on PostgreSQL the start of the partition that holds it, or earlier: see
+    postgres/_prune.py); ``kept_sessions``: sessions the cut went through, which keep their
+    later transactions only."""
+
     transactions: int
     changes: int
     sessions: int
     kept_sessions: int
     bytes_before: int
     bytes_after: int
+    cut: str
 
 
 @dataclass(frozen=True)
@@ -550,6 +573,13 @@ class Store(Protocol):
     def close(self) -> None:
         """Let go of the store; an open batch is rolled back. Never fails."""
 
+    def __enter__(self) -> Store:
+        """The store, closed when the ``with`` block ends (``with open_store(...) as db``),
+        however it ends: a PostgreSQL store's connection ends then, not when the store is
+        dropped (an exception's traceback keeps the store, and a caller may keep the error)."""
+
+    def __exit__(self, *exc: object) -> None: ...
+
     def atomic(self) -> AbstractContextManager[Any]:
         """One store transaction around the calls made inside it."""
 
@@ -591,9 +621,24 @@ class Store(Protocol):
     def probe_write(self) -> None:
         """Raise the store's error if it cannot be written (nothing is changed)."""
 
-    def register_source(self, name: str | None, system_identifier: str, database: str) -> str:
+    def register_source(
+        self, name: str | None, system_identifier: str, database: str, reregister: bool = False
+    ) -> str:
         """Register the source database (`undo init`) under ``name`` (None: the database's
-        name) and act for it; the name. A name another database holds is BadInput."""
+        name) and act for it; the name. A name another database holds is BadInput, unless
+        ``reregister`` (the same database name, moved to a new server: pg_upgrade, a restore),
+        which gives the name this identity. An unclaimed source (a store made before sources)
+        takes this identity and, unless ``name`` is given, the database's name."""
+
+    def sources(self) -> list[Source]:
+        """The sources the store holds, in the order they were registered."""
+
+    def use(self, name: str) -> Source:
+        """Act for the source ``name`` from now on: every read, meta and the writer are its.
+        An unknown name is BadInput naming the sources."""
+
+    #: the name of the source it acts for (None: not chosen; reads cover every source)
+    source_name: str | None
 
     def writer(self) -> Writer: ...
     def prune(self, before: str) -> PruneReport: ...

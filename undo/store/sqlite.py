@@ -7,15 +7,18 @@ pruning _prune.py; this module is the rest of what undo asks of it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from sqlite_utils import Database
 
+from undo.core import names
+from undo.core.errors import BadInput, UndoError
 from undo.core.times import iso
 from undo.store import _prune, _queries, _schema
 from undo.store._writer import StoreWriter
@@ -32,6 +35,7 @@ from undo.store.api import (
     RowChange,
     SessionRow,
     Shown,
+    Source,
     StepReport,
     StoredChange,
     StoreStatus,
@@ -54,32 +58,141 @@ def recovery(path: str) -> str:
     return f"recover what SQLite can read (sqlite3 {path} .recover | sqlite3 NEW.db)"
 
 
+#: the tables the reads name, as views of the rows of one source (``{s}``: its id), on the
+#: reading connection (temporary views are searched before the file's tables)
+_SCOPED = {
+    "meta": "SELECT key, value FROM main.source_meta WHERE source = {s}"
+    " UNION ALL SELECT key, value FROM main.meta",
+    "relations": "SELECT * FROM main.relations WHERE source = {s}",
+    "transactions": "SELECT * FROM main.transactions WHERE source = {s}",
+    "activity": "SELECT a.* FROM main.activity a WHERE a.relation IN"
+    " (SELECT id FROM main.relations WHERE source = {s})",
+    "gaps": "SELECT * FROM main.gaps WHERE source = {s}",
+    "undos": "SELECT * FROM main.undos WHERE source = {s}",
+    "guard_refusals": "SELECT * FROM main.guard_refusals WHERE source = {s}",
+    "ddl": "SELECT * FROM main.ddl WHERE source = {s}",
+    "malformed": "SELECT * FROM main.malformed WHERE source = {s}",
+}
+
+
+def unknown_source(name: str, known: Sequence[Source], where: str) -> BadInput:
+    names = ", ".join(s.name for s in known) or "none"
+    return BadInput(f"no source {name!r} in the audit store {where} (its sources: {names})")
+
+
 class SqliteStore:
-    """The store in the SQLite file at ``location``."""
+    """The store in the SQLite file at ``location``, acting for one source (``source``: a name;
+    else the store's only one; none chosen, reads cover every source)."""
 
     engine = "SQLite"
 
-    def __init__(self, location: str, create: bool = False) -> None:
+    def __init__(self, location: str, create: bool = False, source: str | None = None) -> None:
         self.location = location
-        self.db: Database = _schema.open_database(location, create)
+        #: the file, every source's rows: what writes and pruning use
+        self.file: Database = _schema.open_database(location, create)
+        self.source_id: int | None = None
+        self.source_name: str | None = None
+        self._reader: Database | None = None
+        self._lock: int | None = None  # the flock a writer holds
+        known = self.sources()
+        if source is not None:
+            if any(s.name == source for s in known):
+                self.use(source)
+            else:
+                self.source_name = source  # not registered: `undo init --source` does
+        elif len(known) == 1:
+            self.use(known[0].name)
+
+    @property
+    def db(self) -> Database:
+        """What the reads run on: a connection whose tables are the source's rows (temporary
+        views), or the file (no source chosen: every source's)."""
+        if self.source_id is None:
+            return self.file
+        if self._reader is None:
+            conn = sqlite3.connect(self.location, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.create_function("qualified_name", 2, names.quote, deterministic=True)
+            for name, text in _SCOPED.items():
+                conn.execute(  # constant text and an integer
+                    f'CREATE TEMP VIEW "{name}" AS ' + text.format(s=int(self.source_id))
+                )
+            self._reader = Database(conn)
+        return self._reader
+
+    # -- sources ---------------------------------------------------------------------------
+    def sources(self) -> list[Source]:
+        return [
+            Source(int(r[0]), r[1], r[2], r[3])
+            for r in self.file.execute(
+                "SELECT id, name, system_identifier, database_name FROM sources ORDER BY id"
+            )
+        ]
+
+    def use(self, name: str) -> Source:
+        known = self.sources()
+        found = next((s for s in known if s.name == name), None)
+        if found is None:
+            raise unknown_source(name, known, self.location)
+        if found.id != self.source_id and self._reader is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._reader.conn.close()
+            self._reader = None
+        self.source_id, self.source_name = found.id, found.name
+        return found
+
+    @property
+    def source(self) -> int:
+        """The id of the source it acts for (BadInput when none is chosen)."""
+        if self.source_id is None:
+            known = self.sources()
+            if self.source_name is not None:
+                raise unknown_source(self.source_name, known, self.location)
+            if not known:
+                raise BadInput(
+                    f"the audit store {self.location} has no source yet: run `undo init`"
+                )
+            raise BadInput(
+                f"the audit store {self.location} holds several sources"
+                f" ({', '.join(s.name for s in known)}): name one with --source"
+            )
+        return self.source_id
 
     # -- the store itself ------------------------------------------------------------------
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
-            self.db.conn.close()
+            if self._reader is not None:
+                self._reader.conn.close()
+            self.file.conn.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __del__(self) -> None:
+        # a store dropped without close: its writer's lock goes with it
+        if getattr(self, "_lock", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock)  # type: ignore[arg-type]
+            self._lock = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def atomic(self) -> contextlib.AbstractContextManager[Any]:
-        return self.db.atomic()
+        return self.file.atomic()
 
     def size(self) -> int:
         p = self.location
         return sum(os.path.getsize(f) for f in (p, p + "-wal") if os.path.exists(f))
 
     def quick_check(self) -> list[str]:
-        return _schema.quick_check(self.db)
+        return _schema.quick_check(self.file)
 
     def returns_space(self) -> bool:
-        return _schema.incremental_vacuum(self.db)
+        return _schema.incremental_vacuum(self.file)
 
     def notes(self) -> list[str]:
         if self.returns_space():
@@ -94,37 +207,70 @@ class SqliteStore:
         class _Probe(Exception):
             """Rolls back the write that shows the store can be written."""
 
-        with contextlib.suppress(_Probe), self.db.atomic():
-            self.db.execute("UPDATE meta SET value = value WHERE key = 'slot'")
+        with contextlib.suppress(_Probe), self.file.atomic():
+            self.file.execute("UPDATE meta SET value = value WHERE key = 'slot'")
             raise _Probe
 
-    def register_source(self, name: str | None, system_identifier: str, database: str) -> str:
-        # one source a file for now: its name is not kept (many sources: issue #22)
-        return name or database
+    def register_source(
+        self, name: str | None, system_identifier: str, database: str, reregister: bool = False
+    ) -> str:
+        with self.file.atomic():
+            got = _schema.register_source(
+                self.file, name, system_identifier, database, reregister, self.location
+            )
+        self.use(got)
+        return got
 
     def writer(self) -> StoreWriter:
-        return StoreWriter(self.db)
+        """The writer of the source it acts for. SQLite takes one writer at a time: a second
+        capture into the same file (another source's too) is refused at its first write while
+        the first runs (after its slot's own check, which names the capture that holds a
+        slot): an flock of the file, let go when this process closes it or exits."""
+        return StoreWriter(self.file, self.source, self._take_lock)
+
+    def _take_lock(self) -> None:
+        if self._lock is not None:
+            return
+        fd = os.open(self.location, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UndoError(
+                f"the audit store {self.location} is being written by another capture: an"
+                " SQLite store takes one capture at a time (a PostgreSQL store takes one per"
+                " source at once); stop it first"
+            ) from None
+        self._lock = fd
 
     def prune(self, before: str) -> PruneReport:
-        return _prune.prune(self.db, before)
+        return _prune.prune(self.file, before)
 
     def prune_step(self, before: str) -> StepReport:
-        return _prune.prune_step(self.db, before)
+        return _prune.prune_step(self.file, before)
 
     # -- metadata, gaps --------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
-        return _schema.get_meta(self.db, key)
+        if key in _schema.SOURCE_KEYS:
+            if self.source_id is None:
+                return None
+            return _schema.get_source_meta(self.file, self.source_id, key)
+        return _schema.get_meta(self.file, key)
 
     def set_meta(self, values: Mapping[str, str | None]) -> None:
-        with self.db.atomic():
+        with self.file.atomic():
             for k, v in values.items():
-                _schema.set_meta(self.db, k, v)
+                if k in _schema.SOURCE_KEYS:
+                    _schema.set_source_meta(self.file, self.source, k, v)
+                else:
+                    _schema.set_meta(self.file, k, v)
 
     def record_gap(self, from_lsn: int | None, to_lsn: int | None, reason: str) -> None:
-        with self.db.atomic():
-            self.db.execute(
-                "INSERT INTO gaps (detected_at, from_lsn, to_lsn, reason) VALUES (?, ?, ?, ?)",
-                (iso(datetime.now(UTC)), from_lsn, to_lsn, reason),
+        with self.file.atomic():
+            self.file.execute(
+                "INSERT INTO gaps (source, detected_at, from_lsn, to_lsn, reason)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (self.source, iso(datetime.now(UTC)), from_lsn, to_lsn, reason),
             )
 
     def history_start(self) -> str | None:
@@ -282,35 +428,60 @@ class SqliteStore:
         )
 
     def metrics(self) -> MetricsFigures:
+        # each counter: what the store holds plus what pruning took out of it (pruned_counts),
+        # so that it never goes down (sums cast: PostgreSQL's sum of a bigint is a numeric)
         db = self.db
+        activity = (
+            "SELECT application_name, relation, inserts, updates, deletes, truncates,"
+            " transactions, minute FROM activity UNION ALL SELECT application_name, relation,"
+            " inserts, updates, deletes, truncates, n, NULL FROM pruned_counts"
+            " WHERE kind = 'activity'"
+        )
         return MetricsFigures(
             changes=tuple(
                 # a partition under its partitioned table (m012's roots): a label per table,
                 # however many partitions it has or will have
                 db.execute(
-                    "SELECT a.application_name, qualified_name(coalesce(r.root_schema,"
+                    "SELECT a.application_name, qualified_name(coalesce(r.root_schema,"  # noqa: S608
                     " r.schema_name), coalesce(r.root_table, r.table_name)),"
-                    " sum(a.inserts), sum(a.updates), sum(a.deletes), sum(a.truncates)"
-                    " FROM activity a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
+                    " CAST(sum(a.inserts) AS bigint), CAST(sum(a.updates) AS bigint),"
+                    " CAST(sum(a.deletes) AS bigint), CAST(sum(a.truncates) AS bigint)"
+                    f" FROM ({activity}) a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
                 )
             ),
             transactions=tuple(
-                db.execute("SELECT application_name, sum(transactions) FROM activity GROUP BY 1")
+                # first seen first (then by name): /metrics names the first applications; an
+                # application whose every minute was pruned counts as seen first
+                db.execute(
+                    "SELECT application_name, CAST(sum(transactions) AS bigint)"  # noqa: S608
+                    f" FROM ({activity}) a GROUP BY 1 ORDER BY min(minute) IS NULL DESC,"
+                    " min(minute), 1"
+                )
             ),
             untrusted=tuple(
                 db.execute(
-                    "SELECT tag_reason, sum(inserts + updates + deletes + truncates)"
-                    " FROM transactions WHERE tag <> 'trusted' GROUP BY 1"
+                    "SELECT reason, CAST(sum(n) AS bigint) FROM (SELECT"
+                    " coalesce(tag_reason, '') AS reason,"
+                    " inserts + updates + deletes + truncates AS n FROM transactions"
+                    " WHERE tag <> 'trusted' UNION ALL SELECT label, n FROM pruned_counts"
+                    " WHERE kind = 'untrusted') u GROUP BY 1"
                 )
             ),
             # trusted refusals only: any role can emit a forged one naming any application
             guard_refusals=tuple(
                 db.execute(
                     "SELECT guard, application_name, count(*) FROM guard_refusals"
-                    " WHERE tag = 'trusted' GROUP BY 1, 2"
+                    " WHERE tag = 'trusted' GROUP BY 1, 2 ORDER BY min(id)"
                 )
             ),
-            malformed=tuple(db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1")),
+            malformed=tuple(
+                db.execute(
+                    "SELECT prefix, CAST(sum(n) AS bigint) FROM (SELECT prefix, 1 AS n"
+                    " FROM malformed UNION ALL SELECT label, n FROM pruned_counts"
+                    " WHERE kind = 'malformed') m"
+                    " GROUP BY 1"
+                )
+            ),
             last_commit_time=db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0],
             gaps=int(db.execute("SELECT count(*) FROM gaps").fetchone()[0]),
         )

@@ -36,11 +36,11 @@ from undo.core.errors import (
 )
 from undo.core.records import Begin, Change, Commit, Message, Relation, Truncate
 from undo.core.times import epoch, iso
-from undo.source import pg
+from undo.source import pg, sources
 from undo.source.catalog import Catalog
 from undo.source.health import capture_application_name
 from undo.store import open_store, recovery, store_fault
-from undo.store.api import Store, Writer
+from undo.store.api import Source, Store, Writer
 from undo.stream import messages, pgoutput, wal2json
 from undo.stream._protocol import parse_keepalive, status_update
 from undo.stream.messages import (
@@ -467,8 +467,14 @@ def capture(
     """
     db = open_store(settings.store)
     try:
+        try:
+            with pg.connect(settings.dsn) as conn:
+                bound = sources.bind(db, settings, conn)
+        except DatabaseUnreachable as e:
+            # at start, as the loop says it: a service manager tries again (exit 75)
+            raise TryAgain(str(e)) from None
         return _capture(
-            settings, db, once, accept_gap, should_stop, on_progress, max_attempts, keep
+            bound, settings, db, once, accept_gap, should_stop, on_progress, max_attempts, keep
         )
     except Exception as e:
         fault = store_fault(e, settings.store)
@@ -494,6 +500,7 @@ def get_meta_safely(db: Store) -> str:
 
 
 def _capture(
+    bound: Source,
     settings: Settings,
     db: Store,
     once: bool,
@@ -539,6 +546,9 @@ def _capture(
         while True:
             try:
                 with pg.connect(settings.dsn) as conn:
+                    # a --dsn that names another database after a restart (DNS, a failover
+                    # to the wrong server) is never written into this source's history
+                    sources.verify(db, settings, bound, sources.identity(conn))
                     key = read_key(conn)
                     start = check_slot(conn, db, settings.slot, writer.position, accept_gap)
                     accept_gap = False
@@ -600,6 +610,8 @@ def _capture(
                 SlotInUse,
                 TryAgain,
             ) as e:
+                if store_fault(e, settings.store) is not None:
+                    raise  # the store's (its disk full, its server gone), not the source's
                 if isinstance(e, DatabaseUnreachable) and not connected:
                     # at start: a server down for a moment looks like a wrong host or port to
                     # libpq (no SQLSTATE): a service manager tries again (exit 75)

@@ -107,6 +107,24 @@ URLS = Map(
 )
 
 
+#: the query parameters each page takes; any other is a 400 (ignored, `/?bucket=0m` looked
+#: like a chart of 0-minute buckets). A row's history takes its key's columns: any name.
+PARAMETERS = {
+    "overview": ("since",),
+    "sessions": ("app", "page", "since", "table", "until", "user"),
+    "session": ("page", "tpage"),
+}
+
+
+def _unknown_parameter(endpoint: str, q: Any) -> None:
+    takes = PARAMETERS.get(endpoint)
+    if takes is None:
+        return
+    for name in q:
+        if name not in takes:
+            raise BadInput(f"unknown parameter {_shown(name)}: this page takes {', '.join(takes)}")
+
+
 def _templates() -> Environment:
     env = Environment(
         loader=PackageLoader("undo.web", "templates"),
@@ -338,6 +356,7 @@ class App:
                 )
             if endpoint == "login":
                 return redirect("/", 303)
+            _unknown_parameter(endpoint, request.args)
             response: Response = getattr(self, endpoint)(request.args, **args)
             return response
         except (NotFound, NotRecorded) as e:
@@ -353,12 +372,24 @@ class App:
         address that gave too many wrong tokens."""
         if self.signed_in.valid(request.cookies.get(COOKIE, "")):
             return None
-        auth = request.headers.get("Authorization", "")
-        bearer = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        # the scheme is case-insensitive (RFC 7235): "bearer TOKEN" is the Bearer scheme
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        bearer = credentials.strip() if scheme.lower() == "bearer" else ""
         signing_in = endpoint == "login" and request.method == "POST"
         if not bearer and not signing_in:
             return self.page("login.html", "Sign in", 401, message=None)
+        # the right token passes whatever others sent from its address (a NAT, a proxy): the
+        # limit holds back wrong ones only
+        if bearer and self._is_token(bearer):
+            return None
         client = request.remote_addr or ""
+        if signing_in:
+            return self.login(request, client)
+        return self._wrong(client)
+
+    def _wrong(self, client: str) -> Response:
+        """The answer to a wrong token: 429 while its address has to wait (nothing counted),
+        else 401, counted."""
         wait = math.ceil(self.failed.wait(client))
         if wait:
             response = self.page(
@@ -369,10 +400,6 @@ class App:
             )
             response.headers["Retry-After"] = str(wait)
             return response
-        if signing_in:
-            return self.login(request, client)
-        if self._is_token(bearer):
-            return None
         self.failed.failed(client)
         return self.page("login.html", "Sign in", 401, message="Wrong token.")
 
@@ -385,8 +412,7 @@ class App:
         if size is None or size > MAX_FORM_BYTES:  # never read a body of unknown or large size
             return self.page("message.html", "Bad request", 400, message="Bad form.")
         if not self._is_token(request.form.get("token", "")):
-            self.failed.failed(client)
-            return self.page("login.html", "Sign in", 401, message="Wrong token.")
+            return self._wrong(client)
         response = redirect("/", 303)
         response.set_cookie(
             COOKIE,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,6 +15,36 @@ from undo.source.status import lag
 from undo.store import open_store
 from undo.store.api import Store
 
+#: the application labels a metric family names: application_name is any writer's to choose,
+#: and a series each would grow /metrics without bound. The first APPLICATIONS seen keep their
+#: label for good; the rest count under OTHER. Not the busiest: an application moving in or out
+#: of a top would make its series, or OTHER's, go down (a counter reset to Prometheus).
+APPLICATIONS = 100
+OTHER = "(other)"
+
+
+def _named(apps: Iterable[str | None]) -> set[str | None]:
+    """The first APPLICATIONS distinct applications of ``apps`` (first seen first)."""
+    named: dict[str | None, None] = {}
+    for app in apps:
+        if len(named) >= APPLICATIONS:
+            break
+        named.setdefault(app)
+    return set(named)
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], samples: Iterable[tuple[tuple[str, ...], int]]
+) -> CounterMetricFamily:
+    """A counter family of ``samples``, those with the same labels summed (OTHER's)."""
+    sums: dict[tuple[str, ...], int] = {}
+    for key, n in samples:
+        sums[key] = sums.get(key, 0) + n
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in sums.items():
+        family.add_metric(list(key), n)
+    return family
+
 
 class StoreCollector(Collector):
     """Reads the aggregates capture keeps; never scans the changes."""
@@ -26,26 +56,28 @@ class StoreCollector(Collector):
         db = open_store(self.settings.store)
         try:
             figures = db.metrics()
-            changes = CounterMetricFamily(
+            named = _named(app for app, _ in figures.transactions)
+            yield _counter(
                 "undo_changes",
                 "Row changes captured, by application, table and operation",
-                labels=["application", "table", "operation"],
+                ["application", "table", "operation"],
+                (
+                    ((app if app in named else OTHER, table, op), n)
+                    for app, table, ins, upd, dele, trunc in figures.changes
+                    for op, n in (
+                        ("insert", ins),
+                        ("update", upd),
+                        ("delete", dele),
+                        ("truncate", trunc),
+                    )
+                ),
             )
-            for app, table, ins, upd, dele, trunc in figures.changes:
-                for op, n in (
-                    ("insert", ins),
-                    ("update", upd),
-                    ("delete", dele),
-                    ("truncate", trunc),
-                ):
-                    changes.add_metric([app, table, op], n)
-            yield changes
-            txns = CounterMetricFamily(
-                "undo_transactions", "Transactions captured, by application", labels=["application"]
+            yield _counter(
+                "undo_transactions",
+                "Transactions captured, by application",
+                ["application"],
+                (((app if app in named else OTHER,), n) for app, n in figures.transactions),
             )
-            for app, n in figures.transactions:
-                txns.add_metric([app], n)
-            yield txns
             untrusted = CounterMetricFamily(
                 "undo_untrusted_writes",
                 "Row changes on audited tables without a trusted tag, by reason",
@@ -54,14 +86,16 @@ class StoreCollector(Collector):
             for reason, n in figures.untrusted:
                 untrusted.add_metric([reason or "unknown"], n)
             yield untrusted
-            refusals = CounterMetricFamily(
+            refused = _named(app for _, app, _ in figures.guard_refusals)
+            yield _counter(
                 "undo_guard_refusals",
                 "Transactions a guard refused to let write, by guard and application",
-                labels=["guard", "application"],
+                ["guard", "application"],
+                (
+                    ((guard or "", (app or "") if app in refused else OTHER), n)
+                    for guard, app, n in figures.guard_refusals
+                ),
             )
-            for guard, refused_app, n in figures.guard_refusals:
-                refusals.add_metric([guard or "", refused_app or ""], n)
-            yield refusals
             malformed = CounterMetricFamily(
                 "undo_malformed_messages",
                 "Messages with undo's prefixes that were not what undo's SQL writes, by prefix",

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
-from undo.core.config import masked_dsn
+from undo.core.config import malformed, masked_dsn
 from undo.core.errors import StoreBusy, StoreFault, StoreUnreadable
 
 SCHEMA = "undo_store"
@@ -272,6 +272,29 @@ CREATE VIEW undo_store.change_log AS
       JOIN undo_store.sources s ON s.id = t.source;
 """
 
+#: what pruning took out of the totals /metrics reports, per source (the SQLite store's m014):
+#: /metrics' counters never go down. The reader role reads it as it reads the rest.
+_M002 = """
+CREATE TABLE undo_store.pruned_counts (
+    source integer NOT NULL,
+    kind text NOT NULL,                -- activity, untrusted, malformed
+    application_name text NOT NULL DEFAULT '',
+    relation bigint NOT NULL DEFAULT 0,
+    label text NOT NULL DEFAULT '',    -- untrusted: tag_reason; malformed: prefix
+    inserts bigint NOT NULL DEFAULT 0,
+    updates bigint NOT NULL DEFAULT 0,
+    deletes bigint NOT NULL DEFAULT 0,
+    truncates bigint NOT NULL DEFAULT 0,
+    n bigint NOT NULL DEFAULT 0,       -- activity: transactions; untrusted: row changes
+    PRIMARY KEY (source, kind, application_name, relation, label)
+);
+DO $$ BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'undo_store_reader') THEN
+        GRANT SELECT ON undo_store.pruned_counts TO undo_store_reader;
+    END IF;
+END $$;
+"""
+
 #: the read paths (bench/serve, 5,000,000 changes):
 #: - a row's history and undo's check for later writers ask ``relation = ? AND key = ?``: the
 #:   index on (relation, hashtextextended(key::text, 0)) served the relation only, every
@@ -280,7 +303,7 @@ CREATE VIEW undo_store.change_log AS
 #: - qualified_name() and quote_part() run for every activity row of /metrics, `activity --by
 #:   table` and `sessions --table`: their SET search_path and STRICT kept PostgreSQL from
 #:   inlining them, 70 µs a call; now plain SQL expressions, every name in them qualified
-_M002 = """
+_M003 = """
 DROP INDEX undo_store.changes_row;
 CREATE INDEX changes_key ON undo_store.changes USING hash (key);
 CREATE OR REPLACE FUNCTION undo_store.quote_part(part text) RETURNS text
@@ -296,7 +319,11 @@ CREATE OR REPLACE FUNCTION undo_store.qualified_name(schema_name text, table_nam
 """
 
 #: (version, name, SQL): applied in order, each once, recorded in undo_store.migrations
-MIGRATIONS: list[tuple[int, str, str]] = [(1, "initial", _M001), (2, "read paths", _M002)]
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "initial", _M001),
+    (2, "pruned_counts", _M002),
+    (3, "read paths", _M003),
+]
 LATEST = MIGRATIONS[-1][0]
 
 
@@ -317,13 +344,42 @@ def _first_line(e: BaseException) -> str:
     return lines[0].removeprefix("connection failed: ") if lines else type(e).__name__
 
 
+#: the attribute StoreConnection sets on an error its server (or its loss) raised: the store
+_MARK = "undo_store_location"
+
+
+class StoreConnection(psycopg.Connection[Any]):
+    """A store's connection. psycopg's errors do not say which connection raised them, and the
+    source's are psycopg's too: every one raised on this connection (a query, a COPY, a commit;
+    all of them wait on it) is marked with the store's location, so that store_fault names it
+    as the store's, by its SQLSTATE, and never as the source's."""
+
+    location = ""
+
+    def wait(self, *args: Any, **kw: Any) -> Any:
+        try:
+            return super().wait(*args, **kw)
+        except psycopg.Error as e:
+            setattr(e, _MARK, self.location)
+            raise
+
+
 def connect(location: str) -> psycopg.Connection[Any]:
     """A connection to the store's database (autocommit: the writer opens its own
-    transactions); an unreachable server or a refused login is one line, password masked."""
+    transactions); an unreachable server or a refused login is one line, password masked
+    (a malformed one too: libpq's complaint quotes the whole string, password and all)."""
+    if complaint := malformed(location):
+        raise StoreUnreadable(
+            f"malformed store location ({complaint}): use key=value pairs"
+            " (host=db dbname=audit) or a postgresql://user@host/dbname URI"
+            " (check --store/UNDO_STORE)"
+        )
     try:
-        return psycopg.connect(
+        conn = StoreConnection.connect(
             location, autocommit=True, options=OPTIONS, application_name="undo store"
         )
+        conn.location = location
+        return conn
     except psycopg.Error as e:
         raise StoreUnreadable(
             f"cannot connect to the audit store {masked_dsn(location)}: {_first_line(e)}"
@@ -433,24 +489,41 @@ def open_connection(location: str, create: bool = False) -> psycopg.Connection[A
 
 # -- sources ---------------------------------------------------------------------------------
 def register_source(
-    conn: psycopg.Connection[Any], name: str, system_identifier: str, database_name: str
+    conn: psycopg.Connection[Any],
+    name: str | None,
+    system_identifier: str,
+    database_name: str,
+    reregister: bool = False,
+    where: str = "",
 ) -> int:
-    """The store's id of a source database, registering it under ``name`` the first time; a
-    name taken by another database (system identifier and database name) is refused."""
+    """Register a source database under ``name`` (None: its own name, or the name it is
+    registered under): its id. The rules are the SQLite store's (undo.store._schema
+    .register_source); the ids of a new source are a span of their own."""
     from undo.core.errors import BadInput
+    from undo.store._schema import taken
 
     for _ in range(3):
-        row = conn.execute(
-            "SELECT id, system_identifier, database_name FROM undo_store.sources WHERE name = %s",
-            (name,),
-        ).fetchone()
-        if row is not None:
-            if (row[1], row[2]) != (system_identifier, database_name):
-                raise BadInput(
-                    f"the source name {name!r} is taken in this store by database {row[2]} of"
-                    f" the server with system identifier {row[1]}: choose another --source"
+        rows = conn.execute(
+            "SELECT id, name, system_identifier, database_name FROM undo_store.sources ORDER BY id"
+        ).fetchall()
+        same = [r for r in rows if (r[2], r[3]) == (system_identifier, database_name)]
+        if same and name not in (None, same[0][1]):
+            raise BadInput(
+                f"database {database_name} is the source {same[0][1]!r} of the audit store"
+                f" {where}: use --source {same[0][1]}"
+            )
+        if same:
+            return int(same[0][0])
+        wanted = name or database_name
+        held = next((r for r in rows if r[1] == wanted), None)
+        if held is not None:
+            if reregister and held[3] == database_name:
+                conn.execute(
+                    "UPDATE undo_store.sources SET system_identifier = %s WHERE id = %s",
+                    (system_identifier, held[0]),
                 )
-            return int(row[0])
+                return int(held[0])
+            raise BadInput(taken(wanted, held[3], held[2], where or "here", database_name))
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
@@ -460,7 +533,7 @@ def register_source(
                 (sid,) = conn.execute(
                     "INSERT INTO undo_store.sources (name, system_identifier, database_name,"
                     " id_base) VALUES (%s, %s, %s, %s) RETURNING id",
-                    (name, system_identifier, database_name, int(n) * ID_SPAN),
+                    (wanted, system_identifier, database_name, int(n) * ID_SPAN),
                 ).fetchone() or (0,)
                 return int(sid)
         except errors.UniqueViolation:
@@ -585,10 +658,20 @@ LOST: set[str] = set()
 OPEN: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+#: SQLSTATEs of a store that a retry later may get past: a lock or a conflict
+_BUSY = ("40001", "40P01", "55P03")
+
+
 def store_fault(e: BaseException, location: str) -> StoreFault | None:
     """What an error of a PostgreSQL store means, as one line; None for one that is not the
-    store's. psycopg's errors do not say which connection raised them (the source's are
-    psycopg's too): a connection error is the store's when the store's connection broke."""
+    store's. An error its connection raised is marked so (StoreConnection) and told by its
+    SQLSTATE: disk full, read-only, busy, anything else the store refused. An unmarked
+    connection error is the store's when the store's connection broke."""
+    marked = getattr(e, _MARK, None)
+    if marked is not None and isinstance(e, psycopg.Error):
+        fault = _stores(e, marked)
+        if fault is not None:
+            return fault
     if not isinstance(e, psycopg.OperationalError):
         return None
     if e.sqlstate is not None and e.sqlstate[:2] not in ("08", "57"):
@@ -601,3 +684,26 @@ def store_fault(e: BaseException, location: str) -> StoreFault | None:
         f"lost the audit store {masked_dsn(location)}: {_first_line(e)} (its server restarted"
         " or the connection broke); run the command again once it answers"
     )
+
+
+def _stores(e: psycopg.Error, location: str) -> StoreFault | None:
+    """An error the store's own connection raised, as one line (None: a lost connection,
+    which store_fault names as it names an unmarked one)."""
+    state = e.sqlstate
+    if state is None or state[:2] == "08" or state in ("57P01", "57P02", "57P03"):
+        return None
+    where = masked_dsn(location)
+    said = f"(PostgreSQL: {e.diag.message_primary or _first_line(e)}, SQLSTATE {state})"
+    if state == "53100":
+        return StoreFault(
+            f"the disk holding the audit store {where} is full {said}: free space on the"
+            " store's server, then run the command again"
+        )
+    if state == "25006":
+        return StoreFault(
+            f"the audit store {where} cannot be written {said}: a standby, or a read-only"
+            " database or role; give --store the primary, or a role that may write"
+        )
+    if state in _BUSY:
+        return StoreBusy(f"the audit store {where} was busy {said}: run the command again")
+    return StoreFault(f"the audit store {where} refused {said}")

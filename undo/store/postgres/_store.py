@@ -1,8 +1,9 @@
 """The audit store in a PostgreSQL database: the :class:`~undo.store.api.Store` of a conninfo.
 
-It holds many sources; a PgStore acts for one of them (``source``: a name; else the store's
-only source). Capture writes with PgStoreWriter (_writer.py). The reads are the store's one set
-of queries (undo/store/_queries.py and the SQL of sqlite.py), run by :class:`Runner`, which
+It holds many sources; a PgStore acts for one of them at a time (``source``: a name; else the
+store's only source; :meth:`PgStore.use` chooses another). Capture writes with PgStoreWriter
+(_writer.py). The reads are the store's one set of queries (undo/store/_queries.py and the
+SQL of sqlite.py), run by :class:`Runner`, which
 - scopes every table to the source: temporary views of its rows under the table names the
   queries use (the session's own; ``pg_temp`` is searched first), over ``undo_store``;
 - adapts the placeholders (``?`` -> ``%s``), in one place, and gives PostgreSQL's spelling of
@@ -23,12 +24,12 @@ from psycopg import sql
 from psycopg.adapt import Loader
 
 from undo.core.config import masked_dsn
-from undo.core.errors import BadInput, UndoError
+from undo.core.errors import BadInput
 from undo.core.times import iso
-from undo.store.api import PruneReport, StepReport
-from undo.store.postgres import _schema
+from undo.store.api import PruneReport, Source, StepReport
+from undo.store.postgres import _prune, _schema
 from undo.store.postgres._writer import PgStoreWriter
-from undo.store.sqlite import SqliteStore
+from undo.store.sqlite import SqliteStore, unknown_source
 
 #: PostgreSQL's spelling of the constructs _queries.SQLITE names
 FRAGMENTS = {
@@ -74,6 +75,7 @@ _SCOPED = {
     "guard_refusals": "SELECT * FROM undo_store.guard_refusals WHERE source = {s}",
     "ddl": "SELECT * FROM undo_store.ddl WHERE source = {s}",
     "malformed": "SELECT * FROM undo_store.malformed WHERE source = {s}",
+    "pruned_counts": "SELECT * FROM undo_store.pruned_counts WHERE source = {s}",
 }
 
 
@@ -134,65 +136,67 @@ class PgStore(SqliteStore):
         _schema.OPEN.add(self)
         self.source_id: int | None = None
         self.source_name: str | None = None
+        self._runner: Runner | None = None
         try:
-            known = list(_schema.iter_sources(self.conn))
+            known = self.sources()
             if source is not None:
-                found = [i for i, n in known if n == source]
-                if found:
-                    self._bind(found[0], source)
+                if any(s.name == source for s in known):
+                    self.use(source)
                 else:
                     self.source_name = source  # not registered: `undo init --source` does
             elif len(known) == 1:
-                self._bind(*known[0])
-            elif known:  # made by a later undo, or by hand: which one is not guessed
-                raise BadInput(self._which(known, "several sources in"))
+                self.use(known[0].name)
         except BaseException:
             self.conn.close()
             raise
 
-    def _which(self, known: list[tuple[int, str]], what: str) -> str:
-        names = ", ".join(n for _, n in known) or "none"
-        return (
-            f"{what} the audit store {masked_dsn(self.location)} (its sources: {names}):"
-            " name one with --source"
-        )
+    def sources(self) -> list[Source]:
+        return [
+            Source(int(r[0]), r[1], r[2], r[3])
+            for r in self.conn.execute(
+                "SELECT id, name, system_identifier, database_name FROM undo_store.sources"
+                " ORDER BY id"
+            )
+        ]
 
-    def _bind(self, source: int, name: str) -> None:
-        self.source_id, self.source_name = source, name
-        self._runner: Runner | None = None
+    def use(self, name: str) -> Source:
+        known = self.sources()
+        found = next((s for s in known if s.name == name), None)
+        if found is None:
+            raise unknown_source(name, known, masked_dsn(self.location))
+        if found.id != self.source_id:
+            self._runner = None
+        self.source_id, self.source_name = found.id, found.name
+        return found
 
     @property
-    def db(self) -> Any:  # type: ignore[override]
+    def db(self) -> Any:
         """The reads' runner, made on first use."""
         self.source  # noqa: B018 (raises when there is none)
-        if getattr(self, "_runner", None) is None:
+        if self._runner is None:
             self._runner = Runner(self.conn, self.source)
         return self._runner
 
-    def register_source(self, name: str | None, system_identifier: str, database: str) -> str:
-        name = name or self.source_name or database
-        others = [n for _, n in _schema.iter_sources(self.conn) if n != name]
-        if others:
-            # every command but init acts on the store's only source until commands choose
-            # one (--source, or the --dsn database's): a second would stop the first's capture
-            raise BadInput(
-                f"the audit store {masked_dsn(self.location)} holds the source {others[0]!r}:"
-                " this undo keeps one source a store (several: issue #22); give this database"
-                " a store of its own (another database, or another --store file)"
-            )
-        self._bind(_schema.register_source(self.conn, name, system_identifier, database), name)
-        return name
+    def register_source(
+        self, name: str | None, system_identifier: str, database: str, reregister: bool = False
+    ) -> str:
+        got = _schema.register_source(
+            self.conn, name, system_identifier, database, reregister, masked_dsn(self.location)
+        )
+        return self.use(next(s.name for s in self.sources() if s.id == got)).name
 
     @property
     def source(self) -> int:
         if self.source_id is None:
+            known = self.sources()
+            where = masked_dsn(self.location)
             if self.source_name is not None:
-                raise BadInput(
-                    f"no source {self.source_name!r} in the audit store"
-                    f" {masked_dsn(self.location)}: run `undo init --source {self.source_name}`"
-                )
+                raise unknown_source(self.source_name, known, where)
+            if not known:
+                raise BadInput(f"the audit store {where} has no source yet: run `undo init`")
             raise BadInput(
-                f"the audit store {masked_dsn(self.location)} has no source yet: run `undo init`"
+                f"the audit store {where} holds several sources"
+                f" ({', '.join(s.name for s in known)}): name one with --source"
             )
         return self.source_id
 
@@ -240,10 +244,11 @@ class PgStore(SqliteStore):
         return PgStoreWriter(self.conn, self.source)
 
     def prune(self, before: str) -> PruneReport:
-        raise UndoError("undo prune of a PostgreSQL store is not built yet (issue #22)")
+        """Every source's history before the cut (postgres/_prune.py: partitions dropped)."""
+        return _prune.prune(self.conn, before, self.size)
 
     def prune_step(self, before: str) -> StepReport:
-        raise UndoError("capture --keep into a PostgreSQL store is not built yet (issue #22)")
+        return _prune.prune_step(self.conn, before)
 
     # -- metadata, gaps --------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
