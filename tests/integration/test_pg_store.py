@@ -409,6 +409,88 @@ def test_a_second_writer_goes_on_after_the_first(pg_store):
         assert _schema.get_meta(conn, b, "position") == "101"
 
 
+def test_a_rows_history_is_read_by_an_index_on_its_key(pg_store):
+    """history and undo's check for later writers ask ``relation = ? AND key = ?``: an index
+    must answer the key, not only the relation (every change of the table read and filtered:
+    150 ms at 600,000 changes, bench/serve)."""
+    with _schema.open_connection(pg_store, create=True) as conn:
+        conn.execute("SET enable_seqscan = off")  # a plan for a big store, on a small one
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN SELECT c.op FROM undo_store.changes c"
+                " WHERE c.relation = %s AND c.key = %s",
+                (1, '["42"]'),
+            )
+        )
+        assert "Index Cond: (key = " in plan, plan
+
+
+def test_table_names_are_computed_inline_whatever_the_search_path(pg_store, cluster):
+    """qualified_name() runs for every activity row of /metrics, `activity --by table` and
+    `sessions --table`: PostgreSQL inlines it (a SET or STRICT function is called, 70 µs a
+    row on a busy store); with no SET search_path of its own, every name in it is qualified, so
+    a reader's search_path cannot change what it gives."""
+    with _schema.open_connection(pg_store, create=True) as conn:
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN VERBOSE SELECT undo_store.qualified_name(r.schema_name, r.table_name)"
+                " FROM undo_store.relations r"
+            )
+        )
+        assert "qualified_name" not in plan and "quote_part" not in plan, plan
+    with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+        c.execute("DROP ROLE IF EXISTS undo_evil_reader")
+        c.execute("CREATE ROLE undo_evil_reader LOGIN IN ROLE undo_store_reader")
+    try:
+        with psycopg.connect(pg_store, autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA evil AUTHORIZATION undo_evil_reader")
+        params = psycopg.conninfo.conninfo_to_dict(pg_store)
+        params["user"] = "undo_evil_reader"
+        with psycopg.connect(**params, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION evil.replace(text, text, text) RETURNS text"
+                " LANGUAGE sql AS $$ SELECT 'pwned' $$;"
+                " CREATE FUNCTION evil.cat(text, text) RETURNS text"
+                " LANGUAGE sql AS $$ SELECT 'pwned' $$;"
+                " CREATE OPERATOR evil.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.cat);"
+                " SET search_path = evil, pg_catalog"
+            )
+            row = conn.execute("SELECT undo_store.qualified_name('My \"App\"', 'items')").fetchone()
+            assert row == ('"My ""App"""' + ".items",)
+    finally:
+        with psycopg.connect(pg_store, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS evil CASCADE")
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
+            c.execute("DROP ROLE IF EXISTS undo_evil_reader")
+
+
+def test_a_reader_scopes_its_source_in_one_transaction_and_runs_no_parallel_workers(pg_store):
+    """The temporary views that scope a reader to its source (made by every listing and every
+    dashboard request) are one transaction, not one commit each: each commit of a catalog
+    change waited for the store's WAL flush, a dozen per request (up to 200 ms of a 200 ms
+    budget on a busy store, bench/serve)."""
+    from undo.store import open_store as open_any
+
+    store = open_any(pg_store, create=True)
+    try:
+        store.register_source("shop", "1", "shop")
+
+        def xid() -> int:
+            (x,) = store.conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            return int(x)
+
+        before = xid()
+        store.sessions()  # the first read makes the views
+        assert xid() - before - 1 <= 1  # transactions that wrote, between the two readings
+        # and its queries start no parallel workers (their start cost more than they saved)
+        assert store.conn.execute("SHOW max_parallel_workers_per_gather").fetchone() == ("0",)
+        assert store.sessions() == []
+    finally:
+        store.close()
+
+
 def test_the_listings_answer_as_on_sqlite(pg_store, tmp_path):
     """The store's reads, one SQL text run on both engines (PostgreSQL through its Runner: the
     placeholders, the few fragments, the source's rows), give the same documents for the same

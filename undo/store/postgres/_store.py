@@ -89,17 +89,27 @@ class Runner:
         self.conn = conn
         self.source = source
         conn.execute("SET search_path = pg_catalog, undo_store")
+        # a listing's queries are small and indexed: starting parallel workers cost more than
+        # they saved (`undo show` of a session on a 5,000,000-change store: each transaction's
+        # query 160-200 ms with a worker, 45-85 without, bench/serve on 2 busy cores)
+        conn.execute("SET max_parallel_workers_per_gather = 0")
         lo = _schema.id_base(conn, source)
         values = {
             "s": sql.Literal(source),
             "lo": sql.Literal(lo),
             "hi": sql.Literal(lo + _schema.ID_SPAN),
         }
-        for name, text in _SCOPED.items():
-            conn.execute(
-                sql.SQL("CREATE OR REPLACE TEMP VIEW {} AS ").format(sql.Identifier(name))
-                + sql.SQL(text).format(**values)  # constant text
-            )
+        # the views in one transaction that waits for no WAL flush: each its own transaction,
+        # a catalog change each, was a commit waiting for the store's fsync, a dozen a reader
+        # (each dashboard request, each listing), up to 200 ms on a busy store; nothing is
+        # lost if that commit is: the views are this session's only
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
+            for name, text in _SCOPED.items():
+                conn.execute(
+                    sql.SQL("CREATE OR REPLACE TEMP VIEW {} AS ").format(sql.Identifier(name))
+                    + sql.SQL(text).format(**values)  # constant text
+                )
 
     def execute(self, query: str, parameters: Any = ()) -> psycopg.Cursor[Any]:
         # the loaders on this cursor only: the writer reads times as datetimes
