@@ -346,7 +346,7 @@ def changes_of(db: Database, txn_ids: list[int]) -> list[RowChange]:
             for r in db.execute(
                 "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
                 " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM"
-                " changes c JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = ?"
+                " changes c JOIN relations r ON r.id = +c.relation JOIN transactions t ON t.id = ?"
                 " WHERE c.id BETWEEN t.first_change AND t.last_change ORDER BY c.id",
                 [txn],
             ).fetchall()
