@@ -627,4 +627,3 @@ def test_sessions_and_history_take_limit_format_and_expanded(pgo):
     assert (
         expanded.count("-[ RECORD") == 3 and "statement        | DELETE FROM accounts" in expanded
     )
-
