@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import Source, _make_source
+from tests.conftest import STORES, Source, _make_source
 from undo.source.pg import session_id
 
 
@@ -230,6 +230,7 @@ def test_a_second_capture_into_one_sqlite_file_is_refused_while_the_first_runs(p
         assert {r[0] for r in pgo.store_rows("SELECT source FROM transactions")} == {1, 2}
 
 
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
 def test_the_dashboard_shows_the_source_of_everything_and_filters_by_it(pgo, tmp_path):
     import threading
     import urllib.error
