@@ -627,3 +627,28 @@ def test_sessions_and_history_take_limit_format_and_expanded(pgo):
     assert (
         expanded.count("-[ RECORD") == 3 and "statement        | DELETE FROM accounts" in expanded
     )
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_page_of_changes_is_the_slice_of_them_all(pgo):
+    """The dashboard's pages of a session's changes (changes_page, read by id ranges) are
+    exactly the slices of all its changes in commit order: none skipped, none twice, across
+    transactions of every size, a transaction with no change among them."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    with pgo.connect(application_name="pager") as c:
+        for n in (1, 7, 0, 3, 12, 1):
+            with c.transaction():
+                c.execute("SELECT 1")  # a transaction with no change when n = 0
+                for _ in range(n):
+                    c.execute("INSERT INTO t SELECT coalesce(max(id), 0) + 1, 'x' FROM t")
+    pgo.capture()
+    with open_store(pgo.store) as db:
+        txns = db.transactions(app="pager")
+        ids = [t.id for t in txns]
+        every = [(c.txn, c.ord) for c in db.changes_page(ids, 1000, 0)]
+        assert len(every) == 24 and every == sorted(every)
+        for limit in (1, 5, 24):
+            for offset in range(0, 26):
+                page = [(c.txn, c.ord) for c in db.changes_page(ids, limit, offset)]
+                assert page == every[offset : offset + limit], (limit, offset)

@@ -287,20 +287,46 @@ STATEMENT_OF_CHANGE = (
 
 
 def changes_page(db: Database, txn_ids: list[int], limit: int, offset: int) -> list[RowChange]:
-    """One page of a set of transactions' changes, in commit order."""
+    """One page of a set of transactions' changes, in commit order (by id).
+
+    Each transaction's changes are one range of ids, so the page is found from the
+    transactions' ranges and read by ``id BETWEEN``: the same few index probes wherever the
+    session sits in the store. (A join of the transactions with the changes ordered by id and
+    cut by LIMIT/OFFSET let PostgreSQL walk the changes' primary key from the store's first
+    change: 1.4-3.9 s for a session in the middle of 5,000,000 changes, bench/serve.)"""
+    if not txn_ids or limit <= 0:
+        return []
+    ranges = db.execute(
+        "SELECT first_change, last_change FROM transactions"  # noqa: S608
+        " WHERE id IN (" + fragment(db, "ids_of_json") + ") AND first_change IS NOT NULL"
+        " ORDER BY first_change",
+        [json.dumps(txn_ids)],
+    ).fetchall()
+    pieces: list[tuple[int, int]] = []
+    skip, want = offset, limit
+    for first, last in ranges:
+        held = int(last) - int(first) + 1  # ids are never reused: a range holds no other's
+        if skip >= held:
+            skip -= held
+            continue
+        lo = int(first) + skip
+        hi = min(int(last), lo + want - 1)
+        skip, want = 0, want - (hi - lo + 1)
+        pieces.append((lo, hi))
+        if want == 0:
+            break
     out: list[RowChange] = []
-    for r in db.execute(
-        "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"  # noqa: S608
-        " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM changes c"
-        " JOIN relations r ON r.id = c.relation JOIN transactions t ON t.id = c.txn"
-        " WHERE c.id IN (SELECT c2.id FROM transactions t JOIN changes c2"
-        "   ON c2.id BETWEEN t.first_change AND t.last_change"
-        "   WHERE t.id IN (" + fragment(db, "ids_of_json") + ")"
-        "   ORDER BY c2.id LIMIT ? OFFSET ?)"
-        " ORDER BY c.id",
-        [json.dumps(txn_ids), limit, offset],
-    ).fetchall():
-        out.append(_change(*r))
+    for lo, hi in pieces:
+        out += [
+            _change(*r)
+            for r in db.execute(
+                "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
+                " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM"
+                " changes c JOIN relations r ON r.id = +c.relation JOIN transactions t"
+                " ON t.id = c.txn WHERE c.id BETWEEN ? AND ? ORDER BY c.id",
+                [lo, hi],
+            ).fetchall()
+        ]
     return out
 
 
