@@ -52,6 +52,27 @@ class Settings:
                 f"malformed DSN ({complaint}): use key=value pairs"
                 " (host=db dbname=shop) or a postgresql://user@host/dbname URI"
             )
+        # checked before anything connects (a command may reach the source first)
+        if postgres_location(self.store) and (complaint := malformed(self.store)):
+            raise BadInput(
+                f"malformed store location ({complaint}): use key=value pairs"
+                " (host=db dbname=audit) or a postgresql://user@host/dbname URI"
+                " (check --store/UNDO_STORE)"
+            )
+
+
+def postgres_location(store: str) -> bool:
+    """Whether --store names a PostgreSQL store: a URI, or a libpq conninfo string (a file path
+    never holds '=' in practice; a path that does is given as ./path).
+
+    >>> postgres_location("postgresql://u@h/db"), postgres_location("host=h dbname=d")
+    (True, True)
+    >>> postgres_location("a.db"), postgres_location("./a=b.db")
+    (False, False)
+    """
+    return store.startswith(("postgresql://", "postgres://")) or (
+        "=" in store and not store.startswith(("/", "./", "../", "~"))
+    )
 
 
 def names_source(settings: Settings) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
-from undo.core.config import malformed, masked_dsn
+from undo.core.config import malformed, masked_dsn, postgres_location
 from undo.core.errors import StoreBusy, StoreFault, StoreUnreadable
 
 SCHEMA = "undo_store"
@@ -328,15 +328,8 @@ LATEST = MIGRATIONS[-1][0]
 
 
 def is_location(store: str) -> bool:
-    """Whether --store names a PostgreSQL store: a URI, or a libpq conninfo string (a file path
-    never holds '=' in practice; a path that does is given as ./path).
-
-    >>> is_location("postgresql://u@h/db"), is_location("host=h dbname=d"), is_location("a.db")
-    (True, True, False)
-    """
-    return store.startswith(("postgresql://", "postgres://")) or (
-        "=" in store and not store.startswith(("/", "./", "../", "~"))
-    )
+    """Whether --store names a PostgreSQL store (undo.core.config.postgres_location)."""
+    return postgres_location(store)
 
 
 def _first_line(e: BaseException) -> str:
