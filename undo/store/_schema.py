@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -747,6 +748,50 @@ def set_source_meta(db: Database, source: int, key: str, value: str | None) -> N
     )
 
 
+@dataclass(frozen=True)
+class Registration:
+    """What registering a source database comes to (decide_registration): ``found`` it under
+    ``name`` (row ``source``), ``update`` row ``source`` to this identity under ``name`` (an
+    unclaimed source, or --reregister after its server changed), or ``insert`` it."""
+
+    action: str
+    name: str
+    source: int | None = None
+
+
+def decide_registration(
+    rows: list[tuple[int, str, str, str]],
+    name: str | None,
+    system_identifier: str,
+    database: str,
+    reregister: bool,
+    where: str,
+) -> Registration:
+    """The one rule of both stores, over their ``sources`` rows (id, name, system identifier,
+    database name): one already registered under this identity is found by it (under ``name``,
+    or any name when ``name`` is None); an unclaimed one (m014) takes this identity; a name
+    another database holds is BadInput, unless ``reregister`` and that database has this one's
+    name (its server changed)."""
+    same = [r for r in rows if (r[2], r[3]) == (system_identifier, database)]
+    if same and name not in (None, same[0][1]):
+        raise BadInput(
+            f"database {database} is the source {same[0][1]!r} of the audit store {where}:"
+            f" use --source {same[0][1]}"
+        )
+    if same:
+        return Registration("found", str(same[0][1]), int(same[0][0]))
+    wanted = name or database
+    held = next((r for r in rows if r[1] == wanted), None)
+    unclaimed = [r for r in rows if r[2] == ""]
+    if held is None and name is None and unclaimed:
+        held = unclaimed[0]  # a store made before sources: its one source is this database
+    if held is None:
+        return Registration("insert", wanted)
+    if held[2] == "" or (reregister and held[3] == database):
+        return Registration("update", wanted, int(held[0]))
+    raise BadInput(taken(wanted, held[3], held[2], where, database))
+
+
 def register_source(
     db: Database,
     name: str | None,
@@ -755,43 +800,23 @@ def register_source(
     reregister: bool,
     where: str,
 ) -> str:
-    """Register a source database (sources): its name. One already registered under this
-    identity is found by it (under ``name``, or any name when ``name`` is None); an unclaimed
-    one (m014) takes this identity; a name another database holds is BadInput, unless
-    ``reregister`` and that database has this one's name (its server changed)."""
+    """Register a source database (sources) by decide_registration's rule: its name."""
     rows = db.execute(
         "SELECT id, name, system_identifier, database_name FROM sources ORDER BY id"
     ).fetchall()
-    same = [r for r in rows if (r[2], r[3]) == (system_identifier, database)]
-    if same and name not in (None, same[0][1]):
-        raise BadInput(
-            f"database {database} is the source {same[0][1]!r} of the audit store {where}:"
-            f" use --source {same[0][1]}"
+    got = decide_registration(rows, name, system_identifier, database, reregister, where)
+    if got.action == "update":
+        db.execute(
+            "UPDATE sources SET name = ?, system_identifier = ?, database_name = ? WHERE id = ?",
+            [got.name, system_identifier, database, got.source],
         )
-    if same:
-        return str(same[0][1])
-    wanted = name or database
-    held = next((r for r in rows if r[1] == wanted), None)
-    unclaimed = [r for r in rows if r[2] == ""]
-    if held is None and name is None and unclaimed and not same:
-        held = unclaimed[0]  # a store made before sources: its one source is this database
-    if held is not None:
-        if (held[2], held[3]) == (system_identifier, database):
-            return str(held[1])
-        if held[2] == "" or (reregister and held[3] == database):
-            db.execute(
-                "UPDATE sources SET name = ?, system_identifier = ?, database_name = ?"
-                " WHERE id = ?",
-                [wanted, system_identifier, database, held[0]],
-            )
-            return wanted
-        raise BadInput(taken(wanted, held[3], held[2], where, database))
-    db.execute(
-        "INSERT INTO sources (name, system_identifier, database_name, registered_at)"
-        " VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
-        [wanted, system_identifier, database],
-    )
-    return wanted
+    elif got.action == "insert":
+        db.execute(
+            "INSERT INTO sources (name, system_identifier, database_name, registered_at)"
+            " VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+            [got.name, system_identifier, database],
+        )
+    return got.name
 
 
 def taken(name: str, held_db: str, held_sysid: str, where: str, database: str) -> str:

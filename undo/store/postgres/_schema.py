@@ -492,31 +492,25 @@ def register_source(
     """Register a source database under ``name`` (None: its own name, or the name it is
     registered under): its id. The rules are the SQLite store's (undo.store._schema
     .register_source); the ids of a new source are a span of their own."""
-    from undo.core.errors import BadInput
-    from undo.store._schema import taken
+    from undo.store._schema import decide_registration
 
     for _ in range(3):
         rows = conn.execute(
             "SELECT id, name, system_identifier, database_name FROM undo_store.sources ORDER BY id"
         ).fetchall()
-        same = [r for r in rows if (r[2], r[3]) == (system_identifier, database_name)]
-        if same and name not in (None, same[0][1]):
-            raise BadInput(
-                f"database {database_name} is the source {same[0][1]!r} of the audit store"
-                f" {where}: use --source {same[0][1]}"
+        got = decide_registration(
+            rows, name, system_identifier, database_name, reregister, where or "here"
+        )
+        if got.action == "found" and got.source is not None:
+            return got.source
+        if got.action == "update" and got.source is not None:
+            conn.execute(
+                "UPDATE undo_store.sources SET name = %s, system_identifier = %s,"
+                " database_name = %s WHERE id = %s",
+                (got.name, system_identifier, database_name, got.source),
             )
-        if same:
-            return int(same[0][0])
-        wanted = name or database_name
-        held = next((r for r in rows if r[1] == wanted), None)
-        if held is not None:
-            if reregister and held[3] == database_name:
-                conn.execute(
-                    "UPDATE undo_store.sources SET system_identifier = %s WHERE id = %s",
-                    (system_identifier, held[0]),
-                )
-                return int(held[0])
-            raise BadInput(taken(wanted, held[3], held[2], where or "here", database_name))
+            return got.source
+        wanted = got.name
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK,))
