@@ -319,3 +319,23 @@ def test_a_source_made_before_sources_is_claimed_only_by_its_slots_database(pgo,
     finally:
         with psycopg.connect(pgo.cluster.admin_dsn, autocommit=True) as c:
             c.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(clone_name)))
+
+
+def test_a_source_made_before_sources_whose_slot_is_gone_is_claimed_by_init(pgo):
+    """Its slot dropped, no database proves to be a store made before sources' own: every
+    command refuses (exit 2, saying `undo init`), and init on its database claims it."""
+    _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    with sqlite3.connect(pgo.store) as c:  # as m014 leaves a store made before it
+        c.execute("UPDATE sources SET name = 'default', system_identifier = '', database_name = ''")
+    pgo.sql("SELECT pg_drop_replication_slot(%s)", (pgo.slot,))
+    refused = pgo.undo_cli("status")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"slot {pgo.slot}" in refused.stderr and "`undo init` there" in refused.stderr
+    done = pgo.undo_cli("init")
+    assert done.returncode == 0, done.stderr
+    assert pgo.undo_cli("status").returncode == 0
+    with sqlite3.connect(pgo.store) as c:
+        assert c.execute("SELECT name, database_name FROM sources").fetchall() == [
+            (pgo.dbname, pgo.dbname)
+        ]

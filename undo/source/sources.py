@@ -136,11 +136,12 @@ def _claimable(
         home = None if row is None else row[0]
         if home == dbname:
             return
-    where = f"database {home}" if home else "no database of --dsn's server"
+    where = f"database {home}" if home else "on no database of --dsn's server"
     raise BadInput(
         f"the audit store {shown(settings.store)} was made before sources: its source"
         f" {src.name!r} is claimed only by the database of its slot {slot or '(none recorded)'}"
         f" ({where}), and --dsn is database {dbname}: give the --dsn of that slot's database"
+        + ("" if home else " (if the slot is gone, `undo init` there makes it again and claims it)")
     )
 
 
