@@ -8,6 +8,7 @@ import psycopg
 import pytest
 from prometheus_client.exposition import generate_latest
 
+from tests.integration.test_sources import _beside
 from undo.source.pg import session_id
 from undo.web.metrics import registry
 
@@ -151,3 +152,26 @@ def test_a_long_lived_session_sees_guards_added_and_removed_and_its_own_renames(
         assert source.undo_cli("guard", "remove", "report-*").returncode == 0
         assert write(5)
     assert source.sql("SELECT id FROM t WHERE v LIKE '%!' ORDER BY id") == [(1,), (3,), (5,)]
+
+
+def test_guard_add_and_remove_act_only_on_the_source_dsn_is(pgo, tmp_path):
+    """`--source shop --dsn billing guard add` is refused (exit 2) as every command acting on
+    one source refuses a --dsn that is not it: never a guard added to (or removed from) the
+    database --dsn happens to name."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    with _beside(pgo, tmp_path, "billing") as billing:
+        billing.sql("CREATE TABLE t (id int PRIMARY KEY)")
+        assert billing.undo_cli("init").returncode == 0
+        assert billing.undo_cli("guard", "add", "kept*").returncode == 0
+        for args in (("guard", "add", "reporting*"), ("guard", "remove", "kept*")):
+            refused = billing.undo_cli("--source", pgo.dbname, *args)
+            assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+            assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+            assert f"--dsn is database {billing.dbname}" in refused.stderr
+        assert billing.sql("SELECT pattern FROM undo.guards") == [("kept*",)]
+        assert pgo.sql("SELECT pattern FROM undo.guards") == []
+        # the right --dsn for --source acts
+        done = pgo.undo_cli("--source", pgo.dbname, "guard", "add", "reporting*")
+        assert done.returncode == 0, done.stderr
+        assert pgo.sql("SELECT pattern FROM undo.guards") == [("reporting*",)]

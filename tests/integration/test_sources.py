@@ -15,7 +15,9 @@ import sys
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from tests.conftest import STORES, Source, _make_source
 from undo.source.pg import session_id
@@ -277,3 +279,63 @@ def test_the_dashboard_shows_the_source_of_everything_and_filters_by_it(pgo, tmp
         finally:
             server.shutdown()
             server.server_close()
+
+
+def test_a_source_made_before_sources_is_claimed_only_by_its_slots_database(pgo, tmp_path):
+    """A store made before sources holds one source 'default' of no identity: only the
+    database its slot lives in claims it. A copy of that database (CREATE DATABASE ...
+    TEMPLATE) or another one is refused (exit 2), never an undo into it; nor is it claimed."""
+    sid = _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    with sqlite3.connect(pgo.store) as c:  # as m014 leaves a store made before it
+        c.execute("UPDATE sources SET name = 'default', system_identifier = '', database_name = ''")
+    clone_name = pgo.dbname + "_clone"
+    with psycopg.connect(pgo.cluster.admin_dsn, autocommit=True) as c:
+        c.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(clone_name), sql.Identifier(pgo.dbname)
+            )
+        )
+    clone = dataclasses.replace(pgo, dsn=pgo.cluster.dsn(clone_name), dbname=clone_name)
+    try:
+        for args in (("session", sid, "--apply"), ("status",)):
+            refused = clone.undo_cli(*args)
+            assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
+            assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+            assert f"slot {pgo.slot}" in refused.stderr and pgo.dbname in refused.stderr
+        assert clone.sql("SELECT id, v FROM t ORDER BY id") == [(1, "changed"), (2, "b")]
+        with sqlite3.connect(pgo.store) as c:  # still unclaimed
+            assert c.execute("SELECT name, database_name FROM sources").fetchall() == [
+                ("default", "")
+            ]
+        # the database of its slot claims it, and the undo goes there
+        undone = pgo.undo_cli("session", sid, "--apply")
+        assert undone.returncode == 0, undone.stderr
+        assert pgo.sql("SELECT count(*) FROM t") == [(0,)]
+        with sqlite3.connect(pgo.store) as c:
+            assert c.execute("SELECT name, database_name FROM sources").fetchall() == [
+                (pgo.dbname, pgo.dbname)
+            ]
+    finally:
+        with psycopg.connect(pgo.cluster.admin_dsn, autocommit=True) as c:
+            c.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(clone_name)))
+
+
+def test_a_source_made_before_sources_whose_slot_is_gone_is_claimed_by_init(pgo):
+    """Its slot dropped, no database proves to be a store made before sources' own: every
+    command refuses (exit 2, saying `undo init`), and init on its database claims it."""
+    _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    with sqlite3.connect(pgo.store) as c:  # as m014 leaves a store made before it
+        c.execute("UPDATE sources SET name = 'default', system_identifier = '', database_name = ''")
+    pgo.sql("SELECT pg_drop_replication_slot(%s)", (pgo.slot,))
+    refused = pgo.undo_cli("status")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"slot {pgo.slot}" in refused.stderr and "`undo init` there" in refused.stderr
+    done = pgo.undo_cli("init")
+    assert done.returncode == 0, done.stderr
+    assert pgo.undo_cli("status").returncode == 0
+    with sqlite3.connect(pgo.store) as c:
+        assert c.execute("SELECT name, database_name FROM sources").fetchall() == [
+            (pgo.dbname, pgo.dbname)
+        ]

@@ -15,7 +15,7 @@ import psycopg
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NotReady, Refused
 from undo.source import pg, sources
-from undo.store import exists, open_store
+from undo.store import exists, open_store, shown
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -24,6 +24,21 @@ def _connect(settings: Settings) -> psycopg.Connection[Any]:
         conn.close()
         raise NotReady("the source database has no guards yet: run `undo init` (again) first")
     return conn
+
+
+def _check_source(settings: Settings, conn: psycopg.Connection[Any]) -> None:
+    """The guards changed are the --dsn database's: as every command acting on one source,
+    --dsn must be the source chosen (--source, else its own, else the store's only one;
+    sources.bind), never another database (BadInput). No store yet: nothing to check
+    against, unless --source names one."""
+    if exists(settings.store):
+        with open_store(settings.store) as db:
+            sources.bind(db, settings, conn)
+    elif settings.source is not None:
+        raise BadInput(
+            f"--source {settings.source}: no audit store {shown(settings.store)} to find it in"
+            " (give --store, or leave --source out)"
+        )
 
 
 def _owner_only(conn: psycopg.Connection[Any]) -> Refused:
@@ -42,6 +57,7 @@ def add(settings: Settings, pattern: str, reason: str | None) -> bool:
     if not pattern.strip():
         raise BadInput("a guard needs a pattern, such as usage-metrics*")
     with _connect(settings) as conn:
+        _check_source(settings, conn)
         blocks_undo = conn.execute("SELECT 'undo' LIKE undo.glob_like(%s)", (pattern,)).fetchone()
         if blocks_undo and blocks_undo[0]:
             raise BadInput(
@@ -62,6 +78,7 @@ def add(settings: Settings, pattern: str, reason: str | None) -> bool:
 
 def remove(settings: Settings, pattern: str) -> None:
     with _connect(settings) as conn:
+        _check_source(settings, conn)
         try:
             cur = conn.execute("DELETE FROM undo.guards WHERE pattern = %s", (pattern,))
         except psycopg.errors.InsufficientPrivilege:

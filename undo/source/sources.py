@@ -31,9 +31,15 @@ def _names(known: list[Source]) -> str:
     return ", ".join(s.name for s in known) or "none"
 
 
-def choose(store: Store, settings: Settings, ident: tuple[str, str] | None) -> Source:
+def choose(
+    store: Store,
+    settings: Settings,
+    ident: tuple[str, str] | None,
+    conn: psycopg.Connection[Any] | None = None,
+) -> Source:
     """The source a command acts for, which the store then acts for (``ident``: the --dsn
-    database's identity, None when it did not answer), checked against ``ident``."""
+    database's identity, None when it did not answer), checked against ``ident`` (``conn``:
+    the --dsn connection, which alone lets a source made before sources be claimed)."""
     known = store.sources()
     wanted = settings.source
     found: Source | None
@@ -65,17 +71,25 @@ def choose(store: Store, settings: Settings, ident: tuple[str, str] | None) -> S
                 + ": name one with --source"
             )
     if ident is not None:
-        found = verify(store, settings, found, ident)
+        found = verify(store, settings, found, ident, conn)
     store.use(found.name)
     return found
 
 
-def verify(store: Store, settings: Settings, src: Source, ident: tuple[str, str]) -> Source:
+def verify(
+    store: Store,
+    settings: Settings,
+    src: Source,
+    ident: tuple[str, str],
+    conn: psycopg.Connection[Any] | None = None,
+) -> Source:
     """``src`` when the --dsn database (``ident``) is it; a source of a store made before
-    sources is claimed by the first database a command connects to for it. Else BadInput: a
-    database on a new server (the identifier changed) says how to register it again."""
+    sources is claimed by the first database a command connects to for it (``conn``) that
+    its slot lives in. Else BadInput: a database on a new server (the identifier changed) says
+    how to register it again."""
     sysid, dbname = ident
     if not src.claimed:
+        _claimable(store, settings, src, dbname, conn)
         name = store.register_source(None, sysid, dbname)
         return next(s for s in store.sources() if s.name == name)
     if (src.system_identifier, src.database_name) == ident:
@@ -98,7 +112,37 @@ def verify(store: Store, settings: Settings, src: Source, ident: tuple[str, str]
 
 def bind(store: Store, settings: Settings, conn: psycopg.Connection[Any]) -> Source:
     """:func:`choose` for a command connected to the source."""
-    return choose(store, settings, identity(conn))
+    return choose(store, settings, identity(conn), conn)
+
+
+def _claimable(
+    store: Store,
+    settings: Settings,
+    src: Source,
+    dbname: str,
+    conn: psycopg.Connection[Any] | None,
+) -> None:
+    """An unclaimed source (a store made before sources) has no identity to check --dsn
+    against, only its slot: the --dsn database claims it only when that slot lives there (a
+    copy made with CREATE DATABASE ... TEMPLATE, or any other database, never does). Else
+    BadInput naming the slot and its database."""
+    store.use(src.name)
+    slot = store.meta("slot")
+    home: str | None = None
+    if slot is not None and conn is not None:
+        row = conn.execute(
+            "SELECT database FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+        home = None if row is None else row[0]
+        if home == dbname:
+            return
+    where = f"database {home}" if home else "on no database of --dsn's server"
+    raise BadInput(
+        f"the audit store {shown(settings.store)} was made before sources: its source"
+        f" {src.name!r} is claimed only by the database of its slot {slot or '(none recorded)'}"
+        f" ({where}), and --dsn is database {dbname}: give the --dsn of that slot's database"
+        + ("" if home else " (if the slot is gone, `undo init` there makes it again and claims it)")
+    )
 
 
 def selected(store: Store, settings: Settings) -> list[str]:

@@ -548,7 +548,7 @@ def _capture(
                 with pg.connect(settings.dsn) as conn:
                     # a --dsn that names another database after a restart (DNS, a failover
                     # to the wrong server) is never written into this source's history
-                    sources.verify(db, settings, bound, sources.identity(conn))
+                    sources.verify(db, settings, bound, sources.identity(conn), conn)
                     key = read_key(conn)
                     start = check_slot(conn, db, settings.slot, writer.position, accept_gap)
                     accept_gap = False
