@@ -303,6 +303,9 @@ def test_a_source_made_before_sources_is_claimed_only_by_its_slots_database(pgo,
             assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
             assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
             assert f"slot {pgo.slot}" in refused.stderr and pgo.dbname in refused.stderr
+        # nor does init of the copy, with a slot of its own, adopt that history
+        adopted = clone.undo_cli("--slot", "clone_slot", "init")
+        assert adopted.returncode == 2 and f"slot {pgo.slot}" in adopted.stderr, adopted.stderr
         assert clone.sql("SELECT id, v FROM t ORDER BY id") == [(1, "changed"), (2, "b")]
         with sqlite3.connect(pgo.store) as c:  # still unclaimed
             assert c.execute("SELECT name, database_name FROM sources").fetchall() == [

@@ -135,6 +135,30 @@ UNION SELECT a.relid FROM undo.audited a
 """
 
 
+def _refuse_foreign_claim(conn: psycopg.Connection[Any], db: Any, settings: Settings) -> None:
+    """A store made before sources holds a source of no identity, which init claims for its
+    database: not when that source's slot lives in another database (a copy made with CREATE
+    DATABASE ... TEMPLATE, or any other one), whose history it would then call this one's."""
+    for src in db.sources():
+        if src.system_identifier:
+            continue
+        db.use(src.name)
+        slot = db.meta("slot")
+        row = None
+        if slot is not None:
+            row = conn.execute(
+                "SELECT database FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+                (slot,),
+            ).fetchone()
+        here = conn.info.dbname
+        if row is not None and row[0] != here:
+            raise BadInput(
+                f"the audit store {shown(settings.store)} was made before sources: its source"
+                f" {src.name!r} is the history of slot {slot}'s database {row[0]}, not {here}:"
+                f" run `undo init` with the --dsn of {row[0]}, or give {here} a store of its own"
+            )
+
+
 def problem_rows(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tuple[str, str, str]]:
     """(table, code, problem) for each thing that makes capture of an audited table incomplete
     now: undo.table_problems, the definition the event trigger and capture use too; its code
@@ -265,6 +289,7 @@ def init(
         closing.callback(db.close)
         if reregister and source is None:
             raise BadInput("--reregister needs --source: the name of the source to re-register")
+        _refuse_foreign_claim(conn, db, settings)
         db.register_source(source, *identity(conn), reregister=reregister)
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         superuser = bool(row and row[0])
