@@ -262,3 +262,31 @@ def test_as_of_a_read_that_fails_says_so_without_naming_where(pgo):
     assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
     assert "--where" not in shown.stderr and "None" not in shown.stderr, shown.stderr
     assert "public.notes" in shown.stderr and "read-only" in shown.stderr, shown.stderr
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_gap_from_another_server_is_found_by_time(pgo):
+    """After `init --reregister` the source is a new cluster whose LSNs may be lower than the
+    old one's: the gap init records ends below where it starts, and comparing its end with the
+    old server's positions found no gap after any time (red team: --as-of and --to --apply of
+    a time before it ran, exit 0, a state that never existed)."""
+    from undo.store import open_store
+
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a')")
+    pgo.capture()
+    at = pgo.now()
+    pgo.sql("UPDATE t SET v = 'b'")
+    pgo.capture()
+    (high,) = pgo.store_rows("SELECT max(end_lsn) FROM transactions")[0]
+    db = open_store(pgo.store, source=pgo.dbname)
+    try:  # as init --reregister records it: the old server's position, the new slot's (lower)
+        db.record_gap(int(high), 0x1000, f"slot {pgo.slot} re-created")
+    finally:
+        db.close()
+    for args in (("--as-of", at), ("--to", at, "--apply")):
+        refused = pgo.undo_cli("table", "t", *args)
+        assert refused.returncode == 1, (args, refused.stdout, refused.stderr)
+        assert "the audit trail has a gap after" in refused.stderr
+    assert pgo.sql("SELECT v FROM t") == [("b",)]

@@ -298,8 +298,11 @@ class SqliteStore:
         return [
             Gap(*r)
             for r in self.db.execute(
+                # an end at or below the start: positions of two servers (init --reregister),
+                # which no position of the old one compares with; the gap is after by time
                 "SELECT detected_at, reason, kind, table_name FROM gaps WHERE (detected_at > ?"
-                " AND (to_lsn IS NULL OR to_lsn > ?)) OR (kind = 'table' AND to_lsn IS NULL)"
+                " AND (to_lsn IS NULL OR to_lsn > ? OR to_lsn <= from_lsn))"
+                " OR (kind = 'table' AND to_lsn IS NULL)"
                 " ORDER BY id",
                 [time, lsn],
             )
