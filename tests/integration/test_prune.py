@@ -231,3 +231,31 @@ def test_a_prune_before_a_time_to_come_cuts_no_later_than_now(pgo):
     undone = pgo.undo_cli("session", sid, "--apply")
     assert undone.returncode == 0, undone.stderr
     assert pgo.sql("SELECT id FROM t") == [(1,)]
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_an_undo_of_a_session_or_app_wholly_pruned_is_refused_not_unknown(pgo):
+    """Every transaction of the session (and of the application) pruned: the store holds none,
+    which gave exit 2 "unknown session" / "no transaction of application"; the session's id
+    says it began before the cut, so it is the prune's refusal (exit 1)."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    _narrow_partitions(pgo)
+    since = pgo.now()
+    with pgo.connect(application_name="nightly") as c:
+        sid = session_id(c)
+        c.execute("INSERT INTO t VALUES (1, 'a')")
+    cut = _past_a_boundary(pgo)
+    pgo.sql("INSERT INTO t VALUES (2, 'b')")  # another session's, kept
+    pgo.capture()
+    pruned = pgo.undo_cli("prune", "--before", cut)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pgo.store_rows("SELECT count(*) FROM transactions WHERE session_id = ?", [sid]) == [(0,)]
+    for args in (("session", sid), ("app", "nightly", "--since", since)):
+        refused = pgo.undo_cli(*args)
+        assert refused.returncode == 1, (args, refused.stderr)
+        assert "pruned" in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"session {sid} began before" in pgo.undo_cli("session", sid).stderr
+    # an id that is no session's start is still unknown
+    unknown = pgo.undo_cli("session", "nope")
+    assert unknown.returncode == 2 and "unknown session" in unknown.stderr
