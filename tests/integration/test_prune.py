@@ -259,3 +259,26 @@ def test_an_undo_of_a_session_or_app_wholly_pruned_is_refused_not_unknown(pgo):
     # an id that is no session's start is still unknown
     unknown = pgo.undo_cli("session", "nope")
     assert unknown.returncode == 2 and "unknown session" in unknown.stderr
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_prune_while_capture_is_behind_cuts_no_later_than_what_it_stored(pgo):
+    """A session that began after the newest stored transaction and committed before the cut,
+    not captured yet at the prune: its capture comes after the prune, none of it was pruned,
+    and its undo must not refuse (SQLite cut at the time asked, so it did)."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    _narrow_partitions(pgo)
+    pgo.sql("INSERT INTO t VALUES (1)")
+    pgo.capture()
+    time.sleep(1.1)  # a session id knows its start to the second
+    with pgo.connect(application_name="behind") as c:
+        sid = session_id(c)
+        c.execute("INSERT INTO t VALUES (2)")
+    cut = _past_a_boundary(pgo)
+    pruned = pgo.undo_cli("prune", "--before", cut)  # capture has not stored the session yet
+    assert pruned.returncode == 0, pruned.stderr
+    pgo.capture()
+    undone = pgo.undo_cli("session", sid, "--apply")
+    assert undone.returncode == 0, undone.stderr
+    assert pgo.sql("SELECT id FROM t") == [(1,)]
