@@ -20,6 +20,7 @@ from psycopg import sql
 from tests.conftest import STORES, Source, erase_own_tag
 from tests.integration.test_bad_input import env_of, wait_for
 from undo.source.pg import session_id
+from undo.store import open_store
 from undo.web.metrics import registry
 
 
@@ -178,6 +179,14 @@ def test_keep_on_a_postgresql_store_drops_the_old_partitions_while_capturing(pgo
     assert pgo.store_rows("SELECT value IS NOT NULL FROM meta WHERE key = 'pruned_before'") == [
         (True,)
     ]
+    # the log names the real cut (a partition boundary), not the time --keep asked for
+    logged = re.findall(r"committed before (\S+) \(--keep\)", err)
+    assert logged, err
+    db = open_store(pgo.store, source=pgo.dbname)
+    try:
+        assert logged[-1] == db.meta("pruned_before")
+    finally:
+        db.close()
 
 
 @pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
