@@ -301,7 +301,7 @@ class SqliteStore:
                 # an end at or below the start: positions of two servers (init --reregister),
                 # which no position of the old one compares with; the gap is after by time
                 "SELECT detected_at, reason, kind, table_name FROM gaps WHERE (detected_at > ?"
-                " AND (to_lsn IS NULL OR to_lsn > ? OR to_lsn <= from_lsn))"
+                " AND (to_lsn IS NULL OR to_lsn > ? OR (kind = 'stream' AND to_lsn <= from_lsn)))"
                 " OR (kind = 'table' AND to_lsn IS NULL)"
                 " ORDER BY id",
                 [time, lsn],
