@@ -289,7 +289,10 @@ class SqliteStore:
     def position_at(self, time: str) -> int:
         return int(
             self.db.execute(
-                "SELECT coalesce(max(end_lsn), 0) FROM transactions WHERE commit_time <= ?",
+                # the last one's, not the highest: after init --reregister the old server's
+                # positions may be above all of the new one's
+                "SELECT coalesce((SELECT end_lsn FROM transactions WHERE commit_time <= ?"
+                " ORDER BY commit_time DESC, id DESC LIMIT 1), 0)",
                 [time],
             ).fetchone()[0]
         )
