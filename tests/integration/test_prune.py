@@ -20,6 +20,7 @@ from psycopg import sql
 from tests.conftest import STORES, Source, erase_own_tag
 from tests.integration.test_bad_input import env_of, wait_for
 from undo.source.pg import session_id
+from undo.store import open_store
 from undo.web.metrics import registry
 
 
@@ -178,6 +179,14 @@ def test_keep_on_a_postgresql_store_drops_the_old_partitions_while_capturing(pgo
     assert pgo.store_rows("SELECT value IS NOT NULL FROM meta WHERE key = 'pruned_before'") == [
         (True,)
     ]
+    # the log names the real cut (a partition boundary), not the time --keep asked for
+    logged = re.findall(r"committed before (\S+) \(--keep\)", err)
+    assert logged, err
+    db = open_store(pgo.store, source=pgo.dbname)
+    try:
+        assert logged[-1] == db.meta("pruned_before")
+    finally:
+        db.close()
 
 
 @pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
@@ -227,6 +236,57 @@ def test_a_prune_before_a_time_to_come_cuts_no_later_than_now(pgo):
     with pgo.connect(application_name="later") as c:
         sid = session_id(c)
         c.execute("DELETE FROM t")
+    pgo.capture()
+    undone = pgo.undo_cli("session", sid, "--apply")
+    assert undone.returncode == 0, undone.stderr
+    assert pgo.sql("SELECT id FROM t") == [(1,)]
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_an_undo_of_a_session_or_app_wholly_pruned_is_refused_not_unknown(pgo):
+    """Every transaction of the session (and of the application) pruned: the store holds none,
+    which gave exit 2 "unknown session" / "no transaction of application"; the session's id
+    says it began before the cut, so it is the prune's refusal (exit 1)."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    _narrow_partitions(pgo)
+    since = pgo.now()
+    with pgo.connect(application_name="nightly") as c:
+        sid = session_id(c)
+        c.execute("INSERT INTO t VALUES (1, 'a')")
+    cut = _past_a_boundary(pgo)
+    pgo.sql("INSERT INTO t VALUES (2, 'b')")  # another session's, kept
+    pgo.capture()
+    pruned = pgo.undo_cli("prune", "--before", cut)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pgo.store_rows("SELECT count(*) FROM transactions WHERE session_id = ?", [sid]) == [(0,)]
+    for args in (("session", sid), ("app", "nightly", "--since", since)):
+        refused = pgo.undo_cli(*args)
+        assert refused.returncode == 1, (args, refused.stderr)
+        assert "pruned" in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"session {sid} began before" in pgo.undo_cli("session", sid).stderr
+    # an id that is no session's start is still unknown
+    unknown = pgo.undo_cli("session", "nope")
+    assert unknown.returncode == 2 and "unknown session" in unknown.stderr
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_prune_while_capture_is_behind_cuts_no_later_than_what_it_stored(pgo):
+    """A session that began after the newest stored transaction and committed before the cut,
+    not captured yet at the prune: its capture comes after the prune, none of it was pruned,
+    and its undo must not refuse (SQLite cut at the time asked, so it did)."""
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    _narrow_partitions(pgo)
+    pgo.sql("INSERT INTO t VALUES (1)")
+    pgo.capture()
+    time.sleep(1.1)  # a session id knows its start to the second
+    with pgo.connect(application_name="behind") as c:
+        sid = session_id(c)
+        c.execute("INSERT INTO t VALUES (2)")
+    cut = _past_a_boundary(pgo)
+    pruned = pgo.undo_cli("prune", "--before", cut)  # capture has not stored the session yet
+    assert pruned.returncode == 0, pruned.stderr
     pgo.capture()
     undone = pgo.undo_cli("session", sid, "--apply")
     assert undone.returncode == 0, undone.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from typing import Any
 
 import psycopg
 import pytest
@@ -262,3 +264,80 @@ def test_as_of_a_read_that_fails_says_so_without_naming_where(pgo):
     assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
     assert "--where" not in shown.stderr and "None" not in shown.stderr, shown.stderr
     assert "public.notes" in shown.stderr and "read-only" in shown.stderr, shown.stderr
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_gap_from_another_server_is_found_by_time(pgo):
+    """After `init --reregister` the source is a new cluster whose LSNs may be lower than the
+    old one's: the gap init records ends below where it starts, and comparing its end with the
+    old server's positions found no gap after any time (red team: --as-of and --to --apply of
+    a time before it ran, exit 0, a state that never existed)."""
+    from undo.store import open_store
+
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a')")
+    pgo.capture()
+    at = pgo.now()
+    pgo.sql("UPDATE t SET v = 'b'")
+    pgo.capture()
+    (high,) = pgo.store_rows("SELECT max(end_lsn) FROM transactions")[0]
+    db = open_store(pgo.store, source=pgo.dbname)
+    try:  # as init --reregister records it: the old server's position, the new slot's (lower)
+        db.record_gap(int(high), 0x1000, f"slot {pgo.slot} re-created")
+    finally:
+        db.close()
+    for args in (("--as-of", at), ("--to", at, "--apply")):
+        refused = pgo.undo_cli("table", "t", *args)
+        assert refused.returncode == 1, (args, refused.stdout, refused.stderr)
+        assert "the audit trail has a gap after" in refused.stderr
+    assert pgo.sql("SELECT v FROM t") == [("b",)]
+
+
+def _store_exec(src: Any, query: str, params: list[Any]) -> None:
+    """A statement on the store's tables (SQLite's names; on a PostgreSQL store, undo_store's;
+    placeholders ``?``)."""
+    if src.pg_store:
+        with psycopg.connect(src.store, options="-c search_path=undo_store") as c:
+            c.execute(query.replace("?", "%s"), params)
+        return
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(src.store)) as c, c:
+        c.execute(query, params)
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_gap_on_the_new_server_is_found_after_the_old_servers_positions(pgo):
+    """After --reregister the old server's stored positions may be above the new one's: where
+    the store was at a time is its latest commit's position then, not the highest of all (which
+    was the old server's, and hid a later gap of the new one)."""
+    from undo.store import open_store
+
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgo.init()
+    pgo.sql("INSERT INTO t VALUES (1, 'a')")
+    pgo.capture()
+    (old,) = pgo.store_rows("SELECT max(end_lsn) FROM transactions")[0]
+    pgo.sql("UPDATE t SET v = 'b'")  # the new server's
+    pgo.capture()
+    at = pgo.now()
+    pgo.sql("UPDATE t SET v = 'c'")
+    pgo.capture()
+    (new,) = pgo.store_rows("SELECT max(end_lsn) FROM transactions")[0]
+    # the old server was far ahead: its transaction's positions above all of the new one's
+    up = 1 << 40
+    _store_exec(
+        pgo,
+        "UPDATE transactions SET commit_lsn = commit_lsn + ?, end_lsn = end_lsn + ?"
+        " WHERE end_lsn = ?",
+        [up, up, int(old)],
+    )
+    db = open_store(pgo.store, source=pgo.dbname)
+    try:  # the new server's slot re-created after ``at``
+        db.record_gap(int(new), int(new) + 0x100, f"slot {pgo.slot} re-created")
+    finally:
+        db.close()
+    refused = pgo.undo_cli("table", "t", "--as-of", at)
+    assert refused.returncode == 1, (refused.stdout, refused.stderr)
+    assert "the audit trail has a gap after" in refused.stderr

@@ -130,8 +130,9 @@ def select(db: Store, target: Target) -> Plan:
     whole = _transactions(db, target, None, filtered=False) if narrowed else rows
     blind = _blind_spots(db, target, wanted if rewind else None)
     refusals = _refusals(db, _picked(target, whole), wanted if rewind else None) + blind
-    if whole:
-        refusals += _pruned(db, target)
+    # none kept: refused all the same when the prune may have taken them all (a session whose
+    # id says it began before the cut; an application's range that starts before it)
+    refusals += _pruned(db, target, wholly=not whole)
     if not rows and refusals:
         raise Refused("cannot undo: " + "; ".join(refusals))
     if not rows:
@@ -249,15 +250,19 @@ def _session_start(session_id: str) -> int | None:
         return None
 
 
-def _pruned(db: Store, target: Target) -> list[str]:
+def _pruned(db: Store, target: Target, wholly: bool = False) -> list[str]:
     """A session that began before the cut of `undo prune`, or an application's time range
     that starts before it: what it committed before the cut is gone from the store, so undoing
-    what is left would not undo what it did (--on-conflict skip undoes exactly what is left)."""
+    what is left would not undo what it did (--on-conflict skip undoes exactly what is left).
+    ``wholly``: the store holds none of its transactions (all pruned, or never any): a session
+    id that is no session's start stays unknown."""
     cut = db.meta("pruned_before")
     if cut is None:
         return []
     if target.session is not None:
         began = _session_start(target.session)
+        if wholly and began is None:
+            return []
         if began is None or began <= int(epoch(cut)):  # to the second: may be before it
             return [
                 f"session {target.session} began before {cut}, where the audit store's history"

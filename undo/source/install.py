@@ -470,11 +470,24 @@ def init(
             assert row is not None
             new_position = wal.lsn_to_int(row[0])
             if position is not None:
-                db.record_gap(int(position), new_position, f"slot {settings.slot} re-created")
-                report.warnings.append(
-                    f"the slot was missing or lost: changes between {wal.int_to_lsn(int(position))}"
-                    f" and {row[0]} are not in the audit trail (recorded as a gap)"
-                )
+                if reregister:  # two servers' positions: the gap is known by its time
+                    db.record_gap(
+                        int(position),
+                        new_position,
+                        f"source re-registered on a new server; slot {settings.slot} re-created",
+                    )
+                    report.warnings.append(
+                        "the source's server changed: changes after the old server's"
+                        f" {wal.int_to_lsn(int(position))} and before the new slot's {row[0]}"
+                        " are not in the audit trail (recorded as a gap)"
+                    )
+                else:
+                    db.record_gap(int(position), new_position, f"slot {settings.slot} re-created")
+                    report.warnings.append(
+                        "the slot was missing or lost: changes between"
+                        f" {wal.int_to_lsn(int(position))} and {row[0]} are not in the audit"
+                        " trail (recorded as a gap)"
+                    )
             moved: dict[str, str | None] = {"position": str(new_position)}
             if position is None:  # the store's history starts here (undo table --to)
                 now = conn.execute(

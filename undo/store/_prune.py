@@ -3,7 +3,8 @@ time, a transaction at a time, in batches.
 
 The rule, the same on both stores (a PostgreSQL store's is postgres/_prune.py): a prune cuts
 history at one time, the cut (here ``before`` itself; on PostgreSQL the start of the partition
-that holds it; never in the future: :func:`cut_of`). Everything
+that holds it; never in the future, nor past a source's newest stored transaction:
+:func:`cut_of`). Everything
 recorded before the cut goes, per transaction: its changes, counts and statements, the DDL
 records, malformed messages, closed gaps and the minutes of activity wholly before it. A session
 the cut went through keeps only its later transactions (an undo of it refuses, engine/plan.py).
@@ -48,11 +49,23 @@ def _victims(db: Database, cut: str, limit: int = -1) -> list[tuple[int, int, in
     ]
 
 
-def cut_of(before: str) -> str:
+def cut_of(db: Database, before: str) -> str:
     """Where a prune before ``before`` cuts: there, but never in the future (an undo of a
-    session that began before the cut refuses). A PostgreSQL store's cut falls on a partition
-    boundary at or before it (postgres/_prune.py)."""
-    return min(before, iso(datetime.now(UTC)))
+    session that began before the cut refuses), nor past any source's newest stored
+    transaction (for a source with none, when init made its slot): capture, however far
+    behind, stores in commit order, so what it has still to store commits at or after that and
+    a session of it that began after must not look pruned. A PostgreSQL store's cut falls on a
+    partition boundary at or before those (postgres/_prune.py)."""
+    stored = [
+        r[0]
+        for r in db.execute(
+            "SELECT coalesce((SELECT max(t.commit_time) FROM transactions t"
+            " WHERE t.source = s.id), (SELECT m.value FROM source_meta m"
+            " WHERE m.source = s.id AND m.key = 'history_from')) FROM sources s"
+        )
+        if r[0] is not None
+    ]
+    return min([before, iso(datetime.now(UTC)), *map(str, stored)])
 
 
 def _mark(db: Database, cut: str) -> None:
@@ -152,7 +165,7 @@ def prune(db: Database, before: str) -> PruneReport:
     The ledger of applied undos is kept. Space is reclaimed by VACUUM, which also turns on
     incremental vacuum in a store made before it (capture --keep)."""
     size = _size(db)
-    before = cut_of(before)
+    before = cut_of(db, before)
     through = _through(db, before)
     victims = _victims(db, before)
     sessions = db.execute(
@@ -178,7 +191,7 @@ def prune_step(
     transaction; then hand up to ``vacuum_pages`` free pages back to the file system where the
     store has incremental vacuum. Never a full VACUUM, which would hold the store for as long
     as it takes to copy it."""
-    before = cut_of(before)
+    before = cut_of(db, before)
     victims: list[tuple[int, int, int]] = []
     total = 0
     candidates = _victims(db, before, 1000)

@@ -289,7 +289,10 @@ class SqliteStore:
     def position_at(self, time: str) -> int:
         return int(
             self.db.execute(
-                "SELECT coalesce(max(end_lsn), 0) FROM transactions WHERE commit_time <= ?",
+                # the last one's, not the highest: after init --reregister the old server's
+                # positions may be above all of the new one's
+                "SELECT coalesce((SELECT end_lsn FROM transactions WHERE commit_time <= ?"
+                " ORDER BY commit_time DESC, id DESC LIMIT 1), 0)",
                 [time],
             ).fetchone()[0]
         )
@@ -298,8 +301,11 @@ class SqliteStore:
         return [
             Gap(*r)
             for r in self.db.execute(
+                # an end at or below the start: positions of two servers (init --reregister),
+                # which no position of the old one compares with; the gap is after by time
                 "SELECT detected_at, reason, kind, table_name FROM gaps WHERE (detected_at > ?"
-                " AND (to_lsn IS NULL OR to_lsn > ?)) OR (kind = 'table' AND to_lsn IS NULL)"
+                " AND (to_lsn IS NULL OR to_lsn > ? OR (kind = 'stream' AND to_lsn <= from_lsn)))"
+                " OR (kind = 'table' AND to_lsn IS NULL)"
                 " ORDER BY id",
                 [time, lsn],
             )

@@ -104,13 +104,15 @@ class Retention:
         self.pruned[0] += r.transactions
         self.pruned[1] += r.changes
         if not r.more and self.pruned[0]:
+            # the real cut: a PostgreSQL store's is a partition boundary at or before ``before``
+            cut = self.db.meta("pruned_before") or before
             log.info(
                 "pruned %s transaction(s), %s change(s) committed before %s (--keep)",
                 f"{self.pruned[0]:,}",
                 f"{self.pruned[1]:,}",
-                before,
+                cut,
                 extra=_fields(
-                    pruned_transactions=self.pruned[0], pruned_changes=self.pruned[1], before=before
+                    pruned_transactions=self.pruned[0], pruned_changes=self.pruned[1], before=cut
                 ),
             )
             self.pruned = [0, 0]
