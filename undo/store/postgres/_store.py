@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -50,13 +51,30 @@ class _TimeText(Loader):
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+#: jsonb's text of a flat array of strings and nulls (an image, a key): elements separated by
+#: ", ", strings escaped as json.dumps(ensure_ascii=False) escapes them (" \ \b \f \n \r \t,
+#: other control characters \u00xx in lower case, the rest as it is; no NUL and no lone
+#: surrogate in jsonb). Bytes of UTF-8: a quote or a backslash is never part of a longer
+#: character.
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_ELEMENT = re.compile(rb"(?:" + _STRING + rb"|null)", re.DOTALL)
+_FLAT = re.compile(
+    rb"\[(?:" + _ELEMENT.pattern + rb"(?:, " + _ELEMENT.pattern + rb")*+)?\]", re.DOTALL
+)
+
+
 class _JsonText(Loader):
     """jsonb -> its text as the SQLite store holds it. Not jsonb's own text (``["a", "b"]``):
     an undo compares images it composes (a TOASTed value an update kept) with stored ones as
     text, and a key given on the command line is compared with stored keys as text."""
 
     def load(self, data: Any) -> str:
-        return _dumps(json.loads(bytes(data)))
+        text = bytes(data)
+        if _FLAT.fullmatch(text):
+            # its elements, each found where the one before ended (after ", "), joined by ","
+            # (json.loads + dumps: 36% of an undo from a PostgreSQL store, 3x this)
+            return (b"[%b]" % b",".join(_ELEMENT.findall(text))).decode()
+        return _dumps(json.loads(text))
 
 
 #: the tables the queries name, as views of one source's rows (``{s}``: its id, ``{lo}``..
