@@ -467,6 +467,36 @@ def test_any_other_jsonb_loads_as_before(pg_store, text):
     assert got == _dumps(json.loads(text))
 
 
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+def test_the_changes_an_undo_reads_from_a_postgresql_store_are_streamed(pgo):
+    """A table's changes are read as they arrive, not the whole result before the first is
+    used (peak RSS 113-153 MB against SQLite's 45-49 for 300,000 changes, bench/undo): after
+    the first the query still runs; one closed early leaves the connection usable."""
+    from psycopg.pq import TransactionStatus
+
+    from undo.store import open_store as open_any
+
+    pgo.init()
+    pgo.sql("CREATE TABLE many (id int PRIMARY KEY, v text)")
+    pgo.sql("INSERT INTO many SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g")
+    pgo.capture()
+    (rel,) = pgo.store_rows("SELECT id FROM relations WHERE table_name = 'many'")[0]
+    first, last = pgo.store_rows(
+        "SELECT first_change, last_change FROM transactions WHERE first_change IS NOT NULL"
+        " ORDER BY id DESC LIMIT 1"
+    )[0]
+    store = open_any(pgo.store)
+    try:
+        read = store.changes(first, last, rel, None)
+        assert next(read).id == first
+        assert store.conn.pgconn.transaction_status == TransactionStatus.ACTIVE
+        del read  # closed early: its query cancelled
+        assert store.conn.execute("SELECT 1").fetchone() == (1,)
+        assert [c.id for c in store.changes(first, last, rel, None)] == list(range(first, last + 1))
+    finally:
+        store.close()
+
+
 def test_table_names_are_computed_inline_whatever_the_search_path(pg_store, cluster):
     """qualified_name() runs for every activity row of /metrics, `activity --by table` and
     `sessions --table`: PostgreSQL inlines it (a SET or STRICT function is called, 70 µs a

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +27,7 @@ from psycopg.adapt import Loader
 from undo.core.config import masked_dsn
 from undo.core.errors import BadInput
 from undo.core.times import iso
-from undo.store.api import PruneReport, Source, StepReport
+from undo.store.api import PruneReport, Source, StepReport, StoredChange
 from undo.store.postgres import _prune, _schema
 from undo.store.postgres._writer import PgStoreWriter
 from undo.store.sqlite import SqliteStore, unknown_source
@@ -129,15 +129,30 @@ class Runner:
                     + sql.SQL(text).format(**values)  # constant text
                 )
 
-    def execute(self, query: str, parameters: Any = ()) -> psycopg.Cursor[Any]:
+    def _cursor(self) -> psycopg.Cursor[Any]:
         # the loaders on this cursor only: the writer reads times as datetimes
         cur = self.conn.cursor()
         cur.adapters.register_loader("timestamptz", _TimeText)
         cur.adapters.register_loader("jsonb", _JsonText)
+        return cur
+
+    def stream(self, query: str, parameters: Sequence[Any]) -> Iterator[Any]:
+        """A query's rows as they arrive, :data:`_CHUNK` at a time, not the whole result before
+        the first: for a caller that runs nothing else on this connection until the last row
+        (psycopg refuses it meanwhile); one closed early cancels its query."""
+        text = query.replace("%", "%%").replace("?", "%s")
+        return self._cursor().stream(text.encode(), list(parameters), size=_CHUNK)
+
+    def execute(self, query: str, parameters: Any = ()) -> psycopg.Cursor[Any]:
+        cur = self._cursor()
         params = list(parameters or ())
         # the one adaptation every query takes: the store's SQL holds '?' only as placeholders
         text = query.replace("%", "%%").replace("?", "%s") if params else query
         return cur.execute(text.encode(), params or None)
+
+
+#: rows a stream takes at a time (chunked rows need libpq 17; before, one at a time)
+_CHUNK = 1000 if psycopg.pq.version() >= 170000 else 1
 
 
 class PgStore(SqliteStore):
@@ -194,6 +209,21 @@ class PgStore(SqliteStore):
         if self._runner is None:
             self._runner = Runner(self.conn, self.source)
         return self._runner
+
+    def changes(
+        self, first: int, last: int, rel_id: int, xid: int | None
+    ) -> Iterator[StoredChange]:
+        # streamed, not fetched whole before the first is used (peak RSS 113-153 MB against
+        # SQLite's 45-49 for 300,000 changes, bench/undo): the engine reads nothing else from
+        # the store until the last (they go into a COPY or the script, undo.engine.apply)
+        return map(
+            StoredChange._make,
+            self.db.stream(
+                "SELECT id, op, old, new, unchanged, ? FROM changes"
+                " WHERE id BETWEEN ? AND ? AND +relation = ? ORDER BY id",
+                [xid, first, last, rel_id],
+            ),
+        )
 
     def register_source(
         self, name: str | None, system_identifier: str, database: str, reregister: bool = False
