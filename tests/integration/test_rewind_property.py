@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -17,6 +18,20 @@ from tests.integration.test_undo_property import make_tables, scenario
 @settings(max_examples=25)  # deadline and health checks: the profile in tests/conftest.py
 @given(case=scenario(), cut=st.integers(0, 14), by_script=st.booleans())
 def test_rewind_puts_back_the_rows_as_they_were(source, case, cut, by_script):
+    rewind_round_trip(source, case, cut, by_script)
+
+
+# the same rewind read from a PostgreSQL store (issue #22), fewer examples
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+@settings(max_examples=8)
+@given(case=scenario(), cut=st.integers(0, 14), by_script=st.booleans())
+def test_rewind_puts_back_the_rows_as_they_were_from_a_postgresql_store(
+    source, case, cut, by_script
+):
+    rewind_round_trip(source, case, cut, by_script)
+
+
+def rewind_round_trip(source, case, cut, by_script):
     shape, types, seed, _duplicates, ops = case
     if source.sql("SELECT to_regclass('undo.config')") == [(None,)]:
         source.init()

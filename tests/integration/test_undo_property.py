@@ -11,6 +11,7 @@ from collections import Counter
 from decimal import Decimal
 
 import psycopg
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -105,6 +106,21 @@ def make_tables(source, shape, types):
 @settings(max_examples=40)  # deadline and health checks: the profile in tests/conftest.py
 @given(case=scenario(), by_script=st.booleans())
 def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
+    undo_round_trip(source, case, by_script)
+
+
+# the same undo read from a PostgreSQL store (issue #22), fewer examples: its reads are the
+# SQLite store's SQL, its images jsonb's text made compact (undo.store.postgres._store)
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+@settings(max_examples=10)
+@given(case=scenario(), by_script=st.booleans())
+def test_undo_one_session_restores_exactly_its_changes_from_a_postgresql_store(
+    source, case, by_script
+):
+    undo_round_trip(source, case, by_script)
+
+
+def undo_round_trip(source, case, by_script):
     shape, types, seed, duplicates, ops = case
     if source.sql("SELECT to_regclass('undo.config')") == [(None,)]:
         source.init()

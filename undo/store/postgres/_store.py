@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +27,7 @@ from psycopg.adapt import Loader
 from undo.core.config import masked_dsn
 from undo.core.errors import BadInput
 from undo.core.times import iso
-from undo.store.api import PruneReport, Source, StepReport
+from undo.store.api import PruneReport, Source, StepReport, StoredChange
 from undo.store.postgres import _prune, _schema
 from undo.store.postgres._writer import PgStoreWriter
 from undo.store.sqlite import SqliteStore, unknown_source
@@ -50,13 +51,30 @@ class _TimeText(Loader):
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+#: jsonb's text of a flat array of strings and nulls (an image, a key): elements separated by
+#: ", ", strings escaped as json.dumps(ensure_ascii=False) escapes them (" \ \b \f \n \r \t,
+#: other control characters \u00xx in lower case, the rest as it is; no NUL and no lone
+#: surrogate in jsonb). Bytes of UTF-8: a quote or a backslash is never part of a longer
+#: character.
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_ELEMENT = re.compile(rb"(?:" + _STRING + rb"|null)", re.DOTALL)
+_FLAT = re.compile(
+    rb"\[(?:" + _ELEMENT.pattern + rb"(?:, " + _ELEMENT.pattern + rb")*+)?\]", re.DOTALL
+)
+
+
 class _JsonText(Loader):
     """jsonb -> its text as the SQLite store holds it. Not jsonb's own text (``["a", "b"]``):
     an undo compares images it composes (a TOASTed value an update kept) with stored ones as
     text, and a key given on the command line is compared with stored keys as text."""
 
     def load(self, data: Any) -> str:
-        return _dumps(json.loads(bytes(data)))
+        text = bytes(data)
+        if _FLAT.fullmatch(text):
+            # its elements, each found where the one before ended (after ", "), joined by ","
+            # (json.loads + dumps: 36% of an undo from a PostgreSQL store, 3x this)
+            return (b"[%b]" % b",".join(_ELEMENT.findall(text))).decode()
+        return _dumps(json.loads(text))
 
 
 #: the tables the queries name, as views of one source's rows (``{s}``: its id, ``{lo}``..
@@ -111,15 +129,30 @@ class Runner:
                     + sql.SQL(text).format(**values)  # constant text
                 )
 
-    def execute(self, query: str, parameters: Any = ()) -> psycopg.Cursor[Any]:
+    def _cursor(self) -> psycopg.Cursor[Any]:
         # the loaders on this cursor only: the writer reads times as datetimes
         cur = self.conn.cursor()
         cur.adapters.register_loader("timestamptz", _TimeText)
         cur.adapters.register_loader("jsonb", _JsonText)
+        return cur
+
+    def stream(self, query: str, parameters: Sequence[Any]) -> Iterator[Any]:
+        """A query's rows as they arrive, :data:`_CHUNK` at a time, not the whole result before
+        the first: for a caller that runs nothing else on this connection until the last row
+        (psycopg refuses it meanwhile); one closed early cancels its query."""
+        text = query.replace("%", "%%").replace("?", "%s")
+        return self._cursor().stream(text.encode(), list(parameters), size=_CHUNK)
+
+    def execute(self, query: str, parameters: Any = ()) -> psycopg.Cursor[Any]:
+        cur = self._cursor()
         params = list(parameters or ())
         # the one adaptation every query takes: the store's SQL holds '?' only as placeholders
         text = query.replace("%", "%%").replace("?", "%s") if params else query
         return cur.execute(text.encode(), params or None)
+
+
+#: rows a stream takes at a time (chunked rows need libpq 17; before, one at a time)
+_CHUNK = 1000 if psycopg.pq.version() >= 170000 else 1
 
 
 class PgStore(SqliteStore):
@@ -176,6 +209,21 @@ class PgStore(SqliteStore):
         if self._runner is None:
             self._runner = Runner(self.conn, self.source)
         return self._runner
+
+    def changes(
+        self, first: int, last: int, rel_id: int, xid: int | None
+    ) -> Iterator[StoredChange]:
+        # streamed, not fetched whole before the first is used (peak RSS 113-153 MB against
+        # SQLite's 45-49 for 300,000 changes, bench/undo): the engine reads nothing else from
+        # the store until the last (they go into a COPY or the script, undo.engine.apply)
+        return map(
+            StoredChange._make,
+            self.db.stream(
+                "SELECT id, op, old, new, unchanged, ? FROM changes"
+                " WHERE id BETWEEN ? AND ? AND +relation = ? ORDER BY id",
+                [xid, first, last, rel_id],
+            ),
+        )
 
     def register_source(
         self, name: str | None, system_identifier: str, database: str, reregister: bool = False
