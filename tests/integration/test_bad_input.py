@@ -348,6 +348,9 @@ def test_ctrl_c_during_an_undo_is_one_line_and_nothing_changed(pgo):
         blocker.execute("LOCK TABLE t")  # the undo waits for it (--lock-timeout 0: for ever)
         proc = subprocess.Popen(
             [sys.executable, "-m", "undo", "session", sid, "--apply", "--lock-timeout", "0"],
+            # a run started in the background of a shell ignores SIGINT, and so would
+            # the child it inherits that from: Ctrl-C's own disposition, as at a terminal
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             env=env_of(pgo),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -186,7 +186,10 @@ def test_keep_on_a_postgresql_store_drops_the_old_partitions_while_capturing(pgo
     assert logged, err
     db = open_store(pgo.store, source=pgo.dbname)
     try:
-        assert logged[-1] == db.meta("pruned_before")
+        # a later step with nothing to log may move the cut on: each logged one is a boundary
+        # (partitions of a second here) and none is past the store's
+        cut = db.meta("pruned_before")
+        assert cut is not None and all(t.endswith(".000000Z") and t <= cut for t in logged)
     finally:
         db.close()
 

@@ -354,6 +354,9 @@ def test_ctrl_c_during_apply_rolls_back_everything(pgo):
     env = dict(os.environ, UNDO_DSN=pgo.dsn, UNDO_STORE=pgo.store, UNDO_SLOT=pgo.slot)
     proc = subprocess.Popen(
         [sys.executable, "-m", "undo", "session", sid, "--apply", "--lock-timeout", "60s"],
+        # a run started in the background of a shell ignores SIGINT, and so would
+        # the child it inherits that from: Ctrl-C's own disposition, as at a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
