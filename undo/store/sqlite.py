@@ -99,12 +99,18 @@ class SqliteStore:
         self.source_name: str | None = None
         self._reader: Database | None = None
         self._lock: int | None = None  # the flock a writer holds
+        self._choose(source)
+
+    def _choose(self, source: str | None) -> None:
+        """Bind the source named (one not registered yet is only remembered: `undo init
+        --source` registers it), else the store's only one; with several and none named,
+        none (listings cover them all)."""
         known = self.sources()
         if source is not None:
             if any(s.name == source for s in known):
                 self.use(source)
             else:
-                self.source_name = source  # not registered: `undo init --source` does
+                self.source_name = source
         elif len(known) == 1:
             self.use(known[0].name)
 

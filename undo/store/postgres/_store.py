@@ -171,14 +171,7 @@ class PgStore(SqliteStore):
         self.source_name: str | None = None
         self._runner: Runner | None = None
         try:
-            known = self.sources()
-            if source is not None:
-                if any(s.name == source for s in known):
-                    self.use(source)
-                else:
-                    self.source_name = source  # not registered: `undo init --source` does
-            elif len(known) == 1:
-                self.use(known[0].name)
+            self._choose(source)
         except BaseException:
             self.conn.close()
             raise
