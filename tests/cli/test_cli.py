@@ -217,3 +217,27 @@ def test_usage_errors_are_one_line(tmp_path):
         result = _run(tmp_path, *args)
         assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
         assert "--help`)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--log-format", "json", "sessions"],  # the store's error
+        ["--log-format", "json", "sessions", "--bogus"],  # a usage error
+        ["--log-format", "json", "app", "x", "--since", "yesterday-ish"],  # a malformed value
+    ],
+)
+def test_an_error_under_log_format_json_is_one_json_object(tmp_path, args):
+    """A service's log collector reads stderr as JSON lines: the error too (it was
+    `Error: ...` text)."""
+    import json
+
+    result = _run(tmp_path, *args)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    doc = json.loads(line)
+    assert doc["level"] == "error" and doc["exit_code"] == 2 and doc["message"], doc
+    assert "Error:" not in doc["message"]
+    # without it, the line stays text
+    text = _run(tmp_path, *args[2:])
+    assert text.stderr.startswith("Error: ") and text.stderr.count("\n") == 1

@@ -27,6 +27,19 @@ class UserError(click.ClickException):
         super().__init__(message)
         self.exit_code = code  # type: ignore[misc]
 
+    #: under --log-format json (set where it is raised, _guarded)
+    as_json = False
+
+    def show(self, file: Any = None) -> None:
+        """``Error: ...``; under --log-format json one JSON object, as every other line on
+        stderr is then (a service's log collector reads one format)."""
+        if not self.as_json:
+            super().show(file)
+            return
+        record = logging.LogRecord("undo", logging.ERROR, "", 0, self.message, None, None)
+        record.fields = {"exit_code": self.exit_code}
+        click.echo(render.JsonLogFormatter().format(record), file=file or sys.stderr)
+
 
 #: what Ctrl-C leaves behind, by command (the others: nothing that needs saying)
 INTERRUPTED = {
@@ -76,6 +89,14 @@ def _one_line(ctx: click.Context, e: BaseException) -> UserError | None:
 
 
 def _guarded(ctx: click.Context, run: Callable[[], Any]) -> Any:
+    try:
+        return _one_line_errors(ctx, run)
+    except UserError as e:
+        e.as_json = ctx.find_root().params.get("log_format") == "json"
+        raise
+
+
+def _one_line_errors(ctx: click.Context, run: Callable[[], Any]) -> Any:
     try:
         return run()
     except click.UsageError as e:
