@@ -80,7 +80,13 @@ def test_capture_stops_when_sqlite_reports_the_store_malformed_while_it_runs(sou
             c.execute("UPDATE source_meta SET value = value WHERE key = 'slot'")
             c.commit()
         confirmed = _confirmed(source)
-        source.sql("INSERT INTO t SELECT g, 'w' FROM generate_series(2001, 2100) g")
+        # the transaction the store can no longer hold; its commit record begins at or after
+        # the WAL position read just before COMMIT
+        with source.connect(autocommit=False) as c:
+            c.execute("INSERT INTO t SELECT g, 'w' FROM generate_series(2001, 2100) g")
+            ((before_commit,),) = c.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+            ).fetchall()
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -91,7 +97,9 @@ def test_capture_stops_when_sqlite_reports_the_store_malformed_while_it_runs(sou
     assert "Traceback" not in err and lines[-1].startswith("Error: capture stopped: the audit")
     assert "is corrupt" in lines[-1] and "database disk image is malformed" in lines[-1]
     assert sum(line.startswith("Error:") for line in lines) == 1
-    assert _confirmed(source) == confirmed  # nothing confirmed after the store broke
+    # that transaction is not confirmed: a restart decodes it again. (An idle capture may
+    # confirm WAL before it that held nothing to store: the walsender's keepalives.)
+    assert _confirmed(source) <= before_commit
     assert confirmed <= position
     # and it will not start on it again
     again = source.undo_cli("capture", "--once")
