@@ -264,6 +264,12 @@ def _pruned(db: Store, target: Target, wholly: bool = False) -> list[str]:
         if wholly and began is None:
             return []
         if began is None or began <= int(epoch(cut)):  # to the second: may be before it
+            if wholly:  # nothing kept: it may have written before the cut, or never
+                return [
+                    f"the audit store holds no transaction of session {target.session}, which"
+                    f" began before {cut}, where the store's history was pruned (undo prune):"
+                    " whatever it committed before then is gone"
+                ]
             return [
                 f"session {target.session} began before {cut}, where the audit store's history"
                 " was pruned (undo prune): what it committed before then is gone, only its later"
