@@ -1023,3 +1023,58 @@ def test_commands_called_in_process_close_the_store(pgo):
     assert status(pgo.settings)["store_position"]
     assert _store_connections(pgo.store) == 0
     assert failed.value and unknown.value and kept
+
+
+def test_a_step_of_keep_that_meets_a_write_to_what_it_counts_counts_it_once(pg_store):
+    """A step of `capture --keep` adds the activity before the cut to pruned_counts and deletes
+    it in one snapshot: a row written in between (here, held by an open transaction until the
+    step waits on it) is not deleted uncounted; the step gives up without failing capture, and
+    a later one counts the row, as written, once."""
+    import threading
+
+    from undo.store.postgres import _prune
+
+    rel = Relation(RELID, "public", "items", ("id",), types=("integer",))
+    with _schema.open_connection(pg_store, create=True) as conn:
+        source = _schema.register_source(conn, "a", "1", "a")
+        w = PgStoreWriter(conn, source)
+        rid = w.relation_id(rel, (0,), False)
+        for day in (0, 1):  # stored up to day 1: the cut falls at its partition's start
+            lsn = w.position + 100
+            w.begin(Begin(7 + day, lsn, _time(0, day)))
+            w.add(Change(rel, "I", None, [f'"{day}"']), rid, (0,))
+            w.commit(Commit(lsn, lsn + 1, _time(0, day)))
+            w.flush()
+        before = iso(datetime(2026, 3, 2, 12, tzinfo=UTC))
+        minute = int(datetime(2026, 3, 1, 10, tzinfo=UTC).timestamp())
+        with psycopg.connect(pg_store) as writer:
+            writer.execute(
+                "UPDATE undo_store.activity SET inserts = inserts + 1,"
+                " transactions = transactions + 1 WHERE minute = %s",
+                (minute,),
+            )
+            steps: list[Any] = []
+            step = threading.Thread(
+                target=lambda: steps.append(_prune.prune_step(conn, before)), daemon=True
+            )
+            step.start()
+            deadline = time.monotonic() + 30
+            with psycopg.connect(pg_store, autocommit=True) as watch:
+                while not watch.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = 'undo store'"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone():
+                    assert time.monotonic() < deadline and step.is_alive(), steps
+                    time.sleep(0.05)
+            writer.commit()
+        step.join(30)
+        assert steps, "the step failed"  # (capture --keep with it)
+        while _prune.prune_step(conn, before).more:
+            pass
+        counted = conn.execute(
+            "SELECT kind, inserts, n FROM undo_store.pruned_counts WHERE kind = 'activity'"
+        ).fetchall()
+        assert counted == [("activity", 2, 2)]
+        assert conn.execute(
+            "SELECT count(*) FROM undo_store.activity WHERE minute = %s", (minute,)
+        ).fetchone() == (0,)
