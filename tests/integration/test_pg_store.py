@@ -1025,11 +1025,13 @@ def test_commands_called_in_process_close_the_store(pgo):
     assert failed.value and unknown.value and kept
 
 
-def test_a_step_of_keep_that_meets_a_write_to_what_it_counts_counts_it_once(pg_store):
-    """A step of `capture --keep` adds the activity before the cut to pruned_counts and deletes
-    it in one snapshot: a row written in between (here, held by an open transaction until the
-    step waits on it) is not deleted uncounted; the step gives up without failing capture, and
-    a later one counts the row, as written, once."""
+@pytest.mark.parametrize("how", ["capture --keep", "undo prune"])
+def test_a_prune_that_meets_a_write_to_what_it_counts_counts_it_once(pg_store, how):
+    """A prune adds the activity before the cut to pruned_counts and deletes it in one
+    snapshot: a row written in between (here, held by an open transaction until the prune
+    waits on it) is not deleted uncounted; the prune does not fail (a step of --keep gives up
+    its turn, capture goes on; `undo prune` counts again) and the row is counted, as written,
+    once."""
     import threading
 
     from undo.store.postgres import _prune
@@ -1047,29 +1049,33 @@ def test_a_step_of_keep_that_meets_a_write_to_what_it_counts_counts_it_once(pg_s
             w.flush()
         before = iso(datetime(2026, 3, 2, 12, tzinfo=UTC))
         minute = int(datetime(2026, 3, 1, 10, tzinfo=UTC).timestamp())
+
+        def prune() -> Any:
+            if how == "undo prune":
+                return _prune.prune(conn, before, lambda: 0)
+            return _prune.prune_step(conn, before)
+
         with psycopg.connect(pg_store) as writer:
             writer.execute(
                 "UPDATE undo_store.activity SET inserts = inserts + 1,"
                 " transactions = transactions + 1 WHERE minute = %s",
                 (minute,),
             )
-            steps: list[Any] = []
-            step = threading.Thread(
-                target=lambda: steps.append(_prune.prune_step(conn, before)), daemon=True
-            )
-            step.start()
+            done: list[Any] = []
+            pruning = threading.Thread(target=lambda: done.append(prune()), daemon=True)
+            pruning.start()
             deadline = time.monotonic() + 30
             with psycopg.connect(pg_store, autocommit=True) as watch:
                 while not watch.execute(
                     "SELECT 1 FROM pg_stat_activity WHERE application_name = 'undo store'"
                     " AND wait_event_type = 'Lock'"
                 ).fetchone():
-                    assert time.monotonic() < deadline and step.is_alive(), steps
+                    assert time.monotonic() < deadline and pruning.is_alive(), done
                     time.sleep(0.05)
             writer.commit()
-        step.join(30)
-        assert steps, "the step failed"  # (capture --keep with it)
-        while _prune.prune_step(conn, before).more:
+        pruning.join(30)
+        assert done, "the prune failed"  # (and capture --keep with it)
+        while how == "capture --keep" and _prune.prune_step(conn, before).more:
             pass
         counted = conn.execute(
             "SELECT kind, inserts, n FROM undo_store.pruned_counts WHERE kind = 'activity'"

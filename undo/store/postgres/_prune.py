@@ -34,6 +34,9 @@ from undo.store.postgres._schema import SCHEMA, iter_sources, partitions
 STEP = 5_000
 #: a step of capture --keep waits this long at most for the readers of a partition it detaches
 STEP_LOCK_TIMEOUT = "2s"
+#: times `undo prune` counts and deletes the activity before the cut when a row it counted is
+#: written meanwhile (then: the store was busy, exit 2)
+_ATTEMPTS = 3
 #: one prune at a time in a store (a session lock: DETACH ... CONCURRENTLY is no transaction)
 _PRUNE_LOCK = 0x756E646F70  # 'undop'
 
@@ -286,7 +289,13 @@ def prune(conn: psycopg.Connection[Any], before: str, size: Any) -> PruneReport:
         cut = cut_of(conn, _time(before))
         through = _through(conn, cut)
         transactions, changes, sessions = _delete_transactions(conn, cut, None)
-        _forget_before(conn, cut)
+        for attempt in range(_ATTEMPTS):
+            try:
+                _forget_before(conn, cut)
+                break
+            except errors.SerializationFailure:  # a row it counted was written meanwhile
+                if attempt == _ATTEMPTS - 1:
+                    raise
         for name in _old_partitions(conn, cut):
             _detach_and_drop(conn, name)
         return PruneReport(transactions, changes, sessions, through, bytes_before, size(), iso(cut))
