@@ -34,6 +34,9 @@ from undo.store.postgres._schema import SCHEMA, iter_sources, partitions
 STEP = 5_000
 #: a step of capture --keep waits this long at most for the readers of a partition it detaches
 STEP_LOCK_TIMEOUT = "2s"
+#: times `undo prune` counts and deletes the activity before the cut when a row it counted is
+#: written meanwhile (then: the store was busy, exit 2)
+_ATTEMPTS = 3
 #: one prune at a time in a store (a session lock: DETACH ... CONCURRENTLY is no transaction)
 _PRUNE_LOCK = 0x756E646F70  # 'undop'
 
@@ -132,12 +135,13 @@ def _delete_transactions(
     conn: psycopg.Connection[Any], cut: datetime, limit: int | None
 ) -> tuple[int, int, int]:
     """Delete the oldest transactions committed before the cut (``limit`` of them at most;
-    None: all, in one statement), with their per-table counts and statements, in one store
-    transaction; their untrusted row changes go to pruned_counts. Their changes are in
-    partitions wholly before the cut, dropped after. (transactions, changes, sessions)."""
+    None: all), with their per-table counts and statements, in one store transaction; their
+    untrusted row changes go to pruned_counts. Their changes are in partitions wholly before
+    the cut, dropped after. (transactions, changes, sessions)."""
+    if limit is None:
+        return _delete_all_transactions(conn, cut)
     with conn.transaction():
         row = conn.execute(
-            # LIMIT NULL: no limit
             "WITH gone AS (DELETE FROM undo_store.transactions WHERE id IN (SELECT id"
             "  FROM undo_store.transactions WHERE commit_time < %(cut)s ORDER BY commit_time"
             "  LIMIT %(limit)s)"
@@ -160,6 +164,49 @@ def _delete_transactions(
     return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
 
 
+def _repeatable_read(conn: psycopg.Connection[Any]) -> None:
+    """The store transaction just begun sees one snapshot: what its counts add up is what its
+    deletes take (a row written meanwhile is neither, and kept for a later prune)."""
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+
+def _delete_all_transactions(conn: psycopg.Connection[Any], cut: datetime) -> tuple[int, int, int]:
+    """`undo prune`'s delete of every transaction before the cut: counted first, then deleted
+    by the cut itself, each table by one plain statement (bench/prune, 100,000 transactions:
+    0.29 s, where one statement deleting the transactions by their ids and the rest through
+    the ids it returned took 0.45 s)."""
+    where = {"cut": cut}
+    with conn.transaction():
+        _repeatable_read(conn)
+        row = conn.execute(
+            "SELECT count(*), coalesce(sum(coalesce(last_change - first_change + 1, 0)), 0),"
+            " count(DISTINCT (source, session_id)) FILTER (WHERE session_id IS NOT NULL)"
+            " FROM undo_store.transactions WHERE commit_time < %(cut)s",
+            where,
+        ).fetchone()
+        if not row or not row[0]:
+            return 0, 0, 0
+        conn.execute(
+            "INSERT INTO undo_store.pruned_counts (source, kind, label, n)"
+            " SELECT source, 'untrusted', coalesce(tag_reason, ''),"
+            " sum(inserts + updates + deletes + truncates) FROM undo_store.transactions"
+            " WHERE commit_time < %(cut)s AND tag <> 'trusted' GROUP BY 1, 3"
+            " ON CONFLICT (source, kind, application_name, relation, label)"
+            " DO UPDATE SET n = pruned_counts.n + excluded.n",
+            where,
+        )
+        for small in ("txn_changes", "statements"):
+            conn.execute(
+                sql.SQL(
+                    "DELETE FROM {} x USING undo_store.transactions t"
+                    " WHERE x.txn = t.id AND t.commit_time < %(cut)s"
+                ).format(sql.Identifier(SCHEMA, small)),
+                where,
+            )
+        conn.execute("DELETE FROM undo_store.transactions WHERE commit_time < %(cut)s", where)
+    return int(row[0]), int(row[1]), int(row[2])
+
+
 def _through(conn: psycopg.Connection[Any], cut: datetime) -> int:
     """Sessions that began before the cut and go on after it (those an undo refuses:
     engine/plan.py): a session's id begins with its start time in hex (PostgreSQL's %c), so
@@ -178,13 +225,16 @@ def _forget_before(conn: psycopg.Connection[Any], cut: datetime) -> None:
     every source's pruned_before moved to the cut (rewinds refuse times before it)."""
     last = int(cut.timestamp()) - 60
     with conn.transaction():
+        _repeatable_read(conn)
+        # counted, then deleted: one snapshot, so the same rows (a DELETE ... RETURNING every
+        # row into the sums cost half as much again)
         conn.execute(
-            "WITH gone AS (DELETE FROM undo_store.activity WHERE minute <= %s RETURNING *)"
-            " INSERT INTO undo_store.pruned_counts (source, kind, application_name, relation,"
+            "INSERT INTO undo_store.pruned_counts (source, kind, application_name, relation,"
             " inserts, updates, deletes, truncates, n) SELECT r.source, 'activity',"
             " g.application_name, g.relation, sum(g.inserts), sum(g.updates), sum(g.deletes),"
-            " sum(g.truncates), sum(g.transactions) FROM gone g"
-            " JOIN undo_store.relations r ON r.id = g.relation GROUP BY 1, 3, 4"
+            " sum(g.truncates), sum(g.transactions) FROM undo_store.activity g"
+            " JOIN undo_store.relations r ON r.id = g.relation WHERE g.minute <= %s"
+            " GROUP BY 1, 3, 4"
             " ON CONFLICT (source, kind, application_name, relation, label) DO UPDATE SET"
             " inserts = pruned_counts.inserts + excluded.inserts,"
             " updates = pruned_counts.updates + excluded.updates,"
@@ -193,6 +243,7 @@ def _forget_before(conn: psycopg.Connection[Any], cut: datetime) -> None:
             " n = pruned_counts.n + excluded.n",
             (last,),
         )
+        conn.execute("DELETE FROM undo_store.activity WHERE minute <= %s", (last,))
         conn.execute(
             "WITH gone AS (DELETE FROM undo_store.malformed WHERE received_at < %s"
             " RETURNING source, prefix)"
@@ -238,7 +289,13 @@ def prune(conn: psycopg.Connection[Any], before: str, size: Any) -> PruneReport:
         cut = cut_of(conn, _time(before))
         through = _through(conn, cut)
         transactions, changes, sessions = _delete_transactions(conn, cut, None)
-        _forget_before(conn, cut)
+        for attempt in range(_ATTEMPTS):
+            try:
+                _forget_before(conn, cut)
+                break
+            except errors.SerializationFailure:  # a row it counted was written meanwhile
+                if attempt == _ATTEMPTS - 1:
+                    raise
         for name in _old_partitions(conn, cut):
             _detach_and_drop(conn, name)
         return PruneReport(transactions, changes, sessions, through, bytes_before, size(), iso(cut))
@@ -259,7 +316,10 @@ def prune_step(conn: psycopg.Connection[Any], before: str) -> StepReport:
         t, c, _ = _delete_transactions(conn, cut, STEP)
         if t == STEP:
             return StepReport(t, c, True, 0)
-        _forget_before(conn, cut)
+        try:
+            _forget_before(conn, cut)
+        except errors.SerializationFailure:
+            return StepReport(t, c, True, 0)  # a row it counted was written meanwhile: again
         old = _old_partitions(conn, cut)
         conn.execute("SELECT set_config('lock_timeout', %s, false)", (STEP_LOCK_TIMEOUT,))
         try:
