@@ -100,12 +100,13 @@ def sessions(
     limit: int | None = None,
     offset: int = 0,
     undone_filter: bool | None = None,
+    source: str | None = None,
 ) -> list[SessionRow]:
     """One row per session and tag that wrote, newest first (a forged tag claiming a session is
     its own row, never merged into the real one); filters apply to its transactions;
     ``undone_filter`` keeps only sessions some undo undid (True) or none did (False).
     ``guard_refusals`` counts the session's writes a guard refused; a session whose every
-    write was refused is a row too (no transactions).
+    write was refused is a row too (no transactions). ``source``: the name each row carries.
 
     Tables touched come from the activity aggregates, not from scanning the changes.
     """
@@ -176,6 +177,7 @@ def sessions(
                 *r,
                 tuple(sorted(touched.get(activity_session(r[0], r[11]), []))),  # tables
                 undone.get((r[0], r[11])),
+                source,
             )
         )
         for r in found

@@ -517,10 +517,9 @@ class SqliteStore:
         offset: int = 0,
         undone_filter: bool | None = None,
     ) -> list[SessionRow]:
-        rows = _queries.sessions(
-            self.db, since, until, app, user, tables, limit, offset, undone_filter
+        return _queries.sessions(
+            self.db, since, until, app, user, tables, limit, offset, undone_filter, self.source_name
         )
-        return [replace(r, source=self.source_name) for r in rows]
 
     def show(self, session_id: str | None = None, xid: int | None = None) -> Shown:
         return replace(_queries.show(self.db, session_id, xid), source=self.source_name)

@@ -32,7 +32,7 @@ import waitress.channel
 import waitress.server
 import waitress.task
 from jinja2 import Environment, PackageLoader, StrictUndefined
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from prometheus_client.exposition import generate_latest
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
@@ -151,15 +151,21 @@ def chart(
     width: int = 420,
     height: int = 120,
 ) -> dict[str, Any]:
-    """Inserts, updates and deletes per bucket as bars of an SVG chart (the template draws it).
+    """Inserts, updates and deletes per bucket as bars of an SVG chart: the bars' markup made
+    here (``bars``: a loop of the template took 2 ms a chart of 48 buckets, 120 ms for the
+    overview of 60 applications), the frame by the template.
 
     ``start`` is the first bucket (Unix time), ``count`` buckets of ``bucket`` seconds; buckets
     without writes are drawn empty, so the time axis is the range asked for.
 
     >>> c = chart([ActivityBucket("1970-01-01T00:01:00.000000Z", "app", "x", 2, 0, 1, 0)],
     ...           0, 60, 2, width=100, height=10)
-    >>> [(b["x"], b["h"], b["color"]) for b in c["bars"]]
+    >>> import re
+    >>> [re.search(r'x="(\\S+)".*height="(\\S+)" fill="(\\S+)"', b).groups()
+    ...  for b in str(c["bars"]).split("</rect>")[:-1]]
     [('50.0', '6.0', '#2a9d3a'), ('82.3', '3.0', '#d03030')]
+    >>> "<title>1970-01-01T00:01:00.000000Z: 1 deletes</title>" in c["bars"]
+    True
     """
     by_bucket = {int(epoch(p.bucket)): p for p in points}
     top = max([max(_ops(p).values()) for p in points] or [0]) or 1
@@ -175,17 +181,18 @@ def chart(
             if counts[key]:
                 h = max(1.0, counts[key] * (height - 4) / top)
                 bars.append(
-                    {
-                        "x": f"{i * slot + j * bar:.1f}",
-                        "y": f"{height - h:.1f}",
-                        "w": f"{bar:.1f}",
-                        "h": f"{h:.1f}",
-                        "color": color,
-                        "title": f"{p.bucket}: {counts[key]} {key}",
-                    }
+                    f'<rect class="bar" x="{i * slot + j * bar:.1f}" y="{height - h:.1f}"'
+                    f' width="{bar:.1f}" height="{h:.1f}" fill="{color}"><title>'
+                    f"{escape(f'{p.bucket}: {counts[key]} {key}')}</title></rect>"
                 )
     first = datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d %H:%M")
-    return {"width": width, "height": height, "bars": bars, "first": first, "top": top}
+    return {
+        "width": width,
+        "height": height,
+        "bars": Markup("".join(bars)),
+        "first": first,
+        "top": top,
+    }
 
 
 def _ops(p: ActivityBucket) -> dict[str, int]:
@@ -308,6 +315,7 @@ class App:
         self.settings = settings
         self.token = token
         self.registry = metrics.registry(settings)
+        self.collector = metrics.StoreCollector(settings)  # the overview's source health
         self.templates = _templates()
         # a request naming another host is refused: DNS rebinding reaches a loopback dashboard
         # through a name the attacker controls
@@ -471,11 +479,12 @@ class App:
                 )
             count = max(1, int(now - first) // bucket + 1)  # a time to come: one bucket
             names = self._sources(db, q)
-            rows = across.activity(db, names, by="app", since=since, bucket_seconds=bucket)
+            rows: list[ActivityBucket] = []
             healths = []
             refused: list[GuardRefusal] = []
-            for name in names:
+            for name in names:  # each source's reads together: choosing a source costs
                 db.use(name)
+                rows += db.activity(by="app", since=since, bucket_seconds=bucket)
                 healths.append(db.status())
                 refused += db.guard_refusals()
             refused = sorted(refused, key=lambda g: g.refused_at)[-20:][::-1]
@@ -520,11 +529,12 @@ class App:
         )
 
     def _source_health(self) -> tuple[str | None, str | None, str]:
-        """WAL held by the slot and the capture lag, from one collection of the metrics (one
-        connection to the source, one peek at the slot); and why they may be unknown."""
+        """WAL held by the slot and the capture lag, from the metrics that need the source (one
+        connection to it, one peek at the slot; not the store's); and why they may be
+        unknown."""
         if not self.settings.dsn:
             return None, None, "no --dsn"
-        found = {m.name: m.samples[0].value for m in self.registry.collect() if m.samples}
+        found = {m.name: m.samples[0].value for m in self.collector.source_only() if m.samples}
         held = found.get("undo_slot_wal_held_bytes")
         lag = found.get("undo_capture_lag_seconds")
         return (

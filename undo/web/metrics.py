@@ -137,6 +137,17 @@ class StoreCollector(Collector):
         finally:
             db.close()
 
+    def source_only(self) -> list[Any]:
+        """The families that need the source (none without --dsn), without the store's: what
+        the dashboard's overview shows of the source's health."""
+        if not self.settings.dsn:
+            return []
+        db = open_store(self.settings.store)
+        try:
+            return list(self._source(db))
+        finally:
+            db.close()
+
     def _source(self, db: Store) -> Iterator[Any]:
         """What needs the source: the WAL the slot holds, and the lag (as `undo status`)."""
         try:
