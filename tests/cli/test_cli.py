@@ -241,3 +241,28 @@ def test_an_error_under_log_format_json_is_one_json_object(tmp_path, args):
     # without it, the line stays text
     text = _run(tmp_path, *args[2:])
     assert text.stderr.startswith("Error: ") and text.stderr.count("\n") == 1
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line(tmp_path):
+    """Ctrl-C right after Enter lands while Python imports the commands: it was a traceback
+    of the import machinery. A sitecustomize makes that moment certain: the import of the
+    commands raises KeyboardInterrupt, as SIGINT there does."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'undo.cli._app':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "undo", "sessions"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: interrupted (Ctrl-C)")
