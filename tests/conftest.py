@@ -270,22 +270,50 @@ def run_cli(
     )
 
 
+@pytest.fixture(scope="session")
+def store_server(cluster: Cluster) -> Iterator[Cluster]:
+    """Where a PostgreSQL store's database is made: the suite's cluster, or, with
+    UNDO_TEST_STORE_SERVER=second, a second throwaway cluster, as a store on another server
+    would be (./dev test runs the store-facing core so once)."""
+    if os.environ.get("UNDO_TEST_STORE_SERVER", "") != "second":
+        yield cluster
+        return
+    temp = TempCluster(EXTRA_OPTIONS).start()
+    try:
+        yield Cluster(temp.admin_dsn, temp)
+    finally:
+        temp.stop()
+
+
 def _make_source(
-    cluster: Cluster, tmp_path: Path, decoder: str, store_kind: str = "sqlite"
+    cluster: Cluster,
+    tmp_path: Path,
+    decoder: str,
+    store_kind: str = "sqlite",
+    store_server: Cluster | None = None,
 ) -> Iterator[Source]:
     n = next(_counter)
     dbname = f"undo_test_{os.getpid()}_{n}"
     slot = f"undo_t{os.getpid()}_{n}"
     store = str(tmp_path / "undo.db")
+    server = store_server or cluster
     with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
         c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-        if store_kind == "postgresql":  # the store in a database of its own
+    if store_kind == "postgresql":  # the store in a database of its own
+        with psycopg.connect(server.admin_dsn, autocommit=True) as c:
             c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname + "_store")))
-            store = cluster.dsn(dbname + "_store")
+        store = server.dsn(dbname + "_store")
     src = Source(cluster.dsn(dbname), dbname, store, slot, decoder, cluster)
     try:
         yield src
     finally:
+        if store_kind == "postgresql" and server is not cluster:
+            with psycopg.connect(server.admin_dsn, autocommit=True) as c:
+                c.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                        sql.Identifier(dbname + "_store")
+                    )
+                )
         with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
             for (name,) in c.execute(
                 "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (dbname,)
@@ -316,13 +344,19 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(params=["pgoutput", "wal2json"])
 def source(
-    request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path, store_kind: str
+    request: pytest.FixtureRequest,
+    cluster: Cluster,
+    tmp_path: Path,
+    store_kind: str,
+    store_server: Cluster,
 ) -> Iterator[Source]:
     """A fresh database for each decoder."""
-    yield from _make_source(cluster, tmp_path, request.param, store_kind)
+    yield from _make_source(cluster, tmp_path, request.param, store_kind, store_server)
 
 
 @pytest.fixture
-def pgo(cluster: Cluster, tmp_path: Path, store_kind: str) -> Iterator[Source]:
+def pgo(
+    cluster: Cluster, tmp_path: Path, store_kind: str, store_server: Cluster
+) -> Iterator[Source]:
     """A fresh database, pgoutput only (for tests about one decoder's behaviour or the CLI)."""
-    yield from _make_source(cluster, tmp_path, "pgoutput", store_kind)
+    yield from _make_source(cluster, tmp_path, "pgoutput", store_kind, store_server)

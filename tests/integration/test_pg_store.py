@@ -1084,3 +1084,17 @@ def test_a_prune_that_meets_a_write_to_what_it_counts_counts_it_once(pg_store, h
         assert conn.execute(
             "SELECT count(*) FROM undo_store.activity WHERE minute = %s", (minute,)
         ).fetchone() == (0,)
+
+
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+def test_the_store_is_on_the_server_the_run_says(pgo):
+    """The premise of ./dev test's stage with UNDO_TEST_STORE_SERVER=second: there the store
+    is on another server than the source, as a remote store would be; else on the same."""
+    pgo.init()
+
+    def server(dsn: str) -> str:
+        with psycopg.connect(dsn) as c:
+            return str(c.execute("SELECT system_identifier FROM pg_control_system()").fetchone())
+
+    apart = server(pgo.store) != server(pgo.dsn)
+    assert apart == (os.environ.get("UNDO_TEST_STORE_SERVER") == "second")
