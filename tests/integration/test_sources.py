@@ -342,3 +342,32 @@ def test_a_source_made_before_sources_whose_slot_is_gone_is_claimed_by_init(pgo)
         assert c.execute("SELECT name, database_name FROM sources").fetchall() == [
             (pgo.dbname, pgo.dbname)
         ]
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_reregister_onto_a_database_without_the_sources_tables_is_refused(pgo):
+    """--reregister is for the same database on a new server. A database of the same name that
+    holds none of the tables the source recorded (another live database, a wrong --dsn) was
+    accepted, and the source's undos would then have written into it."""
+    sid = _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    changed = "UPDATE sources SET system_identifier = '7000000000000000001'"
+    if pgo.pg_store:
+        with psycopg.connect(pgo.store, autocommit=True) as s:
+            s.execute("UPDATE undo_store." + changed.removeprefix("UPDATE "))
+    else:
+        with contextlib.closing(sqlite3.connect(pgo.store)) as s:
+            s.execute(changed)
+            s.commit()
+    pgo.sql("ALTER TABLE t RENAME TO u")  # this database no longer holds the history's table
+    refused = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
+    assert refused.returncode == 2, refused.stderr
+    assert "holds none of the 1 table(s)" in refused.stderr and "public.t" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    # nothing changed: the source keeps its old server's identity, every command refuses
+    assert "7000000000000000001" in pgo.undo_cli("session", sid).stderr
+    # the same database (its table back): accepted
+    pgo.sql("ALTER TABLE u RENAME TO t")
+    done = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
+    assert done.returncode == 0, done.stderr
+    assert pgo.undo_cli("session", sid).returncode == 0

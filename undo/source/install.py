@@ -159,6 +159,37 @@ def _refuse_foreign_claim(conn: psycopg.Connection[Any], db: Any, settings: Sett
             )
 
 
+def _refuse_a_stranger(
+    conn: psycopg.Connection[Any], db: Any, name: str, settings: Settings
+) -> None:
+    """--reregister gives a source's history to this database, as the same database on a new
+    server: not to one that holds none of the tables that history recorded (another live
+    database of the same name, a wrong --dsn), whose undos would then write into it."""
+    if name not in {s.name for s in db.sources()}:
+        return
+    db.use(name)
+    recorded = db.recorded_tables()
+    if not recorded:
+        return
+    row = conn.execute(
+        "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+        " ON n.oid = c.relnamespace JOIN ROWS FROM (pg_catalog.unnest(%s::text[]),"
+        " pg_catalog.unnest(%s::text[])) AS r(s, t)"
+        " ON n.nspname = r.s AND c.relname = r.t",
+        ([s for s, _ in recorded], [t for _, t in recorded]),
+    ).fetchone()
+    if row and row[0]:
+        return
+    some = ", ".join(names.quote(s, t) for s, t in recorded[:3])
+    raise BadInput(
+        f"database {conn.info.dbname} holds none of the {len(recorded)} table(s) the source"
+        f" {name!r} of the audit store {shown(settings.store)} recorded ({some}"
+        f"{', ...' if len(recorded) > 3 else ''}): it is not that database on a new server."
+        " --reregister is for the same database after pg_upgrade or a restore; check --dsn,"
+        " or register this database under a name of its own (--source)"
+    )
+
+
 def problem_rows(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tuple[str, str, str]]:
     """(table, code, problem) for each thing that makes capture of an audited table incomplete
     now: undo.table_problems, the definition the event trigger and capture use too; its code
@@ -290,6 +321,8 @@ def init(
         if reregister and source is None:
             raise BadInput("--reregister needs --source: the name of the source to re-register")
         _refuse_foreign_claim(conn, db, settings)
+        if reregister and source is not None:
+            _refuse_a_stranger(conn, db, source, settings)
         db.register_source(source, *identity(conn), reregister=reregister)
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         superuser = bool(row and row[0])

@@ -75,6 +75,16 @@ def _transactions(db: Database, query: str, params: Sequence[object]) -> list[Tr
     ]
 
 
+def recorded_tables(db: Database) -> list[tuple[str, str]]:
+    """(schema, table) of every table the store holds changes or versions of."""
+    return [
+        (r[0], r[1])
+        for r in db.execute(
+            "SELECT DISTINCT schema_name, table_name FROM relations ORDER BY 1, 2"
+        ).fetchall()
+    ]
+
+
 def resolve_table(db: Database, text: str, roots: bool = False) -> tuple[str, str]:
     """A table name as the user typed it -> (schema, table) among the tables the store holds
     (with ``roots``, partitioned tables whose partitions it holds too)."""

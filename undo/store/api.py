@@ -656,6 +656,9 @@ class Store(Protocol):
     def prune_step(self, before: str) -> StepReport: ...
 
     # -- what an undo reads ----------------------------------------------------------------
+    def recorded_tables(self) -> list[tuple[str, str]]:
+        """(schema, table) of every table the source's history holds, sorted."""
+
     def resolve_table(self, text: str, roots: bool = False) -> tuple[str, str]:
         """A table name as the user typed it -> (schema, table) among the tables the store
         holds (with ``roots``, partitioned tables whose partitions it holds too)."""

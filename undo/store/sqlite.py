@@ -336,6 +336,9 @@ class SqliteStore:
         ]
 
     # -- what an undo reads ----------------------------------------------------------------
+    def recorded_tables(self) -> list[tuple[str, str]]:
+        return _queries.recorded_tables(self.db)
+
     def resolve_table(self, text: str, roots: bool = False) -> tuple[str, str]:
         return _queries.resolve_table(self.db, text, roots)
 
