@@ -57,6 +57,8 @@ class Database(Protocol):
 SQLITE = {
     "ids_of_json": "SELECT value FROM json_each(?)",
     "texts_of_json": "SELECT value FROM json_each(?)",
+    # more that ties a change ``c`` to its transaction ``t`` (on PostgreSQL, the partition)
+    "of_its_transaction": "",
 }
 
 
@@ -385,7 +387,9 @@ def changes_of(db: Database, txn_ids: list[int]) -> list[RowChange]:
                 "SELECT c.txn, c.ord, c.op, c.key, c.old, c.new, c.unchanged, r.schema_name,"
                 " r.table_name, r.columns, r.key_columns, " + STATEMENT_OF_CHANGE + " FROM"
                 " changes c JOIN relations r ON r.id = +c.relation JOIN transactions t ON t.id = ?"
-                " WHERE c.id BETWEEN t.first_change AND t.last_change ORDER BY c.id",
+                " WHERE c.id BETWEEN t.first_change AND t.last_change"
+                + fragment(db, "of_its_transaction")
+                + " ORDER BY c.id",
                 [txn],
             ).fetchall()
         ]

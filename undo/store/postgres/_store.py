@@ -37,6 +37,9 @@ FRAGMENTS = {
     "ids_of_json": "SELECT CAST(value AS bigint) FROM jsonb_array_elements_text(CAST(? AS jsonb))"
     " AS j(value)",
     "texts_of_json": "SELECT value FROM jsonb_array_elements_text(CAST(? AS jsonb)) AS j(value)",
+    # the transaction's partition only: by id range alone a transaction's changes took 20-80 ms
+    # a query, 0.3-0.5 ms so (`show` of a session on a 5,000,000-change store)
+    "of_its_transaction": " AND c.commit_time = t.commit_time",
 }
 
 
