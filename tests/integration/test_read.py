@@ -654,3 +654,36 @@ def test_a_page_of_changes_is_the_slice_of_them_all(pgo):
             for offset in range(0, 26):
                 page = [(c.txn, c.ord) for c in db.changes_page(ids, limit, offset)]
                 assert page == every[offset : offset + limit], (limit, offset)
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_each_session_lists_its_own_tables_however_many_sessions(pgo, monkeypatch):
+    """A listing of more sessions than one IN list takes reads every session's tables in one
+    query when unfiltered, in chunks of ids when filtered (here a chunk is 2 sessions, as 500
+    are in a store): each session's tables are its own either way."""
+    from undo.store import _queries
+
+    pgo.sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    pgo.init()
+    expected = {}
+    for i in range(5):
+        tables = ["a", "b", "a b"][i % 3].split()
+        with pgo.connect(application_name=f"app{i % 2}") as c:
+            sid = session_id(c)
+            for t in tables:
+                c.execute(f"INSERT INTO {t} VALUES ({i})")
+        expected[sid] = tuple(f"public.{t}" for t in tables)
+    pgo.capture()
+
+    def listed(**kw):
+        db = open_store(pgo.store)
+        try:
+            return {r.session_id: r.tables for r in db.sessions(**kw)}
+        finally:
+            db.close()
+
+    whole, app0 = listed(), listed(app="app0")
+    monkeypatch.setattr(_queries, "_IDS_AT_ONCE", 2)
+    assert listed() == whole == expected
+    assert listed(app="app0") == app0 == {s: t for s, t in expected.items() if s in app0}
+    assert len(app0) == 3
