@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,18 +64,34 @@ _FLAT = re.compile(
 )
 
 
+def _py_json_text(data: Any) -> str:
+    """jsonb's text -> the SQLite store's: the reference of undo._speedups.compact_flat_array
+    for a flat array, and the path of any other text."""
+    text = bytes(data)
+    if _FLAT.fullmatch(text):
+        # its elements, each found where the one before ended (after ", "), joined by ","
+        # (json.loads + dumps: 36% of an undo from a PostgreSQL store, 3x this)
+        return (b"[%b]" % b",".join(_ELEMENT.findall(text))).decode()
+    return _dumps(json.loads(text))
+
+
+#: the C compacting of a flat array (None: not built, or UNDO_PURE_PYTHON set)
+_compact: Callable[[Any], str | None] | None = None
+if not os.environ.get("UNDO_PURE_PYTHON"):
+    with contextlib.suppress(ImportError):
+        from undo._speedups import compact_flat_array as _compact
+
+
 class _JsonText(Loader):
     """jsonb -> its text as the SQLite store holds it. Not jsonb's own text (``["a", "b"]``):
     an undo compares images it composes (a TOASTed value an update kept) with stored ones as
     text, and a key given on the command line is compared with stored keys as text."""
 
     def load(self, data: Any) -> str:
-        text = bytes(data)
-        if _FLAT.fullmatch(text):
-            # its elements, each found where the one before ended (after ", "), joined by ","
-            # (json.loads + dumps: 36% of an undo from a PostgreSQL store, 3x this)
-            return (b"[%b]" % b",".join(_ELEMENT.findall(text))).decode()
-        return _dumps(json.loads(text))
+        # an image in C (the regular expressions were 40% of an undo's own time, bench/undo)
+        if _compact is not None and (text := _compact(data)) is not None:
+            return text
+        return _py_json_text(data)
 
 
 #: the tables the queries name, as views of one source's rows (``{s}``: its id, ``{lo}``..
