@@ -972,6 +972,95 @@ stage_wal2json(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                        " change_id, txn_id, ord)");
 }
 
+/* -- a PostgreSQL store's images ----------------------------------------------------------- */
+
+/* jsonb's text of a flat array of strings and nulls (``["a", null]``) -> its compact text
+ * (``["a",null]``), as str; None for any other text. The same as _JsonText.load's Python path
+ * (undo/store/postgres/_store.py, the reference): elements separated by ", ", a string's bytes
+ * between quotes with a backslash escaping the byte after it; strict UTF-8. */
+static PyObject *
+compact_flat_array(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *s = view.buf;
+    Py_ssize_t n = view.len, i = 0, o = 0;
+    char small[512];
+    char *out = n <= (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)n);
+    PyObject *result = NULL;
+    int high = 0, flat = 0;
+    if (out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (n < 2 || s[0] != '[')
+        goto not_flat;
+    out[o++] = '[';
+    i = 1;
+    if (s[i] != ']') {
+        for (;;) {
+            if (s[i] == '"') {
+                Py_ssize_t start = i++;
+                for (;;) {
+                    if (i >= n)
+                        goto not_flat;
+                    unsigned char c = s[i];
+                    if (c == '"')
+                        break;
+                    if (c == '\\') {
+                        if (i + 1 >= n)
+                            goto not_flat;
+                        high |= s[i + 1] & 0x80;
+                        i += 2;
+                        continue;
+                    }
+                    high |= c & 0x80;
+                    i++;
+                }
+                i++; /* the closing quote */
+                memcpy(out + o, s + start, (size_t)(i - start));
+                o += i - start;
+            }
+            else if (n - i >= 4 && memcmp(s + i, "null", 4) == 0) {
+                memcpy(out + o, "null", 4);
+                o += 4;
+                i += 4;
+            }
+            else
+                goto not_flat;
+            if (i < n && s[i] == ']')
+                break;
+            if (n - i < 3 || s[i] != ',' || s[i + 1] != ' ')
+                goto not_flat;
+            out[o++] = ',';
+            i += 2;
+        }
+    }
+    if (i != n - 1)
+        goto not_flat;
+    out[o++] = ']';
+    flat = 1;
+not_flat:
+    if (!flat) {
+        result = Py_NewRef(Py_None);
+    }
+    else if (!high) {
+        result = PyUnicode_New(o, 127);
+        if (result != NULL)
+            memcpy(PyUnicode_1BYTE_DATA(result), out, (size_t)o);
+    }
+    else {
+        result = PyUnicode_DecodeUTF8(out, o, NULL);
+    }
+done:
+    if (out != small)
+        PyMem_Free(out);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"tuple_tokens", (PyCFunction)(void (*)(void))tuple_tokens, METH_FASTCALL,
      "pgoutput TupleData at pos -> (JSON tokens, unchanged TOAST positions or None, next pos)"},
@@ -979,6 +1068,8 @@ static PyMethodDef methods[] = {
      "stage one pgoutput change frame into the store writer's rows: 1; not audited: 2; else 0"},
     {"stage_wal2json", (PyCFunction)(void (*)(void))stage_wal2json, METH_FASTCALL,
      "stage one wal2json change frame into the store writer's rows: 1; not audited: 2; else 0"},
+    {"compact_flat_array", compact_flat_array, METH_O,
+     "jsonb's text of a flat array of strings and nulls -> its compact text; else None"},
     {NULL, NULL, 0, NULL},
 };
 

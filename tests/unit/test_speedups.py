@@ -327,3 +327,66 @@ def test_scratch_space_a_huge_value_grew_is_given_back():
     finally:
         tracemalloc.stop()
     assert held < 1_000_000
+
+
+# -- a PostgreSQL store's images ---------------------------------------------------------------
+
+#: jsonb's text of a flat array of strings and nulls, as the server prints one (", " between
+#: elements, json.dumps's escapes), and near misses: another separator, other JSON values
+_jsonb_string = st.text(st.characters(exclude_categories=["Cs"]), max_size=8).map(
+    lambda v: json.dumps(v, ensure_ascii=False)
+)
+_jsonb_element = st.sampled_from(["null", "1", '""', "[]", '"\\', "nul", '"a"b"']) | _jsonb_string
+_jsonb_flat = st.lists(st.just("null") | _jsonb_string, max_size=5).map(
+    lambda t: ("[" + ", ".join(t) + "]").encode()
+)
+_jsonb_text = _jsonb_flat | st.tuples(
+    st.lists(_jsonb_element, max_size=5),
+    st.sampled_from([", ", ",", " , ", ",  "]),
+    st.sampled_from([("[", "]"), ("[", "] "), (" [", "]"), ("[", ""), ("{", "}")]),
+).map(lambda t: (t[2][0] + t[1].join(t[0]) + t[2][1]).encode())
+
+
+def _python_compact(data: bytes) -> str | None:
+    from undo.store.postgres._store import _FLAT, _py_json_text
+
+    return _py_json_text(data) if _FLAT.fullmatch(data) else None
+
+
+def test_a_postgresql_store_loads_images_with_the_c_module():
+    from undo.store.postgres import _store
+
+    assert _store._compact is speedups.compact_flat_array
+
+
+@settings(max_examples=500)
+@given(
+    st.one_of(
+        _jsonb_text,
+        st.binary(max_size=12).map(lambda b: b"[" + b + b"]"),
+        st.binary(max_size=6).map(
+            lambda b: b'["' + b.replace(b'"', b"").replace(b"\\", b"") + b'"]'
+        ),
+    )
+)
+def test_a_stored_image_compacts_as_in_python(data):
+    """A PostgreSQL store's reader compacts jsonb's text of an image in C: the same text as
+    its Python reference, None for any text that reference leaves to json.loads, and the same
+    error for text that is not UTF-8."""
+    try:
+        expected = _python_compact(data)
+    except UnicodeDecodeError:
+        with pytest.raises(UnicodeDecodeError):
+            speedups.compact_flat_array(data)
+        return
+    assert speedups.compact_flat_array(data) == expected
+    assert speedups.compact_flat_array(memoryview(data)) == expected
+
+
+def test_images_of_every_size_compact():
+    for n in (0, 1, 100, 600, 100_000):  # below and above the stack buffer
+        values = ["x" * n, None, "é" * n]
+        raw = json.dumps(values, ensure_ascii=False, separators=(", ", ": ")).encode()
+        assert speedups.compact_flat_array(raw) == json.dumps(
+            values, ensure_ascii=False, separators=(",", ":")
+        )

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,18 +67,34 @@ _FLAT = re.compile(
 )
 
 
+def _py_json_text(data: Any) -> str:
+    """jsonb's text -> the SQLite store's: the reference of undo._speedups.compact_flat_array
+    for a flat array, and the path of any other text."""
+    text = bytes(data)
+    if _FLAT.fullmatch(text):
+        # its elements, each found where the one before ended (after ", "), joined by ","
+        # (json.loads + dumps: 36% of an undo from a PostgreSQL store, 3x this)
+        return (b"[%b]" % b",".join(_ELEMENT.findall(text))).decode()
+    return _dumps(json.loads(text))
+
+
+#: the C compacting of a flat array (None: not built, or UNDO_PURE_PYTHON set)
+_compact: Callable[[Any], str | None] | None = None
+if not os.environ.get("UNDO_PURE_PYTHON"):
+    with contextlib.suppress(ImportError):
+        from undo._speedups import compact_flat_array as _compact
+
+
 class _JsonText(Loader):
     """jsonb -> its text as the SQLite store holds it. Not jsonb's own text (``["a", "b"]``):
     an undo compares images it composes (a TOASTed value an update kept) with stored ones as
     text, and a key given on the command line is compared with stored keys as text."""
 
     def load(self, data: Any) -> str:
-        text = bytes(data)
-        if _FLAT.fullmatch(text):
-            # its elements, each found where the one before ended (after ", "), joined by ","
-            # (json.loads + dumps: 36% of an undo from a PostgreSQL store, 3x this)
-            return (b"[%b]" % b",".join(_ELEMENT.findall(text))).decode()
-        return _dumps(json.loads(text))
+        # an image in C (the regular expressions were 40% of an undo's own time, bench/undo)
+        if _compact is not None and (text := _compact(data)) is not None:
+            return text
+        return _py_json_text(data)
 
 
 #: the tables the queries name, as views of one source's rows (``{s}``: its id, ``{lo}``..
@@ -139,12 +156,16 @@ class Runner:
         cur.adapters.register_loader("jsonb", _JsonText)
         return cur
 
-    def stream(self, query: str, parameters: Sequence[Any]) -> Iterator[Any]:
+    def stream(
+        self, query: str, parameters: Sequence[Any], unsorted: bool = False
+    ) -> Iterator[Any]:
         """A query's rows as they arrive, :data:`_CHUNK` at a time, not the whole result before
         the first: for a caller that runs nothing else on this connection until the last row
-        (psycopg refuses it meanwhile); one closed early cancels its query."""
+        (psycopg refuses it meanwhile); one closed early cancels its query. ``unsorted``: its
+        ORDER BY is read from an index, never sorted (one more round trip before and after)."""
         text = query.replace("%", "%%").replace("?", "%s")
-        return self._cursor().stream(text.encode(), list(parameters), size=_CHUNK)
+        rows = self._cursor().stream(text.encode(), list(parameters), size=_CHUNK)
+        return _without_sort(self.conn, rows) if unsorted else rows
 
     def execute(self, query: str, parameters: Any = ()) -> psycopg.Cursor[Any]:
         cur = self._cursor()
@@ -156,6 +177,23 @@ class Runner:
 
 #: rows a stream takes at a time (chunked rows need libpq 17; before, one at a time)
 _CHUNK = 1000 if psycopg.pq.version() >= 170000 else 1
+
+
+def _without_sort(conn: psycopg.Connection[Any], rows: Iterator[Any]) -> Iterator[Any]:
+    """``rows`` planned with no sort: the planner's estimate is no guide to a range of changes
+    (no statistics yet, or a table rare in the store but not in the range), and a sort of a
+    bulk statement's changes spilled to disk before the first row (300,000: 0.42 s, against
+    0.12 s for the whole read in id order)."""
+    conn.execute("SET enable_sort = off")
+    try:
+        yield from rows
+    finally:
+        with contextlib.suppress(psycopg.OperationalError):  # a lost connection: its error
+            conn.execute("RESET enable_sort")
+
+
+#: a transaction's range of changes from which a table's are read in id order, never sorted
+_SORT_BELOW = 10_000
 
 
 class PgStore(SqliteStore):
@@ -211,13 +249,19 @@ class PgStore(SqliteStore):
     ) -> Iterator[StoredChange]:
         # streamed, not fetched whole before the first is used (peak RSS 113-153 MB against
         # SQLite's 45-49 for 300,000 changes, bench/undo): the engine reads nothing else from
-        # the store until the last (they go into a COPY or the script, undo.engine.apply)
+        # the store until the last (they go into a COPY or the script, undo.engine.apply).
+        # `relation = ?`, not SQLite's `+relation` (which keeps SQLite off its index on
+        # relation): this store has no such index, and the planner took `+relation = ?` for
+        # 0.5% of the range, so it sorted a bulk statement's changes after a bitmap scan; a
+        # large range is read in id order whatever the estimate (a small one's sort is cheap,
+        # and a session of many small transactions pays no more round trips)
         return map(
             StoredChange._make,
             self.db.stream(
                 "SELECT id, op, old, new, unchanged, ? FROM changes"
-                " WHERE id BETWEEN ? AND ? AND +relation = ? ORDER BY id",
+                " WHERE id BETWEEN ? AND ? AND relation = ? ORDER BY id",
                 [xid, first, last, rel_id],
+                unsorted=last - first >= _SORT_BELOW,
             ),
         )
 
