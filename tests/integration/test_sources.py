@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -263,6 +265,19 @@ def test_the_dashboard_shows_the_source_of_everything_and_filters_by_it(pgo, tmp
             status, page = get(base + "/")
             assert f"Capture health: {pgo.dbname}" in page
             assert f"Capture health: {b.dbname}" in page
+            # the slot's figures are the --dsn database's (b): under b only, not also under a
+            # (a capture stopped on a looked healthy)
+            health = {part.split("</h2>")[0]: part for part in page.split("Capture health: ")[1:]}
+            assert "--dsn is another source&#39;s database" in health[pgo.dbname]
+            assert re.search(r"WAL held by the slot: [\d,]+ bytes", health[b.dbname])
+            assert "WAL held by the slot: <span" in health[pgo.dbname]
+            # a card's link lists that application's sessions in its source
+            for src in (pgo, b):
+                app = "app-" + src.dbname[-6:]
+                link = re.search(r'href="/sessions\?([^"]*)">' + f"{src.dbname}: {app}<", page)
+                assert link, page
+                status, listed = get(base + "/sessions?" + html.unescape(link.group(1)))
+                assert status == 200 and app in listed and "no session" not in listed
             status, page = get(base + f"/sessions/{sid_a}?source={pgo.dbname}")
             assert status == 200 and f'source: <a href="?source={pgo.dbname}"' in page
             status, page = get(base + "/history/public.t?id=1")
