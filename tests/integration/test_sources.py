@@ -386,3 +386,33 @@ def test_reregister_onto_a_database_without_the_sources_tables_is_refused(pgo):
     done = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
     assert done.returncode == 0, done.stderr
     assert pgo.undo_cli("session", sid).returncode == 0
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_prune_keeps_each_sources_metrics_its_own(pgo, tmp_path):
+    """What a prune took out is counted under its own source: on SQLite every source's
+    /metrics read every source's pruned transactions (another source's applications appeared
+    under it, and its totals were off)."""
+    from tests.integration.test_prune import _counters, _narrow_partitions, _past_a_boundary
+
+    with _beside(pgo, tmp_path, "b") as b:
+        _two_sources(pgo, b, at_once=False)
+        _narrow_partitions(pgo)
+        for src in (pgo, b):  # in a partition of their own, before the cut
+            with src.connect(application_name="old-" + src.dbname[-6:]) as c:
+                c.execute("INSERT INTO t VALUES (10, 'old')")
+        cut = _past_a_boundary(pgo)
+        for src in (pgo, b):  # kept: each source's newest stored transaction is after the cut
+            with src.connect(application_name="new-" + src.dbname[-6:]) as c:
+                c.execute("INSERT INTO t VALUES (11, 'new')")
+            assert src.undo_cli("capture", "--once").returncode == 0
+        before = _counters(pgo)
+        pruned = pgo.undo_cli("prune", "--before", cut)
+        assert pruned.returncode == 0, pruned.stderr
+        after = _counters(pgo)
+        assert after == before
+        for series in after:
+            if series.startswith("undo_transactions_total"):
+                source = re.search(r'source="([^"]+)"', series)
+                app = re.search(r'application="[a-z]+-([^"]+)"', series)
+                assert source and app and source.group(1).endswith(app.group(1)), series
