@@ -274,9 +274,11 @@ def test_an_undo_of_a_session_or_app_wholly_pruned_is_refused_not_unknown(pgo):
     wholly = pgo.undo_cli("session", sid).stderr
     assert f"holds no transaction of session {sid}, which began before" in wholly
     assert "later transactions are kept" not in wholly
-    # an id that is no session's start is still unknown
-    unknown = pgo.undo_cli("session", "nope")
-    assert unknown.returncode == 2 and "unknown session" in unknown.stderr
+    # an id that is no session's start is still unknown, however much of one it holds
+    start = sid.split(".")[0]
+    for text in ("nope", start, start + ".", sid.upper(), " " + sid, sid + ";x", "+" + sid):
+        unknown = pgo.undo_cli("session", text)
+        assert unknown.returncode == 2 and "unknown session" in unknown.stderr, (text, unknown)
 
 
 @pytest.mark.parametrize("store_kind", STORES, indirect=True)
