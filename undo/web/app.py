@@ -97,11 +97,12 @@ MAX_CLIENTS = 10000  # addresses remembered by the limit
 
 URLS = Map(
     [
-        Rule("/", endpoint="overview"),
-        Rule("/sessions", endpoint="sessions"),
-        Rule("/sessions/<path:session_id>", endpoint="session"),
-        Rule("/history/<path:table>", endpoint="history"),
-        Rule("/metrics", endpoint="metrics"),
+        # read-only: GET (and HEAD) only; another method is 405
+        Rule("/", endpoint="overview", methods=["GET"]),
+        Rule("/sessions", endpoint="sessions", methods=["GET"]),
+        Rule("/sessions/<path:session_id>", endpoint="session", methods=["GET"]),
+        Rule("/history/<path:table>", endpoint="history", methods=["GET"]),
+        Rule("/metrics", endpoint="metrics", methods=["GET"]),
         Rule("/login", endpoint="login", methods=["GET", "POST"]),
         Rule("/logout", endpoint="logout", methods=["POST"]),
     ],
@@ -119,6 +120,11 @@ PARAMETERS = {
 
 
 def _unknown_parameter(endpoint: str, q: Any) -> None:
+    """A parameter the page does not take, or a NUL in any (no text the store holds has one;
+    PostgreSQL refuses it in a query's text parameter): BadInput."""
+    for name, value in q.items(multi=True):
+        if "\x00" in name or "\x00" in value:
+            raise BadInput(f"parameter {_shown(name)} holds a NUL character")
     takes = PARAMETERS.get(endpoint)
     if takes is None:
         return
