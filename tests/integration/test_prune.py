@@ -274,9 +274,11 @@ def test_an_undo_of_a_session_or_app_wholly_pruned_is_refused_not_unknown(pgo):
     wholly = pgo.undo_cli("session", sid).stderr
     assert f"holds no transaction of session {sid}, which began before" in wholly
     assert "later transactions are kept" not in wholly
-    # an id that is no session's start is still unknown
-    unknown = pgo.undo_cli("session", "nope")
-    assert unknown.returncode == 2 and "unknown session" in unknown.stderr
+    # an id that is no session's start is still unknown, however much of one it holds
+    start = sid.split(".")[0]
+    for text in ("nope", start, start + ".", sid.upper(), " " + sid, sid + ";x", "+" + sid):
+        unknown = pgo.undo_cli("session", text)
+        assert unknown.returncode == 2 and "unknown session" in unknown.stderr, (text, unknown)
 
 
 @pytest.mark.parametrize("store_kind", STORES, indirect=True)
@@ -300,3 +302,36 @@ def test_a_prune_while_capture_is_behind_cuts_no_later_than_what_it_stored(pgo):
     undone = pgo.undo_cli("session", sid, "--apply")
     assert undone.returncode == 0, undone.stderr
     assert pgo.sql("SELECT id FROM t") == [(1,)]
+
+
+@pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
+def test_capture_whose_partition_a_prune_dropped_exits_to_be_restarted(pgo):
+    """A prune may drop the partition a running capture made for a transaction and still
+    writes into (commit times are not in commit order to the microsecond; a clock may step
+    back). Capture stopped with exit 2, for a person to act; it is a fault a restart puts right
+    (exit 75: the restart makes the partition again), and nothing is lost."""
+    from tests.integration.test_bad_input import wait_for
+    from tests.integration.test_capture_service import _start
+
+    pgo.sql("CREATE TABLE t (id int PRIMARY KEY)")
+    pgo.init()
+    proc = _start(pgo)
+    try:
+        pgo.sql("INSERT INTO t VALUES (1)")
+        wait_for(lambda: pgo.store_rows("SELECT count(*) FROM changes") == [(1,)])
+        with psycopg.connect(pgo.store, autocommit=True) as c:  # what the prune does
+            for (name,) in c.execute("SELECT name FROM undo_store.change_partitions").fetchall():
+                c.execute(sql.SQL("DROP TABLE undo_store.{}").format(sql.Identifier(name)))
+            c.execute("DELETE FROM undo_store.change_partitions")
+        pgo.sql("INSERT INTO t VALUES (2)")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 75, err
+    assert "was dropped meanwhile" in err.splitlines()[-1] and "Traceback" not in err
+    again = pgo.undo_cli("capture", "--once")
+    assert again.returncode == 0, again.stderr
+    # the first went with its partition; the second is stored now
+    assert pgo.store_rows("SELECT count(*) FROM changes") == [(1,)]

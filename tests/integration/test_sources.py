@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -263,6 +265,19 @@ def test_the_dashboard_shows_the_source_of_everything_and_filters_by_it(pgo, tmp
             status, page = get(base + "/")
             assert f"Capture health: {pgo.dbname}" in page
             assert f"Capture health: {b.dbname}" in page
+            # the slot's figures are the --dsn database's (b): under b only, not also under a
+            # (a capture stopped on a looked healthy)
+            health = {part.split("</h2>")[0]: part for part in page.split("Capture health: ")[1:]}
+            assert "--dsn is another source&#39;s database" in health[pgo.dbname]
+            assert re.search(r"WAL held by the slot: [\d,]+ bytes", health[b.dbname])
+            assert "WAL held by the slot: <span" in health[pgo.dbname]
+            # a card's link lists that application's sessions in its source
+            for src in (pgo, b):
+                app = "app-" + src.dbname[-6:]
+                link = re.search(r'href="/sessions\?([^"]*)">' + f"{src.dbname}: {app}<", page)
+                assert link, page
+                status, listed = get(base + "/sessions?" + html.unescape(link.group(1)))
+                assert status == 200 and app in listed and "no session" not in listed
             status, page = get(base + f"/sessions/{sid_a}?source={pgo.dbname}")
             assert status == 200 and f'source: <a href="?source={pgo.dbname}"' in page
             status, page = get(base + "/history/public.t?id=1")
@@ -371,3 +386,35 @@ def test_reregister_onto_a_database_without_the_sources_tables_is_refused(pgo):
     done = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
     assert done.returncode == 0, done.stderr
     assert pgo.undo_cli("session", sid).returncode == 0
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_what_prune_took_counts_under_its_own_source(pgo, tmp_path):
+    """What a prune took out (pruned_counts, per source) is counted under that source: on
+    SQLite every source's /metrics read every source's (another source's pruned applications
+    appeared under each, and its transaction totals were off). The rows are those a prune of
+    each source's minutes of activity leaves (a real one needs a whole minute gone)."""
+    from tests.integration.test_prune import _counters
+
+    with _beside(pgo, tmp_path, "b") as b:
+        _two_sources(pgo, b, at_once=False)
+        schema = "undo_store." if pgo.pg_store else ""
+        for source, src in ((1, pgo), (2, b)):
+            insert = (
+                f"INSERT INTO {schema}pruned_counts (source, kind, application_name, relation,"
+                f" inserts, n) SELECT source, 'activity', 'gone-{src.dbname[-6:]}', id, 3, 2"
+                f" FROM {schema}relations WHERE source = {source}"
+            )
+            if pgo.pg_store:
+                with psycopg.connect(pgo.store, autocommit=True) as c:
+                    c.execute(insert.encode())
+            else:
+                with contextlib.closing(sqlite3.connect(pgo.store)) as c:
+                    c.execute(insert)
+                    c.commit()
+        counted = _counters(pgo)
+        for src in (pgo, b):
+            gone = f'application="gone-{src.dbname[-6:]}"'
+            series = [k for k in counted if k.startswith("undo_transactions_total") and gone in k]
+            assert series == [f'undo_transactions_total{{{gone},source="{src.dbname}"}}'], series
+            assert counted[series[0]] == 2

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import STORES, run_cli
 from tests.integration.test_web import _scenario
 from undo.web import serve
 from undo.web.app import Server, make_app
@@ -401,3 +401,20 @@ def test_the_authorization_scheme_is_case_insensitive(site):
             got = _request(port, "GET", "/metrics", {"Authorization": f"{scheme} {token}"})
             assert got[0] == status, (scheme, token, got[0])
     assert _request(port, "GET", "/metrics", {"Authorization": f"Basic {TOKEN}"})[0] == 401
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_a_nul_in_a_parameter_is_a_bad_request_and_only_get_is_served(site):
+    """A NUL in a parameter was a 500 and a traceback on a PostgreSQL store (it refuses NUL in
+    text); the read-only pages answered POST as GET."""
+    _src, _sid, start = site
+    port = start()
+    for path in ("/sessions?app=%00", "/sessions?user=a%00b", "/history/public.t?id=%00"):
+        status, _h, body = _request(port, "GET", path, AUTH)
+        assert status == 400 and "NUL" in body, (path, status, body)
+    for method in ("POST", "PUT", "DELETE"):
+        for path in ("/", "/sessions", "/metrics"):
+            status, _h, _b = _request(port, method, path, AUTH)
+            assert status == 405, (method, path, status)
+    status, _h, _b = _request(port, "HEAD", "/", AUTH)
+    assert status == 200

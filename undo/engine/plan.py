@@ -7,6 +7,7 @@ each row's chain happens in PostgreSQL (inverse.py).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -241,13 +242,20 @@ def _session_start(session_id: str) -> int | None:
     """When a session began, to the second, from its id (PostgreSQL's %c: the backend's start
     time and pid in hex); None for an id that is not one.
 
+    As PostgreSQL writes it: lowercase hex, nothing else (``int()`` took signs, spaces, ``0x``
+    and any tail).
+
     >>> _session_start("6b071524.9d7"), _session_start("nope")
     (1795626276, None)
+    >>> [_session_start(s) for s in ("6B071524.9D7", " 6b071524.9d7", "6b071524.9d7;x", "6b0.")]
+    [None, None, None, None]
     """
-    try:
-        return int(session_id.split(".")[0], 16)
-    except ValueError:
-        return None
+    found = _SESSION_ID.fullmatch(session_id)
+    return int(found.group(1), 16) if found else None
+
+
+#: PostgreSQL's %c: the backend's start time and its pid, each in lowercase hex
+_SESSION_ID = re.compile(r"([0-9a-f]{1,16})\.[0-9a-f]{1,16}")
 
 
 def _pruned(db: Store, target: Target, wholly: bool = False) -> list[str]:

@@ -77,6 +77,7 @@ _SCOPED = {
     "guard_refusals": "SELECT * FROM main.guard_refusals WHERE source = {s}",
     "ddl": "SELECT * FROM main.ddl WHERE source = {s}",
     "malformed": "SELECT * FROM main.malformed WHERE source = {s}",
+    "pruned_counts": "SELECT * FROM main.pruned_counts WHERE source = {s}",
 }
 
 

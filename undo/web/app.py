@@ -97,11 +97,12 @@ MAX_CLIENTS = 10000  # addresses remembered by the limit
 
 URLS = Map(
     [
-        Rule("/", endpoint="overview"),
-        Rule("/sessions", endpoint="sessions"),
-        Rule("/sessions/<path:session_id>", endpoint="session"),
-        Rule("/history/<path:table>", endpoint="history"),
-        Rule("/metrics", endpoint="metrics"),
+        # read-only: GET (and HEAD) only; another method is 405
+        Rule("/", endpoint="overview", methods=["GET"]),
+        Rule("/sessions", endpoint="sessions", methods=["GET"]),
+        Rule("/sessions/<path:session_id>", endpoint="session", methods=["GET"]),
+        Rule("/history/<path:table>", endpoint="history", methods=["GET"]),
+        Rule("/metrics", endpoint="metrics", methods=["GET"]),
         Rule("/login", endpoint="login", methods=["GET", "POST"]),
         Rule("/logout", endpoint="logout", methods=["POST"]),
     ],
@@ -119,6 +120,11 @@ PARAMETERS = {
 
 
 def _unknown_parameter(endpoint: str, q: Any) -> None:
+    """A parameter the page does not take, or a NUL in any (no text the store holds has one;
+    PostgreSQL refuses it in a query's text parameter): BadInput."""
+    for name, value in q.items(multi=True):
+        if "\x00" in name or "\x00" in value:
+            raise BadInput(f"parameter {_shown(name)} holds a NUL character")
     takes = PARAMETERS.get(endpoint)
     if takes is None:
         return
@@ -490,21 +496,31 @@ class App:
             refused = sorted(refused, key=lambda g: g.refused_at)[-20:][::-1]
         finally:
             db.close()
-        by_app: dict[str, list[ActivityBucket]] = {}
+        by_app: dict[tuple[str | None, str | None], list[ActivityBucket]] = {}
         for r in rows:
-            app = r.name or "(untagged)"
-            by_app.setdefault(f"{r.source}: {app}" if len(names) > 1 else app, []).append(r)
+            by_app.setdefault((r.source, r.name), []).append(r)
+        several = len(names) > 1
+
+        def shown_app(key: tuple[str | None, str | None]) -> str:
+            app = key[1] or "(untagged)"
+            return f"{key[0]}: {app}" if several else app
+
         apps = [
             {
-                "name": app,
+                "name": shown_app(key),
+                # the sessions page of that application (and source): its own names
+                "query": {
+                    **({"app": key[1]} if key[1] else {}),
+                    **({"source": key[0]} if several and key[0] else {}),
+                },
                 "inserts": sum(p.inserts for p in pts),
                 "updates": sum(p.updates for p in pts),
                 "deletes": sum(p.deletes for p in pts),
                 "chart": chart(pts, first, bucket, count),
             }
-            for app, pts in sorted(by_app.items())
+            for key, pts in sorted(by_app.items(), key=lambda kv: shown_app(kv[0]))
         ]
-        wal_held, capture_lag, unknown = self._source_health()
+        measured, wal_held, capture_lag, unknown = self._source_health()
         return self.page(
             "overview.html",
             "Overview",
@@ -516,31 +532,40 @@ class App:
                     if h.last_commit_time
                     else "",
                     "position": int_to_lsn(h.store_position),
+                    # the slot's figures are the --dsn database's: that source's only
+                    **(
+                        {"wal_held": wal_held, "capture_lag": capture_lag, "unknown": unknown}
+                        if measured is None or h.source == measured
+                        else {
+                            "wal_held": None,
+                            "capture_lag": None,
+                            "unknown": "--dsn is another source's database",
+                        }
+                    ),
                 }
                 for h in healths
             ],
-            wal_held=wal_held,
-            capture_lag=capture_lag,
-            unknown=unknown,
             refused=refused,
             since=since_text,
             bucket_minutes=bucket // 60,
             apps=apps,
         )
 
-    def _source_health(self) -> tuple[str | None, str | None, str]:
-        """WAL held by the slot and the capture lag, from the metrics that need the source (one
-        connection to it, one peek at the slot; not the store's); and why they may be
-        unknown."""
+    def _source_health(self) -> tuple[str | None, str | None, str | None, str]:
+        """The source the --dsn database is, the WAL its slot holds and its capture lag, from
+        the metrics that need the source (one connection to it, one peek at the slot; not the
+        store's); and why they may be unknown."""
         if not self.settings.dsn:
-            return None, None, "no --dsn"
-        found = {m.name: m.samples[0].value for m in self.collector.source_only() if m.samples}
+            return None, None, None, "no --dsn"
+        found = {m.name: m.samples[0] for m in self.collector.source_only() if m.samples}
         held = found.get("undo_slot_wal_held_bytes")
         lag = found.get("undo_capture_lag_seconds")
+        measured = next((s.labels.get("source") for s in found.values()), None)
         return (
-            None if held is None else f"{int(held):,} bytes",
-            None if lag is None else f"{lag:.1f} s",
-            "source unreachable",
+            measured,
+            None if held is None else f"{int(held.value):,} bytes",
+            None if lag is None else f"{lag.value:.1f} s",
+            "source unreachable" if measured is None else "no such slot on the --dsn database",
         )
 
     def sessions(self, q: Any) -> Response:

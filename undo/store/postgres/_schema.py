@@ -693,4 +693,12 @@ def _stores(e: psycopg.Error, location: str) -> StoreFault | None:
         )
     if state in _BUSY:
         return StoreBusy(f"the audit store {where} was busy {said}: run the command again")
+    if state == "23514" and e.diag.table_name == "changes" and not e.diag.constraint_name:
+        # no partition of changes for a row: a prune dropped the one capture had made for a
+        # commit time older than the newest it stored (commit times are not in commit order
+        # to the microsecond, and a clock can step back); capture makes it again at its start
+        return StoreBusy(
+            f"the partition of the audit store {where} for a transaction capture was writing"
+            f" was dropped meanwhile (undo prune, capture --keep) {said}: run capture again"
+        )
     return StoreFault(f"the audit store {where} refused {said}")
