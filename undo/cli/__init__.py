@@ -16,11 +16,39 @@ def _load() -> Any:
     return cli
 
 
+def json_asked(args: list[str]) -> bool:
+    """``--log-format json`` among the arguments, for a line written before (or instead of)
+    click parsing them: the commands not loaded yet, or the arguments refused."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--log-format=json" or (
+            arg == "--log-format" and args[i + 1 : i + 2] == ["json"]
+        ):
+            return True
+    return False
+
+
+def _json_line(message: str, exit_code: int) -> str:
+    """The line render.JsonLogFormatter writes for an error, without importing it."""
+    import json
+    import time
+
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    doc = {"time": stamp, "level": "error", "message": message, "exit_code": exit_code}
+    return json.dumps(doc, ensure_ascii=False)
+
+
 def main() -> None:
     try:
         cli = _load()
     except KeyboardInterrupt:
-        sys.stderr.write("Error: interrupted (Ctrl-C) while undo was starting: nothing was done\n")
+        message = "interrupted (Ctrl-C) while undo was starting: nothing was done"
+        sys.stderr.write(
+            _json_line(message, 130) if json_asked(sys.argv[1:]) else f"Error: {message}"
+        )
+        sys.stderr.write("\n")
         raise SystemExit(130) from None
     cli(prog_name="undo")
 

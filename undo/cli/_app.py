@@ -15,7 +15,7 @@ from typing import Any
 import click
 import psycopg
 
-from undo.cli import render
+from undo.cli import json_asked, render
 from undo.core.config import Settings
 from undo.core.errors import Interrupted, UndoError
 from undo.source.pg import connect_failure
@@ -88,11 +88,14 @@ def _one_line(ctx: click.Context, e: BaseException) -> UserError | None:
     )
 
 
-def _guarded(ctx: click.Context, run: Callable[[], Any]) -> Any:
+def _guarded(ctx: click.Context, run: Callable[[], Any], args: list[str] | None = None) -> Any:
     try:
         return _one_line_errors(ctx, run)
     except UserError as e:
-        e.as_json = ctx.find_root().params.get("log_format") == "json"
+        # the root's own arguments refused: --log-format json among them still asks for JSON
+        e.as_json = ctx.find_root().params.get("log_format") == "json" or (
+            ctx.parent is None and args is not None and json_asked(args)
+        )
         raise
 
 
@@ -132,7 +135,8 @@ class Group(click.Group):
     command_class = Command
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return _guarded(ctx, lambda: super(Group, self).parse_args(ctx, args))  # type: ignore[no-any-return]
+        given = list(args)  # click's parser consumes args as it goes
+        return _guarded(ctx, lambda: super(Group, self).parse_args(ctx, args), given)  # type: ignore[no-any-return]
 
     def invoke(self, ctx: click.Context) -> Any:
         return _guarded(ctx, lambda: super(Group, self).invoke(ctx))
@@ -294,11 +298,24 @@ def json_option(f: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
 
 
-def echo_err(message: str) -> None:
-    click.echo(message, err=True)
+def _as_json() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.find_root().params.get("log_format") == "json"
 
 
-def info(message: str) -> None:
+def echo_err(message: str, level: int = logging.INFO, **fields: Any) -> None:
+    """A line on stderr for the person at the terminal (a warning: ``warning: `` before it);
+    under --log-format json one JSON object, its level and fields, as every line there is."""
+    if not _as_json():
+        prefix = "warning: " if level == logging.WARNING else ""
+        click.echo(prefix + message, err=True)
+        return
+    record = logging.LogRecord("undo", level, "", 0, message, None, None)
+    record.fields = fields
+    click.echo(render.JsonLogFormatter().format(record), err=True)
+
+
+def info(message: str, **fields: Any) -> None:
     """A line on stderr that says how it went (a summary), left out under -q."""
     if not click.get_current_context().find_root().meta.get("undo.quiet"):
-        click.echo(message, err=True)
+        echo_err(message, **fields)

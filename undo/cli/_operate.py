@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from typing import Any
@@ -89,7 +90,7 @@ def init_cmd(
         reregister=reregister,
     )
     for w in report.warnings:
-        echo_err(f"warning: {w}")
+        echo_err(w, logging.WARNING)
     if report.nothing_to_do:
         click.echo("already initialised: nothing changed")
     else:
@@ -138,7 +139,11 @@ def capture_cmd(settings: Settings, once: bool, accept_gap: bool, keep: str | No
         should_stop=lambda: stopping["flag"],
         keep=keep_seconds,
     )
-    info(f"captured {report.transactions} transaction(s), {report.changes} change(s)")
+    info(
+        f"captured {report.transactions} transaction(s), {report.changes} change(s)",
+        transactions=report.transactions,
+        changes=report.changes,
+    )
 
 
 @cli.command("check")
@@ -360,7 +365,7 @@ def store_copy(settings: Settings, target: str) -> None:
 
     def progress(table: str, n: int, total: int) -> None:
         if not quiet:
-            echo_err(f"copying {table}: {n}/{total} rows")
+            echo_err(f"copying {table}: {n}/{total} rows", table=table, rows=n, total=total)
 
     done = copy_store(settings.store, target, progress)
     positions = ", ".join(

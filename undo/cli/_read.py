@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -282,7 +283,8 @@ def history_cmd(
                 normalise = keyforms.through_source(conn)
             except DatabaseUnreachable as e:
                 echo_err(
-                    f"warning: {e}; values compared in the forms docs/reference.md lists (history)"
+                    f"{e}; values compared in the forms docs/reference.md lists (history)",
+                    logging.WARNING,
                 )
         try:
             several = len(db.sources()) > 1
