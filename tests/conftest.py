@@ -315,20 +315,31 @@ def _make_source(
                     )
                 )
         with psycopg.connect(cluster.admin_dsn, autocommit=True) as c:
-            for (name,) in c.execute(
-                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (dbname,)
-            ).fetchall():
-                c.execute(
-                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-                    " WHERE slot_name = %s AND active_pid IS NOT NULL",
-                    (name,),
-                )
-                with contextlib.suppress(psycopg.Error):
-                    c.execute("SELECT pg_drop_replication_slot(%s)", (name,))
-            for name in (dbname, dbname + "_store"):
-                c.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
+            _drop_slots_and_databases(c, dbname)
+
+
+def _drop_slots_and_databases(c: psycopg.Connection[Any], dbname: str) -> None:
+    """A test's slots and databases gone, whatever still holds them. A terminated walsender
+    lets go of its slot a moment later: until then the slot stays and DROP DATABASE refuses
+    (ObjectInUse), and a database left behind keeps undo installed in the cluster, which later
+    tests of the same cluster see (uninstall keeps a role another database uses)."""
+    deadline = time.monotonic() + 30
+    while True:
+        slots = c.execute(
+            "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s",
+            (dbname,),
+        ).fetchall()
+        for name, pid in slots:
+            if pid is not None:
+                c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                continue
+            with contextlib.suppress(psycopg.Error):
+                c.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+        if not slots or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for name in (dbname, dbname + "_store"):
+        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 #: the kinds of audit store; a test runs on both with
