@@ -29,15 +29,21 @@ def json_asked(args: list[str]) -> bool:
     return False
 
 
-def _json_line(message: str, exit_code: int) -> str:
-    """The line render.JsonLogFormatter writes for an error, without importing it."""
+def json_line(level: str, message: str, created: float | None = None, **fields: Any) -> str:
+    """A line on stderr under --log-format json: time (UTC), level, message and the line's
+    fields (render.JsonLogFormatter's every line; here, as main writes one before the commands
+    load)."""
     import json
     import time
 
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-    doc = {"time": stamp, "level": "error", "message": message, "exit_code": exit_code}
-    return json.dumps(doc, ensure_ascii=False)
+    at = time.time() if created is None else created
+    doc = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z",
+        "level": level,
+        "message": message,
+        **fields,
+    }
+    return json.dumps(doc, ensure_ascii=False, default=str)
 
 
 def main() -> None:
@@ -46,7 +52,9 @@ def main() -> None:
     except KeyboardInterrupt:
         message = "interrupted (Ctrl-C) while undo was starting: nothing was done"
         sys.stderr.write(
-            _json_line(message, 130) if json_asked(sys.argv[1:]) else f"Error: {message}"
+            json_line("error", message, exit_code=130)
+            if json_asked(sys.argv[1:])
+            else f"Error: {message}"
         )
         sys.stderr.write("\n")
         raise SystemExit(130) from None

@@ -15,7 +15,7 @@ from typing import Any
 import click
 import psycopg
 
-from undo.cli import json_asked, render
+from undo.cli import json_asked, json_line, render
 from undo.core.config import Settings
 from undo.core.errors import Interrupted, UndoError
 from undo.source.pg import connect_failure
@@ -36,9 +36,9 @@ class UserError(click.ClickException):
         if not self.as_json:
             super().show(file)
             return
-        record = logging.LogRecord("undo", logging.ERROR, "", 0, self.message, None, None)
-        record.fields = {"exit_code": self.exit_code}
-        click.echo(render.JsonLogFormatter().format(record), file=file or sys.stderr)
+        click.echo(
+            json_line("error", self.message, exit_code=self.exit_code), file=file or sys.stderr
+        )
 
 
 #: what Ctrl-C leaves behind, by command (the others: nothing that needs saying)
@@ -93,9 +93,7 @@ def _guarded(ctx: click.Context, run: Callable[[], Any], args: list[str] | None 
         return _one_line_errors(ctx, run)
     except UserError as e:
         # the root's own arguments refused: --log-format json among them still asks for JSON
-        e.as_json = ctx.find_root().params.get("log_format") == "json" or (
-            ctx.parent is None and args is not None and json_asked(args)
-        )
+        e.as_json = _as_json(ctx) or (ctx.parent is None and args is not None and json_asked(args))
         raise
 
 
@@ -298,21 +296,19 @@ def json_option(f: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
 
 
-def _as_json() -> bool:
-    ctx = click.get_current_context(silent=True)
+def _as_json(ctx: click.Context | None) -> bool:
+    """--log-format json given (and parsed) to the root command of ``ctx``."""
     return ctx is not None and ctx.find_root().params.get("log_format") == "json"
 
 
 def echo_err(message: str, level: int = logging.INFO, **fields: Any) -> None:
     """A line on stderr for the person at the terminal (a warning: ``warning: `` before it);
     under --log-format json one JSON object, its level and fields, as every line there is."""
-    if not _as_json():
+    if not _as_json(click.get_current_context(silent=True)):
         prefix = "warning: " if level == logging.WARNING else ""
         click.echo(prefix + message, err=True)
         return
-    record = logging.LogRecord("undo", level, "", 0, message, None, None)
-    record.fields = fields
-    click.echo(render.JsonLogFormatter().format(record), err=True)
+    click.echo(json_line(logging.getLevelName(level).lower(), message, **fields), err=True)
 
 
 def info(message: str, **fields: Any) -> None:

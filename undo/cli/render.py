@@ -8,11 +8,11 @@ import io
 import json
 import logging
 import re
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+from undo.cli import json_line
 from undo.core import words
 from undo.store.api import HistoryVersion, Image, JsonDoc, Shown, ShownTransaction, Undone
 
@@ -230,14 +230,12 @@ class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time (UTC), level, message and the line's structured fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "message": record.getMessage(),
-        }
-        doc.update(getattr(record, "fields", {}))
-        return json.dumps(doc, ensure_ascii=False, default=str)
+        return json_line(
+            record.levelname.lower(),
+            record.getMessage(),
+            record.created,
+            **getattr(record, "fields", {}),
+        )
 
 
 # -- undo show ---------------------------------------------------------------------------
