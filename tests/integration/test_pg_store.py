@@ -468,6 +468,21 @@ def test_any_other_jsonb_loads_as_before(pg_store, text):
     assert got == _dumps(json.loads(text))
 
 
+def _one_bulk_insert(pgo: Any, rows: int, value: str) -> tuple[int, int, int]:
+    """A table ``many`` and one statement inserting ``rows`` rows of ``value`` (SQL), captured:
+    the store's relation id of it and the transaction's first and last change ids."""
+    pgo.init()
+    pgo.sql("CREATE TABLE many (id int PRIMARY KEY, v text)")
+    pgo.sql(f"INSERT INTO many SELECT g, {value} FROM generate_series(1, {rows}) g")
+    pgo.capture()
+    (rel,) = pgo.store_rows("SELECT id FROM relations WHERE table_name = 'many'")[0]
+    first, last = pgo.store_rows(
+        "SELECT first_change, last_change FROM transactions WHERE first_change IS NOT NULL"
+        " ORDER BY id DESC LIMIT 1"
+    )[0]
+    return int(rel), int(first), int(last)
+
+
 @pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
 def test_the_changes_an_undo_reads_from_a_postgresql_store_are_streamed(pgo):
     """A table's changes are read as they arrive, not the whole result before the first is
@@ -477,15 +492,7 @@ def test_the_changes_an_undo_reads_from_a_postgresql_store_are_streamed(pgo):
 
     from undo.store import open_store as open_any
 
-    pgo.init()
-    pgo.sql("CREATE TABLE many (id int PRIMARY KEY, v text)")
-    pgo.sql("INSERT INTO many SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g")
-    pgo.capture()
-    (rel,) = pgo.store_rows("SELECT id FROM relations WHERE table_name = 'many'")[0]
-    first, last = pgo.store_rows(
-        "SELECT first_change, last_change FROM transactions WHERE first_change IS NOT NULL"
-        " ORDER BY id DESC LIMIT 1"
-    )[0]
+    rel, first, last = _one_bulk_insert(pgo, 5000, "repeat('x', 50)")
     store = open_any(pgo.store)
     try:
         read = store.changes(first, last, rel, None)
@@ -508,15 +515,7 @@ def test_a_bulk_statements_changes_are_read_in_id_order_never_sorted(pgo):
 
     from undo.store import open_store as open_any
 
-    pgo.init()
-    pgo.sql("CREATE TABLE many (id int PRIMARY KEY, v text)")
-    pgo.sql("INSERT INTO many SELECT g, 'x' FROM generate_series(1, 12000) g")
-    pgo.capture()
-    (rel,) = pgo.store_rows("SELECT id FROM relations WHERE table_name = 'many'")[0]
-    first, last = pgo.store_rows(
-        "SELECT first_change, last_change FROM transactions WHERE first_change IS NOT NULL"
-        " ORDER BY id DESC LIMIT 1"
-    )[0]
+    rel, first, last = _one_bulk_insert(pgo, 12000, "'x'")
     store = open_any(pgo.store)
     try:
         plans: list[str] = []
