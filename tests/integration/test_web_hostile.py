@@ -415,7 +415,12 @@ def test_a_nul_in_a_parameter_is_a_bad_request_and_only_get_is_served(site):
     text); the read-only pages answered POST as GET."""
     _src, _sid, start = site
     port = start()
-    for path in ("/sessions?app=%00", "/sessions?user=a%00b", "/history/public.t?id=%00"):
+    for path in (
+        "/sessions?app=%00",
+        "/sessions?user=a%00b",
+        "/history/public.t?id=%00",
+        "/sessions/a%00b",  # in the path too
+    ):
         status, _h, body = _request(port, "GET", path, AUTH)
         assert status == 400 and "NUL" in body, (path, status, body)
     for method in ("POST", "PUT", "DELETE"):

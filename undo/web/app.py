@@ -374,6 +374,8 @@ class App:
             if endpoint == "login":
                 return redirect("/", 303)
             _unknown_parameter(endpoint, request.args)
+            if any("\x00" in value for value in args.values()):  # a session id, a table
+                raise BadInput("the path holds a NUL character")
             response: Response = getattr(self, endpoint)(request.args, **args)
             return response
         except (NotFound, NotRecorded) as e:
