@@ -375,6 +375,7 @@ def test_reregister_onto_a_database_without_the_sources_tables_is_refused(pgo):
             s.execute(changed)
             s.commit()
     pgo.sql("ALTER TABLE t RENAME TO u")  # this database no longer holds the history's table
+    pgo.sql("CREATE VIEW t AS SELECT 1 AS id, 'x'::text AS v")  # a view of its name is none
     refused = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
     assert refused.returncode == 2, refused.stderr
     assert "holds none of the 1 table(s)" in refused.stderr and "public.t" in refused.stderr
@@ -382,7 +383,7 @@ def test_reregister_onto_a_database_without_the_sources_tables_is_refused(pgo):
     # nothing changed: the source keeps its old server's identity, every command refuses
     assert "7000000000000000001" in pgo.undo_cli("session", sid).stderr
     # the same database (its table back): accepted
-    pgo.sql("ALTER TABLE u RENAME TO t")
+    pgo.sql("DROP VIEW t; ALTER TABLE u RENAME TO t")
     done = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
     assert done.returncode == 0, done.stderr
     assert pgo.undo_cli("session", sid).returncode == 0

@@ -173,7 +173,8 @@ def _refuse_a_stranger(
         return
     row = conn.execute(
         "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
-        " ON n.oid = c.relnamespace JOIN ROWS FROM (pg_catalog.unnest(%s::text[]),"
+        " ON n.oid = c.relnamespace AND c.relkind IN ('r', 'p')"  # tables, not views
+        " JOIN ROWS FROM (pg_catalog.unnest(%s::text[]),"
         " pg_catalog.unnest(%s::text[])) AS r(s, t)"
         " ON n.nspname = r.s AND c.relname = r.t",
         ([s for s, _ in recorded], [t for _, t in recorded]),
