@@ -276,7 +276,11 @@ def test_an_undo_of_a_session_or_app_wholly_pruned_is_refused_not_unknown(pgo):
     assert "later transactions are kept" not in wholly
     # an id that is no session's start is still unknown, however much of one it holds
     start = sid.split(".")[0]
-    for text in ("nope", start, start + ".", sid.upper(), " " + sid, sid + ";x", "+" + sid):
+    pid = sid.split(".")[1]
+    for text in (
+        *("nope", start, start + ".", sid.upper(), " " + sid, sid + ";x", "+" + sid),
+        *("0" + sid, f"{start}.0{pid}", f"{start}.1{'0' * 8}", "0.0"),  # never PostgreSQL's
+    ):
         unknown = pgo.undo_cli("session", text)
         assert unknown.returncode == 2 and "unknown session" in unknown.stderr, (text, unknown)
 

@@ -242,12 +242,14 @@ def _session_start(session_id: str) -> int | None:
     """When a session began, to the second, from its id (PostgreSQL's %c: the backend's start
     time and pid in hex); None for an id that is not one.
 
-    As PostgreSQL writes it: lowercase hex, nothing else (``int()`` took signs, spaces, ``0x``
-    and any tail).
+    As PostgreSQL writes it: two lowercase hex numbers of at most 32 bits without leading zeros,
+    neither 0, nothing else (``int()`` took signs, spaces, ``0x`` and any tail).
 
     >>> _session_start("6b071524.9d7"), _session_start("nope")
     (1795626276, None)
     >>> [_session_start(s) for s in ("6B071524.9D7", " 6b071524.9d7", "6b071524.9d7;x", "6b0.")]
+    [None, None, None, None]
+    >>> [_session_start(s) for s in ("06b071524.9d7", "6b071524.09d7", "0.0", "6b071524.1ffffffff")]
     [None, None, None, None]
     """
     found = _SESSION_ID.fullmatch(session_id)
@@ -255,7 +257,7 @@ def _session_start(session_id: str) -> int | None:
 
 
 #: PostgreSQL's %c: the backend's start time and its pid, each in lowercase hex
-_SESSION_ID = re.compile(r"([0-9a-f]{1,16})\.[0-9a-f]{1,16}")
+_SESSION_ID = re.compile(r"([1-9a-f][0-9a-f]{0,7})\.[1-9a-f][0-9a-f]{0,7}")
 
 
 def _pruned(db: Store, target: Target, wholly: bool = False) -> list[str]:
