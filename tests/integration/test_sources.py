@@ -419,3 +419,79 @@ def test_what_prune_took_counts_under_its_own_source(pgo, tmp_path):
             series = [k for k in counted if k.startswith("undo_transactions_total") and gone in k]
             assert series == [f'undo_transactions_total{{{gone},source="{src.dbname}"}}'], series
             assert counted[series[0]] == 2
+
+
+def _as_if_moved(src: Source, position: int) -> None:
+    """The store's source as if it were last captured on another server (a fake system
+    identifier) that had reached ``position`` there."""
+    from undo.store import open_store
+
+    changed = "UPDATE sources SET system_identifier = '7000000000000000001'"
+    if src.pg_store:
+        with psycopg.connect(src.store, autocommit=True) as s:
+            s.execute("UPDATE undo_store." + changed.removeprefix("UPDATE "))
+    else:
+        with contextlib.closing(sqlite3.connect(src.store)) as s:
+            s.execute(changed)
+            s.commit()
+    db = open_store(src.store, source=src.dbname)
+    try:
+        db.set_meta({"position": str(position)})
+    finally:
+        db.close()
+
+
+def _slot_at(src: Source) -> int:
+    from undo.core.wal import lsn_to_int
+
+    ((at,),) = src.sql(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+        (src.slot,),
+    )
+    return lsn_to_int(at)
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_reregister_onto_a_server_whose_slot_is_behind_the_store_is_refused(pgo):
+    """Back onto a server whose slot survived (the red team: register on B, then on A again):
+    the store's position is B's, above A's slot. Accepted, capture skipped A's changes up to
+    that position as already stored, and init said "nothing changed"."""
+    sid = _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    at = _slot_at(pgo)
+    _as_if_moved(pgo, at + (1 << 32))  # the other server was further on
+    pgo.sql("INSERT INTO t VALUES (3, 'c')")  # this server's slot holds it
+    refused = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert f"pg_drop_replication_slot('{pgo.slot}')" in refused.stderr
+    # nothing changed: the source keeps the other server's identity
+    assert "7000000000000000001" in pgo.undo_cli("session", sid).stderr
+    # as it says: the slot dropped, the switch is a gap and capture goes on from the new slot
+    pgo.sql("SELECT pg_drop_replication_slot(%s)", (pgo.slot,))
+    done = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
+    assert done.returncode == 0, done.stderr
+    assert "recorded as a gap" in done.stderr
+    pgo.sql("INSERT INTO t VALUES (4, 'd')")
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    assert pgo.store_rows("SELECT count(*) FROM gaps") == [(1,)]
+
+
+@pytest.mark.parametrize("store_kind", STORES, indirect=True)
+def test_reregister_onto_a_server_whose_slot_is_ahead_records_the_switch_as_a_gap(pgo):
+    """The kept slot is past the store's position (another server's, lower): what this
+    server did before the slot's position is not in the trail. init recorded nothing, said
+    "nothing changed", and capture then wanted --accept-gap."""
+    _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    at = _slot_at(pgo)
+    _as_if_moved(pgo, at - 0x100)
+    done = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
+    assert done.returncode == 0, done.stderr
+    assert "re-registered" in done.stdout and "nothing changed" not in done.stdout
+    assert "recorded as a gap" in done.stderr
+    assert pgo.store_rows("SELECT count(*) FROM gaps") == [(1,)]
+    pgo.sql("INSERT INTO t VALUES (3, 'c')")
+    captured = pgo.undo_cli("capture", "--once")
+    assert captured.returncode == 0, captured.stderr
+    assert pgo.store_rows("SELECT count(*) FROM changes") == [(4,)]

@@ -191,6 +191,43 @@ def _refuse_a_stranger(
     )
 
 
+def _switch(
+    conn: psycopg.Connection[Any], db: Any, name: str, settings: Settings
+) -> tuple[int | None, int] | None:
+    """--reregister of a source whose identity is not this database's: None when it is (or
+    the name is new); else (the slot's position where this database keeps a slot of that name
+    past the store's and a gap is to be recorded, else None; the store's position). A kept
+    slot behind the store's position (the source moved away and back: the position is the
+    other server's) is refused before anything changes: capture would take this server's
+    changes up to that position as stored and skip them."""
+    known = {s.name: s for s in db.sources()}
+    if name not in known or (known[name].system_identifier, known[name].database_name) == identity(
+        conn
+    ):
+        return None
+    db.use(name)
+    position = db.meta("position")
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots"
+        " WHERE slot_name = %s AND database = pg_catalog.current_database()"
+        " AND wal_status IS DISTINCT FROM 'lost'",
+        (settings.slot,),
+    ).fetchone()
+    if position is None or row is None or row[0] is None:
+        return None, int(position or 0)
+    kept_at, was_at = wal.lsn_to_int(row[0]), int(position)
+    if kept_at < was_at:
+        raise UndoError(
+            f"slot {settings.slot} of database {conn.info.dbname} is at {row[0]}, behind the"
+            f" audit store's position {wal.int_to_lsn(was_at)} of the source {name!r} on its"
+            " other server: capture would skip this server's changes up to there. Drop the"
+            f" slot (SELECT pg_drop_replication_slot('{settings.slot}')) and run `undo init"
+            f" --source {name} --reregister` again: it makes a new slot and records the switch"
+            " as a gap"
+        )
+    return (kept_at if kept_at > was_at else None), was_at
+
+
 def problem_rows(conn: psycopg.Connection[Any], schemas: list[str]) -> list[tuple[str, str, str]]:
     """(table, code, problem) for each thing that makes capture of an audited table incomplete
     now: undo.table_problems, the definition the event trigger and capture use too; its code
@@ -322,9 +359,16 @@ def init(
         if reregister and source is None:
             raise BadInput("--reregister needs --source: the name of the source to re-register")
         _refuse_foreign_claim(conn, db, settings)
+        switched = None
         if reregister and source is not None:
             _refuse_a_stranger(conn, db, source, settings)
+            switched = _switch(conn, db, source, settings)
         db.register_source(source, *identity(conn), reregister=reregister)
+        if switched is not None:
+            report.changed.append(
+                f"re-registered the source {source!r}: database {conn.info.dbname} of the server"
+                f" with system identifier {identity(conn)[0]}"
+            )
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
         superuser = bool(row and row[0])
         numbers_as_strings = decoder == "wal2json" and pg.wal2json_numbers_as_strings(conn)
@@ -480,6 +524,19 @@ def init(
             raise UndoError(
                 f"slot {settings.slot} exists with plugin {slot[0]}, not {decoder}: choose another"
                 " --slot or drop it"
+            )
+        kept_at, was_at = switched or (None, 0)
+        if slot is not None and kept_at is not None:
+            # the slot kept on this server is past the store's position of the other server:
+            # what this one did before the slot's position is not in the trail
+            db.record_gap(
+                was_at, kept_at, f"source re-registered on a new server; slot {settings.slot} kept"
+            )
+            db.set_meta({"position": str(kept_at)})
+            report.warnings.append(
+                "the source's server changed: changes before slot"
+                f" {settings.slot}'s {wal.int_to_lsn(kept_at)} on this server are not in the"
+                " audit trail (recorded as a gap)"
             )
         if slot is not None and failover and not slot[3]:
             with pg.connect(settings.dsn, replication="database") as rconn:
