@@ -291,6 +291,10 @@ def test_the_dashboard_shows_the_source_of_everything_and_filters_by_it(pgo, tmp
                 assert any(f'source="{name}"' in x for x in counted), counted
             # the lag is the --dsn database's
             assert f'undo_capture_lag_bytes{{source="{b.dbname}"}}' in text
+            # ?source= keeps that source's series only (it was ignored: every source's)
+            status, text = get(base + f"/metrics?source={pgo.dbname}")
+            assert status == 200 and f'source="{pgo.dbname}"' in text
+            assert f'source="{b.dbname}"' not in text
         finally:
             server.shutdown()
             server.server_close()

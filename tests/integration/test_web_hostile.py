@@ -204,6 +204,16 @@ def _login(port, headers=None, token=TOKEN, source="127.0.0.1"):
     )
 
 
+def test_a_nul_in_the_sign_in_form_is_a_400(site):
+    """Every other NUL a request carries is a 400; the sign-in form's was a wrong token (401)."""
+    _src, _sid, start = site
+    port = start()
+    status, _h, body = _login(port, token="a%00b")
+    assert status == 400 and "Bad form." in body
+    status, headers, _b = _login(port)  # the right one still signs in
+    assert status == 303 and "Set-Cookie" in headers
+
+
 def test_the_cookie_is_secure_behind_the_trusted_proxy_only(site):
     """X-Forwarded-Proto: https marks the cookie Secure when the peer is --trusted-proxy (here
     loopback: the test plays the proxy); from any other peer it is ignored."""
@@ -364,6 +374,10 @@ BAD_PARAMETERS = [
         "limit=5",
         "unknown parameter 'limit': this page takes page, source, tpage",
     ),
+    # /metrics took any parameter and any source name (200, every source's series)
+    ("/metrics", "match[]=up", "unknown parameter 'match[]': this page takes source"),
+    ("/metrics", "source=nope", "no source 'nope' in the audit store"),
+    ("/metrics", "source=a%00b", "holds a NUL character"),
 ]
 
 

@@ -116,6 +116,7 @@ PARAMETERS = {
     "overview": ("since", "source"),
     "sessions": ("app", "page", "since", "source", "table", "until", "user"),
     "session": ("page", "source", "tpage"),
+    "metrics": ("source",),
 }
 
 
@@ -366,11 +367,6 @@ class App:
             if refused is not None:
                 return refused
         try:
-            if endpoint == "metrics":
-                return Response(
-                    generate_latest(self.registry),
-                    content_type="text/plain; version=0.0.4; charset=utf-8",
-                )
             if endpoint == "login":
                 return redirect("/", 303)
             _unknown_parameter(endpoint, request.args)
@@ -430,7 +426,10 @@ class App:
         size = request.content_length
         if size is None or size > MAX_FORM_BYTES:  # never read a body of unknown or large size
             return self.page("message.html", "Bad request", 400, message="Bad form.")
-        if not self._is_token(request.form.get("token", "")):
+        given = request.form.get("token", "")
+        if "\x00" in given:  # no token holds one (argv and the environment cannot): malformed
+            return self.page("message.html", "Bad request", 400, message="Bad form.")
+        if not self._is_token(given):
             return self._wrong(client)
         response = redirect("/", 303)
         response.set_cookie(
@@ -469,6 +468,20 @@ class App:
                     f" {', '.join(known) or 'none'})"
                 )
         return wanted or known
+
+    def metrics(self, q: Any) -> Response:
+        """Prometheus text of every source, or of those ``?source=`` names."""
+        reg = self.registry
+        if "source" in q:
+            db = open_store(self.settings.store)
+            try:
+                wanted = self._sources(db, q)
+            finally:
+                db.close()
+            reg = metrics.registry(self.settings, only=wanted)
+        return Response(
+            generate_latest(reg), content_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     def overview(self, q: Any) -> Response:
         since_text = q.get("since") or "24h"

@@ -3,7 +3,7 @@ labelled with its source's name in the store (``source``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -50,8 +50,9 @@ def _counter(
 class StoreCollector(Collector):
     """Reads the aggregates capture keeps; never scans the changes."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, only: Collection[str] | None = None) -> None:
         self.settings = settings
+        self.only = None if only is None else set(only)  # these sources (None: every one)
 
     def collect(self) -> Iterator[Any]:
         """Every series with the label ``source`` (the source's name in the store), first;
@@ -80,6 +81,8 @@ class StoreCollector(Collector):
                 "undo_gaps", "Gaps recorded in the audit trail", labels=["source"]
             )
             for source in db.sources():
+                if self.only is not None and source.name not in self.only:
+                    continue
                 db.use(source.name)
                 s = source.name
                 figures = db.metrics()
@@ -163,6 +166,8 @@ class StoreCollector(Collector):
                 behind = lag(conn, db, self.settings, active=bool(row and row[1]), peek=bool(row))
         except Exception:
             return
+        if self.only is not None and source not in self.only:
+            return
 
         def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(name, text, labels=["source"])
@@ -185,7 +190,7 @@ class StoreCollector(Collector):
             )
 
 
-def registry(settings: Settings) -> CollectorRegistry:
+def registry(settings: Settings, only: Collection[str] | None = None) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(StoreCollector(settings))
+    reg.register(StoreCollector(settings, only))
     return reg
