@@ -97,8 +97,15 @@ def test_status_names_no_foreign_slot(two):
     assert foreign["slot"] is None, foreign["slot"]
     assert foreign["slot_database"] == first.dbname
 
-    # nor does /metrics count the WAL another database's slot holds as this store's
+    # nor does /metrics count the WAL the first database's slot holds as this store's: it
+    # reads the slot this store's source was made with, whatever --slot says
     from undo.web.metrics import StoreCollector
 
-    names = {m.name for m in StoreCollector(second.settings).collect()}
-    assert "undo_capture_lag_bytes" in names and "undo_slot_wal_held_bytes" not in names
+    first.sql("SELECT pg_drop_replication_slot(%s)", (first.slot,))  # were it read: none
+    held = [
+        s.labels["source"]
+        for m in StoreCollector(second.settings).collect()
+        if m.name == "undo_slot_wal_held_bytes"
+        for s in m.samples
+    ]
+    assert held == [second.dbname]

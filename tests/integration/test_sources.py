@@ -499,3 +499,26 @@ def test_reregister_onto_a_server_whose_slot_is_ahead_records_the_switch_as_a_ga
     captured = pgo.undo_cli("capture", "--once")
     assert captured.returncode == 0, captured.stderr
     assert pgo.store_rows("SELECT count(*) FROM changes") == [(4,)]
+
+
+def test_the_dashboard_reads_the_slot_the_store_recorded_for_the_dsn_source(pgo, tmp_path):
+    """serve read the slot named by --slot (its default, `undo`), not the one the store's
+    source was made with: no WAL held, no lag, "source unreachable"; and with --dsn on a
+    database of the server that is not a source, every card said "source unreachable" too."""
+    from werkzeug.test import Client
+
+    from undo.web import make_app
+
+    _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    other = dataclasses.replace(pgo.settings, slot="undo")  # serve's default --slot
+    metrics = Client(make_app(other)).get("/metrics", headers={"Host": "localhost"}).text
+    assert f'undo_slot_wal_held_bytes{{source="{pgo.dbname}"}}' in metrics
+    assert f'undo_capture_lag_bytes{{source="{pgo.dbname}"}}' in metrics
+    page = Client(make_app(other)).get("/", headers={"Host": "localhost"}).text
+    assert re.search(r"WAL held by the slot: [\d,]+ bytes", page), page
+    with _beside(pgo, tmp_path, "b") as b:  # a database of the server, never registered
+        elsewhere = dataclasses.replace(pgo.settings, dsn=b.dsn)
+        page = Client(make_app(elsewhere)).get("/", headers={"Host": "localhost"}).text
+        assert "source unreachable" not in page
+        assert "--dsn is no source of the store" in html.unescape(page)

@@ -570,9 +570,8 @@ class App:
         """The source the --dsn database is, the WAL its slot holds and its capture lag, from
         the metrics that need the source (one connection to it, one peek at the slot; not the
         store's); and why they may be unknown."""
-        if not self.settings.dsn:
-            return None, None, None, "no --dsn"
-        found = {m.name: m.samples[0] for m in self.collector.source_only() if m.samples}
+        families, why = self.collector.source_only()
+        found = {m.name: m.samples[0] for m in families if m.samples}
         held = found.get("undo_slot_wal_held_bytes")
         lag = found.get("undo_capture_lag_seconds")
         measured = next((s.labels.get("source") for s in found.values()), None)
@@ -580,7 +579,7 @@ class App:
             measured,
             None if held is None else f"{int(held.value):,} bytes",
             None if lag is None else f"{lag.value:.1f} s",
-            "source unreachable" if measured is None else "no such slot on the --dsn database",
+            why,
         )
 
     def sessions(self, q: Any) -> Response:

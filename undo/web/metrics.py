@@ -4,12 +4,14 @@ labelled with its source's name in the store (``source``)."""
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from undo.core.config import Settings
+from undo.core.errors import UndoError
 from undo.core.times import epoch
 from undo.source import pg, sources
 from undo.source.status import lag
@@ -140,34 +142,50 @@ class StoreCollector(Collector):
         finally:
             db.close()
 
-    def source_only(self) -> list[Any]:
+    def source_only(self) -> tuple[list[Any], str]:
         """The families that need the source (none without --dsn), without the store's: what
-        the dashboard's overview shows of the source's health."""
+        the dashboard's overview shows of the source's health; and why they are missing."""
         if not self.settings.dsn:
-            return []
+            return [], "no --dsn"
         db = open_store(self.settings.store)
         try:
-            return list(self._source(db))
+            found: list[Any] = []
+            return found, self._measure(db, found)
         finally:
             db.close()
 
     def _source(self, db: Store) -> Iterator[Any]:
-        """What needs the source: the WAL the slot holds, and the lag (as `undo status`)."""
+        found: list[Any] = []
+        self._measure(db, found)
+        yield from found
+
+    def _measure(self, db: Store, found: list[Any]) -> str:
+        """What needs the source, into ``found``: the WAL the slot the store recorded for the
+        --dsn database's source holds, and the lag (as `undo status`); why any is missing."""
         try:
-            with pg.connect(self.settings.dsn, connect_timeout=2) as conn:
+            conn = pg.connect(self.settings.dsn, connect_timeout=2)
+        except Exception:
+            return "source unreachable"
+        try:
+            with conn:
+                try:
+                    # the --dsn database's source: its position, its slot, its name as the label
+                    source = sources.bind(db, self.settings, conn).name
+                except UndoError:
+                    return "--dsn is no source of the store"
+                slot = db.meta("slot") or self.settings.slot
+                settings = replace(self.settings, slot=slot)
                 row = conn.execute(
                     "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8,"
                     " active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = %s"
                     " AND database = current_database()",  # not another database's slot
-                    (self.settings.slot,),
+                    (slot,),
                 ).fetchone()
-                # the --dsn database's source: its position, and its name as the label
-                source = sources.bind(db, self.settings, conn).name
-                behind = lag(conn, db, self.settings, active=bool(row and row[1]), peek=bool(row))
+                behind = lag(conn, db, settings, active=bool(row and row[1]), peek=bool(row))
         except Exception:
-            return
+            return "source unreachable"
         if self.only is not None and source not in self.only:
-            return
+            return ""
 
         def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(name, text, labels=["source"])
@@ -175,19 +193,26 @@ class StoreCollector(Collector):
             return g
 
         if row is not None and row[0] is not None:
-            yield gauge("undo_slot_wal_held_bytes", "WAL the slot keeps on the source", row[0])
+            found.append(
+                gauge("undo_slot_wal_held_bytes", "WAL the slot keeps on the source", row[0])
+            )
         if behind["lag_bytes"] is not None:
-            yield gauge(
-                "undo_capture_lag_bytes",
-                "The source's current WAL position minus the store's position",
-                behind["lag_bytes"],
+            found.append(
+                gauge(
+                    "undo_capture_lag_bytes",
+                    "The source's current WAL position minus the store's position",
+                    behind["lag_bytes"],
+                )
             )
         if behind["lag_seconds"] is not None:
-            yield gauge(
-                "undo_capture_lag_seconds",
-                "Age of the oldest commit not yet stored (0 when caught up)",
-                behind["lag_seconds"],
+            found.append(
+                gauge(
+                    "undo_capture_lag_seconds",
+                    "Age of the oldest commit not yet stored (0 when caught up)",
+                    behind["lag_seconds"],
+                )
             )
+        return "" if row is not None else f"no slot {slot} on the --dsn database"
 
 
 def registry(settings: Settings, only: Collection[str] | None = None) -> CollectorRegistry:
