@@ -274,6 +274,10 @@ def test_an_undo_of_a_session_or_app_wholly_pruned_is_refused_not_unknown(pgo):
     wholly = pgo.undo_cli("session", sid).stderr
     assert f"holds no transaction of session {sid}, which began before" in wholly
     assert "later transactions are kept" not in wholly
+    # and `show` says the same (it said "unknown session", exit 2)
+    shown = pgo.undo_cli("show", "session", sid)
+    assert shown.returncode == 1, shown.stderr
+    assert f"holds no transaction of session {sid}, which began before" in shown.stderr
     # an id that is no session's start is still unknown, however much of one it holds
     start = sid.split(".")[0]
     pid = sid.split(".")[1]
@@ -283,6 +287,7 @@ def test_an_undo_of_a_session_or_app_wholly_pruned_is_refused_not_unknown(pgo):
     ):
         unknown = pgo.undo_cli("session", text)
         assert unknown.returncode == 2 and "unknown session" in unknown.stderr, (text, unknown)
+    assert pgo.undo_cli("show", "session", "0" + sid).returncode == 2
 
 
 @pytest.mark.parametrize("store_kind", STORES, indirect=True)

@@ -115,3 +115,25 @@ def parse_bucket(text: str) -> int:
     if seconds > MAX_BUCKET:
         raise BadInput(f"bucket {text!r} is wider than 366d: use {examples}")
     return seconds
+
+
+#: PostgreSQL's %c: the backend's start time and its pid, each in lowercase hex
+SESSION_ID = re.compile(r"([1-9a-f][0-9a-f]{0,7})\.[1-9a-f][0-9a-f]{0,7}")
+
+
+def session_start(session_id: str) -> int | None:
+    """When a session began, to the second, from its id (PostgreSQL's %c: the backend's start
+    time and pid in hex); None for an id that is not one.
+
+    As PostgreSQL writes it: two lowercase hex numbers of at most 32 bits without leading zeros,
+    neither 0, nothing else (``int()`` took signs, spaces, ``0x`` and any tail).
+
+    >>> session_start("6b071524.9d7"), session_start("nope")
+    (1795626276, None)
+    >>> [session_start(s) for s in ("6B071524.9D7", " 6b071524.9d7", "6b071524.9d7;x", "6b0.")]
+    [None, None, None, None]
+    >>> [session_start(s) for s in ("06b071524.9d7", "6b071524.09d7", "0.0", "6b071524.1ffffffff")]
+    [None, None, None, None]
+    """
+    found = SESSION_ID.fullmatch(session_id)
+    return int(found.group(1), 16) if found else None

@@ -7,7 +7,6 @@ each row's chain happens in PostgreSQL (inverse.py).
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +15,8 @@ from typing import Any
 from undo.core import names
 from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
 from undo.core.images import OP_NAMES, OPS
-from undo.core.times import epoch
+from undo.core.times import epoch, session_start
+from undo.store import across
 from undo.store.api import Store, StoredChange, TableVersion, Transaction
 
 
@@ -238,28 +238,6 @@ def _blind_spots(db: Store, target: Target, wanted: set[tuple[str, str]] | None)
     ]
 
 
-def _session_start(session_id: str) -> int | None:
-    """When a session began, to the second, from its id (PostgreSQL's %c: the backend's start
-    time and pid in hex); None for an id that is not one.
-
-    As PostgreSQL writes it: two lowercase hex numbers of at most 32 bits without leading zeros,
-    neither 0, nothing else (``int()`` took signs, spaces, ``0x`` and any tail).
-
-    >>> _session_start("6b071524.9d7"), _session_start("nope")
-    (1795626276, None)
-    >>> [_session_start(s) for s in ("6B071524.9D7", " 6b071524.9d7", "6b071524.9d7;x", "6b0.")]
-    [None, None, None, None]
-    >>> [_session_start(s) for s in ("06b071524.9d7", "6b071524.09d7", "0.0", "6b071524.1ffffffff")]
-    [None, None, None, None]
-    """
-    found = _SESSION_ID.fullmatch(session_id)
-    return int(found.group(1), 16) if found else None
-
-
-#: PostgreSQL's %c: the backend's start time and its pid, each in lowercase hex
-_SESSION_ID = re.compile(r"([1-9a-f][0-9a-f]{0,7})\.[1-9a-f][0-9a-f]{0,7}")
-
-
 def _pruned(db: Store, target: Target, wholly: bool = False) -> list[str]:
     """A session that began before the cut of `undo prune`, or an application's time range
     that starts before it: what it committed before the cut is gone from the store, so undoing
@@ -270,16 +248,11 @@ def _pruned(db: Store, target: Target, wholly: bool = False) -> list[str]:
     if cut is None:
         return []
     if target.session is not None:
-        began = _session_start(target.session)
-        if wholly and began is None:
-            return []
+        if wholly:  # nothing kept: it may have written before the cut, or never
+            why = across.pruned_session(db, target.session)
+            return [] if why is None else [why]
+        began = session_start(target.session)
         if began is None or began <= int(epoch(cut)):  # to the second: may be before it
-            if wholly:  # nothing kept: it may have written before the cut, or never
-                return [
-                    f"the audit store holds no transaction of session {target.session}, which"
-                    f" began before {cut}, where the store's history was pruned (undo prune):"
-                    " whatever it committed before then is gone"
-                ]
             return [
                 f"session {target.session} began before {cut}, where the audit store's history"
                 " was pruned (undo prune): what it committed before then is gone, only its later"

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from undo.core.errors import BadInput, NotFound, NotRecorded, StoreUnreadable, UndoError
+from undo.core.times import epoch, session_start
 from undo.store.api import ActivityBucket, HistoryVersion, Normalise, SessionRow, Shown, Store
 
 T = TypeVar("T")
@@ -73,9 +74,31 @@ def show(
             f"{what} is in several sources ({', '.join(str(s.source) for s in found)}):"
             " name one with --source"
         )
+    if not found and session_id is not None:
+        for name in names:  # none kept: it may have written before a prune's cut
+            store.use(name)
+            why = pruned_session(store, session_id)
+            if why is not None:
+                raise NotRecorded(why)
     if not found:
         raise errors[0] if errors else NotFound("the audit store holds no source yet")
     return found[0]
+
+
+def pruned_session(store: Store, session_id: str) -> str | None:
+    """Why the source ``store`` acts for may hold no transaction of a session it once held:
+    the id says the session began before the cut of `undo prune` (to the second: maybe before
+    it), so whatever it committed before then is gone. None when it cannot be so (no prune, a
+    later start, an id that is no session's start)."""
+    cut = store.meta("pruned_before")
+    began = session_start(session_id)
+    if cut is None or began is None or began > int(epoch(cut)):
+        return None
+    return (
+        f"the audit store holds no transaction of session {session_id}, which began before"
+        f" {cut}, where the store's history was pruned (undo prune): whatever it committed"
+        " before then is gone"
+    )
 
 
 def history(
