@@ -137,3 +137,50 @@ def test_dev_demo_installs_only_what_the_demo_needs(cluster, tmp_path):
     ).stdout.split()
     assert tools == []
     assert (clone / ".venv/bin/undo").exists()
+
+
+@pytest.mark.parametrize("after", ["1. Starting", "3. undo capture is streaming"])
+def test_ctrl_c_leaves_no_server_no_folder_and_no_traceback(cluster, after):
+    """Ctrl-C (SIGINT to the whole foreground group, the server's processes too) while the
+    throwaway server starts, or while capture and the web app run: a thread's traceback (16-18
+    lines), /tmp/undo-demo-* or /tmp/undo-pg-* left behind, twice a running PostgreSQL."""
+    import signal
+    import sys
+    import tempfile
+    import time
+
+    tmp = tempfile.mkdtemp(prefix="undo-demo-test-", dir="/tmp")
+    os.chmod(tmp, 0o755)  # the server's user reaches its folder inside
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "undo", "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": tmp},
+            start_new_session=True,  # a group of its own, as a terminal's foreground job
+        )
+        assert proc.stdout is not None
+        seen = ""
+        while after not in seen:
+            line = proc.stdout.readline()
+            assert line, seen
+            seen += line
+        if after.startswith("1."):
+            deadline = time.monotonic() + 30  # initdb and pg_ctl under way
+            while not os.listdir(tmp) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)
+        else:
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (proc.returncode, err)
+        assert "Traceback" not in err and "Exception in thread" not in err, err
+        assert err.splitlines()[-1] == "Error: interrupted (Ctrl-C)", err
+        assert os.listdir(tmp) == [], os.listdir(tmp)
+        left = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True).stdout
+        assert left == "", left
+    finally:
+        subprocess.run(["pkill", "-9", "-f", tmp], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -76,8 +76,16 @@ UNION ALL SELECT 'registrations', r::text FROM registrations r JOIN events e ON 
 """
 
 
-def _web(dsn: str, stop: threading.Event, written: list[int]) -> None:
-    """The web application: registrations and logins, all through the incident."""
+def _web(dsn: str, stop: threading.Event, written: list[int], errors: list[BaseException]) -> None:
+    """The web application: registrations and logins, all through the incident. Its error
+    goes to ``errors`` (raised by _Background.stop), never to the thread's traceback."""
+    try:
+        _write(dsn, stop, written)
+    except psycopg.Error as e:
+        errors.append(e)
+
+
+def _write(dsn: str, stop: threading.Event, written: list[int]) -> None:
     rnd = random.Random(7)
     with psycopg.connect(dsn, autocommit=True, application_name="web") as conn:
         while not stop.is_set():
@@ -108,7 +116,7 @@ class _Background:
         self._capture = threading.Thread(target=self._run_capture, daemon=True)
         self._capture.start()
         self._web = threading.Thread(
-            target=_web, args=(dsn, self._stop_web, self.written), daemon=True
+            target=_web, args=(dsn, self._stop_web, self.written, self._error), daemon=True
         )
         self._web.start()
 
@@ -119,13 +127,17 @@ class _Background:
             self._error.append(e)
 
     def stop(self) -> None:
+        self.halt()
+        if self._error:
+            raise self._error[0]
+        capture(self.settings, once=True)
+
+    def halt(self) -> None:
+        """Stop both threads (also when the demo was interrupted: before its server goes)."""
         self._stop_web.set()
         self._web.join()
         self._stop_capture.set()
         self._capture.join()
-        if self._error:
-            raise self._error[0]
-        capture(self.settings, once=True)
 
 
 #: how the demo lays out rows: the caller's (the CLI's render.table), so the demo sits below it
@@ -150,98 +162,130 @@ def run_demo(
             "   ticketing schema: 1,000 accounts, 5,000 events, 20,000 tickets, 5,000 registrations"
         )
         workdir = tempfile.mkdtemp(prefix="undo-demo-")
-        settings = Settings(dsn=dsn, store=os.path.join(workdir, "undo.db"), slot="undo")
-        say("\n2. undo init: REPLICA IDENTITY FULL, tagging trigger, publication, slot")
-        for line in init(settings, ["public"], []).changed:
-            say(f"   {line}")
-        if guard:
-            say("   undo guard add 'usage-metrics*' --reason 'reporting only: it must not write'")
-            guards.add(settings, "usage-metrics*", "reporting only: it must not write")
+        try:
+            return _incident(say, table, dsn, workdir, keep, guard, start)
+        finally:
+            if not keep:  # the demo's own folder, with whatever the store kept in it
+                shutil.rmtree(workdir, ignore_errors=True)
 
-        background = _Background(settings, dsn)
-        say("\n3. undo capture is streaming; the web app is writing")
-        time.sleep(1.0)
 
-        say("\n4. 03:12 - the routine usage-metrics script runs, with its bug:")
-        say("   " + BUGGY_SCRIPT.strip().splitlines()[-1])
-        with psycopg.connect(dsn, application_name="usage-metrics") as c:
-            # the rows the script deletes, exactly: the events locked first, a registration
-            # the web adds for one waits (then fails on the foreign key) instead of joining
-            # the cascade unseen (2110 deletes undone, "2109 rows" restored)
-            c.execute(LOCK_EVENTS)
-            before = sorted(c.execute(AFFECTED).fetchall())
-            try:
-                c.execute(BUGGY_SCRIPT)
-                c.commit()
-            except psycopg.errors.ReadOnlySqlTransaction as e:
-                c.rollback()
-                say(f"   ERROR: {e.diag.message_primary}")
-        if guard:
-            background.stop()
-            return _guarded_end(say, table, settings, dsn, before, keep, start)
-        gone = {
-            k: sum(1 for r in before if r[0] == k) for k in ("events", "tickets", "registrations")
-        }
-        say(
-            f"   deleted the {gone['events']} events of 7% of accounts, and by cascade about"
-            f" {gone['tickets']} tickets and {gone['registrations']} registrations"
-        )
-        time.sleep(1.0)
+def _incident(
+    say: Callable[[str], None],
+    table: Table,
+    dsn: str,
+    workdir: str,
+    keep: bool,
+    guard: bool,
+    start: float,
+) -> bool:
+    """The incident on the throwaway server, its store in ``workdir``."""
+    settings = Settings(dsn=dsn, store=os.path.join(workdir, "undo.db"), slot="undo")
+    say("\n2. undo init: REPLICA IDENTITY FULL, tagging trigger, publication, slot")
+    for line in init(settings, ["public"], []).changed:
+        say(f"   {line}")
+    if guard:
+        say("   undo guard add 'usage-metrics*' --reason 'reporting only: it must not write'")
+        guards.add(settings, "usage-metrics*", "reporting only: it must not write")
+
+    background = _Background(settings, dsn)
+    try:
+        return _played(say, table, settings, dsn, background, keep, guard, start)
+    finally:
+        background.halt()  # interrupted: before the server stops under them
+
+
+def _played(
+    say: Callable[[str], None],
+    table: Table,
+    settings: Settings,
+    dsn: str,
+    background: _Background,
+    keep: bool,
+    guard: bool,
+    start: float,
+) -> bool:
+    """From capture streaming to the check."""
+    say("\n3. undo capture is streaming; the web app is writing")
+    time.sleep(1.0)
+
+    say("\n4. 03:12 - the routine usage-metrics script runs, with its bug:")
+    say("   " + BUGGY_SCRIPT.strip().splitlines()[-1])
+    with psycopg.connect(dsn, application_name="usage-metrics") as c:
+        # the rows the script deletes, exactly: the events locked first, a registration
+        # the web adds for one waits (then fails on the foreign key) instead of joining
+        # the cascade unseen (2110 deletes undone, "2109 rows" restored)
+        c.execute(LOCK_EVENTS)
+        before = sorted(c.execute(AFFECTED).fetchall())
+        try:
+            c.execute(BUGGY_SCRIPT)
+            c.commit()
+        except psycopg.errors.ReadOnlySqlTransaction as e:
+            c.rollback()
+            say(f"   ERROR: {e.diag.message_primary}")
+    if guard:
         background.stop()
-        with psycopg.connect(dsn, autocommit=True) as c:
-            logins = c.execute("SELECT id, last_login FROM accounts ORDER BY id").fetchall()
+        return _guarded_end(say, table, settings, dsn, before, keep, start)
+    gone = {k: sum(1 for r in before if r[0] == k) for k in ("events", "tickets", "registrations")}
+    say(
+        f"   deleted the {gone['events']} events of 7% of accounts, and by cascade about"
+        f" {gone['tickets']} tickets and {gone['registrations']} registrations"
+    )
+    time.sleep(1.0)
+    background.stop()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        logins = c.execute("SELECT id, last_login FROM accounts ORDER BY id").fetchall()
 
-        say("\n5. On-call: undo sessions --app usage-metrics")
-        rows = open_store(settings.store).sessions(app="usage-metrics")
-        for line in table(
-            [r.to_json() for r in rows],
-            [
-                "session_id",
-                "application_name",
-                "user",
-                "transactions",
-                "inserts",
-                "updates",
-                "deletes",
-                "tables",
-            ],
-        ).splitlines():
-            say(f"   {line}")
-        sid = rows[0].session_id
-        assert sid is not None  # the script's session: tagged
+    say("\n5. On-call: undo sessions --app usage-metrics")
+    rows = open_store(settings.store).sessions(app="usage-metrics")
+    for line in table(
+        [r.to_json() for r in rows],
+        [
+            "session_id",
+            "application_name",
+            "user",
+            "transactions",
+            "inserts",
+            "updates",
+            "deletes",
+            "tables",
+        ],
+    ).splitlines():
+        say(f"   {line}")
+    sid = rows[0].session_id
+    assert sid is not None  # the script's session: tagged
 
-        say(f"\n6. undo session {sid}   (the script to review, first lines)")
-        buf = io.StringIO()
-        preview = undo(settings, Target(session=sid), out=buf)
-        lines = buf.getvalue().splitlines()
-        for line in [x for x in lines if not x.startswith("SELECT set_config")][:8]:
-            say(f"   {line[:100]}")
-        say(f"   ... {len(lines)} lines in all")
-        for line in preview.summary():
-            say(f"   {line}")
+    say(f"\n6. undo session {sid}   (the script to review, first lines)")
+    buf = io.StringIO()
+    preview = undo(settings, Target(session=sid), out=buf)
+    lines = buf.getvalue().splitlines()
+    for line in [x for x in lines if not x.startswith("SELECT set_config")][:8]:
+        say(f"   {line[:100]}")
+    say(f"   ... {len(lines)} lines in all")
+    for line in preview.summary():
+        say(f"   {line}")
 
-        say(f"\n7. undo session {sid} --apply")
-        report = undo(settings, Target(session=sid), apply=True)
-        for line in report.summary():
-            say(f"   {line}")
-        say(f"   applied atomically in xid {report.undo_xid}")
+    say(f"\n7. undo session {sid} --apply")
+    report = undo(settings, Target(session=sid), apply=True)
+    for line in report.summary():
+        say(f"   {line}")
+    say(f"   applied atomically in xid {report.undo_xid}")
 
-        say("\n8. Check: every deleted row is back, exactly; the web's writes are intact")
-        with psycopg.connect(dsn, autocommit=True) as c:
-            after = sorted(c.execute(AFFECTED).fetchall())
-            kept = c.execute(
-                "SELECT count(*) FROM registrations WHERE id = ANY (%s)", (background.written,)
-            ).fetchone()
-            logins_after = c.execute("SELECT id, last_login FROM accounts ORDER BY id").fetchall()
-        restored = set(before) <= set(after)
-        web_ok = kept is not None and kept[0] == len(background.written) and logins_after == logins
-        say(f"   deleted rows restored exactly: {'yes' if restored else 'NO'} ({len(before)} rows)")
-        say(
-            f"   web writes intact: {'yes' if web_ok else 'NO'}"
-            f" ({len(background.written)} registrations, {len(logins)} accounts' last_login)"
-        )
-        _done(say, settings, keep, start)
-        return restored and web_ok
+    say("\n8. Check: every deleted row is back, exactly; the web's writes are intact")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        after = sorted(c.execute(AFFECTED).fetchall())
+        kept = c.execute(
+            "SELECT count(*) FROM registrations WHERE id = ANY (%s)", (background.written,)
+        ).fetchone()
+        logins_after = c.execute("SELECT id, last_login FROM accounts ORDER BY id").fetchall()
+    restored = set(before) <= set(after)
+    web_ok = kept is not None and kept[0] == len(background.written) and logins_after == logins
+    say(f"   deleted rows restored exactly: {'yes' if restored else 'NO'} ({len(before)} rows)")
+    say(
+        f"   web writes intact: {'yes' if web_ok else 'NO'}"
+        f" ({len(background.written)} registrations, {len(logins)} accounts' last_login)"
+    )
+    _done(say, settings, keep, start)
+    return restored and web_ok
 
 
 def _guarded_end(
@@ -292,5 +336,3 @@ def _done(say: Callable[[str], None], settings: Settings, keep: bool, start: flo
         f"\nDone in {time.monotonic() - start:.1f}s. The audit store was {settings.store}"
         + ("" if keep else " (removed)")
     )
-    if not keep:  # the demo's own folder (mkdtemp), with whatever the store kept in it
-        shutil.rmtree(os.path.dirname(settings.store))

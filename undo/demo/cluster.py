@@ -10,9 +10,12 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
 from types import TracebackType
 
 from psycopg import conninfo
@@ -63,6 +66,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _no_ctrl_c() -> Iterator[None]:
+    """A second Ctrl-C while the server stops would leave it running, and its folder: SIGINT
+    is ignored meanwhile (in the main thread, the only one that may set a handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 class TempCluster:
@@ -142,24 +159,28 @@ class TempCluster:
                 f"could not start a throwaway PostgreSQL: "
                 f"{e.stderr.decode(errors='replace').strip()[-300:]}"
             ) from None
+        except BaseException:  # Ctrl-C while initdb or pg_ctl ran: no server, no folder left
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
-        with contextlib.suppress(FileNotFoundError):  # nothing started: nothing to stop
-            subprocess.run(
-                [
-                    *self.as_postgres,
-                    f"{self.bindir}/pg_ctl",
-                    "-D",
-                    self.data,
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ],
-                capture_output=True,
-            )
-        shutil.rmtree(self.root, ignore_errors=True)
+        with _no_ctrl_c():
+            with contextlib.suppress(FileNotFoundError):  # nothing started: nothing to stop
+                subprocess.run(
+                    [
+                        *self.as_postgres,
+                        f"{self.bindir}/pg_ctl",
+                        "-D",
+                        self.data,
+                        "-m",
+                        "immediate",
+                        "-w",
+                        "stop",
+                    ],
+                    capture_output=True,
+                )
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def dsn(self, dbname: str) -> str:
         params = conninfo.conninfo_to_dict(self.admin_dsn)
