@@ -174,7 +174,7 @@ def test_ctrl_c_leaves_no_server_no_folder_and_no_traceback(cluster, after):
         else:
             time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, (proc.returncode, err)
         assert "Traceback" not in err and "Exception in thread" not in err, err
         assert err.splitlines()[-1] == "Error: interrupted (Ctrl-C)", err

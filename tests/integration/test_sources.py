@@ -370,14 +370,7 @@ def test_reregister_onto_a_database_without_the_sources_tables_is_refused(pgo):
     accepted, and the source's undos would then have written into it."""
     sid = _ready(pgo)
     assert pgo.undo_cli("capture", "--once").returncode == 0
-    changed = "UPDATE sources SET system_identifier = '7000000000000000001'"
-    if pgo.pg_store:
-        with psycopg.connect(pgo.store, autocommit=True) as s:
-            s.execute("UPDATE undo_store." + changed.removeprefix("UPDATE "))
-    else:
-        with contextlib.closing(sqlite3.connect(pgo.store)) as s:
-            s.execute(changed)
-            s.commit()
+    _as_if_moved(pgo)
     pgo.sql("ALTER TABLE t RENAME TO u")  # this database no longer holds the history's table
     pgo.sql("CREATE VIEW t AS SELECT 1 AS id, 'x'::text AS v")  # a view of its name is none
     refused = pgo.undo_cli("init", "--source", pgo.dbname, "--reregister")
@@ -425,9 +418,9 @@ def test_what_prune_took_counts_under_its_own_source(pgo, tmp_path):
             assert counted[series[0]] == 2
 
 
-def _as_if_moved(src: Source, position: int) -> None:
+def _as_if_moved(src: Source, position: int | None = None) -> None:
     """The store's source as if it were last captured on another server (a fake system
-    identifier) that had reached ``position`` there."""
+    identifier), which had reached ``position`` there (None: as this one)."""
     from undo.store import open_store
 
     changed = "UPDATE sources SET system_identifier = '7000000000000000001'"
@@ -438,6 +431,8 @@ def _as_if_moved(src: Source, position: int) -> None:
         with contextlib.closing(sqlite3.connect(src.store)) as s:
             s.execute(changed)
             s.commit()
+    if position is None:
+        return
     db = open_store(src.store, source=src.dbname)
     try:
         db.set_meta({"position": str(position)})
