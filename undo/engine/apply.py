@@ -270,6 +270,11 @@ class _Runner:
         """Record the undo in the source's ledger (undo.record_undo), the first write."""
         raise NotImplementedError
 
+    def guard(self, q: Query, says: str) -> None:
+        """The check for user code that would run as the role undoing (_user_code_guard),
+        before the tables are written; ``says`` what it refuses, for the script's reader."""
+        raise NotImplementedError
+
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
         """Stage with ``if_true`` or ``if_false`` as the one-value query ``test`` says."""
         raise NotImplementedError
@@ -301,6 +306,9 @@ class _Applier(_Runner):
 
     def statement(self, q: Query) -> None:
         self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
+
+    def guard(self, q: Query, says: str) -> None:
+        self.statement(q)  # its refusal (USER_CODE) and lock timeouts: _apply's
 
     def ledger(self, q: Query) -> None:
         # known by SQLSTATE and by the statement that raised it, never by message text
@@ -466,6 +474,12 @@ class _Printer(_Runner):
         )
         self.out.write("\\set VERBOSITY :undo_verbosity\n")
         self.kept(sql.SQL("{} AS undo_recorded").format(q))
+
+    def guard(self, q: Query, says: str) -> None:
+        # terse: the refusal's lines only, no CONTEXT line
+        self.out.write(says + "\\set undo_verbosity :VERBOSITY\n\\set VERBOSITY terse\n")
+        self.statement(q)
+        self.out.write("\\set VERBOSITY :undo_verbosity\n")
 
     def stage(self, q: Query) -> None:
         self.statement(q)
@@ -856,6 +870,20 @@ def _user_code_guard(
     return sql.SQL("DO ") + sql.SQL(tag + text + tag)
 
 
+def _guard_says(fire_triggers: bool) -> str:
+    """What the guard refuses, as SQL comments for the script's reader."""
+    triggers = (
+        "--   a trigger or rule ENABLE ALWAYS/REPLICA (it fires even under\n"
+        "--   session_replication_role = replica), or\n"
+    )
+    return (
+        "-- refuse, before writing, if user code on the tables would run as you:\n"
+        + ("" if fire_triggers else triggers)
+        + "--   a function of a role other than you or a superuser (or --trust-owner) that a\n"
+        "--   constraint, default, generated column, index, policy or domain calls\n"
+    )
+
+
 def _undoing(target: Target) -> sql.Composed:
     """What the undo undoes, for its tag: stamped with the transaction's start, so that
     undo.tag() takes it for this transaction only (a value other code set for the session is
@@ -926,10 +954,14 @@ def _run(
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     fire_triggers: bool,
+    guard: Query,
     progress: Progress | None,
     check_keys: bool = True,
 ) -> None:
     runner.ledger(_ledger_call(plan))
+    # after the ledger (a role that may not undo is told so first), before anything is
+    # staged or written
+    runner.guard(guard, _guard_says(fire_triggers))
     oids = {tables[r].version.oid: r for r in tables}
     order = [oids[o] for o in inverse.fk_order(conn, [o for o in oids if o is not None])]
     ops = plan.ops()
@@ -1136,18 +1168,6 @@ def _apply(
             f" during the undo: run GRANT SET ON PARAMETER session_replication_role TO {user};"
             " (PostgreSQL 15+, as a superuser), or pass --fire-triggers"
         ) from None
-    try:  # before anything is written, under locks held to the commit
-        conn.execute(_user_code_guard(conn, tables, not fire_triggers, trust_owners))
-    except psycopg.Error as e:
-        conn.rollback()
-        if e.sqlstate == USER_CODE:
-            raise Refused(e.diag.message_primary or _USER_CODE_HEAD) from None
-        if isinstance(e, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
-            raise Refused(
-                f"gave up waiting ({e.diag.message_primary}; --lock-timeout {lock_timeout}):"
-                " nothing changed; retry once the other transaction is done"
-            ) from None
-        raise
     try:
         # what inspect reads is rolled back: rows whose parents other tables held may show
         _run(
@@ -1157,6 +1177,8 @@ def _apply(
             plan,
             tables,
             fire_triggers,
+            # before anything is written, under locks held to the commit
+            _user_code_guard(conn, tables, not fire_triggers, trust_owners),
             progress,
             check_keys=inspect is None,
         )
@@ -1181,6 +1203,8 @@ def _apply(
     except BaseException as e:
         if not conn.closed:
             conn.rollback()
+        if isinstance(e, psycopg.Error) and e.sqlstate == USER_CODE:
+            raise Refused(e.diag.message_primary or _USER_CODE_HEAD) from None
         if isinstance(e, psycopg.Error) and e.sqlstate == ALREADY_UNDONE:
             hint = (
                 "; if that undo came after the time rewound to, run `undo capture` first so"
@@ -1253,24 +1277,11 @@ def _print(
     printer = _Printer(out, conn, db, report, on_conflict, checked)
     for q in settings_sql:
         printer.statement(q)
-    triggers = (
-        "--   a trigger or rule ENABLE ALWAYS/REPLICA (it fires even under\n"
-        "--   session_replication_role = replica), or\n"
-    )
-    out.write(
-        "-- refuse, before writing, if user code on the tables would run as you:\n"
-        + ("" if fire_triggers else triggers)
-        + "--   a function of a role other than you or a superuser (or --trust-owner) that a\n"
-        "--   constraint, default, generated column, index, policy or domain calls\n"
-        # terse: the refusal's lines only, no CONTEXT line
-        "\\set undo_verbosity :VERBOSITY\n\\set VERBOSITY terse\n"
-    )
-    printer.statement(_user_code_guard(conn, tables, not fire_triggers, trust_owners))
-    out.write("\\set VERBOSITY :undo_verbosity\n")
     printer.kept(_undoing(plan.target))
     printer.statement(sql.SQL(_FAIL_FUNCTION))
     try:
-        _run(printer, conn, db, plan, tables, fire_triggers, None)
+        guard = _user_code_guard(conn, tables, not fire_triggers, trust_owners)
+        _run(printer, conn, db, plan, tables, fire_triggers, guard, None)
         printer.notice(plan)
     finally:
         conn.rollback()
