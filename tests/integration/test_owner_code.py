@@ -390,3 +390,43 @@ def test_rewinds_refuse_her_check_too(pgo):
     seen = pgo.undo_cli("table", "public.notes", "--as-of", at, "--trust-owner", mallory)
     assert seen.returncode == 0, seen.stderr
     assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(2,), (3,)]  # rolled back
+
+
+def test_a_default_of_a_column_the_undo_writes_never_runs(pgo):
+    """The undo names every column the captured table had in its inserts: her function as the
+    default of one of them is never evaluated (pinned: she is no superuser after the undo), so
+    it is not refused; one added since (PLACES["default"]) is."""
+    mallory, mdsn, adsn = _roles(pgo)
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    _plant(pgo, mdsn, mallory, code=OK + "ALTER TABLE notes ALTER body SET DEFAULT mal.ok('x')")
+    for args in ((), ("--apply",)):
+        got = pgo.undo_cli("session", sid, *args)
+        assert got.returncode == 0, (args, got.stderr)
+    assert pgo.sql("SELECT id, body FROM notes ORDER BY id") == [(1, "a"), (2, "b"), (3, "c")]
+    assert pgo.sql("SELECT count(*) FROM mal.seen") == [(0,)]
+    assert not _super(pgo, mallory)
+
+
+def test_a_default_of_a_column_added_after_printing_is_refused_by_the_script(pgo):
+    """A script printed before she adds a column whose default calls her function: its inserts
+    leave that column to its default (--apply refuses a table whose columns changed since
+    capture; the script, printed before, cannot know). Its guard refuses; once she drops the
+    default, it runs."""
+    mallory, mdsn, adsn = _roles(pgo)
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    script = pgo.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    _plant(
+        pgo, mdsn, mallory, code=OK + "ALTER TABLE notes ADD COLUMN d boolean DEFAULT mal.ok('x')"
+    )
+    ran = _psql(pgo, script.stdout)
+    line = f"public.notes: default of column d calls mal.ok(v text), owned by {mallory},"
+    assert ran.returncode != 0 and line in ran.stderr, ran.stderr
+    assert f"review it, then undo with --trust-owner {mallory}" in ran.stderr
+    assert not _super(pgo, mallory)
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(3,)]
+    pgo.sql("ALTER TABLE notes ALTER d DROP DEFAULT")
+    again = _psql(pgo, script.stdout)
+    assert again.returncode == 0, again.stderr
+    assert pgo.sql("SELECT id, d FROM notes ORDER BY id") == [(1, None), (2, None), (3, True)]
+    assert not _super(pgo, mallory)

@@ -663,7 +663,9 @@ USER_CODE = "UN002"
 #: - always: a function (or an operator's function) owned by neither a superuser, nor the role
 #:   undoing (current_user), nor a role of {trusted} (--trust-owner), that PostgreSQL evaluates
 #:   as the role writing a row: in a constraint of the table (CHECK, exclusion), a column's
-#:   default or generation expression, an index's expressions or predicate, a row security
+#:   generation expression, the default of a column the undo does not write ({cols}: the
+#:   columns it names when it inserts, those of the captured table, not one added since), an
+#:   index's expressions or predicate, a row security
 #:   policy (where it applies to the role undoing: see check_enable_rls), or a column's type and
 #:   the types inside it (domains over domains, arrays, composite types' attributes, ranges):
 #:   their constraints (a domain's CHECK) and their own functions (a domain's default). The
@@ -690,6 +692,12 @@ types(rel, col, typ) AS (
            UNION ALL SELECT rg.rngsubtype FROM pg_catalog.pg_range rg WHERE rg.rngtypid = ty.oid
            UNION ALL SELECT rg.rngtypid FROM pg_catalog.pg_range rg
                       WHERE rg.rngmultitypid = ty.oid) x(typ)),
+cols(rel, col) AS (
+    SELECT x.rel, c.col
+      FROM pg_catalog.jsonb_each({cols}::pg_catalog.jsonb) j(tab, names)
+     CROSS JOIN LATERAL (SELECT j.tab::pg_catalog.regclass::oid UNION SELECT p.relid::oid
+                           FROM pg_catalog.pg_partition_tree(j.tab::pg_catalog.regclass) p) x(rel)
+     CROSS JOIN LATERAL pg_catalog.jsonb_array_elements_text(j.names) c(col)),
 rls(rel) AS (
     SELECT w.rel FROM w JOIN pg_catalog.pg_class c ON c.oid = w.rel
      WHERE c.relrowsecurity
@@ -710,6 +718,8 @@ code(rel, what, name, classid, objid) AS (
            pg_catalog.quote_ident(a.attname), 'pg_catalog.pg_attrdef'::pg_catalog.regclass, ad.oid
       FROM w JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = w.rel
       JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+     WHERE a.attgenerated <> ''
+        OR NOT EXISTS (SELECT FROM cols k WHERE k.rel = ad.adrelid AND k.col = a.attname)
     UNION ALL
     SELECT i.indrelid, 'index', pg_catalog.quote_ident(ic.relname),
            'pg_catalog.pg_class'::pg_catalog.regclass, i.indexrelid
@@ -806,6 +816,17 @@ def _written(tables: dict[int, inverse.LiveTable]) -> sql.Composed:
     )
 
 
+def _written_columns(tables: dict[int, inverse.LiveTable]) -> sql.Literal:
+    """The columns the undo names in every insert into each table it writes, as a JSON object
+    (its name as in _written: [column, ...]): their defaults are never evaluated."""
+    cols: dict[str, set[str]] = {}
+    for t in tables.values():
+        name = names.quote(t.version.schema, t.version.name)
+        mine = {t.version.columns[i] for i in t.writable}
+        cols[name] = cols[name] & mine if name in cols else mine
+    return sql.Literal(json.dumps({k: sorted(v) for k, v in sorted(cols.items())}))
+
+
 def _user_code_query(
     tables: dict[int, inverse.LiveTable], triggers: bool, trusted: Sequence[str]
 ) -> sql.Composed:
@@ -813,6 +834,7 @@ def _user_code_query(
     trusting the functions of the roles named (--trust-owner)."""
     return sql.SQL(_USER_CODE.strip()).format(
         rels=_written(tables),
+        cols=_written_columns(tables),
         triggers=sql.Literal(triggers),
         trusted=sql.SQL("ARRAY[{}]::pg_catalog.text[]").format(
             sql.SQL(", ").join(sql.Literal(r) for r in sorted(set(trusted)))
