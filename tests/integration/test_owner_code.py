@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from tests.conftest import Source
@@ -33,11 +34,12 @@ ALTER TABLE public.notes ENABLE {mode} RULE zz_rule;
 """  # noqa: E501
 
 
-def _roles(src: Source) -> tuple[str, str, str]:
+def _roles(src: Source, columns: str = "id int PRIMARY KEY, body text") -> tuple[str, str, str]:
     """mallory owns public.notes (3 rows) and schema mal; alice may write notes. Returns
     (mallory's name, mallory's dsn, alice's dsn)."""
     mallory, alice = f"mallory_{src.dbname}", f"alice_{src.dbname}"
-    src.sql("CREATE TABLE public.notes (id int PRIMARY KEY, body text)")
+    with src.connect() as c:
+        c.execute(sql.SQL("CREATE TABLE public.notes ({})").format(sql.SQL(columns)))
     src.init()
     src.sql("INSERT INTO notes VALUES (1, 'a'), (2, 'b'), (3, 'c')")
     with src.connect() as c:
@@ -45,6 +47,8 @@ def _roles(src: Source) -> tuple[str, str, str]:
             c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
         c.execute(sql.SQL("ALTER TABLE notes OWNER TO {}").format(sql.Identifier(mallory)))
         c.execute(sql.SQL("CREATE SCHEMA mal AUTHORIZATION {}").format(sql.Identifier(mallory)))
+        # an application role that owns tables in public may make indexes there
+        c.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(mallory)))
         c.execute(sql.SQL("GRANT ALL ON notes TO {}").format(sql.Identifier(alice)))
     return mallory, _dsn(src, mallory), _dsn(src, alice)
 
@@ -148,7 +152,7 @@ def test_replica_trigger_fires_only_in_replica_mode_so_it_is_refused(pgo):
     # --fire-triggers: no replica mode, so a REPLICA trigger stays quiet
     script = pgo.undo_cli("session", sid, "--fire-triggers")
     assert script.returncode == 0, script.stderr
-    assert "ERRCODE = 'UN002'" not in script.stdout
+    assert "--fire-triggers, user triggers fire" in script.stdout  # its guard skips triggers
     pgo.sql("ALTER TABLE notes DISABLE TRIGGER zz_trojan")  # the fix the refusal names
     ok = pgo.undo_cli("session", sid, "--apply")
     assert ok.returncode == 0, ok.stderr
@@ -218,3 +222,211 @@ def test_a_name_holding_the_guards_quote_tag_cannot_end_it(pgo):
     ran = _psql(pgo, script.stdout)
     assert ran.returncode == 0, ran.stderr
     assert pgo.sql('SELECT id FROM "t$undo$ $undo_$"') == [(1,)]
+
+
+# -- the table owner's own code in what PostgreSQL evaluates as the undo writes ---------------
+
+#: her function: as a superuser it makes her one; as anyone it notes who ran it (mal.seen)
+OK = """
+CREATE TABLE mal.seen (who text);
+GRANT INSERT ON mal.seen TO PUBLIC;
+GRANT USAGE ON SCHEMA mal TO PUBLIC;
+CREATE FUNCTION mal.act() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO mal.seen VALUES (current_user);
+IF (SELECT rolsuper FROM pg_roles WHERE rolname=current_user) THEN EXECUTE 'alter role {role} superuser'; END IF; RETURN true; END $$;
+CREATE FUNCTION mal.ok(v text) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $$ BEGIN RETURN mal.act(); END $$;
+"""  # noqa: E501
+
+#: where she puts it: (what the refusal calls it, the SQL that puts it there)
+PLACES = {
+    "check": (
+        "check constraint body_ok calls mal.ok(v text)",
+        "ALTER TABLE public.notes ADD CONSTRAINT body_ok CHECK (mal.ok(body))",
+    ),
+    "operator": (
+        "check constraint body_eq calls mal.eq(text, text) (operator mal.===(text,text))",
+        "CREATE FUNCTION mal.eq(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT mal.ok($1)';"
+        " CREATE OPERATOR mal.=== (FUNCTION = mal.eq, LEFTARG = text, RIGHTARG = text);"
+        " ALTER TABLE public.notes ADD CONSTRAINT body_eq CHECK (body OPERATOR(mal.===) body)",
+    ),
+    "generated": (
+        "generated column g calls mal.ok(v text)",
+        "ALTER TABLE public.notes ADD COLUMN g boolean GENERATED ALWAYS AS (mal.ok(body)) STORED",
+    ),
+    "index": (
+        "index notes_ok calls mal.ok(v text)",
+        "CREATE INDEX notes_ok ON public.notes ((mal.ok(body)))",
+    ),
+    "partial index": (
+        "index notes_part calls mal.ok(v text)",
+        "CREATE INDEX notes_part ON public.notes (id) WHERE mal.ok(body)",
+    ),
+}
+
+
+@pytest.mark.parametrize("place", sorted(PLACES))
+def test_her_function_in_what_an_insert_evaluates_is_refused(pgo, place):
+    """mallory puts her function in a CHECK, an operator of hers in a CHECK, a generated
+    column, an index expression, a partial index's predicate: PostgreSQL runs it as the role
+    writing, so the on-call's undo of alice's delete (a superuser) would make her superuser.
+    --apply, printing and a script printed before she planted it refuse (one line: table, what,
+    the function and its owner, the opt-in); --trust-owner mallory is the opt-in, and with it
+    her function does run as the on-call (what PostgreSQL does: pinned here)."""
+    said, plant = PLACES[place]
+    mallory, mdsn, adsn = _roles(pgo)
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    script = pgo.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    _plant(pgo, mdsn, mallory, code=OK + plant)
+    line = f"public.notes: {said}, owned by {mallory}, as the role undoing: review it, then"
+    line += f" undo with --trust-owner {mallory}"
+    applied = pgo.undo_cli("session", sid, "--apply")
+    assert applied.returncode == 1, applied.stderr
+    assert line in applied.stderr, applied.stderr
+    assert "Traceback" not in applied.stderr
+    printed = pgo.undo_cli("session", sid)
+    assert printed.returncode == 1 and printed.stdout == ""
+    assert line in printed.stderr
+    ran = _psql(pgo, script.stdout)
+    assert ran.returncode != 0 and line in ran.stderr, ran.stderr
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(3,)]
+    assert not _super(pgo, mallory)
+    assert pgo.sql("SELECT count(*) FROM undo.ledger") == [(0,)]
+    # --fire-triggers is no opt-in for this
+    fired = pgo.undo_cli("session", sid, "--apply", "--fire-triggers")
+    assert fired.returncode == 1 and line in fired.stderr
+    assert not _super(pgo, mallory)
+    # the opt-in: her function runs, as the on-call (PostgreSQL's doing)
+    trusted = pgo.undo_cli("session", sid, "--apply", "--trust-owner", mallory)
+    assert trusted.returncode == 0, trusted.stderr
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(1,), (2,), (3,)]
+    assert _super(pgo, mallory)
+
+
+def test_a_domain_deep_in_a_columns_type_is_refused(pgo):
+    """Her CHECK on a domain (NOT VALID: no row is checked when she adds it) that another domain
+    is over, an attribute of a composite type of which the column is an array: the undo's insert
+    of the row (its text cast back to public.pair[]) runs it, as the role undoing. Refused,
+    naming the column, the domain and the constraint; --trust-owner runs it (pinned: she is
+    superuser after)."""
+    pgo.sql(
+        "CREATE DOMAIN public.inner_d AS text; CREATE DOMAIN public.outer_d AS public.inner_d;"
+        " CREATE TYPE public.pair AS (a public.outer_d, b int)"
+    )
+    mallory, mdsn, adsn = _roles(pgo, "id int PRIMARY KEY, body text, tag public.pair[]")
+    pgo.sql("UPDATE notes SET tag = ARRAY[ROW('x', 1)]::public.pair[]")
+    with pgo.connect() as c:
+        c.execute(
+            sql.SQL("ALTER DOMAIN public.inner_d OWNER TO {}").format(sql.Identifier(mallory))
+        )
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    plant = "ALTER DOMAIN public.inner_d ADD CONSTRAINT inner_ok CHECK (mal.ok(VALUE)) NOT VALID"
+    _plant(pgo, mdsn, mallory, code=OK + plant)
+    line = (
+        "public.notes: column tag's type public.inner_d, constraint inner_ok calls mal.ok(v text),"
+        f" owned by {mallory}, as the role undoing: review it, then undo with --trust-owner"
+        f" {mallory}"
+    )
+    for args in (("--apply",), ()):
+        got = pgo.undo_cli("session", sid, *args)
+        assert got.returncode == 1 and line in got.stderr, (args, got.stderr)
+    assert pgo.sql("SELECT count(*) FROM mal.seen") == [(0,)]
+    assert not _super(pgo, mallory)
+    trusted = pgo.undo_cli("session", sid, "--apply", "--trust-owner", mallory)
+    assert trusted.returncode == 0, trusted.stderr
+    assert pgo.sql("SELECT count(*) FROM notes WHERE (tag[1]).a = 'x'") == [(3,)]
+    assert _super(pgo, mallory)
+
+
+def test_her_policy_runs_as_an_operator_it_applies_to(pgo):
+    """Row security: her policy's WITH CHECK calls her function. A superuser bypasses row
+    security (nothing of hers runs: not refused), but an on-call who is no superuser, no
+    BYPASSRLS and not the table's owner runs the policy as herself (pinned with --trust-owner:
+    mal.seen records oncall): refused."""
+    mallory, mdsn, adsn = _roles(pgo)
+    oncall = f"oncall_{pgo.dbname}"
+    with pgo.connect() as c:
+        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(oncall)))
+        c.execute(sql.SQL("GRANT undo_operator TO {}").format(sql.Identifier(oncall)))
+        c.execute(sql.SQL("GRANT ALL ON notes TO {}").format(sql.Identifier(oncall)))
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    policy = (
+        "ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY;"
+        " CREATE POLICY p ON public.notes USING (true) WITH CHECK (mal.ok(body))"
+    )
+    _plant(pgo, mdsn, mallory, code=OK + policy)
+    assert pgo.undo_cli("session", sid).returncode == 0  # the superuser: no row security
+    dsn = _dsn(pgo, oncall)
+    line = (
+        f"public.notes: policy p calls mal.ok(v text), owned by {mallory}, as the role undoing:"
+        f" review it, then undo with --trust-owner {mallory}"
+    )
+    for args in (("--apply",), ()):
+        got = pgo.undo_cli("--dsn", dsn, "session", sid, "--fire-triggers", *args)
+        assert got.returncode == 1 and line in got.stderr, (args, got.stderr)
+    assert pgo.sql("SELECT count(*) FROM mal.seen") == [(0,)]
+    trusted = pgo.undo_cli(
+        "--dsn", dsn, "session", sid, "--apply", "--fire-triggers", "--trust-owner", mallory
+    )
+    assert trusted.returncode == 0, trusted.stderr
+    assert pgo.sql("SELECT DISTINCT who FROM mal.seen") == [(oncall,)]
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(1,), (2,), (3,)]
+
+
+def test_rewinds_refuse_her_check_too(pgo):
+    """undo table --to (apply and print) and --as-of run the same check; --trust-owner is the
+    opt-in for each."""
+    mallory, mdsn, adsn = _roles(pgo)
+    at = pgo.now()
+    _alice(pgo, adsn, "DELETE FROM notes WHERE id = 1")
+    _plant(pgo, mdsn, mallory, code=OK + PLACES["check"][1])
+    for args in (("--to", at, "--apply"), ("--to", at), ("--as-of", at)):
+        got = pgo.undo_cli("table", "public.notes", *args)
+        assert got.returncode == 1, (args, got.stderr)
+        assert "check constraint body_ok calls mal.ok(v text)" in got.stderr, args
+        assert "Traceback" not in got.stderr
+    assert not _super(pgo, mallory)
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(2,), (3,)]
+    seen = pgo.undo_cli("table", "public.notes", "--as-of", at, "--trust-owner", mallory)
+    assert seen.returncode == 0, seen.stderr
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(2,), (3,)]  # rolled back
+
+
+def test_a_default_of_a_column_the_undo_writes_never_runs(pgo):
+    """The undo names every column the captured table had in its inserts: her function as the
+    default of one of them is never evaluated (pinned: she is no superuser after the undo), so
+    it is not refused; one added since (PLACES["default"]) is."""
+    mallory, mdsn, adsn = _roles(pgo)
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    _plant(pgo, mdsn, mallory, code=OK + "ALTER TABLE notes ALTER body SET DEFAULT mal.ok('x')")
+    for args in ((), ("--apply",)):
+        got = pgo.undo_cli("session", sid, *args)
+        assert got.returncode == 0, (args, got.stderr)
+    assert pgo.sql("SELECT id, body FROM notes ORDER BY id") == [(1, "a"), (2, "b"), (3, "c")]
+    assert pgo.sql("SELECT count(*) FROM mal.seen") == [(0,)]
+    assert not _super(pgo, mallory)
+
+
+def test_a_default_of_a_column_added_after_printing_is_refused_by_the_script(pgo):
+    """A script printed before she adds a column whose default calls her function: its inserts
+    leave that column to its default (--apply refuses a table whose columns changed since
+    capture; the script, printed before, cannot know). Its guard refuses; once she drops the
+    default, it runs."""
+    mallory, mdsn, adsn = _roles(pgo)
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    script = pgo.undo_cli("session", sid)
+    assert script.returncode == 0, script.stderr
+    _plant(
+        pgo, mdsn, mallory, code=OK + "ALTER TABLE notes ADD COLUMN d boolean DEFAULT mal.ok('x')"
+    )
+    ran = _psql(pgo, script.stdout)
+    line = f"public.notes: default of column d calls mal.ok(v text), owned by {mallory},"
+    assert ran.returncode != 0 and line in ran.stderr, ran.stderr
+    assert f"review it, then undo with --trust-owner {mallory}" in ran.stderr
+    assert not _super(pgo, mallory)
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(3,)]
+    pgo.sql("ALTER TABLE notes ALTER d DROP DEFAULT")
+    again = _psql(pgo, script.stdout)
+    assert again.returncode == 0, again.stderr
+    assert pgo.sql("SELECT id, d FROM notes ORDER BY id") == [(1, None), (2, None), (3, True)]
+    assert not _super(pgo, mallory)

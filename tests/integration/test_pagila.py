@@ -72,3 +72,47 @@ def test_the_incident_on_pagila_guarded_undone_and_rewound(pagila):
     assert {t: src.snapshot(t) for t in tables} == then
     sessions = json.loads(src.undo_cli("sessions", "--app", "report-nightly", "--json").stdout)
     assert [r["guard_refusals"] for r in sessions] == [1]
+
+
+def test_pagila_owned_by_the_operator_undoes_with_no_refusal_of_owner_code(pagila):
+    """pagila's defaults (nextval, now), domain (year's CHECK), fulltext index, trigger-kept
+    column and partitions call only pg_catalog's functions and its owner's (the superuser
+    undoing): its undo is not refused. A CHECK on payment calling a function of another role
+    (app) is refused on every partition the undo writes, until --trust-owner app."""
+    src = pagila
+    tables = ("film", "customer", "address", "payment", "inventory")
+    at = src.now()
+    then = {t: src.snapshot(t) for t in tables}
+    sid = _as_session(
+        src,
+        "UPDATE film SET release_year = 2001, title = title || '!' WHERE film_id < 40",
+        "UPDATE customer SET email = upper(email) WHERE customer_id < 30",
+        "UPDATE address SET phone = '0' WHERE address_id < 30",
+        "DELETE FROM payment WHERE amount < 1",
+        "INSERT INTO inventory (film_id, store_id) VALUES (1, 1)",
+    )
+    src.capture()
+    printed = src.undo_cli("session", sid)
+    assert printed.returncode == 0, printed.stderr
+    undone = src.undo_cli("session", sid, "--apply")
+    assert undone.returncode == 0, undone.stderr
+    assert {t: src.snapshot(t) for t in tables} == then
+
+    app = f"app_{src.dbname}"
+    src.sql(
+        f"CREATE ROLE {app}; CREATE FUNCTION public.sane(numeric) RETURNS boolean"
+        f" LANGUAGE sql AS 'SELECT $1 >= 0'; ALTER FUNCTION public.sane(numeric) OWNER TO {app};"
+        " ALTER TABLE payment ADD CONSTRAINT amount_sane CHECK (public.sane(amount))"
+    )
+    src.capture()  # the undo above, which the rewind takes in
+    rewound = src.undo_cli("table", "payment", "--to", at, "--apply")
+    assert rewound.returncode == 1, rewound.stderr
+    lines = [ln for ln in rewound.stderr.splitlines() if "amount_sane" in ln]
+    assert lines and all(
+        ln.strip().startswith("public.payment_p2022_")
+        and f"check constraint amount_sane calls public.sane(numeric), owned by {app}," in ln
+        and ln.endswith(f"review it, then undo with --trust-owner {app}")
+        for ln in lines
+    ), rewound.stderr
+    trusted = src.undo_cli("table", "payment", "--to", at, "--apply", "--trust-owner", app)
+    assert trusted.returncode == 0, trusted.stderr

@@ -41,6 +41,15 @@ _APPLYING = [
         help="Let user triggers and rules fire, as you (no session_replication_role ="
         " replica); without it, an undo refuses tables with ENABLE ALWAYS/REPLICA ones.",
     ),
+    click.option(
+        "--trust-owner",
+        "trust_owners",
+        multiple=True,
+        metavar="ROLE",
+        help="Run the functions ROLE owns that the tables' constraints, defaults, indexes,"
+        " policies or domains call, as you (reviewed); without it, an undo refuses them."
+        " Repeatable.",
+    ),
     click.option("--lock-timeout", default="5s", show_default=True, callback=duration),
     click.option("--statement-timeout", default="0", show_default=True, callback=duration),
 ]
@@ -130,6 +139,7 @@ def _run_undo(
     apply: bool,
     on_conflict: str,
     fire_triggers: bool,
+    trust_owners: tuple[str, ...],
     lock_timeout: str,
     statement_timeout: str,
 ) -> None:
@@ -150,6 +160,7 @@ def _run_undo(
             apply=apply,
             on_conflict=on_conflict,
             fire_triggers=fire_triggers,
+            trust_owners=trust_owners,
             lock_timeout=lock_timeout,
             statement_timeout=statement_timeout,
             out=sys.stdout,
@@ -252,6 +263,7 @@ def table_cmd(
             parse_time(as_of),
             where,
             fire_triggers=options["fire_triggers"],
+            trust_owners=options["trust_owners"],
             lock_timeout=options["lock_timeout"],
             statement_timeout=options["statement_timeout"],
         )

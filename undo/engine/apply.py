@@ -19,7 +19,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -270,6 +270,11 @@ class _Runner:
         """Record the undo in the source's ledger (undo.record_undo), the first write."""
         raise NotImplementedError
 
+    def guard(self, q: Query, says: str) -> None:
+        """The check for user code that would run as the role undoing (_user_code_guard),
+        before the tables are written; ``says`` what it refuses, for the script's reader."""
+        raise NotImplementedError
+
     def choose(self, name: str, test: Query, if_true: Query, if_false: Query) -> None:
         """Stage with ``if_true`` or ``if_false`` as the one-value query ``test`` says."""
         raise NotImplementedError
@@ -301,6 +306,9 @@ class _Applier(_Runner):
 
     def statement(self, q: Query) -> None:
         self.conn.execute(q)  # never with parameters: identifiers are not scanned for %s
+
+    def guard(self, q: Query, says: str) -> None:
+        self.statement(q)  # its refusal (USER_CODE) and lock timeouts: _apply's
 
     def ledger(self, q: Query) -> None:
         # known by SQLSTATE and by the statement that raised it, never by message text
@@ -466,6 +474,12 @@ class _Printer(_Runner):
         )
         self.out.write("\\set VERBOSITY :undo_verbosity\n")
         self.kept(sql.SQL("{} AS undo_recorded").format(q))
+
+    def guard(self, q: Query, says: str) -> None:
+        # terse: the refusal's lines only, no CONTEXT line
+        self.out.write(says + "\\set undo_verbosity :VERBOSITY\n\\set VERBOSITY terse\n")
+        self.statement(q)
+        self.out.write("\\set VERBOSITY :undo_verbosity\n")
 
     def stage(self, q: Query) -> None:
         self.statement(q)
@@ -641,15 +655,104 @@ def _settings(
 #: SQLSTATE of the refusal of user code that replica mode does not keep quiet (the script's)
 USER_CODE = "UN002"
 
-#: Triggers (but undo's own tag: its name, undo.tag(), no WHEN) and rules that fire under
-#: session_replication_role = replica, ENABLE ALWAYS ('A') or ENABLE REPLICA ('R'), on the
-#: tables an undo writes and the partitions under them: one line each, saying what to do.
-#: Foreign-key triggers are internal (tgisinternal), not a table owner's code.
+#: What on the tables an undo writes (and the partitions under them) would run code other than
+#: undo's as the role undoing, one line each saying what to do:
+#: - with {triggers}: triggers (but undo's own tag: its name, undo.tag(), no WHEN) and rules
+#:   that fire under session_replication_role = replica, ENABLE ALWAYS ('A') or ENABLE REPLICA
+#:   ('R'). Foreign-key triggers are internal (tgisinternal), not a table owner's code.
+#: - always: a function (or an operator's function) owned by neither a superuser, nor the role
+#:   undoing (current_user), nor a role of {trusted} (--trust-owner), that PostgreSQL evaluates
+#:   as the role writing a row: in a constraint of the table (CHECK, exclusion), a column's
+#:   generation expression, the default of a column the undo does not write ({cols}: the
+#:   columns it names when it inserts, those of the captured table, not one added since), an
+#:   index's expressions or predicate, a row security
+#:   policy (where it applies to the role undoing: see check_enable_rls), or a column's type and
+#:   the types inside it (domains over domains, arrays, composite types' attributes, ranges):
+#:   their constraints (a domain's CHECK) and their own functions (a domain's default). The
+#:   calls are the objects' recorded dependencies (pg_depend on pg_proc, and on pg_operator for
+#:   its oprcode), which is how PostgreSQL itself knows what an expression calls.
 _USER_CODE = """
-WITH w(rel) AS (
-    SELECT DISTINCT x.rel FROM pg_catalog.unnest({rels}::regclass[]) r(rel)
+WITH RECURSIVE w(rel) AS (
+    SELECT DISTINCT x.rel FROM pg_catalog.unnest({rels}::pg_catalog.regclass[]) r(rel)
      CROSS JOIN LATERAL (SELECT r.rel::oid UNION SELECT p.relid::oid
                            FROM pg_catalog.pg_partition_tree(r.rel) p) x(rel)),
+types(rel, col, typ) AS (
+    SELECT a.attrelid, a.attname, a.atttypid
+      FROM w JOIN pg_catalog.pg_attribute a ON a.attrelid = w.rel
+     WHERE a.attnum > 0 AND NOT a.attisdropped
+    UNION
+    SELECT t.rel, t.col, x.typ
+      FROM types t JOIN pg_catalog.pg_type ty ON ty.oid = t.typ
+     CROSS JOIN LATERAL (
+           SELECT ty.typbasetype WHERE ty.typtype = 'd'
+           UNION ALL SELECT ty.typelem WHERE ty.typelem <> 0
+           UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
+                      WHERE ty.typtype = 'c' AND a.attrelid = ty.typrelid AND a.attnum > 0
+                        AND NOT a.attisdropped
+           UNION ALL SELECT rg.rngsubtype FROM pg_catalog.pg_range rg WHERE rg.rngtypid = ty.oid
+           UNION ALL SELECT rg.rngtypid FROM pg_catalog.pg_range rg
+                      WHERE rg.rngmultitypid = ty.oid) x(typ)),
+cols(rel, col) AS (
+    SELECT x.rel, c.col
+      FROM pg_catalog.jsonb_each({cols}::pg_catalog.jsonb) j(tab, names)
+     CROSS JOIN LATERAL (SELECT j.tab::pg_catalog.regclass::oid UNION SELECT p.relid::oid
+                           FROM pg_catalog.pg_partition_tree(j.tab::pg_catalog.regclass) p) x(rel)
+     CROSS JOIN LATERAL pg_catalog.jsonb_array_elements_text(j.names) c(col)),
+rls(rel) AS (
+    SELECT w.rel FROM w JOIN pg_catalog.pg_class c ON c.oid = w.rel
+     WHERE c.relrowsecurity
+       AND NOT (SELECT ro.rolsuper OR ro.rolbypassrls FROM pg_catalog.pg_roles ro
+                 WHERE ro.rolname = current_user)
+       AND (c.relforcerowsecurity
+            OR NOT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE'))),
+code(rel, what, name, classid, objid) AS (
+    SELECT co.conrelid,
+           CASE co.contype WHEN 'c' THEN 'check constraint' WHEN 'x' THEN 'exclusion constraint'
+                ELSE 'constraint' END,
+           pg_catalog.quote_ident(co.conname), 'pg_catalog.pg_constraint'::pg_catalog.regclass,
+           co.oid
+      FROM w JOIN pg_catalog.pg_constraint co ON co.conrelid = w.rel
+    UNION ALL
+    SELECT ad.adrelid,
+           CASE a.attgenerated WHEN '' THEN 'default of column' ELSE 'generated column' END,
+           pg_catalog.quote_ident(a.attname), 'pg_catalog.pg_attrdef'::pg_catalog.regclass, ad.oid
+      FROM w JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = w.rel
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+     WHERE a.attgenerated <> ''
+        OR NOT EXISTS (SELECT FROM cols k WHERE k.rel = ad.adrelid AND k.col = a.attname)
+    UNION ALL
+    SELECT i.indrelid, 'index', pg_catalog.quote_ident(ic.relname),
+           'pg_catalog.pg_class'::pg_catalog.regclass, i.indexrelid
+      FROM w JOIN pg_catalog.pg_index i ON i.indrelid = w.rel
+      JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+    UNION ALL
+    SELECT p.polrelid, 'policy', pg_catalog.quote_ident(p.polname),
+           'pg_catalog.pg_policy'::pg_catalog.regclass, p.oid
+      FROM rls JOIN pg_catalog.pg_policy p ON p.polrelid = rls.rel
+     WHERE 0::oid = ANY (p.polroles)
+        OR EXISTS (SELECT FROM pg_catalog.unnest(p.polroles) pr(role)
+                    WHERE pg_catalog.pg_has_role(current_user, pr.role, 'MEMBER'))
+    UNION ALL
+    SELECT t.rel,
+           pg_catalog.format('column %I''s type %s, constraint', t.col,
+                             t.typ::pg_catalog.regtype),
+           pg_catalog.quote_ident(co.conname), 'pg_catalog.pg_constraint'::pg_catalog.regclass,
+           co.oid
+      FROM types t JOIN pg_catalog.pg_constraint co ON co.contypid = t.typ
+    UNION ALL
+    SELECT t.rel, pg_catalog.format('column %I''s type', t.col),
+           t.typ::pg_catalog.regtype::pg_catalog.text,
+           'pg_catalog.pg_type'::pg_catalog.regclass, t.typ
+      FROM types t),
+calls(rel, what, name, fn, op) AS (
+    SELECT DISTINCT code.rel, code.what, code.name, COALESCE(o.oprcode::oid, d.refobjid), o.oid
+      FROM code JOIN pg_catalog.pg_depend d ON d.classid = code.classid
+                                           AND d.objid = code.objid
+      LEFT JOIN pg_catalog.pg_operator o
+             ON d.refclassid = 'pg_catalog.pg_operator'::pg_catalog.regclass
+            AND o.oid = d.refobjid
+     WHERE d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass,
+                            'pg_catalog.pg_operator'::pg_catalog.regclass)),
 found(tab, what, name, line) AS (
     SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), 'trigger', tg.tgname::text,
            pg_catalog.format('%I.%I: trigger %I (ENABLE %s) runs %I.%I(%s), owned by %I,'
@@ -662,7 +765,7 @@ found(tab, what, name, line) AS (
       FROM w JOIN pg_class c ON c.oid = w.rel JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_trigger tg ON tg.tgrelid = w.rel
       JOIN pg_proc pr ON pr.oid = tg.tgfoid JOIN pg_namespace pn ON pn.oid = pr.pronamespace
-     WHERE NOT tg.tgisinternal AND tg.tgenabled IN ('A', 'R')
+     WHERE {triggers} AND NOT tg.tgisinternal AND tg.tgenabled IN ('A', 'R')
        AND NOT (tg.tgname = 'undo_tag' AND tg.tgfoid = pg_catalog.to_regprocedure('undo.tag()')
                 AND tg.tgqual IS NULL)
     UNION ALL
@@ -676,15 +779,32 @@ found(tab, what, name, line) AS (
                   pg_catalog.pg_get_userbyid(c.relowner), n.nspname, c.relname, rw.rulename)
       FROM w JOIN pg_class c ON c.oid = w.rel JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_rewrite rw ON rw.ev_class = w.rel
-     WHERE rw.ev_enabled IN ('A', 'R'))
-SELECT pg_catalog.regexp_replace(line, '[[:cntrl:]]', '?', 'g') FROM found ORDER BY tab, what, name
+     WHERE {triggers} AND rw.ev_enabled IN ('A', 'R')
+    UNION ALL
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), k.what, k.name || ' ' || k.fn::text,
+           pg_catalog.format('%I.%I: %s %s calls %I.%I(%s)%s, owned by %I, as the role undoing:'
+                  ' review it, then undo with --trust-owner %I',
+                  n.nspname, c.relname, k.what, k.name,
+                  pn.nspname, pr.proname, pg_catalog.pg_get_function_identity_arguments(pr.oid),
+                  CASE WHEN k.op IS NOT NULL
+                       THEN pg_catalog.format(' (operator %s)', k.op::pg_catalog.regoperator)
+                       ELSE '' END,
+                  ro.rolname, ro.rolname)
+      FROM calls k JOIN pg_class c ON c.oid = k.rel JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_proc pr ON pr.oid = k.fn JOIN pg_namespace pn ON pn.oid = pr.pronamespace
+      JOIN pg_roles ro ON ro.oid = pr.proowner
+     WHERE NOT ro.rolsuper AND ro.rolname <> current_user
+       AND NOT ro.rolname = ANY ({trusted}::pg_catalog.text[]))
+SELECT DISTINCT pg_catalog.regexp_replace(line, '[[:cntrl:]]', '?', 'g'), tab, what, name
+  FROM found ORDER BY tab, what, name
 """
 
-#: the first line of the refusal; then one line per trigger or rule
+#: the first line of the refusal; then one line per object
 _USER_CODE_HEAD = (
-    "refused, nothing changed: user code on the tables the undo writes fires even under"
-    " session_replication_role = replica (ENABLE ALWAYS or ENABLE REPLICA) and would run as"
-    " the role undoing:"
+    "refused, nothing changed: user code on the tables the undo writes would run as the role"
+    " undoing (triggers and rules ENABLE ALWAYS or ENABLE REPLICA fire even under"
+    " session_replication_role = replica; constraints, defaults, indexes, policies and domains"
+    " run their functions whenever a row is written):"
 )
 
 
@@ -696,11 +816,42 @@ def _written(tables: dict[int, inverse.LiveTable]) -> sql.Composed:
     )
 
 
-def user_code(conn: psycopg.Connection[Any], tables: dict[int, inverse.LiveTable]) -> list[str]:
+def _written_columns(tables: dict[int, inverse.LiveTable]) -> sql.Literal:
+    """The columns the undo names in every insert into each table it writes, as a JSON object
+    (its name as in _written: [column, ...]): their defaults are never evaluated."""
+    cols: dict[str, set[str]] = {}
+    for t in tables.values():
+        name = names.quote(t.version.schema, t.version.name)
+        mine = {t.version.columns[i] for i in t.writable}
+        cols[name] = cols[name] & mine if name in cols else mine
+    return sql.Literal(json.dumps({k: sorted(v) for k, v in sorted(cols.items())}))
+
+
+def _user_code_query(
+    tables: dict[int, inverse.LiveTable], triggers: bool, trusted: Sequence[str]
+) -> sql.Composed:
+    """_USER_CODE for the tables, with or without the triggers and rules (--fire-triggers),
+    trusting the functions of the roles named (--trust-owner)."""
+    return sql.SQL(_USER_CODE.strip()).format(
+        rels=_written(tables),
+        cols=_written_columns(tables),
+        triggers=sql.Literal(triggers),
+        trusted=sql.SQL("ARRAY[{}]::pg_catalog.text[]").format(
+            sql.SQL(", ").join(sql.Literal(r) for r in sorted(set(trusted)))
+        ),
+    )
+
+
+def user_code(
+    conn: psycopg.Connection[Any],
+    tables: dict[int, inverse.LiveTable],
+    triggers: bool = True,
+    trusted: Sequence[str] = (),
+) -> list[str]:
     """One line per trigger or rule that would fire during the undo despite
-    session_replication_role = replica, on the tables it writes (see _USER_CODE)."""
-    q = sql.SQL(_USER_CODE).format(rels=_written(tables))
-    return [str(r[0]) for r in conn.execute(q).fetchall()]
+    session_replication_role = replica (unless not ``triggers``), and per table owner's
+    function the undo's writes would run, on the tables it writes (see _USER_CODE)."""
+    return [str(r[0]) for r in conn.execute(_user_code_query(tables, triggers, trusted))]
 
 
 def _refuse_user_code(lines: list[str]) -> None:
@@ -709,12 +860,15 @@ def _refuse_user_code(lines: list[str]) -> None:
 
 
 def _user_code_guard(
-    conn: psycopg.Connection[Any], tables: dict[int, inverse.LiveTable]
+    conn: psycopg.Connection[Any],
+    tables: dict[int, inverse.LiveTable],
+    triggers: bool,
+    trusted: Sequence[str],
 ) -> sql.Composed:
     """A DO block that takes ROW EXCLUSIVE on the tables the undo writes (CREATE TRIGGER,
-    ENABLE ALWAYS and CREATE RULE wait for it until the undo commits), then raises USER_CODE
-    if a trigger or rule on them would fire despite session_replication_role = replica. The
-    script runs it before it writes (the tables' triggers may have changed since it was
+    ENABLE ALWAYS, CREATE RULE, ADD CONSTRAINT, CREATE INDEX, CREATE POLICY wait for it until
+    the undo commits), then raises USER_CODE if user code on them would run as the role undoing
+    (_USER_CODE). The script runs it before it writes (the tables may have changed since it was
     printed); --apply runs the same."""
     body = sql.SQL(
         "DECLARE r regclass; found text; BEGIN"
@@ -727,7 +881,7 @@ def _user_code_guard(
         " MESSAGE = {head} || E'\\n  ' || found; END IF; END"
     ).format(
         rels=_written(tables),
-        query=sql.SQL(_USER_CODE.strip()).format(rels=_written(tables)),
+        query=_user_code_query(tables, triggers, trusted),
         code=sql.Literal(USER_CODE),
         head=sql.Literal(_USER_CODE_HEAD),
     )
@@ -736,6 +890,20 @@ def _user_code_guard(
     while tag in text:  # a name holding the quote's tag cannot end the body
         tag = tag[:-1] + "_$"
     return sql.SQL("DO ") + sql.SQL(tag + text + tag)
+
+
+def _guard_says(fire_triggers: bool) -> str:
+    """What the guard refuses, as SQL comments for the script's reader."""
+    triggers = (
+        "--   a trigger or rule ENABLE ALWAYS/REPLICA (it fires even under\n"
+        "--   session_replication_role = replica), or\n"
+    )
+    return (
+        "-- refuse, before writing, if user code on the tables would run as you:\n"
+        + ("" if fire_triggers else triggers)
+        + "--   a function of a role other than you or a superuser (or --trust-owner) that a\n"
+        "--   constraint, default, generated column, index, policy or domain calls\n"
+    )
 
 
 def _undoing(target: Target) -> sql.Composed:
@@ -808,10 +976,14 @@ def _run(
     plan: Plan,
     tables: dict[int, inverse.LiveTable],
     fire_triggers: bool,
+    guard: Query,
     progress: Progress | None,
     check_keys: bool = True,
 ) -> None:
     runner.ledger(_ledger_call(plan))
+    # after the ledger (a role that may not undo is told so first), before anything is
+    # staged or written
+    runner.guard(guard, _guard_says(fire_triggers))
     oids = {tables[r].version.oid: r for r in tables}
     order = [oids[o] for o in inverse.fk_order(conn, [o for o in oids if o is not None])]
     ops = plan.ops()
@@ -877,6 +1049,7 @@ def undo(
     apply: bool = False,
     on_conflict: str = "abort",
     fire_triggers: bool = False,
+    trust_owners: Sequence[str] = (),
     lock_timeout: str = "5s",
     statement_timeout: str = "0",
     out: TextIO | None = None,
@@ -898,6 +1071,7 @@ def undo(
             apply=apply,
             on_conflict=on_conflict,
             fire_triggers=fire_triggers,
+            trust_owners=trust_owners,
             lock_timeout=lock_timeout,
             statement_timeout=statement_timeout,
             out=out,
@@ -914,6 +1088,7 @@ def _undo(
     apply: bool,
     on_conflict: str,
     fire_triggers: bool,
+    trust_owners: Sequence[str],
     lock_timeout: str,
     statement_timeout: str,
     out: TextIO | None,
@@ -957,6 +1132,7 @@ def _undo(
                 settings_sql,
                 on_conflict,
                 fire_triggers,
+                trust_owners,
                 lock_timeout,
                 statement_timeout,
                 progress,
@@ -976,6 +1152,7 @@ def _undo(
                     settings_sql,
                     spool,
                     fire_triggers,
+                    trust_owners,
                     on_conflict,
                     _settings(True, lock_timeout, statement_timeout, plan.target),
                 )
@@ -995,6 +1172,7 @@ def _apply(
     settings_sql: list[sql.Composed],
     on_conflict: str,
     fire_triggers: bool,
+    trust_owners: Sequence[str],
     lock_timeout: str,
     statement_timeout: str,
     progress: Progress | None,
@@ -1012,19 +1190,6 @@ def _apply(
             f" during the undo: run GRANT SET ON PARAMETER session_replication_role TO {user};"
             " (PostgreSQL 15+, as a superuser), or pass --fire-triggers"
         ) from None
-    if not fire_triggers:  # before anything is written, under locks held to the commit
-        try:
-            conn.execute(_user_code_guard(conn, tables))
-        except psycopg.Error as e:
-            conn.rollback()
-            if e.sqlstate == USER_CODE:
-                raise Refused(e.diag.message_primary or _USER_CODE_HEAD) from None
-            if isinstance(e, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
-                raise Refused(
-                    f"gave up waiting ({e.diag.message_primary}; --lock-timeout {lock_timeout}):"
-                    " nothing changed; retry once the other transaction is done"
-                ) from None
-            raise
     try:
         # what inspect reads is rolled back: rows whose parents other tables held may show
         _run(
@@ -1034,6 +1199,8 @@ def _apply(
             plan,
             tables,
             fire_triggers,
+            # before anything is written, under locks held to the commit
+            _user_code_guard(conn, tables, not fire_triggers, trust_owners),
             progress,
             check_keys=inspect is None,
         )
@@ -1058,6 +1225,8 @@ def _apply(
     except BaseException as e:
         if not conn.closed:
             conn.rollback()
+        if isinstance(e, psycopg.Error) and e.sqlstate == USER_CODE:
+            raise Refused(e.diag.message_primary or _USER_CODE_HEAD) from None
         if isinstance(e, psycopg.Error) and e.sqlstate == ALREADY_UNDONE:
             hint = (
                 "; if that undo came after the time rewound to, run `undo capture` first so"
@@ -1097,6 +1266,7 @@ def _print(
     settings_sql: list[sql.Composed],
     out: TextIO,
     fire_triggers: bool,
+    trust_owners: Sequence[str],
     on_conflict: str,
     check_settings: list[sql.Composed],
 ) -> None:
@@ -1115,8 +1285,7 @@ def _print(
     )
     for q in check_settings:  # the script's own, without the replication role (reads only)
         conn.execute(q)
-    if not fire_triggers:
-        _refuse_user_code(user_code(conn, tables))
+    _refuse_user_code(user_code(conn, tables, not fire_triggers, trust_owners))
     out.write(
         "\\set ON_ERROR_STOP on\n"
         "\\set undo_quiet :QUIET\n"
@@ -1130,19 +1299,11 @@ def _print(
     printer = _Printer(out, conn, db, report, on_conflict, checked)
     for q in settings_sql:
         printer.statement(q)
-    if not fire_triggers:
-        # terse: the refusal's lines only, no CONTEXT line
-        out.write(
-            "-- refuse, before writing, if a trigger or rule on the tables fires even under\n"
-            "-- session_replication_role = replica (ENABLE ALWAYS/REPLICA): it would run as you\n"
-            "\\set undo_verbosity :VERBOSITY\n\\set VERBOSITY terse\n"
-        )
-        printer.statement(_user_code_guard(conn, tables))
-        out.write("\\set VERBOSITY :undo_verbosity\n")
     printer.kept(_undoing(plan.target))
     printer.statement(sql.SQL(_FAIL_FUNCTION))
     try:
-        _run(printer, conn, db, plan, tables, fire_triggers, None)
+        guard = _user_code_guard(conn, tables, not fire_triggers, trust_owners)
+        _run(printer, conn, db, plan, tables, fire_triggers, guard, None)
         printer.notice(plan)
     finally:
         conn.rollback()
