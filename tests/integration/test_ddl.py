@@ -582,3 +582,19 @@ def test_changes_made_while_identity_was_not_full_stay_without_old_rows(source):
     rows = source.store_rows(_OLD_ROWS)
     assert rows[:2] == [("U", '["1"]', '["1","1"]'), ("D", '["2"]', '["2","2"]')]
     assert [(op, old) for op, _, old in rows[2:]] == [("U", None), ("D", None)]
+
+
+def test_a_table_with_unique_indexes_of_different_widths_is_captured(source):
+    """pagila's rental: a one-column primary key and a three-column unique index. With
+    wal2json, reading whether an update's old row was key-only built an array of the indexes'
+    column arrays, which PostgreSQL refuses for arrays of different lengths: capture failed
+    ("cannot accumulate arrays of different dimensionality") at the table's first update."""
+    source.sql(
+        "CREATE TABLE r (id int PRIMARY KEY, a int, b int, c int, note text, UNIQUE (a, b, c))"
+    )
+    source.sql("INSERT INTO r VALUES (1, 1, 1, 1, 'x')")
+    source.init()
+    source.sql("UPDATE r SET note = 'y' WHERE id = 1")
+    source.capture()
+    rows = source.store_rows(_OLD_ROWS)
+    assert rows == [("U", '["1"]', '["1","1","1","1","x"]')]

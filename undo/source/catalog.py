@@ -121,10 +121,13 @@ class Catalog:
         FULL an old image has every column the table had then, under the others the columns of
         one unique index. A list that is the columns of a unique index of the table's, which
         has more columns, is taken for key-only; so is any while the table is not FULL now."""
+        # each index's columns as one jsonb array: an array of text arrays must be rectangular
+        # (a one-column key beside a three-column unique index was an error, capture's end)
         row = self.conn.execute(
-            "SELECT c.relreplident = 'f', ARRAY(SELECT ARRAY(SELECT a.attname::text"
-            "  FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
-            "  ORDER BY a.attnum) FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique"
+            "SELECT c.relreplident = 'f', (SELECT pg_catalog.jsonb_agg((SELECT"
+            "  pg_catalog.jsonb_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a"
+            "  WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)))"
+            "  FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique"
             "  AND i.indexprs IS NULL AND i.indpred IS NULL)"
             " FROM pg_class c WHERE c.oid = %s",
             (rel.oid,),
@@ -132,7 +135,8 @@ class Catalog:
         if row is None or not row[0]:
             return True
         names = set(rel.columns)
-        return any(set(k) == names for k in row[1]) and any(a[1] not in names for a in attrs)
+        indexes = row[1] or []
+        return any(set(k) == names for k in indexes) and any(a[1] not in names for a in attrs)
 
     def problems(self, oids: list[int] | None) -> list[tuple[str, str]]:
         """What is wrong now with the audited tables of these OIDs (None: every audited table),
