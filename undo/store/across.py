@@ -43,16 +43,13 @@ def _raise_if_none(found: bool, errors: list[UndoError]) -> None:
 def sessions(
     store: Store, names: Sequence[str], limit: int | None = None, offset: int = 0, **kw: Any
 ) -> list[SessionRow]:
-    """`undo sessions` over these sources, newest first."""
+    """`undo sessions` over these sources, newest first: several in one query (the store's
+    store-wide reader; each source's read in turn and merged took 2,550 sessions of each
+    for page 50 of the dashboard)."""
     if len(names) == 1:
         store.use(names[0])
         return store.sessions(limit=limit, offset=offset, **kw)
-    wanted = None if limit is None else limit + offset
-    rows, errors = _gather(store, names, lambda: store.sessions(limit=wanted, **kw))
-    if kw.get("tables"):
-        _raise_if_none(len(errors) < len(names), errors)
-    rows.sort(key=lambda r: r.last_change_at, reverse=True)
-    return rows[offset : None if limit is None else offset + limit]
+    return store.sessions(limit=limit, offset=offset, sources=names, **kw)
 
 
 def show(
@@ -94,8 +91,10 @@ def history(
 
 
 def activity(store: Store, names: Sequence[str], **kw: Any) -> list[ActivityBucket]:
-    """`undo activity` over these sources, by bucket, then source."""
-    rows, _ = _gather(store, names, lambda: store.activity(**kw))
-    if len(names) > 1:
-        rows.sort(key=lambda r: (r.bucket, r.source or "", r.name or ""))
+    """`undo activity` over these sources, by bucket, then source (several: in one query)."""
+    if len(names) == 1:
+        store.use(names[0])
+        return store.activity(**kw)
+    rows = store.activity(sources=names, **kw)
+    rows.sort(key=lambda r: (r.bucket, r.source or "", r.name or ""))
     return rows

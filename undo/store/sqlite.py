@@ -63,21 +63,22 @@ def recovery(path: str) -> str:
     return f"recover what SQLite can read (sqlite3 {path} .recover | sqlite3 NEW.db)"
 
 
-#: the tables the reads name, as views of the rows of one source (``{s}``: its id), on the
-#: reading connection (temporary views are searched before the file's tables)
+#: the tables the reads name, as views of the rows of one source, or of several for the
+#: store-wide listings (``{s}``: their ids), on the reading connection (temporary views are
+#: searched before the file's tables)
 _SCOPED = {
-    "meta": "SELECT key, value FROM main.source_meta WHERE source = {s}"
+    "meta": "SELECT key, value FROM main.source_meta WHERE source IN ({s})"
     " UNION ALL SELECT key, value FROM main.meta",
-    "relations": "SELECT * FROM main.relations WHERE source = {s}",
-    "transactions": "SELECT * FROM main.transactions WHERE source = {s}",
+    "relations": "SELECT * FROM main.relations WHERE source IN ({s})",
+    "transactions": "SELECT * FROM main.transactions WHERE source IN ({s})",
     "activity": "SELECT a.* FROM main.activity a WHERE a.relation IN"
-    " (SELECT id FROM main.relations WHERE source = {s})",
-    "gaps": "SELECT * FROM main.gaps WHERE source = {s}",
-    "undos": "SELECT * FROM main.undos WHERE source = {s}",
-    "guard_refusals": "SELECT * FROM main.guard_refusals WHERE source = {s}",
-    "ddl": "SELECT * FROM main.ddl WHERE source = {s}",
-    "malformed": "SELECT * FROM main.malformed WHERE source = {s}",
-    "pruned_counts": "SELECT * FROM main.pruned_counts WHERE source = {s}",
+    " (SELECT id FROM main.relations WHERE source IN ({s}))",
+    "gaps": "SELECT * FROM main.gaps WHERE source IN ({s})",
+    "undos": "SELECT * FROM main.undos WHERE source IN ({s})",
+    "guard_refusals": "SELECT * FROM main.guard_refusals WHERE source IN ({s})",
+    "ddl": "SELECT * FROM main.ddl WHERE source IN ({s})",
+    "malformed": "SELECT * FROM main.malformed WHERE source IN ({s})",
+    "pruned_counts": "SELECT * FROM main.pruned_counts WHERE source IN ({s})",
 }
 
 
@@ -99,6 +100,7 @@ class SqliteStore:
         self.source_id: int | None = None
         self.source_name: str | None = None
         self._reader: Database | None = None
+        self._scope: tuple[int, ...] = ()  # the sources the reader's views hold
         self._lock: int | None = None  # the flock a writer holds
         self._choose(source)
 
@@ -121,16 +123,39 @@ class SqliteStore:
         views), or the file (no source chosen: every source's)."""
         if self.source_id is None:
             return self.file
+        return self._scoped((self.source_id,))
+
+    def _scoped(self, ids: tuple[int, ...]) -> Database:
+        """The reader of these sources' rows: the source's, or several sources' (the
+        store-wide listings, each row with its source's id); made again when they change."""
+        if self._reader is not None and self._scope != ids:
+            with contextlib.suppress(sqlite3.Error):
+                self._reader.conn.close()
+            self._reader = None
         if self._reader is None:
             conn = sqlite3.connect(self.location, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=10000")
             conn.create_function("qualified_name", 2, names.quote, deterministic=True)
+            listed = ", ".join(str(int(i)) for i in ids)
             for name, text in _SCOPED.items():
-                conn.execute(  # constant text and an integer
-                    f'CREATE TEMP VIEW "{name}" AS ' + text.format(s=int(self.source_id))
-                )
-            self._reader = Database(conn)
+                conn.execute(f'CREATE TEMP VIEW "{name}" AS ' + text.format(s=listed))  # integers
+            self._reader, self._scope = Database(conn), ids
         return self._reader
+
+    def _reader_of(self, sources: Sequence[str]) -> tuple[Database, dict[int, str]]:
+        """The store-wide reader of the sources named (an unknown name is BadInput), and their
+        names by id."""
+        known = self.sources()
+        by_name = {s.name: s for s in known}
+        for name in sources:
+            if name not in by_name:
+                raise unknown_source(name, known, self._where())
+        ids = tuple(sorted(by_name[n].id for n in set(sources)))
+        return self._scoped(ids), {i: s.name for s in known if (i := s.id) in ids}
+
+    def _where(self) -> str:
+        """The store as messages name it."""
+        return self.location
 
     # -- sources ---------------------------------------------------------------------------
     def sources(self) -> list[Source]:
@@ -146,10 +171,6 @@ class SqliteStore:
         found = next((s for s in known if s.name == name), None)
         if found is None:
             raise unknown_source(name, known, self.location)
-        if found.id != self.source_id and self._reader is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._reader.conn.close()
-            self._reader = None
         self.source_id, self.source_name = found.id, found.name
         return found
 
@@ -520,10 +541,22 @@ class SqliteStore:
         limit: int | None = None,
         offset: int = 0,
         undone_filter: bool | None = None,
+        sources: Sequence[str] | None = None,
     ) -> list[SessionRow]:
+        db, named = self._listing(sources)
         return _queries.sessions(
-            self.db, since, until, app, user, tables, limit, offset, undone_filter, self.source_name
+            db, since, until, app, user, tables, limit, offset, undone_filter, named
         )
+
+    def _listing(self, sources: Sequence[str] | None) -> tuple[Database, dict[int, str | None]]:
+        """The reader of a listing: of the sources named, in one query (the store-wide
+        reader), else of the source it acts for; the names its rows carry, by source id."""
+        if sources is not None:
+            db, named = self._reader_of(sources)
+            return db, dict(named)
+        if self.source_id is None:  # none chosen: the file, every source's rows
+            return self.db, {s.id: s.name for s in self.sources()}
+        return self.db, {self.source_id: self.source_name}
 
     def show(self, session_id: str | None = None, xid: int | None = None) -> Shown:
         return replace(_queries.show(self.db, session_id, xid), source=self.source_name)
@@ -535,16 +568,22 @@ class SqliteStore:
         return [replace(r, source=self.source_name) for r in rows]
 
     def activity(
-        self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
+        self,
+        by: str = "app",
+        since: str | None = None,
+        bucket_seconds: int = 60,
+        sources: Sequence[str] | None = None,
     ) -> list[ActivityBucket]:
-        rows = _queries.activity(self.db, by, since, bucket_seconds)
-        return [replace(r, source=self.source_name) for r in rows]
+        db, named = self._listing(sources)
+        return _queries.activity(db, by, since, bucket_seconds, named)
 
     def status(self) -> StoreStatus:
         return replace(_queries.status(self.db), source=self.source_name)
 
-    def guard_refusals(self, session_id: str | None = None) -> list[GuardRefusal]:
-        return _queries.guard_refusals(self.db, session_id)
+    def guard_refusals(
+        self, session_id: str | None = None, sources: Sequence[str] | None = None
+    ) -> list[GuardRefusal]:
+        return _queries.guard_refusals(self._listing(sources)[0], session_id)
 
     def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[DdlCommand]:
         return _queries.ddl_of(self.db, session_id, xid)
