@@ -58,7 +58,11 @@ def _fill(writer: Any, k: int) -> None:
                 b"{}",
                 None,
             )
+        if k == 1 and i == 4:
+            writer.add_gap("public.items", "renamed")
         writer.commit(Commit(lsn, lsn + 50, at))
+    if k != 2:
+        writer.add_malformed(lsn + 61, "undo.guard", None, "not usable", b"zz")
     writer.add_refusal(
         lsn + 60,
         {"guard": "g", "reason": "r", "at": _time(40 + k), "session": {"session_id": f"s{k}-1"}},
@@ -78,6 +82,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Store]:
         for k, name in enumerate(NAMES):
             db.register_source(name, str(k + 1), name)
             _fill(db.writer(), k)
+            db.set_meta({"slot": f"undo_{name}", "decoder": "pgoutput"})
+            if k == 0:
+                db.record_gap(100, 200, "slot lost")
     finally:
         db.close()
     with open_store(location) as db:
@@ -182,3 +189,23 @@ def test_activity_of_several_sources_is_one_query_equal_to_each_merged(store, by
 def test_an_unknown_source_in_a_store_wide_listing_is_bad_input(store):
     with pytest.raises(BadInput, match="no source 'nope'"):
         store.sessions(sources=["a", "nope"])
+
+
+def test_status_and_metrics_of_several_sources_are_each_sources(store):
+    """The dashboard's overview and /metrics read every source at once."""
+    statuses, figures = [], {}
+    for name in NAMES:
+        store.use(name)
+        statuses.append(store.status())
+        figures[name] = store.metrics()
+    assert [s.source for s in statuses] == NAMES
+    assert statuses[0].gaps and statuses[1].gaps and not statuses[2].gaps
+    assert statuses[0].malformed_messages and not statuses[2].malformed_messages
+    assert statuses[1].slot == "undo_b" and statuses[1].untrusted_writes
+    assert store.statuses(NAMES) == statuses
+    assert store.statuses(["c", "a"]) == [statuses[0], statuses[2]]
+    assert store.metrics_by_source(NAMES) == figures
+    assert list(store.metrics_by_source(["c", "a"])) == ["a", "c"]
+    assert store.guard_refusals(sources=NAMES) == [
+        g for name in NAMES for g in (store.use(name), store.guard_refusals())[1]
+    ]

@@ -593,40 +593,72 @@ def totals(txns: Sequence[ShownTransaction]) -> ShownTotals:
 
 
 def status(db: Database) -> StoreStatus:
-    last = db.execute(
-        "SELECT commit_time, end_lsn FROM transactions ORDER BY id DESC LIMIT 1"
-    ).fetchone()
-    gaps = db.execute(
-        'SELECT kind, table_name AS "table", session_id, from_lsn, to_lsn,'
-        " detected_at AS at, reason, detected_at FROM gaps ORDER BY id",
-    ).fetchall()
-    counts = db.execute(
-        "SELECT count(*), coalesce(sum(inserts + updates + deletes + truncates), 0)"
-        " FROM transactions"
-    ).fetchone()
-    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    untrusted = dict(
-        db.execute(
-            "SELECT tag_reason, sum(inserts + updates + deletes + truncates) FROM transactions"
-            " WHERE tag <> 'trusted' GROUP BY 1 ORDER BY 1"
-        ).fetchall()
+    """What the store says of the reader's rows (its source's)."""
+    return statuses(db, {None: None})[0]
+
+
+def statuses(db: Database, sources: Mapping[int | None, str | None]) -> list[StoreStatus]:
+    """What the store says of each of these sources (ids among the reader's sources, or None:
+    every row the reader holds), with the name each status carries, in their order: one
+    query each over them all."""
+
+    def rows(query: str) -> dict[int, list[Any]]:
+        found: dict[int, list[Any]] = {}
+        for src, *row in db.execute(query).fetchall():
+            found.setdefault(src, []).append(row)
+        return found
+
+    def of(found: dict[int, list[Any]], src: int | None) -> list[Any]:
+        return [r for i, rs in found.items() for r in rs] if src is None else found.get(src, [])
+
+    counts = rows(
+        "SELECT source, count(*), coalesce(sum(inserts + updates + deletes + truncates), 0)"
+        " FROM transactions GROUP BY 1"
     )
-    return StoreStatus(
-        decoder=meta.get("decoder"),
-        slot=meta.get("slot"),
-        store_position=int(meta.get("position") or 0),
-        last_commit_time=last[0] if last else None,
-        transactions=counts[0],
-        changes=counts[1],
-        # writes on audited tables without a trusted tag, by reason (forged, replayed,
-        # malformed, missing): never counted under the session they claim
-        untrusted_writes=untrusted,
-        # messages with undo's prefixes that were not what undo's SQL writes, by prefix
-        malformed_messages=dict(
-            db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1 ORDER BY 1").fetchall()
-        ),
-        gaps=tuple(StatusGap(*g) for g in gaps),
+    meta = rows("SELECT source, key, value FROM meta")
+    gaps = rows(
+        'SELECT source, kind, table_name AS "table", session_id, from_lsn, to_lsn,'
+        " detected_at AS at, reason, detected_at, id FROM gaps ORDER BY id",
     )
+    untrusted = rows(
+        "SELECT source, tag_reason, sum(inserts + updates + deletes + truncates)"
+        " FROM transactions WHERE tag <> 'trusted' GROUP BY 1, 2 ORDER BY 2"
+    )
+    malformed = rows("SELECT source, prefix, count(*) FROM malformed GROUP BY 1, 2 ORDER BY 2")
+    out = []
+    for src, name in sources.items():
+        # the store's own keys (SQLite's meta, no source), then the source's
+        own_meta = dict(meta.get(None, [])) | dict(of(meta, src))  # type: ignore[call-overload]
+        last = db.execute(
+            "SELECT commit_time, end_lsn FROM transactions"  # noqa: S608 (a constant)
+            + ("" if src is None else " WHERE source = ?")
+            + " ORDER BY id DESC LIMIT 1",
+            [] if src is None else [src],
+        ).fetchone()
+        summed: dict[str, dict[Any, int]] = {"untrusted": {}, "malformed": {}}
+        for part, found in (("untrusted", untrusted), ("malformed", malformed)):
+            for label, n in of(found, src):
+                summed[part][label] = summed[part].get(label, 0) + n
+        n_txns = sum(r[0] for r in of(counts, src))
+        n_changes = sum(r[1] for r in of(counts, src))
+        out.append(
+            StoreStatus(
+                decoder=own_meta.get("decoder"),
+                slot=own_meta.get("slot"),
+                store_position=int(own_meta.get("position") or 0),
+                last_commit_time=last[0] if last else None,
+                transactions=n_txns,
+                changes=n_changes,
+                # writes on audited tables without a trusted tag, by reason (forged, replayed,
+                # malformed, missing): never counted under the session they claim
+                untrusted_writes=summed["untrusted"],
+                # messages with undo's prefixes that were not what undo's SQL writes, by prefix
+                malformed_messages=summed["malformed"],
+                gaps=tuple(StatusGap(*g[:-1]) for g in sorted(of(gaps, src), key=lambda g: g[-1])),
+                source=name,
+            )
+        )
+    return out
 
 
 def history(

@@ -698,6 +698,9 @@ class Store(Protocol):
         """Refusals stored per guard pattern."""
 
     def metrics(self) -> MetricsFigures: ...
+    def metrics_by_source(self, sources: Sequence[str]) -> dict[str, MetricsFigures]:
+        """metrics() of each of these sources, read in one query each over them all (the
+        store-wide reader)."""
 
     # -- listings --------------------------------------------------------------------------
     # Of the source it acts for; those that take ``sources`` (names; an unknown one is
@@ -734,6 +737,10 @@ class Store(Protocol):
         """By bucket, name, then source (its id: the order sources were registered)."""
 
     def status(self) -> StoreStatus: ...
+    def statuses(self, sources: Sequence[str]) -> list[StoreStatus]:
+        """status() of each of these sources, in the order they were registered, in one
+        query each over them all (the store-wide reader)."""
+
     def guard_refusals(
         self, session_id: str | None = None, sources: Sequence[str] | None = None
     ) -> list[GuardRefusal]:

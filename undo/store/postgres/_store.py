@@ -101,7 +101,7 @@ class _JsonText(Loader):
 #: store-wide listings (``{s}``: their ids; ``{ids}``, ``{txns}``: their spans of change and
 #: transaction ids)
 _SCOPED = {
-    "meta": "SELECT key, value FROM undo_store.meta WHERE source IN ({s})",
+    "meta": "SELECT source, key, value FROM undo_store.meta WHERE source IN ({s})",
     "relations": "SELECT * FROM undo_store.relations WHERE source IN ({s})",
     "transactions": "SELECT * FROM undo_store.transactions WHERE source IN ({s})",
     "changes": "SELECT * FROM undo_store.changes WHERE {ids}",
@@ -144,9 +144,9 @@ class Runner:
             )
 
         values = {
-            "s": sql.SQL(", ").join(map(sql.Literal, sources)),
-            "ids": spans("id"),
-            "txns": spans("txn"),
+            "s": sql.SQL(", ").join(map(sql.Literal, sources)) if sources else sql.SQL("NULL"),
+            "ids": spans("id") if sources else sql.SQL("false"),
+            "txns": spans("txn") if sources else sql.SQL("false"),
         }
         # the views in one transaction that waits for no WAL flush: each its own transaction,
         # a catalog change each, was a commit waiting for the store's fsync, a dozen a reader
