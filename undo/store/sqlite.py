@@ -491,13 +491,18 @@ class SqliteStore:
         """The figures of each source the reader holds (one, or several at once), by id."""
         # each counter: what the store holds plus what pruning took out of it (pruned_counts),
         # so that it never goes down (sums cast: PostgreSQL's sum of a bigint is a numeric)
-        # (an activity row's relation is its source's: the reader's activity is of those)
+        # by application and relation first, then each relation's source and name (a join
+        # per activity row was most of /metrics' time); a relation is never pruned, so every
+        # row pruning counted has its relation, of the same source
         activity = (
-            "SELECT r.source, a.application_name, a.relation, a.inserts, a.updates, a.deletes,"
-            " a.truncates, a.transactions, a.minute FROM activity a JOIN relations r"
-            " ON r.id = a.relation UNION ALL SELECT source, application_name, relation,"
+            "SELECT application_name, relation, CAST(sum(inserts) AS bigint) AS inserts,"
+            " CAST(sum(updates) AS bigint) AS updates, CAST(sum(deletes) AS bigint) AS deletes,"
+            " CAST(sum(truncates) AS bigint) AS truncates,"
+            " CAST(sum(transactions) AS bigint) AS transactions, min(minute) AS minute FROM ("
+            "SELECT application_name, relation, inserts, updates, deletes, truncates,"
+            " transactions, minute FROM activity UNION ALL SELECT application_name, relation,"
             " inserts, updates, deletes, truncates, n, NULL FROM pruned_counts"
-            " WHERE kind = 'activity'"
+            " WHERE kind = 'activity') u GROUP BY 1, 2"
         )
         parts: dict[str, dict[int, list[Any]]] = {}
 
@@ -509,7 +514,7 @@ class SqliteStore:
         # many partitions it has or will have
         by_source(
             "changes",
-            "SELECT a.source, a.application_name, qualified_name(coalesce(r.root_schema,"  # noqa: S608
+            "SELECT r.source, a.application_name, qualified_name(coalesce(r.root_schema,"  # noqa: S608
             " r.schema_name), coalesce(r.root_table, r.table_name)),"
             " CAST(sum(a.inserts) AS bigint), CAST(sum(a.updates) AS bigint),"
             " CAST(sum(a.deletes) AS bigint), CAST(sum(a.truncates) AS bigint)"
@@ -519,8 +524,8 @@ class SqliteStore:
         # application whose every minute was pruned counts as seen first
         by_source(
             "transactions",
-            "SELECT a.source, a.application_name, CAST(sum(a.transactions) AS bigint)"  # noqa: S608
-            f" FROM ({activity}) a GROUP BY 1, 2"
+            "SELECT r.source, a.application_name, CAST(sum(a.transactions) AS bigint)"  # noqa: S608
+            f" FROM ({activity}) a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
             " ORDER BY 1, min(a.minute) IS NULL DESC, min(a.minute), 2",
         )
         by_source(

@@ -44,10 +44,20 @@ FRAGMENTS = {
 }
 
 
+#: timestamptz's text on the store's connections (TimeZone UTC, DateStyle ISO: _schema.OPTIONS)
+#: for a year of four digits: the date, the time, the microseconds without trailing zeros
+_UTC_TEXT = re.compile(rb"(\d{4}-\d\d-\d\d) (\d\d:\d\d:\d\d)(?:\.(\d{1,6}))?\+00")
+
+
 class _TimeText(Loader):
     """timestamptz -> the store's time text ('2026-01-19T10:25:31.000000Z')."""
 
     def load(self, data: Any) -> str:
+        # by its pieces: parsing into a datetime and formatting it again was 70 ms of the
+        # 20,000 times of a listing of every session (bench/serve, 10,000 sessions)
+        if found := _UTC_TEXT.fullmatch(data):
+            day, time, micro = found.groups()
+            return f"{day.decode()}T{time.decode()}.{(micro or b'').decode():0<6}Z"
         return iso(datetime.fromisoformat(bytes(data).decode()))
 
 
