@@ -181,8 +181,11 @@ def test_activity_of_several_sources_is_one_query_equal_to_each_merged(store, by
             store.use(name)
             each += store.activity(by=by, bucket_seconds=bucket)
         each.sort(key=lambda r: (r.bucket, r.source or "", r.name or ""))
-        one = across.activity(store, NAMES, by=by, bucket_seconds=bucket)
+        one = store.activity(by=by, bucket_seconds=bucket, sources=NAMES)
+        one.sort(key=lambda r: (r.bucket, r.source or "", r.name or ""))
         assert [r.to_json() for r in one] == [r.to_json() for r in each]
+        merged = across.activity(store, NAMES, by=by, bucket_seconds=bucket)
+        assert [r.to_json() for r in merged] == [r.to_json() for r in each]
         assert {r.source for r in one} == set(NAMES)
 
 
