@@ -1,7 +1,8 @@
-"""Listings over several sources of one store (#22): each source's rows, read as the store
-reads one source's (:meth:`~undo.store.api.Store.use`), merged in the listing's order. Every
-row carries its source's name; a session id or an xid is looked up within each source, and
-one found in more than one asks which."""
+"""Listings over several sources of one store (#22). `sessions` and `activity` read them in
+one query each (the store's store-wide reader: ``sources=``); `show` and `history` read each
+source as the store reads one (:meth:`~undo.store.api.Store.use`) and merge the rows in the
+listing's order. Every row carries its source's name; a session id or an xid is looked up
+within each source, and one found in more than one asks which."""
 
 from __future__ import annotations
 
