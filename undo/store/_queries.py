@@ -7,13 +7,13 @@ engines spell differently are named fragments (:data:`SQLITE`), each store givin
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypedDict
 
 from undo.core import names
-from undo.core.errors import BadInput, NotFound, NotRecorded
+from undo.core.errors import BadInput, NotFound, NotRecorded, UndoError
 from undo.core.images import OP_NAMES, shown_images
 from undo.core.times import epoch
 from undo.core.wal import lsn_to_int
@@ -116,13 +116,18 @@ def sessions(
     limit: int | None = None,
     offset: int = 0,
     undone_filter: bool | None = None,
-    source: str | None = None,
+    sources: Mapping[int, str | None] | None = None,
 ) -> list[SessionRow]:
-    """One row per session and tag that wrote, newest first (a forged tag claiming a session is
-    its own row, never merged into the real one); filters apply to its transactions;
-    ``undone_filter`` keeps only sessions some undo undid (True) or none did (False).
-    ``guard_refusals`` counts the session's writes a guard refused; a session whose every
-    write was refused is a row too (no transactions). ``source``: the name each row carries.
+    """One row per source, session and tag that wrote, newest first (a forged tag claiming a
+    session is its own row, never merged into the real one); filters apply to its
+    transactions; ``undone_filter`` keeps only sessions some undo undid (True) or none did
+    (False). ``guard_refusals`` counts the session's writes a guard refused; a session whose
+    every write was refused is a row too (no transactions). ``sources``: the name each row
+    carries, by its source's id (the reader's sources: one, or several read at once).
+
+    With several sources, a table named in ``tables`` is resolved in each (as each source's
+    own listing would): a source that holds none of that name is left out, and when none holds
+    it, the error is that of the listing of one.
 
     Tables touched come from the activity aggregates, not from scanning the changes.
     """
@@ -142,15 +147,8 @@ def sessions(
         return " AND ".join(where), params
 
     where, params = filters("commit_time", "t")
-    for name in tables or []:
-        # a partitioned table's name covers its partitions, whose changes the store holds
-        schema, table = resolve_table(db, name, roots=True)
-        where += (
-            f" AND {ACTIVITY_SESSION_SQL} IN (SELECT a.session_id FROM activity a"  # noqa: S608 (a constant)
-            " JOIN relations r ON r.id = a.relation WHERE (r.schema_name = ? AND r.table_name = ?)"
-            " OR (r.root_schema = ? AND r.root_table = ?))"
-        )
-        params += [schema, table, schema, table]
+    if tables:
+        where, params = _with_tables(db, tables, where, params)
     # writes a guard refused count under the session that tried (no table: not with --table)
     g_where, g_params = filters("refused_at", "g")
     if tables:
@@ -161,49 +159,70 @@ def sessions(
         " max(user_name) AS user, max(client_addr) AS client_addr,"
         " min(at) AS first_change_at, max(at) AS last_change_at,"
         " sum(txn) AS transactions, sum(inserts) AS inserts, sum(updates) AS updates,"
-        " sum(deletes) AS deletes, sum(1 - txn) AS guard_refusals, tag, tag_reason FROM ("
-        " SELECT t.session_id, t.application_name, t.user_name, t.client_addr,"
-        " t.commit_time AS at, 1 AS txn, t.inserts, t.updates, t.deletes, t.tag, t.tag_reason"
-        " FROM transactions t WHERE " + where + " UNION ALL"
+        " sum(deletes) AS deletes, sum(1 - txn) AS guard_refusals, tag, tag_reason, source"
+        " FROM (SELECT t.session_id, t.application_name, t.user_name, t.client_addr,"
+        " t.commit_time AS at, 1 AS txn, t.inserts, t.updates, t.deletes, t.tag, t.tag_reason,"
+        " t.source FROM transactions t WHERE " + where + " UNION ALL"
         " SELECT g.session_id, g.application_name, g.user_name, g.client_addr, g.refused_at,"
-        " 0, 0, 0, 0, g.tag, g.tag_reason FROM guard_refusals g WHERE " + g_where + ") AS u"
-        " GROUP BY session_id, tag, tag_reason ORDER BY last_change_at DESC"
+        " 0, 0, 0, 0, g.tag, g.tag_reason, g.source FROM guard_refusals g WHERE " + g_where + ")"
+        " AS u GROUP BY source, session_id, tag, tag_reason"
+        # sources read at once come in the order of their listings merged (newest first; a
+        # tie in the order the sources were registered)
+        " ORDER BY last_change_at DESC, source"
     )
     params += g_params
     if limit is not None:
         query += " LIMIT ? OFFSET ?"
         params += [limit, offset]
-    # session_id ... guard_refusals, tag, tag_reason: SessionRow's fields before tables
+    # session_id ... guard_refusals, tag, tag_reason: SessionRow's fields before tables; source
     found = db.execute(query, params).fetchall()
-    touched: dict[str, list[str]] = {}
-    ids = [activity_session(r[0], r[11]) for r in found]
-    tables_of = (
-        "SELECT DISTINCT a.session_id, qualified_name(r.schema_name, r.table_name)"
-        " FROM activity a JOIN relations r ON r.id = a.relation"
-    )
+    touched: dict[tuple[int, str], set[str]] = {}
+    ids = [(r[13], activity_session(r[0], r[11])) for r in found]
+    # each session's (id, relation) pairs, the relations' sources and names apart: a name and
+    # a join per pair made the query of all 10,000 sessions' tables 140 ms of its 500
+    relations = {
+        rel: (src, name)
+        for rel, src, name in (
+            db.execute(
+                "SELECT id, source, qualified_name(schema_name, table_name) FROM relations"
+            ).fetchall()
+            if found
+            else ()
+        )
+    }
+    tables_of = "SELECT DISTINCT session_id, relation FROM activity"
     unfiltered = not (since or until or app or user or tables)
-    if unfiltered and len(ids) > _IDS_AT_ONCE:  # most sessions of the source: all their tables
+    if unfiltered and len(ids) > _IDS_AT_ONCE:  # most sessions of the sources: all their tables
         # in one query (a query a chunk of ids took 8 ms each, 170 ms of all 10,000 sessions'
         # 350 on a PostgreSQL store)
-        wanted = set(ids)
-        for sid, table in db.execute(tables_of):
-            if sid in wanted:
-                touched.setdefault(sid, []).append(table)
+        chunks = [(set(ids), db.execute(tables_of).fetchall())]
     else:
+        chunks = []
         for i in range(0, len(ids), _IDS_AT_ONCE):
-            chunk = ids[i : i + _IDS_AT_ONCE]
-            for sid, table in db.execute(
-                tables_of + f" WHERE a.session_id IN ({','.join('?' * len(chunk))})", chunk
-            ):
-                touched.setdefault(sid, []).append(table)
-    undone = undone_sessions(db)
+            chunk = set(ids[i : i + _IDS_AT_ONCE])
+            wanted_ids = sorted({sid for _, sid in chunk})
+            chunks.append(
+                (
+                    chunk,
+                    db.execute(
+                        tables_of + f" WHERE session_id IN ({','.join('?' * len(wanted_ids))})",
+                        wanted_ids,
+                    ).fetchall(),
+                )
+            )
+    for wanted, pairs in chunks:
+        for sid, rel in pairs:
+            src, table = relations[rel]
+            if (src, sid) in wanted:  # not the same session id in another source
+                touched.setdefault((src, sid), set()).add(table)
+    undone = undone_by_source(db)
     rows = [
         SessionRow(
             *(
-                *r,
-                tuple(sorted(touched.get(activity_session(r[0], r[11]), []))),  # tables
-                undone.get((r[0], r[11])),
-                source,
+                *r[:13],
+                tuple(sorted(touched.get((r[13], activity_session(r[0], r[11])), []))),  # tables
+                undone.get((r[13], r[0], r[11])),
+                (sources or {}).get(r[13]),
             )
         )
         for r in found
@@ -211,6 +230,50 @@ def sessions(
     if undone_filter is not None:
         rows = [r for r in rows if (r.undone is not None) == undone_filter]
     return rows
+
+
+def _with_tables(
+    db: Database, tables: list[str], where: str, params: list[object]
+) -> tuple[str, list[object]]:
+    """``where`` of the transactions ``t`` kept to the sessions that changed each of these
+    tables (a partitioned table's name covers its partitions, whose changes the store holds),
+    each name resolved among the tables of each source the reader holds; a source holding
+    none of that name is left out, and none holding it is the error of the first that held
+    something else (an ambiguous name), else the first."""
+    known: dict[int, list[tuple[str, str]]] = {}
+    roots: dict[int, list[tuple[str, str]]] = {}
+    for src, schema, table, root_schema, root_table in db.execute(
+        "SELECT source, schema_name, table_name, root_schema, root_table FROM relations"
+        " ORDER BY source"
+    ):
+        known.setdefault(src, []).append((schema, table))
+        if root_schema is not None:
+            roots.setdefault(src, []).append((root_schema, root_table))
+    if not known:  # a store with no tables: the error of one source's listing
+        names.resolve(tables[0], [])
+    held: list[str] = []
+    held_params: list[object] = []
+    errors: list[UndoError] = []
+    for src in known:
+        try:
+            wanted = [names.resolve(n, known[src] + roots.get(src, [])) for n in tables]
+        except (BadInput, NotRecorded) as e:
+            errors.append(e)
+            continue
+        conds = ["t.source = ?"]
+        held_params.append(src)
+        for schema, table in wanted:
+            conds.append(
+                f"{ACTIVITY_SESSION_SQL} IN (SELECT a.session_id FROM activity a"  # noqa: S608 (a constant)
+                " JOIN relations r ON r.id = a.relation WHERE r.source = ? AND"
+                " ((r.schema_name = ? AND r.table_name = ?)"
+                " OR (r.root_schema = ? AND r.root_table = ?)))"
+            )
+            held_params += [src, schema, table, schema, table]
+        held.append("(" + " AND ".join(conds) + ")")
+    if not held:
+        raise next((e for e in errors if not isinstance(e, NotFound)), errors[0])
+    return where + " AND (" + " OR ".join(held) + ")", [*params, *held_params]
 
 
 def _ledger_entries(text: str | None) -> list[list[str]]:
@@ -234,12 +297,20 @@ class LiveUndo(TypedDict):
 
 
 def live_undos(db: Database) -> list[LiveUndo]:
-    """The undos the store knows of that no later undo has undone, newest first: what they
-    undid as (commit LSN, schema, table, op) pieces. Trusted mirrors only (signed by
-    undo.record_undo in its own transaction): a forged one undoes nothing."""
-    rows = db.execute(
-        "SELECT applied_at, undo_xid, entries FROM undos WHERE tag = 'trusted' ORDER BY id DESC",
-    ).fetchall()
+    """The undos the store knows of that no later undo has undone, newest first (of the
+    reader's one source: see _live_undos)."""
+    return _live_undos(
+        db.execute(
+            "SELECT applied_at, undo_xid, entries FROM undos WHERE tag = 'trusted' ORDER BY id DESC"
+        ).fetchall()
+    )
+
+
+def _live_undos(rows: Sequence[Sequence[Any]]) -> list[LiveUndo]:
+    """Of one source's trusted undos, (applied_at, undo_xid, entries) newest first, those no
+    later undo has undone, newest first, with what they undid as (commit LSN, schema, table,
+    op) pieces. Trusted mirrors only (signed by undo.record_undo in its own transaction): a
+    forged one undoes nothing."""
     undos = [(applied_at, undo_xid, _ledger_entries(e)) for applied_at, undo_xid, e in rows]
     undone_xids = {int(e[4]) for _, _, entries in undos for e in entries}
     return [
@@ -255,31 +326,47 @@ def live_undos(db: Database) -> list[LiveUndo]:
 
 def undone_sessions(db: Database) -> dict[tuple[str | None, str], Undone]:
     """(session id, tag) -> what undid it: the latest undo that undid any of its changes, and
-    whether every change of it is undone (``all``)."""
-    undos = live_undos(db)
-    covered = {p for u in undos for p in u["pieces"]}
-    lsns = sorted({p[0] for p in covered})
-    out: dict[tuple[str | None, str], Undone] = {}
-    for i in range(0, len(lsns), 500):
-        chunk = lsns[i : i + 500]
-        for sid, tag in db.execute(
-            "SELECT DISTINCT session_id, tag FROM transactions"  # noqa: S608
-            f" WHERE commit_lsn IN ({','.join('?' * len(chunk))})",
-            chunk,
-        ).fetchall():
-            pieces = {
-                (lsn, schema, table, op)
-                for lsn, schema, table, op in db.execute(
-                    "SELECT t.commit_lsn, r.schema_name, r.table_name, x.op FROM transactions t"  # noqa: S608
-                    " JOIN txn_changes x ON x.txn = t.id JOIN relations r ON r.id = x.relation"
-                    " WHERE "
-                    + ("t.session_id IS NULL" if sid is None else "t.session_id = ?")
-                    + " AND t.tag = ? AND x.op <> 'T'",
-                    [tag] if sid is None else [sid, tag],
+    whether every change of it is undone (``all``). Of the reader's one source."""
+    return {(sid, tag): u for (_, sid, tag), u in undone_by_source(db).items()}
+
+
+def undone_by_source(db: Database) -> dict[tuple[int, str | None, str], Undone]:
+    """undone_sessions of each source the reader holds: (source id, session id, tag) -> what
+    undid it, each source's undos matched with its own transactions only (two sources' LSNs
+    may meet)."""
+    by_source: dict[int, list[Any]] = {}
+    for src, *row in db.execute(
+        "SELECT source, applied_at, undo_xid, entries FROM undos WHERE tag = 'trusted'"
+        " ORDER BY id DESC",
+    ).fetchall():
+        by_source.setdefault(src, []).append(row)
+    out: dict[tuple[int, str | None, str], Undone] = {}
+    for src, rows in by_source.items():
+        undos = _live_undos(rows)
+        covered = {p for u in undos for p in u["pieces"]}
+        lsns = sorted({p[0] for p in covered})
+        for i in range(0, len(lsns), 500):
+            chunk = lsns[i : i + 500]
+            for sid, tag in db.execute(
+                "SELECT DISTINCT session_id, tag FROM transactions"  # noqa: S608
+                f" WHERE source = ? AND commit_lsn IN ({','.join('?' * len(chunk))})",
+                [src, *chunk],
+            ).fetchall():
+                pieces = {
+                    (lsn, schema, table, op)
+                    for lsn, schema, table, op in db.execute(
+                        "SELECT t.commit_lsn, r.schema_name, r.table_name, x.op"  # noqa: S608
+                        " FROM transactions t JOIN txn_changes x ON x.txn = t.id"
+                        " JOIN relations r ON r.id = x.relation WHERE t.source = ? AND "
+                        + ("t.session_id IS NULL" if sid is None else "t.session_id = ?")
+                        + " AND t.tag = ? AND x.op <> 'T'",
+                        [src, tag] if sid is None else [src, sid, tag],
+                    )
+                }
+                latest = next(u for u in undos if u["pieces"] & pieces)
+                out[src, sid, tag] = Undone(
+                    latest["applied_at"], latest["undo_xid"], pieces <= covered
                 )
-            }
-            latest = next(u for u in undos if u["pieces"] & pieces)
-            out[sid, tag] = Undone(latest["applied_at"], latest["undo_xid"], pieces <= covered)
     return out
 
 
@@ -411,11 +498,12 @@ def changes_of(db: Database, txn_ids: list[int]) -> list[RowChange]:
 
 
 def guard_refusals(db: Database, session_id: str | None = None) -> list[GuardRefusal]:
-    """Writes a guard refused, oldest first (of one session, if given)."""
+    """Writes a guard refused, oldest first (of one session, if given); of several sources,
+    each source's in turn."""
     rows = db.execute(
         "SELECT refused_at, guard, reason, session_id, application_name, user_name AS user,"
         " client_addr, statement, tag, tag_reason FROM guard_refusals"
-        " WHERE CAST(? AS TEXT) IS NULL OR session_id = ? ORDER BY lsn",
+        " WHERE CAST(? AS TEXT) IS NULL OR session_id = ? ORDER BY source, lsn",
         [session_id, session_id],
     ).fetchall()
     return [GuardRefusal(*r) for r in rows]
@@ -530,40 +618,72 @@ def totals(txns: Sequence[ShownTransaction]) -> ShownTotals:
 
 
 def status(db: Database) -> StoreStatus:
-    last = db.execute(
-        "SELECT commit_time, end_lsn FROM transactions ORDER BY id DESC LIMIT 1"
-    ).fetchone()
-    gaps = db.execute(
-        'SELECT kind, table_name AS "table", session_id, from_lsn, to_lsn,'
-        " detected_at AS at, reason, detected_at FROM gaps ORDER BY id",
-    ).fetchall()
-    counts = db.execute(
-        "SELECT count(*), coalesce(sum(inserts + updates + deletes + truncates), 0)"
-        " FROM transactions"
-    ).fetchone()
-    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    untrusted = dict(
-        db.execute(
-            "SELECT tag_reason, sum(inserts + updates + deletes + truncates) FROM transactions"
-            " WHERE tag <> 'trusted' GROUP BY 1 ORDER BY 1"
-        ).fetchall()
+    """What the store says of the reader's rows (its source's)."""
+    return statuses(db, {None: None})[0]
+
+
+def statuses(db: Database, sources: Mapping[int | None, str | None]) -> list[StoreStatus]:
+    """What the store says of each of these sources (ids among the reader's sources, or None:
+    every row the reader holds), with the name each status carries, in their order: one
+    query each over them all."""
+
+    def rows(query: str) -> dict[int, list[Any]]:
+        found: dict[int, list[Any]] = {}
+        for src, *row in db.execute(query).fetchall():
+            found.setdefault(src, []).append(row)
+        return found
+
+    def of(found: dict[int, list[Any]], src: int | None) -> list[Any]:
+        return [r for i, rs in found.items() for r in rs] if src is None else found.get(src, [])
+
+    counts = rows(
+        "SELECT source, count(*), coalesce(sum(inserts + updates + deletes + truncates), 0)"
+        " FROM transactions GROUP BY 1"
     )
-    return StoreStatus(
-        decoder=meta.get("decoder"),
-        slot=meta.get("slot"),
-        store_position=int(meta.get("position") or 0),
-        last_commit_time=last[0] if last else None,
-        transactions=counts[0],
-        changes=counts[1],
-        # writes on audited tables without a trusted tag, by reason (forged, replayed,
-        # malformed, missing): never counted under the session they claim
-        untrusted_writes=untrusted,
-        # messages with undo's prefixes that were not what undo's SQL writes, by prefix
-        malformed_messages=dict(
-            db.execute("SELECT prefix, count(*) FROM malformed GROUP BY 1 ORDER BY 1").fetchall()
-        ),
-        gaps=tuple(StatusGap(*g) for g in gaps),
+    meta = rows("SELECT source, key, value FROM meta")
+    gaps = rows(
+        'SELECT source, kind, table_name AS "table", session_id, from_lsn, to_lsn,'
+        " detected_at AS at, reason, detected_at, id FROM gaps ORDER BY id",
     )
+    untrusted = rows(
+        "SELECT source, tag_reason, sum(inserts + updates + deletes + truncates)"
+        " FROM transactions WHERE tag <> 'trusted' GROUP BY 1, 2 ORDER BY 2"
+    )
+    malformed = rows("SELECT source, prefix, count(*) FROM malformed GROUP BY 1, 2 ORDER BY 2")
+    out = []
+    for src, name in sources.items():
+        # the store's own keys (SQLite's meta, no source), then the source's
+        own_meta = dict(meta.get(None, [])) | dict(of(meta, src))  # type: ignore[call-overload]
+        last = db.execute(
+            "SELECT commit_time, end_lsn FROM transactions"  # noqa: S608 (a constant)
+            + ("" if src is None else " WHERE source = ?")
+            + " ORDER BY id DESC LIMIT 1",
+            [] if src is None else [src],
+        ).fetchone()
+        summed: dict[str, dict[Any, int]] = {"untrusted": {}, "malformed": {}}
+        for part, found in (("untrusted", untrusted), ("malformed", malformed)):
+            for label, n in of(found, src):
+                summed[part][label] = summed[part].get(label, 0) + n
+        n_txns = sum(r[0] for r in of(counts, src))
+        n_changes = sum(r[1] for r in of(counts, src))
+        out.append(
+            StoreStatus(
+                decoder=own_meta.get("decoder"),
+                slot=own_meta.get("slot"),
+                store_position=int(own_meta.get("position") or 0),
+                last_commit_time=last[0] if last else None,
+                transactions=n_txns,
+                changes=n_changes,
+                # writes on audited tables without a trusted tag, by reason (forged, replayed,
+                # malformed, missing): never counted under the session they claim
+                untrusted_writes=summed["untrusted"],
+                # messages with undo's prefixes that were not what undo's SQL writes, by prefix
+                malformed_messages=summed["malformed"],
+                gaps=tuple(StatusGap(*g[:-1]) for g in sorted(of(gaps, src), key=lambda g: g[-1])),
+                source=name,
+            )
+        )
+    return out
 
 
 def history(
@@ -742,9 +862,14 @@ def _moves(
 
 
 def activity(
-    db: Database, by: str = "app", since: str | None = None, bucket_seconds: int = 60
+    db: Database,
+    by: str = "app",
+    since: str | None = None,
+    bucket_seconds: int = 60,
+    sources: Mapping[int, str | None] | None = None,
 ) -> list[ActivityBucket]:
-    """Inserts, updates and deletes per bucket and per app, session or table.
+    """Inserts, updates and deletes per bucket and per app, session or table, and source
+    (``sources``: the name each row carries, by its source's id), in that order.
 
     Reads the per-minute aggregates capture keeps, never the changes.
     """
@@ -759,11 +884,12 @@ def activity(
     if since:
         since_minute = int(epoch(since))
     query = (
-        f"SELECT a.minute / ? * ? AS bucket, {group} AS name, sum(a.inserts) AS inserts,"  # noqa: S608
+        f"SELECT a.minute / ? * ? AS bucket, {group} AS name, r.source,"  # noqa: S608
+        " sum(a.inserts) AS inserts,"
         " sum(a.updates) AS updates, sum(a.deletes) AS deletes,"
         " sum(a.truncates) AS truncates"
         " FROM activity a JOIN relations r ON r.id = a.relation"
-        " WHERE a.minute >= ? GROUP BY 1, 2 ORDER BY 1, 2"
+        " WHERE a.minute >= ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     )
     return [
         ActivityBucket(
@@ -774,8 +900,9 @@ def activity(
             updates,
             deletes,
             truncates,
+            (sources or {}).get(src),
         )
-        for bucket, name, inserts, updates, deletes, truncates in db.execute(
+        for bucket, name, src, inserts, updates, deletes, truncates in db.execute(
             query, [bucket_seconds, bucket_seconds, since_minute]
         ).fetchall()
     ]

@@ -1,7 +1,8 @@
-"""Listings over several sources of one store (#22): each source's rows, read as the store
-reads one source's (:meth:`~undo.store.api.Store.use`), merged in the listing's order. Every
-row carries its source's name; a session id or an xid is looked up within each source, and
-one found in more than one asks which."""
+"""Listings over several sources of one store (#22). `sessions` and `activity` read them in
+one query each (the store's store-wide reader: ``sources=``); `show` and `history` read each
+source as the store reads one (:meth:`~undo.store.api.Store.use`) and merge the rows in the
+listing's order. Every row carries its source's name; a session id or an xid is looked up
+within each source, and one found in more than one asks which."""
 
 from __future__ import annotations
 
@@ -44,16 +45,13 @@ def _raise_if_none(found: bool, errors: list[UndoError]) -> None:
 def sessions(
     store: Store, names: Sequence[str], limit: int | None = None, offset: int = 0, **kw: Any
 ) -> list[SessionRow]:
-    """`undo sessions` over these sources, newest first."""
+    """`undo sessions` over these sources, newest first: several in one query (the store's
+    store-wide reader; each source's read in turn and merged took 2,550 sessions of each
+    for page 50 of the dashboard)."""
     if len(names) == 1:
         store.use(names[0])
         return store.sessions(limit=limit, offset=offset, **kw)
-    wanted = None if limit is None else limit + offset
-    rows, errors = _gather(store, names, lambda: store.sessions(limit=wanted, **kw))
-    if kw.get("tables"):
-        _raise_if_none(len(errors) < len(names), errors)
-    rows.sort(key=lambda r: r.last_change_at, reverse=True)
-    return rows[offset : None if limit is None else offset + limit]
+    return store.sessions(limit=limit, offset=offset, sources=names, **kw)
 
 
 def show(
@@ -117,8 +115,10 @@ def history(
 
 
 def activity(store: Store, names: Sequence[str], **kw: Any) -> list[ActivityBucket]:
-    """`undo activity` over these sources, by bucket, then source."""
-    rows, _ = _gather(store, names, lambda: store.activity(**kw))
-    if len(names) > 1:
-        rows.sort(key=lambda r: (r.bucket, r.source or "", r.name or ""))
+    """`undo activity` over these sources, by bucket, then source (several: in one query)."""
+    if len(names) == 1:
+        store.use(names[0])
+        return store.activity(**kw)
+    rows = store.activity(sources=names, **kw)
+    rows.sort(key=lambda r: (r.bucket, r.source or "", r.name or ""))
     return rows

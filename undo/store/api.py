@@ -698,8 +698,15 @@ class Store(Protocol):
         """Refusals stored per guard pattern."""
 
     def metrics(self) -> MetricsFigures: ...
+    def metrics_by_source(self, sources: Sequence[str]) -> dict[str, MetricsFigures]:
+        """metrics() of each of these sources, read in one query each over them all (the
+        store-wide reader)."""
 
     # -- listings --------------------------------------------------------------------------
+    # Of the source it acts for; those that take ``sources`` (names; an unknown one is
+    # BadInput) read those sources instead, each in one query over them all (the store-wide
+    # reader), each row naming its source: the same rows, order and paging as each source's
+    # listing merged (undo.store.across), without a query per source.
     def sessions(
         self,
         since: str | None = None,
@@ -710,16 +717,35 @@ class Store(Protocol):
         limit: int | None = None,
         offset: int = 0,
         undone_filter: bool | None = None,
-    ) -> list[SessionRow]: ...
+        sources: Sequence[str] | None = None,
+    ) -> list[SessionRow]:
+        """Newest first (a tie: the source registered first first). With ``sources``, a
+        table of ``tables`` is looked up in each: a source without it is left out, and none
+        with it is the error of one source's listing."""
+
     def show(self, session_id: str | None = None, xid: int | None = None) -> Shown: ...
     def history(
         self, table: str, key: dict[str, str | None], normalise: Normalise
     ) -> list[HistoryVersion]: ...
     def activity(
-        self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
-    ) -> list[ActivityBucket]: ...
+        self,
+        by: str = "app",
+        since: str | None = None,
+        bucket_seconds: int = 60,
+        sources: Sequence[str] | None = None,
+    ) -> list[ActivityBucket]:
+        """By bucket, name, then source (its id: the order sources were registered)."""
+
     def status(self) -> StoreStatus: ...
-    def guard_refusals(self, session_id: str | None = None) -> list[GuardRefusal]: ...
+    def statuses(self, sources: Sequence[str]) -> list[StoreStatus]:
+        """status() of each of these sources, in the order they were registered, in one
+        query each over them all (the store-wide reader)."""
+
+    def guard_refusals(
+        self, session_id: str | None = None, sources: Sequence[str] | None = None
+    ) -> list[GuardRefusal]:
+        """Oldest first; of several sources, each source's in turn (as registered)."""
+
     def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[DdlCommand]: ...
     def transactions_of_session(self, session_id: str) -> list[Transaction]: ...
     def undone_sessions(self) -> dict[tuple[str | None, str], Undone]: ...

@@ -63,22 +63,27 @@ def recovery(path: str) -> str:
     return f"recover what SQLite can read (sqlite3 {path} .recover | sqlite3 NEW.db)"
 
 
-#: the tables the reads name, as views of the rows of one source (``{s}``: its id), on the
-#: reading connection (temporary views are searched before the file's tables)
+#: the tables the reads name, as views of the rows of one source, or of several for the
+#: store-wide listings (``{s}``: their ids), on the reading connection (temporary views are
+#: searched before the file's tables)
 _SCOPED = {
-    "meta": "SELECT key, value FROM main.source_meta WHERE source = {s}"
-    " UNION ALL SELECT key, value FROM main.meta",
-    "relations": "SELECT * FROM main.relations WHERE source = {s}",
-    "transactions": "SELECT * FROM main.transactions WHERE source = {s}",
+    "meta": "SELECT source, key, value FROM main.source_meta WHERE source IN ({s})"
+    " UNION ALL SELECT NULL, key, value FROM main.meta",
+    "relations": "SELECT * FROM main.relations WHERE source IN ({s})",
+    "transactions": "SELECT * FROM main.transactions WHERE source IN ({s})",
     "activity": "SELECT a.* FROM main.activity a WHERE a.relation IN"
-    " (SELECT id FROM main.relations WHERE source = {s})",
-    "gaps": "SELECT * FROM main.gaps WHERE source = {s}",
-    "undos": "SELECT * FROM main.undos WHERE source = {s}",
-    "guard_refusals": "SELECT * FROM main.guard_refusals WHERE source = {s}",
-    "ddl": "SELECT * FROM main.ddl WHERE source = {s}",
-    "malformed": "SELECT * FROM main.malformed WHERE source = {s}",
-    "pruned_counts": "SELECT * FROM main.pruned_counts WHERE source = {s}",
+    " (SELECT id FROM main.relations WHERE source IN ({s}))",
+    "gaps": "SELECT * FROM main.gaps WHERE source IN ({s})",
+    "undos": "SELECT * FROM main.undos WHERE source IN ({s})",
+    "guard_refusals": "SELECT * FROM main.guard_refusals WHERE source IN ({s})",
+    "ddl": "SELECT * FROM main.ddl WHERE source IN ({s})",
+    "malformed": "SELECT * FROM main.malformed WHERE source IN ({s})",
+    "pruned_counts": "SELECT * FROM main.pruned_counts WHERE source IN ({s})",
 }
+
+
+#: the figures of a source with nothing stored
+_NO_FIGURES = MetricsFigures((), (), (), (), (), None, 0)
 
 
 def unknown_source(name: str, known: Sequence[Source], where: str) -> BadInput:
@@ -99,6 +104,7 @@ class SqliteStore:
         self.source_id: int | None = None
         self.source_name: str | None = None
         self._reader: Database | None = None
+        self._scope: tuple[int, ...] = ()  # the sources the reader's views hold
         self._lock: int | None = None  # the flock a writer holds
         self._choose(source)
 
@@ -121,16 +127,40 @@ class SqliteStore:
         views), or the file (no source chosen: every source's)."""
         if self.source_id is None:
             return self.file
+        return self._scoped((self.source_id,))
+
+    def _scoped(self, ids: tuple[int, ...]) -> Database:
+        """The reader of these sources' rows: the source's, or several sources' (the
+        store-wide listings, each row with its source's id); made again when they change."""
+        if self._reader is not None and self._scope != ids:
+            with contextlib.suppress(sqlite3.Error):
+                self._reader.conn.close()
+            self._reader = None
         if self._reader is None:
             conn = sqlite3.connect(self.location, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=10000")
             conn.create_function("qualified_name", 2, names.quote, deterministic=True)
+            listed = ", ".join(str(int(i)) for i in ids)
             for name, text in _SCOPED.items():
-                conn.execute(  # constant text and an integer
-                    f'CREATE TEMP VIEW "{name}" AS ' + text.format(s=int(self.source_id))
-                )
-            self._reader = Database(conn)
+                conn.execute(f'CREATE TEMP VIEW "{name}" AS ' + text.format(s=listed))  # integers
+            self._reader, self._scope = Database(conn), ids
         return self._reader
+
+    def _reader_of(self, sources: Sequence[str]) -> tuple[Database, dict[int, str | None]]:
+        """The store-wide reader of the sources named (an unknown name is BadInput), and their
+        names by id."""
+        known = self.sources()
+        by_name = {s.name: s for s in known}
+        for name in sources:
+            if name not in by_name:
+                raise unknown_source(name, known, self._where())
+        ids = tuple(sorted(by_name[n].id for n in set(sources)))
+        names: dict[int, str | None] = {s.id: s.name for s in known if s.id in ids}
+        return self._scoped(ids), names
+
+    def _where(self) -> str:
+        """The store as messages name it."""
+        return self.location
 
     # -- sources ---------------------------------------------------------------------------
     def sources(self) -> list[Source]:
@@ -146,10 +176,6 @@ class SqliteStore:
         found = next((s for s in known if s.name == name), None)
         if found is None:
             raise unknown_source(name, known, self.location)
-        if found.id != self.source_id and self._reader is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._reader.conn.close()
-            self._reader = None
         self.source_id, self.source_name = found.id, found.name
         return found
 
@@ -451,63 +477,92 @@ class SqliteStore:
         )
 
     def metrics(self) -> MetricsFigures:
+        return self._metrics(self.db).get(self.source, _NO_FIGURES)
+
+    def metrics_by_source(self, sources: Sequence[str]) -> dict[str, MetricsFigures]:
+        if not sources:
+            return {}
+        db, named = self._reader_of(sources)
+        figures = self._metrics(db)
+        return {str(name): figures.get(i, _NO_FIGURES) for i, name in named.items()}
+
+    @staticmethod
+    def _metrics(db: Database) -> dict[int, MetricsFigures]:
+        """The figures of each source the reader holds (one, or several at once), by id."""
         # each counter: what the store holds plus what pruning took out of it (pruned_counts),
         # so that it never goes down (sums cast: PostgreSQL's sum of a bigint is a numeric)
-        db = self.db
+        # by application and relation first, then each relation's source and name (a join
+        # per activity row was most of /metrics' time); a relation is never pruned, so every
+        # row pruning counted has its relation, of the same source
         activity = (
+            "SELECT application_name, relation, CAST(sum(inserts) AS bigint) AS inserts,"
+            " CAST(sum(updates) AS bigint) AS updates, CAST(sum(deletes) AS bigint) AS deletes,"
+            " CAST(sum(truncates) AS bigint) AS truncates,"
+            " CAST(sum(transactions) AS bigint) AS transactions, min(minute) AS minute FROM ("
             "SELECT application_name, relation, inserts, updates, deletes, truncates,"
             " transactions, minute FROM activity UNION ALL SELECT application_name, relation,"
             " inserts, updates, deletes, truncates, n, NULL FROM pruned_counts"
-            " WHERE kind = 'activity'"
+            " WHERE kind = 'activity') u GROUP BY 1, 2"
         )
-        return MetricsFigures(
-            changes=tuple(
-                # a partition under its partitioned table (m012's roots): a label per table,
-                # however many partitions it has or will have
-                db.execute(
-                    "SELECT a.application_name, qualified_name(coalesce(r.root_schema,"  # noqa: S608
-                    " r.schema_name), coalesce(r.root_table, r.table_name)),"
-                    " CAST(sum(a.inserts) AS bigint), CAST(sum(a.updates) AS bigint),"
-                    " CAST(sum(a.deletes) AS bigint), CAST(sum(a.truncates) AS bigint)"
-                    f" FROM ({activity}) a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
-                )
-            ),
-            transactions=tuple(
-                # first seen first (then by name): /metrics names the first applications; an
-                # application whose every minute was pruned counts as seen first
-                db.execute(
-                    "SELECT application_name, CAST(sum(transactions) AS bigint)"  # noqa: S608
-                    f" FROM ({activity}) a GROUP BY 1 ORDER BY min(minute) IS NULL DESC,"
-                    " min(minute), 1"
-                )
-            ),
-            untrusted=tuple(
-                db.execute(
-                    "SELECT reason, CAST(sum(n) AS bigint) FROM (SELECT"
-                    " coalesce(tag_reason, '') AS reason,"
-                    " inserts + updates + deletes + truncates AS n FROM transactions"
-                    " WHERE tag <> 'trusted' UNION ALL SELECT label, n FROM pruned_counts"
-                    " WHERE kind = 'untrusted') u GROUP BY 1"
-                )
-            ),
-            # trusted refusals only: any role can emit a forged one naming any application
-            guard_refusals=tuple(
-                db.execute(
-                    "SELECT guard, application_name, count(*) FROM guard_refusals"
-                    " WHERE tag = 'trusted' GROUP BY 1, 2 ORDER BY min(id)"
-                )
-            ),
-            malformed=tuple(
-                db.execute(
-                    "SELECT prefix, CAST(sum(n) AS bigint) FROM (SELECT prefix, 1 AS n"
-                    " FROM malformed UNION ALL SELECT label, n FROM pruned_counts"
-                    " WHERE kind = 'malformed') m"
-                    " GROUP BY 1"
-                )
-            ),
-            last_commit_time=db.execute("SELECT max(commit_time) FROM transactions").fetchone()[0],
-            gaps=int(db.execute("SELECT count(*) FROM gaps").fetchone()[0]),
+        parts: dict[str, dict[int, list[Any]]] = {}
+
+        def by_source(part: str, query: str) -> None:
+            for src, *row in db.execute(query):
+                parts.setdefault(part, {}).setdefault(src, []).append(tuple(row))
+
+        # a partition under its partitioned table (m012's roots): a label per table, however
+        # many partitions it has or will have
+        by_source(
+            "changes",
+            "SELECT r.source, a.application_name, qualified_name(coalesce(r.root_schema,"  # noqa: S608
+            " r.schema_name), coalesce(r.root_table, r.table_name)),"
+            " CAST(sum(a.inserts) AS bigint), CAST(sum(a.updates) AS bigint),"
+            " CAST(sum(a.deletes) AS bigint), CAST(sum(a.truncates) AS bigint)"
+            f" FROM ({activity}) a JOIN relations r ON r.id = a.relation GROUP BY 1, 2, 3",
         )
+        # first seen first (then by name): /metrics names the first applications; an
+        # application whose every minute was pruned counts as seen first
+        by_source(
+            "transactions",
+            "SELECT r.source, a.application_name, CAST(sum(a.transactions) AS bigint)"  # noqa: S608
+            f" FROM ({activity}) a JOIN relations r ON r.id = a.relation GROUP BY 1, 2"
+            " ORDER BY 1, min(a.minute) IS NULL DESC, min(a.minute), 2",
+        )
+        by_source(
+            "untrusted",
+            "SELECT source, reason, CAST(sum(n) AS bigint) FROM (SELECT source,"
+            " coalesce(tag_reason, '') AS reason,"
+            " inserts + updates + deletes + truncates AS n FROM transactions"
+            " WHERE tag <> 'trusted' UNION ALL SELECT source, label, n FROM pruned_counts"
+            " WHERE kind = 'untrusted') u GROUP BY 1, 2",
+        )
+        # trusted refusals only: any role can emit a forged one naming any application
+        by_source(
+            "guard_refusals",
+            "SELECT source, guard, application_name, count(*) FROM guard_refusals"
+            " WHERE tag = 'trusted' GROUP BY 1, 2, 3 ORDER BY 1, min(id)",
+        )
+        by_source(
+            "malformed",
+            "SELECT source, prefix, CAST(sum(n) AS bigint) FROM (SELECT source, prefix, 1 AS n"
+            " FROM malformed UNION ALL SELECT source, label, n FROM pruned_counts"
+            " WHERE kind = 'malformed') m GROUP BY 1, 2",
+        )
+        last = dict(db.execute("SELECT source, max(commit_time) FROM transactions GROUP BY 1"))
+        gaps = dict(db.execute("SELECT source, count(*) FROM gaps GROUP BY 1"))
+        ids = {i for rows in parts.values() for i in rows} | set(last) | set(gaps)
+        return {
+            i: MetricsFigures(
+                changes=tuple(parts.get("changes", {}).get(i, ())),
+                transactions=tuple(parts.get("transactions", {}).get(i, ())),
+                untrusted=tuple(parts.get("untrusted", {}).get(i, ())),
+                guard_refusals=tuple(parts.get("guard_refusals", {}).get(i, ())),
+                malformed=tuple(parts.get("malformed", {}).get(i, ())),
+                last_commit_time=last.get(i),
+                gaps=int(gaps.get(i, 0)),
+            )
+            for i in ids
+        }
 
     # -- listings --------------------------------------------------------------------------
     def sessions(
@@ -520,10 +575,23 @@ class SqliteStore:
         limit: int | None = None,
         offset: int = 0,
         undone_filter: bool | None = None,
+        sources: Sequence[str] | None = None,
     ) -> list[SessionRow]:
+        db, named = self._listing(sources)
         return _queries.sessions(
-            self.db, since, until, app, user, tables, limit, offset, undone_filter, self.source_name
+            db, since, until, app, user, tables, limit, offset, undone_filter, named
         )
+
+    def _listing(self, sources: Sequence[str] | None) -> tuple[Database, dict[int, str | None]]:
+        """The reader of a listing: of the sources named, in one query (the store-wide
+        reader), else of the source it acts for; the names its rows carry, by source id."""
+        if sources is not None:
+            return self._reader_of(sources)
+        if self.source_id is None:
+            if self.source_name is not None:  # named, not registered: which it names
+                self.source  # noqa: B018 (raises)
+            return self._reader_of([s.name for s in self.sources()])  # none chosen: every one
+        return self.db, {self.source_id: self.source_name}
 
     def show(self, session_id: str | None = None, xid: int | None = None) -> Shown:
         return replace(_queries.show(self.db, session_id, xid), source=self.source_name)
@@ -535,16 +603,26 @@ class SqliteStore:
         return [replace(r, source=self.source_name) for r in rows]
 
     def activity(
-        self, by: str = "app", since: str | None = None, bucket_seconds: int = 60
+        self,
+        by: str = "app",
+        since: str | None = None,
+        bucket_seconds: int = 60,
+        sources: Sequence[str] | None = None,
     ) -> list[ActivityBucket]:
-        rows = _queries.activity(self.db, by, since, bucket_seconds)
-        return [replace(r, source=self.source_name) for r in rows]
+        db, named = self._listing(sources)
+        return _queries.activity(db, by, since, bucket_seconds, named)
 
     def status(self) -> StoreStatus:
-        return replace(_queries.status(self.db), source=self.source_name)
+        return replace(_queries.status(self._listing(None)[0]), source=self.source_name)
 
-    def guard_refusals(self, session_id: str | None = None) -> list[GuardRefusal]:
-        return _queries.guard_refusals(self.db, session_id)
+    def statuses(self, sources: Sequence[str]) -> list[StoreStatus]:
+        db, named = self._reader_of(sources)
+        return _queries.statuses(db, {i: named[i] for i in sorted(named)})
+
+    def guard_refusals(
+        self, session_id: str | None = None, sources: Sequence[str] | None = None
+    ) -> list[GuardRefusal]:
+        return _queries.guard_refusals(self._listing(sources)[0], session_id)
 
     def ddl_of(self, session_id: str | None = None, xid: int | None = None) -> list[DdlCommand]:
         return _queries.ddl_of(self.db, session_id, xid)

@@ -500,14 +500,12 @@ class App:
                 )
             count = max(1, int(now - first) // bucket + 1)  # a time to come: one bucket
             names = self._sources(db, q)
-            rows: list[ActivityBucket] = []
-            healths = []
-            refused: list[GuardRefusal] = []
-            for name in names:  # each source's reads together: choosing a source costs
-                db.use(name)
-                rows += db.activity(by="app", since=since, bucket_seconds=bucket)
-                healths.append(db.status())
-                refused += db.guard_refusals()
+            # every source's at once (the store's store-wide reader), not a source at a time
+            rows: list[ActivityBucket] = db.activity(
+                by="app", since=since, bucket_seconds=bucket, sources=names
+            )
+            healths = sorted(db.statuses(names), key=lambda h: names.index(h.source or ""))
+            refused: list[GuardRefusal] = db.guard_refusals(sources=names)
             refused = sorted(refused, key=lambda g: g.refused_at)[-20:][::-1]
         finally:
             db.close()

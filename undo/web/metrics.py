@@ -82,12 +82,10 @@ class StoreCollector(Collector):
             gaps = GaugeMetricFamily(
                 "undo_gaps", "Gaps recorded in the audit trail", labels=["source"]
             )
-            for source in db.sources():
-                if self.only is not None and source.name not in self.only:
-                    continue
-                db.use(source.name)
-                s = source.name
-                figures = db.metrics()
+            # every source's figures at once (the store-wide reader): a source at a time made
+            # its reader and ran each query again
+            wanted = [x.name for x in db.sources() if self.only is None or x.name in self.only]
+            for s, figures in db.metrics_by_source(wanted).items():
                 named = _named(app for app, _ in figures.transactions)
                 changes += [
                     ((s, app if app in named else OTHER, table, op), n)
