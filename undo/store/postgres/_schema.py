@@ -331,21 +331,26 @@ CREATE OR REPLACE FUNCTION undo_store.qualified_name(schema_name text, table_nam
 #: its array); anything else (none that capture writes) is marked and made compact by the
 #: reader's own code afterwards (_m004_rest). changes is locked first (ACCESS EXCLUSIVE, as the
 #: ALTER would take it; _m004_alone): a capture's COPY waits for the migration's commit and then
-#: writes text.
+#: writes text. 1,000,000 updates of 5 columns: 30 s (a SQL function 35 s: it was planned again
+#: for each image; the rewrite alone, with jsonb's own text, 3.6 s).
 _M004 = """
-CREATE FUNCTION pg_temp.undo_m004_compact(x jsonb) RETURNS text LANGUAGE sql IMMUTABLE
-    AS $$ SELECT CASE
-        WHEN x IS NULL THEN NULL
-        WHEN pg_catalog.jsonb_typeof(x) = 'array'
-             AND (NOT EXISTS (SELECT FROM pg_catalog.jsonb_array_elements(x) e
-                              WHERE pg_catalog.jsonb_typeof(e) NOT IN ('string', 'null'))
-                  OR NOT EXISTS (SELECT FROM pg_catalog.jsonb_array_elements(x) e
-                                 WHERE pg_catalog.jsonb_typeof(e) <> 'number'
-                                    OR e::pg_catalog.text !~ '^-?[0-9]+$'))
-        THEN '[' || coalesce((SELECT pg_catalog.string_agg(e::pg_catalog.text, ',' ORDER BY i)
-                                FROM pg_catalog.jsonb_array_elements(x) WITH ORDINALITY a(e, i)),
-                             '') || ']'
-        ELSE E'\\x01' || x::pg_catalog.text  -- for _m004_rest: never the start of JSON
+CREATE FUNCTION pg_temp.undo_m004_compact(x jsonb) RETURNS text LANGUAGE plpgsql IMMUTABLE
+    AS $$ DECLARE compact text; BEGIN
+        IF x IS NULL THEN
+            RETURN NULL;
+        END IF;
+        IF pg_catalog.jsonb_typeof(x) = 'array' THEN
+            SELECT CASE
+                WHEN coalesce(pg_catalog.bool_and(pg_catalog.jsonb_typeof(e) IN ('string', 'null')),
+                              true)
+                     OR pg_catalog.bool_and(pg_catalog.jsonb_typeof(e) = 'number'
+                                            AND e::pg_catalog.text ~ '^-?[0-9]+$')
+                THEN '[' || coalesce(pg_catalog.string_agg(e::pg_catalog.text, ',' ORDER BY i), '')
+                     || ']' END
+              INTO compact FROM pg_catalog.jsonb_array_elements(x) WITH ORDINALITY a(e, i);
+        END IF;
+        -- anything else marked for _m004_rest (never the start of JSON)
+        RETURN coalesce(compact, E'\\x01' || x::pg_catalog.text);
     END $$;
 DROP VIEW undo_store.change_log;
 DROP INDEX undo_store.changes_key;
