@@ -29,7 +29,7 @@ from undo.core.times import iso
 from undo.source.pg import session_id
 from undo.store._schema import open_database as open_store
 from undo.store._writer import StoreWriter
-from undo.store.postgres import _schema, _writer
+from undo.store.postgres import _schema, _store, _writer
 from undo.store.postgres._store import _FLAT, _dumps, _JsonText
 from undo.store.postgres._writer import PgStoreWriter
 
@@ -1178,3 +1178,266 @@ def test_a_transactions_changes_are_read_from_its_partition_only(pgo, monkeypatc
             assert len(scans) >= 3 and len(read) == 1, "\n".join(plan)
     finally:
         db.close()
+
+
+# -- a change's images as text (migration 4) --------------------------------------------------
+#: strings jsonb escapes or that look like its syntax, as capture's tokens (encode_basestring)
+_ODD_STRINGS = ['"', "\\", "null", ", ", '", "', "\n\t\r\b\f", "\x01\x1f", "\x7f", "/", "\u2028",
+                "\ufeff", "é", "\U0001f600", "\\u0041", "[", "]", "{", "", "a, b"]  # fmt: skip
+
+
+def _previous_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_schema as the undo before migration 4 had it: what it opens or makes is that version."""
+    monkeypatch.setattr(_schema, "MIGRATIONS", [m for m in _schema.MIGRATIONS if m[0] < 4])
+    monkeypatch.setattr(_schema, "LATEST", 3)
+
+
+def _play_odd(writer: Any, day: int = 0, first_xid: int = 900) -> None:
+    """Changes whose images hold every odd string, as capture's stage writes them."""
+    from json.encoder import encode_basestring
+
+    rel = Relation(16400, "public", "odd", ("id", "v", "w"), types=("text", "text", "text"))
+    rid = writer.relation_id(rel, (0,), False)
+    lsn = 50_000 + 1000 * day
+    for i, s in enumerate(_ODD_STRINGS):
+        lsn += 10
+        at = _time(i, day=day)
+        writer.begin(Begin(first_xid + i, lsn, at))
+        a = [encode_basestring(f"{s}{i}"), encode_basestring(s), "null"]
+        b = [encode_basestring(f"{s}{i}"), encode_basestring(s + s), encode_basestring(s)]
+        writer.add(Change(rel, "I", None, a), rid, (0,))
+        writer.add(Change(rel, "U", a, b, [2] if i % 2 else None), rid, (0,))
+        writer.add(Change(rel, "D", b, None), rid, (0,))
+        writer.commit(Commit(lsn, lsn + 5, at))
+    writer.flush()
+
+
+_IMAGES = "SELECT id, key, old, new, unchanged FROM changes ORDER BY id"
+
+
+def _asks() -> list[Any]:
+    """What listings, history and an undo read from a store (as the listings test asks)."""
+    return [
+        lambda d: d.sessions(),
+        lambda d: d.show(session_id="s0"),
+        lambda d: d.show(xid=509),
+        lambda d: d.show(xid=905),
+        lambda d: d.activity(by="table"),
+        lambda d: d.history("items", {"id": "30"}, lambda c, t, v: v),
+        lambda d: [
+            d.history("odd", {"id": f"{s}{i}"}, lambda c, t, v: v)
+            for i, s in enumerate(_ODD_STRINGS)
+        ],
+        lambda d: d.transactions(session_id="s0", since=_time(0)),
+        lambda d: [d.txn_changes(t.id) for t in d.transactions()],
+        lambda d: d.changes_page([t.id for t in d.transactions()], 5, 2),
+        lambda d: [
+            list(d.changes(t.first_change, t.last_change, r.relation, t.xid))
+            for t in d.transactions()
+            for r in d.txn_changes(t.id)
+        ],
+        lambda d: [
+            d.later_writer(16400, 0, k, None)
+            for k in sorted(
+                r[0] for r in d.db.execute("SELECT key FROM changes WHERE key IS NOT NULL")
+            )
+        ],
+        lambda d: d.db.execute(_IMAGES).fetchall(),
+    ]
+
+
+def _types(conn: Any) -> list[tuple[str, str]]:
+    return conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns"
+        " WHERE table_schema = 'undo_store' AND table_name = %s"
+        " AND column_name IN ('key', 'old', 'new', 'unchanged') ORDER BY column_name",
+        ("changes",),
+    ).fetchall()
+
+
+def test_a_store_of_the_previous_version_keeps_its_answers_with_images_as_text(
+    pg_store, tmp_path, monkeypatch
+):
+    """Migration 4 makes a change's key and images text: the rows a store of the previous
+    version holds (jsonb) become the text the reader gave for them, which is the SQLite store's
+    text byte for byte, and every listing, history and undo read answers as before."""
+    from undo.store import open_store as open_any
+    from undo.store.sqlite import SqliteStore
+
+    lite = SqliteStore(str(tmp_path / "s.db"), create=True)
+    lite.register_source("shop", "1", "shop")
+    _play_odd(lite.writer())
+    _previous_version(monkeypatch)
+    with _schema.open_connection(pg_store, create=True) as conn:
+        assert _types(conn) == [(c, "jsonb") for c in ("key", "new", "old", "unchanged")]
+        source = _schema.register_source(conn, "shop", "1", "shop")
+        _play(PgStoreWriter(conn, source))
+        _play_odd(PgStoreWriter(conn, source))
+    old = open_any(pg_store)
+    try:
+        before = [ask(old) for ask in _asks()]
+        odd_ids = [
+            r[0] for r in old.db.execute("SELECT id FROM relations WHERE table_name = 'odd'")
+        ]
+    finally:
+        old.close()
+    monkeypatch.undo()
+    new = open_any(pg_store)
+    try:
+        assert [ask(new) for ask in _asks()] == before
+        assert _types(new.conn) == [(c, "text") for c in ("key", "new", "old", "unchanged")]
+        # what the migration wrote is the SQLite store's text, to the byte
+        stored = new.conn.execute(
+            "SELECT key, old, new, unchanged FROM undo_store.changes WHERE relation = ANY(%s)"
+            " ORDER BY id",
+            (odd_ids,),
+        ).fetchall()
+        assert (
+            stored
+            == lite.db.execute(
+                "SELECT key, old, new, unchanged FROM changes ORDER BY id"
+            ).fetchall()
+        )
+        # the view still shows jsonb, and its readers may read it again
+        assert new.conn.execute(
+            "SELECT pg_typeof(old)::text, has_table_privilege(%s, 'undo_store.change_log',"
+            " 'SELECT') FROM undo_store.change_log LIMIT 1",
+            (_schema.READER_ROLE,),
+        ).fetchone() == ("jsonb", True)
+        # a new row of the same change is the old one's text
+        with _schema.open_connection(pg_store) as conn:
+            _play_odd(PgStoreWriter(conn, new.source), day=1, first_xid=2000)
+        days = [
+            new.conn.execute(
+                "SELECT key, old, new, unchanged FROM undo_store.changes WHERE relation = ANY(%s)"
+                " AND (commit_time >= %s) = %s ORDER BY id",
+                (odd_ids, _time(0, day=1), later),
+            ).fetchall()
+            for later in (False, True)
+        ]
+        assert days[0] == days[1] == stored
+    finally:
+        new.close()
+
+
+def test_the_migration_makes_any_other_json_as_the_reader_read_it(pg_store, monkeypatch):
+    """Images capture never writes (not a flat array of strings and nulls, or of integers):
+    the migration gives them the text the reader gave (json.loads + dumps), not its own."""
+    _previous_version(monkeypatch)
+    odd = ['[1, "a, b", null]', '[["a", "b"], "c"]', '{"a": "b, c", "d": null}', '"x"', "null",
+           "[1.5, 10]", '["\\u00e9\\n", 1]', "[]", "[-3, 0]", '["a", "b, c"]']  # fmt: skip
+    with _schema.open_connection(pg_store, create=True) as conn:
+        source = _schema.register_source(conn, "shop", "1", "shop")
+        _play(PgStoreWriter(conn, source))
+        ids = [r[0] for r in conn.execute("SELECT id FROM undo_store.changes ORDER BY id")]
+        for i, text in zip(ids, odd, strict=False):
+            conn.execute(
+                "UPDATE undo_store.changes SET key = %s::jsonb, old = %s::jsonb,"
+                " new = %s::jsonb, unchanged = %s::jsonb WHERE id = %s",
+                (text, text, text, text, i),
+            )
+        runner = _store.Runner(conn, source)
+        before = runner.execute(_IMAGES).fetchall()
+        assert [r[1] for r in before[: len(odd)]] == [_dumps(json.loads(t)) for t in odd]
+    monkeypatch.undo()
+    with _schema.open_connection(pg_store) as conn:
+        assert _schema.applied(conn) == [v for v, _, _ in _schema.MIGRATIONS]
+        assert _store.Runner(conn, source).execute(_IMAGES).fetchall() == before
+
+
+def _waiting_on_a_lock(store: str, n: int) -> bool:
+    with psycopg.connect(store) as c:
+        (waiting,) = c.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        ).fetchone() or (0,)
+    return int(waiting) >= n
+
+
+def test_captures_writing_while_the_store_is_migrated_lose_and_mangle_nothing(
+    pg_store, monkeypatch
+):
+    """Migration 4 locks changes first: a batch a capture has written and not yet committed
+    is waited for and migrated with the rest; a capture's COPY sent meanwhile waits for the
+    migration's commit and is stored as text, its bytes as they were sent."""
+    import threading
+    from json.encoder import encode_basestring
+
+    _previous_version(monkeypatch)
+    rel = Relation(16500, "public", "t", ("id", "v"), types=("text", "text"))
+    with _schema.open_connection(pg_store, create=True) as conn:
+        sources = [_schema.register_source(conn, n, "1", n) for n in ("a", "b")]
+    writers = [PgStoreWriter(_schema.open_connection(pg_store), s) for s in sources]
+    images = []
+
+    def write(w: PgStoreWriter, i: int) -> None:
+        rid = w.relation_id(rel, (0,), False)
+        lsn = w.position + 100
+        w.begin(Begin(100 + i, lsn, _time(i)))
+        for j in range(50):
+            new = [
+                encode_basestring(f"{i}.{j}"),
+                encode_basestring(f'a, "b"\n{_ODD_STRINGS[j % 19]}'),
+            ]
+            w.add(Change(rel, "I", None, new), rid, (0,))
+            images.append(("[" + ",".join(new) + "]", "[" + new[0] + "]"))
+        w.commit(Commit(lsn, lsn + 1, _time(i)))
+
+    try:
+        write(writers[0], 1)
+        writers[0]._push()  # in the store's transaction, not committed
+        monkeypatch.undo()
+        migration = threading.Thread(target=lambda: _schema.open_connection(pg_store).close())
+        migration.start()
+        _wait(lambda: _waiting_on_a_lock(pg_store, 1))
+        write(writers[1], 2)
+        second = threading.Thread(target=writers[1].flush)
+        second.start()
+        _wait(lambda: _waiting_on_a_lock(pg_store, 2))  # its COPY behind the migration
+        writers[0].flush()
+        migration.join(60)
+        second.join(60)
+        assert not migration.is_alive() and not second.is_alive()
+        with psycopg.connect(pg_store) as c:
+            assert _schema.applied(c) == [v for v, _, _ in _schema.MIGRATIONS]
+            assert _types(c) == [(x, "text") for x in ("key", "new", "old", "unchanged")]
+            got = c.execute("SELECT new, key FROM undo_store.changes ORDER BY id").fetchall()
+        assert sorted(got) == sorted(images) and len(got) == 100
+    finally:
+        for w in writers:
+            w.conn.close()
+
+
+def _wait(done: Any, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def test_the_migration_waits_for_no_earlier_reader_and_says_which_views_hold_it(
+    pg_store, monkeypatch
+):
+    """A session of an earlier undo reading the store (undo serve, a listing) has views of
+    changes in pg_temp, which an ALTER of its columns fails on: the migration says so in one
+    line and changes nothing; once the reader is gone it goes through."""
+    from undo.core.errors import StoreBusy
+
+    _previous_version(monkeypatch)
+    with _schema.open_connection(pg_store, create=True) as conn:
+        source = _schema.register_source(conn, "shop", "1", "shop")
+        _play(PgStoreWriter(conn, source))
+    reader = _schema.open_connection(pg_store)
+    before = _store.Runner(reader, source).execute(_IMAGES).fetchall()
+    monkeypatch.undo()
+    try:
+        with pytest.raises(StoreBusy, match=r"views depend on its changes: pg_temp_\d+\.changes"):
+            _schema.open_connection(pg_store)
+        with psycopg.connect(pg_store) as c:
+            assert _schema.applied(c) == [1, 2, 3]
+            assert _types(c) == [(x, "jsonb") for x in ("key", "new", "old", "unchanged")]
+    finally:
+        reader.close()
+    with _schema.open_connection(pg_store) as conn:
+        assert _types(conn) == [(x, "text") for x in ("key", "new", "old", "unchanged")]
+        assert _store.Runner(conn, source).execute(_IMAGES).fetchall() == before

@@ -110,7 +110,7 @@ def test_undo_one_session_restores_exactly_its_changes(source, case, by_script):
 
 
 # the same undo read from a PostgreSQL store (issue #22), fewer examples: its reads are the
-# SQLite store's SQL, its images jsonb's text made compact (undo.store.postgres._store)
+# SQLite store's SQL, its images the SQLite store's text (undo.store.postgres._schema, migration 4)
 @pytest.mark.parametrize("store_kind", ["postgresql"], indirect=True)
 @settings(max_examples=10)
 @given(case=scenario(), by_script=st.booleans())

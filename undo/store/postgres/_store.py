@@ -95,16 +95,23 @@ if not os.environ.get("UNDO_PURE_PYTHON"):
         from undo._speedups import compact_flat_array as _compact
 
 
+def json_text(data: Any) -> str:
+    """jsonb's text -> the text the SQLite store holds (what _JsonText loads; the migration of
+    images to text, _schema._m004_rest, makes old rows so)."""
+    # an image in C (the regular expressions were 40% of an undo's own time, bench/undo)
+    if _compact is not None and (text := _compact(data)) is not None:
+        return text
+    return _py_json_text(data)
+
+
 class _JsonText(Loader):
     """jsonb -> its text as the SQLite store holds it. Not jsonb's own text (``["a", "b"]``):
     an undo compares images it composes (a TOASTed value an update kept) with stored ones as
-    text, and a key given on the command line is compared with stored keys as text."""
+    text, and a key given on the command line is compared with stored keys as text. A change's
+    images and key are stored as that text (_schema._M004) and read as they are."""
 
     def load(self, data: Any) -> str:
-        # an image in C (the regular expressions were 40% of an undo's own time, bench/undo)
-        if _compact is not None and (text := _compact(data)) is not None:
-            return text
-        return _py_json_text(data)
+        return json_text(data)
 
 
 #: the tables the queries name, as views of one source's rows, or of several sources' for the
