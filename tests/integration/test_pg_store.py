@@ -1336,13 +1336,13 @@ def test_the_migration_makes_any_other_json_as_the_reader_read_it(pg_store, monk
                 " new = %s::jsonb, unchanged = %s::jsonb WHERE id = %s",
                 (text, text, text, text, i),
             )
-        runner = _store.Runner(conn, source)
+        runner = _store.Runner(conn, (source,))
         before = runner.execute(_IMAGES).fetchall()
         assert [r[1] for r in before[: len(odd)]] == [_dumps(json.loads(t)) for t in odd]
     monkeypatch.undo()
     with _schema.open_connection(pg_store) as conn:
         assert _schema.applied(conn) == [v for v, _, _ in _schema.MIGRATIONS]
-        assert _store.Runner(conn, source).execute(_IMAGES).fetchall() == before
+        assert _store.Runner(conn, (source,)).execute(_IMAGES).fetchall() == before
 
 
 def _waiting_on_a_lock(store: str, n: int) -> bool:
@@ -1428,7 +1428,7 @@ def test_the_migration_waits_for_no_earlier_reader_and_says_which_views_hold_it(
         source = _schema.register_source(conn, "shop", "1", "shop")
         _play(PgStoreWriter(conn, source))
     reader = _schema.open_connection(pg_store)
-    before = _store.Runner(reader, source).execute(_IMAGES).fetchall()
+    before = _store.Runner(reader, (source,)).execute(_IMAGES).fetchall()
     monkeypatch.undo()
     try:
         with pytest.raises(StoreBusy, match=r"views depend on its changes: pg_temp_\d+\.changes"):
@@ -1440,4 +1440,4 @@ def test_the_migration_waits_for_no_earlier_reader_and_says_which_views_hold_it(
         reader.close()
     with _schema.open_connection(pg_store) as conn:
         assert _types(conn) == [(x, "text") for x in ("key", "new", "old", "unchanged")]
-        assert _store.Runner(conn, source).execute(_IMAGES).fetchall() == before
+        assert _store.Runner(conn, (source,)).execute(_IMAGES).fetchall() == before

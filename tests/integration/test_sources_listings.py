@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.integration.test_pg_store import _time, pg_store  # noqa: F401 (a fixture)
 from undo.core.errors import BadInput, NotFound, NotRecorded, UndoError
@@ -214,39 +217,40 @@ def test_status_and_metrics_of_several_sources_are_each_sources(store):
     ]
 
 
-def test_a_time_loads_as_the_stores_time_text_by_its_pieces(pg_store):  # noqa: F811
-    """timestamptz read by its text's pieces (the listings' 20,000 times of 10,000 sessions: 70
-    ms parsed into datetimes and formatted again) gives what the datetime path gives."""
-    from datetime import UTC, datetime, timedelta
-
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    from undo.core.times import iso
-
+@pytest.fixture
+def time_reader(pg_store):  # noqa: F811
+    """A PostgreSQL store's reader, to load times through."""
     db = open_store(pg_store, create=True)
     try:
         db.register_source("a", "1", "a")
-        run = db.db  # type: ignore[attr-defined]
-        fixed = [
-            datetime(1, 1, 1, tzinfo=UTC),
-            datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
-            datetime(2026, 3, 1, 10, 0, 0, 500000, tzinfo=UTC),
-            datetime(2026, 3, 1, 23, 59, 59, 999999, tzinfo=UTC),
-            datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
-            datetime(2026, 3, 1, 1, 2, 3, 4, tzinfo=UTC).astimezone(),  # any zone: as UTC
-        ]
-        for t in fixed:
-            assert run.execute("SELECT CAST(? AS timestamptz)", [t]).fetchone() == (iso(t),)
-
-        @settings(max_examples=300, deadline=None)
-        @given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)))
-        def same(t: datetime) -> None:
-            t = t.replace(tzinfo=UTC)
-            assert run.execute("SELECT CAST(? AS timestamptz)", [t]).fetchone() == (iso(t),)
-            late = t + timedelta(microseconds=1)
-            assert run.execute("SELECT CAST(? AS timestamptz)", [late]).fetchone() == (iso(late),)
-
-        same()
+        yield db.db  # type: ignore[attr-defined]
     finally:
         db.close()
+
+
+def test_a_time_loads_as_the_stores_time_text_by_its_pieces(time_reader):
+    """timestamptz read by its text's pieces (the listings' 20,000 times of 10,000 sessions: 70
+    ms parsed into datetimes and formatted again) gives what the datetime path gives."""
+    from undo.core.times import iso
+
+    fixed = [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2026, 3, 1, 10, 0, 0, 500000, tzinfo=UTC),
+        datetime(2026, 3, 1, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 3, 1, 1, 2, 3, 4, tzinfo=UTC).astimezone(),  # any zone: as UTC
+    ]
+    for t in fixed:
+        assert time_reader.execute("SELECT CAST(? AS timestamptz)", [t]).fetchone() == (iso(t),)
+
+
+@settings(max_examples=300)  # deadline and health checks: the profile in tests/conftest.py
+@given(t=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)))
+def test_any_time_loads_as_the_stores_time_text(time_reader, t):
+    from undo.core.times import iso
+
+    t = t.replace(tzinfo=UTC)
+    assert time_reader.execute("SELECT CAST(? AS timestamptz)", [t]).fetchone() == (iso(t),)
+    late = t + timedelta(microseconds=1)
+    assert time_reader.execute("SELECT CAST(? AS timestamptz)", [late]).fetchone() == (iso(late),)
