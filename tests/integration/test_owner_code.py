@@ -430,3 +430,76 @@ def test_a_default_of_a_column_added_after_printing_is_refused_by_the_script(pgo
     assert again.returncode == 0, again.stderr
     assert pgo.sql("SELECT id, d FROM notes ORDER BY id") == [(1, None), (2, None), (3, True)]
     assert not _super(pgo, mallory)
+
+
+#: her function reached with no dependency on it: through SQL text a pg_catalog function runs
+SQL_TEXT = "pg_catalog.query_to_xml('select mal.ok(''x'')', true, true, '') IS NOT NULL"
+
+
+@pytest.mark.parametrize(
+    ("place", "said"),
+    [
+        (
+            f"ALTER TABLE public.notes ADD CONSTRAINT body_qx CHECK ({SQL_TEXT})",
+            "check constraint body_qx calls pg_catalog.query_to_xml(query text, nulls boolean,"
+            " tableforest boolean, targetns text), which runs SQL given as text or sets what"
+            " later statements run, written by {mallory}",
+        ),
+        (
+            "ALTER TABLE public.notes ADD CONSTRAINT body_path CHECK"
+            " (pg_catalog.set_config('search_path', 'mal, pg_catalog', true) IS NOT NULL)",
+            "check constraint body_path calls pg_catalog.set_config(",
+        ),
+        (
+            f"ALTER DOMAIN public.qx ADD CONSTRAINT qx_ok CHECK ({SQL_TEXT}) NOT VALID",
+            "column tag's type public.qx, constraint qx_ok calls pg_catalog.query_to_xml(",
+        ),
+    ],
+)
+def test_her_function_through_sql_text_is_refused(pgo, place, said):
+    """Red team 6: her function reached through pg_catalog.query_to_xml('select mal.ok(...)'),
+    whose owner is a superuser and which has no dependency on hers, in a CHECK or a domain's
+    CHECK: not refused, and the printed script run by a superuser made her one. A set_config of
+    search_path in a CHECK would make undo's later statements resolve her operators first.
+    Whoever wrote the call is what is trusted or not."""
+    pgo.sql("CREATE DOMAIN public.qx AS text")
+    mallory, mdsn, adsn = _roles(pgo, "id int PRIMARY KEY, body text, tag public.qx")
+    with pgo.connect() as c:
+        c.execute(sql.SQL("ALTER DOMAIN public.qx OWNER TO {}").format(sql.Identifier(mallory)))
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    _plant(pgo, mdsn, mallory, code=OK + place)
+    for args in (("--apply",), ()):
+        got = pgo.undo_cli("session", sid, *args)
+        assert got.returncode == 1, (args, got.stderr)
+        assert said.format(mallory=mallory) in got.stderr, got.stderr
+    # (her CHECK ran once as herself when she added it)
+    assert pgo.sql("SELECT count(*) FROM mal.seen WHERE who <> %s", (mallory,)) == [(0,)]
+    assert not _super(pgo, mallory)
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(3,)]
+
+
+def test_her_function_through_a_view_her_policy_reads_is_refused(pgo):
+    """Red team 6: her policy reads her view, which calls her function: the policy depends on
+    the view only, and a view's functions run as the role reading it. An on-call to whom row
+    security applies ran it (mal.seen: oncall)."""
+    mallory, mdsn, adsn = _roles(pgo)
+    oncall = f"oncall_{pgo.dbname}"
+    with pgo.connect() as c:
+        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(oncall)))
+        c.execute(sql.SQL("GRANT undo_operator TO {}").format(sql.Identifier(oncall)))
+        c.execute(sql.SQL("GRANT ALL ON notes TO {}").format(sql.Identifier(oncall)))
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    policy = (
+        "CREATE VIEW mal.v AS SELECT mal.ok('v') AS ok; GRANT SELECT ON mal.v TO PUBLIC;"
+        " ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY;"
+        " CREATE POLICY p ON public.notes USING (true)"
+        " WITH CHECK (EXISTS (SELECT 1 FROM mal.v WHERE ok))"
+    )
+    _plant(pgo, mdsn, mallory, code=OK + policy)
+    dsn = _dsn(pgo, oncall)
+    said = f"public.notes: policy p calls mal.ok(v text), owned by {mallory}, as the role undoing"
+    for args in (("--apply",), ()):
+        got = pgo.undo_cli("--dsn", dsn, "session", sid, "--fire-triggers", *args)
+        assert got.returncode == 1 and said in got.stderr, (args, got.stderr)
+    assert pgo.sql("SELECT count(*) FROM mal.seen") == [(0,)]
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(3,)]

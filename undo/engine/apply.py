@@ -705,30 +705,34 @@ rls(rel) AS (
                  WHERE ro.rolname = current_user)
        AND (c.relforcerowsecurity
             OR NOT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE'))),
-code(rel, what, name, classid, objid) AS (
+code(rel, what, name, classid, objid, author) AS (
     SELECT co.conrelid,
            CASE co.contype WHEN 'c' THEN 'check constraint' WHEN 'x' THEN 'exclusion constraint'
                 ELSE 'constraint' END,
            pg_catalog.quote_ident(co.conname), 'pg_catalog.pg_constraint'::pg_catalog.regclass,
-           co.oid
+           co.oid, tc.relowner
       FROM w JOIN pg_catalog.pg_constraint co ON co.conrelid = w.rel
+      JOIN pg_catalog.pg_class tc ON tc.oid = w.rel
     UNION ALL
     SELECT ad.adrelid,
            CASE a.attgenerated WHEN '' THEN 'default of column' ELSE 'generated column' END,
-           pg_catalog.quote_ident(a.attname), 'pg_catalog.pg_attrdef'::pg_catalog.regclass, ad.oid
+           pg_catalog.quote_ident(a.attname), 'pg_catalog.pg_attrdef'::pg_catalog.regclass, ad.oid,
+           tc.relowner
       FROM w JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = w.rel
+      JOIN pg_catalog.pg_class tc ON tc.oid = w.rel
       JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
      WHERE a.attgenerated <> ''
         OR NOT EXISTS (SELECT FROM cols k WHERE k.rel = ad.adrelid AND k.col = a.attname)
     UNION ALL
     SELECT i.indrelid, 'index', pg_catalog.quote_ident(ic.relname),
-           'pg_catalog.pg_class'::pg_catalog.regclass, i.indexrelid
+           'pg_catalog.pg_class'::pg_catalog.regclass, i.indexrelid, ic.relowner
       FROM w JOIN pg_catalog.pg_index i ON i.indrelid = w.rel
       JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
     UNION ALL
     SELECT p.polrelid, 'policy', pg_catalog.quote_ident(p.polname),
-           'pg_catalog.pg_policy'::pg_catalog.regclass, p.oid
+           'pg_catalog.pg_policy'::pg_catalog.regclass, p.oid, tc.relowner
       FROM rls JOIN pg_catalog.pg_policy p ON p.polrelid = rls.rel
+      JOIN pg_catalog.pg_class tc ON tc.oid = rls.rel
      WHERE 0::oid = ANY (p.polroles)
         OR EXISTS (SELECT FROM pg_catalog.unnest(p.polroles) pr(role)
                     WHERE pg_catalog.pg_has_role(current_user, pr.role, 'MEMBER'))
@@ -737,22 +741,87 @@ code(rel, what, name, classid, objid) AS (
            pg_catalog.format('column %I''s type %s, constraint', t.col,
                              t.typ::pg_catalog.regtype),
            pg_catalog.quote_ident(co.conname), 'pg_catalog.pg_constraint'::pg_catalog.regclass,
-           co.oid
+           co.oid, ty.typowner
       FROM types t JOIN pg_catalog.pg_constraint co ON co.contypid = t.typ
+      JOIN pg_catalog.pg_type ty ON ty.oid = t.typ
     UNION ALL
     SELECT t.rel, pg_catalog.format('column %I''s type', t.col),
            t.typ::pg_catalog.regtype::pg_catalog.text,
-           'pg_catalog.pg_type'::pg_catalog.regclass, t.typ
-      FROM types t),
-calls(rel, what, name, fn, op) AS (
-    SELECT DISTINCT code.rel, code.what, code.name, COALESCE(o.oprcode::oid, d.refobjid), o.oid
-      FROM code JOIN pg_catalog.pg_depend d ON d.classid = code.classid
-                                           AND d.objid = code.objid
+           'pg_catalog.pg_type'::pg_catalog.regclass, t.typ, ty.typowner
+      FROM types t JOIN pg_catalog.pg_type ty ON ty.oid = t.typ),
+reach(rel, what, name, classid, objid, author) AS (
+    -- what an expression reads runs as the role undoing too: a view's functions, and the
+    -- policies of a table it reads (the view's or table's owner wrote them)
+    SELECT code.rel, code.what, code.name, code.classid, code.objid, code.author FROM code
+    UNION
+    SELECT r.rel, r.what, r.name, x.classid, x.objid, x.author
+      FROM reach r
+      JOIN pg_catalog.pg_depend d
+        ON d.classid = r.classid AND d.objid = r.objid
+       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+      JOIN pg_catalog.pg_class v ON v.oid = d.refobjid AND NOT v.oid IN (SELECT w.rel FROM w)
+     CROSS JOIN LATERAL (
+           SELECT 'pg_catalog.pg_rewrite'::pg_catalog.regclass, rw.oid, v.relowner
+             FROM pg_catalog.pg_rewrite rw WHERE rw.ev_class = v.oid AND v.relkind = 'v'
+           UNION ALL
+           SELECT 'pg_catalog.pg_policy'::pg_catalog.regclass, p.oid, v.relowner
+             FROM pg_catalog.pg_policy p
+            WHERE p.polrelid = v.oid AND v.relrowsecurity
+              AND NOT (SELECT ro.rolsuper OR ro.rolbypassrls FROM pg_catalog.pg_roles ro
+                        WHERE ro.rolname = current_user)
+              AND (v.relforcerowsecurity
+                   OR NOT pg_catalog.pg_has_role(current_user, v.relowner, 'USAGE')))
+           x(classid, objid, author)),
+-- functions that run SQL given as text, or set what later statements resolve (search_path,
+-- role): whoever wrote the call decides what runs, as the role undoing
+runs(fn) AS (
+    SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n
+        ON n.oid = p.pronamespace
+     WHERE (n.nspname = 'pg_catalog'
+            AND (p.proname IN ('set_config', 'ts_stat', 'cursor_to_xml', 'cursor_to_xmlschema')
+                 OR p.proname ~ '^(query|table|schema|database)_to_xml'))
+        OR p.proname ~ '^dblink'),
+calls(rel, what, name, fn, op, author) AS (
+    SELECT code.rel, code.what, code.name, COALESCE(o.oprcode::oid, d.refobjid), o.oid,
+           code.author
+      FROM reach code JOIN pg_catalog.pg_depend d ON d.classid = code.classid
+                                                 AND d.objid = code.objid
       LEFT JOIN pg_catalog.pg_operator o
              ON d.refclassid = 'pg_catalog.pg_operator'::pg_catalog.regclass
             AND o.oid = d.refobjid
      WHERE d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass,
-                            'pg_catalog.pg_operator'::pg_catalog.regclass)),
+                            'pg_catalog.pg_operator'::pg_catalog.regclass)
+    UNION
+    -- pg_depend records no dependency on pg_catalog's own functions (pinned): the calls of an
+    -- expression, from its node tree (a function's, an operator's, an aggregate's, a window's)
+    SELECT code.rel, code.what, code.name, m.id[1]::pg_catalog.oid, NULL::pg_catalog.oid,
+           code.author
+      FROM reach code
+     CROSS JOIN LATERAL (
+           SELECT co.conbin FROM pg_catalog.pg_constraint co
+            WHERE code.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass
+              AND co.oid = code.objid
+           UNION ALL
+           SELECT ad.adbin FROM pg_catalog.pg_attrdef ad
+            WHERE code.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass
+              AND ad.oid = code.objid
+           UNION ALL
+           SELECT t.tree FROM pg_catalog.pg_index i,
+                  LATERAL (VALUES (i.indexprs), (i.indpred)) t(tree)
+            WHERE code.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+              AND i.indexrelid = code.objid
+           UNION ALL
+           SELECT t.tree FROM pg_catalog.pg_policy p,
+                  LATERAL (VALUES (p.polqual), (p.polwithcheck)) t(tree)
+            WHERE code.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass
+              AND p.oid = code.objid
+           UNION ALL
+           SELECT t.tree FROM pg_catalog.pg_rewrite rw,
+                  LATERAL (VALUES (rw.ev_action), (rw.ev_qual)) t(tree)
+            WHERE code.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+              AND rw.oid = code.objid) e(tree)
+     CROSS JOIN LATERAL pg_catalog.regexp_matches(e.tree::pg_catalog.text,
+           ':(?:funcid|opfuncid|aggfnoid|winfnoid) ([0-9]+)', 'g') m(id)),
 found(tab, what, name, line) AS (
     SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), 'trigger', tg.tgname::text,
            pg_catalog.format('%I.%I: trigger %I (ENABLE %s) runs %I.%I(%s), owned by %I,'
@@ -794,7 +863,27 @@ found(tab, what, name, line) AS (
       JOIN pg_proc pr ON pr.oid = k.fn JOIN pg_namespace pn ON pn.oid = pr.pronamespace
       JOIN pg_roles ro ON ro.oid = pr.proowner
      WHERE NOT ro.rolsuper AND ro.rolname <> current_user
-       AND NOT ro.rolname = ANY ({trusted}::pg_catalog.text[]))
+       AND NOT ro.rolname = ANY ({trusted}::pg_catalog.text[])
+    UNION ALL
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), k.what, k.name || ' ' || k.fn::text,
+           pg_catalog.format('%I.%I: %s %s calls %I.%I(%s), %s, written by %I, as the role'
+                  ' undoing: review it, then undo with --trust-owner %I',
+                  n.nspname, c.relname, k.what, k.name,
+                  pn.nspname, pr.proname, pg_catalog.pg_get_function_identity_arguments(pr.oid),
+                  CASE WHEN pr.oid IN (SELECT runs.fn FROM runs)
+                       THEN 'which runs SQL given as text or sets what later statements run'
+                       ELSE 'which its writer may not run' END,
+                  au.rolname, au.rolname)
+      FROM calls k JOIN pg_class c ON c.oid = k.rel JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_proc pr ON pr.oid = k.fn JOIN pg_namespace pn ON pn.oid = pr.pronamespace
+      JOIN pg_roles ro ON ro.oid = pr.proowner
+      JOIN pg_roles au ON au.oid = k.author
+     WHERE (ro.rolsuper OR ro.rolname = current_user
+            OR ro.rolname = ANY ({trusted}::pg_catalog.text[]))
+       AND (pr.oid IN (SELECT runs.fn FROM runs)
+            OR NOT pg_catalog.has_function_privilege(au.oid, pr.oid, 'EXECUTE'))
+       AND NOT au.rolsuper AND au.rolname <> current_user
+       AND NOT au.rolname = ANY ({trusted}::pg_catalog.text[]))
 SELECT DISTINCT pg_catalog.regexp_replace(line, '[[:cntrl:]]', '?', 'g'), tab, what, name
   FROM found ORDER BY tab, what, name
 """
