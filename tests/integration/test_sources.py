@@ -517,3 +517,33 @@ def test_the_dashboard_reads_the_slot_the_store_recorded_for_the_dsn_source(pgo,
         page = Client(make_app(elsewhere)).get("/", headers={"Host": "localhost"}).text
         assert "source unreachable" not in page
         assert "--dsn is no source of the store" in html.unescape(page)
+
+
+@pytest.mark.parametrize("why", ["dropped", "reregister"])
+def test_a_kept_slot_older_than_the_publication_init_makes_is_made_again(pgo, why):
+    """Red team 6: a slot kept while init makes its publication (dropped meanwhile; a slot made
+    by hand before a --reregister) cannot decode a change before the publication existed
+    ("publication does not exist", in the walsender): capture said "connection lost (no error
+    details available)" and retried for ever, even with --once. init makes the slot again and
+    records the gap, as for a lost slot."""
+    _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    pgo.sql(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(pgo.slot)).as_string(None))
+    pgo.sql("INSERT INTO t VALUES (3, 'c')")  # a change the slot holds, before the publication
+    args: tuple[str, ...] = ("init",)
+    if why == "reregister":
+        _as_if_moved(pgo, 0x100)
+        args = ("init", "--source", pgo.dbname, "--reregister")
+    done = pgo.undo_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "recorded as a gap" in done.stderr
+    pgo.sql("INSERT INTO t VALUES (4, 'd')")
+    captured = subprocess.run(
+        [sys.executable, "-m", "undo", "capture", "--once"],
+        env={**os.environ, "UNDO_DSN": pgo.dsn, "UNDO_STORE": pgo.store, "UNDO_SLOT": pgo.slot},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert captured.returncode == 0, captured.stderr
+    assert pgo.store_rows("SELECT count(*) FROM changes WHERE new LIKE '[\"4\",%'") == [(1,)]

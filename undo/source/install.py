@@ -373,6 +373,7 @@ def init(
         superuser = bool(row and row[0])
         numbers_as_strings = decoder == "wal2json" and pg.wal2json_numbers_as_strings(conn)
         installed = conn.execute("SELECT to_regproc('undo.audit_table') IS NOT NULL").fetchone()
+        published_now = False  # this init made the slot's publication
         try:
             with conn.transaction():
                 for _, text in migration_scripts():
@@ -416,6 +417,7 @@ def init(
                     conn.execute(
                         sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(publication))
                     )
+                    published_now = True
                     report.changed.append(f"created publication {publication}")
                 if publication is not None and _publish_generated(conn, publication):
                     report.changed.append(f"publication {publication} publishes generated columns")
@@ -517,8 +519,16 @@ def init(
             (settings.slot,),
         ).fetchone()
         position = db.meta("position")
-        if slot is not None and slot[2] == "lost":
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot,))
+        # a slot older than the publication this init made cannot decode a change before it
+        # ("publication does not exist", for ever): made again, as a lost one, with the gap
+        if slot is not None and (slot[2] == "lost" or published_now):
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.slot,))
+            except psycopg.errors.ObjectInUse:
+                raise UndoError(
+                    f"slot {settings.slot} is older than its publication, which init made now,"
+                    " and a capture holds it: stop the capture and run `undo init` again"
+                ) from None
             slot = None
         if slot is not None and slot[0] != decoder:
             raise UndoError(
@@ -575,7 +585,7 @@ def init(
                 else:
                     db.record_gap(int(position), new_position, f"slot {settings.slot} re-created")
                     report.warnings.append(
-                        "the slot was missing or lost: changes between"
+                        "the slot was missing, lost or older than its publication: changes between"
                         f" {wal.int_to_lsn(int(position))} and {row[0]} are not in the audit"
                         " trail (recorded as a gap)"
                     )
