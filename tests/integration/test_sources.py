@@ -547,3 +547,32 @@ def test_a_kept_slot_older_than_the_publication_init_makes_is_made_again(pgo, wh
     )
     assert captured.returncode == 0, captured.stderr
     assert pgo.store_rows("SELECT count(*) FROM changes WHERE new LIKE '[\"4\",%'") == [(1,)]
+
+
+def test_a_stream_the_server_ends_with_an_error_is_given_up_with_its_message(pgo):
+    """Red team 6: the walsender's ERROR at the same change on every attempt ("publication ...
+    does not exist") was "connection lost (no error details available)", and the attempts
+    started again at each reconnect, so `capture --once` never ended."""
+    _ready(pgo)
+    assert pgo.undo_cli("capture", "--once").returncode == 0
+    pgo.sql(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(pgo.slot)).as_string(None))
+    pgo.sql("INSERT INTO t VALUES (3, 'c')")
+    script = (
+        "import sys\n"
+        "from undo.core.config import Settings\n"
+        "from undo.core.errors import TryAgain\n"
+        "from undo.stream.capture import capture\n"
+        "try:\n"
+        f"    capture(Settings(dsn={pgo.dsn!r}, store={pgo.store!r}, slot={pgo.slot!r}),"
+        " once=True, max_attempts=2)\n"
+        "except TryAgain as e:\n"
+        "    print(e)\n"
+        "    sys.exit(75)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 75, (ran.stdout, ran.stderr)
+    assert f'publication "{pgo.slot}" does not exist' in ran.stdout, ran.stdout
+    assert "after 2 reconnect(s)" in ran.stdout
+    assert "no error details available" not in ran.stderr

@@ -72,6 +72,18 @@ class CaptureReport:
     position: int
 
 
+def _stream_end(pgconn: Any, n: int) -> str:
+    """Why the stream ended: the walsender's ERROR comes as the result after the copy (n -1:
+    libpq's own message is empty then, "no error details available"), a lost connection as
+    libpq's error (n -2)."""
+    if n == -1:
+        res = pgconn.get_result()
+        text = res.error_message.decode(errors="replace").strip() if res is not None else ""
+        if text:
+            return text.splitlines()[0]
+    return pgconn.get_error_message() or "the server ended the stream"
+
+
 class ConnectionLost(Exception):
     pass
 
@@ -353,7 +365,7 @@ class _Session:
                     pgconn.consume_input()
                 continue
             if n < 0:
-                raise ConnectionLost(pgconn.get_error_message())
+                raise ConnectionLost(_stream_end(pgconn, n))
             kind = data[0]
             if kind == 0x6B:  # 'k' keepalive
                 wal_end, reply = parse_keepalive(bytes(data))
@@ -537,6 +549,7 @@ def _capture(
     retention = Retention(db, keep) if keep else None
     transactions = changes = 0
     attempt = 0
+    began = writer.position  # where the attempts since the last progress began
     connected = False
     if once and max_attempts is None:
         max_attempts = 5
@@ -595,7 +608,6 @@ def _capture(
                             lag_bytes=behind,
                         ),
                     )
-                    attempt = 0
                     connected = True
                     try:
                         session.run(rconn, writer.position, mark, should_stop)
@@ -625,6 +637,10 @@ def _capture(
                 writer.abort()
                 if writer.batch_open:
                     writer.flush()
+                # attempts count while nothing is stored: a stream the server ends at the same
+                # change each time (an ERROR in the walsender) is given up, not retried for ever
+                if writer.position > began:
+                    attempt, began = 0, writer.position
                 attempt += 1
                 if should_stop() or (max_attempts is not None and attempt > max_attempts):
                     first = str(e).strip().splitlines()[0] if str(e).strip() else "closed"
