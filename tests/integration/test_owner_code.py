@@ -446,6 +446,11 @@ SQL_TEXT = "pg_catalog.query_to_xml('select mal.ok(''x'')', true, true, '') IS N
             " later statements run, written by {mallory}",
         ),
         (
+            "ALTER TABLE public.notes ADD CONSTRAINT body_tsr CHECK (pg_catalog.ts_rewrite("
+            "'a'::tsquery, 'select ''a''::tsquery, mal.ok(''x'')::text::tsquery') IS NOT NULL)",
+            "check constraint body_tsr calls pg_catalog.ts_rewrite(tsquery, text), which runs SQL",
+        ),
+        (
             "ALTER TABLE public.notes ADD CONSTRAINT body_path CHECK"
             " (pg_catalog.set_config('search_path', 'mal, pg_catalog', true) IS NOT NULL)",
             "check constraint body_path calls pg_catalog.set_config(",
@@ -503,3 +508,81 @@ def test_her_function_through_a_view_her_policy_reads_is_refused(pgo):
         assert got.returncode == 1 and said in got.stderr, (args, got.stderr)
     assert pgo.sql("SELECT count(*) FROM mal.seen") == [(0,)]
     assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(3,)]
+
+
+def _oncall(src: Source) -> str:
+    """A member of undo_operator who is no superuser, to whom row security applies: its dsn."""
+    oncall = f"oncall_{src.dbname}"
+    with src.connect() as c:
+        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(oncall)))
+        c.execute(sql.SQL("GRANT undo_operator TO {}").format(sql.Identifier(oncall)))
+        c.execute(sql.SQL("GRANT ALL ON notes TO {}").format(sql.Identifier(oncall)))
+    return _dsn(src, oncall)
+
+
+def test_a_trusted_extensions_sql_runner_in_her_policy_is_refused(pgo):
+    """Red team 7: tablefunc is a trusted extension, so she installs it with CREATE on the
+    database; its crosstab(text), owned by the bootstrap superuser, runs her SQL, here from her
+    policy, as an on-call to whom row security applies."""
+    mallory, mdsn, adsn = _roles(pgo)
+    with pgo.connect() as c:
+        c.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(pgo.dbname), sql.Identifier(mallory)
+            )
+        )
+    dsn = _oncall(pgo)
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    policy = (
+        "CREATE EXTENSION tablefunc SCHEMA mal;"
+        " ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY;"
+        " CREATE POLICY p ON public.notes USING (true) WITH CHECK ((SELECT count(*) FROM"
+        " mal.crosstab('select 1::text, 1::text, mal.ok(''x'')::text') AS ct(a text, b text))"
+        " >= 0)"
+    )
+    _plant(pgo, mdsn, mallory, code=OK + policy)
+    said = "public.notes: policy p calls mal.crosstab(text), which runs SQL given as text"
+    for args in (("--apply",), ()):
+        got = pgo.undo_cli("--dsn", dsn, "session", sid, "--fire-triggers", *args)
+        assert got.returncode == 1 and said in got.stderr, (args, got.stderr)
+    assert pgo.sql("SELECT count(*) FROM mal.seen") == [(0,)]
+
+
+def test_as_of_a_table_with_no_change_since_refuses_her_policy_too(pgo):
+    """Red team 7: --as-of of a table the store has no change of since the time reads it as it
+    is, with no rewind, and so with no check: her policy's function ran as the on-call."""
+    mallory, mdsn, adsn = _roles(pgo)
+    dsn = _oncall(pgo)
+    _alice(pgo, adsn, "DELETE FROM notes WHERE id = 1")
+    at = pgo.now()
+    policy = (
+        "ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY;"
+        " CREATE POLICY p ON public.notes USING (mal.ok(body))"
+    )
+    _plant(pgo, mdsn, mallory, code=OK + policy)
+    got = pgo.undo_cli("--dsn", dsn, "table", "public.notes", "--as-of", at)
+    assert got.returncode == 1, got.stderr
+    assert "policy p calls mal.ok(v text)" in got.stderr
+    assert pgo.sql("SELECT count(*) FROM mal.seen") == [(0,)]
+
+
+def test_apply_writes_a_table_with_row_security_as_the_script_does(pgo):
+    """Red team 7: --apply of deletes by an on-call to whom row security applies failed with
+    "COPY FROM not supported with row-level security" (its COPY straight into the table),
+    where the printed script, which inserts, committed."""
+    if pgo.sql("SELECT current_setting('server_version_num')::int")[0][0] < 150000:
+        pytest.skip(
+            "GRANT SET ON PARAMETER, which lets a non-superuser undo without"
+            " --fire-triggers (the COPY path), is PostgreSQL 15+"
+        )
+    _mallory, _mdsn, adsn = _roles(pgo)
+    dsn = _oncall(pgo)
+    pgo.sql(
+        "ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY;"
+        " CREATE POLICY p ON public.notes USING (true) WITH CHECK (true);"
+        f" GRANT SET ON PARAMETER session_replication_role TO oncall_{pgo.dbname}"
+    )
+    sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
+    got = pgo.undo_cli("--dsn", dsn, "session", sid, "--apply")
+    assert got.returncode == 0, got.stderr
+    assert pgo.sql("SELECT id FROM notes ORDER BY id") == [(1,), (2,), (3,)]

@@ -779,8 +779,10 @@ runs(fn) AS (
         ON n.oid = p.pronamespace
      WHERE (n.nspname = 'pg_catalog'
             AND (p.proname IN ('set_config', 'ts_stat', 'cursor_to_xml', 'cursor_to_xmlschema')
+                 OR (p.proname = 'ts_rewrite' AND p.pronargs = 2)
                  OR p.proname ~ '^(query|table|schema|database)_to_xml'))
-        OR p.proname ~ '^dblink'),
+        -- extensions' (dblink; tablefunc, a trusted one any role with CREATE may install)
+        OR p.proname ~ '^(dblink|crosstab|connectby)'),
 calls(rel, what, name, fn, op, author) AS (
     SELECT code.rel, code.what, code.name, COALESCE(o.oprcode::oid, d.refobjid), o.oid,
            code.author
@@ -921,9 +923,17 @@ def _user_code_query(
 ) -> sql.Composed:
     """_USER_CODE for the tables, with or without the triggers and rules (--fire-triggers),
     trusting the functions of the roles named (--trust-owner)."""
+    return _code_query(_written(tables), _written_columns(tables), triggers, trusted)
+
+
+def _code_query(
+    rels: sql.Composable, cols: sql.Composable, triggers: bool, trusted: Sequence[str]
+) -> sql.Composed:
+    """_USER_CODE for these tables (an array of their names) and the columns each insert
+    names (a JSON object)."""
     return sql.SQL(_USER_CODE.strip()).format(
-        rels=_written(tables),
-        cols=_written_columns(tables),
+        rels=rels,
+        cols=cols,
         triggers=sql.Literal(triggers),
         trusted=sql.SQL("ARRAY[{}]::pg_catalog.text[]").format(
             sql.SQL(", ").join(sql.Literal(r) for r in sorted(set(trusted)))
@@ -941,6 +951,24 @@ def user_code(
     session_replication_role = replica (unless not ``triggers``), and per table owner's
     function the undo's writes would run, on the tables it writes (see _USER_CODE)."""
     return [str(r[0]) for r in conn.execute(_user_code_query(tables, triggers, trusted))]
+
+
+def refuse_read_code(conn: psycopg.Connection[Any], table: str, trusted: Sequence[str]) -> None:
+    """Refuse (as an undo would) a read of ``table`` (its quoted name) that would run a table
+    owner's function as the role reading: what _USER_CODE finds there, no column left to a
+    default, triggers aside (`undo table --as-of` of a table with no change since)."""
+    every = [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT a.attname FROM pg_catalog.pg_attribute a"
+            " WHERE a.attrelid = pg_catalog.to_regclass(%s) AND a.attnum > 0"
+            " AND NOT a.attisdropped",
+            (table,),
+        )
+    ]
+    rels = sql.SQL("ARRAY[{}]").format(sql.Literal(table))
+    query = _code_query(rels, sql.Literal(json.dumps({table: every})), False, trusted)
+    _refuse_user_code([str(r[0]) for r in conn.execute(query)])
 
 
 def _refuse_user_code(lines: list[str]) -> None:
@@ -1082,6 +1110,18 @@ def _run(
     every_xid = {t.id: t.xid for t in plan.transactions}
     undos: dict[int, TableUndo] = {}
     staged: set[int] = set()
+    # COPY into a table is refused where row security applies to the role writing (0A000):
+    # those tables are staged and inserted, as the printed script does
+    secured = {
+        oids[r[0]]
+        for r in conn.execute(
+            "SELECT c.oid FROM pg_catalog.pg_class c WHERE c.oid = ANY (%s) AND c.relrowsecurity"
+            " AND NOT (SELECT ro.rolsuper OR ro.rolbypassrls FROM pg_catalog.pg_roles ro"
+            " WHERE ro.rolname = current_user) AND (c.relforcerowsecurity"
+            " OR NOT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE'))",
+            ([o for o in oids if o is not None],),
+        )
+    }
     done = [0]
     total = sum(plan.counts.values())
 
@@ -1098,7 +1138,9 @@ def _run(
         progress("staging", 0, total)
     for n, rel in enumerate(order, 1):
         u = undos[rel] = TableUndo(tables[rel], n)
-        if not (runner.copies_directly and _copyable(u, ops[rel], fire_triggers)):
+        if not (
+            runner.copies_directly and rel not in secured and _copyable(u, ops[rel], fire_triggers)
+        ):
             stage(rel)
     runner.write(
         _Writes(

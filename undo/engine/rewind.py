@@ -18,7 +18,7 @@ from psycopg import sql
 from undo.core import names
 from undo.core.config import Settings
 from undo.core.errors import BadInput, NotFound, NothingToUndo, Refused
-from undo.engine.apply import UndoReport, undo
+from undo.engine.apply import UndoReport, refuse_read_code, undo
 from undo.engine.plan import Target
 from undo.source import pg, sources
 from undo.store.api import Store
@@ -152,6 +152,8 @@ def as_of(
     if not rewound:
         with pg.connect(settings.dsn, autocommit=False) as conn:
             pg.pin_path(conn)  # as in the undo's transaction: first, for the condition too
+            # what the read runs (a row security policy's function) is judged as a rewind's
+            refuse_read_code(conn, names.quote(schema, name), options.get("trust_owners", ()))
             read(conn)
             conn.rollback()
     return out["columns"], [dict(zip(out["columns"], r, strict=True)) for r in out["rows"]]
