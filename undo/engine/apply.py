@@ -926,6 +926,12 @@ def _user_code_query(
     return _code_query(_written(tables), _written_columns(tables), triggers, trusted)
 
 
+#: before _USER_CODE, in the undo's transaction: its estimates (a recursive walk, node trees
+#: matched) are far above jit_above_cost, and compiling it took 2.3 s of every undo for a query
+#: of a few milliseconds
+_NO_JIT = "SET LOCAL jit = off"
+
+
 def _code_query(
     rels: sql.Composable, cols: sql.Composable, triggers: bool, trusted: Sequence[str]
 ) -> sql.Composed:
@@ -950,6 +956,7 @@ def user_code(
     """One line per trigger or rule that would fire during the undo despite
     session_replication_role = replica (unless not ``triggers``), and per table owner's
     function the undo's writes would run, on the tables it writes (see _USER_CODE)."""
+    conn.execute(_NO_JIT)
     return [str(r[0]) for r in conn.execute(_user_code_query(tables, triggers, trusted))]
 
 
@@ -968,6 +975,7 @@ def refuse_read_code(conn: psycopg.Connection[Any], table: str, trusted: Sequenc
     ]
     rels = sql.SQL("ARRAY[{}]").format(sql.Literal(table))
     query = _code_query(rels, sql.Literal(json.dumps({table: every})), False, trusted)
+    conn.execute(_NO_JIT)
     _refuse_user_code([str(r[0]) for r in conn.execute(query)])
 
 
@@ -988,7 +996,7 @@ def _user_code_guard(
     (_USER_CODE). The script runs it before it writes (the tables may have changed since it was
     printed); --apply runs the same."""
     body = sql.SQL(
-        "DECLARE r regclass; found text; BEGIN"
+        "DECLARE r regclass; found text; BEGIN SET LOCAL jit = off;"
         " FOR r IN SELECT DISTINCT x.rel FROM pg_catalog.unnest({rels}::regclass[]) t(rel)"
         " CROSS JOIN LATERAL (SELECT t.rel UNION SELECT p.relid"
         " FROM pg_catalog.pg_partition_tree(t.rel) p) x(rel) ORDER BY 1 LOOP"
