@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -180,7 +181,14 @@ class TempCluster:
                     ],
                     capture_output=True,
                 )
-            shutil.rmtree(self.root, ignore_errors=True)
+            # an initdb interrupted by the same Ctrl-C (a grandchild, as postgres) may still
+            # make its folder again as it ends: removed until it stays gone
+            deadline = time.monotonic() + 5
+            while True:
+                shutil.rmtree(self.root, ignore_errors=True)
+                time.sleep(0.2)
+                if not os.path.exists(self.root) or time.monotonic() > deadline:
+                    break
 
     def dsn(self, dbname: str) -> str:
         params = conninfo.conninfo_to_dict(self.admin_dsn)
