@@ -345,10 +345,7 @@ def test_her_policy_runs_as_an_operator_it_applies_to(pgo):
     mal.seen records oncall): refused."""
     mallory, mdsn, adsn = _roles(pgo)
     oncall = f"oncall_{pgo.dbname}"
-    with pgo.connect() as c:
-        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(oncall)))
-        c.execute(sql.SQL("GRANT undo_operator TO {}").format(sql.Identifier(oncall)))
-        c.execute(sql.SQL("GRANT ALL ON notes TO {}").format(sql.Identifier(oncall)))
+    dsn = _oncall(pgo)
     sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
     policy = (
         "ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY;"
@@ -356,7 +353,6 @@ def test_her_policy_runs_as_an_operator_it_applies_to(pgo):
     )
     _plant(pgo, mdsn, mallory, code=OK + policy)
     assert pgo.undo_cli("session", sid).returncode == 0  # the superuser: no row security
-    dsn = _dsn(pgo, oncall)
     line = (
         f"public.notes: policy p calls mal.ok(v text), owned by {mallory}, as the role undoing:"
         f" review it, then undo with --trust-owner {mallory}"
@@ -488,11 +484,7 @@ def test_her_function_through_a_view_her_policy_reads_is_refused(pgo):
     the view only, and a view's functions run as the role reading it. An on-call to whom row
     security applies ran it (mal.seen: oncall)."""
     mallory, mdsn, adsn = _roles(pgo)
-    oncall = f"oncall_{pgo.dbname}"
-    with pgo.connect() as c:
-        c.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(oncall)))
-        c.execute(sql.SQL("GRANT undo_operator TO {}").format(sql.Identifier(oncall)))
-        c.execute(sql.SQL("GRANT ALL ON notes TO {}").format(sql.Identifier(oncall)))
+    dsn = _oncall(pgo)
     sid = _alice(pgo, adsn, "DELETE FROM notes WHERE id IN (1, 2)")
     policy = (
         "CREATE VIEW mal.v AS SELECT mal.ok('v') AS ok; GRANT SELECT ON mal.v TO PUBLIC;"
@@ -501,7 +493,6 @@ def test_her_function_through_a_view_her_policy_reads_is_refused(pgo):
         " WITH CHECK (EXISTS (SELECT 1 FROM mal.v WHERE ok))"
     )
     _plant(pgo, mdsn, mallory, code=OK + policy)
-    dsn = _dsn(pgo, oncall)
     said = f"public.notes: policy p calls mal.ok(v text), owned by {mallory}, as the role undoing"
     for args in (("--apply",), ()):
         got = pgo.undo_cli("--dsn", dsn, "session", sid, "--fire-triggers", *args)
